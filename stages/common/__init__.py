@@ -1,0 +1,1 @@
+"""Helpers shared by every stage: config, errors, atomic I/O, CLI glue, tracking."""

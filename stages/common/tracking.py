@@ -1,0 +1,110 @@
+"""MLflow set-up and lineage: every run records its exact data, code and params."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from stages.common.config import MlflowParams
+from stages.common.io import read_json, write_json
+
+if TYPE_CHECKING:
+    from mlflow import ActiveRun
+
+FLOW_RUN_ENV = "PIPELINE_FLOW_RUN_ID"  # set by the Prefect flow for the stages it runs
+RUN_FILE = "run.json"  # written by train next to the model: the MLflow run to log into
+
+
+def tracking_uri(params: MlflowParams) -> str:
+    """The MLflow tracking URI: ``MLFLOW_TRACKING_URI`` if set, else params."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+
+
+def configure_mlflow(params: MlflowParams) -> str:
+    """Point MLflow at the store, create the experiment if needed; return its id."""
+    import mlflow
+
+    uri = tracking_uri(params)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _enable_wal(Path(uri.removeprefix("sqlite:///")))
+    experiment = mlflow.get_experiment_by_name(params.experiment)
+    if experiment is not None:
+        mlflow.set_experiment(experiment_id=experiment.experiment_id)
+        return experiment.experiment_id
+    artifact_location = None  # a tracking server chooses its own
+    if uri.startswith("sqlite:///"):
+        # Keep artifacts beside the database that points at them: mlflow/artifacts.
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        artifact_location = (db.parent / "artifacts").as_uri()
+    experiment_id = mlflow.create_experiment(params.experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _enable_wal(db: Path) -> None:
+    # WAL lets the UI read while a stage writes; it is a property of the file, set once.
+    if db.exists():
+        with sqlite3.connect(db, timeout=30) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+
+
+def git_state(repo: str | Path = ".") -> dict[str, str]:
+    """The git commit and whether the work tree has uncommitted changes."""
+    def _git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def dvc_lock_hashes(lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """``{"dvc.<path>.md5": hash}`` for every stage output recorded in ``dvc.lock``."""
+    lock_file = Path(lock_file)
+    if not lock_file.exists():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    hashes = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if "md5" in out:
+                hashes[f"dvc.{out['path']}.md5"] = out["md5"]
+    return hashes
+
+
+def lineage_tags(repo: str | Path = ".") -> dict[str, str]:
+    """Tags that tie a run to its code, data versions and the Prefect run that made it."""
+    repo = Path(repo)
+    tags = {**git_state(repo), **dvc_lock_hashes(repo / "dvc.lock")}
+    if flow_run_id := os.environ.get(FLOW_RUN_ENV):
+        tags["prefect.flow_run_id"] = flow_run_id
+    return tags
+
+
+def save_run_info(model_dir: str | Path, run_id: str, experiment_id: str) -> None:
+    """Record which MLflow run the later stages (evaluate, register) log into."""
+    write_json(Path(model_dir) / RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id})
+
+
+def resume_run(model_dir: str | Path, params: MlflowParams) -> ActiveRun:
+    """Re-open the MLflow run that the train stage started (a context manager)."""
+    import mlflow
+
+    configure_mlflow(params)
+    info = read_json(Path(model_dir) / RUN_FILE)
+    return mlflow.start_run(run_id=info["run_id"])
+
+
+def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
+    """Where the run is in the MLflow UI."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

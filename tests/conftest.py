@@ -1,0 +1,101 @@
+"""Shared fixtures: real MLflow, DVC, git and Prefect, each in a temporary place.
+
+Nothing here is mocked: ``pipeline_repo`` is a real git + DVC repository holding a copy of the
+project, and ``mlflow_uri`` a real sqlite MLflow store, both under pytest's tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["stages", "flows", "schemas", "data/source", "dvc.yaml", "params.yaml"]
+
+# Small but real settings so the whole pipeline runs in seconds on a 2-core CPU.
+TINY_PARAMS = {"train": {"max_epochs": 15, "patience": 5}}
+
+# Offline, quiet, and never touching the user's ~/.prefect or ./mlflow.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["GX_ANALYTICS_ENABLED"] = "false"
+os.environ["MLFLOW_TRACKING_URI"] = ""  # each test that needs MLflow sets its own store
+# `python` in dvc.yaml commands must be this interpreter (the project's virtualenv).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in, section by section."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def write_params(repo: Path, overrides: dict) -> None:
+    """Rewrite ``repo/params.yaml`` with ``overrides`` merged into the project's params."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides)))
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+
+
+def make_pipeline_repo(dest: Path, overrides: dict | None = None) -> Path:
+    """A fresh git + DVC repo at ``dest`` holding the project's stages, flows and graph."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    write_params(dest, deep_merge(TINY_PARAMS, overrides or {}))
+    (dest / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    _run(["git", "init", "-q", "-b", "main"], dest)
+    _run(["git", "config", "user.email", "test@example.com"], dest)
+    _run(["git", "config", "user.name", "test"], dest)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], dest)
+    _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(dest / ".dvcstore")],
+         dest)
+    _run(["git", "add", "-A"], dest)
+    _run(["git", "commit", "-q", "-m", "test pipeline"], dest)
+    return dest
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real, empty MLflow sqlite store for this test (``MLFLOW_TRACKING_URI`` points at it)."""
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def pipeline_repo(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temporary git + DVC repo with the project in it; the cwd is moved there."""
+    repo = make_pipeline_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    return repo
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real ``dvc`` CLI in ``repo``."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True,
+                          text=True, check=check)
