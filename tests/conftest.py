@@ -28,7 +28,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
-os.environ["MLFLOW_TRACKING_URI"] = ""  # each test that needs MLflow sets its own store
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests that need MLflow get their own store
 # `python` in dvc.yaml commands must be this interpreter (the project's virtualenv).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
