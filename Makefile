@@ -1,0 +1,50 @@
+# Quick start: `make run` (install + whole pipeline) and `make test` (install + tests).
+# `make help` lists every target.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+UI_PORT ?= $(shell sed -n 's/^ *ui_port: *\([0-9]*\).*/\1/p' params.yaml)
+
+# The virtualenv's python is the `python` that dvc.yaml commands run; everything stays offline.
+export PATH := $(BIN):$(PATH)
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export GX_ANALYTICS_ENABLED := false
+export PYTHONUNBUFFERED := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help install run repro test test-fast ui schedule clean
+
+help: ## Show this help
+	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.lock
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## Create .venv and install the pinned dependencies (CPU torch)
+
+run: install ## Run the whole pipeline through the Prefect flow on the default data
+	$(BIN)/python -m flows.pipeline --repo .
+
+repro: install ## Run the same stages with `dvc repro`, then push the data versions
+	$(BIN)/dvc repro && $(BIN)/dvc push
+
+test: install ## Run the test suite (real MLflow, DVC, GX and Prefect in temp dirs)
+	$(BIN)/python -m pytest
+
+test-fast: install ## Run the tests without the slow end-to-end ones
+	$(BIN)/python -m pytest -m "not slow"
+
+ui: install ## Open the MLflow UI on 127.0.0.1 (runs, metrics, plots, registry)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db \
+	  --default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port $(UI_PORT)
+
+clean: ## Remove generated data, reports, models and the local stores (keeps .venv)
+	rm -rf data/raw data/validated data/features models reports mlflow/mlflow.db* \
+	  mlflow/artifacts .prefect .dvcstore

@@ -1,0 +1,135 @@
+"""End to end through the `dvc repro` entry point, in a temporary git + DVC repo.
+
+Real DVC, MLflow (temp sqlite), GX and torch. The Prefect entry point has its own end-to-end
+tests in tests/flows/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import dvc, make_pipeline_repo, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def _digest(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _champion(model_name: str = "classifier"):
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_model_version_by_alias(model_name, "champion")
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One real `dvc repro` of the default pipeline, shared by the tests of this module."""
+    mp = pytest.MonkeyPatch()
+    base = tmp_path_factory.mktemp("dvc-e2e")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    repo = make_pipeline_repo(base / "repo")
+    result = dvc(repo, "repro", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield repo, uri
+    mp.undo()
+
+
+def test_repro_registers_a_champion_and_leaves_nothing_to_do(reproduced) -> None:
+    repo, _ = reproduced
+    champion = _champion()
+    registration = json.loads((repo / "reports/registration.json").read_text())
+    assert registration["decision"] == "promoted"
+    assert str(champion.version) == str(registration["version"])
+
+    again = dvc(repo, "repro")
+    assert "Data and pipelines are up to date" in again.stdout
+    assert dvc(repo, "status", "--json").stdout.strip() in ("{}", "")
+
+
+def test_metrics_and_plots_are_readable_by_dvc(reproduced) -> None:
+    repo, _ = reproduced
+    metrics = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    values = json.dumps(metrics)
+    for name in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
+        assert name in values
+    out = repo / "plots-html"
+    dvc(repo, "plots", "show", "-o", str(out))
+    assert (out / "index.html").stat().st_size > 1000
+
+
+def test_run_records_lineage(reproduced) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    repo, _ = reproduced
+    run = MlflowClient().get_run(_champion().run_id)
+    tags = run.data.tags
+    head = (repo / ".git/HEAD").read_text()
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert head  # the repo has a commit, so the tag is a real sha
+    assert any(key.startswith("dvc.data/features") for key in tags), tags
+    assert run.data.params["train.lr"] == "0.001"
+    assert run.inputs.dataset_inputs, "the training data is logged as an MLflow input"
+    assert all(d.dataset.digest for d in run.inputs.dataset_inputs)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert "validation" in artifacts
+    assert mlflow.get_tracking_uri().startswith("sqlite:")
+
+
+def _snapshot(repo: Path) -> dict[str, str]:
+    files = [p for d in ("data/validated", "data/features", "models") for p in (repo / d).rglob("*")
+             if p.is_file()]
+    return {str(p.relative_to(repo)): _digest(p) for p in files}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "csv", "expected"),
+    [
+        ({"train": {"lr": -0.1}}, None, ["train.lr", "greater than 0"]),
+        ({"train": {"model": "transformer"}}, None, ["train.model"]),
+        ({"ingest": {"source": "data/source/missing.csv"}}, None, ["missing.csv"]),
+        ({"ingest": {"source": "data/source/bad.csv"}}, "bad_label", ["target", "in_set"]),
+        ({"ingest": {"source": "data/source/bad.csv"}}, "text_in_numeric", ["mean_radius"]),
+        ({"ingest": {"source": "data/source/bad.csv", "target": "diagnosis"}}, "bad_label",
+         ["diagnosis"]),
+    ],
+    ids=["negative-lr", "unknown-model", "missing-source", "label-outside-set",
+         "text-in-numeric-column", "missing-target-column"],
+)
+def test_bad_input_fails_repro_and_changes_nothing(reproduced, overrides, csv, expected) -> None:
+    repo, _ = reproduced
+    before, champion_before = _snapshot(repo), _champion().version
+    params_before = (repo / "params.yaml").read_text()
+    if csv:
+        _write_bad_csv(repo, csv)
+    try:
+        write_params(repo, overrides)
+        result = dvc(repo, "repro", check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output
+        for fragment in expected:
+            assert fragment in output, output
+        assert _snapshot(repo) == before
+        assert _champion().version == champion_before
+    finally:
+        (repo / "params.yaml").write_text(params_before)
+        (repo / "data/source/bad.csv").unlink(missing_ok=True)
+
+
+def _write_bad_csv(repo: Path, kind: str) -> None:
+    import pandas as pd
+
+    df = pd.read_parquet(repo / "data/raw/data.parquet")
+    if kind == "bad_label":
+        df.loc[df.index[0], "target"] = 7
+    elif kind == "text_in_numeric":
+        df["mean_radius"] = df["mean_radius"].astype(object)
+        df.loc[df.index[3], "mean_radius"] = "twelve"
+    df.to_csv(repo / "data/source/bad.csv", index=False)
