@@ -1,0 +1,201 @@
+"""Features stage and the preprocessor it fits (stages/common/preprocess.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stages import features
+from stages.common.config import FeaturesParams, parse_params
+from stages.common.errors import DataError
+from stages.common.io import read_json
+from stages.common.preprocess import fit_preprocessor, load_preprocessor, save_preprocessor
+
+SPLIT = FeaturesParams(test_size=0.2, val_size=0.2)
+
+
+def make_frame(n: int = 100, seed: int = 0) -> pd.DataFrame:
+    """Two numeric columns, one categorical, an imbalanced 3-class target (50/30/20 %)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["a", "b", "c"], [n // 2, n * 3 // 10, n - n // 2 - n * 3 // 10])
+    return pd.DataFrame({
+        "x0": rng.permutation(n).astype(float),  # unique values identify rows
+        "x1": rng.normal(10, 3, n),
+        "color": rng.choice(["red", "green", "blue"], n),
+        "label": rng.permutation(labels),
+    })
+
+
+# ----------------------------------------------------------------------------- preprocessor
+
+
+def test_preprocessor_is_fitted_on_train_rows_only() -> None:
+    train = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0], "y": [0, 1, 0, 1]})
+    everything = pd.concat([train, pd.DataFrame({"x": [100.0, 200.0], "y": [0, 1]})])
+
+    prep = fit_preprocessor(train, "y")
+
+    scaler = prep.transformer.named_transformers_["num"].named_steps["scale"]
+    assert scaler.mean_[0] == pytest.approx(train["x"].mean())
+    assert scaler.mean_[0] != pytest.approx(everything["x"].mean())
+    assert prep.transform(train)[:, 0].mean() == pytest.approx(0.0, abs=1e-6)
+    assert prep.classes == [0, 1] and type(prep.classes[0]) is int
+
+
+def test_preprocessor_imputes_missing_values_from_train() -> None:
+    train = pd.DataFrame({"x": [1.0, 2.0, 9.0, np.nan], "c": ["u", "u", "v", None],
+                          "y": [0, 1, 0, 1]})
+    prep = fit_preprocessor(train, "y")
+
+    out = prep.transform(pd.DataFrame({"x": [np.nan, 2.0], "c": [None, "u"]}))
+
+    assert out.dtype == np.float32 and not np.isnan(out).any()
+    np.testing.assert_array_equal(out[0], out[1])  # NaN -> median 2.0; None -> "u"
+
+
+def test_preprocessor_one_hot_encodes_and_ignores_unknown_categories() -> None:
+    train = pd.DataFrame({"n": [1.0, 2.0, 3.0], "c": ["u", "v", "w"], "flag": [True, False, True],
+                          "y": ["p", "q", "p"]})
+    prep = fit_preprocessor(train, "y")
+    names = list(prep.transformer.get_feature_names_out())
+    c_cols = [i for i, name in enumerate(names) if name.startswith("cat__c_")]
+
+    out = prep.transform(pd.DataFrame({"n": [1.0, 1.0], "c": ["v", "never-seen"],
+                                       "flag": [True, True]}))
+
+    assert prep.n_features == 1 + 3 + 2
+    assert out[0, c_cols].tolist() == [0.0, 1.0, 0.0]
+    assert out[1, c_cols].tolist() == [0.0, 0.0, 0.0]  # unknown category: all zeros
+
+
+def test_preprocessor_roundtrips_through_joblib(tmp_path: Path) -> None:
+    df = make_frame()
+    prep = fit_preprocessor(df, "label")
+    save_preprocessor(prep, tmp_path / "prep.joblib")
+
+    loaded = load_preprocessor(tmp_path / "prep.joblib")
+
+    np.testing.assert_array_equal(loaded.transform(df), prep.transform(df))
+    assert (loaded.feature_columns, loaded.target, loaded.classes) == (
+        ["x0", "x1", "color"], "label", ["a", "b", "c"])
+    np.testing.assert_array_equal(loaded.encode_labels(df["label"].iloc[:3]),
+                                  [["a", "b", "c"].index(v) for v in df["label"].iloc[:3]])
+
+
+def test_unseen_label_names_column_and_rule() -> None:
+    prep = fit_preprocessor(make_frame(), "label")
+
+    with pytest.raises(DataError, match=r"'zzz'.*column=label, rule=label_in_classes"):
+        prep.encode_labels(pd.Series(["a", "zzz"], name="label"))
+
+
+def test_transform_names_a_missing_feature_column() -> None:
+    prep = fit_preprocessor(make_frame(), "label")
+
+    with pytest.raises(DataError, match="column=color, rule=column_present"):
+        prep.transform(make_frame().drop(columns="color"))
+
+
+@pytest.mark.parametrize(("value", "rule"), [
+    ("ten", "numeric"), (float("inf"), "finite"), (1e300, "float32_range")])
+def test_bad_numeric_values_name_column_and_rule(value: object, rule: str) -> None:
+    prep = fit_preprocessor(make_frame(), "label")
+    bad = make_frame().head(3).astype({"x1": object})
+    bad.loc[1, "x1"] = value
+
+    with pytest.raises(DataError, match=f"column=x1, rule={rule}"):
+        prep.transform(bad)
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def test_split_is_stratified_disjoint_and_sized_from_the_whole() -> None:
+    df = make_frame(n=100)
+
+    splits = features.split_data(df, "label", SPLIT, seed=7)
+
+    assert {name: len(part) for name, part in splits.items()} == {"train": 60, "val": 20,
+                                                                  "test": 20}
+    ids = [set(part["x0"]) for part in splits.values()]
+    assert set().union(*ids) == set(df["x0"]) and sum(map(len, ids)) == len(df)
+    overall = df["label"].value_counts(normalize=True)
+    for part in splits.values():
+        share = part["label"].value_counts(normalize=True)
+        assert (share - overall).abs().max() < 0.05
+    assert list(splits["train"].columns) == list(df.columns)  # raw columns, not transformed
+
+
+def test_split_is_repeatable_with_a_seed() -> None:
+    df = make_frame()
+
+    first = features.split_data(df, "label", SPLIT, seed=3)
+    again = features.split_data(df, "label", SPLIT, seed=3)
+    other = features.split_data(df, "label", SPLIT, seed=4)
+
+    for name in features.SPLITS:
+        pd.testing.assert_frame_equal(first[name], again[name])
+    assert not first["test"]["x0"].equals(other["test"]["x0"])
+
+
+# ----------------------------------------------------------------------------- stage I/O
+
+
+def _write_project(tmp_path: Path, df: pd.DataFrame) -> tuple[Path, Path]:
+    validated = tmp_path / "data" / "validated"
+    validated.mkdir(parents=True)
+    df.to_parquet(validated / "data.parquet", index=False)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"ingest": {"target": "label"}, "base": {"seed": 1}}))
+    return validated, params_file
+
+
+def test_main_writes_splits_preprocessor_and_meta(tmp_path: Path) -> None:
+    df = make_frame(n=100)
+    validated, params_file = _write_project(tmp_path, df)
+    out = tmp_path / "data" / "features"
+
+    code = features.main(["--params", str(params_file), "--validated", str(validated),
+                          "--out", str(out)])
+
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json", "preprocessor.joblib", "test.parquet", "train.parquet", "val.parquet"]
+    meta = read_json(out / "meta.json")
+    assert meta["target"] == "label" and meta["classes"] == ["a", "b", "c"]
+    assert meta["feature_columns"] == ["x0", "x1", "color"] and meta["n_features"] == 5
+    assert meta["n_rows"] == {"train": 60, "val": 20, "test": 20}
+    train = pd.read_parquet(out / "train.parquet")
+    pd.testing.assert_frame_equal(
+        train, features.split_data(df, "label", SPLIT, seed=1)["train"])
+    assert load_preprocessor(out / "preprocessor.joblib").transform(train).shape == (60, 5)
+    assert not list(out.parent.glob(".features.*"))  # no temporary folder left behind
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda df: pd.concat([df, pd.DataFrame({"x0": [-1.0, -2.0], "x1": [0.0, 0.0],
+                                             "color": ["red", "red"], "label": ["rare"] * 2})]),
+     r"'rare': 2.*too few to stratify.*column=label, rule=min_rows_per_class"),
+    (lambda df: df.drop(columns="label"), r"column=label, rule=column_present"),
+    (lambda df: df.assign(label=df["label"].where(df.index > 0)),
+     r"1 row\(s\) have no label.*column=label, rule=not_null"),
+])
+def test_bad_target_fails_clearly_and_leaves_outputs_alone(tmp_path: Path, change,
+                                                           message: str) -> None:
+    validated, _ = _write_project(tmp_path, change(make_frame()))
+    out = tmp_path / "data" / "features"
+    out.mkdir()
+    (out / "meta.json").write_text("previous version")
+    params = parse_params({"ingest": {"target": "label"}})
+
+    with pytest.raises(DataError, match=message) as err:
+        features.run(validated, out, params)
+
+    assert f"file={validated / 'data.parquet'}" in str(err.value)
+    assert [p.name for p in out.iterdir()] == ["meta.json"]
+    assert (out / "meta.json").read_text() == "previous version"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["features", "validated"]

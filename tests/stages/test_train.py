@@ -1,0 +1,231 @@
+"""Train stage and the networks it fits (stages/common/nets.py): real torch, real MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from stages import features, train
+from stages.common.config import TrainParams, parse_params
+from stages.common.errors import ConfigError, PipelineError
+from stages.common.io import read_json
+from stages.common.nets import build_network, load_network, predict_proba, select_device
+
+CPU = torch.device("cpu")
+TINY = TrainParams(hidden_sizes=[8], lr=0.01, batch_size=16, max_epochs=10, patience=3)
+
+
+def make_tensors(n: int = 96, n_features: int = 4, noise: float = 0.0,
+                 seed: int = 0) -> train.TrainData:
+    """A linearly separable 2-class task; ``noise`` = share of flipped labels."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, n_features, generator=gen)
+    y = (X[:, 0] + X[:, 1] > 0).long()
+    flip = torch.rand(n, generator=gen) < noise
+    y = torch.where(flip, 1 - y, y)
+    cut = n * 3 // 4
+    return train.TrainData(X[:cut], y[:cut], X[cut:], y[cut:])
+
+
+def fit(params: TrainParams, data: train.TrainData, seed: int = 0) -> train.TrainResult:
+    train.seed_torch(seed, CPU)
+    network = build_network(params, data.X_train.shape[1], 2)
+    return train.train_model(network, data, params, CPU, seed)
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def test_mlp_and_cnn_map_flat_rows_to_class_logits() -> None:
+    mlp = build_network(TrainParams(hidden_sizes=[6, 5]), n_features=7, n_classes=3)
+    cnn = build_network(TrainParams(model="cnn", image_shape=[1, 4, 4], channels=[4, 8]),
+                        n_features=16, n_classes=10)
+
+    assert mlp(torch.randn(5, 7)).shape == (5, 3)
+    assert cnn(torch.randn(5, 16)).shape == (5, 10)
+
+
+def test_cnn_image_shape_must_match_the_features() -> None:
+    with pytest.raises(ConfigError, match=r"image_shape \[1, 8, 8\] holds 64 values.* 30 "):
+        build_network(TrainParams(model="cnn", image_shape=[1, 8, 8]), 30, 2)
+
+
+def test_select_device() -> None:
+    assert select_device("cpu") == CPU
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="base.device: 'cuda' requested"):
+            select_device("cuda")
+
+
+def test_predict_proba_is_batched_softmax_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    network = build_network(TrainParams(dropout=0.5), 4, 3)
+    X = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+
+    proba = predict_proba(network, X, CPU, batch_size=3)
+
+    assert proba.shape == (10, 3) and proba.dtype == np.float64
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(proba, predict_proba(network, X, CPU, batch_size=100), rtol=1e-6)
+    assert not network.training  # dropout off, so repeated calls agree
+
+
+# ----------------------------------------------------------------------------- training core
+
+
+def test_same_seed_gives_identical_weights_on_cpu() -> None:
+    data = make_tensors()
+
+    first, again = fit(TINY, data, seed=5), fit(TINY, data, seed=5)
+    other = fit(TINY, data, seed=6)
+
+    assert first.history == again.history
+    assert all(torch.equal(first.state_dict[k], again.state_dict[k]) for k in first.state_dict)
+    assert not torch.equal(first.state_dict["layers.0.weight"], other.state_dict["layers.0.weight"])
+
+
+def test_early_stopping_keeps_the_best_epoch() -> None:
+    params = TINY.model_copy(update={"lr": 0.05, "max_epochs": 300, "patience": 3})
+
+    result = fit(params, make_tensors(noise=0.2))
+
+    val_losses = [row["val_loss"] for row in result.history]
+    assert result.stopped_early and len(result.history) < params.max_epochs
+    assert len(result.history) == result.best_epoch + params.patience
+    assert result.best_val_loss == min(val_losses) == val_losses[result.best_epoch - 1]
+
+
+def test_cnn_trains_deterministically_on_cpu() -> None:
+    params = TrainParams(model="cnn", image_shape=[1, 4, 4], channels=[2, 4], batch_size=16,
+                         max_epochs=2, patience=2)
+    data = make_tensors(n=48, n_features=16)
+
+    first, again = fit(params, data), fit(params, data)
+
+    assert len(first.history) == 2
+    assert all(torch.equal(first.state_dict[k], again.state_dict[k]) for k in first.state_dict)
+
+
+def test_nan_feature_stops_training_with_a_clear_error() -> None:
+    data = make_tensors()
+    data.X_train[3, 1] = float("nan")
+
+    with pytest.raises(PipelineError, match=r"train loss is nan at epoch 1: training diverged"):
+        fit(TINY, data)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda_with_bf16_autocast() -> None:
+    cuda = torch.device("cuda")
+    cpu_data = make_tensors()
+    data = train.TrainData(*(t.to(cuda) for t in dataclasses.astuple(cpu_data)))
+    torch.manual_seed(0)
+    network = build_network(TINY, 4, 2).to(cuda)
+
+    result = train.train_model(network, data, TINY, cuda, seed=0)
+
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
+    assert all(t.device.type == "cpu" for t in result.state_dict.values())
+
+
+# ----------------------------------------------------------------------------- stage I/O
+
+
+def make_validated(n: int = 120, seed: int = 0) -> pd.DataFrame:
+    """A small validated table: 3 numeric columns, 1 categorical, a learnable 0/1 target."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    return pd.DataFrame({"f0": X[:, 0], "f1": X[:, 1], "f2": X[:, 2],
+                         "kind": rng.choice(["x", "y"], n),
+                         "target": (X[:, 0] - X[:, 1] > 0).astype("int64")})
+
+
+@pytest.fixture
+def project(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp_path holding data/features (made by the features stage) and a validation report."""
+    monkeypatch.chdir(tmp_path)
+    validated = tmp_path / "data" / "validated"
+    validated.mkdir(parents=True)
+    make_validated().to_parquet(validated / "data.parquet", index=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"train": {"hidden_sizes": [8], "lr": 0.01, "max_epochs": 6, "patience": 3}}))
+    features.run(validated, tmp_path / "data" / "features", parse_params({}))
+    report = tmp_path / "reports" / "validation"
+    (report / "docs").mkdir(parents=True)
+    (report / "summary.json").write_text('{"success": true, "failed": []}')
+    (report / "docs" / "index.html").write_text("<html></html>")
+    return tmp_path
+
+
+def _args(root: Path) -> list[str]:
+    return ["--params", str(root / "params.yaml"), "--features", str(root / "data/features"),
+            "--validation-report", str(root / "reports/validation"), "--out", str(root / "models"),
+            "--history", str(root / "reports/train/history.csv")]
+
+
+def test_main_trains_saves_and_logs_a_finished_mlflow_run(project: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    assert train.main(_args(project)) == 0
+
+    history = pd.read_csv(project / "reports/train/history.csv")
+    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy"]
+    assert history["epoch"].tolist() == list(range(1, len(history) + 1))
+    network, checkpoint = load_network(project / "models" / "model.pt")
+    assert checkpoint["n_features"] == 5 and checkpoint["n_classes"] == 2
+    assert checkpoint["val_loss"] == pytest.approx(history["val_loss"].min())
+    assert checkpoint["train_params"]["max_epochs"] == 6
+    assert network(torch.zeros(1, 5)).shape == (1, 2)
+
+    info = read_json(project / "models" / "run.json")
+    run = MlflowClient().get_run(info["run_id"])
+    assert run.info.status == "FINISHED" and run.info.experiment_id == info["experiment_id"]
+    assert run.data.params["train.lr"] == "0.01" and run.data.params["base.seed"] == "42"
+    assert run.data.params["ingest.target"] == "target" and "features.test_size" in run.data.params
+    assert {"train_loss", "val_loss", "val_accuracy", "best_epoch"} <= set(run.data.metrics)
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == len(history)
+    assert {"git.commit", "git.dirty", "device"} <= set(run.data.tags)
+    inputs = {tag.value for ds in run.inputs.dataset_inputs for tag in ds.tags}
+    assert {"training", "validation", "test"} <= inputs
+    assert all(ds.dataset.digest for ds in run.inputs.dataset_inputs)
+    artifacts = _artifact_paths(MlflowClient(), run.info.run_id)
+    assert {"config/params.json", "train/history.csv", "validation/summary.json",
+            "validation/docs/index.html"} <= artifacts
+
+
+def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_diverging_run_fails_clearly_ends_failed_and_writes_nothing(project: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    (project / "models").mkdir()
+    (project / "models" / "model.pt").write_text("previous model")
+    # Decoupled weight decay with lr * weight_decay > 2 multiplies the weights by
+    # (1 - lr * wd) every step: they blow up to inf within a few epochs.
+    params = parse_params({"train": {"lr": 10, "weight_decay": 10, "batch_size": 8,
+                                     "max_epochs": 20}})
+
+    with pytest.raises(PipelineError, match=r"loss is (nan|inf) at epoch \d+: training diverged"):
+        train.run(project / "data/features", project / "reports/validation", project / "models",
+                  project / "reports/train/history.csv", params)
+
+    assert [p.name for p in (project / "models").iterdir()] == ["model.pt"]
+    assert (project / "models" / "model.pt").read_text() == "previous model"
+    assert not (project / "reports" / "train").exists()
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    assert run.info.status == "FAILED"
