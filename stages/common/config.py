@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,22 +18,41 @@ from stages.common.errors import ConfigError
 SKLEARN_SOURCES = ("breast_cancer", "digits")
 
 
-class _Section(BaseModel):
+class StrictModel(BaseModel):
+    """Frozen, and an unknown key is an error (a typo in a YAML file never passes silently)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class BaseParams(_Section):
+
+def read_yaml(path: str | Path, what: str, hint: str = "") -> Any:
+    """Read a YAML config file; a missing or malformed file raises ConfigError naming it."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: {what} not found{hint}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def describe_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    """``section.field: message`` for each problem pydantic found."""
+    return [f"{'.'.join([p for p in [prefix] if p] + [str(part) for part in err['loc']]) or '(top)'}"
+            f": {err['msg']}" for err in exc.errors()]
+
+
+class BaseParams(StrictModel):
     seed: int = 42  # one seed for splits, weight init and data order: runs are repeatable
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present, else CPU
 
 
-class MlflowParams(_Section):
+class MlflowParams(StrictModel):
     tracking_uri: str = "sqlite:///mlflow/mlflow.db"  # env MLFLOW_TRACKING_URI overrides
     experiment: str = "pipeline"  # one experiment holds every pipeline run
     ui_port: int = Field(5000, ge=1, le=65535)  # `make ui` serves here, on 127.0.0.1
 
 
-class IngestParams(_Section):
+class IngestParams(StrictModel):
     # sklearn:breast_cancer | sklearn:digits | a local CSV/Parquet file or folder
     source: str = "sklearn:breast_cancer"
     target: str = "target"  # label column in the source (the sklearn sources use "target")
@@ -51,11 +70,11 @@ class IngestParams(_Section):
         return self.source.startswith("sklearn:")
 
 
-class ValidateParams(_Section):
+class ValidateParams(StrictModel):
     schema_path: str = "schemas/breast_cancer.yaml"  # column rules the GX suite is built from
 
 
-class FeaturesParams(_Section):
+class FeaturesParams(StrictModel):
     test_size: float = Field(0.2, gt=0, lt=1)  # held out for evaluation and champion/challenger
     val_size: float = Field(0.2, gt=0, lt=1)  # for early stopping; taken from what is left
 
@@ -66,7 +85,7 @@ class FeaturesParams(_Section):
         return self
 
 
-class TrainParams(_Section):
+class TrainParams(StrictModel):
     model: Literal["mlp", "cnn"] = "mlp"  # mlp for tables, cnn for images
     hidden_sizes: list[int] = Field(default_factory=lambda: [64, 32])  # MLP layer widths
     channels: list[int] = Field(default_factory=lambda: [16, 32])  # CNN conv channels
@@ -92,11 +111,11 @@ class TrainParams(_Section):
         return self
 
 
-class EvaluateParams(_Section):
+class EvaluateParams(StrictModel):
     batch_size: int = Field(1024, gt=0)  # scoring batch size; does not change the metrics
 
 
-class RegisterParams(_Section):
+class RegisterParams(StrictModel):
     model_name: str = Field("classifier", min_length=1)  # registered model in MLflow
     alias: str = "champion"  # the alias that serving follows
     challenger_alias: str = "challenger"  # set on versions that were not promoted
@@ -106,13 +125,13 @@ class RegisterParams(_Section):
     compare_metric: str = "f1_macro"  # challenger must not be worse than champion on this
 
 
-class ScheduleParams(_Section):
+class ScheduleParams(StrictModel):
     deployment: str = "daily"  # Prefect deployment name
     cron: str = "0 6 * * *"  # when the pipeline runs (cron syntax)
     timezone: str = "UTC"  # time zone the cron is read in
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type[StrictModel]] = {
     "base": BaseParams, "mlflow": MlflowParams, "ingest": IngestParams,
     "validate": ValidateParams, "features": FeaturesParams, "train": TrainParams,
     "evaluate": EvaluateParams, "register": RegisterParams, "schedule": ScheduleParams,
@@ -136,13 +155,7 @@ class Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load and check ``params.yaml``; any bad value raises ConfigError naming the field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: params file not found") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "params file") or {}
     return parse_params(raw, source=str(path))
 
 
@@ -157,10 +170,7 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         try:
             sections[name] = model.model_validate(raw.get(name) or {})
         except ValidationError as exc:
-            problems += [
-                f"{'.'.join([name, *(str(part) for part in err['loc'])])}: {err['msg']}"
-                for err in exc.errors()
-            ]
+            problems += describe_errors(exc, prefix=name)
     if problems:
         raise ConfigError(f"{source}: invalid value: " + "; ".join(problems))
     return Params(**sections)

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from stages.common.config import StrictModel, describe_errors, read_yaml
 from stages.common.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -42,11 +43,9 @@ SCHEMA_HEADER = """\
 """
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ColumnRule(_Strict):
+class ColumnRule(StrictModel):
     type: Literal["float", "int", "category", "bool"]
     min: int | float | None = None
     max: int | float | None = None
@@ -64,17 +63,17 @@ class ColumnRule(_Strict):
         return self
 
 
-class TargetRule(_Strict):
+class TargetRule(StrictModel):
     name: str
     labels: list[bool | int | float | str] = Field(min_length=1)
 
 
-class RowRule(_Strict):
+class RowRule(StrictModel):
     min: int = Field(1, ge=0)
     max: int | None = Field(None, ge=0)
 
 
-class Schema(_Strict):
+class Schema(StrictModel):
     """A parsed schema YAML: column rules, the target and its labels, row bounds."""
 
     columns: dict[str, ColumnRule] = Field(min_length=1)
@@ -93,20 +92,14 @@ def parse_schema(raw: Any, source: str = "schema") -> Schema:
     try:
         return Schema.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}"
-                             for err in exc.errors())
+        problems = "; ".join(describe_errors(exc))
         raise ConfigError(f"{source}: invalid schema: {problems}") from exc
 
 
 def load_schema(path: str | Path) -> Schema:
     """Read and check a schema YAML file."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: schema file not found (params validate.schema_path; "
-                          "write one with --profile)") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "schema file",
+                    " (params validate.schema_path; write one with --profile)")
     return parse_schema(raw, str(path))
 
 
