@@ -1,0 +1,278 @@
+"""Evaluate stage: score the test split with the best checkpoint.
+
+Writes the test metrics (``dvc metrics show``), ROC/PR/confusion plot data (``dvc plots show``)
+and PNGs of the same, and logs all of it to the MLflow run that train started.
+Multiclass curves are micro-averaged one-vs-rest (every (row, class) pair is one binary case).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stages.common import tracking
+from stages.common.cli import build_parser, run_main
+from stages.common.config import Params
+from stages.common.errors import DataError
+from stages.common.io import atomic_path, read_parquet, write_json
+
+if TYPE_CHECKING:
+    import argparse
+
+    from matplotlib.figure import Figure
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("accuracy", "f1_macro", "roc_auc", "log_loss")
+LOWER_IS_BETTER = frozenset({"log_loss"})  # every other metric: higher is better
+PLOT_FILES = ("roc.json", "pr.json", "confusion.json",
+              "roc_curve.png", "pr_curve.png", "confusion_matrix.png")
+
+
+# --- pure core ----------------------------------------------------------------------------
+
+
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro F1, ROC-AUC and log loss of class probabilities.
+
+    Args:
+        y_true: class ids ``(n,)``, each an index into the columns of ``proba``.
+        proba: class probabilities ``(n, n_classes)``.
+
+    Returns:
+        ``{accuracy, f1_macro, roc_auc, log_loss}``. ROC-AUC is that of the positive class
+        (column 1) for two classes, else the one-vs-rest macro average.
+
+    Raises:
+        DataError: shapes disagree, ids are out of range, or a class is absent from
+            ``y_true`` (ROC-AUC is undefined then).
+    """
+    from sklearn import metrics as skm
+
+    y_true, proba = _check_scores(y_true, proba)
+    labels = np.arange(proba.shape[1])
+    y_pred = proba.argmax(axis=1)
+    if proba.shape[1] == 2:
+        roc_auc = skm.roc_auc_score(y_true, proba[:, 1])
+    else:
+        roc_auc = skm.roc_auc_score(y_true, proba, multi_class="ovr", average="macro",
+                                    labels=labels)
+    return {
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "f1_macro": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro",
+                                       zero_division=0)),
+        "roc_auc": float(roc_auc),
+        # Softmax ran in float32: renormalise so log loss sees rows that sum to 1 in float64.
+        "log_loss": float(skm.log_loss(y_true, proba / proba.sum(axis=1, keepdims=True),
+                                       labels=labels)),
+    }
+
+
+def _check_scores(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true).astype(np.int64, copy=False)
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.ndim != 2 or proba.shape[1] < 2 or len(proba) != len(y_true) or not len(y_true):
+        raise DataError(f"need {len(y_true)} labels and as many rows of >= 2 class "
+                        f"probabilities, got probabilities of shape {proba.shape}",
+                        rule="scores_shape")
+    if y_true.min() < 0 or y_true.max() >= proba.shape[1]:
+        raise DataError(f"class ids must lie in [0, {proba.shape[1]})", rule="class_id_range")
+    absent = sorted(set(range(proba.shape[1])) - set(np.unique(y_true).tolist()))
+    if absent:
+        raise DataError(f"class id(s) {absent} absent from the labels: ROC-AUC is undefined",
+                        rule="every_class_present")
+    return y_true, proba
+
+
+def _binary_scores(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Binary: the positive class. Multiclass: micro-average, one (row, class) pair per case.
+    y_true, proba = _check_scores(y_true, proba)
+    if proba.shape[1] == 2:
+        return y_true, proba[:, 1]
+    one_hot = np.eye(proba.shape[1], dtype=np.int64)[y_true]
+    return one_hot.ravel(), proba.ravel()
+
+
+def build_roc_records(y_true: np.ndarray, proba: np.ndarray) -> list[dict[str, float]]:
+    """ROC curve points ``[{fpr, tpr}, ...]`` (micro-averaged one-vs-rest for multiclass)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(*_binary_scores(y_true, proba))
+    return [{"fpr": round(float(f), 6), "tpr": round(float(t), 6)}
+            for f, t in zip(fpr, tpr, strict=True)]
+
+
+def build_pr_records(y_true: np.ndarray, proba: np.ndarray) -> list[dict[str, float]]:
+    """Precision-recall points ``[{recall, precision}, ...]`` by increasing recall."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, _ = precision_recall_curve(*_binary_scores(y_true, proba),
+                                                  drop_intermediate=True)
+    return [{"recall": round(float(r), 6), "precision": round(float(p), 6)}
+            for r, p in zip(recall[::-1], precision[::-1], strict=True)]
+
+
+def build_confusion_records(y_true: np.ndarray, proba: np.ndarray,
+                            classes: list[Any]) -> list[dict[str, Any]]:
+    """One ``{actual, predicted}`` record per row, as label values (DVC's confusion template)."""
+    y_true, proba = _check_scores(y_true, proba)
+    return [{"actual": classes[a], "predicted": classes[p]}
+            for a, p in zip(y_true.tolist(), proba.argmax(axis=1).tolist(), strict=True)]
+
+
+def curve_title(kind: str, n_classes: int) -> str:
+    """Plot title that says how a multiclass curve was averaged."""
+    if n_classes == 2:
+        return f"{kind} (positive class)"
+    return f"{kind}\n(micro-average one-vs-rest, {n_classes} classes)"
+
+
+def curve_area(records: list[dict[str, float]], x: str, y: str) -> float:
+    """Area under curve records: trapezoids for ROC, steps (average precision) for PR."""
+    xs, ys = np.array([r[x] for r in records]), np.array([r[y] for r in records])
+    if x == "recall":
+        return float(np.sum(np.diff(xs) * ys[1:]))
+    return float(np.trapezoid(ys, xs))
+
+
+def plot_curve(records: list[dict[str, float]], x: str, y: str, title: str) -> Figure:
+    """A line plot of curve records (ROC or PR) on the unit square, its area in the legend."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    area = f"{'AP' if x == 'recall' else 'AUC'} = {curve_area(records, x, y):.3f}"
+    ax.plot([r[x] for r in records], [r[y] for r in records], lw=2, label=area)
+    if x == "fpr":
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel=x, ylabel=y, title=title)
+    ax.legend(loc="lower right" if x == "fpr" else "lower left")
+    return fig
+
+
+def plot_confusion(y_true: np.ndarray, proba: np.ndarray, classes: list[Any]) -> Figure:
+    """A confusion-matrix heat map with the counts written in the cells."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import confusion_matrix
+
+    y_true, proba = _check_scores(y_true, proba)
+    matrix = confusion_matrix(y_true, proba.argmax(axis=1), labels=np.arange(len(classes)))
+    fig = Figure(figsize=(5 + 0.3 * len(classes), 4 + 0.3 * len(classes)), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ticks = np.arange(len(classes))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=[str(c) for c in classes],
+           yticklabels=[str(c) for c in classes], xlabel="predicted", ylabel="actual",
+           title="Confusion matrix (test split)")
+    for (row, col), count in np.ndenumerate(matrix):
+        ax.text(col, row, str(count), ha="center", va="center",
+                color="white" if count > matrix.max() / 2 else "black")
+    return fig
+
+
+# --- I/O ----------------------------------------------------------------------------------
+
+
+def score_test_split(features_dir: Path, model_dir: Path,
+                     params: Params) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    """Raw test rows -> preprocessor -> best checkpoint; returns (class ids, proba, classes)."""
+    from stages.common.nets import load_network, predict_proba, select_device
+    from stages.common.preprocess import load_preprocessor
+
+    test_path = features_dir / "test.parquet"
+    preprocessor = load_preprocessor(features_dir / "preprocessor.joblib")
+    test = read_parquet(test_path)
+    if preprocessor.target not in test.columns:
+        raise DataError("target column not found", file=str(test_path),
+                        column=preprocessor.target, rule="column_present")
+    try:
+        X = preprocessor.transform(test)
+        y_true = preprocessor.encode_labels(test[preprocessor.target])
+    except DataError as exc:
+        raise _with_file(exc, test_path) from exc
+    module, checkpoint = load_network(model_dir / "model.pt")
+    if (checkpoint["n_features"], checkpoint["n_classes"]) != (X.shape[1],
+                                                                len(preprocessor.classes)):
+        raise DataError(
+            f"checkpoint expects {checkpoint['n_features']} features and "
+            f"{checkpoint['n_classes']} classes, the preprocessor gives {X.shape[1]} and "
+            f"{len(preprocessor.classes)}: retrain after the features change",
+            file=str(model_dir / "model.pt"), rule="model_matches_features")
+    device = select_device(params.base.device)
+    proba = predict_proba(module, X, device, params.evaluate.batch_size)
+    return y_true, proba, list(preprocessor.classes)
+
+
+def _with_file(exc: DataError, path: Path) -> DataError:
+    # The same error, now naming the file (DataError appends "[file=.., column=.., rule=..]").
+    where = ", ".join(f"{key}={value}" for key, value in
+                      (("file", exc.file), ("column", exc.column), ("rule", exc.rule))
+                      if value is not None)
+    message = str(exc).removesuffix(f" [{where}]") if where else str(exc)
+    return DataError(message, file=str(path), column=exc.column, rule=exc.rule)
+
+
+def write_plots(out_dir: Path, y_true: np.ndarray, proba: np.ndarray,
+                classes: list[Any]) -> None:
+    """Write the DVC plot data (JSON) and the PNGs of ROC, PR and confusion into ``out_dir``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    roc, pr = build_roc_records(y_true, proba), build_pr_records(y_true, proba)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "roc.json", roc)
+    write_json(out_dir / "pr.json", pr)
+    write_json(out_dir / "confusion.json", build_confusion_records(y_true, proba, classes))
+    figures = {
+        "roc_curve.png": plot_curve(roc, "fpr", "tpr", curve_title("ROC", len(classes))),
+        "pr_curve.png": plot_curve(pr, "recall", "precision",
+                                   curve_title("Precision-recall", len(classes))),
+        "confusion_matrix.png": plot_confusion(y_true, proba, classes),
+    }
+    for name, fig in figures.items():
+        FigureCanvasAgg(fig)  # the Agg canvas: no display, no global pyplot state
+        fig.savefig(out_dir / name, dpi=100)
+
+
+def run(features_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
+        metrics_path: str | Path, params: Params) -> dict[str, float]:
+    """Score the test split, write metrics and plots, log both to the train stage's MLflow run.
+
+    Everything is computed and logged before the outputs replace the old ones, so a failure
+    leaves ``out_dir`` and ``metrics_path`` as they were.
+    """
+    import mlflow
+
+    features_dir, model_dir = Path(features_dir), Path(model_dir)
+    y_true, proba, classes = score_test_split(features_dir, model_dir, params)
+    metrics = compute_metrics(y_true, proba)
+    with atomic_path(out_dir) as tmp_dir, atomic_path(metrics_path) as tmp_metrics:
+        write_plots(tmp_dir, y_true, proba, classes)
+        write_json(tmp_metrics, metrics)
+        with tracking.resume_run(model_dir, params.mlflow):
+            mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
+            mlflow.log_artifacts(str(tmp_dir), artifact_path="eval")
+            mlflow.log_artifact(str(tmp_metrics), artifact_path="eval")
+    logger.info("test metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m stages.evaluate --features DIR --model DIR --out DIR --metrics FILE``."""
+    parser = build_parser("evaluate", "Score the test split; write metrics and plots.")
+    parser.add_argument("--features", required=True, help="features dir (test split)")
+    parser.add_argument("--model", required=True, help="model dir (model.pt, run.json)")
+    parser.add_argument("--out", required=True, help="plots dir (JSON plot data + PNGs)")
+    parser.add_argument("--metrics", required=True, help="metrics JSON file")
+
+    def body(args: argparse.Namespace, params: Params) -> None:
+        run(args.features, args.model, args.out, args.metrics, params)
+
+    return run_main("evaluate", parser, body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
