@@ -133,3 +133,26 @@ def _write_bad_csv(repo: Path, kind: str) -> None:
         df["mean_radius"] = df["mean_radius"].astype(object)
         df.loc[df.index[3], "mean_radius"] = "twelve"
     df.to_csv(repo / "data/source/bad.csv", index=False)
+
+
+DIGITS_CNN = {
+    "ingest": {"source": "sklearn:digits"},
+    "validate": {"schema_path": "schemas/digits.yaml"},
+    "train": {"model": "cnn", "image_shape": [1, 8, 8], "max_epochs": 8, "patience": 3,
+              "lr": 0.01},
+    "register": {"model_name": "digits", "min_metrics": {"accuracy": 0.8},
+                 "max_metrics": {}},
+}
+
+
+def test_cnn_path_on_digits_images(tmp_path: Path, mlflow_uri: str) -> None:
+    repo = make_pipeline_repo(tmp_path / "repo", DIGITS_CNN)
+    result = dvc(repo, "repro", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    meta = json.loads((repo / "data/features/meta.json").read_text())
+    assert meta["classes"] == list(range(10)) and meta["n_features"] == 64
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert metrics["accuracy"] > 0.8
+    champion = _champion("digits")
+    assert json.loads((repo / "reports/registration.json").read_text())["version"] in (
+        champion.version, int(champion.version))
