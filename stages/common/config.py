@@ -96,6 +96,26 @@ class TrainParams(StrictModel):
     batch_size: int = Field(64, gt=0)  # training batch size
     max_epochs: int = Field(100, gt=0)  # upper bound; early stopping usually ends sooner
     patience: int = Field(10, gt=0)  # epochs without val-loss improvement before stopping
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # adamw suits most nets; sgd for tuned recipes
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum (ignored by adamw)
+    lr_schedule: Literal["none", "cosine", "onecycle"] = "none"  # per-step schedule over the run
+    max_grad_norm: float = Field(0.0, ge=0)  # clip the gradient norm to this; 0 = no clipping
+    # on-device image augmentation (CNN only; off by default, all zeros/false = off)
+    augment_crop_pad: int = Field(0, ge=0)  # random crop after zero-padding by this many pixels
+    augment_flip: bool = False  # random horizontal flip (not for digits/text: it changes labels)
+    augment_noise: float = Field(0.0, ge=0)  # std of gaussian noise added to the inputs
+    augment_seed: int = 0  # its own RNG: augmentation never shifts the weight-init/batch order
+    # auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a grad scaler and needs CUDA
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile the network (pays off on GPU for long runs)
+    channels_last: bool = True  # CNN on CUDA: NHWC memory layout for tensor-core convolutions
+    # keep the training split as device tensors (no loader round trips) or stream Parquet
+    # row groups through pinned memory; auto = on the device when it fits
+    data_on_device: Literal["auto", "always", "never"] = "auto"
+    device_memory_fraction: float = Field(0.5, gt=0, le=1)  # auto: data may take this share
+    checkpoint_every_steps: int = Field(200, ge=0)  # resume checkpoint cadence; 0 = epoch ends
+    # DDP processes (torchrun); null = one per visible GPU (1 on CPU); batch_size is global
+    nproc: int | None = Field(None, gt=0)
 
     @field_validator("hidden_sizes", "channels")
     @classmethod
@@ -110,6 +130,17 @@ class TrainParams(StrictModel):
             raise ValueError("model 'cnn' needs image_shape: [channels, height, width]")
         return self
 
+    @model_validator(mode="after")
+    def _augment_needs_cnn(self) -> TrainParams:
+        if self.augments and self.model != "cnn":
+            raise ValueError("augment_crop_pad/augment_flip/augment_noise work on images: "
+                             "set model: cnn (or turn augmentation off)")
+        return self
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.augment_crop_pad or self.augment_flip or self.augment_noise)
+
 
 class EvaluateParams(StrictModel):
     batch_size: int = Field(1024, gt=0)  # scoring batch size; does not change the metrics
@@ -123,6 +154,8 @@ class RegisterParams(StrictModel):
         default_factory=lambda: {"accuracy": 0.9, "f1_macro": 0.9, "roc_auc": 0.95})
     max_metrics: dict[str, float] = Field(default_factory=lambda: {"log_loss": 0.5})
     compare_metric: str = "f1_macro"  # challenger must not be worse than champion on this
+    # pre-promotion check: median single-row latency through the serving code path (ms)
+    max_latency_ms: float = Field(250.0, gt=0)
 
 
 class ScheduleParams(StrictModel):
@@ -131,10 +164,25 @@ class ScheduleParams(StrictModel):
     timezone: str = "UTC"  # time zone the cron is read in
 
 
+class ServeParams(StrictModel):
+    host: str = "127.0.0.1"  # loopback only; 0.0.0.0 exposes the service to the network
+    port: int = Field(8000, ge=1, le=65535)  # where `make serve` listens
+    poll_interval_s: float = Field(10.0, gt=0)  # how often the alias is checked for a new version
+    token_env: str = "SERVE_TOKEN"  # env var with the bearer token /predict requires; unset = open
+    max_body_bytes: int = Field(1_048_576, gt=0)  # bigger request bodies get 413
+    max_batch_rows: int = Field(256, gt=0)  # rows of concurrent requests scored in one model call
+    sample_rate: float = Field(0.1, ge=0, le=1)  # share of requests kept in the prediction log
+    log_dir: str = "data/predictions"  # the prediction log: Parquet part files for monitoring
+    log_flush_rows: int = Field(1000, gt=0)  # write the log once this many rows are buffered...
+    log_flush_interval_s: float = Field(30.0, gt=0)  # ...or at least this often (seconds)
+    batch_size: int = Field(10_000, gt=0)  # batch scoring: rows per model call (bounds memory)
+
+
 SECTIONS: dict[str, type[StrictModel]] = {
     "base": BaseParams, "mlflow": MlflowParams, "ingest": IngestParams,
     "validate": ValidateParams, "features": FeaturesParams, "train": TrainParams,
     "evaluate": EvaluateParams, "register": RegisterParams, "schedule": ScheduleParams,
+    "serve": ServeParams,
 }
 
 
@@ -151,6 +199,7 @@ class Params:
     evaluate: EvaluateParams
     register: RegisterParams
     schedule: ScheduleParams
+    serve: ServeParams
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

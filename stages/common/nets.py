@@ -57,9 +57,18 @@ class CNN(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(in_ch, n_classes))
+        self.channels_last = False  # set by use_channels_last(); not part of the weights
+
+    def use_channels_last(self) -> CNN:
+        """Switch weights and inputs to NHWC, the layout cuDNN's tensor-core kernels want."""
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x.reshape(-1, *self.image_shape)))
+        images = x.reshape(-1, *self.image_shape)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.head(self.features(images))
 
 
 def build_network(train_params: TrainParams, n_features: int, n_classes: int) -> nn.Module:
