@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install run repro test test-fast ui schedule clean
+.PHONY: help install run repro test test-fast ui schedule clean serve bench-setup bench-train bench-serve
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,29 @@ ui: install ## Open the MLflow UI on 127.0.0.1 (runs, metrics, plots, registry)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db \
 	  --default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
+schedule: install ## Serve the pipeline on the cron in params.yaml `schedule` (starts a local Prefect server + UI on 127.0.0.1:4200; Ctrl-C stops)
+	$(BIN)/python -m flows.schedule --repo .
+
+serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.yaml `serve`)
+	$(BIN)/python -m serving serve
+
 clean: ## Remove generated data, reports, models and the local stores (keeps .venv)
 	rm -rf data/raw data/validated data/features models reports mlflow/mlflow.db* \
 	  mlflow/artifacts .prefect .dvcstore
+
+# Benchmarks (bench/): ratios measured side by side in one run; results in bench/results/.
+# --no-deps: only the pinned wheels in bench/requirements.txt are added (their dependencies are
+# already in requirements.lock), so no pin moves and torch stays the CPU build.
+bench-setup: install ## Add the benchmark-only packages (Lightning) to .venv, no pin changed
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps \
+	  -r bench/requirements.txt -c requirements.lock
+
+bench-train: bench-setup ## Training benchmarks: stage vs bare loop vs Lightning; MLflow cost
+	$(BIN)/python -m bench.train_loop
+	$(BIN)/python -m bench.train_mlflow
+
+bench-schedule: install ## Serve the pipeline on the cron in params.yaml `schedule` (starts a local Prefect server + UI on 127.0.0.1:4200; Ctrl-C stops)
+	$(BIN)/python -m flows.schedule --repo .
+
+serve: install ## Serving: our service vs `mlflow models serve`, same model and load (wrk)
+	$(BIN)/python -m bench.serve

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["stages", "flows", "schemas", "data/source", "dvc.yaml", "params.yaml"]
+PROJECT_FILES = ["stages", "flows", "serving", "schemas", "data/source", "dvc.yaml",
+                 "params.yaml"]
 
 # Small but real settings so the whole pipeline runs in seconds on a 2-core CPU.
 TINY_PARAMS = {"train": {"max_epochs": 15, "patience": 5}}

@@ -1,0 +1,183 @@
+"""The pipeline on a schedule: a Prefect deployment with the cron of ``params.yaml`` ``schedule``.
+
+Start it with one command from the project root (``make schedule`` runs it)::
+
+    python -m flows.schedule [--repo .] [--port 4200]
+
+It serves the ``pipeline`` flow as the deployment ``pipeline/<schedule.deployment>`` with the
+cron ``schedule.cron`` read in ``schedule.timezone`` (daily at 06:00 UTC by default) and runs
+each due run in this process, one at a time, until Ctrl-C (which pauses the schedule).
+
+No separate ``prefect server start`` is needed. Prefect's temporary server, which plain flow runs
+use, does not run the scheduler, so this command needs a persistent Prefect API: it uses
+``PREFECT_API_URL`` when that is set (or a server already answering on 127.0.0.1:<port>), and
+otherwise starts ``prefect server start`` on 127.0.0.1:<port> itself (UI at
+http://127.0.0.1:4200, log in ``$PREFECT_HOME/server.log``) and stops it on exit.
+
+While it runs, trigger a run now with ``prefect deployment run pipeline/daily`` (with
+``PREFECT_API_URL=http://127.0.0.1:4200/api`` when this command started the server).
+
+The server's scheduler in Prefect 3.8.8 needs SQLAlchemy 2.0.x: with 2.1 it fails to insert the
+scheduled runs ("Can't evaluate bulk DML statement") and the cron never fires.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments.runner import EntrypointType
+from prefect.logging import get_logger
+from prefect.schedules import Cron, Schedule
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from pydantic import ValidationError
+
+from flows.pipeline import pipeline
+from stages.common.config import ScheduleParams, load_params
+from stages.common.errors import ConfigError
+
+logger = get_logger("flows.schedule")  # under Prefect's configured "prefect" logger: shown at INFO
+
+SERVER_START_TIMEOUT_S = 120
+
+
+def build_schedule(params: ScheduleParams) -> Schedule:
+    """The Prefect cron schedule of ``params``; a bad cron or time zone raises ConfigError."""
+    try:
+        CronSchedule(cron=params.cron, timezone=params.timezone)  # checks both, as the API will
+    except ValidationError as exc:
+        problems = "; ".join(f"schedule.{err['loc'][0]}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"params.yaml: invalid value: {problems}") from exc
+    return Cron(params.cron, timezone=params.timezone)
+
+
+def deployment_name(params: ScheduleParams) -> str:
+    """The full deployment name, ``<flow>/<deployment>``, as ``run_deployment`` takes it."""
+    return f"{pipeline.name}/{params.deployment}"
+
+
+def is_api_healthy(api_url: str) -> bool:
+    """Whether a Prefect API answers its health check at ``api_url``."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def local_server(port: int, log_file: Path) -> Iterator[str]:
+    """Run ``prefect server start`` on 127.0.0.1:``port`` while open; yield its API URL.
+
+    The server is stopped on exit, also when startup is interrupted (Ctrl-C, SIGTERM).
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    api_url = f"http://127.0.0.1:{port}/api"
+    with log_file.open("ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not is_api_healthy(api_url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Prefect server did not start on {api_url}; "
+                                   f"see {log_file}")
+            time.sleep(0.5)
+        yield api_url
+    finally:
+        stop_process(server)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Stop a child process: terminate, then kill if it does not exit in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def serve_pipeline(repo: Path, params: ScheduleParams) -> None:
+    """Serve the pipeline flow for ``repo`` on its cron schedule; blocks until interrupted."""
+    schedule = build_schedule(params)
+    pipeline.serve(
+        name=params.deployment,
+        schedules=[schedule],
+        parameters={"repo": str(repo)},
+        description=f"The whole pipeline for {repo}, on the cron {params.cron!r} "
+                    f"({params.timezone}) of params.yaml.",
+        limit=1,  # runs share the DVC repo: never two at once
+        # Each run imports flows.pipeline as a module, from the directory this command runs in.
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the scheduled deployment, starting a local Prefect server if none is configured."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.schedule",
+        description="Serve the pipeline as a Prefect deployment on the cron schedule of "
+                    "params.yaml (section `schedule`) until Ctrl-C. Uses PREFECT_API_URL if "
+                    "set, else starts a local `prefect server start` (and stops it on exit).",
+        epilog="While it runs, start a run now with: prefect deployment run pipeline/<deployment> "
+               "(set PREFECT_API_URL=http://127.0.0.1:<port>/api when this command started "
+               "the server). The Prefect UI is at http://127.0.0.1:<port>.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--repo", default=".",
+                        help="project checkout the scheduled runs work in (dvc.yaml, params.yaml)")
+    parser.add_argument("--port", type=int, default=4200,
+                        help="port of the local Prefect server (when PREFECT_API_URL is unset)")
+    args = parser.parse_args(argv)
+    repo = Path(args.repo).resolve()
+    try:
+        params = load_params(repo / "params.yaml").schedule
+        build_schedule(params)  # a bad cron fails here, before any server starts
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 1
+    # SIGTERM exits through the `with` below, so a server this command started is stopped too.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with ExitStack() as stack:
+            api_url = _connect_api(args.port, stack)
+            logger.info("serving %s (cron %r, %s) against the Prefect API at %s",
+                        deployment_name(params), params.cron, params.timezone, api_url)
+            serve_pipeline(repo, params)  # returns on Ctrl-C once it is serving
+    except KeyboardInterrupt:  # Ctrl-C while the server was still starting
+        return 130
+    return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _connect_api(port: int, stack: ExitStack) -> str:
+    settings = get_current_settings()
+    if settings.api.url:
+        return settings.api.url
+    api_url = f"http://127.0.0.1:{port}/api"
+    if not is_api_healthy(api_url):
+        log_file = Path(settings.home) / "server.log"
+        logger.info("starting a Prefect server on 127.0.0.1:%d (log: %s)", port, log_file)
+        stack.enter_context(local_server(port, log_file))
+    os.environ["PREFECT_API_URL"] = api_url  # for the flow-run processes the runner starts
+    stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
+    return api_url
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""What a pipeline run produced, as a dict and as the Markdown of the Prefect artifact.
+
+Only the reports of stages that finished in this run are read, so a failed run never shows
+the metrics or model of an earlier run as if they were its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from stages.common.config import load_params
+from stages.common.errors import PipelineError
+from stages.common.tracking import run_url
+
+# The stage statuses a run can report (DVC's words where DVC decides).
+RAN, SKIPPED, RESTORED = "ran", "skipped", "restored from run cache"
+FAILED, NOT_RUN = "failed", "not run"
+FINISHED = (RAN, SKIPPED, RESTORED)
+
+# report -> (the stage that writes it, its path): the data contracts between the stages.
+REPORTS = {
+    "metrics": ("evaluate", "reports/metrics.json"),
+    "registration": ("register", "reports/registration.json"),
+    "run": ("train", "models/run.json"),
+}
+METRIC_DIGITS = 4
+
+
+def read_reports(repo: Path, statuses: dict[str, str]) -> dict[str, dict | None]:
+    """The JSON reports written by stages that finished in this run (None otherwise)."""
+    reports: dict[str, dict | None] = {}
+    for name, (stage, path) in REPORTS.items():
+        reports[name] = _read_json(repo / path) if statuses.get(stage) in FINISHED else None
+    return reports
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def mlflow_ui_url(repo: Path) -> str:
+    """The local MLflow UI (``make ui``): 127.0.0.1 on ``params.yaml`` ``mlflow.ui_port``."""
+    try:
+        port = load_params(repo / "params.yaml").mlflow.ui_port
+    except PipelineError:
+        port = 5000  # the stages report the bad params; the link just uses the default
+    return f"http://127.0.0.1:{port}"
+
+
+def summarize_run(stages: list[str], statuses: dict[str, str], reports: dict[str, dict | None],
+                  ui_url: str, flow_run_id: str | None = None,
+                  error: str | None = None) -> dict[str, Any]:
+    """The run in one small dict: stage statuses, test metrics, the registered model, links.
+
+    Args:
+        stages: every stage of the graph, in run order.
+        statuses: what happened to the stages that were reached (see ``FINISHED``, ``FAILED``).
+        reports: ``read_reports`` output: ``metrics``, ``registration`` and ``run`` dicts.
+        ui_url: base URL of the MLflow UI.
+        flow_run_id: the Prefect flow run.
+        error: why the run failed, or None.
+    """
+    registration = reports.get("registration")
+    run = reports.get("run")
+    model = None
+    if registration:
+        keys = ("model_name", "version", "decision", "reason", "previous_champion_version")
+        model = {key: registration.get(key) for key in keys}
+    link = None
+    if run and run.get("run_id") and run.get("experiment_id") is not None:
+        link = run_url(ui_url, str(run["experiment_id"]), str(run["run_id"]))
+    return {
+        "status": "failed" if error else "completed",
+        "flow_run_id": flow_run_id,
+        "stages": {stage: statuses.get(stage, NOT_RUN) for stage in stages},
+        "metrics": reports.get("metrics"),
+        "model": model,
+        "mlflow_run_url": link,
+        "error": error,
+    }
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """The summary as Markdown: a stage table, metrics, registry decision, MLflow link."""
+    lines = ["# Pipeline run", ""]
+    if summary.get("error"):
+        lines += ["**Failed:**", "", "```", summary["error"].strip(), "```", ""]
+    else:
+        lines += ["**Completed.**", ""]
+    lines += ["| Stage | Result |", "|---|---|"]
+    lines += [f"| {stage} | {status} |" for stage, status in summary["stages"].items()]
+    lines += ["", "## Test metrics", ""]
+    if metrics := summary.get("metrics"):
+        lines += ["| Metric | Value |", "|---|---|"]
+        lines += [f"| {name} | {_format_value(value)} |" for name, value in metrics.items()]
+    else:
+        lines.append("Not available: the evaluate stage did not finish in this run.")
+    lines += ["", "## Model registry", ""]
+    lines += _model_lines(summary.get("model"))
+    lines += ["", "## MLflow", ""]
+    link = summary.get("mlflow_run_url")
+    lines.append(f"[Training run]({link}) (start the UI with `make ui`)" if link
+                 else "Not available: the train stage did not finish in this run.")
+    return "\n".join(lines) + "\n"
+
+
+def _model_lines(model: dict | None) -> list[str]:
+    if not model:
+        return ["Not available: the register stage did not finish in this run."]
+    previous = model.get("previous_champion_version")
+    return [
+        f"- Model: `{model.get('model_name')}` version **{model.get('version')}**",
+        f"- Decision: **{model.get('decision')}**: {_one_line(str(model.get('reason')))}",
+        f"- Previous champion: {'version ' + str(previous) if previous is not None else 'none'}",
+    ]
+
+
+def _format_value(value: Any) -> str:
+    return f"{value:.{METRIC_DIGITS}f}" if isinstance(value, float) else str(value)
+
+
+def _one_line(text: str) -> str:
+    # Table cells and list items must stay on one line; pipes would split a table cell.
+    return " ".join(text.split()).replace("|", "\\|")

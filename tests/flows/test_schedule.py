@@ -1,0 +1,161 @@
+"""The scheduled deployment: the cron of params.yaml, served against a real Prefect API.
+
+The end-to-end test runs the documented command, ``python -m flows.schedule``, with no Prefect
+API configured, so it also starts (and on Ctrl-C stops) its own ``prefect server start``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from flows.schedule import build_schedule, deployment_name
+from stages.common.config import ScheduleParams, load_params
+from stages.common.errors import ConfigError
+from tests.conftest import ROOT, make_pipeline_repo
+
+WAIT_TIMEOUT_S = 120  # generous: the command starts a Prefect server first (2-core machine)
+SCHEDULER_TIMEOUT_S = 60  # the scheduler looks at new deployments every 5 s
+RUN_TIMEOUT_S = 300
+
+
+def test_schedule_is_the_cron_of_params() -> None:
+    params = load_params(ROOT / "params.yaml").schedule
+    schedule = build_schedule(params)
+    assert (schedule.cron, schedule.timezone) == (params.cron, params.timezone)
+    assert deployment_name(params) == f"pipeline/{params.deployment}"
+
+
+@pytest.mark.parametrize(("field", "value"), [("cron", "0 6 * *"), ("timezone", "Mars/Base")])
+def test_bad_cron_or_timezone_is_a_config_error(field: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"schedule.{field}"):
+        build_schedule(ScheduleParams(**{field: value}))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(what: str, probe, server: subprocess.Popen, logs: list[Path],
+              timeout_s: float = WAIT_TIMEOUT_S):
+    """Poll ``probe()`` until it returns something truthy; fail if the command exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"flows.schedule exited early:\n{_tails(logs)}"
+        if found := probe():
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not appear in {timeout_s} s:\n{_tails(logs)}")
+
+
+def _tails(logs: list[Path], chars: int = 4000) -> str:
+    return "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-chars:]}"
+                     for log in logs if log.exists())
+
+
+def _stop(server: subprocess.Popen) -> None:
+    # Ctrl-C, as a user would: serve pauses the schedule, the command stops its Prefect server.
+    if server.poll() is None:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _ingest_only_repo(dest: Path) -> Path:
+    # Only the ingest stage: the triggered run goes through the real flow, a real stage and
+    # dvc push, without paying for training (tests/flows/test_pipeline.py runs the full graph).
+    repo = make_pipeline_repo(dest)
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    spec["stages"] = {"ingest": spec["stages"]["ingest"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    return repo
+
+
+def _start_schedule_command(repo: Path, port: int, home: Path, log: Path) -> subprocess.Popen:
+    """``python -m flows.schedule``, run in the checkout as documented, with no Prefect API set."""
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    env.pop("PREFECT_API_URL", None)  # so the command starts (and stops) its own server
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "flows.schedule", "--port", str(port)],
+                                cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_schedule_command_serves_the_cron_deployment_and_runs_it(
+        tmp_path: Path, mlflow_uri: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    repo = _ingest_only_repo(tmp_path / "repo")
+    params = load_params(repo / "params.yaml").schedule
+    name, port = deployment_name(params), _free_port()
+    logs = [tmp_path / "schedule.log", tmp_path / "prefect-home" / "server.log"]
+    server = _start_schedule_command(repo, port, tmp_path / "prefect-home", logs[0])
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}), \
+                get_client(sync_client=True) as client:
+            deployment = _wait_for("the deployment", lambda: _read_deployment(client, name),
+                                   server, logs)
+            [schedule] = deployment.schedules
+            assert schedule.active
+            assert (schedule.schedule.cron, schedule.schedule.timezone) == (params.cron,
+                                                                           params.timezone)
+            assert deployment.parameters == {"repo": str(repo)}
+            # The server's scheduler (off in Prefect's temporary servers) books the next runs.
+            upcoming = _wait_for("a scheduled run", lambda: client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            ), server, logs, SCHEDULER_TIMEOUT_S)
+            assert all(run.state.is_scheduled() for run in upcoming)
+            assert min(run.expected_start_time for run in upcoming) == _next_cron_time(params)
+
+            flow_run = run_deployment(name, timeout=RUN_TIMEOUT_S)
+
+            assert flow_run.state.is_completed(), f"{flow_run.state}\n{_tails(logs)}"
+        assert (repo / "data/raw/data.parquet").is_file()
+        assert any(p.is_file() for p in (repo / ".dvcstore").rglob("*"))
+    finally:
+        _stop(server)
+    assert server.returncode == 0, _tails(logs)
+    assert not _api_answers(port), "the Prefect server the command started is still running"
+
+
+def _read_deployment(client, name: str):
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_deployment_by_name(name)
+    except (ObjectNotFound, httpx.TransportError):  # not served yet / server not up yet
+        return None
+
+
+def _next_cron_time(params: ScheduleParams):
+    from prefect.server.schemas.schedules import CronSchedule
+
+    [first] = asyncio.run(CronSchedule(cron=params.cron, timezone=params.timezone).get_dates(n=1))
+    return first
+
+
+def _api_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
