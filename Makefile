@@ -45,7 +45,7 @@ ui: install ## Open the MLflow UI on 127.0.0.1 (runs, metrics, plots, registry)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db \
 	  --default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
-schedule: install ## Serve the pipeline on the cron in params.yaml `schedule` (starts a local Prefect server + UI on 127.0.0.1:4200; Ctrl-C stops)
+schedule: install ## Run the pipeline on its cron (params.yaml `schedule`); starts a local Prefect server
 	$(BIN)/python -m flows.schedule --repo .
 
 serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.yaml `serve`)
@@ -66,8 +66,5 @@ bench-train: bench-setup ## Training benchmarks: stage vs bare loop vs Lightning
 	$(BIN)/python -m bench.train_loop
 	$(BIN)/python -m bench.train_mlflow
 
-bench-schedule: install ## Serve the pipeline on the cron in params.yaml `schedule` (starts a local Prefect server + UI on 127.0.0.1:4200; Ctrl-C stops)
-	$(BIN)/python -m flows.schedule --repo .
-
-serve: install ## Serving: our service vs `mlflow models serve`, same model and load (wrk)
+bench-serve: install ## Serving: our service vs `mlflow models serve`, same model and load (wrk)
 	$(BIN)/python -m bench.serve

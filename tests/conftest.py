@@ -100,3 +100,14 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     """Run the real ``dvc`` CLI in ``repo``."""
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True,
                           text=True, check=check)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repo_stores_untouched():
+    """Tests use temporary stores only: fail the session if one wrote into the project's."""
+    watched = [ROOT / "mlruns", ROOT / "mlflow" / "mlflow.db", ROOT / "mlflow" / "artifacts"]
+    before = {path: path.exists() and path.stat().st_mtime for path in watched}
+    yield
+    touched = [str(path) for path in watched
+               if path.exists() and (path.stat().st_mtime != before[path])]
+    assert not touched, f"a test wrote into the project's own MLflow store: {touched}"

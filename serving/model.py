@@ -1,0 +1,317 @@
+"""Loading a registered model for serving, and swapping it atomically when the registry moves.
+
+The seam the service, batch scoring and the register stage all use::
+
+    from serving.model import load_model
+    model = load_model("models:/classifier@champion", variant="pyfunc")
+    model.predict(frame)   # DataFrame of the raw feature columns -> DataFrame with
+                           # ``prediction`` + ``proba_<label>`` (the pyfunc's output columns)
+    model.version, model.run_id, model.name, model.alias, model.tags, model.spec
+
+``load_model(uri, variant="pyfunc") -> LoadedModel`` resolves ``models:/<name>@<alias>`` to one
+version first, so everything in the returned object (predictions, version, lineage tags) is
+that version's. ``variant`` picks how the version is executed; the signature, input example and
+registry facts always come from the logged pyfunc. Variants are looked up in
+:data:`VARIANT_LOADERS` (``name -> "module:function"``, imported on first use); a loader is
+``loader(model_uri: str, variant: str) -> obj`` where ``obj.predict(frame) -> DataFrame`` and
+``model_uri`` is a local copy of the model version. Add one with :func:`register_variant`, or
+pass ``"module:function"`` as the variant. The built-in ``pyfunc`` variant runs the pyfunc's
+own ``predict`` (our ClassifierModel directly, skipping MLflow's per-call schema enforcement:
+requests are checked against the signature by :mod:`serving.payloads` before they get here).
+
+:class:`ModelHolder` keeps the one reference the service scores with; :class:`RegistryFollower`
+polls the alias and, on a change, loads the new version completely (and warms it up on its
+input example) before swapping that reference, so a request that already picked the old model
+finishes on it. No per-request MLflow calls anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from serving.payloads import ColumnSpec, InputSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.types import Schema
+
+logger = logging.getLogger(__name__)
+
+Predict = Callable[["pd.DataFrame"], "pd.DataFrame"]
+# variant name -> "module:function" of its loader; see the module docstring for the contract.
+VARIANT_LOADERS: dict[str, str] = {"pyfunc": "serving.model:load_pyfunc_predictor",
+                                   "onnx": "stages.common.variants:load_variant",  # float32
+                                   "int8": "stages.common.variants:load_variant"}  # quantized
+_KINDS = {"double": "float", "float": "float", "long": "int", "integer": "int",
+          "boolean": "bool", "string": "str"}  # MLflow DataType name -> payload kind
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
+_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model version could not be loaded for serving; the message says which and why."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """One model version, ready to score. Immutable: a new version is a new object."""
+
+    uri: str  # what was loaded: models:/<name>/<version> for registry models
+    variant: str
+    spec: InputSpec  # the input signature
+    output_columns: tuple[str, ...]  # the output signature's columns
+    predictor: Predict = field(repr=False)
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None  # the alias it was resolved through, if any
+    run_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)  # the version's tags (lineage)
+    input_example: pd.DataFrame | None = field(default=None, repr=False)
+    loaded_at: float = field(default_factory=time.time)
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Raw feature rows (signature columns) -> ``prediction`` + ``proba_<label>``."""
+        return self.predictor(frame)
+
+    @property
+    def label(self) -> str:
+        """The version as responses and metrics show it (``local`` outside the registry)."""
+        return self.version or "local"
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/version`` shows: name, version, alias, run, variant, lineage tags."""
+        return {"model_name": self.name, "model_version": self.version, "alias": self.alias,
+                "run_id": self.run_id, "variant": self.variant, "model_uri": self.uri,
+                "loaded_at": self.loaded_at, "input_columns": list(self.spec.names),
+                "output_columns": list(self.output_columns), "tags": dict(self.tags)}
+
+
+def spec_from_schema(schema: Schema | None) -> InputSpec:
+    """The MLflow input schema as the payload checker's :class:`InputSpec`.
+
+    Raises:
+        ModelLoadError: the model has no signature, or one without column names.
+    """
+    if schema is None or not schema.has_input_names():
+        raise ModelLoadError("the model has no column-based input signature to check "
+                             "requests against; log it with a signature")
+    return InputSpec(tuple(ColumnSpec(str(col.name),
+                                      _KINDS.get(getattr(col.type, "name", ""), "any"),
+                                      bool(getattr(col, "required", True)))
+                           for col in schema.inputs))
+
+
+def register_variant(name: str, loader: str) -> None:
+    """Make ``variant=name`` use ``loader`` (``"module:function"``, see the module docstring)."""
+    VARIANT_LOADERS[name] = loader
+
+
+def _variant_loader(variant: str) -> Callable[[str, str], Any]:
+    target = VARIANT_LOADERS.get(variant, variant)
+    if ":" not in target:
+        raise ModelLoadError(f"unknown model variant {variant!r} (known: "
+                             f"{', '.join(VARIANT_LOADERS)}, or module:function)")
+    module, _, func = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"variant {variant!r}: cannot import {target}: {exc}") from exc
+
+
+def load_pyfunc_predictor(model_uri: str, variant: str = "pyfunc") -> Any:
+    """The built-in ``pyfunc`` variant: the logged pyfunc, scored without MLflow's wrapper."""
+    import mlflow
+
+    from stages.common.servable import ClassifierModel
+
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    inner = pyfunc.unwrap_python_model() if pyfunc.loader_module == "mlflow.pyfunc.model" \
+        else None
+    if isinstance(inner, ClassifierModel):
+        return _DirectPredictor(inner)
+    return pyfunc  # another kind of pyfunc: MLflow's predict (with its schema enforcement)
+
+
+@dataclass(frozen=True)
+class _DirectPredictor:
+    model: Any
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return self.model.predict(None, frame)
+
+
+def resolve_version(uri: str) -> tuple[str, ModelVersion | None, str | None]:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<n>`` -> (versioned URI, version, alias).
+
+    Any other URI (``runs:/...``, a local path) is returned as is, with no registry facts.
+    """
+    from mlflow import MlflowClient
+
+    if match := _ALIAS_URI.match(uri):
+        mv = MlflowClient().get_model_version_by_alias(match["name"], match["alias"])
+        return f"models:/{mv.name}/{mv.version}", mv, match["alias"]
+    if match := _VERSION_URI.match(uri):
+        mv = MlflowClient().get_model_version(match["name"], match["version"])
+        return uri, mv, None
+    return uri, None, None
+
+
+def load_model(uri: str, variant: str = "pyfunc") -> LoadedModel:
+    """Load a model for serving: resolve the alias, copy the version, load the variant.
+
+    Args:
+        uri: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, or any model URI.
+        variant: ``pyfunc`` (default), a name in :data:`VARIANT_LOADERS`, or
+            ``module:function``.
+
+    Raises:
+        ModelLoadError: naming the URI and what failed (registry lookup, download, signature,
+            the variant's loader).
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    try:
+        versioned, mv, alias = resolve_version(uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for "not there"
+        raise ModelLoadError(f"{uri}: cannot resolve it in the registry: {exc}") from exc
+    local = tempfile.mkdtemp(prefix="serving-model-")
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=versioned, dst_path=local)
+        meta = Model.load(path)
+        spec = spec_from_schema(meta.get_input_schema())
+        outputs = meta.get_output_schema()
+        example = meta.load_input_example(path)
+        predictor = _variant_loader(variant)(path, variant)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{uri}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - loading runs the model's own code
+        raise ModelLoadError(f"{uri}: cannot load variant {variant!r}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        shutil.rmtree(local, ignore_errors=True)  # everything is in memory now
+    return LoadedModel(
+        uri=versioned, variant=variant, spec=spec, predictor=predictor.predict,
+        output_columns=tuple(outputs.input_names()) if outputs is not None else (),
+        name=mv.name if mv else None, version=str(mv.version) if mv else None, alias=alias,
+        run_id=(mv.run_id if mv else None) or meta.run_id, tags=dict(mv.tags) if mv else {},
+        input_example=example if hasattr(example, "columns") else None)
+
+
+def warm_up(model: LoadedModel) -> None:
+    """Score the input example once, so the first request is not the one paying for lazy
+    initialisation (and a model that cannot score its own example is never swapped in)."""
+    if model.input_example is not None:
+        model.predict(model.input_example[list(model.spec.names)])
+
+
+# --- the atomic swap --------------------------------------------------------------------------
+
+
+class ModelHolder:
+    """The single reference the service scores with.
+
+    Readers take ``holder.current`` once per request and use that object to the end; a swap
+    replaces the reference in one assignment (atomic under the GIL), so nobody ever sees a
+    half-loaded model and in-flight requests finish on the version they started with.
+    """
+
+    def __init__(self, model: LoadedModel | None = None) -> None:
+        self._current = model
+
+    @property
+    def current(self) -> LoadedModel | None:
+        """The model new requests get (None until the first load)."""
+        return self._current
+
+    def swap(self, model: LoadedModel) -> LoadedModel | None:
+        """Make ``model`` the current one; returns the previous."""
+        previous, self._current = self._current, model
+        return previous
+
+
+class RegistryFollower:
+    """Polls ``models:/<name>@<alias>`` and swaps the holder's model when the alias moves.
+
+    Args:
+        holder: where the loaded model goes.
+        name, alias: the registered model and the alias to follow.
+        variant: how each version is loaded (see :func:`load_model`).
+        interval_s: seconds between registry checks.
+        on_swap: called with (new, previous) after a swap; on_error with the failure message.
+    """
+
+    def __init__(self, holder: ModelHolder, name: str, alias: str, variant: str = "pyfunc",
+                 interval_s: float = 10.0,
+                 on_swap: Callable[[LoadedModel, LoadedModel | None], None] | None = None,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.holder, self.name, self.alias, self.variant = holder, name, alias, variant
+        self.interval_s, self.on_swap, self.on_error = interval_s, on_swap, on_error
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check_once(self) -> bool:
+        """Look at the alias once; load and swap if it points at another version.
+
+        Returns:
+            True when a new version was swapped in. A failure is logged and remembered in
+            ``last_error``; the current model keeps serving.
+        """
+        from mlflow import MlflowClient
+
+        current = self.holder.current
+        try:
+            mv = MlflowClient().get_model_version_by_alias(self.name, self.alias)
+            if current is not None and current.version == str(mv.version):
+                return False
+            model = load_model(f"models:/{self.name}/{mv.version}", self.variant)
+            model = _with_alias(model, self.alias)
+            warm_up(model)
+        except Exception as exc:  # noqa: BLE001 - keep serving the old model, whatever broke
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.error("cannot follow models:/%s@%s: %s", self.name, self.alias,
+                         self.last_error)
+            if self.on_error:
+                self.on_error(self.last_error)
+            return False
+        previous = self.holder.swap(model)
+        self.last_error = None
+        logger.info("now serving %s v%s (%s) instead of %s", self.name, model.version,
+                    self.variant, f"v{previous.version}" if previous else "nothing")
+        if self.on_swap:
+            self.on_swap(model, previous)
+        return True
+
+    def start(self) -> None:
+        """Check now and then every ``interval_s`` seconds, in a daemon thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="registry-follower",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop polling (a load in progress is allowed to finish)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.check_once()
+            self._stop.wait(self.interval_s)
+
+
+def _with_alias(model: LoadedModel, alias: str) -> LoadedModel:
+    from dataclasses import replace
+
+    return replace(model, alias=alias)
