@@ -19,6 +19,7 @@ worker thread through :class:`serving.batcher.MicroBatcher`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import threading
@@ -83,6 +84,12 @@ class _Service:
     def _on_swap(self, model: LoadedModel, previous: LoadedModel | None) -> None:
         self.load_error = None
         self.metrics.observe_model(model)
+        # Everything alive now (libraries, the model) lives as long as the process: freeze it
+        # out of the collector's full passes, each a ~140 ms pause over ~350k objects that set
+        # p99 under load. Unfreeze + collect first, so earlier models' reference cycles still go.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
     def _on_error(self, message: str) -> None:
         self.load_error = message

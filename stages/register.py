@@ -5,7 +5,9 @@ thresholds in params AND is not worse than the current champion on ``register.co
 both scored through their own pyfunc on the same raw test split. Otherwise it becomes
 ``challenger``, with the reason recorded on the version. Failing the thresholds is a gate
 failure (GateError after recording); losing to the champion is not. Aliases only: the
-deprecated registry stages are never used.
+deprecated registry stages are never used. Before the alias moves, the version must load
+through the service's own code path and answer its input example within
+``register.max_latency_ms`` (``serving.check``); if not, that is a gate failure too.
 """
 
 from __future__ import annotations
@@ -227,6 +229,16 @@ def _record_on_version(client: MlflowClient, record: dict[str, Any],
         f"{record['decision']}: {record['reason']}. Trained in MLflow run {record['run_id']}."))
 
 
+def _check_serving(uri: str, rp: RegisterParams, decision: Decision) -> Decision:
+    from serving.check import check_servable
+
+    check = check_servable(uri, rp.max_latency_ms)
+    if not check.passed:  # a gate failure: recorded on the version, then GateError
+        return Decision(False, f"{check.describe()} (on its metrics alone: {decision.reason})",
+                        True)
+    return Decision(True, f"{decision.reason}; {check.describe()}", False)
+
+
 def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
                    previous: str | None, test: pd.DataFrame, preprocessor: FittedPreprocessor,
                    evaluated: dict[str, float]) -> tuple[Decision, dict[str, Any]]:
@@ -236,6 +248,8 @@ def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
     _warn_if_skewed(candidate, evaluated)
     champion, context = _score_champion(client, rp, previous, test, preprocessor)
     decision = decide_promotion(candidate, champion, rp)
+    if decision.promote:  # the alias only moves to a version the service can load and answer
+        decision = _check_serving(f"models:/{rp.model_name}/{version}", rp, decision)
     client.set_registered_model_alias(
         rp.model_name, rp.alias if decision.promote else rp.challenger_alias, version)
     return decision, {
@@ -262,6 +276,7 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
     from mlflow import MlflowClient
 
     from stages.common.servable import log_servable
+    from stages.common.variants import log_variants
 
     features_dir, model_dir, rp = Path(features_dir), Path(model_dir), params.register
     check_register_params(rp)
@@ -271,6 +286,8 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
         previous = _champion_version(client, rp.model_name, rp.alias)
         info = log_servable(features_dir / "preprocessor.joblib", model_dir / "model.pt",
                             test.head(5), registered_model_name=rp.model_name)
+        # ONNX + int8 copies beside it, scored on the same test rows (variants/ in the run).
+        log_variants(features_dir / "preprocessor.joblib", model_dir / "model.pt", test)
         version = str(info.registered_model_version)
         decision, record = _judge_version(client, rp, version, previous, test, preprocessor,
                                           evaluated)

@@ -273,3 +273,21 @@ def test_bad_metrics_file_stops_before_anything_is_registered(
 
     assert (work / "reports" / "registration.json").read_text() == "previous"
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_a_version_the_service_cannot_answer_in_time_is_blocked_and_says_why(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    work = prepare(tmp_path / "v1", trained, make_params())
+    tight = make_params({"register": {"max_latency_ms": 1e-6}})  # no model answers in 1 ns
+
+    with pytest.raises(GateError, match=r"model gate: test-clf v1 serving check failed: median "
+                                        r"latency .* is above register\.max_latency_ms 1e-06"):
+        register.run(work / "features", work / "models", work / "reports" / "metrics.json",
+                     work / "reports" / "registration.json", tight)
+
+    record = json.loads((work / "reports" / "registration.json").read_text())
+    assert record["decision"] == "challenger"
+    assert "(on its metrics alone: no champion to compare with; clears" in record["reason"]
+    aliases = mlflow.MlflowClient().get_registered_model(NAME).aliases
+    assert {alias: str(v) for alias, v in aliases.items()} == {"challenger": "1"}  # no champion
+    assert version_by_alias("challenger").tags["promotion.reason"] == record["reason"]
