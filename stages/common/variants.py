@@ -6,8 +6,8 @@ softmax inside the graph) and quantized to int8 with onnxruntime's dynamic quant
 weights, activations quantized per batch at run time: no calibration data needed). Each variant
 is scored on the test split against the float network and the numbers are logged to the run as
 ``variant.<name>.<metric>``; the files go to the run's ``variants/`` folder with the fitted
-preprocessor, so a variant serves without torch: the preprocessor's fitted statistics, applied
-in numpy (:func:`compile_transform`), feed an onnxruntime session.
+preprocessor, so a variant serves without torch: the fitted preprocessor (its numpy fast path
+for numeric inputs) feeds an onnxruntime session.
 
 :func:`load_variant` gives the service one interface for all three: ``predict(frame)`` returns
 the pyfunc's columns (``prediction`` + ``proba_<label>``).
@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -140,54 +140,12 @@ def open_session(path: str | Path, threads: int = 1) -> onnxruntime.InferenceSes
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def compile_transform(preprocessor: FittedPreprocessor) -> Callable[[pd.DataFrame], np.ndarray]:
-    """The preprocessor's fitted statistics applied in plain numpy: the same numbers, faster.
-
-    ``FittedPreprocessor.transform`` pays milliseconds per call in pandas/sklearn overhead
-    whatever the row count, more than the rest of a request; this takes ~0.02 ms. For numeric-only
-    inputs (both sklearn datasets) the fitted pipeline's arithmetic - median fill, then
-    ``(x - mean_) / scale_`` in float64, then float32 - runs in numpy. Anything off that happy
-    path (a missing or non-numeric column, an infinity, a float32 overflow, a categorical column
-    in the schema) goes to ``preprocessor.transform`` itself: its errors, its results.
-    """
-    parts = {name: (step, list(cols)) for name, step, cols in
-             getattr(preprocessor.transformer, "transformers_", [])}
-    num, columns = parts.get("num", (None, []))
-    steps = dict(getattr(num, "steps", []))
-    if parts.get("cat", (None, []))[1] or set(steps) != {"to_float", "impute", "scale"} \
-            or columns != list(preprocessor.feature_columns):
-        return preprocessor.transform  # not the layout compiled here: the general path
-    fill, scaler = steps["impute"].statistics_, steps["scale"]
-    mean = scaler.mean_ if scaler.with_mean else 0.0
-    scale = scaler.scale_ if scaler.with_std else 1.0
-
-    def transform(frame: pd.DataFrame) -> np.ndarray:
-        if frame.columns.tolist() != columns and not set(columns) <= set(frame.columns):
-            return preprocessor.transform(frame)
-        # One array for all columns: its dtype is numeric only if every column is (a text,
-        # bool, nullable or date column makes it object or another kind: the general path).
-        x = (frame if frame.columns.tolist() == columns else frame[columns]).to_numpy()
-        if x.dtype.kind not in "iuf":
-            return preprocessor.transform(frame)
-        x = x.astype(np.float64, copy=False)
-        x = (np.where(np.isnan(x), fill, x) - mean) / scale
-        with np.errstate(over="ignore"):
-            out = np.ascontiguousarray(x, dtype=np.float32)
-        return out if np.isfinite(out).all() else preprocessor.transform(frame)
-
-    return transform
-
-
 @dataclass
 class OnnxScorer:
     """The fitted preprocessor feeding an ONNX session (no torch at serve time)."""
 
     preprocessor: FittedPreprocessor
     session: onnxruntime.InferenceSession
-    transform: Callable[[pd.DataFrame], np.ndarray] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.transform = compile_transform(self.preprocessor)
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Raw feature rows -> ``prediction`` + ``proba_<label>`` columns."""
@@ -196,7 +154,7 @@ class OnnxScorer:
         if len(frame) == 0:  # the fitted imputers refuse an empty matrix
             proba = np.zeros((0, len(self.preprocessor.classes)))
         else:
-            X = self.transform(frame)
+            X = self.preprocessor.transform(frame)
             (proba,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: X})
         return format_predictions(proba.astype(np.float64), self.preprocessor.classes)
 
@@ -299,8 +257,7 @@ def evaluate_variants(folder: str | Path, network_path: str | Path, test: pd.Dat
     Returns:
         :func:`compare_variants`' metrics, ``variant.<name>.size_bytes`` of each file, and
         ``variant.preprocess.latency_ms_row``/``_batch64``: the fitted preprocessor, which
-        every variant runs first; ``variant.preprocess_numpy.*``: the same in numpy
-        (:func:`compile_transform`, what the ONNX variants run) and its largest difference.
+        every variant runs first.
     """
     import torch
 
@@ -314,12 +271,10 @@ def evaluate_variants(folder: str | Path, network_path: str | Path, test: pd.Dat
                **{name: _session_runner(open_session(folder / file))
                   for name, file in ONNX_FILES.items()}}
     rows = test[preprocessor.feature_columns]
-    X, fast = preprocessor.transform(rows), compile_transform(preprocessor)
+    X = preprocessor.transform(rows)
     metrics = compare_variants(runners, X, preprocessor.encode_labels(test[preprocessor.target]),
                                repeats=repeats)
-    metrics |= _latencies("preprocess", preprocessor.transform, rows, (repeats[1], repeats[1]))
-    metrics |= _latencies("preprocess_numpy", fast, rows, repeats)
-    metrics["variant.preprocess_numpy.max_diff"] = float(np.abs(fast(rows) - X).max())
+    metrics |= _latencies("preprocess", preprocessor.transform, rows, repeats)
     metrics["variant.torch.size_bytes"] = float(Path(network_path).stat().st_size)
     for name, file in ONNX_FILES.items():
         metrics[f"variant.{name}.size_bytes"] = float((folder / file).stat().st_size)

@@ -199,3 +199,21 @@ def test_bad_target_fails_clearly_and_leaves_outputs_alone(tmp_path: Path, chang
     assert [p.name for p in out.iterdir()] == ["meta.json"]
     assert (out / "meta.json").read_text() == "previous version"
     assert sorted(p.name for p in out.parent.iterdir()) == ["features", "validated"]
+
+
+def test_numeric_fast_path_matches_the_fitted_pipeline_and_its_errors() -> None:
+    from stages.ingest import load_sklearn_dataset
+
+    df = load_sklearn_dataset("breast_cancer")
+    df.iloc[0, 3] = np.nan  # imputed with the train median, as the pipeline does
+    preprocessor = fit_preprocessor(df, "target")
+    rows = df.drop(columns=["target"])
+    general = np.ascontiguousarray(preprocessor.transformer.transform(rows), dtype=np.float32)
+    np.testing.assert_array_equal(preprocessor.transform(rows), general)
+    np.testing.assert_array_equal(preprocessor.transform(rows[rows.columns[::-1]]), general)
+    bad = {"missing": (rows.drop(columns=["mean_area"]), "rule=column_present"),
+           "infinite": (rows.assign(mean_area=np.inf), "rule=finite"),
+           "text": (rows.assign(mean_area="big"), "rule=numeric")}
+    for case, (frame, rule) in bad.items():  # off the fast path: the pipeline's own errors
+        with pytest.raises(DataError, match=f"column=mean_area, rule={rule.split('=')[1]}"):
+            preprocessor.transform(frame)

@@ -72,29 +72,6 @@ def test_onnx_matches_torch_and_int8_is_smaller(tmp_path: Path,
     assert one.iloc[0].equals(many.iloc[0])
 
 
-def test_numpy_preprocessing_equals_the_fitted_one_and_falls_back_on_bad_rows(
-        trained: tuple[Path, Path]) -> None:
-    from stages.common.preprocess import load_preprocessor
-
-    features, _ = trained
-    preprocessor = load_preprocessor(features / "preprocessor.joblib")
-    rows = pd.read_parquet(features / "test.parquet").drop(columns=["target"])
-    rows.iloc[0, 3] = np.nan  # imputed with the train median, as the pipeline does
-    fast = variants.compile_transform(preprocessor)
-
-    assert fast is not preprocessor.transform  # numeric-only: the numpy path is used
-    np.testing.assert_array_equal(fast(rows), preprocessor.transform(rows))
-    bad = {"missing": rows.drop(columns=["mean_area"]),
-           "infinite": rows.assign(mean_area=np.inf),
-           "text": rows.assign(mean_area="big")}
-    for case, frame in bad.items():  # the fitted preprocessor's own errors, word for word
-        with pytest.raises(DataError) as expected:
-            preprocessor.transform(frame)
-        with pytest.raises(DataError, match="column=mean_area") as got:
-            fast(frame)
-        assert str(got.value) == str(expected.value), case
-
-
 def test_cnn_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     params = TrainParams(model="cnn", image_shape=[1, 8, 8], channels=[4, 8])
