@@ -393,6 +393,7 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
     import mlflow
 
     n_features, n_classes = preprocessor.n_features, len(preprocessor.classes)
+    metrics: tracking.MetricBuffer | None = None
     try:
         active, experiment_id, resumed = _open_mlflow_run(params, state)
         if resumed:
@@ -406,18 +407,18 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
             mlflow.log_dict(params_dict(params), "config/params.json")
             _log_inputs(splits, features_dir, preprocessor.target)
 
-        # optimizer + loop (metrics go out asynchronously: logging never stalls a step)
+        # optimizer + loop (per-epoch metrics go out in batches: logging never stalls training)
+        metrics = tracking.MetricBuffer(active.info.run_id)
         result = train_model(
             network, data, params.train, device, params.base.seed,
-            on_epoch=lambda row: mlflow.log_metrics(
-                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]),
-                synchronous=False),
+            on_epoch=lambda row: metrics.add(
+                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
             dist=dist, store=store, resume=state, stop=stop,
             checkpoint_extra={"run_id": active.info.run_id})
         if stop.requested:  # a signal during the last epoch's scoring: its checkpoint is saved
             raise TrainingInterrupted(f"training stopped by {stop.signal_name} after the last "
                                       "epoch; run the stage again to write the outputs")
-        mlflow.flush_async_logging()
+        metrics.flush()
         mlflow.log_metrics({"best_epoch": result.best_epoch,
                             "best_val_loss": result.best_val_loss})
 
@@ -435,23 +436,24 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
         _save_models(out_dir, checkpoint, active.info.run_id, experiment_id)
         write_text(history_path, history)
     except TrainingInterrupted:
-        _end_run("KILLED")
+        _end_run("KILLED", metrics)
         raise
     except BaseException:
-        _end_run("FAILED")
+        _end_run("FAILED", metrics)
         raise
-    _end_run("FINISHED")
+    _end_run("FINISHED", metrics)
     store.clear()  # done: a new run with these params and data starts fresh
     logger.info("best epoch %d (val_loss %.4f) of %d; wrote %s and %s", result.best_epoch,
                 result.best_val_loss, len(result.history), out_dir / MODEL_FILE, history_path)
     return result
 
 
-def _end_run(status: str) -> None:
+def _end_run(status: str, metrics: tracking.MetricBuffer | None) -> None:
     import mlflow
 
     try:
-        mlflow.flush_async_logging()
+        if metrics is not None:
+            metrics.flush()  # the epochs before a failure stay visible in the run
     finally:
         mlflow.end_run(status)
 

@@ -45,3 +45,20 @@ def test_configure_mlflow_creates_experiment_beside_the_store(mlflow_uri: str) -
     location = mlflow.get_experiment(experiment_id).artifact_location
     assert location.endswith("/mlflow/artifacts")
     assert mlflow.get_tracking_uri() == mlflow_uri
+
+
+def test_metric_buffer_sends_in_batches(mlflow_uri: str) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from stages.common.tracking import MetricBuffer
+
+    configure_mlflow(MlflowParams(experiment="buffer"))
+    with mlflow.start_run() as run:
+        buffer = MetricBuffer(run.info.run_id, every_s=3600)
+        for epoch in range(1, 4):
+            buffer.add({"val_loss": 1.0 / epoch}, step=epoch)
+        assert MlflowClient().get_metric_history(run.info.run_id, "val_loss") == []
+        buffer.flush()
+    history = MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
