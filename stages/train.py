@@ -201,7 +201,7 @@ def train_model(network: nn.Module, data: TrainData | StreamedTrainData, params:
                         optimizer.step()
                     if scheduler is not None:
                         scheduler.step()
-                    state.loss_sum += loss.detach() * len(yb)  # no .item(): no sync per step
+                    state.loss_sum.add_(loss.detach(), alpha=len(yb))  # no .item(): no sync per step
                     state.rows += len(yb)
                     state.batch += 1
                     state.step += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,10 @@ class Precision:
     dtype: torch.dtype | None
     scaler: bool = False
 
-    def autocast(self, device: torch.device) -> torch.autocast:
-        return torch.autocast(device_type=device.type, dtype=self.dtype or torch.bfloat16,
-                              enabled=self.dtype is not None)
+    def autocast(self, device: torch.device) -> AbstractContextManager:
+        if self.dtype is None:  # a disabled torch.autocast still costs ~3 us per step
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
