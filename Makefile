@@ -67,4 +67,7 @@ bench-train: bench-setup ## Training benchmarks: stage vs bare loop vs Lightning
 	$(BIN)/python -m bench.train_mlflow
 
 bench-serve: install ## Serving: our service vs `mlflow models serve`, same model and load (wrk)
+	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -q && apt-get install -y -q wrk) >/dev/null || \
+	  echo "wrk not installed: bench.serve falls back to its Python load client"
 	$(BIN)/python -m bench.serve
