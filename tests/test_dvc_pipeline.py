@@ -21,10 +21,15 @@ def _digest(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _champion(model_name: str = "classifier"):
+def _client(uri: str):
+    # Explicit URI: another test may have set MLflow's process-wide tracking URI.
     from mlflow import MlflowClient
 
-    return MlflowClient().get_model_version_by_alias(model_name, "champion")
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _champion(uri: str, model_name: str = "classifier"):
+    return _client(uri).get_model_version_by_alias(model_name, "champion")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,8 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 def test_repro_registers_a_champion_and_leaves_nothing_to_do(reproduced) -> None:
-    repo, _ = reproduced
-    champion = _champion()
+    repo, uri = reproduced
+    champion = _champion(uri)
     registration = json.loads((repo / "reports/registration.json").read_text())
     assert registration["decision"] == "promoted"
     assert str(champion.version) == str(registration["version"])
@@ -65,11 +70,9 @@ def test_metrics_and_plots_are_readable_by_dvc(reproduced) -> None:
 
 
 def test_run_records_lineage(reproduced) -> None:
-    import mlflow
-    from mlflow import MlflowClient
-
-    repo, _ = reproduced
-    run = MlflowClient().get_run(_champion().run_id)
+    repo, uri = reproduced
+    client = _client(uri)
+    run = client.get_run(_champion(uri).run_id)
     tags = run.data.tags
     head = (repo / ".git/HEAD").read_text()
     assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
@@ -78,9 +81,8 @@ def test_run_records_lineage(reproduced) -> None:
     assert run.data.params["train.lr"] == "0.001"
     assert run.inputs.dataset_inputs, "the training data is logged as an MLflow input"
     assert all(d.dataset.digest for d in run.inputs.dataset_inputs)
-    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "validation" in artifacts
-    assert mlflow.get_tracking_uri().startswith("sqlite:")
 
 
 def _snapshot(repo: Path) -> dict[str, str]:
@@ -104,8 +106,8 @@ def _snapshot(repo: Path) -> dict[str, str]:
          "text-in-numeric-column", "missing-target-column"],
 )
 def test_bad_input_fails_repro_and_changes_nothing(reproduced, overrides, csv, expected) -> None:
-    repo, _ = reproduced
-    before, champion_before = _snapshot(repo), _champion().version
+    repo, uri = reproduced
+    before, champion_before = _snapshot(repo), _champion(uri).version
     params_before = (repo / "params.yaml").read_text()
     if csv:
         _write_bad_csv(repo, csv)
@@ -117,7 +119,7 @@ def test_bad_input_fails_repro_and_changes_nothing(reproduced, overrides, csv, e
         for fragment in expected:
             assert fragment in output, output
         assert _snapshot(repo) == before
-        assert _champion().version == champion_before
+        assert _champion(uri).version == champion_before
     finally:
         (repo / "params.yaml").write_text(params_before)
         (repo / "data/source/bad.csv").unlink(missing_ok=True)
@@ -153,6 +155,6 @@ def test_cnn_path_on_digits_images(tmp_path: Path, mlflow_uri: str) -> None:
     assert meta["classes"] == list(range(10)) and meta["n_features"] == 64
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["accuracy"] > 0.8
-    champion = _champion("digits")
+    champion = _champion(mlflow_uri, "digits")
     assert json.loads((repo / "reports/registration.json").read_text())["version"] in (
         champion.version, int(champion.version))

@@ -21,7 +21,7 @@ import torch
 
 from stages.common.servable import log_servable
 from stages.common.tracking import configure_mlflow
-from tests.stages.test_evaluate import breast_cancer_frame, build_trained, make_params
+from tests.builders import breast_cancer_frame, build_trained, make_params
 
 NAME = "serve-clf"
 LINEAGE = {"git.commit": "0123abc", "dvc.data/features.md5": "feedbeef"}

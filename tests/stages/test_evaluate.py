@@ -12,63 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import evaluate, features, train
-from stages.common import tracking
-from stages.common.config import Params, parse_params
+from stages import evaluate, features
 from stages.common.errors import DataError
 from stages.common.io import write_parquet
-
-# ----------------------------------------------------------------------------- shared fixture
-
-TEST_PARAMS = {
-    "base": {"device": "cpu"},
-    "train": {"hidden_sizes": [16], "lr": 0.01, "max_epochs": 20, "patience": 5},
-    "register": {"model_name": "test-clf", "min_metrics": {"accuracy": 0.8, "roc_auc": 0.85},
-                 "max_metrics": {"log_loss": 0.6}},
-}
-
-
-def make_params(overrides: dict | None = None) -> Params:
-    """The test params (tracking URI from ``MLFLOW_TRACKING_URI``), with ``overrides``."""
-    raw = {name: dict(section) for name, section in TEST_PARAMS.items()}
-    for name, section in (overrides or {}).items():
-        raw[name] = {**raw.get(name, {}), **section}
-    return parse_params(raw)
-
-
-def breast_cancer_frame(drop: int = 0) -> pd.DataFrame:
-    """sklearn's breast cancer table as ingest writes it; ``drop`` leaves out feature columns."""
-    from sklearn.datasets import load_breast_cancer
-
-    frame = load_breast_cancer(as_frame=True).frame
-    frame.columns = [str(c).replace(" ", "_") for c in frame.columns]
-    return frame.drop(columns=list(frame.columns[:drop]))
-
-
-def build_trained(root: Path, params: Params, frame: pd.DataFrame) -> tuple[Path, Path]:
-    """Run the real features and train stages on ``frame``; returns (features dir, model dir)."""
-    write_parquet(root / "validated" / "data.parquet", frame)
-    features.run(root / "validated", root / "features", params)
-    train.run(root / "features", root / "no-report", root / "models",
-              root / "history.csv", params)
-    return root / "features", root / "models"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Features + a trained model, built once per module in a store of its own."""
-    root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        return build_trained(root, make_params(), breast_cancer_frame())
-
-
-def fresh_run(model_dir: Path, params: Params, tags: dict[str, str] | None = None) -> str:
-    """A new MLflow run in the current store that ``model_dir/run.json`` points at."""
-    experiment_id = tracking.configure_mlflow(params.mlflow)
-    with mlflow.start_run(tags=tags) as active:
-        tracking.save_run_info(model_dir, active.info.run_id, experiment_id)
-    return active.info.run_id
+from tests.builders import TEST_PARAMS, breast_cancer_frame, fresh_run, make_params
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import torch
 from stages import evaluate, register
 from stages.common.config import Params, RegisterParams
 from stages.common.errors import ConfigError, DataError, GateError
-from tests.stages.test_evaluate import (
+from tests.builders import (
     TEST_PARAMS,
     breast_cancer_frame,
     build_trained,
@@ -103,15 +103,6 @@ def test_lineage_tags_are_copied_from_the_run() -> None:
 LINEAGE = {"git.commit": "0123abc", "git.dirty": "false", "dvc.data/features.md5": "feedbeef",
            "prefect.flow_run_id": "flow-1"}
 LOOSE = {"register": {"min_metrics": {}, "max_metrics": {}}}  # the champion comparison decides
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Features + a trained model (real features and train stages), built once per module."""
-    root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        return build_trained(root, make_params(), breast_cancer_frame())
 
 
 def prepare(root: Path, source: tuple[Path, Path], params: Params,

@@ -17,21 +17,12 @@ from stages.common.config import TrainParams
 from stages.common.errors import DataError, PipelineError
 from stages.common.nets import build_network
 from stages.common.servable import log_servable
-from tests.stages.test_evaluate import breast_cancer_frame, build_trained, make_params
+from tests.builders import make_params
 from tests.stages.test_register import NAME, params_file, prepare, register_args
 
 FEW = (5, 3)  # latency repeats: the numbers are logged, never asserted
 ONNX_TOLERANCE = 1e-5  # float32 ONNX vs torch: same arithmetic, different kernels
 INT8_MAX_DROP = 0.05  # int8 may cost a little accuracy, never much on this data
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Features + a trained MLP (real features and train stages), built once per module."""
-    root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        return build_trained(root, make_params(), breast_cancer_frame())
 
 
 def test_compare_variants_reports_the_drop_against_the_reference() -> None:
