@@ -12,6 +12,18 @@ from stages.common import tracking
 from stages.common.config import Params, parse_params
 from stages.common.io import write_parquet
 
+# A small schema with every column type, for the validate and schema tests.
+SCHEMA = {
+    "columns": {
+        "x": {"type": "float", "min": 0, "max": 10, "nullable": False},
+        "n": {"type": "int", "min": 0, "max": 100, "nullable": True},
+        "color": {"type": "category", "values": ["red", "blue"]},
+        "label": {"type": "int"},
+    },
+    "target": {"name": "label", "labels": [0, 1]},
+    "rows": {"min": 2, "max": 100},
+}
+
 TEST_PARAMS = {
     "base": {"device": "cpu"},
     "train": {"hidden_sizes": [16], "lr": 0.01, "max_epochs": 20, "patience": 5},

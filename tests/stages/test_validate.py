@@ -20,19 +20,10 @@ from stages.common.config import MlflowParams
 from stages.common.errors import ConfigError, DataError, GateError
 from stages.common.schema import Schema, load_schema, parse_schema, profile_frame, render_schema
 from stages.ingest import load_sklearn_dataset
+from tests.builders import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[2]
 PREVIOUS = b"previous validated data, must survive a failed run"
-SCHEMA = {
-    "columns": {
-        "x": {"type": "float", "min": 0, "max": 10, "nullable": False},
-        "n": {"type": "int", "min": 0, "max": 100, "nullable": True},
-        "color": {"type": "category", "values": ["red", "blue"]},
-        "label": {"type": "int"},
-    },
-    "target": {"name": "label", "labels": [0, 1]},
-    "rows": {"min": 2, "max": 100},
-}
 
 
 def tiny_frame() -> pd.DataFrame:

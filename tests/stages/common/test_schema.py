@@ -21,18 +21,9 @@ from stages.common.schema import (
     profile_frame,
     render_schema,
 )
+from tests.builders import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[3]
-SCHEMA = {
-    "columns": {
-        "x": {"type": "float", "min": 0, "max": 10, "nullable": False},
-        "n": {"type": "int", "min": 0, "max": 100, "nullable": True},
-        "color": {"type": "category", "values": ["red", "blue"]},
-        "label": {"type": "int"},
-    },
-    "target": {"name": "label", "labels": [0, 1]},
-    "rows": {"min": 2, "max": 100},
-}
 
 
 def snapshot() -> pd.DataFrame:
