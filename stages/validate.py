@@ -231,7 +231,9 @@ def cast_to_schema(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
         elif rule.type == "bool":
             out[name] = column.astype("boolean" if missing else "bool")
         else:
-            out[name] = column.astype("category")
+            # Plain strings, not pandas' category dtype: that is what a request's JSON holds,
+            # and MLflow's signature checks cannot convert category to string.
+            out[name] = column.astype("str")
     return out
 
 

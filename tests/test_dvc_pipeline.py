@@ -158,3 +158,48 @@ def test_cnn_path_on_digits_images(tmp_path: Path, mlflow_uri: str) -> None:
     champion = _champion(mlflow_uri, "digits")
     assert json.loads((repo / "reports/registration.json").read_text())["version"] in (
         champion.version, int(champion.version))
+
+
+def _write_wine_csv(path: Path) -> None:
+    """A user's own table: text labels, a text column and a gap in a numeric column."""
+    import numpy as np
+    from sklearn.datasets import load_wine
+
+    frame = load_wine(as_frame=True).frame
+    frame.columns = [str(c).replace("/", "_") for c in frame.columns]
+    frame["region"] = np.where(frame.index % 3 == 0, "north", "south")
+    frame.loc[5, "alcohol"] = np.nan
+    frame["cultivar"] = frame.pop("target").map({0: "barolo", 1: "grignolino", 2: "barbera"})
+    frame.to_csv(path, index=False)
+
+
+def test_own_csv_with_text_columns_and_gaps(tmp_path: Path, mlflow_uri: str) -> None:
+    import subprocess
+    import sys
+
+    import mlflow
+    import pandas as pd
+
+    repo = make_pipeline_repo(tmp_path / "repo", {
+        "ingest": {"source": "data/source/wine.csv", "target": "cultivar"},
+        "validate": {"schema_path": "schemas/wine.yaml"},
+        "train": {"max_epochs": 60, "patience": 10, "lr": 0.01},
+        "register": {"model_name": "wine"},
+    })
+    _write_wine_csv(repo / "data/source/wine.csv")
+    # The README's steps: ingest, profile a schema from the trusted snapshot, then repro.
+    for args in (["stages.ingest", "--out", "data/raw"],
+                 ["stages.validate", "--profile", "data/raw/data.parquet",
+                  "--write-schema", "schemas/wine.yaml"]):
+        subprocess.run([sys.executable, "-m", *args], cwd=repo, check=True, capture_output=True)
+    result = dvc(repo, "repro", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    registration = json.loads((repo / "reports/registration.json").read_text())
+    assert registration["decision"] == "promoted", registration["reason"]
+    model = mlflow.pyfunc.load_model("models:/wine@champion")
+    rows = pd.read_parquet(repo / "data/features/test.parquet").drop(columns=["cultivar"])
+    rows.loc[rows.index[0], "alcohol"] = float("nan")  # imputed, as in training
+    predicted = model.predict(rows.head(3))
+    assert set(predicted["prediction"]) <= {"barolo", "grignolino", "barbera"}
+    assert {"proba_barbera", "proba_barolo", "proba_grignolino"} <= set(predicted.columns)

@@ -182,7 +182,7 @@ def test_cast_to_schema_gives_schema_dtypes(schema: Schema) -> None:
     cast = validate.cast_to_schema(df, schema)
 
     assert cast.dtypes.astype(str).to_dict() == {"x": "float64", "n": "Int64",
-                                                 "color": "category", "label": "int64"}
+                                                 "color": "str", "label": "int64"}
     assert cast["n"].tolist()[2:] == [3, 4]
 
 
@@ -295,7 +295,7 @@ def test_main_validates_and_writes_data_and_report(tmp_path: Path,
 
     assert code == 0
     validated = pd.read_parquet("data/validated/data.parquet")
-    assert validated["color"].dtype == "category" and validated["x"].tolist()[0] == 0.5
+    assert validated["color"].dtype == "str" and validated["x"].tolist()[0] == 0.5
     assert json.loads(Path("reports/validation/summary.json").read_text()) == {
         "success": True, "rows": 4, "failed": []}
     assert json.loads(Path("reports/validation/result.json").read_text())["success"] is True
