@@ -197,6 +197,7 @@ def test_own_csv_with_text_columns_and_gaps(tmp_path: Path, mlflow_uri: str) -> 
 
     registration = json.loads((repo / "reports/registration.json").read_text())
     assert registration["decision"] == "promoted", registration["reason"]
+    mlflow.set_tracking_uri(mlflow_uri)  # not a process-wide URI an earlier test left
     model = mlflow.pyfunc.load_model("models:/wine@champion")
     rows = pd.read_parquet(repo / "data/features/test.parquet").drop(columns=["cultivar"])
     rows.loc[rows.index[0], "alcohol"] = float("nan")  # imputed, as in training
