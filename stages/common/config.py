@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from stages.common.errors import ConfigError
 
 SKLEARN_SOURCES = ("breast_cancer", "digits")
+URL_SCHEMES = ("http", "https", "s3", "gs", "gcs", "az", "abfs")  # read through fsspec
+SQL_DIALECTS = ("postgresql", "mysql", "mariadb", "sqlite", "mssql", "oracle")  # SQLAlchemy
 
 
 class StrictModel(BaseModel):
@@ -44,6 +46,9 @@ def describe_errors(exc: ValidationError, prefix: str = "") -> list[str]:
 class BaseParams(StrictModel):
     seed: int = 42  # one seed for splits, weight init and data order: runs are repeatable
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present, else CPU
+    # ingest, validate and features stream the data in record batches of this many rows, so
+    # their memory stays bounded however large the data grows
+    batch_rows: int = Field(262_144, gt=0)
 
 
 class MlflowParams(StrictModel):
@@ -53,9 +58,19 @@ class MlflowParams(StrictModel):
 
 
 class IngestParams(StrictModel):
-    # sklearn:breast_cancer | sklearn:digits | a local CSV/Parquet file or folder
+    # sklearn:<name> | a CSV/Parquet file or (partitioned) folder under data_root | an fsspec
+    # URL (https://, s3://, gs://) | a SQLAlchemy URL (postgresql+psycopg://user@host:5432/db;
+    # the password comes from PGPASSWORD or ~/.pgpass, never from this file)
     source: str = "sklearn:breast_cancer"
     target: str = "target"  # label column in the source (the sklearn sources use "target")
+    data_root: str = "data/source"  # local sources must lie inside it (no ../ escapes)
+    format: Literal["auto", "csv", "parquet"] = "auto"  # auto: from the file suffix
+    delimiter: str = Field(",", min_length=1, max_length=1)  # CSV field separator
+    table: str | None = None  # SQL sources: the table to read...
+    query: str | None = None  # ...or a SELECT statement (one of the two)
+    # incremental ingestion: a timestamp or increasing-id column; each run appends only the
+    # rows newer than the largest value already ingested (none new: training is skipped)
+    watermark: str | None = None
 
     @field_validator("source")
     @classmethod
@@ -63,20 +78,73 @@ class IngestParams(StrictModel):
         if value.startswith("sklearn:") and value.split(":", 1)[1] not in SKLEARN_SOURCES:
             raise ValueError(f"unknown sklearn dataset {value!r}; choose one of "
                              + ", ".join(f"sklearn:{name}" for name in SKLEARN_SOURCES))
+        if "://" in value and source_kind(value) == "path":
+            raise ValueError(f"unknown URL scheme in {value!r}: use one of "
+                             f"{', '.join(URL_SCHEMES)} (files) or a SQLAlchemy dialect "
+                             f"({', '.join(SQL_DIALECTS)})")
         return value
+
+    @model_validator(mode="after")
+    def _sql_needs_table_or_query(self) -> IngestParams:
+        if self.kind == "sql" and (self.table is None) == (self.query is None):
+            raise ValueError("a SQL source needs exactly one of table and query")
+        if self.kind != "sql" and (self.table is not None or self.query is not None):
+            raise ValueError("table/query apply to SQL sources only")
+        return self
+
+    @property
+    def kind(self) -> Literal["sklearn", "url", "sql", "path"]:
+        return source_kind(self.source)
 
     @property
     def is_sklearn(self) -> bool:
-        return self.source.startswith("sklearn:")
+        return self.kind == "sklearn"
+
+
+def source_kind(source: str) -> Literal["sklearn", "url", "sql", "path"]:
+    """What ``ingest.source`` names: a bundled dataset, an fsspec URL, a database or a path."""
+    if source.startswith("sklearn:"):
+        return "sklearn"
+    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
+    if scheme in URL_SCHEMES:
+        return "url"
+    if scheme.split("+", 1)[0] in SQL_DIALECTS:
+        return "sql"
+    return "path"
+
+
+class ColumnRuleParams(StrictModel):
+    """Row-level rules for one column from params, added on top of the suite's."""
+
+    min: float | None = None  # inclusive bounds
+    max: float | None = None
+    positive: bool = False  # every value > 0
+    not_null: bool = False  # every value present
+    values: list[bool | int | float | str] | None = None  # the allowed values
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> ColumnRuleParams:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        return self
 
 
 class ValidateParams(StrictModel):
-    schema_path: str = "schemas/breast_cancer.yaml"  # column rules the GX suite is built from
+    # the reviewed GX expectation suite (write one with `python -m stages.validate suite`)
+    suite_path: str = "suites/breast_cancer.json"
+    rules: dict[str, ColumnRuleParams] = Field(default_factory=dict)  # on top of the suite
+    # rows that break a row-level rule go to data/quarantine/; above this share of all rows
+    # the run stops instead
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    max_duplicate_fraction: float = Field(0.01, ge=0, le=1)  # duplicated rows beyond: stop
+    docs_rows: int = Field(100_000, gt=0)  # GX Data Docs are rendered on at most this many rows
 
 
 class FeaturesParams(StrictModel):
     test_size: float = Field(0.2, gt=0, lt=1)  # held out for evaluation and champion/challenger
     val_size: float = Field(0.2, gt=0, lt=1)  # for early stopping; taken from what is left
+    # columns kept in the data but not fed to the model (ids, the watermark timestamp, ...)
+    drop_columns: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _sizes_leave_train(self) -> FeaturesParams:

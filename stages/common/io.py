@@ -83,3 +83,88 @@ def read_parquet(path: str | Path) -> pd.DataFrame:
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"not a readable Parquet file (truncated or corrupt?): {exc}",
                         file=str(path), rule="parquet") from exc
+
+
+# Streaming: the data stages read and write record batches, so memory stays bounded by the batch
+# size (params base.batch_rows) rather than by the size of the data.
+
+def open_dataset(path: str | Path):  # -> pyarrow.dataset.Dataset
+    """The Parquet file, or every ``*.parquet`` file in a folder, as one pyarrow dataset.
+
+    Raises DataError naming the file when it is missing, empty, corrupt, or (in a folder) has a
+    schema that differs from the others.
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found; run the upstream stage first", file=str(path),
+                        rule="exists")
+    files = sorted(p for p in path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise DataError("folder holds no .parquet files", file=str(path), rule="not_empty")
+    for file in files:
+        if file.stat().st_size == 0:
+            raise DataError("file is empty (0 bytes)", file=str(file), rule="not_empty")
+    try:
+        dataset = ds.dataset([str(file) for file in files], format="parquet")
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"not a readable Parquet file (truncated or corrupt?): {exc}",
+                        file=str(path), rule="parquet") from exc
+    check_same_schema(files, dataset.schema)
+    return dataset
+
+
+def check_same_schema(files: list[Path], schema) -> None:
+    """Raise DataError (rule ``same_schema``) naming the first file and column that differ."""
+    import pyarrow.parquet as pq
+
+    for file in files:
+        found = pq.read_schema(file)
+        if found.names == schema.names and found.types == schema.types:
+            continue
+        for name in sorted(set(found.names) | set(schema.names)):
+            if name not in found.names or name not in schema.names:
+                raise DataError(f"columns differ from the other files ({name!r} is only in "
+                                f"{'this file' if name in found.names else 'the others'})",
+                                file=str(file), column=name, rule="same_schema")
+            if found.field(name).type != schema.field(name).type:
+                raise DataError(f"type {found.field(name).type} differs from the other files' "
+                                f"{schema.field(name).type}", file=str(file), column=name,
+                                rule="same_schema")
+        raise DataError("column order differs from the other files", file=str(file),
+                        rule="same_schema")
+
+
+def iter_batches(path: str | Path, batch_rows: int, columns: list[str] | None = None):
+    """Record batches of at most ``batch_rows`` rows from a Parquet file or folder, in order."""
+    import pyarrow as pa
+
+    dataset = open_dataset(path)
+    try:
+        yield from dataset.to_batches(columns=columns, batch_size=batch_rows, use_threads=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"not a readable Parquet file (truncated or corrupt?): {exc}",
+                        file=str(path), rule="parquet") from exc
+
+
+def count_rows(path: str | Path) -> int:
+    """Rows in a Parquet file or folder, from the file footers (no data is read)."""
+    return open_dataset(path).count_rows()
+
+
+@contextmanager
+def parquet_writer(path: str | Path, schema) -> Iterator[Any]:
+    """A ``pyarrow.parquet.ParquetWriter`` on a temporary file, renamed to ``path`` on success.
+
+    Write record batches or tables to it; on an exception nothing appears at ``path``.
+    """
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        writer = pq.ParquetWriter(tmp, schema)
+        try:
+            yield writer
+        finally:
+            writer.close()
