@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install run repro test test-fast ui schedule clean serve bench-setup bench-train bench-serve
+.PHONY: help install run repro test test-deps test-fast ui schedule clean serve bench-setup bench-train bench-serve
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,8 +35,16 @@ run: install ## Run the whole pipeline through the Prefect flow on the default d
 repro: install ## Run the same stages with `dvc repro`, then push the data versions
 	$(BIN)/dvc repro && $(BIN)/dvc push
 
-test: install ## Run the test suite (real MLflow, DVC, GX and Prefect in temp dirs)
+test: install test-deps ## Run the test suite (real MLflow, DVC, GX, Prefect, PostgreSQL in temp dirs)
 	$(BIN)/python -m pytest
+
+# The SQL ingest tests start a real PostgreSQL server (tests/postgres.py): install it when its
+# binaries are missing and we may (root, e.g. CI containers); otherwise those tests skip.
+test-deps: ## Install the PostgreSQL server the SQL tests start (apt-get, when root)
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; } || \
+	  echo "PostgreSQL not installed (need root for apt-get): the SQL ingest tests will skip"
 
 test-fast: install ## Run the tests without the slow end-to-end ones
 	$(BIN)/python -m pytest -m "not slow"

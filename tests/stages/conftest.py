@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.builders import breast_cancer_frame, build_trained, make_params
+from tests.postgres import postgres_url  # noqa: F401  (a real PostgreSQL server, session-wide)
 
 
 @pytest.fixture(scope="module")

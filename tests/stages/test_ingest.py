@@ -1,34 +1,37 @@
-"""Ingest stage: sklearn sources, local CSV/Parquet files and folders, and every bad source."""
+"""Ingest stage: sklearn sources, SQL on a real PostgreSQL, incremental ingestion, the CLI.
+
+File and URL sources and their bad inputs are in test_sources.py.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import logging
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 import yaml
 
 from stages import ingest
 from stages.common.config import IngestParams
-from stages.common.errors import DataError
+from stages.common.errors import ConfigError, DataError
+from tests.postgres import free_port
 
-PREVIOUS = b"previous data.parquet, must survive a failed run"
-
-
-def tiny_frame() -> pd.DataFrame:
-    return pd.DataFrame({"x": [0.5, 1.5, 2.5], "color": ["red", "blue", "red"], "label": [0, 1, 0]})
+_tables = itertools.count()
 
 
-def prepopulated_out(tmp_path: Path) -> Path:
-    """An output folder already holding a data.parquet from an earlier run."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / ingest.OUTPUT_FILE).write_bytes(PREVIOUS)
-    return out
+def read_raw(out: Path) -> pd.DataFrame:
+    parts = sorted(out.glob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(part) for part in parts], ignore_index=True)
 
 
-# ----------------------------------------------------------------------------- cores
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+# ----------------------------------------------------------------------------- sklearn
 
 
 def test_breast_cancer_has_underscored_float_features_and_int_target() -> None:
@@ -36,7 +39,6 @@ def test_breast_cancer_has_underscored_float_features_and_int_target() -> None:
 
     assert df.shape == (569, 31)
     assert list(df.columns[:2]) == ["mean_radius", "mean_texture"]
-    assert "worst_fractal_dimension" in df.columns
     assert (df.drop(columns="target").dtypes == "float64").all()
     assert df["target"].dtype == "int64" and set(df["target"]) == {0, 1}
 
@@ -46,146 +48,251 @@ def test_digits_has_row_col_pixel_columns_and_ten_labels() -> None:
 
     pixels = [f"pixel_{row}_{col}" for row in range(8) for col in range(8)]
     assert list(df.columns) == [*pixels, "label"]
-    assert (df[pixels].dtypes == "float64").all()
     assert sorted(df["label"].unique()) == list(range(10))
 
 
-def test_check_target_accepts_present_column() -> None:
-    ingest.check_target(tiny_frame(), "label", "mine.csv")
+def test_sklearn_source_is_written_in_parts_of_batch_rows(tmp_path: Path) -> None:
+    result = ingest.run(IngestParams(source="sklearn:breast_cancer"), tmp_path / "raw",
+                        batch_rows=100)
 
-
-def test_check_target_names_file_column_and_rule() -> None:
-    with pytest.raises(DataError) as info:
-        ingest.check_target(tiny_frame(), "diagnosis", "data/source/mine.csv")
-
-    err = info.value
-    assert (err.file, err.column, err.rule) == ("data/source/mine.csv", "diagnosis",
-                                                "target_present")
-    assert "'diagnosis'" in str(err) and "x, color, label" in str(err)
-
-
-def test_read_source_reads_csv_and_parquet_alike(tmp_path: Path) -> None:
-    tiny_frame().to_csv(tmp_path / "a.csv", index=False)
-    tiny_frame().to_parquet(tmp_path / "a.parquet")
-
-    from_csv = ingest.read_source(tmp_path / "a.csv")
-    from_parquet = ingest.read_source(tmp_path / "a.parquet")
-
-    pd.testing.assert_frame_equal(from_csv, from_parquet, check_dtype=False)
-    assert from_csv["x"].tolist() == [0.5, 1.5, 2.5]
-
-
-def test_read_source_concatenates_a_folder_and_skips_other_files(tmp_path: Path) -> None:
-    folder = tmp_path / "source"
-    folder.mkdir()
-    tiny_frame().to_csv(folder / "part1.csv", index=False)
-    tiny_frame()[["label", "color", "x"]].to_parquet(folder / "part2.parquet")  # column order
-    (folder / "README.md").write_text("not data")
-
-    df = ingest.read_source(folder)
-
-    assert list(df.columns) == ["x", "color", "label"]
-    assert len(df) == 6 and df.index.tolist() == list(range(6))
-
-
-def test_read_source_refuses_a_folder_with_differing_columns(tmp_path: Path) -> None:
-    folder = tmp_path / "source"
-    folder.mkdir()
-    tiny_frame().to_csv(folder / "part1.csv", index=False)
-    tiny_frame().rename(columns={"x": "y"}).to_csv(folder / "part2.csv", index=False)
-
-    with pytest.raises(DataError) as info:
-        ingest.read_source(folder)
-
-    assert info.value.rule == "same_columns"
-    assert info.value.file == str(folder / "part2.csv") and info.value.column == "x"
-
-
-# ----------------------------------------------------------------------------- bad sources
-
-
-def _truncated_parquet(path: Path) -> None:
-    tiny_frame().to_parquet(path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])  # the footer is gone
-
-
-BAD_SOURCES: dict[str, tuple[str, Callable[[Path], None], str]] = {
-    # case: (file name, how to make it, rule)
-    "missing file": ("gone.csv", lambda path: None, "exists"),
-    "empty csv": ("empty.csv", lambda path: path.write_bytes(b""), "not_empty"),
-    "empty parquet": ("empty.parquet", lambda path: path.write_bytes(b""), "not_empty"),
-    "header-only csv": ("header.csv", lambda path: path.write_text("x,color,label\n"),
-                        "not_empty"),
-    "blank csv": ("blank.csv", lambda path: path.write_text("\n\n"), "not_empty"),
-    "truncated parquet": ("cut.parquet", _truncated_parquet, "parquet"),
-    "corrupt parquet": ("junk.parquet", lambda path: path.write_bytes(b"PAR1 not really"),
-                        "parquet"),
-    "unreadable csv": ("ragged.csv", lambda path: path.write_text("x,label\n1,0\n1,2,3,4\n"),
-                       "csv"),
-    "unsupported extension": ("data.json", lambda path: path.write_text("{}"), "extension"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_SOURCES)
-def test_bad_source_names_file_and_rule_and_keeps_output(tmp_path: Path, case: str) -> None:
-    name, make, rule = BAD_SOURCES[case]
-    source = tmp_path / name
-    make(source)
-    out = prepopulated_out(tmp_path)
-
-    with pytest.raises(DataError) as info:
-        ingest.run(IngestParams(source=str(source), target="label"), out)
-
-    assert info.value.rule == rule
-    assert info.value.file == str(source)
-    assert f"file={source}" in str(info.value) and f"rule={rule}" in str(info.value)
-    assert (out / ingest.OUTPUT_FILE).read_bytes() == PREVIOUS
-    assert [path.name for path in out.iterdir()] == [ingest.OUTPUT_FILE]  # no temp left
-
-
-def test_missing_target_column_names_it_and_keeps_output(tmp_path: Path) -> None:
-    source = tmp_path / "mine.csv"
-    tiny_frame().to_csv(source, index=False)
-    out = prepopulated_out(tmp_path)
-
-    with pytest.raises(DataError) as info:
-        ingest.run(IngestParams(source=str(source), target="diagnosis"), out)
-
-    assert "column=diagnosis" in str(info.value) and "rule=target_present" in str(info.value)
-    assert info.value.file == str(source)
-    assert (out / ingest.OUTPUT_FILE).read_bytes() == PREVIOUS
-
-
-# ----------------------------------------------------------------------------- run / main
-
-
-def test_run_writes_the_sklearn_source_over_the_previous_output(tmp_path: Path) -> None:
-    out = prepopulated_out(tmp_path)
-
-    written = ingest.run(IngestParams(source="sklearn:breast_cancer"), out)
-
-    pd.testing.assert_frame_equal(pd.read_parquet(written),
+    pd.testing.assert_frame_equal(read_raw(tmp_path / "raw"),
                                   ingest.load_sklearn_dataset("breast_cancer"))
+    assert (result.rows_added, result.total_rows, result.watermark) == (569, 569, None)
+    assert ingest.read_manifest(tmp_path / "raw")["source"] == "sklearn:breast_cancer"
+
+
+def test_sklearn_source_without_the_watermark_column_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        ingest.run(IngestParams(source="sklearn:digits", watermark="ts"), tmp_path / "raw")
+
+    assert (info.value.column, info.value.rule) == ("ts", "watermark_present")
+    assert not (tmp_path / "raw").exists()
+
+
+# ----------------------------------------------------------------------------- incremental (files)
+
+
+def events(start: int, stop: int) -> pd.DataFrame:
+    ids = list(range(start, stop))
+    return pd.DataFrame({"id": ids, "ts": pd.to_datetime([f"2024-01-01 00:{i:02d}:00"
+                                                          for i in ids]),
+                         "x": [i / 2 for i in ids], "label": [i % 2 for i in ids]})
+
+
+def file_params(root: Path, watermark: str = "ts") -> IngestParams:
+    return IngestParams(source=str(root / "drops"), target="label", data_root=str(root),
+                        watermark=watermark)
+
+
+def test_folder_with_a_new_file_appends_only_the_newer_rows(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "drops").mkdir()
+    events(0, 5).to_csv(tmp_path / "drops" / "day1.csv", index=False)
+    out = tmp_path / "raw"
+    first = ingest.run(file_params(tmp_path), out)
+    part0 = (out / "part-00000.parquet").read_bytes()
+    events(5, 8).to_parquet(tmp_path / "drops" / "day2.parquet")  # a new drop, as Parquet
+
+    second = ingest.run(file_params(tmp_path), out)
+
+    assert (first.rows_added, second.rows_added, second.total_rows) == (5, 3, 8)
+    assert (out / "part-00000.parquet").read_bytes() == part0  # earlier part untouched
+    assert read_raw(out)["id"].tolist() == list(range(8))
+    manifest = ingest.read_manifest(out)
+    top = manifest["watermark"]["max"]  # ISO text, at the column's unit
+    assert manifest["watermark"]["column"] == "ts" and top.startswith("2024-01-01 00:07:00")
+    assert [(p["file"], p["rows"], p["watermark_max"][:19]) for p in manifest["parts"]] == [
+        ("part-00000.parquet", 5, "2024-01-01 00:04:00"),
+        ("part-00001.parquet", 3, "2024-01-01 00:07:00")]
+
+    before = snapshot(out)
+    caplog.set_level(logging.INFO, logger="stages.ingest")
+    third = ingest.run(file_params(tmp_path), out)
+
+    assert (third.rows_added, third.total_rows, third.has_new_rows) == (0, 8, False)
+    assert snapshot(out) == before
+    assert (f"no rows newer than ts = {top}: data/raw unchanged, nothing to retrain"
+            in caplog.text)
+
+
+def test_rows_arriving_late_are_refused_not_dropped(tmp_path: Path) -> None:
+    (tmp_path / "drops").mkdir()
+    events(0, 5).to_csv(tmp_path / "drops" / "day1.csv", index=False)
+    out = tmp_path / "raw"
+    ingest.run(file_params(tmp_path, watermark="id"), out)
+    events(2, 3).to_csv(tmp_path / "drops" / "late.csv", index=False)  # id 2 again
+    before = snapshot(out)
+
+    with pytest.raises(DataError, match="1 rows arrived late") as info:
+        ingest.run(file_params(tmp_path, watermark="id"), out)
+
+    assert (info.value.column, info.value.rule) == ("id", "watermark_order")
+    assert snapshot(out) == before
+
+
+def test_missing_watermark_values_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "drops").mkdir()
+    (tmp_path / "drops" / "a.csv").write_text("id,label\n1,0\n,1\n")
+
+    with pytest.raises(DataError) as info:
+        ingest.run(file_params(tmp_path, watermark="id"), tmp_path / "raw")
+
+    assert (info.value.column, info.value.rule) == ("id", "watermark_not_null")
+
+
+def test_new_rows_with_another_schema_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "drops").mkdir()
+    events(0, 3).to_parquet(tmp_path / "drops" / "a.parquet")
+    out = tmp_path / "raw"
+    ingest.run(file_params(tmp_path, watermark="id"), out)
+    events(3, 5).rename(columns={"x": "y"}).to_parquet(tmp_path / "drops" / "b.parquet")
+    before = snapshot(out)
+
+    with pytest.raises(DataError) as info:
+        ingest.run(file_params(tmp_path, watermark="id"), out)
+
+    assert (info.value.column, info.value.rule) == ("x", "same_schema")
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- SQL (PostgreSQL)
+
+
+def make_table(url: str, rows: pd.DataFrame) -> str:
+    """A new table holding ``rows`` (plus a timestamptz column); returns its name."""
+    name = f"events_{next(_tables)}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {name} (id bigint, ts timestamptz, x double precision, "
+                             "color text, amount numeric(10, 2), label integer)"))
+    insert_rows(url, name, rows)
+    engine.dispose()
+    return name
+
+
+def insert_rows(url: str, table: str, rows: pd.DataFrame) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO {table} VALUES (:id, :ts, :x, :color, :amount, :label)"),
+                     [{"id": int(r.id), "ts": f"2024-01-01 00:{int(r.id):02d}:00+00",
+                       "x": float(r.x), "color": "red" if r.id % 3 else None,
+                       "amount": f"{r.id}.25", "label": int(r.label)}
+                      for r in rows.itertuples()])
+    engine.dispose()
+
+
+def test_sql_table_streams_in_batches_with_database_types(tmp_path: Path,
+                                                         postgres_url: str) -> None:
+    table = make_table(postgres_url, events(0, 10))
+
+    result = ingest.run(IngestParams(source=postgres_url, table=table, target="label"),
+                        tmp_path / "raw", batch_rows=4)
+
+    df = read_raw(tmp_path / "raw")
+    assert result.rows_added == 10 and sorted(df["id"]) == list(range(10))
+    assert str(df["ts"].dtype) == "datetime64[us, UTC]" and df["amount"].dtype == "float64"
+    assert df["label"].dtype == "int32" and df["color"].isna().sum() == 4
+    assert ingest.read_manifest(tmp_path / "raw")["source"] == f"{postgres_url} table={table}"
+
+
+def test_sql_query_selects_rows_and_columns(tmp_path: Path, postgres_url: str) -> None:
+    table = make_table(postgres_url, events(0, 10))
+    query = f"SELECT id, x, label FROM {table} WHERE id >= 6"
+
+    ingest.run(IngestParams(source=postgres_url, query=query, target="label"), tmp_path / "raw")
+
+    df = read_raw(tmp_path / "raw")
+    assert list(df.columns) == ["id", "x", "label"] and sorted(df["id"]) == [6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("watermark", ["ts", "id"])
+def test_sql_watermark_appends_exactly_the_new_rows(tmp_path: Path, postgres_url: str,
+                                                   caplog: pytest.LogCaptureFixture,
+                                                   watermark: str) -> None:
+    table = make_table(postgres_url, events(0, 6))
+    params = IngestParams(source=postgres_url, table=table, target="label", watermark=watermark)
+    out = tmp_path / "raw"
+
+    first = ingest.run(params, out)
+    insert_rows(postgres_url, table, events(6, 10))
+    second = ingest.run(params, out)
+
+    assert (first.rows_added, second.rows_added, second.total_rows) == (6, 4, 10)
+    assert read_raw(out)["id"].tolist() == list(range(10))  # ordered by the watermark
+    manifest = ingest.read_manifest(out)
+    assert [part["rows"] for part in manifest["parts"]] == [6, 4]
+    assert manifest["watermark"]["max"] == (9 if watermark == "id" else
+                                            "2024-01-01 00:09:00.000000Z")
+
+    before = snapshot(out)
+    caplog.set_level(logging.INFO, logger="stages.ingest")
+    third = ingest.run(params, out)
+
+    assert (third.rows_added, third.total_rows) == (0, 10) and snapshot(out) == before
+    assert f"no rows newer than {watermark} = " in caplog.text
+
+
+def test_sql_rows_inserted_late_are_refused(tmp_path: Path, postgres_url: str) -> None:
+    table = make_table(postgres_url, events(0, 6))
+    params = IngestParams(source=postgres_url, table=table, target="label", watermark="id")
+    ingest.run(params, tmp_path / "raw")
+    insert_rows(postgres_url, table, events(3, 4))
+    before = snapshot(tmp_path / "raw")
+
+    with pytest.raises(DataError) as info:
+        ingest.run(params, tmp_path / "raw")
+
+    assert (info.value.column, info.value.rule) == ("id", "watermark_order")
+    assert snapshot(tmp_path / "raw") == before
+
+
+def test_sql_errors_name_the_url_and_the_rule(tmp_path: Path, postgres_url: str) -> None:
+    table = make_table(postgres_url, events(0, 3))
+    closed = postgres_url.replace(postgres_url.split("@")[1].split("/")[0],
+                                  f"127.0.0.1:{free_port()}")
+    cases = [
+        (dict(source=postgres_url, table="no_such_table"), postgres_url, None, "sql"),
+        (dict(source=closed, table=table), closed, None, "connect"),
+        (dict(source=postgres_url, table=table, watermark="updated_at"), None, "updated_at",
+         "watermark_present"),
+        (dict(source=postgres_url, table=table, target="diagnosis"), None, "diagnosis",
+         "target_present"),
+    ]
+    for kwargs, file, column, rule in cases:
+        with pytest.raises(DataError) as info:
+            ingest.run(IngestParams(**{"target": "label", **kwargs}), tmp_path / "raw")
+        assert info.value.rule == rule and info.value.column == column
+        assert info.value.file.startswith(file or postgres_url)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_password_in_the_database_url_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="PGPASSWORD"):
+        ingest.run(IngestParams(source="postgresql://me:secret@127.0.0.1/db", table="t"),
+                   tmp_path / "raw")
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def test_main_ingests_a_local_csv_named_in_params(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("data/source").mkdir(parents=True)
-    tiny_frame().to_csv("data/source/mine.csv", index=False)
+    Path("data/source/mine.csv").write_text("x,label\n0.5,0\n1.5,1\n")
     Path("params.yaml").write_text(yaml.safe_dump(
-        {"ingest": {"source": "data/source/mine.csv", "target": "label"}}))
+        {"ingest": {"source": "data/source/mine.csv", "target": "label"},
+         "base": {"batch_rows": 1}}))
 
     assert ingest.main(["--out", "data/raw", "--params", "params.yaml"]) == 0
 
-    df = pd.read_parquet("data/raw/data.parquet")
-    assert df.to_dict("list") == tiny_frame().to_dict("list")
+    assert read_raw(Path("data/raw")).to_dict("list") == {"x": [0.5, 1.5], "label": [0, 1]}
 
 
 def test_main_exits_1_on_a_missing_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
+    Path("data/source").mkdir(parents=True)
     Path("params.yaml").write_text(yaml.safe_dump({"ingest": {"source": "data/source/x.csv"}}))
 
     assert ingest.main(["--out", "data/raw"]) == 1
