@@ -12,16 +12,35 @@ from stages.common import tracking
 from stages.common.config import Params, parse_params
 from stages.common.io import write_parquet
 
-# A small schema with every column type, for the validate and schema tests.
-SCHEMA = {
-    "columns": {
-        "x": {"type": "float", "min": 0, "max": 10, "nullable": False},
-        "n": {"type": "int", "min": 0, "max": 100, "nullable": True},
-        "color": {"type": "category", "values": ["red", "blue"]},
-        "label": {"type": "int"},
-    },
-    "target": {"name": "label", "labels": [0, 1]},
-    "rows": {"min": 2, "max": 100},
+# A small GX suite with every column type, for the validate and suite tests.
+SUITE = {
+    "name": "tiny",
+    "meta": {"target": "label"},
+    "expectations": [
+        {"type": "expect_table_columns_to_match_set",
+         "kwargs": {"column_set": ["x", "n", "color", "flag", "when", "label"],
+                    "exact_match": True}},
+        {"type": "expect_table_row_count_to_be_between",
+         "kwargs": {"min_value": 2, "max_value": 1000}},
+        *({"type": "expect_column_values_to_be_in_type_list",
+           "kwargs": {"column": name, "type_list": types}} for name, types in [
+            ("x", ["float64"]), ("n", ["int64", "Int64Dtype"]), ("color", ["str"]),
+            ("flag", ["bool", "BooleanDtype"]), ("when", ["datetime64[us]"]),
+            ("label", ["int64", "Int64Dtype"])]),
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "x"}},
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "n", "mostly": 0.8}},
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "label"}},
+        {"type": "expect_column_values_to_be_between",
+         "kwargs": {"column": "x", "min_value": 0, "max_value": 10}},
+        {"type": "expect_column_values_to_be_between",
+         "kwargs": {"column": "n", "min_value": 0, "max_value": 100}},
+        {"type": "expect_column_values_to_be_in_set",
+         "kwargs": {"column": "color", "value_set": ["blue", "red"]}},
+        {"type": "expect_column_values_to_be_in_set",
+         "kwargs": {"column": "label", "value_set": [0, 1]}},
+        {"type": "expect_column_unique_value_count_to_be_between",
+         "kwargs": {"column": "label", "min_value": 2}},
+    ],
 }
 
 TEST_PARAMS = {

@@ -139,7 +139,7 @@ def _write_bad_csv(repo: Path, kind: str) -> None:
 
 DIGITS_CNN = {
     "ingest": {"source": "sklearn:digits"},
-    "validate": {"schema_path": "schemas/digits.yaml"},
+    "validate": {"suite_path": "suites/digits.json"},
     "train": {"model": "cnn", "image_shape": [1, 8, 8], "max_epochs": 8, "patience": 3,
               "lr": 0.01},
     "register": {"model_name": "digits", "min_metrics": {"accuracy": 0.8},
@@ -182,15 +182,15 @@ def test_own_csv_with_text_columns_and_gaps(tmp_path: Path, mlflow_uri: str) -> 
 
     repo = make_pipeline_repo(tmp_path / "repo", {
         "ingest": {"source": "data/source/wine.csv", "target": "cultivar"},
-        "validate": {"schema_path": "schemas/wine.yaml"},
+        "validate": {"suite_path": "suites/wine.json"},
         "train": {"max_epochs": 60, "patience": 10, "lr": 0.01},
         "register": {"model_name": "wine"},
     })
     _write_wine_csv(repo / "data/source/wine.csv")
-    # The README's steps: ingest, profile a schema from the trusted snapshot, then repro.
+    # The README's steps: ingest, write a suite from the trusted snapshot, then repro.
     for args in (["stages.ingest", "--out", "data/raw"],
-                 ["stages.validate", "--profile", "data/raw/data.parquet",
-                  "--write-schema", "schemas/wine.yaml"]):
+                 ["stages.validate", "suite", "--snapshot", "data/raw",
+                  "--out", "suites/wine.json"]):
         subprocess.run([sys.executable, "-m", *args], cwd=repo, check=True, capture_output=True)
     result = dvc(repo, "repro", check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,43 +1,100 @@
-"""Validate stage: the GX suite built from a schema, the gate, the report, MLflow on failure.
+"""Validate stage: the streaming gate's dataset-level failures, GX, the report, MLflow, the CLI.
 
 Real Great Expectations (an ephemeral context) and a real sqlite MLflow store; no mocks.
-Parsing schemas and profiling data (no GX) are tested in tests/stages/common/test_schema.py.
+Row-level quarantine is tested in tests/stages/test_quarantine.py, the suite file (writing,
+loading) in tests/stages/common/test_suite.py. Test inputs are ``data/raw`` as ingest writes it:
+Parquet part files plus manifest.json.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from stages import validate
-from stages.common.config import MlflowParams
+from stages.common.config import Params, parse_params
 from stages.common.errors import ConfigError, DataError, GateError
-from stages.common.schema import Schema, load_schema, parse_schema, profile_frame, render_schema
 from stages.ingest import load_sklearn_dataset
-from tests.builders import SCHEMA
+from tests.builders import SUITE
 
 ROOT = Path(__file__).resolve().parents[2]
-PREVIOUS = b"previous validated data, must survive a failed run"
+PREVIOUS = b"previous output, must survive a failed run"
 
 
-def tiny_frame() -> pd.DataFrame:
-    return pd.DataFrame({
-        "x": [0.5, 1.5, 9.5, 3.0],
-        "n": [1, 2, 3, 4],
-        "color": pd.Series(["red", "blue", "red", "red"]),  # pandas 3: the new `str` dtype
-        "label": [0, 1, 0, 1],
+# ----------------------------------------------------------------------------- inputs
+
+
+def good_table(rows: int = 40) -> pa.Table:
+    """Rows that pass SUITE: every column type, a few nulls where the suite allows them."""
+    return pa.table({
+        "x": pa.array([(i % 19) * 0.5 + 0.5 for i in range(rows)], pa.float64()),
+        "n": pa.array([None if i % 10 == 9 else i + 1 for i in range(rows)], pa.int64()),
+        "color": pa.array(["red" if i % 3 else "blue" for i in range(rows)]),
+        "flag": pa.array([i % 2 == 0 for i in range(rows)]),
+        "when": pa.array([datetime(2024, 1, 1 + i % 28) for i in range(rows)],
+                         pa.timestamp("us")),
+        "label": pa.array([i % 2 for i in range(rows)], pa.int64()),
     })
 
 
-@pytest.fixture(scope="module")
-def schema() -> Schema:
-    return parse_schema(SCHEMA)
+def with_column(table: pa.Table, name: str, values: list, kind: pa.DataType | None = None
+                ) -> pa.Table:
+    array = pa.array(values, kind)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, array)
+    return table.append_column(name, array)
+
+
+def write_raw(folder: Path, table: pa.Table, parts: int = 2) -> Path:
+    """``folder`` as ingest writes data/raw: part files (one schema) plus manifest.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size = -(-table.num_rows // parts) if table.num_rows else 0
+    entries = []
+    for index in range(parts):
+        part = table.slice(index * size, size) if size else table
+        name = f"part-{index:05d}.parquet"
+        pq.write_table(part, folder / name)
+        entries.append({"file": name, "rows": part.num_rows, "watermark_max": None})
+    (folder / "manifest.json").write_text(json.dumps(
+        {"source": "test", "rows": table.num_rows, "parts": entries, "watermark": None}))
+    return folder
+
+
+def write_suite_file(path: Path, raw: dict = SUITE) -> Path:
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def make_params(suite_path: Path, **validate_params: object) -> Params:
+    return parse_params({"ingest": {"target": "label"}, "base": {"batch_rows": 16},
+                         "validate": {"suite_path": str(suite_path), **validate_params}})
+
+
+def stage_dirs(tmp_path: Path) -> dict[str, Path]:
+    """raw/ (empty), and validated/, quarantine/ and report/ holding an earlier run."""
+    dirs = {name: tmp_path / name for name in ("raw", "validated", "quarantine", "report")}
+    for name in ("validated", "quarantine", "report"):
+        dirs[name].mkdir()
+    (dirs["validated"] / validate.DATA_FILE).write_bytes(PREVIOUS)
+    (dirs["quarantine"] / validate.QUARANTINE_FILE).write_bytes(PREVIOUS)
+    (dirs["report"] / "summary.json").write_text('{"previous": true}')
+    return dirs
+
+
+def run_gate(dirs: dict[str, Path], params: Params) -> dict:
+    return validate.run(dirs["raw"], dirs["validated"], dirs["quarantine"], dirs["report"],
+                        params)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -49,262 +106,185 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
 
 
-def failures(df: pd.DataFrame, schema: Schema) -> list[dict]:
-    return validate.summarize_result(validate.validate_frame(df, schema), len(df))["failed"]
+# ----------------------------------------------------------------------------- dataset level
 
 
-# ----------------------------------------------------------------------------- the suite
+def _header_repeated(table: pa.Table) -> pa.Table:
+    text = pa.table({name: table.column(name).cast(pa.string()) for name in table.column_names})
+    header = pa.table({name: [name] for name in table.column_names})
+    return pa.concat_tables([text.slice(0, 5), header, text.slice(5)])
 
 
-def test_build_expectations_follows_the_schema(schema: Schema) -> None:
-    built = [(e.expectation_type, getattr(e, "column", None))
-             for e in validate.build_expectations(schema)]
-
-    assert built[:2] == [("expect_table_columns_to_match_set", None),
-                         ("expect_table_row_count_to_be_between", None)]
-    assert ("expect_column_values_to_not_be_null", "x") in built
-    assert ("expect_column_values_to_not_be_null", "n") not in built  # nullable
-    assert ("expect_column_values_to_be_between", "n") in built
-    assert ("expect_column_values_to_be_in_set", "color") in built
-    assert built[-1] == ("expect_column_values_to_be_in_set", "label")
-    assert sum(kind == "expect_column_values_to_be_in_type_list" for kind, _ in built) == 4
+def _duplicated(table: pa.Table) -> pa.Table:
+    return pa.concat_tables([table, table.slice(0, 4)])  # 4 of 44 rows repeat earlier ones
 
 
-# ----------------------------------------------------------------------------- running it
-
-
-def test_valid_frame_passes(schema: Schema) -> None:
-    result = validate.validate_frame(tiny_frame(), schema)
-
-    assert result.success
-    assert result.statistics["evaluated_expectations"] == 13
-
-
-def test_type_checks_accept_every_pandas_spelling_of_a_type(schema: Schema) -> None:
-    df = pd.DataFrame({
-        "x": pd.Series([0.5, 1.0, 2.0, 3.0], dtype="float32"),
-        "n": pd.Series([1, None, 3, 4], dtype="Int64"),  # nullable ints
-        "color": pd.Series(["red", "blue", "red", "red"], dtype="category"),
-        "label": pd.Series([0, 1, 0, 1], dtype="uint8"),
-    })
-    text_numbers = tiny_frame().assign(n=[1.0, np.nan, 3.0, 4.0],  # ints with a gap: floats
-                                       color=pd.Series(["red", "blue", "red", "red"],
-                                                       dtype="string[pyarrow]"))
-
-    assert failures(df, schema) == []
-    assert failures(text_numbers, schema) == []
-
-
-def _set(column: str, row: int, value: object) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    def change(df: pd.DataFrame) -> pd.DataFrame:
-        df[column] = df[column].astype(object)
-        df.loc[row, column] = value
-        return df
-    return change
-
-
-BAD_FRAMES: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], str | None, str, dict]] = {
-    # case: (change, failing column, expectation, expected summary fields)
-    "non-numeric value (text column)": (
-        lambda df: df.assign(x=["0.5", "abc", "2", "3"]), "x",
-        "expect_column_values_to_be_in_type_list", {"unexpected_examples": ["abc"]}),
-    "non-numeric value (mixed column)": (
-        _set("x", 2, "oops"), "x", "expect_column_values_to_be_in_type_list",
-        {"unexpected_examples": ["oops"]}),
+DATASET_FAILURES: dict[str, tuple[Callable[[pa.Table], pa.Table], str | None, str, str]] = {
+    # case: (change, column, rule, words in the message)
+    "missing column": (lambda t: t.drop_columns(["x", "n"]), "x", "columns", "missing ['x'"),
+    "extra column": (lambda t: with_column(t, "extra", [1] * t.num_rows), "extra", "columns",
+                     "unexpected ['extra']"),
+    "renamed column": (lambda t: t.rename_columns(["radius" if c == "x" else c
+                                                   for c in t.column_names]),
+                       "x", "columns", "was it renamed"),
+    "text in a float column": (
+        lambda t: with_column(t, "x", ["1.5"] * 39 + ["twelve"]), "x", "type",
+        "values that are not numbers, e.g. ['twelve']"),
     "fraction in an int column": (
-        lambda df: df.assign(n=[1.0, 2.5, 3.0, 4.0]), "n",
-        "expect_column_values_to_be_in_type_list", {"unexpected_examples": [2.5]}),
-    "label outside the set": (
-        lambda df: df.assign(label=[0, 1, 7, 1]), "label", "expect_column_values_to_be_in_set",
-        {"unexpected_examples": [7]}),
-    "out-of-range value": (
-        _set("x", 1, 1000.0), "x", "expect_column_values_to_be_between",
-        {"unexpected_count": 1, "unexpected_examples": [1000.0]}),
-    "null where not nullable": (
-        _set("x", 0, None), "x", "expect_column_values_to_not_be_null", {"unexpected_count": 1}),
-    "unknown category": (
-        lambda df: df.assign(color=["red", "green", "red", "red"]), "color",
-        "expect_column_values_to_be_in_set", {"unexpected_examples": ["green"]}),
-    "extra column": (
-        lambda df: df.assign(extra=1), None, "expect_table_columns_to_match_set",
-        {"unexpected": ["extra"]}),
-    "missing column": (
-        lambda df: df.drop(columns="x"), None, "expect_table_columns_to_match_set",
-        {"missing": ["x"]}),
-    "too few rows": (
-        lambda df: df.head(1), None, "expect_table_row_count_to_be_between", {"observed": 1}),
+        lambda t: with_column(t, "n", [1.0] * 39 + [2.5]), "n", "type", "fractions"),
+    "bool column holding numbers": (
+        lambda t: with_column(t, "flag", [1] * t.num_rows), "flag", "type", "does not fit"),
+    "mixed date formats": (
+        lambda t: with_column(t, "when", ["2024-01-31"] * 20 + ["31/01/2024"] * 20), "when",
+        "date_format", "mixes date formats, e.g. '2024-01-31' and '31/01/2024'"),
+    "dates that are not dates": (
+        lambda t: with_column(t, "when", ["soon"] * t.num_rows), "when", "date_format",
+        "not an ISO 8601 date, e.g. 'soon'"),
+    "no rows": (lambda t: t.slice(0, 0), None, "not_empty", "no data rows"),
+    "duplicated header": (_header_repeated, None, "duplicated_header", "row 5 repeats"),
+    "too few rows": (lambda t: t.slice(0, 1), None, "row_count", "outside the suite's bounds"),
+    "all-null target": (lambda t: with_column(t, "label", [None] * t.num_rows, pa.int64()),
+                        "label", "all_null", "null in every row"),
+    "one class only": (lambda t: with_column(t, "label", [1] * t.num_rows), "label",
+                       "one_class", "one class only [1]"),
+    "too many nulls (mostly)": (
+        lambda t: with_column(t, "n", [None if i % 2 else i for i in range(40)], pa.int64()),
+        "n", "null_fraction", "50.00% null, above the 20.00%"),
+    "duplicated rows": (_duplicated, None, "duplicates", "9.09% of rows are duplicates"),
 }
 
 
-@pytest.mark.parametrize("case", BAD_FRAMES)
-def test_bad_frame_fails_naming_column_and_expectation(case: str,
-                                                       schema: Schema) -> None:
-    change, column, expectation, fields = BAD_FRAMES[case]
-
-    failed = failures(change(tiny_frame()), schema)
-
-    entry = next(e for e in failed if e["expectation"] == expectation and e["column"] == column)
-    assert fields.items() <= entry.items()
-
-
-@pytest.mark.parametrize("case, reported", [
-    ("missing column", (None, "expect_table_columns_to_match_set")),
-    ("non-numeric value (text column)", ("x", "expect_column_values_to_be_in_type_list")),
-])
-def test_follow_on_errors_are_left_out_of_the_summary(case: str, reported: tuple,
-                                                      schema: Schema) -> None:
-    change = BAD_FRAMES[case][0]
-
-    failed = failures(change(tiny_frame()), schema)
-
-    assert [(e["column"], e["expectation"]) for e in failed] == [reported]
-
-
-def test_describe_failures_names_file_column_and_expectation() -> None:
-    summary = {"failed": [
-        {"column": None, "expectation": "expect_table_columns_to_match_set", "missing": ["x"]},
-        {"column": "x", "expectation": "expect_column_values_to_be_between",
-         "unexpected_count": 1, "unexpected_examples": [1000.0]},
-    ]}
-
-    text = validate.describe_failures(summary, "data/raw/data.parquet")
-
-    assert text.splitlines() == [
-        "data/raw/data.parquet: table failed expect_table_columns_to_match_set (missing=['x'])",
-        "data/raw/data.parquet: column x failed expect_column_values_to_be_between "
-        "(unexpected_count=1, unexpected_examples=[1000.0])",
-    ]
-
-
-def test_cast_to_schema_gives_schema_dtypes(schema: Schema) -> None:
-    df = tiny_frame().assign(x=[1, 2, 3, 4], n=[1.0, np.nan, 3.0, 4.0])
-
-    cast = validate.cast_to_schema(df, schema)
-
-    assert cast.dtypes.astype(str).to_dict() == {"x": "float64", "n": "Int64",
-                                                 "color": "str", "label": "int64"}
-    assert cast["n"].tolist()[2:] == [3, 4]
-
-
-# ----------------------------------------------------------------------------- profiling
-
-
-def test_profiled_schema_accepts_its_snapshot(tmp_path: Path) -> None:
-    df = tiny_frame().assign(n=[1.0, np.nan, 3.0, 4.0], flag=[True, False, True, True])
-    path = tmp_path / "schema.yaml"
-    path.write_text(render_schema(profile_frame(df, "label", margin=0.1), "test"))
-
-    assert validate.validate_frame(df, load_schema(path)).success
-
-
-@pytest.mark.parametrize("name", ["breast_cancer", "digits"])
-def test_committed_schema_accepts_its_sklearn_dataset(name: str) -> None:
-    schema = load_schema(ROOT / "schemas" / f"{name}.yaml")
-
-    result = validate.validate_frame(load_sklearn_dataset(name), schema)
-
-    assert result.success, validate.summarize_result(result, 0)["failed"]
-
-
-# ----------------------------------------------------------------------------- run: the gate
-
-
-def write_schema(path: Path, raw: dict = SCHEMA) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def stage_dirs(tmp_path: Path, df: pd.DataFrame | None) -> tuple[Path, Path, Path]:
-    """raw/ holding ``df``, and validated/ and report/ already holding an earlier run."""
-    raw, out, report = tmp_path / "raw", tmp_path / "validated", tmp_path / "report"
-    for folder in (raw, out, report):
-        folder.mkdir()
-    if df is not None:
-        df.to_parquet(raw / validate.DATA_FILE)
-    (out / validate.DATA_FILE).write_bytes(PREVIOUS)
-    (report / "summary.json").write_text('{"previous": true}')
-    return raw, out, report
-
-
-@pytest.mark.parametrize("case", ["non-numeric value (text column)", "label outside the set",
-                                  "extra column", "missing column", "out-of-range value"])
-def test_gate_failure_names_file_column_and_keeps_validated_data(
-        case: str, tmp_path: Path, shared_store: str) -> None:
-    change, column, expectation, _ = BAD_FRAMES[case]
-    raw, out, report = stage_dirs(tmp_path, change(tiny_frame()))
+@pytest.mark.parametrize("case", DATASET_FAILURES)
+def test_dataset_level_failure_stops_and_changes_nothing(case: str, tmp_path: Path,
+                                                         shared_store: str) -> None:
+    change, column, rule, words = DATASET_FAILURES[case]
+    dirs = stage_dirs(tmp_path)
+    write_raw(dirs["raw"], change(good_table()))
+    before = {name: snapshot(dirs[name]) for name in ("validated", "quarantine")}
 
     with pytest.raises(GateError) as info:
-        validate.run(raw, out, report, write_schema(tmp_path / "s.yaml"), "label",
-                     MlflowParams())
+        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json")))
 
-    where = f"column {column}" if column else "table"
-    assert f"{raw / validate.DATA_FILE}: {where} failed {expectation}" in str(info.value)
-    assert (out / validate.DATA_FILE).read_bytes() == PREVIOUS
-    summary = json.loads((report / "summary.json").read_text())  # the report is kept
-    assert summary["success"] is False and summary["rows"] == len(change(tiny_frame()))
-    assert (report / "docs" / "index.html").exists() and (report / "result.json").exists()
+    error = info.value
+    assert (error.rule, error.column) == (rule, column)
+    assert words in str(error) and f"rule={rule}" in str(error)
+    assert str(dirs["raw"]) in error.file  # the folder, or the part file that holds the row
+    assert {name: snapshot(dirs[name]) for name in before} == before
+    summary = json.loads((dirs["report"] / "summary.json").read_text())  # the report is new
+    assert summary["success"] is False and summary["failed"][0]["rule"] == rule
 
 
 @pytest.mark.parametrize("make, rule", [
-    (lambda path: None, "exists"),
-    (lambda path: path.write_bytes(b""), "not_empty"),
-    (lambda path: path.write_bytes(b"PAR1" + b"\0" * 40), "parquet"),
+    (lambda raw: None, "exists"),
+    (lambda raw: (raw / "part-00000.parquet").write_bytes(b""), "not_empty"),
+    (lambda raw: (raw / "part-00000.parquet").write_bytes(b"PAR1" + b"\0" * 40), "parquet"),
+    (lambda raw: write_raw(raw, good_table()) and pq.write_table(
+        good_table().drop_columns(["flag"]), raw / "part-00009.parquet"), "same_schema"),
 ])
 def test_unreadable_raw_data_changes_nothing(make: Callable[[Path], None], rule: str,
                                              tmp_path: Path) -> None:
-    raw, out, report = stage_dirs(tmp_path, None)
-    make(raw / validate.DATA_FILE)
+    dirs = stage_dirs(tmp_path)
+    if rule != "exists":
+        dirs["raw"].mkdir()
+    make(dirs["raw"])
+    before = {name: snapshot(dirs[name]) for name in ("validated", "quarantine", "report")}
 
     with pytest.raises(DataError) as info:
-        validate.run(raw, out, report, write_schema(tmp_path / "s.yaml"), "label",
-                     MlflowParams())
+        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json")))
 
-    assert info.value.rule == rule and info.value.file == str(raw / validate.DATA_FILE)
-    assert (out / validate.DATA_FILE).read_bytes() == PREVIOUS
-    assert (report / "summary.json").read_text() == '{"previous": true}'
+    assert info.value.rule == rule and str(dirs["raw"]) in info.value.file
+    assert {name: snapshot(dirs[name]) for name in before} == before
 
 
-def test_schema_target_must_match_params_target(tmp_path: Path) -> None:
-    raw, out, report = stage_dirs(tmp_path, tiny_frame())
+def test_suite_target_must_match_params_target(tmp_path: Path) -> None:
+    dirs = stage_dirs(tmp_path)
+    write_raw(dirs["raw"], good_table())
+    params = parse_params({"ingest": {"target": "diagnosis"},
+                           "validate": {"suite_path": str(write_suite_file(tmp_path / "s.json"))}})
 
     with pytest.raises(ConfigError, match=r"differs from params ingest\.target 'diagnosis'"):
-        validate.run(raw, out, report, write_schema(tmp_path / "s.yaml"), "diagnosis",
-                     MlflowParams())
+        run_gate(dirs, params)
 
-    assert (out / validate.DATA_FILE).read_bytes() == PREVIOUS
+    assert (dirs["validated"] / validate.DATA_FILE).read_bytes() == PREVIOUS
+
+
+@pytest.mark.parametrize("rules, message", [
+    ({"radius": {"positive": True}}, r"names \['radius'\], not columns of"),
+    ({"color": {"min": 1}}, "min/max/positive need a numeric column"),
+])
+def test_params_rules_must_fit_the_suite(rules: dict, message: str, tmp_path: Path) -> None:
+    dirs = stage_dirs(tmp_path)
+    write_raw(dirs["raw"], good_table())
+
+    with pytest.raises(ConfigError, match=message):
+        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json"), rules=rules))
+
+
+# ----------------------------------------------------------------------------- GX
+
+
+def test_gx_verdict_is_a_gate_too(tmp_path: Path, shared_store: str) -> None:
+    """An expectation only GX evaluates (here, on the mean) fails the run on its own."""
+    raw = {**SUITE, "expectations": [*SUITE["expectations"], {
+        "type": "expect_column_mean_to_be_between",
+        "kwargs": {"column": "x", "min_value": 50, "max_value": 60}}]}
+    dirs = stage_dirs(tmp_path)
+    write_raw(dirs["raw"], good_table())
+    before = snapshot(dirs["validated"])
+
+    with pytest.raises(GateError, match="Great Expectations failed on the validated rows") as info:
+        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json", raw)))
+
+    assert (info.value.column, info.value.rule) == ("x", "expect_column_mean_to_be_between")
+    assert snapshot(dirs["validated"]) == before
+    assert (dirs["report"] / "result.json").exists()
+    assert (dirs["report"] / "docs" / "index.html").exists()
+
+
+@pytest.mark.parametrize("name", ["breast_cancer", "digits"])
+def test_committed_suite_accepts_its_sklearn_dataset(name: str, tmp_path: Path) -> None:
+    dirs = stage_dirs(tmp_path)
+    write_raw(dirs["raw"], pa.Table.from_pandas(load_sklearn_dataset(name),
+                                                preserve_index=False))
+    params = parse_params({"validate": {"suite_path": str(ROOT / "suites" / f"{name}.json")}})
+
+    summary = run_gate(dirs, params)
+
+    assert summary["success"] and summary["bad_rows"] == 0 and summary["gx"]["success"]
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def write_params(path: Path, schema_path: str) -> None:
-    path.write_text(yaml.safe_dump({"ingest": {"target": "label"},
-                                    "validate": {"schema_path": schema_path}}))
+def write_params(path: Path, suite_path: str, **validate_params: object) -> None:
+    path.write_text(yaml.safe_dump({"ingest": {"target": "label"}, "validate": {
+        "suite_path": suite_path, **validate_params}}))
 
 
-def test_main_validates_and_writes_data_and_report(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+GATE_ARGS = ["gate", "--raw", "data/raw", "--out", "data/validated", "--quarantine",
+             "data/quarantine", "--report", "reports/validation"]
+
+
+def test_main_gate_writes_data_quarantine_and_report(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    Path("data/raw").mkdir(parents=True)
-    tiny_frame().to_parquet("data/raw/data.parquet")
-    write_schema(Path("schema.yaml"))
-    write_params(Path("params.yaml"), "schema.yaml")
+    write_raw(Path("data/raw"), good_table())
+    write_suite_file(Path("suite.json"))
+    write_params(Path("params.yaml"), "suite.json")
 
-    code = validate.main(["--raw", "data/raw", "--out", "data/validated",
-                          "--report", "reports/validation"])
+    assert validate.main(GATE_ARGS) == 0
 
-    assert code == 0
-    validated = pd.read_parquet("data/validated/data.parquet")
-    assert validated["color"].dtype == "str" and validated["x"].tolist()[0] == 0.5
-    assert json.loads(Path("reports/validation/summary.json").read_text()) == {
-        "success": True, "rows": 4, "failed": []}
+    validated = pq.read_table("data/validated/data.parquet")
+    assert validated.num_rows == 40 and validated.schema.field("color").type == pa.string()
+    assert pq.read_table("data/quarantine/rows.parquet").num_rows == 0
+    summary = json.loads(Path("reports/validation/summary.json").read_text())
+    assert summary["success"] and summary["rows"] == 40 and summary["bad_fraction"] == 0
     assert json.loads(Path("reports/validation/result.json").read_text())["success"] is True
-    assert Path("reports/validation/docs/index.html").exists()  # GX Data Docs
-    [page] = Path("reports/validation/docs/validations/schema").rglob("*.html")
+    [page] = Path("reports/validation/docs/validations/tiny").rglob("*.html")  # GX Data Docs
     assert "Succeeded" in page.read_text()
     # GX kept everything in memory: no gx/ project folder, nothing else in the cwd
     assert sorted(p.name for p in Path().iterdir()) == ["data", "params.yaml", "reports",
-                                                        "schema.yaml"]
+                                                        "suite.json"]
 
 
 def test_main_failure_logs_a_failed_run_to_mlflow(tmp_path: Path, mlflow_uri: str,
@@ -313,34 +293,48 @@ def test_main_failure_logs_a_failed_run_to_mlflow(tmp_path: Path, mlflow_uri: st
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    Path("data/raw").mkdir(parents=True)
-    tiny_frame().assign(label=[0, 1, 2, 1]).to_parquet("data/raw/data.parquet")
-    write_schema(Path("schema.yaml"))
-    write_params(Path("params.yaml"), "schema.yaml")
+    write_raw(Path("data/raw"), good_table().drop_columns(["flag"]))
+    write_suite_file(Path("suite.json"))
+    write_params(Path("params.yaml"), "suite.json")
 
-    code = validate.main(["--raw", "data/raw", "--out", "data/validated",
-                          "--report", "reports/validation"])
+    assert validate.main(GATE_ARGS) == 1
 
-    assert code == 1
-    assert ("data/raw/data.parquet: column label failed expect_column_values_to_be_in_set"
-            in caplog.text)
-    assert not Path("data/validated").exists()
+    assert "columns differ from the suite: missing ['flag']" in caplog.text
+    assert "[file=data/raw, column=flag, rule=columns]" in caplog.text
+    assert not Path("data/validated").exists() and not Path("data/quarantine").exists()
     mlflow.set_tracking_uri(mlflow_uri)
     [run] = mlflow.search_runs(experiment_names=["pipeline"], output_format="list")
     assert run.info.run_name == "validation-failed" and run.info.status == "FAILED"
     assert "git.commit" in run.data.tags and run.data.tags["stage"] == "validate"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id,
                                                                       "validation")}
-    assert artifacts == {"validation/result.json", "validation/summary.json", "validation/docs"}
+    assert artifacts == {"validation/summary.json"}
 
 
-def test_main_profile_writes_a_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("snapshot_kind", ["parquet folder", "csv"])
+def test_main_suite_writes_a_suite_the_gate_accepts(snapshot_kind: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    tiny_frame().to_parquet("snapshot.parquet")
-    write_params(Path("params.yaml"), "schema.yaml")
+    write_raw(Path("data/raw"), good_table())
+    write_params(Path("params.yaml"), "suites/mine.json")
+    source = "data/raw"
+    if snapshot_kind == "csv":
+        import pyarrow.csv as csv
 
-    code = validate.main(["--profile", "snapshot.parquet", "--write-schema", "mine.yaml"])
+        csv.write_csv(good_table(), "snap.csv")
+        source = "snap.csv"
 
-    assert code == 0
-    schema = load_schema("mine.yaml")
-    assert schema.target.name == "label" and set(schema.columns) == {"x", "n", "color", "label"}
+    assert validate.main(["suite", "--snapshot", source, "--out", "suites/mine.json"]) == 0
+
+    raw = json.loads(Path("suites/mine.json").read_text())
+    assert raw["meta"]["target"] == "label" and raw["meta"]["profiled_from"]["rows"] == 40
+    assert validate.main(GATE_ARGS) == 0
+
+
+def test_help_shows_both_commands_with_examples(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        validate.main(["--help"])
+
+    text = capsys.readouterr().out
+    assert "gate" in text and "suite" in text
+    assert "python -m stages.validate suite --snapshot data/raw --out suites/mine.json" in text

@@ -16,7 +16,7 @@ def test_project_params_load_with_their_documented_defaults() -> None:
     assert params.ingest.source == "sklearn:breast_cancer"
     assert params.train.model == "mlp"
     assert params.register.alias == "champion"
-    assert (ROOT / params.validate.schema_path).exists()
+    assert (ROOT / params.validate.suite_path).exists()
 
 
 @pytest.mark.parametrize(
