@@ -2,6 +2,10 @@
 
 The splits keep the RAW columns (plus the target); the fitted preprocessor is saved beside them
 and travels with the model, so training, evaluation and serving transform rows identically.
+The data streams through in record batches (``base.batch_rows``), so memory stays bounded
+however many rows there are: a first pass counts the classes (target column only), a second
+assigns each row to a split (stages/common/splits.py), writes it, and gathers the train
+statistics the preprocessor is fitted from (stages/common/streamfit.py).
 
     python -m stages.features --validated data/validated --out data/features
 """
@@ -14,91 +18,172 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from stages.common.cli import build_parser, run_main
 from stages.common.config import FeaturesParams, Params
 from stages.common.errors import DataError
-from stages.common.io import atomic_path, read_parquet, write_json, write_parquet
-from stages.common.preprocess import FittedPreprocessor, fit_preprocessor, save_preprocessor
+from stages.common.io import atomic_path, iter_batches, open_dataset, write_json
+from stages.common.preprocess import FittedPreprocessor, save_preprocessor
+from stages.common.splitfiles import SplitFiles, arrow_mask
+from stages.common.splits import SplitAssigner, SplitPlan
+from stages.common.streamfit import TrainStats
 
 logger = logging.getLogger(__name__)
 
 DATA_FILE = "data.parquet"  # inside the validated folder
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # in the order of the split codes TRAIN, VAL, TEST
 MIN_ROWS_PER_CLASS = len(SPLITS)  # a stratified split needs one row of each class per split
 
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """The three splits (raw rows + target), the preprocessor fitted on train, and meta.json."""
+    """The written splits (raw rows + target), the preprocessor fitted on train, meta.json."""
 
-    splits: dict[str, pd.DataFrame]
+    paths: dict[str, Path]
     preprocessor: FittedPreprocessor
     meta: dict[str, Any]
 
 
-def check_target(df: pd.DataFrame, target: str, file: str | None = None) -> None:
-    """Fail with a clear DataError unless ``target`` can be split on and learned.
+def check_class_counts(counts: dict[Any, int], n_missing: int, target: str,
+                       file: str | None = None) -> None:
+    """Fail with a clear DataError unless labels counted as ``counts`` can be split on.
 
     Raises:
-        DataError: no rows, no target column, missing labels, one class only, or a class with
-            fewer rows than a stratified three-way split needs.
+        DataError: no rows, missing labels, one class only, or a class with fewer rows than
+            a stratified three-way split needs.
     """
-    if df.empty:
+    if not counts and not n_missing:
         raise DataError("no rows to split", file=file, rule="not_empty")
-    if target not in df.columns:
-        raise DataError(f"target column {target!r} not found (columns: {list(df.columns)[:10]})",
-                        file=file, column=target, rule="column_present")
-    if n_missing := int(df[target].isna().sum()):
+    if n_missing:
         raise DataError(f"{n_missing} row(s) have no label", file=file, column=target,
                         rule="not_null")
-    counts = df[target].value_counts()
     if len(counts) < 2:
-        raise DataError(f"only one class ({counts.index[0]!r}); need at least 2 to classify",
+        raise DataError(f"only one class ({next(iter(counts))!r}); need at least 2 to classify",
                         file=file, column=target, rule="min_classes")
-    rare = counts[counts < MIN_ROWS_PER_CLASS]
-    if not rare.empty:
-        raise DataError(f"class(es) {rare.to_dict()} have fewer than {MIN_ROWS_PER_CLASS} rows, "
+    rare = {label: n for label, n in counts.items() if n < MIN_ROWS_PER_CLASS}
+    if rare:
+        raise DataError(f"class(es) {rare} have fewer than {MIN_ROWS_PER_CLASS} rows, "
                         "too few to stratify into train/val/test", file=file, column=target,
                         rule="min_rows_per_class")
 
 
+def check_target(df: pd.DataFrame, target: str, file: str | None = None) -> None:
+    """``check_class_counts`` for an in-memory frame; also fails when ``target`` is absent."""
+    if target not in df.columns and not df.empty:
+        raise DataError(f"target column {target!r} not found (columns: {list(df.columns)[:10]})",
+                        file=file, column=target, rule="column_present")
+    labels = df[target] if target in df.columns else pd.Series([], dtype=object)
+    counts = {_plain(k): int(v) for k, v in labels.value_counts().items()}
+    check_class_counts(counts, int(labels.isna().sum()), target, file)
+
+
+def select_features(schema: Any, target: str, drop_columns: Sequence[str],
+                    file: str | None = None) -> tuple[list[str], list[str], list[str]]:
+    """(numeric, categorical, datetime) columns of a pyarrow schema, without the target and
+    ``drop_columns``. Datetime columns are kept in the splits but never fed to the model.
+
+    Raises:
+        DataError: no target column, a ``drop_columns`` entry that is no column (or is the
+            target), a column of an unsupported type, or no feature column left.
+    """
+    import pyarrow.types as pt
+
+    if target not in schema.names:
+        raise DataError(f"target column {target!r} not found (columns: {schema.names[:10]})",
+                        file=file, column=target, rule="column_present")
+    for name in drop_columns:
+        if name not in schema.names or name == target:
+            raise DataError(f"features.drop_columns names {name!r}, which is "
+                            + ("the target" if name == target else "not a column"),
+                            file=file, column=name, rule="drop_columns")
+    numeric, categorical, datetimes = [], [], []
+    for field in schema:
+        kind = field.type
+        if field.name == target or field.name in drop_columns:
+            continue
+        if pt.is_temporal(kind):
+            datetimes.append(field.name)
+        elif pt.is_integer(kind) or pt.is_floating(kind):
+            numeric.append(field.name)
+        elif pt.is_string(kind) or pt.is_large_string(kind) or pt.is_boolean(kind) or (
+                pt.is_dictionary(kind)):
+            categorical.append(field.name)
+        else:
+            raise DataError(f"unsupported type {kind}", file=file, column=field.name,
+                            rule="numeric_or_categorical")
+    if datetimes:
+        logger.info("datetime column(s) %s are kept in the splits but not used as features",
+                    datetimes)
+    if not numeric and not categorical:
+        raise DataError("no feature columns besides the target", file=file, column=target,
+                        rule="has_features")
+    return numeric, categorical, datetimes
+
+
+def count_classes(source: Path, target: str, batch_rows: int) -> dict[Any, int]:
+    """Rows per label (sorted by label), reading the target column only.
+
+    Raises:
+        DataError: as ``check_class_counts``, naming ``source``.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.types as pt
+
+    counts: dict[Any, int] = {}
+    n_missing = 0
+    for batch in iter_batches(source, batch_rows, columns=[target]):
+        labels = batch.column(0)
+        n_missing += labels.null_count
+        if pt.is_floating(labels.type):
+            n_missing += int(pc.sum(pc.is_nan(labels)).as_py() or 0)
+            labels = pc.drop_null(pc.if_else(pc.is_nan(labels), None, labels))
+        for item in pc.value_counts(labels).to_pylist():
+            if item["values"] is not None:
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    check_class_counts(counts, n_missing, target, str(source))
+    return dict(sorted(counts.items()))
+
+
 def split_data(df: pd.DataFrame, target: str, params: FeaturesParams,
                seed: int) -> dict[str, pd.DataFrame]:
-    """Seeded, stratified split into ``train``/``val``/``test`` (fractions of the whole).
-
-    ``val_size`` is a fraction of all rows, taken from what is left after the test split.
-    """
-    from sklearn.model_selection import train_test_split
-
+    """The stage's split of an in-memory frame: the same rows land in the same split."""
     check_target(df, target)
-    try:
-        rest, test = train_test_split(df, test_size=params.test_size, random_state=seed,
-                                      stratify=df[target])
-        train, val = train_test_split(rest, test_size=params.val_size / (1 - params.test_size),
-                                      random_state=seed, stratify=rest[target])
-    except ValueError as exc:  # e.g. fewer test rows than classes
-        raise DataError(f"cannot stratify the split: {exc}", column=target,
-                        rule="stratified_split") from exc
-    return {name: part.reset_index(drop=True)
-            for name, part in zip(SPLITS, (train, val, test), strict=True)}
+    counts = {_plain(k): int(v) for k, v in df[target].value_counts().sort_index().items()}
+    plan = SplitPlan(seed, params.test_size, params.val_size, np.array(list(counts.values())))
+    codes = SplitAssigner(plan).assign(df[target].map(
+        {label: i for i, label in enumerate(counts)}).to_numpy())
+    return {name: df[codes == code].reset_index(drop=True) for code, name in enumerate(SPLITS)}
 
 
-def build_features(df: pd.DataFrame, target: str, params: FeaturesParams,
-                   seed: int) -> FeatureSet:
-    """Split the validated rows and fit the preprocessor on the train split only."""
-    splits = split_data(df, target, params, seed)
-    preprocessor = fit_preprocessor(splits["train"], target)
-    meta = {
-        "target": target,
-        "classes": preprocessor.classes,
-        "feature_columns": preprocessor.feature_columns,
-        "n_features": preprocessor.n_features,
-        "n_rows": {name: len(part) for name, part in splits.items()},
-        "seed": seed,
-    }
-    return FeatureSet(splits, preprocessor, meta)
+def write_splits(source: Path, out: Path, plan: SplitPlan, target: str, classes: list[Any],
+                 stats: TrainStats, batch_rows: int) -> dict[str, int]:
+    """Stream ``source`` into ``out/{train,val,test}.parquet``, feeding train rows to ``stats``.
+
+    ``classes``: the labels in the order of the plan's class counts.
+
+    Returns the rows written per split.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    schema = open_dataset(source).schema
+    labels = pa.array(classes, type=schema.field(target).type)
+    assigner = SplitAssigner(plan)
+    with SplitFiles(out, list(SPLITS), schema, batch_rows) as files:
+        first_row = 0
+        for batch in iter_batches(source, batch_rows):
+            class_ids = pc.index_in(batch.column(target), value_set=labels).to_numpy()
+            codes = assigner.assign(class_ids)
+            for code, name in enumerate(SPLITS):
+                mask = codes == code
+                rows = batch.filter(arrow_mask(mask))
+                files.add(name, rows)
+                if name == "train":
+                    stats.update(rows, first_row + np.flatnonzero(mask))
+            first_row += batch.num_rows
+    return files.written
 
 
 def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> FeatureSet:
@@ -106,20 +191,43 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
 
     ``out_dir`` is replaced as a whole, and only after every check passed.
     """
-    source = Path(validated_dir) / DATA_FILE
-    df = read_parquet(source)
-    target = params.ingest.target
-    check_target(df, target, file=str(source))
-    features = build_features(df, target, params.features, params.base.seed)
+    source, out_dir = Path(validated_dir) / DATA_FILE, Path(out_dir)
+    target, settings, seed = params.ingest.target, params.features, params.base.seed
+    batch_rows = params.base.batch_rows
+    numeric, categorical, datetimes = select_features(
+        open_dataset(source).schema, target, settings.drop_columns, file=str(source))
+    counts = count_classes(source, target, batch_rows)
+    plan = SplitPlan(seed, settings.test_size, settings.val_size,
+                     np.array(list(counts.values()), dtype=np.int64))
+    stats = TrainStats(numeric, categorical, seed, file=str(source))
+    feature_columns = [name for name in open_dataset(source).schema.names
+                       if name in numeric or name in categorical]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        for name, part in features.splits.items():
-            write_parquet(tmp / f"{name}.parquet", part)
-        save_preprocessor(features.preprocessor, tmp / "preprocessor.joblib")
-        write_json(tmp / "meta.json", features.meta)
+        n_rows = write_splits(source, tmp, plan, target, list(counts), stats, batch_rows)
+        preprocessor = stats.fit(target, feature_columns, list(counts))
+        save_preprocessor(preprocessor, tmp / "preprocessor.joblib")
+        meta = {
+            "target": target,
+            "classes": preprocessor.classes,
+            "feature_columns": preprocessor.feature_columns,
+            "n_features": preprocessor.n_features,
+            "n_rows": n_rows,
+            "seed": seed,
+            "drop_columns": list(settings.drop_columns),
+            "datetime_columns": datetimes,
+            "split_block_rows": plan.block,
+        }
+        write_json(tmp / "meta.json", meta)
     logger.info("wrote %s: %s rows, %d features after preprocessing, classes %s", out_dir,
-                features.meta["n_rows"], features.meta["n_features"], features.meta["classes"])
-    return features
+                n_rows, meta["n_features"], meta["classes"])
+    return FeatureSet({name: out_dir / f"{name}.parquet" for name in SPLITS}, preprocessor,
+                      meta)
+
+
+def _plain(value: Any) -> Any:
+    # numpy scalars -> int/float/str/bool, so classes serialise to JSON and compare simply
+    return value.item() if hasattr(value, "item") else value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

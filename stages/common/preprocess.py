@@ -143,8 +143,13 @@ def split_columns(df: pd.DataFrame, target: str) -> tuple[list[str], list[str]]:
     return numeric, categorical
 
 
-def build_transformer(numeric: list[str], categorical: list[str]) -> ColumnTransformer:
-    """The unfitted ColumnTransformer for the given numeric and categorical columns."""
+def build_transformer(numeric: list[str], categorical: list[str],
+                      categories: list[list[str]] | None = None) -> ColumnTransformer:
+    """The unfitted ColumnTransformer for the given numeric and categorical columns.
+
+    ``categories``: the one-hot categories per categorical column (default: those seen in fit),
+    for a fit on a sample whose full-data categories are already counted.
+    """
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
@@ -158,7 +163,8 @@ def build_transformer(numeric: list[str], categorical: list[str]) -> ColumnTrans
     categorical_steps = Pipeline([
         ("to_str", FunctionTransformer(_to_category_strings, feature_names_out="one-to-one")),
         ("impute", SimpleImputer(strategy="most_frequent", keep_empty_features=True)),
-        ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+        ("onehot", OneHotEncoder(categories=categories or "auto", handle_unknown="ignore",
+                                 sparse_output=False)),
     ])
     return ColumnTransformer(
         [("num", numeric_steps, numeric), ("cat", categorical_steps, categorical)],

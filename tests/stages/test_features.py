@@ -145,6 +145,11 @@ def test_split_is_repeatable_with_a_seed() -> None:
 # ----------------------------------------------------------------------------- stage I/O
 
 
+def _params(batch_rows: int = 262_144, **features_params) -> object:
+    return parse_params({"ingest": {"target": "label"}, "base": {"batch_rows": batch_rows},
+                         "features": features_params})
+
+
 def _write_project(tmp_path: Path, df: pd.DataFrame) -> tuple[Path, Path]:
     validated = tmp_path / "data" / "validated"
     validated.mkdir(parents=True)
@@ -183,6 +188,10 @@ def test_main_writes_splits_preprocessor_and_meta(tmp_path: Path) -> None:
     (lambda df: df.drop(columns="label"), r"column=label, rule=column_present"),
     (lambda df: df.assign(label=df["label"].where(df.index > 0)),
      r"1 row\(s\) have no label.*column=label, rule=not_null"),
+    (lambda df: df.assign(label="a"), r"only one class \('a'\).*column=label, rule=min_classes"),
+    (lambda df: df.head(0), r"no rows to split.*rule=not_empty"),
+    (lambda df: df.assign(when=pd.Timestamp("2024-01-01"))[["when", "label"]],
+     r"no feature columns besides the target.*column=label, rule=has_features"),
 ])
 def test_bad_target_fails_clearly_and_leaves_outputs_alone(tmp_path: Path, change,
                                                            message: str) -> None:
@@ -217,3 +226,83 @@ def test_numeric_fast_path_matches_the_fitted_pipeline_and_its_errors() -> None:
     for case, (frame, rule) in bad.items():  # off the fast path: the pipeline's own errors
         with pytest.raises(DataError, match=f"column=mean_area, rule={rule.split('=')[1]}"):
             preprocessor.transform(frame)
+
+
+def test_splits_and_preprocessor_do_not_depend_on_the_batch_size(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    df = make_frame(n=1000)
+    validated, _ = _write_project(tmp_path, df)
+    small = features.run(validated, tmp_path / "small", _params(batch_rows=64))
+    large = features.run(validated, tmp_path / "large", _params(batch_rows=100_000))
+
+    assert small.meta == large.meta
+    for name in features.SPLITS:
+        pd.testing.assert_frame_equal(pd.read_parquet(small.paths[name]),
+                                      pd.read_parquet(large.paths[name]))
+    np.testing.assert_array_equal(small.preprocessor.transform(df),
+                                  large.preprocessor.transform(df))
+    train = pq.ParquetFile(small.paths["train"]).metadata
+    groups = [train.row_group(i).num_rows for i in range(train.num_row_groups)]
+    assert groups[:-1] == [64] * (len(groups) - 1) and sum(groups) == 600  # whole row groups
+
+
+def test_stage_output_is_exactly_stratified_on_balanced_classes(tmp_path: Path) -> None:
+    df = make_frame(n=3000).assign(label=np.tile(["a", "b", "c"], 1000))
+    validated, _ = _write_project(tmp_path, df)
+
+    result = features.run(validated, tmp_path / "features", _params(batch_rows=128))
+
+    for name, share in (("train", 600), ("val", 200), ("test", 200)):
+        counts = pd.read_parquet(result.paths[name])["label"].value_counts()
+        assert counts.to_dict() == {"a": share, "b": share, "c": share}
+
+
+def test_drop_columns_and_datetimes_stay_in_the_splits_but_are_not_features(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    df = make_frame(n=200).assign(
+        row_id=np.arange(200), seen_at=pd.date_range("2024-01-01", periods=200, freq="h"))
+    validated, _ = _write_project(tmp_path, df)
+
+    with caplog.at_level("INFO", logger="stages.features"):
+        result = features.run(validated, tmp_path / "features", _params(drop_columns=["row_id"]))
+
+    assert result.meta["feature_columns"] == ["x0", "x1", "color"]
+    assert result.meta["drop_columns"] == ["row_id"]
+    assert result.meta["datetime_columns"] == ["seen_at"]
+    assert "['seen_at']" in caplog.text and "not used as features" in caplog.text
+    train = pd.read_parquet(result.paths["train"])
+    assert list(train.columns) == list(df.columns)  # every validated column is kept
+    assert result.preprocessor.transform(train).shape == (len(train), 5)
+
+
+@pytest.mark.parametrize(("drop", "message"), [
+    (["row_idd"], r"drop_columns names 'row_idd', which is not a column.*column=row_idd"),
+    (["label"], r"drop_columns names 'label', which is the target.*column=label"),
+])
+def test_bad_drop_columns_fail_clearly_and_leave_outputs_alone(tmp_path: Path, drop: list[str],
+                                                               message: str) -> None:
+    validated, _ = _write_project(tmp_path, make_frame().assign(row_id=np.arange(100)))
+    out = tmp_path / "data" / "features"
+    out.mkdir()
+    (out / "meta.json").write_text("previous version")
+
+    with pytest.raises(DataError, match=message + ".*rule=drop_columns"):
+        features.run(validated, out, _params(drop_columns=drop))
+
+    assert [p.name for p in out.iterdir()] == ["meta.json"]
+    assert (out / "meta.json").read_text() == "previous version"
+
+
+def test_stage_fit_equals_a_plain_fit_on_the_train_split(tmp_path: Path) -> None:
+    df = make_frame(n=500)
+    df.loc[::7, "x1"] = np.nan
+    df.loc[::11, "color"] = None
+    validated, _ = _write_project(tmp_path, df)
+
+    result = features.run(validated, tmp_path / "features", _params(batch_rows=50))
+
+    train = pd.read_parquet(result.paths["train"])
+    plain = fit_preprocessor(train, "label")
+    np.testing.assert_allclose(result.preprocessor.transform(df), plain.transform(df), atol=1e-6)
+    assert result.preprocessor.classes == plain.classes == ["a", "b", "c"]
