@@ -15,6 +15,7 @@ Run it from the project root (``make run`` does)::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -30,13 +31,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
-from flows.summary import (FAILED, RAN, RESTORED, SKIPPED, mlflow_ui_url, read_reports,
-                           render_markdown, summarize_run)
+from flows.summary import (FAILED, NO_NEW_ROWS, RAN, RESTORED, SKIPPED, mlflow_ui_url,
+                           read_reports, render_markdown, summarize_run)
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
 from stages.common.tracking import FLOW_RUN_ENV, tracking_uri
 
 SUMMARY_KEY = "pipeline-summary"
+RAW_MANIFEST = "data/raw/manifest.json"  # ingest's record of what data/raw holds
 RETRIES = {"ingest": 2, "register": 2}  # I/O and registry writes can fail transiently
 RETRY_DELAY_S = 5
 OUTPUT_TAIL = 15  # lines of output quoted when a stage crashes without its own message
@@ -237,7 +239,15 @@ def pipeline(repo: str = ".") -> dict[str, Any]:
     try:
         stages = read_stage_order(root)
         logger.info("stages, in dvc.yaml's order: %s", " -> ".join(stages))
+        incremental = load_params(root / "params.yaml").ingest.watermark is not None
+        manifest_before = read_manifest(root)
         for stage in stages:
+            if (incremental and stage != "ingest" and read_manifest(root) == manifest_before
+                    and only_ingest_changed(root)):
+                logger.info("no new rows since the last run (ingest.watermark): data/raw is "
+                            "unchanged, so %s and the stages after it are skipped", stage)
+                statuses.update(dict.fromkeys(stages[stages.index(stage):], NO_NEW_ROWS))
+                break
             statuses[stage] = FAILED  # until it returns
             stage_task = run_stage.with_options(
                 name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S)
@@ -250,6 +260,25 @@ def pipeline(repo: str = ".") -> dict[str, Any]:
             logger.exception("could not publish the run summary")
         raise
     return publish_summary(root, stages, statuses, flow_run_id)
+
+
+def read_manifest(repo: Path) -> str | None:
+    """The text of ingest's ``data/raw/manifest.json`` (None before the first ingest)."""
+    try:
+        return (repo / RAW_MANIFEST).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def only_ingest_changed(repo: Path) -> bool:
+    """Whether ``dvc status`` finds every stage but ingest (which always runs) up to date."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo,
+                            env=stage_env(), capture_output=True, text=True)
+    try:
+        changed = json.loads(result.stdout or "{}")
+    except ValueError:
+        return False
+    return result.returncode == 0 and set(changed) <= {"ingest"}
 
 
 def where_to_look(repo: Path, summary: dict[str, Any] | None) -> str:

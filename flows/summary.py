@@ -17,7 +17,8 @@ from stages.common.tracking import run_url
 # The stage statuses a run can report (DVC's words where DVC decides).
 RAN, SKIPPED, RESTORED = "ran", "skipped", "restored from run cache"
 FAILED, NOT_RUN = "failed", "not run"
-FINISHED = (RAN, SKIPPED, RESTORED)
+NO_NEW_ROWS = "skipped: no new rows"  # incremental ingestion found nothing newer
+FINISHED = (RAN, SKIPPED, RESTORED, NO_NEW_ROWS)
 
 # report -> (the stage that writes it, its path): the data contracts between the stages.
 REPORTS = {
