@@ -79,3 +79,13 @@ bench-serve: install ## Serving: our service vs `mlflow models serve`, same mode
 	  (apt-get update -q && apt-get install -y -q wrk) >/dev/null || \
 	  echo "wrk not installed: bench.serve falls back to its Python load client"
 	$(BIN)/python -m bench.serve
+
+# Lineage (flows/lineage.py, flows/reproduce.py). MODEL: <name>@<alias> or <name>/<version>.
+MODEL ?= classifier@champion
+.PHONY: lineage reproduce
+
+lineage: install ## Trace MODEL (classifier@champion) to its data, validation, commit, params, runs
+	$(BIN)/python -m flows.lineage $(MODEL)
+
+reproduce: install ## Re-run MODEL on its exact data in a clean workspace (WORKDIR=); compare metrics
+	$(BIN)/python -m flows.reproduce $(MODEL) $(if $(WORKDIR),--workdir $(WORKDIR))

@@ -339,14 +339,15 @@ def _resume_store(resume_dir: str | Path, params: Params, features_dir: Path,
 
 def run(features_dir: str | Path, validation_report: str | Path, out_dir: str | Path,
         history_path: str | Path, params: Params, *, resume_dir: str | Path = DEFAULT_RESUME_DIR,
-        resume: bool = True) -> TrainResult:
+        resume: bool = True, params_file: str | Path | None = None) -> TrainResult:
     """Train on ``features_dir``; write ``out_dir/model.pt`` + ``run.json`` and the history.
 
     Everything is logged to one MLflow run (params, config, per-epoch metrics, dataset inputs,
     the validation report). A failure ends that run FAILED and writes no output; SIGTERM ends
     it KILLED after a checkpoint. A re-run resumes from ``resume_dir`` (unless ``resume`` is
     False) and continues the same MLflow run. Under torchrun every rank calls this; only
-    rank 0 logs and writes.
+    rank 0 logs and writes. ``params_file`` (the one ``params`` came from) and dvc.lock are
+    logged under ``lineage/``, so that ``flows.reproduce`` can rebuild the run.
     """
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     dist = distributed.current()
@@ -379,7 +380,7 @@ def run(features_dir: str | Path, validation_report: str | Path, out_dir: str | 
                         len(data.X_val))
             return _train_tracked(network, data, splits, preprocessor, params, device, dist,
                                   store, state, stop, features_dir, Path(validation_report),
-                                  out_dir, Path(history_path))
+                                  out_dir, Path(history_path), params_file)
         finally:
             distributed.teardown(dist)
 
@@ -388,7 +389,8 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
                    splits: dict[str, pd.DataFrame], preprocessor: FittedPreprocessor,
                    params: Params, device: torch.device, dist: DistInfo, store: ResumeStore,
                    state: dict[str, Any] | None, stop: GracefulStop, features_dir: Path,
-                   validation_report: Path, out_dir: Path, history_path: Path) -> TrainResult:
+                   validation_report: Path, out_dir: Path, history_path: Path,
+                   params_file: str | Path | None) -> TrainResult:
     """Rank 0: the loop inside one MLflow run that never stays RUNNING, then the outputs."""
     import mlflow
 
@@ -405,6 +407,7 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
                                "data.n_features": n_features, "data.n_classes": n_classes,
                                "data.classes": str(preprocessor.classes)})
             mlflow.log_dict(params_dict(params), "config/params.json")
+            tracking.log_lineage(".", params_file, validation_report)
             _log_inputs(splits, features_dir, preprocessor.target)
 
         # optimizer + loop (per-epoch metrics go out in batches: logging never stalls training)
@@ -478,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.launch_torchrun(nproc, "stages.train", argv)
             return
         run(args.features, args.validation_report, args.out, args.history, params,
-            resume_dir=args.resume_dir, resume=not args.no_resume)
+            resume_dir=args.resume_dir, resume=not args.no_resume, params_file=args.params)
 
     return run_main("train", parser, body, argv)
 

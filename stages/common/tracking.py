@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -12,13 +13,24 @@ from typing import TYPE_CHECKING
 import yaml
 
 from stages.common.config import MlflowParams
+from stages.common.errors import PipelineError
 from stages.common.io import read_json, write_json
 
 if TYPE_CHECKING:
     from mlflow import ActiveRun
 
+logger = logging.getLogger(__name__)
+
 FLOW_RUN_ENV = "PIPELINE_FLOW_RUN_ID"  # set by the Prefect flow for the stages it runs
 RUN_FILE = "run.json"  # written by train next to the model: the MLflow run to log into
+# Run artifacts that let `flows.reproduce` rebuild a run's inputs: params.yaml and dvc.lock as
+# they were at train time (dvc.lock's data-stage entries are the ones this run trained on).
+LINEAGE_DIR = "lineage"
+PARAMS_ARTIFACT, LOCK_ARTIFACT = "params.yaml", "dvc.lock"
+VALIDATION_ARTIFACT = "validation_summary.json"  # the validate stage's summary.json
+VALIDATION_TAG_KEYS = ("success", "rows", "bad_fraction")  # tagged validation.<key> if present
+DIRTY_FILES_TAG = "git.dirty_files"  # which tracked files differed from git.commit
+MAX_TAG_CHARS = 1000  # a longer list of dirty files is cut and ends with "..."
 
 
 def tracking_uri(params: MlflowParams) -> str:
@@ -69,6 +81,15 @@ def git_state(repo: str | Path = ".") -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
+def git_dirty_files(repo: str | Path = ".") -> list[str]:
+    """The tracked files whose content differs from HEAD (empty when clean or not a repo)."""
+    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return []
+    return [line[3:].split(" -> ")[-1] for line in result.stdout.splitlines() if line.strip()]
+
+
 def dvc_lock_hashes(lock_file: str | Path = "dvc.lock") -> dict[str, str]:
     """``{"dvc.<path>.md5": hash}`` for every stage output recorded in ``dvc.lock``."""
     lock_file = Path(lock_file)
@@ -87,9 +108,51 @@ def lineage_tags(repo: str | Path = ".") -> dict[str, str]:
     """Tags that tie a run to its code, data versions and the Prefect run that made it."""
     repo = Path(repo)
     tags = {**git_state(repo), **dvc_lock_hashes(repo / "dvc.lock")}
+    if tags["git.dirty"] == "true":
+        # `dvc repro` rewrites dvc.lock before train runs, so the tree is dirty on every run
+        # after the first; the list lets `reproduce` tell that (the lock is logged) from code.
+        tags[DIRTY_FILES_TAG] = _cut(",".join(git_dirty_files(repo)))
     if flow_run_id := os.environ.get(FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = flow_run_id
     return tags
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_TAG_CHARS else text[:MAX_TAG_CHARS - 3] + "..."
+
+
+def validation_tags(summary: dict) -> dict[str, str]:
+    """``validation.<key>`` tags for the summary keys of ``VALIDATION_TAG_KEYS`` it has."""
+    return {f"validation.{key}": str(summary[key]).lower() if isinstance(summary[key], bool)
+            else str(summary[key]) for key in VALIDATION_TAG_KEYS if key in summary}
+
+
+def log_lineage(repo: str | Path = ".", params_file: str | Path | None = "params.yaml",
+                validation_report: str | Path | None = None) -> None:
+    """Log the run's inputs under ``lineage/`` and tag its validation result.
+
+    ``params_file`` (None: not known) and ``repo/dvc.lock`` as they are now, and the
+    validation summary (``validation_report/summary.json``) when there is one. Call inside
+    the active run.
+    """
+    import mlflow
+
+    lock = Path(repo) / "dvc.lock"
+    if params_file is not None and Path(params_file).is_file():
+        mlflow.log_text(Path(params_file).read_text(encoding="utf-8"),
+                        f"{LINEAGE_DIR}/{PARAMS_ARTIFACT}")
+    if lock.is_file():
+        mlflow.log_text(lock.read_text(encoding="utf-8"), f"{LINEAGE_DIR}/{LOCK_ARTIFACT}")
+    summary_file = Path(validation_report or ".") / "summary.json"
+    summary = None
+    if validation_report is not None and summary_file.is_file():
+        try:
+            summary = read_json(summary_file)
+        except PipelineError as exc:  # a record only: a bad summary must not stop training
+            logger.warning("validation summary not logged: %s", exc)
+    if isinstance(summary, dict):
+        mlflow.log_dict(summary, f"{LINEAGE_DIR}/{VALIDATION_ARTIFACT}")
+        mlflow.set_tags(validation_tags(summary))
 
 
 def save_run_info(model_dir: str | Path, run_id: str, experiment_id: str) -> None:

@@ -1,0 +1,265 @@
+"""Re-run the pipeline of a registered model in a clean workspace; compare its test metrics.
+
+    python -m flows.reproduce classifier@champion [--workdir DIR] [--remote URL]
+
+1. ``git clone`` the repo at the run's recorded commit (refused when the tree was dirty in
+   more than ``dvc.lock`` / ``params.yaml``, which are restored from the run; ``--allow-dirty``
+   goes on with a warning);
+2. write the run's ``params.yaml`` and ``dvc.lock`` (``lineage/`` artifacts) into it;
+3. point its DVC remote at the original repo's default remote (or ``--remote``);
+4. ``dvc pull`` the ingest stage's outputs: the exact raw data of that run;
+5. ``dvc repro --force --single-item`` each stage after ingest up to evaluate, in the order
+   ``dvc dag`` gives, with the workspace's own MLflow store;
+6. compare the workspace's ``reports/metrics.json`` with the registered run's test metrics.
+
+Exit code 0 when every metric is exactly equal, 1 otherwise (or on any error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flows.lineage import LineageError, build_parser, lineage_files, load_lineage, open_client
+from stages.common.tracking import FLOW_RUN_ENV, LOCK_ARTIFACT, PARAMS_ARTIFACT
+
+RESTORED_STAGE = "ingest"  # its outputs come from the DVC remote; its source may be gone
+FINAL_STAGE = "evaluate"  # writes METRICS_FILE
+METRICS_FILE = "reports/metrics.json"
+RESTORED_FILES = (PARAMS_ARTIFACT, LOCK_ARTIFACT)  # dirty in these is fine: both are restored
+REMOTE_NAME = "origin"
+OUTPUT_TAIL = 30  # lines of a failed command's output shown
+
+
+class ReproduceError(LineageError):
+    """The workspace cannot be built or a stage failed in it."""
+
+
+# --- pure core ----------------------------------------------------------------------------
+
+
+def resolve_remote_url(url: str, base: Path) -> str:
+    """A DVC remote URL usable from anywhere: a relative local path made absolute."""
+    if "://" in url or Path(url).is_absolute():
+        return url  # s3://, gs://, https://, ... or already absolute
+    return str((base / url).resolve())
+
+
+def check_clean(dirty: list[str] | None, allow_dirty: bool) -> str | None:
+    """None when the recorded tree can be rebuilt from git; else a warning (allow_dirty).
+
+    Raises:
+        ReproduceError: the tree differed from the commit and ``allow_dirty`` is False.
+    """
+    unrestored = None if dirty is None else [f for f in dirty if f not in RESTORED_FILES]
+    if unrestored == []:
+        return None
+    what = "files not recorded" if unrestored is None else ", ".join(unrestored)
+    message = (f"the run was trained on uncommitted changes ({what}): the workspace at its "
+               "commit may not be the code that trained it")
+    if not allow_dirty:
+        raise ReproduceError(message + "; pass --allow-dirty to reproduce anyway")
+    return message
+
+
+def order_stages_between(dot: str, first: str) -> list[str]:
+    """The stages of ``dvc dag --dot <final>`` in run order, without ``first`` and upstream."""
+    from flows.pipeline import order_stages
+
+    nodes = [line.strip().strip(";").strip('"') for line in dot.splitlines()
+             if line.strip().startswith('"') and "->" not in line]
+    ordered = order_stages(dot, nodes)
+    return ordered[ordered.index(first) + 1:] if first in ordered else ordered
+
+
+def compare_metrics(recorded: dict[str, float],
+                    reproduced: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per recorded metric: both values and whether they are exactly equal."""
+    return [{"metric": name, "registered": value, "reproduced": reproduced.get(name),
+             "match": reproduced.get(name) == value} for name, value in recorded.items()]
+
+
+def render_table(rows: list[dict[str, Any]], version: int) -> str:
+    """The comparison as an aligned text table (full float precision)."""
+    header = ("metric", f"registered v{version}", "reproduced", "match")
+    body = [(r["metric"], repr(r["registered"]), repr(r["reproduced"]),
+             "yes" if r["match"] else "NO") for r in rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in [header, *body])
+
+
+# --- I/O ----------------------------------------------------------------------------------
+
+
+class Workspace:
+    """A clean checkout where the pipeline re-runs with its own MLflow store."""
+
+    def __init__(self, path: Path, verbose: bool = False) -> None:
+        self.path, self.verbose = path, verbose
+        self.env = dict(os.environ)
+        # This interpreter's `python` runs the dvc.yaml commands; MLflow stays in the workspace.
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                            self.env.get("PATH", "")])
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", FLOW_RUN_ENV):
+            self.env.pop(name, None)
+        self.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{path / 'mlflow' / 'mlflow.db'}"
+
+    def run(self, *args: str, cwd: Path | None = None) -> str:
+        """Run a command; its output on failure (ReproduceError), or streamed with verbose."""
+        proc = subprocess.Popen(args, cwd=cwd or self.path, env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line.rstrip("\n"))
+            if self.verbose:
+                print(f"    {line.rstrip()}", file=sys.stderr)
+        if proc.wait() != 0:
+            tail = "\n".join(lines[-OUTPUT_TAIL:])
+            raise ReproduceError(f"`{' '.join(args[2:] if args[0] == sys.executable else args)}`"
+                                 f" failed (exit {proc.returncode}):\n{tail}")
+        return "\n".join(lines)
+
+    def dvc(self, *args: str) -> str:
+        """``dvc <args>`` in the workspace."""
+        return self.run(sys.executable, "-m", "dvc", *args)
+
+
+def read_default_remote(repo: Path) -> str:
+    """The URL of ``repo``'s default DVC remote, as DVC resolves it (local paths absolute)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        config = dvc_repo.config
+        name = config["core"].get("remote")
+        if not name or name not in config["remote"]:
+            raise ReproduceError(f"{repo} has no default DVC remote; pass --remote URL")
+        return resolve_remote_url(config["remote"][name]["url"], repo / ".dvc")
+
+
+def git_toplevel(repo: Path) -> Path:
+    """The root of the git checkout holding ``repo``."""
+    result = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=repo,
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ReproduceError(f"{repo} is not a git checkout: {result.stderr.strip()}")
+    return Path(result.stdout.strip())
+
+
+def prepare_workdir(workdir: Path | None, label: str) -> Path:
+    """An empty folder for the workspace (a new temporary one when ``workdir`` is None)."""
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix=f"reproduce-{label}-"))
+    workdir = workdir.resolve()
+    if workdir.exists() and any(workdir.iterdir()):
+        raise ReproduceError(f"--workdir {workdir} is not empty; name a new or empty folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def _step(text: str) -> float:
+    print(f"==> {text}", file=sys.stderr, flush=True)
+    return time.monotonic()
+
+
+def _done(started: float) -> None:
+    print(f"    done in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+
+
+def reproduce(lineage: dict[str, Any], files: dict[str, str], repo: Path, workdir: Path,
+              remote: str | None, allow_dirty: bool, verbose: bool) -> list[dict[str, Any]]:
+    """Build the workspace, re-run the stages, return the metric comparison rows."""
+    git, run = lineage["git"], lineage["run"]
+    if warning := check_clean(git["dirty_files"], allow_dirty):
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if run["device"] not in (None, "cpu"):
+        print(f"WARNING: the run trained on {run['device']}; bit-equal metrics are only "
+              "expected between CPU runs", file=sys.stderr)
+    ws = Workspace(workdir, verbose)
+    source = git_toplevel(repo)
+    remote_url = resolve_remote_url(remote, Path.cwd()) if remote else read_default_remote(repo)
+
+    started = _step(f"git clone {source} at {git['commit'][:12]} -> {workdir}")
+    ws.run("git", "clone", "--quiet", "--no-checkout", str(source), str(workdir), cwd=source)
+    try:
+        ws.run("git", "-c", "advice.detachedHead=false", "checkout", "--quiet", git["commit"])
+    except ReproduceError as exc:
+        raise ReproduceError(f"commit {git['commit']} is not in {source}: {exc}") from exc
+    for name, text in files.items():
+        (workdir / name).write_text(text, encoding="utf-8")
+    ws.dvc("remote", "add", "--local", "--default", "--force", REMOTE_NAME, remote_url)
+    _done(started)
+    print(f"    {' and '.join(files)} of run {run['id']} written; DVC remote {remote_url}",
+          file=sys.stderr)
+    raw = ", ".join(f"{d['path']} {d['md5']}" for d in lineage["data"]
+                    if d["stage"] == RESTORED_STAGE)
+    started = _step(f"dvc pull {RESTORED_STAGE}: {raw or 'its outputs'}")
+    try:
+        ws.dvc("pull", RESTORED_STAGE)
+    except ReproduceError as exc:
+        raise ReproduceError(f"the run's data is not in the DVC remote {remote_url} (was "
+                             f"`dvc push` run after it trained?): {exc}") from exc
+    _done(started)
+    stages = order_stages_between(ws.dvc("dag", "--dot", FINAL_STAGE), RESTORED_STAGE)
+    for index, stage in enumerate(stages, start=1):
+        started = _step(f"stage {index}/{len(stages)}: {stage} "
+                        f"(dvc repro --force --single-item {stage})")
+        ws.dvc("repro", "--force", "--single-item", stage)
+        _done(started)
+    reproduced = json.loads((workdir / METRICS_FILE).read_text(encoding="utf-8"))
+    return compare_metrics(lineage["metrics"], reproduced)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flows.reproduce <model>@<alias>|<model>/<version> [--workdir DIR]``."""
+    parser = build_parser(
+        "python -m flows.reproduce",
+        "Rebuild a registered model in a clean workspace: git clone at its commit, its params.yaml "
+        "and dvc.lock,\nits raw data pulled from the DVC remote, then validate -> features -> "
+        "train -> evaluate re-run\n(dvc repro --force) with the workspace's own MLflow store. "
+        "Compares the test metrics with the\nregistered run's: exit code 0 when all are exactly "
+        "equal, 1 otherwise.",
+        "examples:\n  python -m flows.reproduce classifier@champion\n"
+        "  python -m flows.reproduce classifier/3 --workdir /tmp/repro-v3\n"
+        "  make reproduce MODEL=classifier/3 WORKDIR=/tmp/repro-v3")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="new or empty folder for the workspace (default: a new temporary "
+                             "folder)")
+    parser.add_argument("--remote", default=None,
+                        help="DVC remote URL holding the data, e.g. s3://bucket/dvc (default: "
+                             "REPO's default remote)")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="go on, with a warning, when the run was trained on uncommitted "
+                             "code changes")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show the output of git, dvc and the stages as they run")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files
+    try:
+        lineage = load_lineage(args)
+        model = lineage["model"]
+        files = lineage_files(open_client(lineage["tracking_uri"]), lineage["run"]["id"])
+        workdir = prepare_workdir(args.workdir, f"{model['name']}-v{model['version']}")
+        print(f"reproducing {model['name']} v{model['version']} (run {lineage['run']['id']}) "
+              f"in {workdir}", file=sys.stderr)
+        rows = reproduce(lineage, files, args.repo.resolve(), workdir, args.remote,
+                         args.allow_dirty, args.verbose)
+    except LineageError as exc:
+        print(f"reproduce: {exc}", file=sys.stderr)
+        return 1
+    print(render_table(rows, model["version"]))
+    matched = all(row["match"] for row in rows) and bool(rows)
+    print(f"\n{'All' if matched else 'NOT all'} {len(rows)} test metrics of {model['name']} "
+          f"v{model['version']} {'match exactly' if matched else 'match'}; workspace: {workdir}")
+    return 0 if matched else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

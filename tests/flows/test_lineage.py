@@ -1,0 +1,224 @@
+"""Lineage and reproduction, end to end: real git, DVC (local remote) and MLflow (temp sqlite).
+
+The slow test trains version 1 on a CSV, changes the CSV and trains version 2, then traces
+version 1 and reproduces it in a clean workspace from the DVC remote: its test metrics must
+equal version 1's exactly (and differ from version 2's). The fast tests cover the errors.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import lineage, reproduce
+from tests.conftest import dvc, make_pipeline_repo
+
+MODEL = "classifier"
+CSV = "data/source/cancer.csv"
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_bars(monkeypatch: pytest.MonkeyPatch) -> None:
+    # main() turns MLflow's download bars off with setdefault: keep that out of other tests
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def _write_csv(path: Path, drop_every: int | None = None) -> None:
+    """The breast-cancer table as a user's CSV; ``drop_every``: a later, changed version."""
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame.columns = [str(c).replace(" ", "_") for c in frame.columns]
+    if drop_every:
+        frame = frame[frame.index % drop_every != 0]
+    frame.to_csv(path, index=False)
+
+
+def _train_version(repo: Path, message: str) -> dict:
+    """``dvc repro``, commit and ``dvc push``: what a user (or the flow) does per data change."""
+    result = dvc(repo, "repro", check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", message)
+    dvc(repo, "push")
+    return {"metrics": json.loads((repo / "reports/metrics.json").read_text()),
+            "lock": yaml.safe_load((repo / "dvc.lock").read_text()),
+            "registration": json.loads((repo / "reports/registration.json").read_text())}
+
+
+def _raw_md5(lock: dict) -> str:
+    return next(out["md5"] for out in lock["stages"]["ingest"]["outs"]
+                if out["path"] == "data/raw")
+
+
+@pytest.mark.slow
+def test_reproduce_an_old_version_after_the_data_changed(
+        tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = make_pipeline_repo(tmp_path / "repo", {"ingest": {"source": CSV}})
+    _write_csv(repo / CSV)
+    v1 = _train_version(repo, "data v1")
+    _write_csv(repo / CSV, drop_every=10)  # new data arrives: 10% fewer rows
+    _git(repo, "commit", "-q", "-am", "data v2")
+    v2 = _train_version(repo, "model v2")
+    assert (v1["registration"]["version"], v2["registration"]["version"]) == (1, 2)
+    assert _raw_md5(v1["lock"]) != _raw_md5(v2["lock"])
+    assert v1["metrics"] != v2["metrics"]
+
+    # lineage of v1: its data hashes, not the current ones
+    assert lineage.main([f"{MODEL}/1", "--repo", str(repo), "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    data = {item["path"]: item for item in chain["data"]}
+    assert data["data/raw"]["md5"] == _raw_md5(v1["lock"])
+    assert {"data/raw", "data/validated", "data/features"} <= set(data)
+    assert chain["git"]["commit"] == _git(repo, "rev-list", "--max-parents=0", "HEAD")
+    assert chain["git"]["dirty"] is False
+    assert chain["validation"]["success"] is True
+    assert chain["params"]["ingest"]["source"] == CSV
+    assert chain["metrics"] == v1["metrics"]
+    assert lineage.main([f"{MODEL}/1", "--repo", str(repo)]) == 0
+    text = capsys.readouterr().out
+    assert _raw_md5(v1["lock"]) in text and _raw_md5(v2["lock"]) not in text
+    assert chain["run"]["id"] in text and "Validation" in text
+
+    # v2 ran on a tree whose dvc.lock the same `dvc repro` had rewritten: dirty in the lock only
+    assert lineage.main([f"{MODEL}/2", "--repo", str(repo), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["git"]["dirty_files"] == ["dvc.lock"]
+
+    started = time.monotonic()
+    workdir = tmp_path / "reproduced"
+    code = reproduce.main([f"{MODEL}/1", "--repo", str(repo), "--workdir", str(workdir)])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    print(f"reproduce took {time.monotonic() - started:.1f}s", file=sys.stderr)
+    again = json.loads((workdir / "reports/metrics.json").read_text())
+    assert again == v1["metrics"] and again != v2["metrics"]
+    assert "All 4 test metrics" in out and "stage 4/4: evaluate" in err
+    assert _raw_md5(yaml.safe_load((workdir / "dvc.lock").read_text())) == _raw_md5(v1["lock"])
+    assert _git(workdir, "rev-parse", "HEAD") == chain["git"]["commit"]
+    # the reproduction logged into its own store, never into the original one
+    assert (workdir / "mlflow/mlflow.db").is_file()
+    assert lineage.main([f"{MODEL}/3", "--repo", str(repo)]) == 1
+
+
+@pytest.fixture
+def registered(mlflow_uri: str) -> str:
+    """A store with one registered version (no training): version 1, alias champion."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    run = client.create_run(client.create_experiment("lineage-test"))
+    client.create_registered_model(MODEL)
+    client.create_model_version(MODEL, "file:///nowhere", run_id=run.info.run_id)
+    client.set_registered_model_alias(MODEL, "champion", "1")
+    return mlflow_uri
+
+
+@pytest.mark.parametrize(("ref", "expected"), [
+    (f"{MODEL}@nope", "has no alias 'nope' (aliases: champion -> v1)"),
+    (f"{MODEL}/7", "has no version 7 (versions: 1)"),
+    ("other@champion", "no registered model 'other' (registered: classifier)"),
+    ("classifier", "expected <model>@<alias>"),
+])
+def test_lineage_names_what_is_unknown(registered: str, tmp_path: Path, ref: str,
+                                       expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert lineage.main([ref, "--repo", str(tmp_path)]) == 1
+    assert expected in capsys.readouterr().err
+
+
+def test_lineage_of_a_run_without_lineage_artifacts(registered: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert lineage.main([f"{MODEL}@champion", "--repo", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "version 1 (aliases: champion)" in out and "not logged for this run" in out
+    assert reproduce.main([f"{MODEL}@champion", "--repo", str(tmp_path)]) == 1
+    assert "no lineage/params.yaml artifact" in capsys.readouterr().err
+
+
+def test_missing_store_is_an_error_not_an_empty_store(tmp_path: Path, monkeypatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow/none.db")
+    assert lineage.main([f"{MODEL}@champion", "--repo", str(tmp_path)]) == 1
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow").exists()
+
+
+def test_relative_remote_becomes_absolute_and_urls_stay(tmp_path: Path) -> None:
+    assert reproduce.resolve_remote_url("../.dvcstore", tmp_path / ".dvc") == \
+        str(tmp_path / ".dvcstore")
+    assert reproduce.resolve_remote_url("s3://bucket/dvc", tmp_path) == "s3://bucket/dvc"
+    assert reproduce.resolve_remote_url("/abs/store", tmp_path) == "/abs/store"
+
+
+def test_dirty_code_is_refused_unless_allowed() -> None:
+    assert reproduce.check_clean([], False) is None
+    assert reproduce.check_clean(["dvc.lock", "params.yaml"], False) is None
+    with pytest.raises(reproduce.ReproduceError, match="stages/train.py.*--allow-dirty"):
+        reproduce.check_clean(["dvc.lock", "stages/train.py"], False)
+    with pytest.raises(reproduce.ReproduceError, match="files not recorded"):
+        reproduce.check_clean(None, False)
+    assert "stages/train.py" in reproduce.check_clean(["stages/train.py"], True)
+
+
+def test_metrics_must_match_exactly() -> None:
+    rows = reproduce.compare_metrics({"accuracy": 0.95, "log_loss": 0.1},
+                                     {"accuracy": 0.95, "log_loss": 0.1 + 1e-12})
+    assert [row["match"] for row in rows] == [True, False]
+    table = reproduce.render_table(rows, 1)
+    assert "0.10000000000100000" not in table and "0.100000000001" in table and "NO" in table
+
+
+def test_stage_order_from_dvc_dag_skips_the_restored_stage() -> None:
+    dot = ('strict digraph {\n"ingest";\n"validate";\n"features";\n"train";\n"evaluate";\n'
+           '"ingest" -> "validate";\n"validate" -> "features";\n"validate" -> "train";\n'
+           '"features" -> "train";\n"features" -> "evaluate";\n"train" -> "evaluate";\n}\n')
+    assert reproduce.order_stages_between(dot, "ingest") == [
+        "validate", "features", "train", "evaluate"]
+
+
+def test_model_refs() -> None:
+    assert lineage.parse_model_ref("classifier@champion") == lineage.ModelRef(
+        "classifier", alias="champion")
+    assert lineage.parse_model_ref("classifier/12") == lineage.ModelRef("classifier",
+                                                                        version="12")
+    for bad in ("classifier", "classifier/x", "@champion", "a@b@c"):
+        with pytest.raises(lineage.LineageError):
+            lineage.parse_model_ref(bad)
+
+
+def test_train_time_record_reads_the_summary_defensively(tmp_path: Path, mlflow_uri: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from stages.common.config import MlflowParams
+    from stages.common.tracking import configure_mlflow, log_lineage, validation_tags
+
+    assert validation_tags({"success": True, "rows": 9, "bad_fraction": 0.0, "failed": []}) == {
+        "validation.success": "true", "validation.rows": "9", "validation.bad_fraction": "0.0"}
+    assert validation_tags({"rows": 3}) == {"validation.rows": "3"}  # other keys: no tags
+    (tmp_path / "params.yaml").write_text("base: {seed: 1}\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report/summary.json").write_text('{"success": false, "rows": 4}')
+    monkeypatch.chdir(tmp_path)
+    configure_mlflow(MlflowParams(experiment="lineage"))
+    with mlflow.start_run() as run:
+        log_lineage(".", "params.yaml", "report")
+        log_lineage(".", "params.yaml", "no-report")  # no summary: nothing to tag, no error
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "lineage")}
+    assert logged == {"lineage/params.yaml", "lineage/dvc.lock",
+                      "lineage/validation_summary.json"}
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["validation.success"] == "false" and "validation.bad_fraction" not in tags
