@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install run repro test test-deps test-fast ui schedule clean serve bench-setup bench-train bench-serve
+.PHONY: help install run repro test test-deps test-fast ui schedule clean serve bench-setup bench-train bench-serve bench-data
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,7 +60,7 @@ serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.y
 	$(BIN)/python -m serving serve
 
 clean: ## Remove generated data, reports, models and the local stores (keeps .venv)
-	rm -rf data/raw data/validated data/features models reports mlflow/mlflow.db* \
+	rm -rf data/raw data/validated data/quarantine data/features models reports mlflow/mlflow.db* \
 	  mlflow/artifacts .prefect .dvcstore
 
 # Benchmarks (bench/): ratios measured side by side in one run; results in bench/results/.
@@ -73,6 +73,9 @@ bench-setup: install ## Add the benchmark-only packages (Lightning) to .venv, no
 bench-train: bench-setup ## Training benchmarks: stage vs bare loop vs Lightning; MLflow cost
 	$(BIN)/python -m bench.train_loop
 	$(BIN)/python -m bench.train_mlflow
+
+bench-data: install ## Data stages on 1M and 10M synthetic rows vs a plain pyarrow read (~3 GB in /tmp)
+	$(BIN)/python -m bench.data_scale
 
 bench-serve: install ## Serving: our service vs `mlflow models serve`, same model and load (wrk)
 	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || \

@@ -179,10 +179,15 @@ def _log_failure_to_mlflow(report_dir: Path, params: MlflowParams, data: str,
 
 
 def write_suite(snapshot: str | Path, out: str | Path, target: str, margin: float,
-                batch_rows: int) -> dict[str, Any]:
-    """Profile the trusted ``snapshot`` (Parquet file/folder or CSV) into a suite at ``out``."""
+                batch_rows: int, watermark: str | None = None) -> dict[str, Any]:
+    """Profile the trusted ``snapshot`` (Parquet file/folder or CSV) into a suite at ``out``.
+
+    ``watermark`` (params ``ingest.watermark``) only grows: it and the row count get no upper
+    bound.
+    """
     schema, batches = _snapshot_batches(Path(snapshot), batch_rows)
-    raw = profile_snapshot(batches, schema, target, margin, source=str(snapshot))
+    raw = profile_snapshot(batches, schema, target, margin, source=str(snapshot),
+                           growing=watermark)
     raw["name"] = Path(out).stem
     raw["meta"]["profiled_from"]["command"] = (
         f"python -m stages.validate suite --snapshot {snapshot} --out {out} --target {target} "
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace, params: Params) -> None:
         if args.command == "suite":
             write_suite(args.snapshot, args.out, getattr(args, "target", params.ingest.target),
-                        args.margin, params.base.batch_rows)
+                        args.margin, params.base.batch_rows, params.ingest.watermark)
         else:
             run(args.raw, args.out, args.quarantine, args.report, params)
 

@@ -191,12 +191,14 @@ def arrow_kind(arrow_type: Any) -> str | None:
 
 
 def profile_snapshot(batches: Iterable[Any], schema: Any, target: str, margin: float = 0.1,
-                     source: str = "snapshot") -> dict[str, Any]:
+                     source: str = "snapshot", growing: str | None = None) -> dict[str, Any]:
     """A suite mapping that the snapshot passes: ranges widened by ``margin`` x their span.
 
     Args:
         batches: the snapshot's record batches (read one at a time: only aggregates are kept).
         schema: their Arrow schema.
+        growing: the watermark column of incremental ingestion (params ``ingest.watermark``):
+            its values and the row count only grow, so neither gets an upper bound.
     """
     if target not in schema.names:
         raise DataError(f"cannot profile: target column {target!r} is not in the data",
@@ -217,7 +219,7 @@ def profile_snapshot(batches: Iterable[Any], schema: Any, target: str, margin: f
                           else MAX_PROFILED_VALUES)
     if rows == 0:
         raise DataError("cannot profile an empty snapshot", file=source, rule="not_empty")
-    return build_suite(tallies, rows, target, margin, source)
+    return build_suite(tallies, rows, target, margin, source, growing)
 
 
 def _tally_column(tally: _Tally, array: Any, cap: int) -> None:
@@ -236,7 +238,7 @@ def _tally_column(tally: _Tally, array: Any, cap: int) -> None:
 
 
 def build_suite(tallies: dict[str, _Tally], rows: int, target: str, margin: float,
-                source: str) -> dict[str, Any]:
+                source: str, growing: str | None = None) -> dict[str, Any]:
     """The suite mapping from per-column aggregates (see ``profile_snapshot``)."""
     labels = tallies[target].values
     if not labels:
@@ -245,10 +247,12 @@ def build_suite(tallies: dict[str, _Tally], rows: int, target: str, margin: floa
                         column=target, rule="labels")
     expectations = [
         _expect(COLUMNS, column_set=list(tallies), exact_match=True),
-        _expect(ROW_COUNT, min_value=max(1, rows // 2), max_value=rows * 10),
+        _expect(ROW_COUNT, min_value=max(1, rows // 2),
+                max_value=None if growing else rows * 10),
     ]
     for name, tally in tallies.items():
-        expectations += _column_expectations(name, tally, rows, margin, name == target)
+        expectations += _column_expectations(name, tally, rows, margin, name == target,
+                                             name == growing)
     expectations.append(_expect(IN_SET, column=target, value_set=_sorted(labels)))
     if len(labels) >= 2:
         expectations.append(_expect(UNIQUE_COUNT, column=target, min_value=2))
@@ -260,7 +264,7 @@ def build_suite(tallies: dict[str, _Tally], rows: int, target: str, margin: floa
 
 
 def _column_expectations(name: str, tally: _Tally, rows: int, margin: float,
-                         is_target: bool) -> list[dict[str, Any]]:
+                         is_target: bool, grows: bool = False) -> list[dict[str, Any]]:
     out = [_expect(TYPE, column=name, type_list=TYPE_LISTS[tally.kind])]
     share = tally.nulls / rows
     mostly = math.floor((1.0 - min(1.0, 2 * share)) * 1000) / 1000
@@ -274,7 +278,8 @@ def _column_expectations(name: str, tally: _Tally, rows: int, margin: float,
         return out
     if tally.kind in ("float", "int") and tally.low is not None:
         low, high = _widen(float(tally.low), float(tally.high), margin, tally.kind == "int")
-        out.append(_expect(BETWEEN, column=name, min_value=low, max_value=high))
+        out.append(_expect(BETWEEN, column=name, min_value=low, max_value=None if grows else high,
+                           meta={"notes": "the watermark: no upper bound"} if grows else None))
     if tally.kind == "category" and tally.values:
         out.append(_expect(IN_SET, column=name, value_set=_sorted(tally.values)))
     return out

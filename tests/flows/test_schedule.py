@@ -129,7 +129,7 @@ def test_schedule_command_serves_the_cron_deployment_and_runs_it(
             flow_run = run_deployment(name, timeout=RUN_TIMEOUT_S)
 
             assert flow_run.state.is_completed(), f"{flow_run.state}\n{_tails(logs)}"
-        assert (repo / "data/raw/data.parquet").is_file()
+        assert (repo / "data/raw/manifest.json").is_file()
         assert any(p.is_file() for p in (repo / ".dvcstore").rglob("*"))
     finally:
         _stop(server)

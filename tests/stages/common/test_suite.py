@@ -58,6 +58,15 @@ def test_profile_builds_every_kind_of_expectation() -> None:
     assert ("expect_column_values_to_be_between", "label") not in found  # labels only
 
 
+def test_the_watermark_column_and_the_row_count_get_no_upper_bound() -> None:
+    found = by_column(profile(snapshot(), growing="n"))  # incremental ingestion: they only grow
+
+    assert found[("expect_column_values_to_be_between", "n")]["kwargs"] == {
+        "column": "n", "min_value": 0, "max_value": None}
+    assert found[("expect_table_row_count_to_be_between", None)]["kwargs"]["max_value"] is None
+    assert found[("expect_column_values_to_be_between", "x")]["kwargs"]["max_value"] == 10.4
+
+
 def test_rendered_suite_is_reviewable_and_loads_back(tmp_path: Path) -> None:
     import great_expectations as gx
 
