@@ -26,7 +26,7 @@ from stages.common.config import FeaturesParams, Params
 from stages.common.errors import DataError
 from stages.common.io import atomic_path, iter_batches, open_dataset, write_json
 from stages.common.preprocess import FittedPreprocessor, save_preprocessor
-from stages.common.splitfiles import SplitFiles, arrow_mask
+from stages.common.parquet_files import ParquetFiles, arrow_mask
 from stages.common.splits import SplitAssigner, SplitPlan
 from stages.common.streamfit import TrainStats
 
@@ -171,7 +171,7 @@ def write_splits(source: Path, out: Path, plan: SplitPlan, target: str, classes:
     schema = open_dataset(source).schema
     labels = pa.array(classes, type=schema.field(target).type)
     assigner = SplitAssigner(plan)
-    with SplitFiles(out, list(SPLITS), schema, batch_rows) as files:
+    with ParquetFiles(out, list(SPLITS), schema, batch_rows) as files:
         first_row = 0
         for batch in iter_batches(source, batch_rows):
             class_ids = pc.index_in(batch.column(target), value_set=labels).to_numpy()

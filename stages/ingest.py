@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 from stages.common.cli import build_parser, run_main
 from stages.common.config import SKLEARN_SOURCES, IngestParams, Params
 from stages.common.errors import DataError
-from stages.common.io import atomic_path, parquet_writer, read_json, write_json
+from stages.common.io import atomic_path, read_json, write_json
+from stages.common.parquet_files import ParquetFiles
 from stages.common.sources import conform_batch, iter_file_batches, plain_schema
 from stages.common.watermark import column_max, filter_new_rows, from_json_value, to_json_value
 
@@ -144,24 +145,6 @@ def check_columns_present(schema: Any, params: IngestParams, name: str) -> None:
                             file=name, column=column, rule=rule)
 
 
-def rebatch(batches: Iterator[Any], rows: int) -> Iterator[Any]:
-    """Tables of exactly ``rows`` rows (the last one may be shorter) from any batch sizes."""
-    import pyarrow as pa
-
-    pending: list[Any] = []
-    count = 0
-    for batch in batches:
-        pending.append(batch)
-        count += batch.num_rows
-        while count >= rows:
-            table = pa.Table.from_batches(pending)
-            yield table.slice(0, rows)
-            rest = table.slice(rows)
-            pending, count = rest.to_batches(), rest.num_rows
-    if count:
-        yield pa.Table.from_batches(pending)
-
-
 # ----------------------------------------------------------------------------- watermark
 
 
@@ -188,19 +171,20 @@ def manifest_to_append(params: IngestParams, previous: dict | None) -> dict | No
 # ----------------------------------------------------------------------------- writing
 
 
-def write_part(path: Path, schema: Any, batches: Iterator[Any], batch_rows: int,
+def write_part(folder: Path, name: str, schema: Any, batches: Iterator[Any], batch_rows: int,
                watermark: str | None) -> tuple[int, Any]:
-    """Write the batches as one Parquet part (row groups of ``batch_rows``).
+    """Write the batches as the Parquet part ``folder/<name>.parquet`` (row groups of
+    ``batch_rows``; encoding runs on a background thread while the next batch is read).
 
     Returns the rows written and the largest watermark value (None without a watermark).
     """
     rows, largest = 0, None
-    with parquet_writer(path, schema) as writer:
-        for table in rebatch(batches, batch_rows):
-            writer.write_table(table, row_group_size=batch_rows)
-            rows += table.num_rows
+    with ParquetFiles(folder, [name], schema, batch_rows) as part:
+        for batch in batches:
+            part.add(name, batch)
+            rows += batch.num_rows
             if watermark is not None:
-                largest = column_max(table, watermark, largest)
+                largest = column_max(batch, watermark, largest)
     return rows, largest
 
 
@@ -225,7 +209,8 @@ def write_dataset(out_dir: Path, params: IngestParams, batches: Iterator[Any], s
         tmp.mkdir()
         parts = link_parts(previous, out_dir, tmp) if previous else []
         name = PART.format(len(parts))
-        rows, largest = write_part(tmp / name, schema, batches, batch_rows, params.watermark)
+        rows, largest = write_part(tmp, Path(name).stem, schema, batches, batch_rows,
+                                   params.watermark)
         top = None if largest is None else to_json_value(largest)
         parts.append({"file": name, "rows": rows, "watermark_max": top})
         manifest = {"source": describe_source(params),

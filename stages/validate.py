@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +33,12 @@ from stages.common.gx_check import (
     describe_failures,
     gx_expectations,
     json_safe,
+    preload_gx,
     run_gx,
     summarize_result,
 )
 from stages.common.io import atomic_path, iter_batches, open_dataset, write_json, write_text
+from stages.common.parquet_files import ParquetFiles
 from stages.common.rules import build_checks, gate_error
 from stages.common.stream import StreamingGate, check_dataset
 from stages.common.suite import Suite, load_suite, profile_snapshot, render_suite
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 DATA_FILE = "data.parquet"
 QUARANTINE_FILE = "rows.parquet"
+CLEAN, BAD = Path(DATA_FILE).stem, Path(QUARANTINE_FILE).stem  # ParquetFiles' names
 FAILED_RUN_NAME = "validation-failed"
 
 
@@ -66,6 +67,7 @@ def run(raw_dir: str | Path, out_dir: str | Path, quarantine_dir: str | Path,
                           f"ingest.target {params.ingest.target!r}")
     dataset = open_dataset(raw_dir)  # a missing/corrupt part or differing schemas: DataError
     checks = build_checks(suite, params.validate.rules, dataset.schema, suite_path)
+    preload_gx()  # overlaps the streaming pass; GX runs after it
     summary: dict[str, Any] = {"success": False, "data": str(raw_dir), "suite": suite_path,
                                "rows": dataset.count_rows(), "bad_rows": 0}
     error: GateError | None = None
@@ -99,14 +101,14 @@ def _gate(dataset: Any, suite: Suite, checks: dict, raw_dir: Path, out_dir: Path
         out.mkdir()
         quarantine.mkdir()
         try:
-            with _writer(out / DATA_FILE, gate.out_schema) as clean_rows, \
-                    _writer(quarantine / QUARANTINE_FILE, gate.bad_schema) as bad_rows:
+            with ParquetFiles(out, [CLEAN], gate.out_schema, batch_rows) as clean_rows, \
+                    ParquetFiles(quarantine, [BAD], gate.bad_schema, batch_rows) as bad_rows:
                 for file in files:
                     for batch in iter_batches(file, batch_rows):
                         clean, bad = gate.feed(batch, str(file))
-                        clean_rows.write_batch(clean)
+                        clean_rows.add(CLEAN, clean)
                         if bad is not None:
-                            bad_rows.write_batch(bad)
+                            bad_rows.add(BAD, bad)
             gate.finish()
         finally:
             summary.update(gate.summary(), max_bad_fraction=params.validate.max_bad_fraction,
@@ -116,21 +118,6 @@ def _gate(dataset: Any, suite: Suite, checks: dict, raw_dir: Path, out_dir: Path
         write_json(quarantine / "summary.json", {key: summary[key] for key in (
             "data", "rows", "bad_rows", "bad_fraction", "rules")})
         summary["success"] = True
-
-
-@contextmanager
-def _writer(path: Path, schema: Any) -> Iterator[Any]:
-    # Inside a folder that atomic_path renames as a whole. Dictionary encoding for text columns
-    # only: on float columns it costs 5x the write time and saves nothing.
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_dictionary(f.type)]
-    writer = pq.ParquetWriter(path, schema, use_dictionary=text)
-    try:
-        yield writer
-    finally:
-        writer.close()
 
 
 def _run_gx(gate: StreamingGate, suite: Suite, params: Params, report: Path,

@@ -79,6 +79,28 @@ def as_gx_frame(table: Any) -> Any:
     return df
 
 
+def preload_gx() -> None:
+    """Import great_expectations on a background thread (3-5 s of imports).
+
+    The streaming pass spends its time in pyarrow and numpy, which release the GIL, so the
+    import mostly overlaps it; ``run_gx``'s own import then finds the module loaded (or waits
+    for it on Python's import lock).
+    """
+    import threading
+
+    os.environ["GX_ANALYTICS_ENABLED"] = "false"
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    threading.Thread(target=_import_gx, name="import-great-expectations", daemon=True).start()
+
+
+def _import_gx() -> None:
+    try:
+        import great_expectations  # noqa: F401
+        import great_expectations.checkpoint  # noqa: F401
+    except Exception:  # run_gx imports it again and reports any error there
+        pass
+
+
 def run_gx(df: Any, suite: Suite, expectations: list[dict[str, Any]], docs_dir: Path,
            source: str) -> ExpectationSuiteValidationResult:
     """Run ``expectations`` on ``df`` in an ephemeral GX context; write Data Docs to docs_dir."""

@@ -1,8 +1,11 @@
-"""Write rows to several Parquet files at once, in whole row groups, on a background thread.
+"""Write rows to one or more Parquet files, in whole row groups, on a background thread.
 
-Each file gets row groups of exactly ``rows_per_group`` rows (the last one shorter). Encoding
-and compressing a row group runs on one writer thread while the caller reads and splits the
-next batch; at most ``MAX_IN_FLIGHT`` row groups wait for it, so memory stays bounded.
+The data stages (ingest's parts, validate's clean and quarantined rows, features' splits) all
+write this way. Each file gets row groups of exactly ``rows_per_group`` rows (the last one
+shorter). Encoding and compressing a row group runs on one writer thread while the caller reads
+and checks the next batch; at most ``MAX_IN_FLIGHT`` row groups wait for it, so memory stays
+bounded. The files are written in place: callers write into a temporary folder that
+``io.atomic_path`` renames as a whole.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from stages.common.io import open_parquet_writer
+
 MAX_IN_FLIGHT = 2  # row groups handed to the writer thread and not yet written
 
 
-class SplitFiles:
+class ParquetFiles:
     """``add(name, rows)`` appends rows to ``folder/<name>.parquet``; use as a context manager.
 
     On leaving the block normally every file is flushed and closed; on an exception the
@@ -34,8 +39,9 @@ class SplitFiles:
         self.futures: deque[Future] = deque()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
 
-    def __enter__(self) -> SplitFiles:
-        self.writers = {name: open_writer(path, self.schema) for name, path in self.paths.items()}
+    def __enter__(self) -> ParquetFiles:
+        self.writers = {name: open_parquet_writer(path, self.schema)
+                        for name, path in self.paths.items()}
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -59,6 +65,8 @@ class SplitFiles:
     def _flush(self, name: str, final: bool) -> None:
         import pyarrow as pa
 
+        if not self.pending[name]:  # nothing was added: the file keeps just its schema
+            return
         table = pa.concat_tables([part if isinstance(part, pa.Table) else
                                   pa.Table.from_batches([part]) for part in self.pending[name]])
         size = self.rows_per_group
@@ -75,16 +83,6 @@ class SplitFiles:
         # block until at most ``keep`` writes are in flight; a failed write raises here
         while len(self.futures) > keep:
             self.futures.popleft().result()
-
-
-def open_writer(path: Path, schema: Any) -> Any:
-    """A ParquetWriter with dictionary encoding for text columns only (on float columns it is
-    tried and abandoned page after page, which makes writing ~3x slower)."""
-    import pyarrow.parquet as pq
-    import pyarrow.types as pt
-
-    text = [f.name for f in schema if pt.is_string(f.type) or pt.is_large_string(f.type)]
-    return pq.ParquetWriter(path, schema, use_dictionary=text)
 
 
 def arrow_mask(mask: np.ndarray) -> Any:
