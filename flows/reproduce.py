@@ -58,7 +58,9 @@ def check_clean(dirty: list[str] | None, allow_dirty: bool) -> str | None:
     Raises:
         ReproduceError: the tree differed from the commit and ``allow_dirty`` is False.
     """
-    unrestored = None if dirty is None else [f for f in dirty if f not in RESTORED_FILES]
+    # DVC adds each new output to its folder's .gitignore: ignore rules are not code
+    unrestored = None if dirty is None else [f for f in dirty if f not in RESTORED_FILES
+                                             and Path(f).name != ".gitignore"]
     if unrestored == []:
         return None
     what = "files not recorded" if unrestored is None else ", ".join(unrestored)

@@ -163,6 +163,7 @@ def test_relative_remote_becomes_absolute_and_urls_stay(tmp_path: Path) -> None:
 def test_dirty_code_is_refused_unless_allowed() -> None:
     assert reproduce.check_clean([], False) is None
     assert reproduce.check_clean(["dvc.lock", "params.yaml"], False) is None
+    assert reproduce.check_clean(["dvc.lock", "data/.gitignore"], False) is None  # DVC writes it
     with pytest.raises(reproduce.ReproduceError, match="stages/train.py.*--allow-dirty"):
         reproduce.check_clean(["dvc.lock", "stages/train.py"], False)
     with pytest.raises(reproduce.ReproduceError, match="files not recorded"):
