@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from stages.common.gx_check import (
     run_gx,
     summarize_result,
 )
+from stages.common.csvfiles import iter_csv_batches
 from stages.common.io import atomic_path, iter_batches, open_dataset, write_json, write_text
 from stages.common.parquet_files import ParquetFiles
 from stages.common.rules import build_checks, gate_error
@@ -92,7 +94,7 @@ def run(raw_dir: str | Path, out_dir: str | Path, quarantine_dir: str | Path,
 
 def _gate(dataset: Any, suite: Suite, checks: dict, raw_dir: Path, out_dir: Path,
           quarantine_dir: Path, report: Path, params: Params, summary: dict[str, Any]) -> None:
-    files = sorted(raw_dir.glob("*.parquet")) if raw_dir.is_dir() else [raw_dir]
+    files = [Path(file) for file in dataset.files]  # open_dataset listed and checked them
     batch_rows, source = params.base.batch_rows, str(raw_dir)
     check_dataset(files, dataset.schema, summary["rows"], suite, source, batch_rows)
     gate = StreamingGate(suite, checks, dataset.schema, summary["rows"], params.validate,
@@ -186,13 +188,12 @@ def write_suite(snapshot: str | Path, out: str | Path, target: str, margin: floa
 
 
 def _snapshot_batches(path: Path, batch_rows: int) -> tuple[Any, Any]:
-    if path.suffix.lower() == ".csv":
-        import pyarrow.csv as csv
-
+    if path.suffix.lower() == ".csv":  # ingest's CSV reader, with its clear errors
         if not path.is_file():
             raise DataError("file not found", file=str(path), rule="exists")
-        reader = csv.open_csv(path, read_options=csv.ReadOptions(block_size=1 << 24))
-        return reader.schema, reader
+        batches = iter_csv_batches(lambda: str(path), str(path), ",")
+        first = next(batches)
+        return first.schema, chain([first], batches)
     return open_dataset(path).schema, iter_batches(path, batch_rows)
 
 

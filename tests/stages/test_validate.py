@@ -331,6 +331,18 @@ def test_main_suite_writes_a_suite_the_gate_accepts(snapshot_kind: str, tmp_path
     assert validate.main(GATE_ARGS) == 0
 
 
+def test_suite_from_a_header_only_csv_names_the_file_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_params(Path("params.yaml"), "suites/mine.json")
+    Path("snap.csv").write_text("x,n,color,flag,when,label\n")  # ingest's CSV reader refuses it
+
+    assert validate.main(["suite", "--snapshot", "snap.csv", "--out", "suites/mine.json"]) == 1
+
+    assert "file=snap.csv" in caplog.text and "rule=not_empty" in caplog.text
+    assert not Path("suites/mine.json").exists()
+
+
 def test_help_shows_both_commands_with_examples(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         validate.main(["--help"])
