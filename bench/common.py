@@ -179,6 +179,18 @@ def write_result(name: str, payload: dict[str, Any], results_dir: Path = RESULTS
     return path
 
 
+def prepare_run(args: argparse.Namespace) -> Any:
+    """What every training benchmark does first: quiet logs, torch threads; returns the device."""
+    import logging
+    import sys
+
+    from stages.common.nets import select_device
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    configure_torch(args.threads)
+    return select_device(args.device)
+
+
 def configure_torch(threads: int) -> None:
     """Set torch's intra-op thread count when asked (0 leaves torch's default)."""
     import torch

@@ -326,11 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write ``<results-dir>/train_loop.json``."""
     args = build_parser().parse_args(argv)
-    from stages.common.nets import select_device
-
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    common.configure_torch(args.threads)
-    device = select_device(args.device)
+    device = common.prepare_run(args)
     if "stage" not in args.variants:
         args.variants = ["stage", *args.variants]
     if "lightning" in args.variants:

@@ -17,10 +17,8 @@ milliseconds and any fixed cost per epoch or per run weighs far more.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -203,11 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write ``<results-dir>/train_mlflow.json``."""
     args = build_parser().parse_args(argv)
-    from stages.common.nets import select_device
-
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    common.configure_torch(args.threads)
-    device = select_device(args.device)
+    device = common.prepare_run(args)
     load_before = common.load_average()
     with temporary_store():
         cases = [measure_case(case, args, device) for case in make_cases(args)]

@@ -193,21 +193,27 @@ def make_validated(n: int = 120, seed: int = 0) -> pd.DataFrame:
                          "target": (X[:, 0] - X[:, 1] > 0).astype("int64")})
 
 
+def write_train_inputs(root: Path, rows: int = 120) -> Path:
+    """``root`` with what the train stage reads: data/features (made by the real features stage
+    from ``make_validated(rows)``) and a passing validation report."""
+    validated = root / "data" / "validated"
+    validated.mkdir(parents=True)
+    make_validated(n=rows).to_parquet(validated / "data.parquet", index=False)
+    features.run(validated, root / "data" / "features", parse_params({}))
+    report = root / "reports" / "validation"
+    (report / "docs").mkdir(parents=True)
+    (report / "summary.json").write_text('{"success": true, "failed": []}')
+    (report / "docs" / "index.html").write_text("<html></html>")
+    return root
+
+
 @pytest.fixture
 def project(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     """tmp_path holding data/features (made by the features stage) and a validation report."""
     monkeypatch.chdir(tmp_path)
-    validated = tmp_path / "data" / "validated"
-    validated.mkdir(parents=True)
-    make_validated().to_parquet(validated / "data.parquet", index=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         {"train": {"hidden_sizes": [8], "lr": 0.01, "max_epochs": 6, "patience": 3}}))
-    features.run(validated, tmp_path / "data" / "features", parse_params({}))
-    report = tmp_path / "reports" / "validation"
-    (report / "docs").mkdir(parents=True)
-    (report / "summary.json").write_text('{"success": true, "failed": []}')
-    (report / "docs" / "index.html").write_text("<html></html>")
-    return tmp_path
+    return write_train_inputs(tmp_path)
 
 
 def _args(root: Path) -> list[str]:

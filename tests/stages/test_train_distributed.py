@@ -13,12 +13,11 @@ import pytest
 import torch
 import yaml
 
-from stages import features, train
-from stages.common.config import parse_params
+from stages import train
 from stages.common.distributed import DistInfo, local_batch_size, resolve_nproc
 from stages.common.errors import ConfigError
 from stages.common.io import read_json
-from tests.stages.test_train import make_validated
+from tests.stages.test_train import write_train_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 # No dropout: with it the ranks would draw other masks than one process does (see below).
@@ -36,11 +35,7 @@ def test_nproc_and_global_batch_size_are_checked() -> None:
 @pytest.fixture
 def project(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    validated = tmp_path / "data" / "validated"
-    validated.mkdir(parents=True)
-    make_validated(n=400).to_parquet(validated / "data.parquet", index=False)
-    features.run(validated, tmp_path / "data" / "features", parse_params({}))
-    (tmp_path / "reports" / "validation").mkdir(parents=True)
+    write_train_inputs(tmp_path, rows=400)
     for name, nproc in (("single", 1), ("ddp", 2)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
             {"base": {"device": "cpu"}, "train": {**TRAIN, "nproc": nproc}}))

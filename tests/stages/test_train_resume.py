@@ -16,12 +16,12 @@ import pytest
 import torch
 import yaml
 
-from stages import features, train
+from stages import train
 from stages.common.checkpoint import GracefulStop, ResumeStore, TrainingInterrupted
-from stages.common.config import TrainParams, parse_params
+from stages.common.config import TrainParams
 from stages.common.io import read_json
 from stages.common.nets import build_network
-from tests.stages.test_train import CPU, fit, make_tensors, make_validated
+from tests.stages.test_train import CPU, fit, make_tensors, write_train_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 # Big enough that one epoch is hundreds of steps (a kill lands mid-epoch), small enough to be
@@ -105,14 +105,8 @@ def test_checkpoint_is_keyed_by_params_and_data(tmp_path: Path) -> None:
 def project(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     """tmp_path with 3000-row features, a validation report and params.yaml (TRAIN)."""
     monkeypatch.chdir(tmp_path)
-    validated = tmp_path / "data" / "validated"
-    validated.mkdir(parents=True)
-    make_validated(n=3000).to_parquet(validated / "data.parquet", index=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": TRAIN}))
-    features.run(validated, tmp_path / "data" / "features", parse_params({}))
-    (tmp_path / "reports" / "validation").mkdir(parents=True)
-    (tmp_path / "reports" / "validation" / "summary.json").write_text('{"success": true}')
-    return tmp_path
+    return write_train_inputs(tmp_path, rows=3000)
 
 
 def _args(root: Path, name: str) -> list[str]:
