@@ -176,24 +176,6 @@ def iter_batches(path: str | Path, batch_rows: int, columns: list[str] | None = 
                             file=str(file), rule="parquet") from exc
 
 
-def count_rows(path: str | Path) -> int:
-    """Rows in a Parquet file or folder, from the file footers (no data is read)."""
-    return open_dataset(path).count_rows()
-
-
-@contextmanager
-def parquet_writer(path: str | Path, schema) -> Iterator[Any]:
-    """A Parquet writer (``open_parquet_writer``) on a temporary file, renamed to ``path`` on
-    success: write record batches or tables to it; on an exception nothing appears at ``path``.
-    """
-    with atomic_path(path) as tmp:
-        writer = open_parquet_writer(tmp, schema)
-        try:
-            yield writer
-        finally:
-            writer.close()
-
-
 def open_parquet_writer(path: str | Path, schema) -> Any:
     """A ``pyarrow.parquet.ParquetWriter`` that dictionary-encodes text columns only.
 
