@@ -28,6 +28,7 @@ import yaml
 
 from bench import synth
 from bench.common import RESULTS_DIR, load_average
+from stages.common.config import BaseParams
 from stages.common.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="table sizes, smallest first (default: 1e6 and 1e7)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-data"),
                         help="scratch folder (the CSVs are kept there and reused)")
-    parser.add_argument("--batch-rows", type=int, default=262_144, help="params base.batch_rows")
+    parser.add_argument("--batch-rows", type=int, default=BaseParams().batch_rows,
+                        help="params base.batch_rows")
     parser.add_argument("--snapshot-rows", type=int, default=100_000,
                         help="rows of the trusted snapshot the suite is profiled from")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.common.cli import build_parser, run_main
-from stages.common.config import SKLEARN_SOURCES, IngestParams, Params
+from stages.common.config import SKLEARN_SOURCES, BaseParams, IngestParams, Params
 from stages.common.errors import DataError
 from stages.common.io import atomic_path, read_json, write_json
 from stages.common.parquet_files import ParquetFiles
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PART = "part-{:05d}.parquet"
-DEFAULT_BATCH_ROWS = 262_144  # params base.batch_rows
+DEFAULT_BATCH_ROWS = BaseParams().batch_rows  # params base.batch_rows
 
 
 @dataclass(frozen=True)
