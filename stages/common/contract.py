@@ -1,0 +1,322 @@
+"""The model's input contract: what a served model accepts, taken from the reviewed suite.
+
+Built at registration from the suite (``suites/*.json``) plus params ``validate.rules`` and the
+preprocessor's feature columns, and shipped inside the logged model as ``contract.json``. The
+signature MLflow shows, the service's payload check and its row checks all come from it, so
+what validate lets through, serving accepts: including a row exactly as it stands in the source
+table (ids and dates the features stage drops are in the contract, ``used: false``). Shape::
+
+    {"version": 1, "target": "species", "labels": ["Adelie", ...],
+     "columns": [{"name", "kind": float|int|category|bool|datetime, "nullable": bool,
+                  "min", "max", "positive": bool, "values": list|None,
+                  "format": str|None (strftime of a text date; None = ISO), "used": bool}]}
+
+``check_rows`` finds the row-level problems (rules ``not_null``, ``between``, ``positive``,
+``in_set``, ``format``, ``all_null``) in the used columns, for serving's row policy.
+No MLflow at import time; pandas only inside ``check_rows``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.common.errors import ConfigError
+from stages.common.io import atomic_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from stages.common.config import ColumnRuleParams
+    from stages.common.suite import Suite
+
+CONTRACT_VERSION = 1
+CONTRACT_FILE = "contract.json"  # the file name inside the logged model
+CONTRACT_ARTIFACT = "contract"  # its key among the pyfunc's artifacts
+ALL_COLUMNS = "*"  # the column an ``all_null`` violation names
+PROBA_PREFIX = "proba_"  # the pyfunc's output columns (stages.common.servable)
+# MLflow signature type name -> contract kind (for models logged before contracts existed)
+_SIGNATURE_KINDS = {"double": "float", "float": "float", "long": "int", "integer": "int",
+                    "boolean": "bool", "string": "category", "datetime": "datetime"}
+_SCHEMA_KEYS = ("kind", "used", "format")  # what contract_differences compares per column
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One row breaking one rule of the contract."""
+
+    row: int  # position in the checked frame
+    column: str  # ALL_COLUMNS for ``all_null``
+    rule: str  # not_null | between | positive | in_set | format | all_null
+    value: Any
+
+    def describe(self) -> str:
+        """``row 3: column 'x' breaks between (value 1e+30)``."""
+        return f"row {self.row}: column {self.column!r} breaks {self.rule} " \
+               f"(value {self.value!r})"
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_contract(suite: Suite, rules: dict[str, ColumnRuleParams],
+                   feature_columns: Iterable[str]) -> dict[str, Any]:
+    """The contract for a model trained on data that passed ``suite`` and ``rules``.
+
+    Args:
+        suite: the reviewed suite (``load_suite(params.validate.suite_path)``).
+        rules: params ``validate.rules`` (row rules on top of the suite).
+        feature_columns: the columns fed to the model (``preprocessor.feature_columns``).
+
+    Raises:
+        ConfigError: a feature column the suite does not know.
+    """
+    used = list(feature_columns)
+    unknown = [name for name in used if name not in suite.columns or name == suite.target]
+    if unknown:
+        raise ConfigError(f"feature column(s) {unknown} are not columns of suite "
+                          f"{suite.name!r} (or are its target): the model and the suite "
+                          "disagree; re-run features with params validate.suite_path's suite")
+    columns = [_column(name, spec, rules.get(name), name in used)
+               for name, spec in suite.columns.items() if name != suite.target]
+    return {"version": CONTRACT_VERSION, "target": suite.target,
+            "labels": list(suite.labels), "columns": columns}
+
+
+def _column(name: str, spec: Any, rule: ColumnRuleParams | None, used: bool) -> dict[str, Any]:
+    low, high, values = spec.min, spec.max, spec.values
+    not_null, positive = spec.not_null, False
+    if rule is not None:
+        low = _tighter(low, rule.min, max)
+        high = _tighter(high, rule.max, min)
+        values = _intersect(values, rule.values)
+        not_null, positive = not_null or rule.not_null, rule.positive
+    return {"name": name, "kind": spec.kind, "nullable": not not_null, "min": low, "max": high,
+            "positive": positive, "values": values,
+            "format": getattr(spec, "format", None), "used": used}
+
+
+def _tighter(current: float | None, extra: float | None, pick: Any) -> float | None:
+    return extra if current is None else current if extra is None else pick(current, extra)
+
+
+def _intersect(current: list[Any] | None, extra: list[Any] | None) -> list[Any] | None:
+    if current is None or extra is None:
+        return current if extra is None else list(extra)
+    return [value for value in current if value in extra]
+
+
+def contract_from_signature(input_columns: Iterable[tuple[str, str, bool]],
+                            output_columns: Iterable[str]) -> dict[str, Any]:
+    """A contract for a model logged before contracts existed, from its MLflow signature.
+
+    Args:
+        input_columns: ``(name, MLflow type name, required)`` per signature input.
+        output_columns: the output signature's column names (``proba_<label>`` give labels).
+    """
+    columns = [{"name": name, "kind": _SIGNATURE_KINDS.get(type_name, "category"),
+                "nullable": not required, "min": None, "max": None, "positive": False,
+                "values": None, "format": None, "used": True}
+               for name, type_name, required in input_columns]
+    labels = [name.removeprefix(PROBA_PREFIX) for name in output_columns
+              if name.startswith(PROBA_PREFIX)]
+    return {"version": CONTRACT_VERSION, "target": None, "labels": labels, "columns": columns,
+            "derived_from": "signature"}
+
+
+# ----------------------------------------------------------------------------- comparing
+
+
+def contract_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """What makes ``new`` another input schema or label set than ``old``; [] = the same.
+
+    Compared: the target (when both name one), the labels (as text, order ignored), the column
+    names, and each column's kind, ``used`` and date format. Nullability, ranges and value sets
+    are row-level rules: a reviewed change of those is not a schema change.
+    """
+    if old is None:
+        return ["the old model has no contract (and no signature to derive one from)"]
+    found = []
+    if old.get("target") and new.get("target") and old["target"] != new["target"]:
+        found.append(f"target {old['target']!r} -> {new['target']!r}")
+    old_labels, new_labels = _label_set(old), _label_set(new)
+    if old_labels != new_labels:
+        found.append(f"labels {sorted(old_labels)} -> {sorted(new_labels)}")
+    old_cols, new_cols = _by_name(old), _by_name(new)
+    gone, added = sorted(set(old_cols) - set(new_cols)), sorted(set(new_cols) - set(old_cols))
+    if gone:
+        found.append(f"columns no longer taken: {gone}")
+    if added:
+        found.append(f"new columns: {added}")
+    for name in [name for name in old_cols if name in new_cols]:
+        for key in _SCHEMA_KEYS:
+            before, after = old_cols[name].get(key), new_cols[name].get(key)
+            if before != after:
+                found.append(f"column {name!r}: {key} {before!r} -> {after!r}")
+    return found
+
+
+def _label_set(contract: dict[str, Any]) -> set[str]:
+    return {str(label) for label in contract.get("labels") or []}
+
+
+def _by_name(contract: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {col["name"]: col for col in contract.get("columns") or []}
+
+
+# ----------------------------------------------------------------------------- checking rows
+
+
+def check_rows(frame: pd.DataFrame, contract: dict[str, Any]) -> list[Violation]:
+    """The row-level problems of ``frame`` against the contract's used columns.
+
+    Rules: ``not_null`` (a missing value where the suite allows none), ``between`` (outside the
+    suite's/params' min..max), ``positive``, ``in_set`` (an unseen category), ``format`` (a
+    text date that does not parse with the contract's format) and ``all_null`` (every used
+    column missing: column ``*``). Unused columns (ids, dropped dates) are never checked.
+    A column absent from ``frame`` counts as all missing.
+
+    Returns:
+        The violations, by row then column order.
+    """
+    used = [col for col in contract.get("columns") or [] if col.get("used", True)]
+    found: list[Violation] = []
+    missing_all = None
+    for col in used:
+        values = frame[col["name"]] if col["name"] in frame.columns else None
+        nulls = _nulls(values, len(frame))
+        missing_all = nulls if missing_all is None else missing_all & nulls
+        found += _column_violations(col, values, nulls)
+    if used and missing_all is not None:
+        found += [Violation(int(i), ALL_COLUMNS, "all_null", None)
+                  for i in missing_all.nonzero()[0]]
+    return sorted(found, key=lambda v: (v.row, v.column == ALL_COLUMNS))
+
+
+def _nulls(values: pd.Series | None, n: int) -> Any:
+    import numpy as np
+
+    return np.ones(n, dtype=bool) if values is None else values.isna().to_numpy()
+
+
+def _column_violations(col: dict[str, Any], values: pd.Series | None,
+                       nulls: Any) -> list[Violation]:
+    name = col["name"]
+    found = []
+    if not col.get("nullable", True):
+        found += [Violation(int(i), name, "not_null", None) for i in nulls.nonzero()[0]]
+    if values is None:
+        return found
+    for i, value in enumerate(values.tolist()):
+        if not nulls[i]:
+            rule = _broken_rule(col, value)
+            if rule is not None:
+                found.append(Violation(i, name, rule, _plain(value)))
+    return found
+
+
+def _broken_rule(col: dict[str, Any], value: Any) -> str | None:
+    kind = col.get("kind")
+    if kind in ("float", "int") and isinstance(value, (int, float)) \
+            and not isinstance(value, bool):
+        if (col.get("min") is not None and value < col["min"]) or \
+                (col.get("max") is not None and value > col["max"]) or math.isinf(value):
+            return "between"
+        if col.get("positive") and value <= 0:
+            return "positive"
+    if col.get("values") is not None and kind in ("category", "bool", "int", "float") \
+            and not _in_values(value, col["values"]):
+        return "in_set"
+    if kind == "datetime" and isinstance(value, str) and not _parses(value, col.get("format")):
+        return "format"
+    return None
+
+
+def _in_values(value: Any, allowed: list[Any]) -> bool:
+    # A category arrives as text; the suite may list it as text or as the number it was.
+    return value in allowed or str(value) in {str(item) for item in allowed}
+
+
+def _parses(text: str, fmt: str | None) -> bool:
+    import datetime as dt
+
+    try:
+        if fmt:
+            dt.datetime.strptime(text, fmt)
+        else:
+            dt.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_contract(contract: dict[str, Any], path: str | Path) -> Path:
+    """Write the contract as reviewable JSON (atomically); returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(render_contract(contract), encoding="utf-8")
+    return path
+
+
+def render_contract(contract: dict[str, Any]) -> str:
+    """The contract as indented JSON, ending in a newline."""
+    return json.dumps(contract, indent=2, ensure_ascii=False, default=str) + "\n"
+
+
+def load_contract(path: str | Path) -> dict[str, Any]:
+    """Read a contract file; a missing or malformed one raises ConfigError naming it."""
+    path = Path(path)
+    try:
+        contract = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: contract file not found") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(contract, dict) or not isinstance(contract.get("columns"), list):
+        raise ConfigError(f"{path}: not a model input contract (no 'columns' list)")
+    return contract
+
+
+def contract_in_model_dir(path: str | Path) -> dict[str, Any] | None:
+    """The contract of a downloaded model folder: its ``contract.json`` artifact, or one
+    derived from its signature (None when it has neither)."""
+    from mlflow.models import Model
+
+    path = Path(path)
+    found = sorted(path.glob(f"artifacts/{CONTRACT_FILE}")) or sorted(path.glob(CONTRACT_FILE))
+    if found:
+        return load_contract(found[0])
+    meta = Model.load(path)
+    inputs, outputs = meta.get_input_schema(), meta.get_output_schema()
+    if inputs is None or not inputs.has_input_names():
+        return None
+    return contract_from_signature(
+        [(str(col.name), getattr(col.type, "name", ""), bool(getattr(col, "required", True)))
+         for col in inputs.inputs],
+        outputs.input_names() if outputs is not None else [])
+
+
+def model_contract(model_uri: str) -> dict[str, Any] | None:
+    """The input contract of a logged model (``models:/name/3``, ``runs:/id/model``, ...).
+
+    From the model's ``contract`` artifact, or derived from its signature and ``proba_``
+    output columns for a model logged before contracts existed; None when it has neither.
+    """
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="contract-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        return contract_in_model_dir(local)
