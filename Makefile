@@ -5,6 +5,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+# Tests run with bytecode writing on, as users' Python does (__pycache__/ must not change what
+# DVC hashes: .dvcignore), even where the environment turns it off.
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest
 UI_PORT ?= $(shell sed -n 's/^ *ui_port: *\([0-9]*\).*/\1/p' params.yaml)
 
 # The virtualenv's python is the `python` that dvc.yaml commands run; everything stays offline.
@@ -36,7 +39,7 @@ repro: install ## Run the same stages with `dvc repro`, then push the data versi
 	$(BIN)/dvc repro && $(BIN)/dvc push
 
 test: install test-deps ## Run the test suite (real MLflow, DVC, GX, Prefect, PostgreSQL in temp dirs)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 # The SQL ingest tests start a real PostgreSQL server (tests/postgres.py): install it when its
 # binaries are missing and we may (root, e.g. CI containers); otherwise those tests skip.
@@ -47,7 +50,7 @@ test-deps: ## Install the PostgreSQL server the SQL tests start (apt-get, when r
 	  echo "PostgreSQL not installed (need root for apt-get): the SQL ingest tests will skip"
 
 test-fast: install ## Run the tests without the slow end-to-end ones
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 ui: install ## Open the MLflow UI on 127.0.0.1 (runs, metrics, plots, registry)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db \

@@ -18,7 +18,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["stages", "flows", "serving", "suites", "data/source", "dvc.yaml",
-                 "params.yaml"]
+                 "params.yaml", ".dvcignore"]
 
 # Small but real settings so the whole pipeline runs in seconds on a 2-core CPU.
 TINY_PARAMS = {"train": {"max_epochs": 15, "patience": 5}}
@@ -30,6 +30,10 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests that need MLflow get their own store
+# Bytecode writing on, as with an ordinary `python`: stages, dvc and the flow then write
+# __pycache__/ beside the code, which DVC must ignore (.dvcignore) or every stage re-runs.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 # `python` in dvc.yaml commands must be this interpreter (the project's virtualenv).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
