@@ -7,8 +7,12 @@ Endpoints:
   headers ``X-Model-Version`` and ``X-Request-Id``. Bad input gets a 4xx JSON body
   ``{"error_code", "message", "columns"}``; 401 without the bearer token when one is set;
   413 over ``max_body_bytes``; 415 for a non-JSON body; 503 while no model is loaded.
+  Rows are checked against the served model's input contract (:mod:`serving.rowcheck`): per
+  ``row_policy`` a row that breaks it gets 422 (``reject``) or is scored and listed under
+  ``flagged`` (``flag``); either way it is counted in ``/metrics`` and marked in the log.
 * ``GET /health`` (and ``/ping``): the process is up. ``GET /ready``: 200 once a model is
-  loaded, 503 before. ``GET /version``: the served version, its run and lineage tags.
+  loaded, 503 before. ``GET /version``: the served version, its run and lineage tags, and
+  the follower's state (a version refused for another input contract shows there).
   ``GET /metrics``: Prometheus.
 
 The model reference is read once per request from a :class:`serving.model.ModelHolder`, which a
@@ -37,6 +41,8 @@ from serving.metrics import ServiceMetrics
 from serving.model import LoadedModel, ModelHolder, RegistryFollower, load_model, warm_up
 from serving.payloads import PayloadError, encode_predictions, parse_payload
 from serving.predlog import PredictionLog
+from serving.rowcheck import describe, find_violations, rejection, row_marks
+from stages.common.contract import Violation
 from stages.common.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,8 @@ class ServiceConfig:
     log_flush_rows: int = 1000  # flush the prediction log at this many buffered rows
     log_flush_interval_s: float = 30.0  # ...or at least this often
     sample_seed: int | None = None  # seeds sampling (tests)
+    row_policy: str = "reject"  # a row breaking the contract: reject (422) | flag (score, mark)
+    allow_contract_change: bool = False  # follow the alias to another input contract
 
 
 class _Service:
@@ -101,7 +109,8 @@ class _Service:
         if cfg.model_uri is None:
             self.follower = RegistryFollower(self.holder, cfg.model_name, cfg.alias,
                                              cfg.variant, cfg.poll_interval_s,
-                                             on_swap=self._on_swap, on_error=self._on_error)
+                                             on_swap=self._on_swap, on_error=self._on_error,
+                                             allow_contract_change=cfg.allow_contract_change)
             self.follower.start()
             return
         threading.Thread(target=self._load_fixed, name="model-loader", daemon=True).start()
@@ -115,6 +124,28 @@ class _Service:
             self._on_error(f"{type(exc).__name__}: {exc}")
             return
         self._on_swap(model, self.holder.swap(model))
+
+    def check_rows(self, model: LoadedModel, request_id: str,
+                   rows: list[list[Any]]) -> list[Violation]:
+        """Apply the row policy: count and log the violations, then raise (reject) or return
+        them for the response (flag; [] when every row keeps the contract)."""
+        violations = find_violations(model, rows)
+        if not violations:
+            return []
+        reject = self.config.row_policy == "reject"
+        self.metrics.observe_violations(violations, "rejected" if reject else "flagged")
+        if reject:
+            self.log.maybe_add(model, request_id, rows, [], time.time(),
+                               row_marks(violations, len(rows)), rejected=True)
+            raise rejection(violations)
+        return violations
+
+    def following(self) -> dict[str, Any]:
+        """The follower's state for /version: its last error, the versions it refused."""
+        follower = self.follower
+        return {"last_error": follower.last_error if follower else self.load_error,
+                "refused_versions": dict(follower.refused) if follower else {},
+                "allow_contract_change": self.config.allow_contract_change}
 
     def check_token(self, request: Request) -> None:
         token = self.config.token
@@ -173,10 +204,12 @@ async def _score(service: _Service, request: Request, endpoint: str) -> Response
         _check_content_type(request)
         rows = parse_payload(await read_body(request, service.config.max_body_bytes),
                              model.spec)
+        flagged = service.check_rows(model, request_id, rows)
         records = await service.batcher.score(model, rows)
-        service.log.maybe_add(model, request_id, rows, records, time.time())
-        response = Response(encode_predictions(records, model.version), media_type=JSON,
-                            headers=headers)
+        service.log.maybe_add(model, request_id, rows, records, time.time(),
+                              row_marks(flagged, len(rows)) if flagged else None)
+        response = Response(encode_predictions(records, model.version, describe(flagged)),
+                            media_type=JSON, headers=headers)
     except PayloadError as exc:
         response = _json(exc.to_json(), exc.status, headers)
         if exc.status == 401:
@@ -245,7 +278,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             return _json({"error_code": "TEMPORARILY_UNAVAILABLE",
                           "message": f"no model loaded yet ({service.load_error or 'loading'})"},
                          503)
-        return _json(model.describe())
+        return _json({**model.describe(), "follower": service.following()})
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

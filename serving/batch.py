@@ -42,7 +42,8 @@ def score_frame(model: LoadedModel, frame: pd.DataFrame) -> pd.DataFrame:
     check_frame(frame, model.spec)
     frame = frame.reset_index(drop=True)
     if len(frame):
-        predictions = model.predict(frame[list(model.spec.names)]).reset_index(drop=True)
+        given = [name for name in model.spec.names if name in frame.columns]  # some optional
+        predictions = model.predict(frame[given]).reset_index(drop=True)
     else:  # the preprocessor refuses 0 rows; an empty file still gets the output columns
         predictions = pd.DataFrame({name: pd.Series(dtype="float64")
                                     for name in model.output_columns})

@@ -28,6 +28,8 @@ _FROM_PARAMS = {
     "poll_interval": ("serve", "poll_interval_s"), "token_env": ("serve", "token_env"),
     "max_body_bytes": ("serve", "max_body_bytes"), "max_batch_rows": ("serve", "max_batch_rows"),
     "sample_rate": ("serve", "sample_rate"), "log_dir": ("serve", "log_dir"),
+    "row_policy": ("serve", "row_policy"),
+    "allow_contract_change": ("serve", "allow_contract_change"),
 }
 
 
@@ -59,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sample-rate", type=float,
                        help="share of requests written to the prediction log (0..1)")
     serve.add_argument("--log-dir", help="prediction log folder (params serve.log_dir)")
+    serve.add_argument("--row-policy", choices=("reject", "flag"),
+                       help="a row breaking the model's input contract: reject (422) or flag "
+                            "(score it and mark it) (params serve.row_policy)")
+    serve.add_argument("--allow-contract-change", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="follow the alias to a version whose input contract differs "
+                            "(params serve.allow_contract_change)")
     serve.add_argument("--log-level", default="info", help="debug, info, warning, error")
     return parser
 
@@ -89,7 +98,8 @@ def build_config(args: argparse.Namespace, params: Params) -> tuple[ServiceConfi
         variant=args.variant, poll_interval_s=s["poll_interval"],
         tracking_uri=tracking_uri(params.mlflow), token=token,
         max_body_bytes=s["max_body_bytes"], max_batch_rows=s["max_batch_rows"],
-        sample_rate=s["sample_rate"], log_dir=s["log_dir"],
+        sample_rate=s["sample_rate"], log_dir=s["log_dir"], row_policy=s["row_policy"],
+        allow_contract_change=s["allow_contract_change"],
         log_flush_rows=params.serve.log_flush_rows,
         log_flush_interval_s=params.serve.log_flush_interval_s)
     return config, s["host"], s["port"]

@@ -35,6 +35,10 @@ class ServiceMetrics:
         self.model_loads = Counter("serving_model_loads_total",
                                    "Model loads by outcome (ok, error)", ["outcome"],
                                    registry=self.registry)
+        self.row_violations = Counter("serving_row_violations_total",
+                                      "Rows breaking the model's input contract, by column "
+                                      "and rule; action: rejected or flagged (serve.row_policy)",
+                                      ["column", "rule", "action"], registry=self.registry)
 
     def observe_request(self, endpoint: str, status: int, version: str,
                         seconds: float) -> None:
@@ -42,6 +46,11 @@ class ServiceMetrics:
         labels = (endpoint, str(status), version)
         self.requests.labels(*labels).inc()
         self.latency.labels(*labels).observe(seconds)
+
+    def observe_violations(self, violations: list[Any], action: str) -> None:
+        """Count each row violation by its column and rule."""
+        for violation in violations:
+            self.row_violations.labels(violation.column, violation.rule, action).inc()
 
     def observe_model(self, model: Any) -> None:
         """A new model is being served: set the version gauge, count the load."""

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from serving.payloads import ColumnSpec, InputSpec
+from serving.payloads import ColumnSpec, InputSpec, spec_from_contract
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,6 +77,14 @@ class LoadedModel:
     tags: Mapping[str, str] = field(default_factory=dict)  # the version's tags (lineage)
     input_example: pd.DataFrame | None = field(default=None, repr=False)
     loaded_at: float = field(default_factory=time.time)
+    # the input contract (stages.common.contract): shipped, or derived from the signature
+    contract: Mapping[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def checks_rows(self) -> bool:
+        """Rows are checked against the contract (a shipped one; not one derived from an old
+        model's signature, which knows no ranges or value sets)."""
+        return self.contract is not None and "derived_from" not in self.contract
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Raw feature rows (signature columns) -> ``prediction`` + ``proba_<label>``."""
@@ -92,6 +100,7 @@ class LoadedModel:
         return {"model_name": self.name, "model_version": self.version, "alias": self.alias,
                 "run_id": self.run_id, "variant": self.variant, "model_uri": self.uri,
                 "loaded_at": self.loaded_at, "input_columns": list(self.spec.names),
+                "checks_rows": self.checks_rows,
                 "output_columns": list(self.output_columns), "tags": dict(self.tags)}
 
 
@@ -180,6 +189,8 @@ def load_model(uri: str, variant: str = "pyfunc") -> LoadedModel:
     import mlflow
     from mlflow.models import Model
 
+    from stages.common.contract import contract_in_model_dir
+
     try:
         versioned, mv, alias = resolve_version(uri)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for "not there"
@@ -188,7 +199,9 @@ def load_model(uri: str, variant: str = "pyfunc") -> LoadedModel:
     try:
         path = mlflow.artifacts.download_artifacts(artifact_uri=versioned, dst_path=local)
         meta = Model.load(path)
-        spec = spec_from_schema(meta.get_input_schema())
+        contract = contract_in_model_dir(path)
+        spec = spec_from_contract(contract) if contract and "derived_from" not in contract \
+            else spec_from_schema(meta.get_input_schema())
         outputs = meta.get_output_schema()
         example = meta.load_input_example(path)
         predictor = _variant_loader(variant)(path, variant)
@@ -204,14 +217,15 @@ def load_model(uri: str, variant: str = "pyfunc") -> LoadedModel:
         output_columns=tuple(outputs.input_names()) if outputs is not None else (),
         name=mv.name if mv else None, version=str(mv.version) if mv else None, alias=alias,
         run_id=(mv.run_id if mv else None) or meta.run_id, tags=dict(mv.tags) if mv else {},
-        input_example=example if hasattr(example, "columns") else None)
+        input_example=example if hasattr(example, "columns") else None, contract=contract)
 
 
 def warm_up(model: LoadedModel) -> None:
     """Score the input example once, so the first request is not the one paying for lazy
     initialisation (and a model that cannot score its own example is never swapped in)."""
     if model.input_example is not None:
-        model.predict(model.input_example[list(model.spec.names)])
+        example = model.input_example
+        model.predict(example[[name for name in model.spec.names if name in example.columns]])
 
 
 # --- the atomic swap --------------------------------------------------------------------------
@@ -248,15 +262,21 @@ class RegistryFollower:
         variant: how each version is loaded (see :func:`load_model`).
         interval_s: seconds between registry checks.
         on_swap: called with (new, previous) after a swap; on_error with the failure message.
+        allow_contract_change: swap to a version whose input contract differs from the served
+            one's (params ``serve.allow_contract_change``); otherwise such a version is
+            refused once, remembered in ``refused`` and ``last_error``, and not loaded again.
     """
 
     def __init__(self, holder: ModelHolder, name: str, alias: str, variant: str = "pyfunc",
                  interval_s: float = 10.0,
                  on_swap: Callable[[LoadedModel, LoadedModel | None], None] | None = None,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None,
+                 allow_contract_change: bool = False) -> None:
         self.holder, self.name, self.alias, self.variant = holder, name, alias, variant
         self.interval_s, self.on_swap, self.on_error = interval_s, on_swap, on_error
+        self.allow_contract_change = allow_contract_change
         self.last_error: str | None = None
+        self.refused: dict[str, str] = {}  # version -> why it is not served
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -272,17 +292,16 @@ class RegistryFollower:
         current = self.holder.current
         try:
             mv = MlflowClient().get_model_version_by_alias(self.name, self.alias)
-            if current is not None and current.version == str(mv.version):
+            if (current is not None and current.version == str(mv.version)) \
+                    or str(mv.version) in self.refused:
                 return False
             model = load_model(f"models:/{self.name}/{mv.version}", self.variant)
             model = _with_alias(model, self.alias)
+            if self._refuse(current, model):
+                return False
             warm_up(model)
         except Exception as exc:  # noqa: BLE001 - keep serving the old model, whatever broke
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            logger.error("cannot follow models:/%s@%s: %s", self.name, self.alias,
-                         self.last_error)
-            if self.on_error:
-                self.on_error(self.last_error)
+            self._report(f"{type(exc).__name__}: {exc}")
             return False
         previous = self.holder.swap(model)
         self.last_error = None
@@ -291,6 +310,31 @@ class RegistryFollower:
         if self.on_swap:
             self.on_swap(model, previous)
         return True
+
+    def _refuse(self, current: LoadedModel | None, model: LoadedModel) -> bool:
+        """True (and reported) when ``model``'s contract differs and that is not allowed."""
+        from stages.common.contract import contract_differences
+
+        if current is None or self.allow_contract_change:
+            return False
+        differences = contract_differences(
+            dict(current.contract) if current.contract is not None else None,
+            dict(model.contract) if model.contract is not None else {"columns": []})
+        if not differences:
+            return False
+        reason = (f"refused {self.name} v{model.version}: its input contract differs from "
+                  f"v{current.version}'s ({'; '.join(differences)}); still serving "
+                  f"v{current.version}. To swap anyway set serve.allow_contract_change: true "
+                  "(or --allow-contract-change)")
+        self.refused[str(model.version)] = reason
+        self._report(reason)
+        return True
+
+    def _report(self, message: str) -> None:
+        self.last_error = message
+        logger.error("cannot follow models:/%s@%s: %s", self.name, self.alias, message)
+        if self.on_error:
+            self.on_error(message)
 
     def start(self) -> None:
         """Check now and then every ``interval_s`` seconds, in a daemon thread."""

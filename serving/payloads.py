@@ -18,8 +18,9 @@ request is ever unpickled. Pure Python + numpy/pandas: no MLflow, no web framewo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -34,10 +35,11 @@ SHOWN = 10  # column names quoted in one message at most
 class PayloadError(Exception):
     """A request the model cannot score: its HTTP status, a message, the columns at fault."""
 
-    def __init__(self, message: str, status: int = 400,
-                 columns: Sequence[str] = ()) -> None:
+    def __init__(self, message: str, status: int = 400, columns: Sequence[str] = (),
+                 details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.columns = message, status, list(columns)
+        self.details = details  # e.g. the row violations: [{"row", "column", "rule", "value"}]
 
     def to_json(self) -> dict[str, Any]:
         """The body of the error response (MLflow's ``error_code`` + ``message`` shape)."""
@@ -47,6 +49,8 @@ class PayloadError(Exception):
                                 "message": self.message}
         if self.columns:
             body["columns"] = self.columns
+        if self.details:
+            body["violations"] = self.details
         return body
 
 
@@ -61,7 +65,7 @@ class ColumnSpec:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The model's input columns, in signature order."""
+    """The model's input columns, in signature (contract) order."""
 
     columns: tuple[ColumnSpec, ...]
     names: tuple[str, ...] = field(init=False)
@@ -73,6 +77,23 @@ class InputSpec:
     def all_float(self) -> bool:
         """Every column is a float column (rows then become one float64 matrix)."""
         return all(col.kind == "float" for col in self.columns)
+
+
+# Contract kind -> payload kind. A text date stays text here; the model parses it.
+CONTRACT_KINDS = {"float": "float", "int": "int", "category": "str", "bool": "bool",
+                  "datetime": "str"}
+
+
+def spec_from_contract(contract: dict[str, Any]) -> InputSpec:
+    """The payload check for a model's input contract (``stages.common.contract``).
+
+    Every contract column is taken; a column the model does not use, or one the suite lets be
+    null, may be left out or null (an int column then reaches the model as a float with NaN).
+    """
+    return InputSpec(tuple(
+        ColumnSpec(str(col["name"]), CONTRACT_KINDS.get(col["kind"], "any"),
+                   bool(col.get("used", True)) and not col["nullable"])
+        for col in contract["columns"]))
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -277,8 +298,11 @@ def rows_to_frame(rows: list[list[Any]], spec: InputSpec) -> pd.DataFrame:
         return pd.DataFrame(np.array(rows, dtype=np.float64), columns=list(spec.names))
     frame = pd.DataFrame.from_records(rows, columns=list(spec.names))
     dtypes = {"float": "float64", "int": "int64", "bool": "bool"}
-    return frame.astype({c.name: dtypes[c.kind] for c in spec.columns
-                         if c.kind in dtypes and c.required})
+    casts = {c.name: dtypes[c.kind] for c in spec.columns if c.kind in dtypes and c.required}
+    # an optional int column may hold None: float64 with NaN, as training saw it
+    casts.update({c.name: "float64" for c in spec.columns if c.kind in ("float", "int")
+                  and not c.required})
+    return frame.astype(casts)
 
 
 def frame_to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -289,10 +313,14 @@ def frame_to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [dict(zip(columns, row)) for row in zip(*values)]
 
 
-def encode_predictions(records: list[dict[str, Any]], version: str | None) -> bytes:
-    """The response body: MLflow's ``{"predictions": [...]}`` plus the model version."""
-    return orjson.dumps({"predictions": records, "model_version": version},
-                        option=orjson.OPT_SERIALIZE_NUMPY)
+def encode_predictions(records: list[dict[str, Any]], version: str | None,
+                       flagged: list[dict[str, Any]] | None = None) -> bytes:
+    """The response body: MLflow's ``{"predictions": [...]}`` plus the model version, and
+    ``flagged`` (the row violations scored under ``serve.row_policy: flag``) when there are."""
+    body: dict[str, Any] = {"predictions": records, "model_version": version}
+    if flagged:
+        body["flagged"] = flagged
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def encode_split_payload(frame: pd.DataFrame) -> bytes:

@@ -8,7 +8,10 @@ place, which Parquet readers skip), so ``pandas.read_parquet(dir)`` always reads
 
 Columns: ``logged_at`` (UTC), ``request_id`` (also the response's ``X-Request-Id``),
 ``model_name``, ``model_version``, the input columns as the model received them, then the
-model's output columns (``prediction``, ``proba_<label>``).
+model's output columns (``prediction``, ``proba_<label>``; null for a rejected row), then
+``row_violations`` (``"column:rule;..."`` of the rows that broke the model's input contract,
+else null) and ``row_rejected`` (true when ``serve.row_policy: reject`` refused the row).
+Rows with a violation are always logged, whatever the sample rate.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ class _Entry:
     request_id: str
     logged_at: float
     rows: list[list[Any]]
-    records: list[dict[str, Any]]
+    records: list[dict[str, Any]]  # empty when the request was rejected
+    marks: list[str | None] | None = None  # per row: its contract violations
+    rejected: bool = False
 
 
 def build_table(entries: list[_Entry]) -> Any:
@@ -59,8 +64,13 @@ def build_table(entries: list[_Entry]) -> Any:
         kind = _ARROW_TYPES.get(col.kind)
         arrays[col.name] = pa.array([row[i] for row in rows],
                                     getattr(pa, kind)() if kind else None)
-    for name in (records[0] if records else {}):
-        arrays[name] = pa.array([rec[name] for rec in records])
+    outputs = list(model.output_columns) or list(records[0] if records else {})
+    answers = [rec for e in entries for rec in (e.records or [{}] * len(e.rows))]
+    for name in outputs:
+        arrays[name] = pa.array([rec.get(name) for rec in answers])
+    arrays["row_violations"] = pa.array(
+        [mark for e in entries for mark in (e.marks or [None] * len(e.rows))], pa.string())
+    arrays["row_rejected"] = pa.array([e.rejected for e in entries for _ in e.rows], pa.bool_())
     return pa.table(arrays)
 
 
@@ -88,12 +98,16 @@ class PredictionLog:
         self._thread: threading.Thread | None = None
 
     def maybe_add(self, model: LoadedModel, request_id: str, rows: list[list[Any]],
-                  records: list[dict[str, Any]], logged_at: float) -> bool:
-        """Buffer this request with probability ``sample_rate``; True when it was taken."""
-        if self.sample_rate <= 0 or self._rng.random() >= self.sample_rate:
+                  records: list[dict[str, Any]], logged_at: float,
+                  marks: list[str | None] | None = None, rejected: bool = False) -> bool:
+        """Buffer this request with probability ``sample_rate`` (always when a row is marked:
+        ``marks`` per row, see ``serving.rowcheck.row_marks``); True when it was taken."""
+        marked = any(marks or [])
+        if not marked and (self.sample_rate <= 0 or self._rng.random() >= self.sample_rate):
             return False
         with self._lock:
-            self._buffer.append(_Entry(model, request_id, logged_at, rows, records))
+            self._buffer.append(_Entry(model, request_id, logged_at, rows, records, marks,
+                                       rejected))
             self._rows += len(rows)
             if self._rows >= self.flush_rows:
                 self._due.set()
@@ -122,9 +136,7 @@ class PredictionLog:
         return written
 
     def start(self) -> None:
-        """Flush in a daemon thread (no-op when sampling is off)."""
-        if self.sample_rate <= 0:
-            return
+        """Flush in a daemon thread (marked rows are logged even when sampling is off)."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
         self._thread.start()

@@ -244,6 +244,11 @@ class ServeParams(StrictModel):
     log_flush_rows: int = Field(1000, gt=0)  # write the log once this many rows are buffered...
     log_flush_interval_s: float = Field(30.0, gt=0)  # ...or at least this often (seconds)
     batch_size: int = Field(10_000, gt=0)  # batch scoring: rows per model call (bounds memory)
+    # a row breaking the model's input contract (unseen category, value outside the suite's
+    # range, all columns null): reject = 422 naming column and rule; flag = score and mark it
+    row_policy: Literal["reject", "flag"] = "reject"
+    # follow the alias to a version whose input contract (columns, types, labels) differs
+    allow_contract_change: bool = False
 
 
 SECTIONS: dict[str, type[StrictModel]] = {

@@ -13,14 +13,14 @@ table (ids and dates the features stage drops are in the contract, ``used: false
 
 ``check_rows`` finds the row-level problems (rules ``not_null``, ``between``, ``positive``,
 ``in_set``, ``format``, ``all_null``) in the used columns, for serving's row policy.
-No MLflow at import time; pandas only inside ``check_rows``.
+No MLflow or pandas at import time.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,43 +175,52 @@ def check_rows(frame: pd.DataFrame, contract: dict[str, Any]) -> list[Violation]
     """The row-level problems of ``frame`` against the contract's used columns.
 
     Rules: ``not_null`` (a missing value where the suite allows none), ``between`` (outside the
-    suite's/params' min..max), ``positive``, ``in_set`` (an unseen category), ``format`` (a
-    text date that does not parse with the contract's format) and ``all_null`` (every used
-    column missing: column ``*``). Unused columns (ids, dropped dates) are never checked.
-    A column absent from ``frame`` counts as all missing.
+    suite's/params' min..max, or infinite), ``positive``, ``in_set`` (an unseen category),
+    ``format`` (a text date that parses neither with the contract's format nor as ISO 8601)
+    and ``all_null`` (every used column missing: column ``*``). Unused columns (ids, dropped
+    dates) are never checked. A column absent from ``frame`` counts as all missing.
 
     Returns:
-        The violations, by row then column order.
+        The violations, by row (then in the contract's column order).
     """
-    used = [col for col in contract.get("columns") or [] if col.get("used", True)]
+    names = [col["name"] for col in _used(contract) if col["name"] in frame.columns]
+    return check_columns({name: frame[name].tolist() for name in names}, len(frame), contract)
+
+
+def check_columns(columns: Mapping[str, Sequence[Any]], n_rows: int,
+                  contract: dict[str, Any]) -> list[Violation]:
+    """``check_rows`` on plain values: ``{column: one value per row}`` (serving's rows)."""
     found: list[Violation] = []
-    missing_all = None
-    for col in used:
-        values = frame[col["name"]] if col["name"] in frame.columns else None
-        nulls = _nulls(values, len(frame))
-        missing_all = nulls if missing_all is None else missing_all & nulls
+    all_missing = [True] * n_rows
+    for col in _used(contract):
+        values = columns.get(col["name"])
+        nulls = [True] * n_rows if values is None else [is_null(value) for value in values]
+        all_missing = [a and b for a, b in zip(all_missing, nulls)]
         found += _column_violations(col, values, nulls)
-    if used and missing_all is not None:
-        found += [Violation(int(i), ALL_COLUMNS, "all_null", None)
-                  for i in missing_all.nonzero()[0]]
-    return sorted(found, key=lambda v: (v.row, v.column == ALL_COLUMNS))
+    if _used(contract):
+        found += [Violation(i, ALL_COLUMNS, "all_null", None)
+                  for i, missing in enumerate(all_missing) if missing]
+    return sorted(found, key=lambda v: v.row)
 
 
-def _nulls(values: pd.Series | None, n: int) -> Any:
-    import numpy as np
+def is_null(value: Any) -> bool:
+    """None, NaN, NaT or pandas' NA."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    return value is None or type(value).__name__ in ("NAType", "NaTType")  # no pandas import
 
-    return np.ones(n, dtype=bool) if values is None else values.isna().to_numpy()
+
+def _used(contract: dict[str, Any]) -> list[dict[str, Any]]:
+    return [col for col in contract.get("columns") or [] if col.get("used", True)]
 
 
-def _column_violations(col: dict[str, Any], values: pd.Series | None,
-                       nulls: Any) -> list[Violation]:
+def _column_violations(col: dict[str, Any], values: Sequence[Any] | None,
+                       nulls: list[bool]) -> list[Violation]:
     name = col["name"]
     found = []
     if not col.get("nullable", True):
-        found += [Violation(int(i), name, "not_null", None) for i in nulls.nonzero()[0]]
-    if values is None:
-        return found
-    for i, value in enumerate(values.tolist()):
+        found += [Violation(i, name, "not_null", None) for i, null in enumerate(nulls) if null]
+    for i, value in enumerate(values or []):
         if not nulls[i]:
             rule = _broken_rule(col, value)
             if rule is not None:
@@ -242,16 +251,17 @@ def _in_values(value: Any, allowed: list[Any]) -> bool:
 
 
 def _parses(text: str, fmt: str | None) -> bool:
+    # The column's format, or ISO 8601 (what the preprocessor falls back to).
     import datetime as dt
 
-    try:
-        if fmt:
-            dt.datetime.strptime(text, fmt)
-        else:
-            dt.datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    return True
+    for parse in ([lambda t: dt.datetime.strptime(t, fmt)] if fmt else []) \
+            + [dt.datetime.fromisoformat]:
+        try:
+            parse(text)
+            return True
+        except ValueError:
+            continue
+    return False
 
 
 def _plain(value: Any) -> Any:

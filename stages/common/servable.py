@@ -1,7 +1,10 @@
 """The servable model: the fitted preprocessor and the network as one MLflow pyfunc.
 
-Input: a DataFrame of the raw feature columns (extra columns are ignored). Output: a DataFrame
-with ``prediction`` (the label value) and one ``proba_<label>`` column per class, in class order.
+Input: a DataFrame of source rows (the contract's columns; columns the model does not use, and
+any others, are ignored). Output: a DataFrame with ``prediction`` (the label value) and one
+``proba_<label>`` column per class, in class order. A model logged with an input contract
+(:mod:`stages.common.contract`) ships it as the ``contract`` artifact (``contract.json``) and
+its MLflow signature is derived from it, not from whichever rows the example holds.
 The ``stages`` package travels with the model (``code_paths``), so ``mlflow.pyfunc.load_model``
 and ``mlflow models serve`` work in any process that has the pinned requirements installed.
 """
@@ -33,6 +36,9 @@ NETWORK = "network"
 PREDICTION = "prediction"
 PROBA_PREFIX = "proba_"
 # What the model needs at load time; pinned to the versions installed here.
+# Contract kind -> MLflow signature type (nullable int columns: see contract_signature).
+SIGNATURE_TYPES = {"float": "double", "int": "long", "category": "string", "bool": "boolean",
+                   "datetime": "string"}
 REQUIREMENTS = ("mlflow", "torch", "scikit-learn", "pandas", "numpy", "pyarrow", "cloudpickle",
                 "pydantic", "pyyaml")
 
@@ -96,14 +102,26 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc wrapper around :class:`Scorer`; artifacts are loaded in ``load_context``."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the preprocessor and the network from the model's artifacts."""
+        """Load the preprocessor, the network and (when shipped) the input contract."""
+        from stages.common.contract import CONTRACT_ARTIFACT, load_contract
+
         self._scorer = load_scorer(context.artifacts[PREPROCESSOR], context.artifacts[NETWORK])
+        contract_path = context.artifacts.get(CONTRACT_ARTIFACT)
+        contract = load_contract(contract_path) if contract_path else {"columns": []}
+        self._optional = [col["name"] for col in contract["columns"]
+                          if col.get("used", True) and col["nullable"]]
 
     # The input schema is the logged signature; MLflow infers none from a DataFrame hint.
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Raw feature rows -> ``prediction`` + ``proba_<label>`` DataFrame."""
-        return self._scorer.predict(pd.DataFrame(model_input))
+        """Source rows -> ``prediction`` + ``proba_<label>`` DataFrame (unused columns are
+        ignored, absent nullable ones are missing values; the preprocessor parses text dates
+        with the format it was fitted with)."""
+        frame = pd.DataFrame(model_input)
+        absent = [name for name in getattr(self, "_optional", []) if name not in frame.columns]
+        if absent:  # optional in the signature: a nullable column may be left out
+            frame = frame.assign(**{name: np.nan for name in absent})
+        return self._scorer.predict(frame)
 
 
 def pip_requirements() -> list[str]:
@@ -139,27 +157,78 @@ def copy_model_code(dest: Path) -> Path:
     return target
 
 
+def contract_signature(contract: dict[str, Any], output: pd.DataFrame) -> ModelSignature:
+    """The model signature from the input contract (not from whichever rows a split drew).
+
+    Every contract column is an input. Unused and nullable columns are optional. A nullable
+    int column is typed ``any``: MLflow's ``long`` cannot hold a missing value and its
+    ``double`` refuses an int64 column, so ``any`` is what takes both a row with the value
+    and a row without it (the service checks its type against the contract). A datetime
+    column takes the source's text form (``string``).
+    """
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
+
+    specs = []
+    for col in contract["columns"]:
+        required = bool(col.get("used", True)) and not col["nullable"]
+        if col["kind"] == "int" and col["nullable"]:
+            specs.append(ColSpec(AnyType(), col["name"], required=False))
+        else:
+            specs.append(ColSpec(SIGNATURE_TYPES[col["kind"]], col["name"], required=required))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*schema contains integer column")
+        outputs = infer_signature(output).inputs
+    return ModelSignature(inputs=Schema(specs), outputs=outputs)
+
+
+def contract_example(rows: pd.DataFrame, contract: dict[str, Any]) -> pd.DataFrame:
+    """Source rows as a request would send them: the contract's columns that ``rows`` holds,
+    datetimes as text in the column's format."""
+    names = [col["name"] for col in contract["columns"] if col["name"] in rows.columns]
+    example = rows[names].reset_index(drop=True)
+    for col in contract["columns"]:
+        name = col["name"]
+        if col["kind"] == "datetime" and name in example.columns \
+                and pd.api.types.is_datetime64_any_dtype(example[name].dtype):
+            fmt = col.get("format")
+            example[name] = example[name].dt.strftime(fmt) if fmt else \
+                example[name].map(lambda t: t.isoformat(), na_action="ignore")
+    return example
+
+
 def log_servable(preprocessor_path: str | Path, network_path: str | Path,
                  input_example: pd.DataFrame, registered_model_name: str | None = None,
-                 name: str = "model") -> ModelInfo:
+                 name: str = "model", *, contract: dict[str, Any] | None = None) -> ModelInfo:
     """Log the pyfunc to the active MLflow run (and register it when a name is given).
 
     Args:
         preprocessor_path: the fitted ``preprocessor.joblib``.
         network_path: the best checkpoint ``model.pt``.
-        input_example: a few raw rows of the feature columns; with the model's output on
-            them it gives the signature.
+        input_example: a few rows of the test split with all their source columns.
         registered_model_name: register a new version of this model.
         name: the logged model's name within the run.
+        contract: the input contract (``stages.common.contract.build_contract``): shipped as
+            the ``contract`` artifact; the signature comes from it. None (models before
+            contracts): the signature is inferred from the example's feature columns.
     """
+    from stages.common.contract import CONTRACT_ARTIFACT, CONTRACT_FILE, save_contract
+
     scorer = load_scorer(preprocessor_path, network_path, device="cpu")
-    example = input_example[scorer.preprocessor.feature_columns].reset_index(drop=True)
-    signature = infer_io_signature(example, scorer.predict(example))
+    artifacts = {PREPROCESSOR: str(preprocessor_path), NETWORK: str(network_path)}
     with tempfile.TemporaryDirectory() as tmp:
+        if contract is None:
+            example = input_example[scorer.preprocessor.feature_columns].reset_index(drop=True)
+            signature = infer_io_signature(example, scorer.predict(example))
+        else:
+            example = contract_example(input_example, contract)
+            signature = contract_signature(contract, scorer.predict(example))
+            artifacts[CONTRACT_ARTIFACT] = str(save_contract(contract, Path(tmp) / CONTRACT_FILE))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=ClassifierModel(),
-            artifacts={PREPROCESSOR: str(preprocessor_path), NETWORK: str(network_path)},
+            artifacts=artifacts,
             # Unpickling the model imports stages.common.servable: ship that package with it.
             code_paths=[str(copy_model_code(Path(tmp)))],
             # Explicit pins: skips MLflow's requirement inference (it loads the model, ~8 s).

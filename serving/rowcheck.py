@@ -1,0 +1,59 @@
+"""Each request's rows against the served model's input contract, and the row policy.
+
+The contract (``stages.common.contract``, shipped with the model as ``contract.json``) carries
+the reviewed suite's rules; a row that breaks one (an unseen category, a value outside the
+suite's range, every column null, ...) is handled per params ``serve.row_policy``:
+
+* ``reject``: the request is answered 422, naming each row, column and rule;
+* ``flag``: the rows are scored and the response lists them under ``flagged``.
+
+Either way the service counts each violation in ``/metrics``
+(``serving_row_violations_total{column, rule, action}``) and marks the rows in the prediction
+log. Pure Python: no web framework here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from serving.payloads import PayloadError
+from stages.common.contract import Violation, check_columns
+
+if TYPE_CHECKING:
+    from serving.model import LoadedModel
+
+POLICIES = ("reject", "flag")
+SHOWN = 5  # violations quoted in one message at most
+
+
+def find_violations(model: LoadedModel, rows: list[list[Any]]) -> list[Violation]:
+    """The contract violations of checked rows (values in ``model.spec`` column order)."""
+    if not model.checks_rows:
+        return []
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(model.spec.names)}
+    return check_columns(columns, len(rows), dict(model.contract or {}))
+
+
+def describe(violations: list[Violation]) -> list[dict[str, Any]]:
+    """The violations as JSON objects: row, column, rule, value."""
+    return [{"row": v.row, "column": v.column, "rule": v.rule, "value": v.value}
+            for v in violations]
+
+
+def rejection(violations: list[Violation]) -> PayloadError:
+    """The 422 answer under ``row_policy: reject``, naming rows, columns and rules."""
+    shown = "; ".join(v.describe() for v in violations[:SHOWN])
+    more = f" and {len(violations) - SHOWN} more" if len(violations) > SHOWN else ""
+    return PayloadError(
+        f"row(s) outside the model's input contract: {shown}{more} (the rules come from the "
+        "reviewed suite; serve.row_policy: flag scores such rows and marks them instead)",
+        status=422, columns=sorted({v.column for v in violations}),
+        details=describe(violations))
+
+
+def row_marks(violations: list[Violation], n_rows: int) -> list[str | None]:
+    """Per row: ``"column:rule;..."`` of its violations, or None (the prediction log's mark)."""
+    marks: list[list[str]] = [[] for _ in range(n_rows)]
+    for v in violations:
+        marks[v.row].append(f"{v.column}:{v.rule}")
+    return [";".join(found) or None for found in marks]
