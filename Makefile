@@ -19,7 +19,7 @@ export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install run repro test test-deps test-fast ui schedule clean serve bench-setup bench-train bench-serve bench-data
+.PHONY: help install data run repro test test-deps test-fast ui schedule clean serve bench-setup bench-train bench-serve bench-data
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,12 @@ $(STAMP): requirements.lock pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP) ## Create .venv and install the pinned dependencies (CPU torch)
+
+# Bring your own table (flows/own_data.py): SRC a CSV or Parquet file, TARGET its label column.
+data: install ## Point the project at your table: make data SRC=path/to/table.csv TARGET=column
+	@test -n "$(SRC)" -a -n "$(TARGET)" || \
+	  { echo "usage: make data SRC=path/to/table.csv TARGET=column (CSV or Parquet)" >&2; exit 2; }
+	$(BIN)/python -m flows.own_data "$(SRC)" --target "$(TARGET)"
 
 run: install ## Run the whole pipeline through the Prefect flow on the default data
 	$(BIN)/python -m flows.pipeline --repo .

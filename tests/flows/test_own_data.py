@@ -1,0 +1,315 @@
+"""Bring your own table: ``make data`` then ``make run`` on real public tables, end to end.
+
+The tables ship inside packages pinned in requirements.lock (no generated data):
+
+- palmerpenguins ``penguins.csv``: integer columns with missing values (``NA``), text
+  categories with missing values, three imbalanced classes;
+- palmerpenguins ``penguins-raw.csv``: ids, free text, an ISO date, column names with spaces
+  and parentheses;
+- vega_datasets ``seattle-weather.csv``: a non-ISO date (``2012/01/01``), five imbalanced
+  classes.
+
+Each goes through ``make data``'s entry point (``flows.own_data.main``) in a temporary copy of
+the project (real git, DVC, GX, MLflow), the printed files are committed, then the Prefect flow
+runs twice: the first registers a champion, the second adds no version. Real rows of the table
+(missing values, the columns the features stage drops, an unseen category) are then sent to
+the service. The bad-input tests at the end are fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from flows.own_data import edit_params, main
+from tests.conftest import ROOT, make_pipeline_repo
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    path: Path
+    target: str
+    unseen: dict[str, Any] | None  # a text category value the table never holds
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    return Path(str(files(package).joinpath(*parts)))
+
+
+TABLES = {
+    table.name: table for table in (
+        Table("penguins", _package_file("palmerpenguins", "data", "penguins.csv"), "species",
+              {"island": "Atlantis"}),
+        Table("penguins-raw", _package_file("palmerpenguins", "data", "penguins-raw.csv"),
+              "Species", {"Island": "Atlantis"}),
+        Table("seattle-weather", _package_file("vega_datasets", "_data", "seattle-weather.csv"),
+              "weather", None),
+    )
+}
+# Small but real training, so three tables x two flow runs fit in a few minutes on 2 cores.
+TRAIN = {"base.device": "cpu", "train.max_epochs": 40, "train.patience": 8, "train.lr": 0.01}
+
+
+def _edit(repo: Path, values: dict[str, Any]) -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    doc = yaml.load(repo / "params.yaml")
+    for key, value in values.items():
+        section, name = key.split(".")
+        doc[section][name] = value
+    yaml.dump(doc, repo / "params.yaml")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def _versions(uri: str, name: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'"))
+
+
+@dataclass
+class Built:
+    table: Table
+    repo: Path
+    uri: str
+    report: str  # what make data printed
+    params_before: str
+    first: dict  # the flow's summary of each run
+    second: dict
+    versions_after_first: list[str]
+    versions_after_second: list[str]
+
+
+def _project_copy(dest: Path) -> Path:
+    """The project in a temp git + DVC repo, with the real params.yaml (comments and all)."""
+    repo = make_pipeline_repo(dest)
+    shutil.copy2(ROOT / "params.yaml", repo / "params.yaml")
+    _edit(repo, TRAIN)
+    _git(repo, "commit", "-q", "-m", "the project's params", "--", "params.yaml")
+    return repo
+
+
+def _build(table: Table, base: Path) -> Built:
+    repo = _project_copy(base / "repo")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    params_before = (repo / "params.yaml").read_text()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(repo)  # as `make data` runs: from the project root
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main([str(table.path), "--target", table.target])
+        assert code == 0, out.getvalue()
+        report = out.getvalue()
+        # Commit exactly what make data says to commit; then nothing else is left over.
+        add = next(line for line in report.splitlines() if line.strip().startswith("git add"))
+        _git(repo, *add.split()[1:])
+        _git(repo, "commit", "-q", "-m", f"train on {table.name}")
+        assert _git(repo, "status", "--porcelain") == ""
+
+        first = _run_flow(repo)
+        after_first = _versions(uri, table.name)
+        second = _run_flow(repo) if "error" not in first else {"error": "first run failed"}
+        after_second = _versions(uri, table.name)
+    return Built(table, repo, uri, report, params_before, first, second, after_first,
+                 after_second)
+
+
+def _run_flow(repo: Path) -> dict:
+    """The flow's run summary, or ``{"error": message}`` when the flow run failed."""
+    from flows.pipeline import pipeline
+
+    state = pipeline(repo=str(repo), return_state=True)
+    return state.result() if state.is_completed() else {"error": state.message}
+
+
+@pytest.fixture(scope="module", params=sorted(TABLES))
+def built(request: pytest.FixtureRequest, prefect_api: str,
+          tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """``make data`` + two flow runs on one real table (once per table for this module)."""
+    return _build(TABLES[request.param], tmp_path_factory.mktemp(request.param))
+
+
+# --- end to end (slow) ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_make_data_points_params_at_the_table_and_keeps_comments(built: Built) -> None:
+    repo, table = built.repo, built.table
+    params = (repo / "params.yaml").read_text()
+    assert f"source: data/source/{table.path.name}" in params
+    assert f"target: {table.target}" in params
+    assert f"suite_path: suites/{table.name}.json" in params
+    assert f"model_name: {table.name}" in params
+    assert "format: csv" in params
+    # Only those lines changed: every comment of the file is still there.
+    comments = [line for line in built.params_before.splitlines() if "#" in line]
+    kept = [line.split("#", 1)[1] for line in params.splitlines() if "#" in line]
+    assert [line.split("#", 1)[1] for line in comments] == kept
+    assert (repo / "data/source" / table.path.name).read_bytes() == table.path.read_bytes()
+    suite = json.loads((repo / "suites" / f"{table.name}.json").read_text())
+    assert suite["meta"]["target"] == table.target
+    for fragment in ("baselines", "majority", "logistic", "f1_macro", "git add", "make run"):
+        assert fragment in built.report, built.report
+
+
+@pytest.mark.slow
+def test_make_run_registers_and_promotes_a_champion(built: Built) -> None:
+    from mlflow import MlflowClient
+
+    assert "error" not in built.first, built.first["error"]
+    model = built.first["model"]
+    assert model and model["decision"] == "promoted", built.first
+    client = MlflowClient(tracking_uri=built.uri, registry_uri=built.uri)
+    champion = client.get_model_version_by_alias(built.table.name, "champion")
+    assert str(champion.version) == str(model["version"])
+    metrics = json.loads((built.repo / "reports/metrics.json").read_text())
+    assert metrics["f1_macro"] > metrics["baseline_majority_f1_macro"], metrics
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_data_adds_no_version(built: Built) -> None:
+    assert "error" not in built.second, built.second["error"]
+    assert built.versions_after_first, "the first run registered nothing"
+    assert built.versions_after_second == built.versions_after_first
+    ran = [stage for stage, status in built.second["stages"].items()
+           if status == "ran" and stage != "ingest"]
+    assert ran == [], f"the second run re-ran {ran}: {built.second['stages']}"
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    # Exactly as the file holds them: integers stay integers, missing values are null.
+    return json.loads(frame.convert_dtypes().to_json(orient="records"))
+
+
+@pytest.mark.slow
+def test_the_service_scores_real_rows_of_the_table(built: Built, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from serving.app import ServiceConfig, create_app
+
+    table = built.table
+    assert built.versions_after_first, f"no model to serve: {built.first.get('error')}"
+    source = pd.read_csv(table.path)
+    rows = source.drop(columns=[table.target])
+    gaps = rows[rows.isna().any(axis=1) & rows.notna().sum(axis=1).gt(rows.shape[1] // 2)]
+    picked = pd.concat([rows.head(3), gaps.head(5)])  # every column, as in the file
+    classes = set(source[table.target].dropna())
+    config = ServiceConfig(model_name=table.name, tracking_uri=built.uri,
+                           log_dir=str(tmp_path / "predictions"))
+    with TestClient(create_app(config)) as client:
+        _wait_ready(client)
+        answer = client.post("/predict", json={"dataframe_records": _records(picked)})
+        assert answer.status_code == 200, answer.text
+        predictions = answer.json()["predictions"]
+        assert len(predictions) == len(picked)
+        assert {p["prediction"] for p in predictions} <= classes
+        if table.unseen:
+            unseen = rows.head(1).assign(**table.unseen)
+            answer = client.post("/predict", json={"dataframe_records": _records(unseen)})
+            column = next(iter(table.unseen))
+            if answer.status_code == 200:  # serve.row_policy: flag
+                assert answer.json()["predictions"][0]["prediction"] in classes
+            else:  # serve.row_policy: reject, naming the column
+                assert 400 <= answer.status_code < 500 and column in answer.text, answer.text
+
+
+def _wait_ready(client: Any, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/ready").json()
+        time.sleep(0.05)
+
+
+# --- bad input: a clear error, nothing changed (fast) --------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    repo = _project_copy(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield repo
+
+
+def _unchanged(repo: Path) -> None:
+    assert _git(repo, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_a_missing_file_is_named_and_nothing_changes(
+        project: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["nowhere/table.csv", "--target", "species"]) == 1
+    err = capsys.readouterr().err
+    assert "nowhere/table.csv" in err and "rule=exists" in err, err
+    _unchanged(project)
+
+
+def test_an_unknown_target_column_is_named_and_nothing_changes(
+        project: Path, capsys: pytest.CaptureFixture) -> None:
+    table = TABLES["penguins"]
+    assert main([str(table.path), "--target", "Species"]) == 1
+    err = capsys.readouterr().err
+    assert "'Species'" in err and str(table.path) in err and "species" in err, err
+    _unchanged(project)
+
+
+def test_an_unknown_suffix_asks_for_the_format(
+        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    odd = tmp_path / "penguins.txt"
+    shutil.copy2(TABLES["penguins"].path, odd)
+    assert main([str(odd), "--target", "species"]) == 1
+    assert "--format" in capsys.readouterr().err
+    _unchanged(project)
+
+
+def test_a_parquet_table_is_brought_in_as_parquet(
+        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    table = tmp_path / "weather.parquet"
+    pd.read_csv(TABLES["seattle-weather"].path).to_parquet(table, index=False)
+    assert main([str(table), "--target", "weather"]) == 0, capsys.readouterr().err
+    params = (project / "params.yaml").read_text()
+    assert "source: data/source/weather.parquet" in params and "format: parquet" in params
+    assert (project / "suites/weather.json").is_file()
+
+
+def test_edit_params_keeps_comments_and_clears_settings_naming_old_columns() -> None:
+    text = ("ingest:\n  source: sklearn:breast_cancer  # where\n  target: target\n"
+            "  table: null\n  query: null\n  watermark: updated_at  # grows\n"
+            "validate:\n  suite_path: suites/a.json\n  rules: {mean_radius: {positive: true},"
+            " wind: {min: 0}}\nfeatures:\n  drop_columns: [id, date]   # not fed\n"
+            "register:\n  model_name: classifier\n")
+    new, changed = edit_params(text, {"ingest.source": "data/source/w.csv",
+                                      "register.model_name": "w"}, ["date", "wind", "weather"])
+    for line in (r"  source: data/source/w.csv +# where", r"  watermark: null +# grows",
+                 r"  rules: \{wind: \{min: 0\}\}", r"  drop_columns: \[date\] +# not fed",
+                 r"  model_name: w"):
+        assert re.search(f"^{line}$", new, re.MULTILINE), new
+    assert changed == {
+        "ingest.source": ("sklearn:breast_cancer", "data/source/w.csv"),
+        "register.model_name": ("classifier", "w"),
+        "ingest.watermark": ("updated_at", None),
+        "features.drop_columns": (["id", "date"], ["date"]),
+        "validate.rules": ({"mean_radius": {"positive": True}, "wind": {"min": 0}},
+                           {"wind": {"min": 0}}),
+    }
