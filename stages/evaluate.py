@@ -3,6 +3,17 @@
 Writes the test metrics (``dvc metrics show``), ROC/PR/confusion plot data (``dvc plots show``)
 and PNGs of the same, and logs all of it to the MLflow run that train started.
 Multiclass curves are micro-averaged one-vs-rest (every (row, class) pair is one binary case).
+
+Each ROC-AUC is named by its average: ``roc_auc_macro`` (one-vs-rest per class, then the mean;
+with two classes this equals the AUC of the positive class) and ``roc_auc_micro`` (every
+(row, class) pair one binary case). The ROC image shows the curve of the one it names in its
+legend: the positive class (``roc_auc_macro``) for two classes, else the micro average.
+
+Beside the network's metrics, two baselines are scored on the same test split and written
+with the prefix ``baseline_<name>_``: ``majority`` (the most frequent train class, with the
+train class shares as probabilities) and ``logistic`` (scikit-learn's LogisticRegression on
+the same fitted preprocessor's features, trained on the train split). The register stage's
+default gate is relative to them.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from stages.common import tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params
 from stages.common.errors import DataError
-from stages.common.io import atomic_path, read_parquet, write_json
+from stages.common.io import atomic_path, iter_batches, read_parquet, write_json
 
 if TYPE_CHECKING:
     import argparse
@@ -26,8 +37,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = ("accuracy", "f1_macro", "roc_auc", "log_loss")
+METRIC_NAMES = ("accuracy", "f1_macro", "roc_auc_macro", "roc_auc_micro", "log_loss")
 LOWER_IS_BETTER = frozenset({"log_loss"})  # every other metric: higher is better
+RENAMED = {"roc_auc": "roc_auc_macro or roc_auc_micro"}  # old name -> new, for clear errors
+BASELINES = ("majority", "logistic")
+BASELINE_PREFIX = "baseline_"  # metrics.json key: baseline_<baseline>_<metric>
 PLOT_FILES = ("roc.json", "pr.json", "confusion.json",
               "roc_curve.png", "pr_curve.png", "confusion_matrix.png")
 
@@ -36,15 +50,17 @@ PLOT_FILES = ("roc.json", "pr.json", "confusion.json",
 
 
 def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    """Accuracy, macro F1, ROC-AUC and log loss of class probabilities.
+    """Accuracy, macro F1, macro and micro ROC-AUC and log loss of class probabilities.
 
     Args:
         y_true: class ids ``(n,)``, each an index into the columns of ``proba``.
         proba: class probabilities ``(n, n_classes)``.
 
     Returns:
-        ``{accuracy, f1_macro, roc_auc, log_loss}``. ROC-AUC is that of the positive class
-        (column 1) for two classes, else the one-vs-rest macro average.
+        ``{accuracy, f1_macro, roc_auc_macro, roc_auc_micro, log_loss}``. ``roc_auc_macro``:
+        the one-vs-rest AUC of each class, averaged (two classes: the AUC of the positive
+        class, column 1, which is the same number). ``roc_auc_micro``: one AUC over every
+        (row, class) pair.
 
     Raises:
         DataError: shapes disagree, ids are out of range, or a class is absent from
@@ -56,15 +72,17 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     labels = np.arange(proba.shape[1])
     y_pred = proba.argmax(axis=1)
     if proba.shape[1] == 2:
-        roc_auc = skm.roc_auc_score(y_true, proba[:, 1])
+        roc_auc_macro = skm.roc_auc_score(y_true, proba[:, 1])
     else:
-        roc_auc = skm.roc_auc_score(y_true, proba, multi_class="ovr", average="macro",
-                                    labels=labels)
+        roc_auc_macro = skm.roc_auc_score(y_true, proba, multi_class="ovr", average="macro",
+                                          labels=labels)
+    one_hot = np.eye(proba.shape[1], dtype=np.int64)[y_true]
     return {
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "f1_macro": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro",
                                        zero_division=0)),
-        "roc_auc": float(roc_auc),
+        "roc_auc_macro": float(roc_auc_macro),
+        "roc_auc_micro": float(skm.roc_auc_score(one_hot.ravel(), proba.ravel())),
         # Softmax ran in float32: renormalise so log loss sees rows that sum to 1 in float64.
         "log_loss": float(skm.log_loss(y_true, proba / proba.sum(axis=1, keepdims=True),
                                        labels=labels)),
@@ -130,6 +148,13 @@ def curve_title(kind: str, n_classes: int) -> str:
     return f"{kind}\n(micro-average one-vs-rest, {n_classes} classes)"
 
 
+def roc_legend(metrics: dict[str, float], n_classes: int) -> str:
+    """The ROC image's legend: the metrics.json name and value of the AUC the curve shows."""
+    if n_classes == 2:  # the positive-class curve; its AUC is the macro average's
+        return f"roc_auc_macro = {metrics['roc_auc_macro']:.4f}"
+    return f"roc_auc_micro = {metrics['roc_auc_micro']:.4f}"
+
+
 def curve_area(records: list[dict[str, float]], x: str, y: str) -> float:
     """Area under curve records: trapezoids for ROC, steps (average precision) for PR."""
     xs, ys = np.array([r[x] for r in records]), np.array([r[y] for r in records])
@@ -138,13 +163,17 @@ def curve_area(records: list[dict[str, float]], x: str, y: str) -> float:
     return float(np.trapezoid(ys, xs))
 
 
-def plot_curve(records: list[dict[str, float]], x: str, y: str, title: str) -> Figure:
-    """A line plot of curve records (ROC or PR) on the unit square, its area in the legend."""
+def plot_curve(records: list[dict[str, float]], x: str, y: str, title: str,
+               label: str | None = None) -> Figure:
+    """A line plot of curve records (ROC or PR) on the unit square, ``label`` in the legend.
+
+    Without ``label`` the legend gives the area under the records (AUC or AP).
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.add_subplot()
-    area = f"{'AP' if x == 'recall' else 'AUC'} = {curve_area(records, x, y):.3f}"
+    area = label or f"{'AP' if x == 'recall' else 'AUC'} = {curve_area(records, x, y):.3f}"
     ax.plot([r[x] for r in records], [r[y] for r in records], lw=2, label=area)
     if x == "fpr":
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
@@ -174,26 +203,64 @@ def plot_confusion(y_true: np.ndarray, proba: np.ndarray, classes: list[Any]) ->
     return fig
 
 
+def baseline_probas(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray,
+                    n_classes: int, seed: int) -> dict[str, np.ndarray]:
+    """Class probabilities of the baselines on ``X_test``, fitted on ``(X_train, y_train)``.
+
+    ``majority``: the most frequent train class, the train class shares as probabilities.
+    ``logistic``: LogisticRegression (L2, lbfgs) on the preprocessed features.
+
+    Returns:
+        ``{name: proba (n_test, n_classes)}`` for each name in ``BASELINES``.
+    """
+    import warnings
+
+    from sklearn.dummy import DummyClassifier
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    models = {"majority": DummyClassifier(strategy="prior"),
+              "logistic": LogisticRegression(max_iter=1000, random_state=seed)}
+    out = {}
+    for name, model in models.items():
+        with warnings.catch_warnings():  # a not-quite-converged baseline is still a baseline
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(X_train, y_train)
+        proba = np.zeros((len(X_test), n_classes))
+        proba[:, model.classes_] = model.predict_proba(X_test)  # a class absent from train: 0
+        out[name] = proba
+    return out
+
+
+def flatten_baselines(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{baseline: {metric: v}}`` -> ``{baseline_<baseline>_<metric>: v}`` (metrics.json keys)."""
+    return {f"{BASELINE_PREFIX}{name}_{metric}": value
+            for name, metrics in scores.items() for metric, value in metrics.items()}
+
+
+def read_baselines(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The baselines' metrics back out of a metrics.json mapping: ``{baseline: {metric: v}}``."""
+    return {name: {metric: metrics[key] for metric in METRIC_NAMES
+                   if isinstance(metrics.get(key := f"{BASELINE_PREFIX}{name}_{metric}"),
+                                 (int, float))}
+            for name in BASELINES}
+
+
 # --- I/O ----------------------------------------------------------------------------------
 
 
 def score_test_split(features_dir: Path, model_dir: Path,
                      params: Params) -> tuple[np.ndarray, np.ndarray, list[Any]]:
     """Raw test rows -> preprocessor -> best checkpoint; returns (class ids, proba, classes)."""
-    from stages.common.nets import load_network, predict_proba, select_device
-    from stages.common.preprocess import load_preprocessor
+    y_true, proba, classes, _ = _score(features_dir, model_dir, params)
+    return y_true, proba, classes
 
-    test_path = features_dir / "test.parquet"
-    preprocessor = load_preprocessor(features_dir / "preprocessor.joblib")
-    test = read_parquet(test_path)
-    if preprocessor.target not in test.columns:
-        raise DataError("target column not found", file=str(test_path),
-                        column=preprocessor.target, rule="column_present")
-    try:
-        X = preprocessor.transform(test)
-        y_true = preprocessor.encode_labels(test[preprocessor.target])
-    except DataError as exc:
-        raise _with_file(exc, test_path) from exc
+
+def _score(features_dir: Path, model_dir: Path,
+           params: Params) -> tuple[np.ndarray, np.ndarray, list[Any], np.ndarray]:
+    from stages.common.nets import load_network, predict_proba, select_device
+
+    preprocessor, X, y_true = _load_split(features_dir, "test")
     module, checkpoint = load_network(model_dir / "model.pt")
     if (checkpoint["n_features"], checkpoint["n_classes"]) != (X.shape[1],
                                                                 len(preprocessor.classes)):
@@ -204,7 +271,50 @@ def score_test_split(features_dir: Path, model_dir: Path,
             file=str(model_dir / "model.pt"), rule="model_matches_features")
     device = select_device(params.base.device)
     proba = predict_proba(module, X, device, params.evaluate.batch_size)
-    return y_true, proba, list(preprocessor.classes)
+    return y_true, proba, list(preprocessor.classes), X
+
+
+def _load_split(features_dir: Path, split: str,
+                max_rows: int | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(preprocessor, features, class ids) of a split; at most ``max_rows`` rows, sampled."""
+    from stages.common.preprocess import load_preprocessor
+
+    path = features_dir / f"{split}.parquet"
+    preprocessor = load_preprocessor(features_dir / "preprocessor.joblib")
+    frame = read_parquet(path) if max_rows is None else _sample_rows(path, max_rows)
+    if preprocessor.target not in frame.columns:
+        raise DataError("target column not found", file=str(path),
+                        column=preprocessor.target, rule="column_present")
+    try:
+        X = preprocessor.transform(frame)
+        y = preprocessor.encode_labels(frame[preprocessor.target])
+    except DataError as exc:
+        raise _with_file(exc, path) from exc
+    return preprocessor, X, y
+
+
+def _sample_rows(path: Path, max_rows: int) -> Any:
+    # Streams the file; keeps every row when it has few enough, else a seeded uniform sample.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    total = pq.ParquetFile(path).metadata.num_rows
+    if total <= max_rows:
+        return read_parquet(path)
+    rng = np.random.default_rng(0)
+    kept = [batch.filter(pa.array(rng.random(batch.num_rows) < max_rows / total))
+            for batch in iter_batches(path, 65536)]
+    return pa.Table.from_batches(kept).to_pandas()
+
+
+def score_baselines(features_dir: Path, X_test: np.ndarray, y_test: np.ndarray,
+                    params: Params) -> dict[str, dict[str, float]]:
+    """Fit the baselines on (a sample of) the train split; their metrics on the test split."""
+    preprocessor, X_train, y_train = _load_split(features_dir, "train",
+                                                 params.evaluate.baseline_max_rows)
+    probas = baseline_probas(X_train, y_train, X_test, len(preprocessor.classes),
+                             params.base.seed)
+    return {name: compute_metrics(y_test, proba) for name, proba in probas.items()}
 
 
 def _with_file(exc: DataError, path: Path) -> DataError:
@@ -216,9 +326,12 @@ def _with_file(exc: DataError, path: Path) -> DataError:
     return DataError(message, file=str(path), column=exc.column, rule=exc.rule)
 
 
-def write_plots(out_dir: Path, y_true: np.ndarray, proba: np.ndarray,
-                classes: list[Any]) -> None:
-    """Write the DVC plot data (JSON) and the PNGs of ROC, PR and confusion into ``out_dir``."""
+def write_plots(out_dir: Path, y_true: np.ndarray, proba: np.ndarray, classes: list[Any],
+                metrics: dict[str, float]) -> None:
+    """Write the DVC plot data (JSON) and the PNGs of ROC, PR and confusion into ``out_dir``.
+
+    The ROC legend names and quotes the metrics.json value the curve's area is (``metrics``).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     roc, pr = build_roc_records(y_true, proba), build_pr_records(y_true, proba)
@@ -227,7 +340,8 @@ def write_plots(out_dir: Path, y_true: np.ndarray, proba: np.ndarray,
     write_json(out_dir / "pr.json", pr)
     write_json(out_dir / "confusion.json", build_confusion_records(y_true, proba, classes))
     figures = {
-        "roc_curve.png": plot_curve(roc, "fpr", "tpr", curve_title("ROC", len(classes))),
+        "roc_curve.png": plot_curve(roc, "fpr", "tpr", curve_title("ROC", len(classes)),
+                                    roc_legend(metrics, len(classes))),
         "pr_curve.png": plot_curve(pr, "recall", "precision",
                                    curve_title("Precision-recall", len(classes))),
         "confusion_matrix.png": plot_confusion(y_true, proba, classes),
@@ -241,22 +355,30 @@ def run(features_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
         metrics_path: str | Path, params: Params) -> dict[str, float]:
     """Score the test split, write metrics and plots, log both to the train stage's MLflow run.
 
+    The metrics (``metrics_path``, and ``test_<name>`` in MLflow) are the network's plus the
+    baselines' (``baseline_<baseline>_<metric>``), all on the same test split.
+
     Everything is computed and logged before the outputs replace the old ones, so a failure
     leaves ``out_dir`` and ``metrics_path`` as they were.
     """
     import mlflow
 
     features_dir, model_dir = Path(features_dir), Path(model_dir)
-    y_true, proba, classes = score_test_split(features_dir, model_dir, params)
-    metrics = compute_metrics(y_true, proba)
+    y_true, proba, classes, X_test = _score(features_dir, model_dir, params)
+    network = compute_metrics(y_true, proba)
+    baselines = score_baselines(features_dir, X_test, y_true, params)
+    metrics = {**network, **flatten_baselines(baselines)}
     with atomic_path(out_dir) as tmp_dir, atomic_path(metrics_path) as tmp_metrics:
-        write_plots(tmp_dir, y_true, proba, classes)
+        write_plots(tmp_dir, y_true, proba, classes, network)
         write_json(tmp_metrics, metrics)
         with tracking.resume_run(model_dir, params.mlflow):
             mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
             mlflow.log_artifacts(str(tmp_dir), artifact_path="eval")
             mlflow.log_artifact(str(tmp_metrics), artifact_path="eval")
-    logger.info("test metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    logger.info("test metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in network.items()))
+    for name, scores in baselines.items():
+        logger.info("baseline %s on the same test split: %s", name,
+                    ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     return metrics
 
 

@@ -1,17 +1,33 @@
 """Register stage: log the servable model, register a version, and run the model gate.
 
-The new version becomes ``champion`` (params ``register.alias``) only if it clears the absolute
-thresholds in params AND is not worse than the current champion on ``register.compare_metric``,
-both scored through their own pyfunc on the same raw test split. Otherwise it becomes
-``challenger``, with the reason recorded on the version. Failing the thresholds is a gate
-failure (GateError after recording); losing to the champion is not. Aliases only: the
-deprecated registry stages are never used. Before the alias moves, the version must load
-through the service's own code path and answer its input example within
-``register.max_latency_ms`` (``serving.check``); if not, that is a gate failure too.
+The gate, in order (both models scored through their own pyfunc on the same raw test split):
+
+1. Identical model: when a version of ``register.model_name`` already holds the same content
+   (network weights and architecture, fitted preprocessor, input contract, model code; tag
+   ``model.content_hash``), nothing is registered and no alias moves; the record says
+   "identical to vN". A version that failed the gate is judged again instead (the gate's
+   params may have changed), still without a new version.
+2. Input schema: a candidate whose input contract (columns, kinds, date formats, target,
+   labels) differs from the champion's is not compared with it: GateError naming both versions
+   and the differences, champion untouched, unless ``register.allow_schema_change``.
+3. Baselines (the default gate): the candidate must beat the majority-class baseline on
+   ``register.compare_metric`` and trail the best simple baseline (evaluate scores them on the
+   same test split) by at most ``register.max_gap_to_baseline``. Optional absolute thresholds
+   ``register.min_metrics`` / ``max_metrics`` on top. Missing any is a gate failure.
+4. Champion: only a candidate strictly better on ``register.compare_metric`` becomes
+   ``champion`` (``register.alias``); a tie or a worse one becomes ``challenger``.
+
+A gate failure is recorded on the version (aliased ``challenger``), then raises GateError;
+losing to (or tying with) the champion is not a failure. Aliases only: the deprecated registry
+stages are never used. Before the alias moves, the version must load through the service's own
+code path and answer its input example within ``register.max_latency_ms``
+(``serving.check``); if not, that is a gate failure too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -25,7 +41,14 @@ from stages.common.cli import build_parser, run_main
 from stages.common.config import Params, RegisterParams
 from stages.common.errors import ConfigError, DataError, GateError
 from stages.common.io import read_json, read_parquet, write_json
-from stages.evaluate import LOWER_IS_BETTER, METRIC_NAMES, compute_metrics
+from stages.evaluate import (
+    BASELINES,
+    LOWER_IS_BETTER,
+    METRIC_NAMES,
+    RENAMED,
+    compute_metrics,
+    read_baselines,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -40,6 +63,9 @@ logger = logging.getLogger(__name__)
 LINEAGE_PREFIXES = ("git.", "dvc.", "prefect.")  # run tags copied onto the model version
 TIE_TOLERANCE = 1e-9  # float noise below this counts as "equal", i.e. not worse
 SKEW_TOLERANCE = 1e-4  # pyfunc vs evaluate metrics: a larger gap means serving skew
+CONTENT_TAG = "model.content_hash"  # on each version: what the model is (see content_hash)
+GATE_TAG = "promotion.gate"  # passed | failed: an identical re-run fails a failed gate again
+MAX_REASON = 600  # characters: a reason is one bounded line, never a dumped object
 
 
 # --- pure core ----------------------------------------------------------------------------
@@ -47,7 +73,7 @@ SKEW_TOLERANCE = 1e-4  # pyfunc vs evaluate metrics: a larger gap means serving 
 
 @dataclass(frozen=True)
 class Decision:
-    """The model gate's verdict. ``gate_failed``: the absolute thresholds were not met."""
+    """The model gate's verdict. ``gate_failed``: the candidate failed the gate (GateError)."""
 
     promote: bool
     reason: str
@@ -65,8 +91,9 @@ def check_register_params(params: RegisterParams) -> None:
              *(("max_metrics", k) for k in params.max_metrics)]
     for field, metric in named:
         if metric not in METRIC_NAMES:
+            renamed = f"; renamed to {RENAMED[metric]}" if metric in RENAMED else ""
             raise ConfigError(f"register.{field}: unknown metric {metric!r} "
-                              f"(one of {', '.join(METRIC_NAMES)})")
+                              f"(one of {', '.join(METRIC_NAMES)}){renamed}")
 
 
 def check_thresholds(metrics: dict[str, float], params: RegisterParams) -> list[str]:
@@ -86,42 +113,131 @@ def check_thresholds(metrics: dict[str, float], params: RegisterParams) -> list[
 def _describe_cleared(metrics: dict[str, float], params: RegisterParams) -> str:
     met = ([f"{k} {metrics[k]:.4f} >= {v}" for k, v in sorted(params.min_metrics.items())]
            + [f"{k} {metrics[k]:.4f} <= {v}" for k, v in sorted(params.max_metrics.items())])
-    return f"clears the absolute thresholds ({', '.join(met)})" if met else "no thresholds set"
+    return f"clears the absolute thresholds ({', '.join(met)})" if met else ""
+
+
+def _gain(ours: float, theirs: float, metric: str) -> float:
+    # How much better ``ours`` is (negative: worse); NaN when either is NaN.
+    return (theirs - ours) if metric in LOWER_IS_BETTER else (ours - theirs)
+
+
+def check_baselines(metrics: dict[str, float], baselines: dict[str, dict[str, float]],
+                    params: RegisterParams) -> tuple[list[str], str]:
+    """The relative gate: beat the majority class, trail the best baseline by at most
+    ``params.max_gap_to_baseline`` (both on ``params.compare_metric``).
+
+    Returns:
+        (failures, one description each; what was cleared, for the reason).
+    """
+    metric, max_gap = params.compare_metric, params.max_gap_to_baseline
+    if max_gap is None:
+        return [], ""
+    ours = metrics.get(metric, math.nan)
+    majority = baselines["majority"].get(metric, math.nan)
+    scored = {name: scores.get(metric, math.nan) for name, scores in baselines.items()}
+    best = max(scored, key=lambda name: _gain(scored[name], ours, metric))
+    failures = []
+    if not _gain(ours, majority, metric) > TIE_TOLERANCE:  # also catches NaN
+        failures.append(f"{metric} {ours:.4f} does not beat the majority-class baseline's "
+                        f"{majority:.4f}")
+    gap = -_gain(ours, scored[best], metric)
+    if not gap <= max_gap + TIE_TOLERANCE:
+        failures.append(f"{metric} {ours:.4f} trails the {best} baseline's "
+                        f"{scored[best]:.4f} by {gap:.4f} > register.max_gap_to_baseline "
+                        f"{max_gap}")
+    cleared = (f"beats the majority-class baseline ({metric} {majority:.4f}) and is within "
+               f"{max_gap} of the best baseline ({best} {scored[best]:.4f})")
+    return failures, cleared
 
 
 def decide_promotion(candidate_metrics: dict[str, float],
                      champion_metrics: dict[str, float] | None,
-                     params: RegisterParams) -> Decision:
-    """Promote when the thresholds are met and the candidate is not worse than the champion.
+                     params: RegisterParams,
+                     baselines: dict[str, dict[str, float]] | None = None) -> Decision:
+    """Promote when the gate is cleared and the candidate beats the champion (a tie: no).
 
     Args:
         candidate_metrics: the new model's test metrics.
         champion_metrics: the champion's metrics on the same test data; None when there is no
-            champion (or it could not score the data): then the thresholds alone decide.
-        params: thresholds, the metric to compare on.
+            champion to compare with: then the gate alone decides.
+        params: the gate (baseline gap, absolute thresholds), the metric to compare on.
+        baselines: ``{baseline: metrics}`` on the same test data (evaluate's); None: the
+            baseline gate is not applied.
 
     Raises:
         ConfigError: a threshold or the compare metric names an unknown metric.
     """
     check_register_params(params)
     metric = params.compare_metric
-    failures = check_thresholds(candidate_metrics, params)
+    failures = []
+    if below := check_thresholds(candidate_metrics, params):
+        failures.append("below the absolute thresholds: " + "; ".join(below))
+    cleared = [_describe_cleared(candidate_metrics, params)]
+    if baselines is not None:
+        below, relative = check_baselines(candidate_metrics, baselines, params)
+        if below:
+            failures.append("below the baselines: " + "; ".join(below))
+        cleared.append(relative)
     if failures:
-        return Decision(False, "below the absolute thresholds: " + "; ".join(failures), True)
-    cleared = _describe_cleared(candidate_metrics, params)
+        return Decision(False, "; ".join(failures), True)
+    cleared_text = "; ".join(c for c in cleared if c) or "no gate set"
     if champion_metrics is None:
-        return Decision(True, f"no champion to compare with; {cleared}", False)
+        return Decision(True, f"no champion to compare with; {cleared_text}", False)
     ours, theirs = candidate_metrics[metric], champion_metrics.get(metric, math.nan)
-    lower = metric in LOWER_IS_BETTER
-    direction = "lower" if lower else "higher"
-    gap = (theirs - ours) if lower else (ours - theirs)
-    if not gap >= -TIE_TOLERANCE:  # also catches a NaN champion value
-        return Decision(False, f"{metric} {ours:.4f} is worse than the champion's {theirs:.4f} "
-                               f"on the same test data ({direction} is better); {cleared}",
+    direction = "lower" if metric in LOWER_IS_BETTER else "higher"
+    gain = _gain(ours, theirs, metric)
+    versus = f"the champion's {theirs:.4f} on the same test data ({direction} is better)"
+    if abs(gain) <= TIE_TOLERANCE:  # bit-identical or equally good: the champion stays
+        return Decision(False, f"tie: {metric} {ours:.4f} is equal to {versus}; a tie never "
+                               f"moves the alias; {cleared_text}", False)
+    if not gain > 0:  # also catches a NaN champion value
+        return Decision(False, f"{metric} {ours:.4f} is worse than {versus}; {cleared_text}",
                         False)
-    verdict = "equal to" if abs(gap) <= TIE_TOLERANCE else "better than"
-    return Decision(True, f"{metric} {ours:.4f} is {verdict} the champion's {theirs:.4f} on "
-                          f"the same test data ({direction} is better); {cleared}", False)
+    return Decision(True, f"{metric} {ours:.4f} is better than {versus}; {cleared_text}", False)
+
+
+def one_line(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` on one line of at most ``limit`` characters (for reasons, tags, errors)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
+def content_hash(checkpoint: dict[str, Any], preprocessor_bytes: bytes,
+                 contract: dict[str, Any], code: dict[str, bytes]) -> str:
+    """What the model is, as a sha256: two models with the same hash answer alike.
+
+    Hashed: the network's architecture and weights (not the checkpoint file: ``torch.save``
+    embeds the file name, and the epoch/val-loss records do not change the model), the
+    fitted preprocessor's bytes (joblib output, stable for the same fit), the input contract
+    and the model code that ships with it (``code``: relative path -> bytes).
+    """
+    digest = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        digest.update(f"{label}:{len(data)}:".encode())
+        digest.update(data)
+
+    train = checkpoint["train_params"]
+    architecture = {key: train.get(key) for key in ("model", "hidden_sizes", "channels",
+                                                    "image_shape", "dropout")}
+    add("architecture", json.dumps({**architecture, "n_features": checkpoint["n_features"],
+                                    "n_classes": checkpoint["n_classes"]},
+                                   sort_keys=True).encode())
+    for name, tensor in sorted(checkpoint["state_dict"].items()):
+        values = tensor.detach().cpu().contiguous()
+        add(f"tensor {name} {values.dtype} {tuple(values.shape)}",
+            values.view(-1).view(_byte_dtype()).numpy().tobytes())
+    add("preprocessor", preprocessor_bytes)
+    add("contract", json.dumps(contract, sort_keys=True, default=str).encode())
+    for path, data in sorted(code.items()):
+        add(f"code {path}", data)
+    return digest.hexdigest()
+
+
+def _byte_dtype() -> Any:
+    import torch
+
+    return torch.uint8
 
 
 def encode_with_classes(labels: pd.Series, classes: list[Any]) -> np.ndarray:
@@ -160,19 +276,47 @@ def score_model(model_uri: str, test: pd.DataFrame, target: str,
     return compute_metrics(encode_with_classes(test[target], classes), proba)
 
 
-def _score_champion(client: MlflowClient, params: RegisterParams, version: str | None,
-                    test: pd.DataFrame,
-                    preprocessor: FittedPreprocessor) -> tuple[dict[str, float] | None, str]:
-    if version is None:
-        return None, "first model"
-    uri = f"models:/{params.model_name}@{params.alias}"
+@dataclass(frozen=True)
+class Candidate:
+    """What register judges: the files, what they are (hash, contract) and the test data."""
+
+    features_dir: Path
+    model_dir: Path
+    test: pd.DataFrame
+    preprocessor: FittedPreprocessor
+    evaluated: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    contract: dict[str, Any]
+    content_hash: str
+
+
+def _compare_with_champion(rp: RegisterParams, previous: str | None,
+                           cand: Candidate) -> tuple[dict[str, float] | None, str, str | None]:
+    """(champion metrics or None, context for the reason, why the gate refuses or None)."""
+    from stages.common.contract import contract_differences, model_contract
+
+    if previous is None:
+        return None, "first model", None
+    uri = f"models:/{rp.model_name}@{rp.alias}"
+    differences = contract_differences(model_contract(uri), cand.contract)
+    if differences:
+        what = one_line("; ".join(differences), MAX_REASON // 2)
+        if not rp.allow_schema_change:
+            return None, f"champion v{previous}", (
+                f"has another input schema or label set than champion v{previous} ({what}): "
+                "not compared; set register.allow_schema_change: true to promote across "
+                "schemas, or use another register.model_name")
+        return None, (f"input schema changed from champion v{previous} ({what}), allowed by "
+                      "register.allow_schema_change, so it is not compared"), None
     try:
-        metrics = score_model(uri, test, preprocessor.target, preprocessor.classes)
-    except Exception as exc:  # noqa: BLE001 - any failure means "cannot score", decided below
-        logger.warning("champion v%s cannot score the current test data: %s", version, exc)
-        return None, (f"champion v{version} could not score the current test data "
-                      f"({type(exc).__name__}: {str(exc)[:300]}), so the thresholds alone decide")
-    return metrics, f"champion v{version}"
+        metrics = score_model(uri, cand.test, cand.preprocessor.target,
+                              cand.preprocessor.classes)
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot compare"
+        logger.warning("champion v%s cannot score the current test data: %s", previous, exc)
+        return None, f"champion v{previous}", one_line(
+            f"champion v{previous} has the same input contract but could not score the "
+            f"current test data ({type(exc).__name__}: {exc}); not compared", MAX_REASON)
+    return metrics, f"champion v{previous}", None
 
 
 def _champion_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -194,22 +338,80 @@ def _warn_if_skewed(served: dict[str, float], evaluated: dict[str, float]) -> No
                        "(serving skew?): served %s, evaluated %s", served, evaluated)
 
 
-def _read_inputs(features_dir: Path,
-                 metrics_path: Path) -> tuple[pd.DataFrame, FittedPreprocessor, dict[str, float]]:
+def _read_inputs(features_dir: Path, model_dir: Path, metrics_path: Path,
+                 params: Params) -> Candidate:
+    from stages.common.contract import build_contract
+    from stages.common.nets import load_network
     from stages.common.preprocess import load_preprocessor
+    from stages.common.suite import load_suite
 
     evaluated = read_json(metrics_path)
     for name in METRIC_NAMES:
         if not isinstance(evaluated.get(name), (int, float)):
             raise DataError("metric missing or not a number; re-run evaluate",
                             file=str(metrics_path), column=name, rule="metric_present")
-    preprocessor = load_preprocessor(features_dir / "preprocessor.joblib")
+    baselines = read_baselines(evaluated)
+    if params.register.max_gap_to_baseline is not None:
+        for name in BASELINES:
+            if params.register.compare_metric not in baselines[name]:
+                raise DataError(f"baseline {name!r} missing; re-run evaluate (or set "
+                                "register.max_gap_to_baseline: null)", file=str(metrics_path),
+                                column=f"baseline_{name}_{params.register.compare_metric}",
+                                rule="metric_present")
+    preprocessor_path = features_dir / "preprocessor.joblib"
+    preprocessor = load_preprocessor(preprocessor_path)
     test_path = features_dir / "test.parquet"
     test = read_parquet(test_path)
     if preprocessor.target not in test.columns:
         raise DataError("target column not found", file=str(test_path),
                         column=preprocessor.target, rule="column_present")
-    return test, preprocessor, evaluated
+    contract = build_contract(load_suite(params.validate.suite_path), params.validate.rules,
+                              preprocessor.feature_columns)
+    _, checkpoint = load_network(model_dir / "model.pt")
+    digest = content_hash(checkpoint, preprocessor_path.read_bytes(), contract, _model_code())
+    return Candidate(features_dir, model_dir, test, preprocessor, evaluated, baselines,
+                     contract, digest)
+
+
+def _model_code() -> dict[str, bytes]:
+    # The code that ships with the model (servable.copy_model_code): stages/__init__.py and
+    # stages/common/, sources only (bytecode differs between Python builds, not the model).
+    import stages
+
+    package = Path(stages.__file__).parent
+    files = [package / "__init__.py", *sorted((package / "common").rglob("*.py"))]
+    return {str(f.relative_to(package.parent)): f.read_bytes() for f in files}
+
+
+def _find_identical(client: MlflowClient, name: str, digest: str) -> Any:
+    """The earliest version of ``name`` tagged with content ``digest``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    escaped = name.replace("'", "\\'")
+    try:
+        versions = client.search_model_versions(f"name = '{escaped}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    same = [v for v in versions if v.tags.get(CONTENT_TAG) == digest]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def _identical_record(rp: RegisterParams, existing: Any, previous: str | None,
+                      cand: Candidate, run_id: str) -> dict[str, Any]:
+    return {
+        "model_name": rp.model_name, "version": int(existing.version),
+        "decision": "identical",
+        "reason": (f"identical to v{existing.version} (same network weights, preprocessor, "
+                   f"input contract and model code; content {cand.content_hash[:12]}): "
+                   "nothing registered, no alias moved"),
+        "identical_to": int(existing.version), "content_hash": cand.content_hash,
+        "metrics": {k: cand.evaluated[k] for k in METRIC_NAMES},
+        "baselines": cand.baselines, "champion_metrics": None,
+        "previous_champion_version": int(previous) if previous is not None else None,
+        "run_id": run_id,
+    }
 
 
 def _record_on_version(client: MlflowClient, record: dict[str, Any],
@@ -218,6 +420,8 @@ def _record_on_version(client: MlflowClient, record: dict[str, Any],
     tags = {
         "promotion.decision": record["decision"],
         "promotion.reason": record["reason"],
+        GATE_TAG: "failed" if record["gate_failed"] else "passed",
+        CONTENT_TAG: record["content_hash"],
         **{f"metric.{k}": f"{v:.6f}" for k, v in record["metrics"].items()},
         **lineage_from_run(run_tags, record["run_id"]),
     }
@@ -240,14 +444,16 @@ def _check_serving(uri: str, rp: RegisterParams, decision: Decision) -> Decision
 
 
 def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
-                   previous: str | None, test: pd.DataFrame, preprocessor: FittedPreprocessor,
-                   evaluated: dict[str, float]) -> tuple[Decision, dict[str, Any]]:
+                   previous: str | None, cand: Candidate) -> tuple[Decision, dict[str, Any]]:
     # Both models are scored the same way: loaded from the registry, raw test rows in.
-    candidate = score_model(f"models:/{rp.model_name}/{version}", test, preprocessor.target,
-                            preprocessor.classes)
-    _warn_if_skewed(candidate, evaluated)
-    champion, context = _score_champion(client, rp, previous, test, preprocessor)
-    decision = decide_promotion(candidate, champion, rp)
+    candidate = score_model(f"models:/{rp.model_name}/{version}", cand.test,
+                            cand.preprocessor.target, cand.preprocessor.classes)
+    _warn_if_skewed(candidate, cand.evaluated)
+    champion, context, refused = _compare_with_champion(rp, previous, cand)
+    if refused is not None:
+        decision = Decision(False, refused, True)
+    else:
+        decision = decide_promotion(candidate, champion, rp, cand.baselines)
     if decision.promote:  # the alias only moves to a version the service can load and answer
         decision = _check_serving(f"models:/{rp.model_name}/{version}", rp, decision)
     client.set_registered_model_alias(
@@ -255,9 +461,10 @@ def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
     return decision, {
         "model_name": rp.model_name, "version": int(version),
         "decision": "promoted" if decision.promote else "challenger",
-        "reason": f"{context}: {decision.reason}", "metrics": candidate,
-        "champion_metrics": champion,
+        "reason": one_line(f"{context}: {decision.reason}"), "metrics": candidate,
+        "baselines": cand.baselines, "champion_metrics": champion,
         "previous_champion_version": int(previous) if previous is not None else None,
+        "gate_failed": decision.gate_failed, "content_hash": cand.content_hash,
     }
 
 
@@ -266,11 +473,13 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
     """Log + register the servable model, run the model gate, move the alias, record why.
 
     Returns:
-        The registration record (also written to ``out_path``).
+        The registration record (also written to ``out_path``); ``decision`` is
+        ``promoted``, ``challenger`` or ``identical`` (nothing registered).
 
     Raises:
-        GateError: the absolute thresholds were not met; the version is registered, tagged
-            and aliased ``challenger`` and ``out_path`` written first; the champion is untouched.
+        GateError: the gate failed (baselines, thresholds, another input schema, serving
+            check); the version is registered, tagged and aliased ``challenger`` and
+            ``out_path`` written first; the champion is untouched.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -278,19 +487,31 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
     from stages.common.servable import log_servable
     from stages.common.variants import log_variants
 
-    features_dir, model_dir, rp = Path(features_dir), Path(model_dir), params.register
+    rp = params.register
     check_register_params(rp)
-    test, preprocessor, evaluated = _read_inputs(features_dir, Path(metrics_path))
-    with tracking.resume_run(model_dir, params.mlflow) as active:
+    cand = _read_inputs(Path(features_dir), Path(model_dir), Path(metrics_path), params)
+    with tracking.resume_run(cand.model_dir, params.mlflow) as active:
         client = MlflowClient()
         previous = _champion_version(client, rp.model_name, rp.alias)
-        info = log_servable(features_dir / "preprocessor.joblib", model_dir / "model.pt",
-                            test.head(5), registered_model_name=rp.model_name)
-        # ONNX + int8 copies beside it, scored on the same test rows (variants/ in the run).
-        log_variants(features_dir / "preprocessor.joblib", model_dir / "model.pt", test)
-        version = str(info.registered_model_version)
-        decision, record = _judge_version(client, rp, version, previous, test, preprocessor,
-                                          evaluated)
+        existing = _find_identical(client, rp.model_name, cand.content_hash)
+        if existing is not None and existing.tags.get(GATE_TAG) != "failed":
+            return _finish_identical(rp, existing, previous, cand, active.info.run_id,
+                                     out_path)
+        if existing is not None:  # the same model failed the gate: judge it again, e.g.
+            version = str(existing.version)  # under a changed register.* param; no new version
+        else:
+            preprocessor_path = cand.features_dir / "preprocessor.joblib"
+            info = log_servable(preprocessor_path, cand.model_dir / "model.pt",
+                                cand.test.head(5), contract=cand.contract,
+                                registered_model_name=rp.model_name)
+            # ONNX + int8 copies beside it, scored on the same test rows (variants/ in the run).
+            log_variants(preprocessor_path, cand.model_dir / "model.pt", cand.test)
+            version = str(info.registered_model_version)
+        decision, record = _judge_version(client, rp, version, previous, cand)
+        if existing is not None:
+            record["identical_to"] = int(version)
+            record["reason"] = one_line(f"identical to v{version}, which failed the gate "
+                                        f"before; judged again: {record['reason']}")
         record["run_id"] = active.info.run_id
         _record_on_version(client, record, client.get_run(active.info.run_id).data.tags)
         mlflow.set_tags({"registered.model": rp.model_name, "registered.version": version,
@@ -298,8 +519,21 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
     write_json(out_path, record)
     logger.info("%s v%s %s: %s", rp.model_name, version, record["decision"], record["reason"])
     if decision.gate_failed:
-        raise GateError(f"model gate: {rp.model_name} v{version} {decision.reason} "
+        raise GateError(f"model gate: {rp.model_name} v{version} {one_line(decision.reason)} "
                         f"(marked {rp.challenger_alias}; champion unchanged)")
+    return record
+
+
+def _finish_identical(rp: RegisterParams, existing: Any, previous: str | None,
+                      cand: Candidate, run_id: str, out_path: str | Path) -> dict[str, Any]:
+    import mlflow
+
+    record = _identical_record(rp, existing, previous, cand, run_id)
+    mlflow.set_tags({"registered.model": rp.model_name,
+                     "registered.identical_to": str(existing.version),
+                     "promotion.decision": "identical"})
+    write_json(out_path, record)
+    logger.info("%s: %s", rp.model_name, record["reason"])
     return record
 
 

@@ -46,7 +46,8 @@ SUITE = {
 TEST_PARAMS = {
     "base": {"device": "cpu"},
     "train": {"hidden_sizes": [16], "lr": 0.01, "max_epochs": 20, "patience": 5},
-    "register": {"model_name": "test-clf", "min_metrics": {"accuracy": 0.8, "roc_auc": 0.85},
+    "register": {"model_name": "test-clf",
+                 "min_metrics": {"accuracy": 0.8, "roc_auc_macro": 0.85},
                  "max_metrics": {"log_loss": 0.6}},
 }
 

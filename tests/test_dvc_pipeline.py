@@ -70,7 +70,7 @@ def test_metrics_and_plots_are_readable_by_dvc(reproduced) -> None:
     repo, _ = reproduced
     metrics = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
     values = json.dumps(metrics)
-    for name in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
+    for name in ("accuracy", "f1_macro", "roc_auc_macro", "roc_auc_micro", "log_loss"):
         assert name in values
     out = repo / "plots-html"
     dvc(repo, "plots", "show", "-o", str(out))

@@ -212,16 +212,24 @@ class TrainParams(StrictModel):
 
 class EvaluateParams(StrictModel):
     batch_size: int = Field(1024, gt=0)  # scoring batch size; does not change the metrics
+    # the baselines (majority class, logistic regression) fit on at most this many train rows
+    baseline_max_rows: int = Field(100_000, gt=0)
 
 
 class RegisterParams(StrictModel):
     model_name: str = Field("classifier", min_length=1)  # registered model in MLflow
     alias: str = "champion"  # the alias that serving follows
     challenger_alias: str = "challenger"  # set on versions that were not promoted
-    min_metrics: dict[str, float] = Field(  # absolute floor a new champion must clear
-        default_factory=lambda: {"accuracy": 0.9, "f1_macro": 0.9, "roc_auc": 0.95})
-    max_metrics: dict[str, float] = Field(default_factory=lambda: {"log_loss": 0.5})
-    compare_metric: str = "f1_macro"  # challenger must not be worse than champion on this
+    # the default gate, relative to the baselines evaluate scores on the same test split: beat
+    # the majority class on compare_metric, and trail the best baseline by at most this much
+    # (in compare_metric's units; null = no baseline gate)
+    max_gap_to_baseline: float | None = Field(0.05, ge=0)
+    # optional absolute thresholds, e.g. {accuracy: 0.9} / {log_loss: 0.5}; empty = none
+    min_metrics: dict[str, float] = Field(default_factory=dict)
+    max_metrics: dict[str, float] = Field(default_factory=dict)
+    compare_metric: str = "f1_macro"  # the challenger must beat the champion on this (a tie: no)
+    # promote a model whose input schema or label set differs from the champion's (not compared)
+    allow_schema_change: bool = False
     # pre-promotion check: median single-row latency through the serving code path (ms)
     max_latency_ms: float = Field(250.0, gt=0)
 

@@ -135,7 +135,7 @@ def test_run_stage_retries_crashes_but_not_refusals(
 
 # --- the summary ---------------------------------------------------------------------------
 
-METRICS = {"accuracy": 0.97368, "f1_macro": 0.9717, "roc_auc": 0.9954, "log_loss": 0.0812}
+METRICS = {"accuracy": 0.97368, "f1_macro": 0.9717, "roc_auc_macro": 0.9954, "log_loss": 0.0812}
 REGISTRATION = {"model_name": "classifier", "version": "3", "run_id": "abc",
                 "decision": "challenger", "reason": "f1_macro 0.9717 < champion 0.9800",
                 "metrics": METRICS, "champion_metrics": {"f1_macro": 0.98},

@@ -41,7 +41,9 @@ def test_binary_metrics_on_known_values() -> None:
     assert metrics == pytest.approx({
         "accuracy": 0.75,  # row 1 is wrong
         "f1_macro": (2 / 3 + 0.8) / 2,  # class 0: P 1, R 1/2; class 1: P 2/3, R 1
-        "roc_auc": 1.0,  # every positive outranks every negative
+        "roc_auc_macro": 1.0,  # every positive outranks every negative
+        # 8 (row, class) pairs: of the 4 x 4 (positive, negative) pairs only 0.4 < 0.6 is wrong
+        "roc_auc_micro": 15 / 16,
         "log_loss": -np.mean(np.log([0.9, 0.4, 0.65, 0.8])),
     })
 
@@ -52,9 +54,52 @@ def test_multiclass_metrics_on_known_values() -> None:
     assert metrics == pytest.approx({
         "accuracy": 0.75,  # row 3 is predicted 1
         "f1_macro": (2 / 3 + 2 / 3 + 1) / 3,
-        "roc_auc": (3.5 / 4 + 2 / 3 + 1) / 3,  # one-vs-rest per class (a tie counts 1/2), macro
+        "roc_auc_macro": (3.5 / 4 + 2 / 3 + 1) / 3,  # one-vs-rest per class (a tie: 1/2), macro
+        "roc_auc_micro": _micro_auc(MULTI_Y, MULTI_P),
         "log_loss": -np.mean(np.log([0.6, 0.4, 0.6, 0.3])),
     })
+
+
+def _micro_auc(y: np.ndarray, proba: np.ndarray) -> float:
+    # every (row, class) pair one binary case: the share of (positive, negative) pairs ranked
+    # right, a tie counting 1/2
+    positive = np.eye(proba.shape[1])[y] == 1
+    pairs = [(p, n) for p in proba[positive] for n in proba[~positive]]
+    return float(np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs]))
+
+
+@pytest.mark.parametrize(("y_true", "proba", "shown"), [
+    (BINARY_Y, BINARY_P, "roc_auc_macro"),  # the positive class's curve: the macro AUC
+    (MULTI_Y, MULTI_P, "roc_auc_micro"),  # the micro-averaged curve
+])
+def test_roc_image_names_the_auc_it_shows_as_metrics_json_does(y_true: np.ndarray,
+                                                                proba: np.ndarray,
+                                                                shown: str) -> None:
+    metrics = evaluate.compute_metrics(y_true, proba)
+    roc = evaluate.build_roc_records(y_true, proba)
+
+    # the curve drawn has the area of the metric its legend names, under the same name
+    assert evaluate.curve_area(roc, "fpr", "tpr") == pytest.approx(metrics[shown], abs=1e-5)
+    fig = evaluate.plot_curve(roc, "fpr", "tpr", evaluate.curve_title("ROC", proba.shape[1]),
+                              evaluate.roc_legend(metrics, proba.shape[1]))
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend[0] == f"{shown} = {metrics[shown]:.4f}"
+    assert "roc_auc" not in metrics  # no unqualified name left to mislead
+
+
+def test_baselines_majority_class_and_logistic_regression() -> None:
+    rng = np.random.default_rng(0)
+    X_train = rng.normal(size=(60, 2))
+    y_train = np.where(X_train[:, 0] > 0.8, 1, 0)  # class 0 is the majority
+    X_test = np.array([[2.0, 0.0], [-2.0, 0.0], [1.5, 1.0]])
+
+    probas = evaluate.baseline_probas(X_train, y_train, X_test, 3, seed=0)
+
+    share = np.bincount(y_train, minlength=3) / len(y_train)
+    assert set(probas) == set(evaluate.BASELINES)
+    assert probas["majority"] == pytest.approx(np.tile(share, (3, 1)))  # class 2 unseen: 0
+    assert probas["logistic"].argmax(axis=1).tolist() == [1, 0, 1]
+    assert probas["logistic"][:, 2].tolist() == [0, 0, 0]
 
 
 def test_metrics_renormalise_float32_softmax_rows() -> None:
@@ -129,9 +174,19 @@ def test_main_writes_metrics_and_plots_and_logs_them_to_the_train_run(workdir: P
     assert evaluate.main([*_args(workdir), "--params", str(params_file)]) == 0
 
     metrics = json.loads((workdir / "reports" / "metrics.json").read_text())
-    assert set(metrics) == set(evaluate.METRIC_NAMES)
+    baselines = {f"baseline_{b}_{m}" for b in evaluate.BASELINES for m in evaluate.METRIC_NAMES}
+    assert set(metrics) == set(evaluate.METRIC_NAMES) | baselines
     assert all(math.isfinite(v) for v in metrics.values())
-    assert metrics["accuracy"] > 0.8 and metrics["roc_auc"] > 0.9  # a real, trained model
+    assert metrics["accuracy"] > 0.8 and metrics["roc_auc_macro"] > 0.9  # a real, trained model
+    # the baselines, scored on the same test split
+    test = pd.read_parquet(workdir / "features" / "test.parquet")
+    majority = pd.read_parquet(workdir / "features" / "train.parquet")["target"].mode()[0]
+    assert metrics["baseline_majority_accuracy"] == pytest.approx(
+        (test["target"] == majority).mean())
+    assert metrics["baseline_majority_roc_auc_macro"] == 0.5  # one score for every row
+    assert metrics["baseline_logistic_accuracy"] > 0.9  # breast cancer is nearly linear
+    assert evaluate.read_baselines(metrics)["logistic"]["f1_macro"] == \
+        metrics["baseline_logistic_f1_macro"]
     out = workdir / "reports" / "eval"
     assert sorted(p.name for p in out.iterdir()) == sorted(evaluate.PLOT_FILES)
     n_test = len(pd.read_parquet(workdir / "features" / "test.parquet"))

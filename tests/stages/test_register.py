@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 
@@ -30,9 +31,13 @@ NAME = TEST_PARAMS["register"]["model_name"]
 
 # ----------------------------------------------------------------------------- decision core
 
-GATE = RegisterParams(min_metrics={"accuracy": 0.8, "roc_auc": 0.85},
+GATE = RegisterParams(min_metrics={"accuracy": 0.8, "roc_auc_macro": 0.85},
                       max_metrics={"log_loss": 0.6}, compare_metric="f1_macro")
-GOOD = {"accuracy": 0.9, "f1_macro": 0.9, "roc_auc": 0.95, "log_loss": 0.3}
+GOOD = {"accuracy": 0.9, "f1_macro": 0.9, "roc_auc_macro": 0.95, "roc_auc_micro": 0.95,
+        "log_loss": 0.3}
+# what evaluate writes beside the network's metrics: a hard, imbalanced table
+BASELINES = {"majority": {"accuracy": 0.6, "f1_macro": 0.25, "log_loss": 1.1},
+             "logistic": {"accuracy": 0.85, "f1_macro": 0.62, "log_loss": 0.55}}
 
 
 def test_first_model_needs_only_the_thresholds() -> None:
@@ -46,7 +51,7 @@ def test_first_model_needs_only_the_thresholds() -> None:
 
 @pytest.mark.parametrize(("champion_f1", "promote", "verdict"), [
     (0.85, True, "is better than the champion's 0.8500"),
-    (0.9, True, "is equal to the champion's 0.9000"),
+    (0.9, False, "is equal to the champion's 0.9000"),  # a tie: the champion stays
     (0.95, False, "is worse than the champion's 0.9500"),
 ])
 def test_candidate_is_compared_with_the_champion(champion_f1: float, promote: bool,
@@ -55,6 +60,57 @@ def test_candidate_is_compared_with_the_champion(champion_f1: float, promote: bo
 
     assert decision.promote is promote and not decision.gate_failed
     assert f"f1_macro 0.9000 {verdict}" in decision.reason
+
+
+def test_a_tie_never_moves_the_alias_whatever_the_metric() -> None:
+    for metric in ("f1_macro", "log_loss", "accuracy"):
+        params = GATE.model_copy(update={"compare_metric": metric})
+
+        decision = register.decide_promotion(GOOD, dict(GOOD), params)
+
+        assert not decision.promote and not decision.gate_failed
+        assert decision.reason.startswith(f"tie: {metric} ")
+        assert "a tie never moves the alias" in decision.reason
+
+
+def test_default_gate_is_relative_to_the_baselines() -> None:
+    default = RegisterParams()
+    assert default.min_metrics == {} and default.max_metrics == {}  # no absolute thresholds
+    # a first model on a harder table: far from 0.9, but close to what logistic regression does
+    fair = {"accuracy": 0.82, "f1_macro": 0.6, "roc_auc_macro": 0.8, "roc_auc_micro": 0.85,
+            "log_loss": 0.6}
+
+    decision = register.decide_promotion(fair, None, default, BASELINES)
+
+    assert decision.promote and not decision.gate_failed
+    assert ("beats the majority-class baseline (f1_macro 0.2500) and is within 0.05 of the "
+            "best baseline (logistic 0.6200)") in decision.reason
+
+
+@pytest.mark.parametrize(("f1", "failure"), [
+    (0.25, "f1_macro 0.2500 does not beat the majority-class baseline's 0.2500"),
+    (0.5, ("f1_macro 0.5000 trails the logistic baseline's 0.6200 by 0.1200 > "
+           "register.max_gap_to_baseline 0.05")),
+])
+def test_below_the_baselines_fails_the_gate(f1: float, failure: str) -> None:
+    decision = register.decide_promotion({**GOOD, "f1_macro": f1}, None, RegisterParams(),
+                                         BASELINES)
+
+    assert not decision.promote and decision.gate_failed
+    assert decision.reason.startswith("below the baselines: ") and failure in decision.reason
+
+
+def test_baseline_gate_on_a_lower_is_better_metric_and_switched_off() -> None:
+    by_loss = RegisterParams(compare_metric="log_loss", max_gap_to_baseline=0.1)
+
+    close = register.decide_promotion({**GOOD, "log_loss": 0.6}, None, by_loss, BASELINES)
+    far = register.decide_promotion({**GOOD, "log_loss": 0.7}, None, by_loss, BASELINES)
+    off = register.decide_promotion({**GOOD, "f1_macro": 0.1}, None,
+                                    RegisterParams(max_gap_to_baseline=None), BASELINES)
+
+    assert close.promote and "best baseline (logistic 0.5500)" in close.reason
+    assert far.gate_failed and "trails the logistic baseline's 0.5500 by 0.1500" in far.reason
+    assert off.promote and off.reason == "no champion to compare with; no gate set"
 
 
 def test_lower_is_better_for_log_loss() -> None:
@@ -70,7 +126,7 @@ def test_lower_is_better_for_log_loss() -> None:
 @pytest.mark.parametrize(("candidate", "failure"), [
     ({**GOOD, "accuracy": 0.7}, "accuracy 0.7000 < min 0.8"),
     ({**GOOD, "log_loss": 0.65}, "log_loss 0.6500 > max 0.6"),
-    ({**GOOD, "roc_auc": math.nan}, "roc_auc nan < min 0.85"),
+    ({**GOOD, "roc_auc_macro": math.nan}, "roc_auc_macro nan < min 0.85"),
 ])
 def test_below_the_thresholds_fails_the_gate_whatever_the_champion(candidate: dict,
                                                                    failure: str) -> None:
@@ -87,6 +143,51 @@ def test_unknown_metric_in_params_is_a_config_error() -> None:
         register.decide_promotion(GOOD, None, GATE.model_copy(update={"compare_metric": "f1"}))
     with pytest.raises(ConfigError, match=r"register\.min_metrics: unknown metric 'acc'"):
         register.check_register_params(GATE.model_copy(update={"min_metrics": {"acc": 0.5}}))
+    with pytest.raises(ConfigError, match=r"unknown metric 'roc_auc' .*; renamed to "
+                                          r"roc_auc_macro or roc_auc_micro"):
+        register.check_register_params(GATE.model_copy(update={"min_metrics": {"roc_auc": 1}}))
+
+
+def test_a_reason_is_one_bounded_line_even_from_a_dataframe() -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({"a": range(1000), "b": ["x" * 50] * 1000})
+
+    text = register.one_line(f"champion could not score ({frame})")
+
+    assert "\n" not in text and len(text) <= register.MAX_REASON and text.endswith("...")
+
+
+def _checkpoint(seed: int, epoch: int = 3) -> dict:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    return {"state_dict": net.state_dict(), "n_features": 4, "n_classes": 2, "epoch": epoch,
+            "val_loss": 0.1 * epoch, "train_params": {"model": "mlp", "hidden_sizes": [3],
+                                                      "dropout": 0.1, "lr": 0.01}}
+
+
+def test_content_hash_is_what_the_model_is_not_how_its_file_was_written(
+        tmp_path: Path) -> None:
+    contract = {"target": "y", "labels": [0, 1], "columns": [{"name": "a", "kind": "float"}]}
+    code = {"stages/common/x.py": b"print(1)"}
+    # torch.save embeds the file's name: the same weights saved under two names differ in
+    # bytes, and the checkpoint's epoch/val-loss records do not change the model
+    torch.save(_checkpoint(0), tmp_path / "a.pt")
+    torch.save(_checkpoint(0, epoch=9), tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() != (tmp_path / "b.pt").read_bytes()
+    loaded = [torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("a", "b")]
+
+    same = {register.content_hash(c, b"prep", contract, code) for c in loaded}
+    assert len(same) == 1
+    digest = same.pop()
+    other_lr = {**_checkpoint(0), "train_params": {**_checkpoint(0)["train_params"], "lr": 1}}
+    assert register.content_hash(other_lr, b"prep", contract, code) == digest
+    for changed in (register.content_hash(_checkpoint(1), b"prep", contract, code),
+                    register.content_hash(loaded[0], b"prep2", contract, code),
+                    register.content_hash(loaded[0], b"prep", {**contract, "labels": [1, 2]},
+                                          code),
+                    register.content_hash(loaded[0], b"prep", contract, {"x.py": b""})):
+        assert changed != digest
 
 
 def test_lineage_tags_are_copied_from_the_run() -> None:
@@ -102,14 +203,16 @@ def test_lineage_tags_are_copied_from_the_run() -> None:
 
 LINEAGE = {"git.commit": "0123abc", "git.dirty": "false", "dvc.data/features.md5": "feedbeef",
            "prefect.flow_run_id": "flow-1"}
-LOOSE = {"register": {"min_metrics": {}, "max_metrics": {}}}  # the champion comparison decides
+# the champion comparison decides: no absolute thresholds, no baseline gate
+LOOSE = {"register": {"min_metrics": {}, "max_metrics": {}, "max_gap_to_baseline": None}}
 
 
 def prepare(root: Path, source: tuple[Path, Path], params: Params,
-            degrade: bool = False) -> Path:
+            degrade: bool = False, bias: float = 0.0) -> Path:
     """A pipeline workspace at ``root``: features + model, a train run, evaluate's metrics.
 
-    ``degrade`` zeroes the output layer: every row gets p = 0.5, a much worse model.
+    ``degrade`` zeroes the output layer: every row gets the same probabilities (p = 0.5 with
+    ``bias`` 0), a much worse model; another ``bias`` gives another (equally bad) model.
     """
     shutil.copytree(source[0], root / "features")
     shutil.copytree(source[1], root / "models")
@@ -119,6 +222,7 @@ def prepare(root: Path, source: tuple[Path, Path], params: Params,
         last = [k for k in state if k.endswith(".weight")][-1].removesuffix(".weight")
         state[f"{last}.weight"].zero_()
         state[f"{last}.bias"].zero_()
+        state[f"{last}.bias"][0] = bias
         torch.save(checkpoint, root / "models" / "model.pt")
     fresh_run(root / "models", params, tags=LINEAGE)
     evaluate.run(root / "features", root / "models", root / "reports" / "eval",
@@ -155,12 +259,15 @@ def test_first_model_becomes_champion_and_serves_from_a_fresh_process(
     assert record["reason"].startswith("first model: no champion to compare with; clears")
     assert record["champion_metrics"] is None and record["previous_champion_version"] is None
     evaluated = json.loads((work / "reports" / "metrics.json").read_text())
-    assert record["metrics"] == pytest.approx(evaluated, abs=1e-6)  # served == evaluated
+    assert record["metrics"] == pytest.approx(  # served == evaluated
+        {k: evaluated[k] for k in evaluate.METRIC_NAMES}, abs=1e-6)
+    assert record["baselines"] == evaluate.read_baselines(evaluated)
     champion = version_by_alias("champion")
     assert int(champion.version) == 1 and champion.run_id == record["run_id"]
     assert champion.tags == {
         **LINEAGE, "run_id": record["run_id"], "promotion.decision": "promoted",
-        "promotion.reason": record["reason"],
+        "promotion.reason": record["reason"], "promotion.gate": "passed",
+        "model.content_hash": record["content_hash"],
         **{f"metric.{k}": f"{v:.6f}" for k, v in record["metrics"].items()}}
     assert champion.description.startswith(f"promoted: {record['reason']}")
     run = mlflow.MlflowClient().get_run(record["run_id"])
@@ -184,7 +291,8 @@ def test_first_model_becomes_champion_and_serves_from_a_fresh_process(
             "  'stages_from': sys.modules['stages'].__file__}))\n")
     test_file = work / "features" / "test.parquet"
     done = subprocess.run([sys.executable, "-c", code, f"models:/{NAME}@champion",
-                           str(test_file)], cwd=elsewhere, env=env, capture_output=True,
+                           str(test_file)], check=False, cwd=elsewhere, env=env,
+                          capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     served = json.loads(done.stdout.strip().splitlines()[-1])
@@ -216,7 +324,7 @@ def test_worse_model_is_challenger_and_below_thresholds_fails_the_gate(
     assert challenger.tags["promotion.decision"] == "challenger"
 
     # v3: below the thresholds -> GateError after recording it; champion still v1
-    v3 = prepare(tmp_path / "v3", trained, make_params(), degrade=True)
+    v3 = prepare(tmp_path / "v3", trained, make_params(), degrade=True, bias=0.1)
     with pytest.raises(GateError, match=r"model gate: test-clf v3 below the absolute "
                                         r"thresholds: accuracy 0\.\d+ < min 0\.8"):
         register.run(v3 / "features", v3 / "models", v3 / "reports" / "metrics.json",
@@ -228,26 +336,84 @@ def test_worse_model_is_challenger_and_below_thresholds_fails_the_gate(
     tags = version_by_alias("challenger").tags
     assert tags["promotion.decision"] == "challenger"
     assert "accuracy" in tags["promotion.reason"] and tags["git.commit"] == "0123abc"
-    # and through the CLI the gate failure is exit code 1
+    # and through the CLI the gate failure is exit code 1: the same model is judged again
+    # (no new version) and fails again
     assert register.main(register_args(v3, strict)) == 1
     assert int(version_by_alias("champion").version) == 1
+    assert len(mlflow.MlflowClient().search_model_versions(f"name = '{NAME}'")) == 3
 
 
-def test_champion_that_cannot_score_the_new_data_leaves_the_thresholds_to_decide(
+def test_identical_model_registers_no_new_version_and_moves_no_alias(
         tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
     strict = params_file(tmp_path / "strict.yaml")
-    register.main(register_args(prepare(tmp_path / "v1", trained, make_params()), strict))
-    # a new feature schema: five columns fewer, so the champion's signature rejects the rows
-    narrow = build_trained(tmp_path / "narrow", make_params(), breast_cancer_frame(drop=5))
-    v2 = prepare(tmp_path / "v2", narrow, make_params())
+    assert register.main(register_args(prepare(tmp_path / "v1", trained, make_params()),
+                                       strict)) == 0
+    first = json.loads((tmp_path / "v1" / "reports" / "registration.json").read_text())
+    # the same training again (a new run, the checkpoint re-saved with other records in it)
+    again = prepare(tmp_path / "again", trained, make_params())
+    checkpoint = torch.load(again / "models" / "model.pt", weights_only=True)
+    torch.save({**checkpoint, "epoch": 999}, again / "models" / "model.pt")
 
-    assert register.main(register_args(v2, strict)) == 0
+    assert register.main(register_args(again, strict)) == 0
 
+    record = json.loads((again / "reports" / "registration.json").read_text())
+    assert record["decision"] == "identical" and record["version"] == 1
+    assert record["reason"].startswith("identical to v1 (same network weights, preprocessor")
+    assert "nothing registered, no alias moved" in record["reason"]
+    assert record["content_hash"] == first["content_hash"]
+    client = mlflow.MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    assert {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()} == {
+        "champion": "1"}
+    assert client.get_run(record["run_id"]).data.tags["registered.identical_to"] == "1"
+
+
+def _penguins() -> pd.DataFrame:
+    from importlib.resources import files
+
+    return pd.read_csv(files("palmerpenguins") / "data" / "penguins.csv")
+
+
+def test_another_table_is_not_compared_with_the_champion_unless_allowed(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    from stages import validate
+
+    loose = params_file(tmp_path / "loose.yaml", LOOSE)
+    assert register.main(register_args(prepare(tmp_path / "v1", trained, make_params()),
+                                       loose)) == 0
+    # the same repo switched to another real table: penguins (other columns, three labels)
+    (tmp_path / "penguins.csv").write_text(_penguins().to_csv(index=False))
+    validate.write_suite(tmp_path / "penguins.csv", tmp_path / "penguins.json", "species", 0.1,
+                         1000)
+    other = {"ingest": {"target": "species"},
+             "validate": {"suite_path": str(tmp_path / "penguins.json")},
+             "features": {"drop_columns": ["year"]}, **LOOSE}
+    penguins = build_trained(tmp_path / "penguins", make_params(other), _penguins())
+    v2 = prepare(tmp_path / "v2", penguins, make_params(other))
+
+    with pytest.raises(GateError) as refused:
+        register.run(v2 / "features", v2 / "models", v2 / "reports" / "metrics.json",
+                     v2 / "reports" / "registration.json", make_params(other))
+
+    message = str(refused.value)
+    assert message.startswith("model gate: test-clf v2 has another input schema or label set "
+                              "than champion v1 (")
+    assert "labels ['0', '1'] -> ['Adelie', 'Chinstrap', 'Gentoo']" in message
+    assert "register.allow_schema_change: true" in message and "\n" not in message
     record = json.loads((v2 / "reports" / "registration.json").read_text())
-    assert record["reason"].startswith("champion v1 could not score the current test data (")
-    assert "so the thresholds alone decide: no champion to compare with; clears" in \
-        record["reason"]
-    assert record["decision"] == "promoted" and record["champion_metrics"] is None
+    assert record["decision"] == "challenger" and record["champion_metrics"] is None
+    assert len(record["reason"]) <= register.MAX_REASON and "\n" not in record["reason"]
+    assert int(version_by_alias("champion").version) == 1
+
+    # told to: promoted without comparing (no new version: the same model, judged again)
+    allowed = params_file(tmp_path / "allowed.yaml",
+                          {**other, "register": {**LOOSE["register"],
+                                                 "allow_schema_change": True}})
+    assert register.main(register_args(v2, allowed)) == 0
+    record = json.loads((v2 / "reports" / "registration.json").read_text())
+    assert record["decision"] == "promoted" and record["version"] == 2
+    assert "input schema changed from champion v1 (" in record["reason"]
+    assert "allowed by register.allow_schema_change" in record["reason"]
     assert int(version_by_alias("champion").version) == 2
 
 
@@ -282,3 +448,44 @@ def test_a_version_the_service_cannot_answer_in_time_is_blocked_and_says_why(
     aliases = mlflow.MlflowClient().get_registered_model(NAME).aliases
     assert {alias: str(v) for alias, v in aliases.items()} == {"challenger": "1"}  # no champion
     assert version_by_alias("challenger").tags["promotion.reason"] == record["reason"]
+
+
+# ----------------------------------------------------------------------------- in the DVC graph
+
+
+@pytest.mark.slow
+def test_revalidating_identical_data_retrains_nothing(tmp_path: Path, mlflow_uri: str) -> None:
+    import hashlib
+
+    import yaml
+
+    from tests.conftest import dvc, make_pipeline_repo
+
+    repo = make_pipeline_repo(tmp_path / "repo")
+    result = dvc(repo, "repro", check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def train_deps() -> dict[str, str]:
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())
+        files = [p for dep in lock["stages"]["train"]["deps"] for p in
+                 ([repo / dep["path"]] if (repo / dep["path"]).is_file()
+                  else sorted((repo / dep["path"]).rglob("*")))]
+        return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest()
+                for p in files if p.is_file()}
+
+    before = train_deps()
+    result_json = (repo / "reports/validation/result.json").read_bytes()
+    # validate runs again on byte-identical data (as when a rejected file is replaced by the
+    # good one): GX writes a new result (run id, timestamps) and new Data Docs...
+    dvc(repo, "repro", "--force", "--single-item", "validate")
+    assert (repo / "reports/validation/result.json").read_bytes() != result_json
+
+    # ...but nothing train depends on changed, so nothing below validate is out of date
+    assert train_deps() == before
+    status = json.loads(dvc(repo, "status", "--json").stdout or "{}")
+    assert status == {"ingest": ["always changed"]}, status
+    again = dvc(repo, "repro")
+    for stage in ("features", "train", "evaluate", "register"):
+        assert f"Stage '{stage}' didn't change, skipping" in again.stdout
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    assert len(client.search_model_versions("name = 'classifier'")) == 1
