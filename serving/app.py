@@ -29,9 +29,10 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
@@ -218,7 +219,7 @@ async def _score(service: _Service, request: Request, endpoint: str) -> Response
         column = getattr(exc, "column", None)
         response = _json(PayloadError(str(exc), columns=[column] if column else []).to_json(),
                          400, headers)
-    except Exception as exc:  # noqa: BLE001 - answer, log, and stay up
+    except Exception as exc:
         logger.exception("request %s failed on model v%s", request_id, version)
         response = _json({"error_code": "INTERNAL_ERROR",
                           "message": f"the model failed: {type(exc).__name__}: {exc}"},

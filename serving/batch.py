@@ -9,8 +9,9 @@ half-written file. ``flows/batch_score.py`` orchestrates this with Prefect.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from serving.model import LoadedModel, load_model
 from serving.payloads import PayloadError, check_frame

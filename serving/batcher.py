@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from serving.model import LoadedModel
 from serving.payloads import frame_to_records, rows_to_frame
@@ -109,7 +110,7 @@ class MicroBatcher:
                     results = await loop.run_in_executor(self._executor, _score_batch, jobs)
                     if self.on_batch:
                         self.on_batch(jobs[0].model, sum(len(job.rows) for job in jobs))
-                except Exception as exc:  # noqa: BLE001 - the loop must outlive any batch
+                except Exception as exc:
                     logger.exception("batch of %d request(s) failed", len(jobs))
                     results = [exc] * len(jobs)
                 for job, result in zip(jobs, results):

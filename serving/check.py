@@ -17,8 +17,7 @@ from typing import Any
 
 from serving.batcher import score_rows
 from serving.model import LoadedModel, load_model
-from serving.payloads import (PayloadError, encode_predictions, encode_split_payload,
-                              parse_payload)
+from serving.payloads import PayloadError, encode_predictions, encode_split_payload, parse_payload
 from stages.common.servable import PROBA_PREFIX
 
 LATENCY_REPEATS = 20  # single-row requests timed; the median is compared (robust to a hiccup)
@@ -102,8 +101,7 @@ def check_servable(model_uri: str, max_latency_ms: float, variant: str = "pyfunc
     except PayloadError as exc:
         return ServingCheck((f"its own input example is refused: {exc.message}",))
     except Exception as exc:  # noqa: BLE001 - the model's own code failed
-        return ServingCheck((f"scoring its input example failed: {type(exc).__name__}: "
-                             f"{exc}",))
+        return ServingCheck((f"scoring its input example failed: {type(exc).__name__}: {exc}",))
     if not latency <= max_latency_ms:
         problems.append(f"median latency {latency:.1f} ms over {repeats} single-row requests "
                         f"is above register.max_latency_ms {max_latency_ms:g}")

@@ -11,7 +11,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from stages.common.config import Params, load_params
 from stages.common.errors import PipelineError

@@ -34,8 +34,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from serving.payloads import ColumnSpec, InputSpec, spec_from_contract
 
@@ -193,7 +194,7 @@ def load_model(uri: str, variant: str = "pyfunc") -> LoadedModel:
 
     try:
         versioned, mv, alias = resolve_version(uri)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for "not there"
+    except Exception as exc:
         raise ModelLoadError(f"{uri}: cannot resolve it in the registry: {exc}") from exc
     local = tempfile.mkdtemp(prefix="serving-model-")
     try:
@@ -207,7 +208,7 @@ def load_model(uri: str, variant: str = "pyfunc") -> LoadedModel:
         predictor = _variant_loader(variant)(path, variant)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{uri}: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - loading runs the model's own code
+    except Exception as exc:
         raise ModelLoadError(f"{uri}: cannot load variant {variant!r}: "
                              f"{type(exc).__name__}: {exc}") from exc
     finally:

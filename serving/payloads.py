@@ -56,11 +56,16 @@ class PayloadError(Exception):
 
 @dataclass(frozen=True)
 class ColumnSpec:
-    """One input column of the signature. ``kind``: float | int | bool | str | any."""
+    """One input column of the signature. ``kind``: float | int | bool | str | any.
+
+    ``required``: the request must send the column (and, unless ``null_ok``, a value in it).
+    ``null_ok``: a null passes here; the contract's row checks (``serving.rowcheck``) judge it.
+    """
 
     name: str
     kind: str
     required: bool = True
+    null_ok: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,11 +93,13 @@ def spec_from_contract(contract: dict[str, Any]) -> InputSpec:
     """The payload check for a model's input contract (``stages.common.contract``).
 
     Every contract column is taken; a column the model does not use, or one the suite lets be
-    null, may be left out or null (an int column then reaches the model as a float with NaN).
+    null, may be left out. A null passes the type check in any column (an int column then
+    reaches the model as a float with NaN): whether it may be null is the row check's rule
+    ``not_null``, handled per ``serve.row_policy``.
     """
     return InputSpec(tuple(
         ColumnSpec(str(col["name"]), CONTRACT_KINDS.get(col["kind"], "any"),
-                   bool(col.get("used", True)) and not col["nullable"])
+                   bool(col.get("used", True)) and not col["nullable"], null_ok=True)
         for col in contract["columns"]))
 
 
@@ -115,12 +122,22 @@ def _to_float(value: Any) -> float:
     raise TypeError("expected a number")
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _to_int(value: Any) -> int:
     if type(value) is int:
         return value
-    if type(value) is float and value.is_integer():
+    if type(value) is float and value.is_integer() and abs(value) <= INT64_MAX:
         return int(value)
     raise TypeError("expected an integer")
+
+
+def _to_int_or_huge(value: Any) -> int | float:
+    # A whole number beyond int64 stays a float: the contract's range check names it.
+    if type(value) is float and value.is_integer() and abs(value) > INT64_MAX:
+        return value
+    return _to_int(value)
 
 
 def _to_bool(value: Any) -> bool:
@@ -142,11 +159,13 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 
 def _convert(value: Any, col: ColumnSpec, row: int) -> Any:
     if value is None and col.kind != "float":
-        if col.required:
+        if col.required and not col.null_ok:
             raise PayloadError(f"column {col.name!r} row {row}: missing value in a required "
                                f"{col.kind} column", columns=[col.name])
         return None
     try:
+        if col.kind == "int" and col.null_ok:  # an int column checked by the contract
+            return _to_int_or_huge(value)
         return _CONVERTERS[col.kind](value)
     except (TypeError, OverflowError) as exc:
         raise PayloadError(f"column {col.name!r} row {row}: {exc}, got {_describe(value)}",
@@ -298,10 +317,11 @@ def rows_to_frame(rows: list[list[Any]], spec: InputSpec) -> pd.DataFrame:
         return pd.DataFrame(np.array(rows, dtype=np.float64), columns=list(spec.names))
     frame = pd.DataFrame.from_records(rows, columns=list(spec.names))
     dtypes = {"float": "float64", "int": "int64", "bool": "bool"}
-    casts = {c.name: dtypes[c.kind] for c in spec.columns if c.kind in dtypes and c.required}
-    # an optional int column may hold None: float64 with NaN, as training saw it
+    strict = [c for c in spec.columns if c.required and not c.null_ok]
+    casts = {c.name: dtypes[c.kind] for c in strict if c.kind in dtypes}
+    # a numeric column that may hold None: float64 with NaN, as training saw it
     casts.update({c.name: "float64" for c in spec.columns if c.kind in ("float", "int")
-                  and not c.required})
+                  and c not in strict})
     return frame.astype(casts)
 
 
@@ -345,7 +365,8 @@ def check_frame(frame: pd.DataFrame, spec: InputSpec) -> None:
     checks = {"float": pd.api.types.is_numeric_dtype, "int": pd.api.types.is_integer_dtype,
               "bool": pd.api.types.is_bool_dtype}
     for col in spec.columns:
-        check = checks.get(col.kind)
+        # an int column that may hold nulls reads as float64 with NaN
+        check = checks["float"] if col.kind == "int" and col.null_ok else checks.get(col.kind)
         if col.name not in frame.columns or check is None:
             continue
         dtype = frame[col.name].dtype

@@ -52,7 +52,7 @@ def build_table(entries: list[_Entry]) -> Any:
     rows = [row for e in entries for row in e.rows]
     records = [rec for e in entries for rec in e.records]
     n_per = [len(e.rows) for e in entries]
-    stamps = [dt.datetime.fromtimestamp(e.logged_at, dt.timezone.utc)
+    stamps = [dt.datetime.fromtimestamp(e.logged_at, dt.UTC)
               for e, n in zip(entries, n_per) for _ in range(n)]
     arrays = {
         "logged_at": pa.array(stamps, pa.timestamp("ms", tz="UTC")),
@@ -61,7 +61,9 @@ def build_table(entries: list[_Entry]) -> Any:
         "model_version": pa.array([model.version] * len(rows), pa.string()),
     }
     for i, col in enumerate(model.spec.columns):
-        kind = _ARROW_TYPES.get(col.kind)
+        # an int column checked by the contract may hold nulls and huge whole floats: as the
+        # model got it, float64 (the same type in every part file)
+        kind = "float64" if col.kind == "int" and col.null_ok else _ARROW_TYPES.get(col.kind)
         arrays[col.name] = pa.array([row[i] for row in rows],
                                     getattr(pa, kind)() if kind else None)
     outputs = list(model.output_columns) or list(records[0] if records else {})
@@ -125,7 +127,7 @@ class PredictionLog:
         written = []
         for group in by_model.values():
             model = group[0].model
-            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
             path = self.directory / f"part-{stamp}-v{model.label}-{uuid.uuid4().hex[:8]}.parquet"
             with atomic_path(path) as tmp:
                 pq.write_table(build_table(group), tmp)
@@ -155,5 +157,5 @@ class PredictionLog:
             self._due.clear()
             try:
                 self.flush()
-            except Exception:  # noqa: BLE001 - a full disk must not take the service down
+            except Exception:
                 logger.exception("prediction log: flush to %s failed", self.directory)

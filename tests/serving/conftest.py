@@ -10,9 +10,10 @@ it. The ``registry`` fixture points MLflow at that store for one test module at 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -118,3 +119,104 @@ def copy_features(registry: Registry, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(registry.features / "test.parquet", dest)
     return dest
+
+
+# --- real public tables, served through their input contract ---------------------------------
+
+TABLES = {  # name -> (file in palmerpenguins/data, target, columns the features stage drops)
+    "penguins": ("penguins.csv", "species", []),
+    "penguins-raw": ("penguins-raw.csv", "Species",
+                     ["Sample Number", "Individual ID", "Comments"]),
+}
+CONTRACT_NAME = "penguins-clf"  # v1: penguins, v2: penguins-raw (another input contract)
+
+
+def table_path(name: str) -> Path:
+    """The CSV of a real public table shipped inside the palmerpenguins package."""
+    from importlib.resources import files
+
+    return Path(str(files("palmerpenguins") / "data" / TABLES[name][0]))
+
+
+def source_rows(name: str) -> list[dict[str, Any]]:
+    """The table's rows exactly as they stand in the source (ingest's CSV reader: NA = null),
+    target dropped."""
+    import pyarrow as pa
+
+    from stages.common.csvfiles import iter_csv_batches
+
+    path, target = table_path(name), TABLES[name][1]
+    table = pa.Table.from_batches(list(iter_csv_batches(lambda: str(path), str(path), ",")))
+    rows = table.drop_columns([target]).to_pylist()
+    return [{key: (value.isoformat() if hasattr(value, "isoformat") else value)
+             for key, value in row.items()} for row in rows]
+
+
+@dataclass(frozen=True)
+class TableModel:
+    """A model trained on one real table, with the contract built from its profiled suite."""
+
+    features: Path
+    network: Path
+    contract: dict[str, Any]
+
+
+def train_on_table(root: Path, name: str) -> TableModel:
+    """Profile the suite, run the real features and train stages, build the contract."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages import features, train
+    from stages.common.contract import build_contract
+    from stages.common.csvfiles import iter_csv_batches
+    from stages.common.suite import load_suite
+    from stages.validate import write_suite
+
+    path, target, drop = table_path(name), TABLES[name][1], TABLES[name][2]
+    write_suite(path, root / "suite.json", target, margin=0.1, batch_rows=10_000)
+    table = pa.Table.from_batches(list(iter_csv_batches(lambda: str(path), str(path), ",")))
+    (root / "validated").mkdir(parents=True)
+    pq.write_table(table, root / "validated" / "data.parquet")
+    params = make_params({"ingest": {"target": target}, "features": {"drop_columns": drop}})
+    feature_set = features.run(root / "validated", root / "features", params)
+    train.run(root / "features", root / "no-report", root / "models", root / "history.csv",
+              params)
+    contract = build_contract(load_suite(root / "suite.json"), params.validate.rules,
+                              feature_set.preprocessor.feature_columns)
+    return TableModel(root / "features", root / "models" / "model.pt", contract)
+
+
+def register_table_model(model: TableModel, name: str) -> str:
+    """Log + register through the real ``log_servable`` with the contract; the input example
+    is test-split rows with all their source columns."""
+    example = pd.read_parquet(model.features / "test.parquet").head(5)
+    with mlflow.start_run():
+        info = log_servable(model.features / "preprocessor.joblib", model.network, example,
+                            registered_model_name=name, contract=model.contract)
+    return str(info.registered_model_version)
+
+
+def tables_once(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> dict[str, Any]:
+    """penguins (v1) and penguins-raw (v2) as ``CONTRACT_NAME`` in the session's store."""
+    if "tables" not in _SESSION:
+        models = {}
+        for table in TABLES:
+            root = tmp_path_factory.mktemp(f"table-{table}")
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+                models[table] = train_on_table(root, table)
+        mlflow.set_tracking_uri(registry.uri)  # train set it globally: back to the store
+        configure_mlflow(make_params().mlflow)  # ...and its experiment, artifacts beside it
+        for table in TABLES:
+            register_table_model(models[table], CONTRACT_NAME)
+        _SESSION["tables"] = models
+    return _SESSION["tables"]
+
+
+@pytest.fixture(scope="module")
+def tables(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The two real-table models, registered (``champion`` on v1, penguins); MLflow points at
+    the registry for the module."""
+    models = tables_once(tmp_path_factory, registry)
+    mlflow.MlflowClient().set_registered_model_alias(CONTRACT_NAME, "champion", "1")
+    return models

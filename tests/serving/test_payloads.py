@@ -9,9 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.payloads import (ColumnSpec, InputSpec, PayloadError, check_frame,
-                              encode_predictions, encode_split_payload, frame_to_records,
-                              parse_payload, rows_to_frame)
+from serving.payloads import (
+    ColumnSpec,
+    InputSpec,
+    PayloadError,
+    check_frame,
+    encode_predictions,
+    encode_split_payload,
+    frame_to_records,
+    parse_payload,
+    rows_to_frame,
+    spec_from_contract,
+)
 
 SPEC = InputSpec((ColumnSpec("a", "float"), ColumnSpec("b", "float"), ColumnSpec("c", "float")))
 MIXED = InputSpec((ColumnSpec("x", "float"), ColumnSpec("n", "int"), ColumnSpec("flag", "bool"),
@@ -153,3 +162,40 @@ def test_check_frame_allows_extra_columns_but_not_missing_or_wrong_types() -> No
         check_frame(frame.assign(b=["x"]), SPEC)
     with pytest.raises(PayloadError, match="column 'a' has dtype bool"):
         check_frame(frame.assign(a=np.array([True])), SPEC)
+
+
+# --- the spec from the model's input contract ----------------------------------------------
+
+CONTRACT = {"columns": [
+    {"name": "x", "kind": "float", "nullable": False, "used": True},
+    {"name": "n", "kind": "int", "nullable": True, "used": True},
+    {"name": "year", "kind": "int", "nullable": False, "used": True},
+    {"name": "island", "kind": "category", "nullable": False, "used": True},
+    {"name": "id", "kind": "int", "nullable": False, "used": False},
+    {"name": "day", "kind": "datetime", "nullable": False, "used": False},
+]}
+
+
+def test_a_contract_spec_takes_a_source_row_with_a_missing_int_and_a_text_date() -> None:
+    spec = spec_from_contract(CONTRACT)
+    doc = {"dataframe_records": [
+        {"x": 1.5, "n": None, "year": 2007, "island": "Dream", "id": 7, "day": "2007/11/11"},
+        {"x": 2.5, "n": 181, "year": 2008, "island": "Biscoe"},  # unused columns left out
+    ]}
+
+    rows = parse_payload(body(doc), spec)
+    frame = rows_to_frame(rows, spec)
+
+    assert [c.name for c in spec.columns if c.required] == ["x", "year", "island"]
+    assert frame["n"].dtype == np.float64 and math.isnan(frame["n"][0]) and frame["n"][1] == 181
+    assert frame["day"][0] == "2007/11/11" and frame["day"].isna()[1]
+
+
+def test_a_contract_spec_leaves_nulls_and_huge_ints_to_the_row_checks() -> None:
+    spec = spec_from_contract(CONTRACT)
+    doc = {"dataframe_records": [{"x": None, "n": 1e30, "year": None, "island": None}]}
+
+    rows = parse_payload(body(doc), spec)
+
+    assert rows[0][1:4] == [1e30, None, None]
+    assert rows_to_frame(rows, spec)["year"].isna().all()
