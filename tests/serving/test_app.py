@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import pandas as pd
@@ -213,3 +213,16 @@ def test_cli_takes_params_then_flags_and_the_token_from_the_environment(
     with pytest.raises(SystemExit) as done:
         build_parser().parse_args(["serve", "--help"])
     assert done.value.code == 0
+
+
+def test_cli_row_policy_and_contract_change_come_from_params_then_flags() -> None:
+    params = parse_params({"serve": {"row_policy": "flag", "allow_contract_change": True}})
+
+    from_params, _, _ = build_config(build_parser().parse_args(["serve"]), params)
+    from_flags, _, _ = build_config(build_parser().parse_args(
+        ["serve", "--row-policy", "reject", "--no-allow-contract-change"]), params)
+
+    assert (from_params.row_policy, from_params.allow_contract_change) == ("flag", True)
+    assert (from_flags.row_policy, from_flags.allow_contract_change) == ("reject", False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--row-policy", "ignore"])

@@ -13,8 +13,8 @@ def test_answers_are_checked_for_rows_columns_and_probabilities() -> None:
     assert check_answer(GOOD, 1, COLUMNS) == []
     assert check_answer(GOOD, 2, COLUMNS) == ["answered 1 rows for 2"]
     assert check_answer([{"prediction": 0, "proba_0": 1.0}], 1, COLUMNS) == [
-        "answered columns ['prediction', 'proba_0'], the signature says "
-        "['prediction', 'proba_0', 'proba_1']"]
+        ("answered columns ['prediction', 'proba_0'], the signature says "
+         "['prediction', 'proba_0', 'proba_1']")]
     assert check_answer([{**GOOD[0], "proba_1": float("nan")}], 1, COLUMNS) == [
         "probabilities outside [0, 1] or not finite in ['proba_1']"]
 

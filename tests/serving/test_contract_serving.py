@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.app import ServiceConfig, create_app
+from serving.batch import score_frame
 from serving.check import check_servable
 from serving.model import ModelHolder, RegistryFollower, load_model
 from stages.common.contract import model_contract
@@ -255,3 +256,12 @@ def test_a_contract_is_plain_json(tables: dict) -> None:
     contract = copy.deepcopy(tables["penguins"].contract)
 
     assert json.loads(json.dumps(contract)) == contract
+
+
+def test_batch_scoring_takes_the_test_split_with_its_missing_ints(tables: dict) -> None:
+    test = pd.read_parquet(tables["penguins"].features / "test.parquet").drop(columns="species")
+    model = load_model(f"models:/{CONTRACT_NAME}/1")
+
+    scored = score_frame(model, test)
+
+    assert len(scored) == len(test) and scored["prediction"].notna().all()

@@ -8,7 +8,7 @@ import http.client
 import json
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest

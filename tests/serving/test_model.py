@@ -7,8 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.model import (ModelHolder, ModelLoadError, RegistryFollower, load_model,
-                           register_variant)
+from serving.model import (
+    ModelHolder,
+    ModelLoadError,
+    RegistryFollower,
+    load_model,
+    register_variant,
+)
 from tests.serving.conftest import LINEAGE, NAME, Registry
 
 
