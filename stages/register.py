@@ -64,7 +64,7 @@ LINEAGE_PREFIXES = ("git.", "dvc.", "prefect.")  # run tags copied onto the mode
 TIE_TOLERANCE = 1e-9  # float noise below this counts as "equal", i.e. not worse
 SKEW_TOLERANCE = 1e-4  # pyfunc vs evaluate metrics: a larger gap means serving skew
 CONTENT_TAG = "model.content_hash"  # on each version: what the model is (see content_hash)
-GATE_TAG = "promotion.gate"  # passed | failed: an identical re-run fails a failed gate again
+GATE_TAG = "promotion.gate"  # passed | failed: an identical model that failed is judged again
 MAX_REASON = 600  # characters: a reason is one bounded line, never a dumped object
 
 
@@ -298,7 +298,11 @@ def _compare_with_champion(rp: RegisterParams, previous: str | None,
     if previous is None:
         return None, "first model", None
     uri = f"models:/{rp.model_name}@{rp.alias}"
-    differences = contract_differences(model_contract(uri), cand.contract)
+    try:
+        differences = contract_differences(model_contract(uri), cand.contract)
+    except Exception as exc:  # noqa: BLE001 - an unreadable champion cannot be compared
+        logger.warning("champion v%s: cannot read its input contract: %s", previous, exc)
+        differences = [f"its input contract could not be read ({type(exc).__name__}: {exc})"]
     if differences:
         what = one_line("; ".join(differences), MAX_REASON // 2)
         if not rp.allow_schema_change:
@@ -313,9 +317,13 @@ def _compare_with_champion(rp: RegisterParams, previous: str | None,
                               cand.preprocessor.classes)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot compare"
         logger.warning("champion v%s cannot score the current test data: %s", previous, exc)
-        return None, f"champion v{previous}", one_line(
-            f"champion v{previous} has the same input contract but could not score the "
-            f"current test data ({type(exc).__name__}: {exc}); not compared", MAX_REASON)
+        why = one_line(f"champion v{previous} could not score the current test data "
+                       f"({type(exc).__name__}: {exc})", MAX_REASON // 2)
+        if rp.allow_schema_change:
+            return None, f"{why}; allowed by register.allow_schema_change, not compared", None
+        return None, f"champion v{previous}", (
+            f"{why}: not compared; set register.allow_schema_change: true to promote without "
+            "the comparison")
     return metrics, f"champion v{previous}", None
 
 
