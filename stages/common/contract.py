@@ -12,7 +12,7 @@ table (ids and dates the features stage drops are in the contract, ``used: false
                   "format": str|None (strftime of a text date; None = ISO), "used": bool}]}
 
 ``check_rows`` finds the row-level problems (rules ``not_null``, ``between``, ``positive``,
-``in_set``, ``format``, ``all_null``) in the used columns, for serving's row policy.
+``in_set``, ``date_format``, ``all_null``) in the used columns, for serving's row policy.
 No MLflow or pandas at import time.
 """
 
@@ -51,7 +51,7 @@ class Violation:
 
     row: int  # position in the checked frame
     column: str  # ALL_COLUMNS for ``all_null``
-    rule: str  # not_null | between | positive | in_set | format | all_null
+    rule: str  # not_null | between | positive | in_set | date_format | all_null
     value: Any
 
     def describe(self) -> str:
@@ -176,7 +176,7 @@ def check_rows(frame: pd.DataFrame, contract: dict[str, Any]) -> list[Violation]
 
     Rules: ``not_null`` (a missing value where the suite allows none), ``between`` (outside the
     suite's/params' min..max, or infinite), ``positive``, ``in_set`` (an unseen category),
-    ``format`` (a text date that parses neither with the contract's format nor as ISO 8601)
+    ``date_format`` (a text date that parses neither with the contract's format nor as ISO 8601)
     and ``all_null`` (every used column missing: column ``*``). Unused columns (ids, dropped
     dates) are never checked. A column absent from ``frame`` counts as all missing.
 
@@ -241,7 +241,7 @@ def _broken_rule(col: dict[str, Any], value: Any) -> str | None:
             and not _in_values(value, col["values"]):
         return "in_set"
     if kind == "datetime" and isinstance(value, str) and not _parses(value, col.get("format")):
-        return "format"
+        return "date_format"
     return None
 
 
@@ -251,17 +251,18 @@ def _in_values(value: Any, allowed: list[Any]) -> bool:
 
 
 def _parses(text: str, fmt: str | None) -> bool:
-    # The column's format, or ISO 8601 (what the preprocessor falls back to).
+    # The column's format, else ISO 8601 as pandas reads it (what the preprocessor falls back to).
     import datetime as dt
 
-    for parse in ([lambda t: dt.datetime.strptime(t, fmt)] if fmt else []) \
-            + [dt.datetime.fromisoformat]:
+    import pandas as pd
+
+    if fmt:
         try:
-            parse(text)
+            dt.datetime.strptime(text, fmt)
             return True
         except ValueError:
-            continue
-    return False
+            pass
+    return not pd.isna(pd.to_datetime(text, format="ISO8601", errors="coerce"))
 
 
 def _plain(value: Any) -> Any:

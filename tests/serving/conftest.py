@@ -123,19 +123,21 @@ def copy_features(registry: Registry, dest: Path) -> Path:
 
 # --- real public tables, served through their input contract ---------------------------------
 
-TABLES = {  # name -> (file in palmerpenguins/data, target, columns the features stage drops)
-    "penguins": ("penguins.csv", "species", []),
-    "penguins-raw": ("penguins-raw.csv", "Species",
+TABLES = {  # name -> (package, file in it, target, columns the features stage drops)
+    "penguins": ("palmerpenguins", "data/penguins.csv", "species", []),
+    "penguins-raw": ("palmerpenguins", "data/penguins-raw.csv", "Species",
                      ["Sample Number", "Individual ID", "Comments"]),
+    "seattle-weather": ("vega_datasets", "_data/seattle-weather.csv", "weather", []),
 }
 CONTRACT_NAME = "penguins-clf"  # v1: penguins, v2: penguins-raw (another input contract)
+WEATHER_NAME = "weather-clf"  # v1: seattle-weather (a text date like 2012/01/01)
 
 
 def table_path(name: str) -> Path:
-    """The CSV of a real public table shipped inside the palmerpenguins package."""
+    """The CSV of a real public table shipped inside a package."""
     from importlib.resources import files
 
-    return Path(str(files("palmerpenguins") / "data" / TABLES[name][0]))
+    return Path(str(files(TABLES[name][0]) / TABLES[name][1]))
 
 
 def source_rows(name: str) -> list[dict[str, Any]]:
@@ -145,11 +147,26 @@ def source_rows(name: str) -> list[dict[str, Any]]:
 
     from stages.common.csvfiles import iter_csv_batches
 
-    path, target = table_path(name), TABLES[name][1]
+    path, target = table_path(name), TABLES[name][2]
     table = pa.Table.from_batches(list(iter_csv_batches(lambda: str(path), str(path), ",")))
     rows = table.drop_columns([target]).to_pylist()
     return [{key: (value.isoformat() if hasattr(value, "isoformat") else value)
              for key, value in row.items()} for row in rows]
+
+
+def cast_text_dates(table: Any, suite: Any) -> Any:
+    """Text dates -> timestamps with the suite's format, the format in the field's metadata
+    (``b"format"``), as the validate stage writes them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for name, spec in suite.columns.items():
+        fmt = getattr(spec, "format", None)
+        if spec.kind == "datetime" and fmt and pa.types.is_string(table.schema.field(name).type):
+            stamps = pc.strptime(table.column(name), format=fmt, unit="us")
+            field = pa.field(name, stamps.type, metadata={b"format": fmt.encode()})
+            table = table.set_column(table.schema.get_field_index(name), field, stamps)
+    return table
 
 
 @dataclass(frozen=True)
@@ -172,9 +189,10 @@ def train_on_table(root: Path, name: str) -> TableModel:
     from stages.common.suite import load_suite
     from stages.validate import write_suite
 
-    path, target, drop = table_path(name), TABLES[name][1], TABLES[name][2]
+    path, (_, _, target, drop) = table_path(name), TABLES[name]
     write_suite(path, root / "suite.json", target, margin=0.1, batch_rows=10_000)
     table = pa.Table.from_batches(list(iter_csv_batches(lambda: str(path), str(path), ",")))
+    table = cast_text_dates(table, load_suite(root / "suite.json"))
     (root / "validated").mkdir(parents=True)
     pq.write_table(table, root / "validated" / "data.parquet")
     params = make_params({"ingest": {"target": target}, "features": {"drop_columns": drop}})
@@ -197,7 +215,8 @@ def register_table_model(model: TableModel, name: str) -> str:
 
 
 def tables_once(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> dict[str, Any]:
-    """penguins (v1) and penguins-raw (v2) as ``CONTRACT_NAME`` in the session's store."""
+    """penguins (v1) and penguins-raw (v2) as ``CONTRACT_NAME``, seattle-weather as
+    ``WEATHER_NAME``, in the session's store."""
     if "tables" not in _SESSION:
         models = {}
         for table in TABLES:
@@ -208,15 +227,16 @@ def tables_once(tmp_path_factory: pytest.TempPathFactory, registry: Registry) ->
         mlflow.set_tracking_uri(registry.uri)  # train set it globally: back to the store
         configure_mlflow(make_params().mlflow)  # ...and its experiment, artifacts beside it
         for table in TABLES:
-            register_table_model(models[table], CONTRACT_NAME)
+            register_table_model(models[table], WEATHER_NAME if table == "seattle-weather"
+                                 else CONTRACT_NAME)
         _SESSION["tables"] = models
     return _SESSION["tables"]
 
 
 @pytest.fixture(scope="module")
 def tables(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The two real-table models, registered (``champion`` on v1, penguins); MLflow points at
-    the registry for the module."""
+    """The real-table models, registered (``penguins-clf@champion`` on v1, penguins); MLflow
+    points at the registry for the module."""
     models = tables_once(tmp_path_factory, registry)
     mlflow.MlflowClient().set_registered_model_alias(CONTRACT_NAME, "champion", "1")
     return models

@@ -24,10 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.app import ServiceConfig, create_app
 from serving.batch import score_frame
+from serving.batcher import score_rows
 from serving.check import check_servable
 from serving.model import ModelHolder, RegistryFollower, load_model
+from serving.payloads import parse_payload
+from serving.rowcheck import find_violations
 from stages.common.contract import model_contract
-from tests.serving.conftest import CONTRACT_NAME, NAME, Registry, source_rows
+from tests.serving.conftest import CONTRACT_NAME, NAME, WEATHER_NAME, Registry, source_rows
 
 PENGUIN = 0  # a complete row of penguins.csv
 MISSING_INTS = 3  # "Adelie,Torgersen,NA,NA,NA,NA,NA,2007": flipper_length_mm etc. missing
@@ -121,6 +124,24 @@ def test_a_row_of_another_table_with_ids_dates_and_comments_is_served(
         response = served.post("/predict", json=records(*rows))
     assert response.status_code == 200, response.json()
     assert len(response.json()["predictions"]) == len(rows)
+
+
+def test_a_non_iso_text_date_is_served_as_it_stands_in_the_source(tables: dict) -> None:
+    """seattle-weather: ``date`` like 2012/01/01, a used column (calendar features)."""
+    rows = source_rows("seattle-weather")
+    assert rows[0]["date"] == "2012/01/01"
+    date = {col["name"]: col for col in tables["seattle-weather"].contract["columns"]}["date"]
+    assert (date["kind"], date["format"], date["used"]) == ("datetime", "%Y/%m/%d", True)
+    model = load_model(f"models:/{WEATHER_NAME}/1")
+
+    ours = score_rows(model, parse_payload(json.dumps(records(*rows[:20])).encode(),
+                                           model.spec))
+    mlflows = mlflow.pyfunc.load_model(f"models:/{WEATHER_NAME}/1").predict(
+        pd.DataFrame(rows[:20]))
+
+    assert [r["prediction"] for r in ours] == mlflows["prediction"].tolist()
+    assert find_violations(model, parse_payload(json.dumps(records(*rows)).encode(),
+                                                model.spec)) == []
 
 
 def test_the_model_ships_its_contract_and_an_old_model_gets_one_from_its_signature(

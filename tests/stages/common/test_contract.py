@@ -174,7 +174,7 @@ def test_unseen_category_absurd_value_and_all_null_rows_are_named() -> None:
                      (4, "x", "positive", -0.0)]
 
 
-def test_an_absent_column_is_missing_and_a_bad_text_date_breaks_format() -> None:
+def test_an_absent_column_is_missing_and_a_bad_text_date_breaks_date_format() -> None:
     contract = tiny_contract(used=("x", "when"))
     columns(contract)["when"]["format"] = "%Y/%m/%d"
     frame = pd.DataFrame({"when": ["2012/01/31", "2012-02-01", "31.01.2012"]})
@@ -182,7 +182,7 @@ def test_an_absent_column_is_missing_and_a_bad_text_date_breaks_format() -> None
     found = [(v.row, v.column, v.rule) for v in check_rows(frame, contract)]
 
     assert found == [(0, "x", "not_null"), (1, "x", "not_null"), (2, "x", "not_null"),
-                     (2, "when", "format")]
+                     (2, "when", "date_format")]
 
 
 # --- files ------------------------------------------------------------------------------------
