@@ -10,19 +10,22 @@ The seam the service, batch scoring and the register stage all use::
 
 ``load_model(uri, variant="pyfunc") -> LoadedModel`` resolves ``models:/<name>@<alias>`` to one
 version first, so everything in the returned object (predictions, version, lineage tags) is
-that version's. ``variant`` picks how the version is executed; the signature, input example and
-registry facts always come from the logged pyfunc. Variants are looked up in
+that version's. ``variant`` picks how the version is executed; the input contract
+(``contract.json``, or one derived from the signature of a model logged before contracts),
+input example and registry facts always come from the logged pyfunc. Variants are looked up in
 :data:`VARIANT_LOADERS` (``name -> "module:function"``, imported on first use); a loader is
 ``loader(model_uri: str, variant: str) -> obj`` where ``obj.predict(frame) -> DataFrame`` and
 ``model_uri`` is a local copy of the model version. Add one with :func:`register_variant`, or
 pass ``"module:function"`` as the variant. The built-in ``pyfunc`` variant runs the pyfunc's
 own ``predict`` (our ClassifierModel directly, skipping MLflow's per-call schema enforcement:
-requests are checked against the signature by :mod:`serving.payloads` before they get here).
+requests are checked against the contract by :mod:`serving.payloads` and
+:mod:`serving.rowcheck` before they get here).
 
 :class:`ModelHolder` keeps the one reference the service scores with; :class:`RegistryFollower`
 polls the alias and, on a change, loads the new version completely (and warms it up on its
 input example) before swapping that reference, so a request that already picked the old model
-finishes on it. No per-request MLflow calls anywhere.
+finishes on it. It never swaps to a version whose input contract differs from the served one's
+(``contract_differences``) unless ``allow_contract_change``. No per-request MLflow calls.
 """
 
 from __future__ import annotations
