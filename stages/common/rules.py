@@ -47,6 +47,15 @@ class Check:
 # ----------------------------------------------------------------------------- types
 
 
+def output_field(name: str, kind: str, raw_type: Any, date_format: str | None = None) -> Any:
+    """The Arrow field of column ``name`` in ``data/validated``; a text date's format goes into
+    its metadata (``b"format"``) so the features stage can parse served text the same way."""
+    import pyarrow as pa
+
+    metadata = {b"format": date_format.encode()} if date_format else None
+    return pa.field(name, output_type(kind, raw_type), metadata=metadata)
+
+
 def output_type(kind: str, raw_type: Any) -> Any:
     """The Arrow type a column of suite type ``kind`` is written as in ``data/validated``."""
     import pyarrow as pa
@@ -75,12 +84,14 @@ def type_fits(kind: str, raw_type: Any) -> bool:
 
 
 def cast_column(array: Any, kind: str, out_type: Any, file: str, name: str,
-                known_date: str | None = None) -> tuple[Any, Any | None]:
+                known_date: str | None = None,
+                date_format: str | None = None) -> tuple[Any, Any | None]:
     """``array`` as ``out_type`` plus, for an int column held as floats, its NaN/inf rows.
 
-    Raises GateError (rule ``type``) for data that cannot be that type at all: a fraction in an
-    int column, or dates in a format Arrow cannot parse (mixed formats are named as such;
-    ``known_date`` is a text date of this column that parsed in an earlier batch).
+    Raises GateError for data that cannot be that type at all: a fraction in an int column
+    (rule ``type``), or text dates (rule ``date_format``) that do not match ``date_format``
+    (the suite's strftime format) or, without one, are not ISO 8601 (mixed formats are named
+    as such; ``known_date`` is a text date of this column that parsed in an earlier batch).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -98,11 +109,27 @@ def cast_column(array: Any, kind: str, out_type: Any, file: str, name: str,
         return finite.cast(out_type), nonfinite
     if kind == "datetime" and (pa.types.is_string(array.type)
                                or pa.types.is_large_string(array.type)):
+        if date_format is not None:
+            return _parse_dates(array, date_format, out_type, file, name), None
         try:
             return pc.cast(array, out_type), None
         except pa.ArrowInvalid:
             raise _date_error(array, out_type, file, name, known_date) from None
     return pc.cast(array, out_type, safe=kind != "datetime"), None
+
+
+def _parse_dates(array: Any, date_format: str, out_type: Any, file: str, name: str) -> Any:
+    import pyarrow.compute as pc
+
+    parsed = pc.strptime(array, format=date_format, unit="us", error_is_null=True)
+    if parsed.null_count > array.null_count:
+        failed = pc.and_(parsed.is_null(), array.is_valid())
+        example = pc.filter(array, failed)[0].as_py()
+        raise gate_error(f"column {name!r} holds text that does not match the suite's date "
+                         f"format {date_format!r}, e.g. {example!r} (fix the data, or the "
+                         "format in the suite's type expectation meta)", file=file,
+                         column=name, rule="date_format")
+    return parsed.cast(out_type)
 
 
 def _date_error(array: Any, out_type: Any, file: str, name: str,

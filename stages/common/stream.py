@@ -24,7 +24,7 @@ from stages.common.rules import (
     hash_rows,
     header_rows,
     not_numbers,
-    output_type,
+    output_field,
     type_fits,
 )
 from stages.common.suite import Suite
@@ -105,7 +105,8 @@ class StreamingGate:
         import pyarrow as pa
 
         self.suite, self.checks, self.params, self.source = suite, checks, params, source
-        self.out_schema = pa.schema([(name, output_type(spec.kind, raw_schema.field(name).type))
+        self.out_schema = pa.schema([output_field(name, spec.kind, raw_schema.field(name).type,
+                                                  spec.format)
                                      for name, spec in suite.columns.items()])
         self.bad_schema = raw_schema.append(pa.field("_rule", pa.string())).append(
             pa.field("_column", pa.string()))
@@ -134,7 +135,7 @@ class StreamingGate:
         for name, spec in self.suite.columns.items():
             raw = batch.column(name)
             cast, nonfinite = cast_column(raw, spec.kind, self.out_schema.field(name).type,
-                                          file, name, self.date_examples.get(name))
+                                          file, name, self.date_examples.get(name), spec.format)
             if nonfinite is not None:
                 self._mark(first, name, "finite", nonfinite)
             for check in self.checks[name]:

@@ -13,6 +13,8 @@ The expectations this module writes and the gate understands:
 - ``expect_table_row_count_to_be_between``: row-count bounds;
 - ``expect_column_values_to_be_in_type_list``: the column's type, named by the first entry of
   ``type_list`` (``float64``, ``int64``, ``str``, ``bool``, ``datetime64[us]``; see TYPE_LISTS);
+  for dates held as text, its ``meta.format`` is their strftime format (``%Y/%m/%d``; none:
+  ISO 8601), found by profiling (see DATE_FORMATS) and used by the gate to parse them;
 - ``expect_column_values_to_not_be_null``: without ``mostly`` a null is a bad row; with it, the
   share of nulls is bounded for the whole data;
 - ``expect_column_values_to_be_between``, ``expect_column_values_to_be_in_set``: bad rows;
@@ -24,6 +26,7 @@ Any other GX expectation a user adds is run by GX on the validated rows only. No
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +37,20 @@ from stages.common.errors import ConfigError, DataError
 
 MAX_PROFILED_VALUES = 50  # a text column with more distinct values gets no value set
 MAX_LABELS = 1000  # a target with more distinct values is not a class label
+
+logger = logging.getLogger(__name__)
+
+# Text date formats profiling tries, in this order: the first one that parses every value of a
+# text column wins, so ISO comes first and month-first beats day-first (as in the US-made
+# tables seen in the wild); a column both fit is reported as ambiguous in the suite's notes.
+DATE_FORMATS = (
+    "%Y-%m-%d", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M",
+    "%Y/%m/%d", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M",
+    "%m/%d/%Y", "%d/%m/%Y", "%m/%d/%Y %H:%M:%S", "%d/%m/%Y %H:%M:%S", "%m/%d/%Y %H:%M",
+    "%d/%m/%Y %H:%M", "%m/%d/%y", "%d/%m/%y", "%d.%m.%Y", "%d.%m.%Y %H:%M:%S", "%d.%m.%Y %H:%M",
+    "%d-%m-%Y", "%b %d %Y", "%b %d, %Y", "%d %b %Y", "%d-%b-%Y", "%d-%b-%y",
+)  # Arrow's %b reads full month names too (as glibc's): no %B needed
+MIN_YEAR = 1000  # a 4-digit-year format that reads a smaller year does not fit
 
 # Types are checked on the validated (cast) data, as pandas sees it. The first entry names the
 # type; raw Arrow types that fit: float <- float/int/decimal, int <- int (or whole floats),
@@ -67,6 +84,7 @@ class ColumnSpec:
     max: float | None = None
     values: list[Any] | None = None
     min_unique: int | None = None
+    format: str | None = None  # datetime held as text: its strftime format (None: ISO 8601)
 
 
 @dataclass
@@ -112,14 +130,16 @@ def parse_suite(raw: Any, source: str = "suite") -> Suite:
     column_sets = [kwargs["column_set"] for kind, kwargs in entries if kind == COLUMNS]
     if len(column_sets) != 1 or not column_sets[0]:
         raise ConfigError(f"{source}: needs exactly one {COLUMNS} with the column list")
-    types = {kwargs.get("column"): kwargs.get("type_list") for kind, kwargs in entries
-             if kind == TYPE}
+    types = {item.get("kwargs", {}).get("column"): item for item in raw["expectations"]
+             if item["type"] == TYPE}
     for name in column_sets[0]:
-        first = (types.get(name) or [None])[0]
+        expectation = types.get(name) or {}
+        first = (expectation.get("kwargs", {}).get("type_list") or [None])[0]
         if first not in KINDS:
             raise ConfigError(f"{source}: column {name!r} needs a {TYPE} whose type_list "
                               f"starts with one of {', '.join(KINDS)} (found {first!r})")
-        suite.columns[name] = ColumnSpec(kind=KINDS[first])
+        suite.columns[name] = ColumnSpec(kind=KINDS[first], format=_date_format(
+            expectation.get("meta") or {}, KINDS[first], name, source))
     for kind, kwargs in entries:
         _apply(suite, kind, kwargs, source)
     if target not in suite.columns:
@@ -134,6 +154,17 @@ def _entry(item: Any, index: int, source: str) -> tuple[str, dict[str, Any]]:
             or not isinstance(item.get("kwargs", {}), dict):
         raise ConfigError(f"{source}: expectations[{index}] needs a 'type' and 'kwargs'")
     return item["type"], item.get("kwargs", {})
+
+
+def _date_format(meta: dict[str, Any], kind: str, name: str, source: str) -> str | None:
+    found = meta.get("format")
+    if found is None:
+        return None
+    if kind != "datetime" or not isinstance(found, str) or "%" not in found:
+        raise ConfigError(f"{source}: column {name!r}: meta.format of its {TYPE} must be a "
+                          f"strftime format such as '%Y/%m/%d' on a datetime column "
+                          f"(found {found!r} on {kind})")
+    return found
 
 
 def _apply(suite: Suite, kind: str, kwargs: dict[str, Any], source: str) -> None:
@@ -176,6 +207,10 @@ class _Tally:
     low: Any = None
     high: Any = None
     values: set[Any] | None = field(default_factory=set)  # None once over the cap
+    formats: list[str] = field(default_factory=list)  # text: the DATE_FORMATS still fitting
+    looks_like_date: str | None = None  # text: a value that parsed as a date (for the log)
+    format: str | None = None  # the date format chosen
+    notes: str | None = None  # why that format
 
 
 def arrow_kind(arrow_type: Any) -> str | None:
@@ -210,7 +245,9 @@ def profile_snapshot(batches: Iterable[Any], schema: Any, target: str, margin: f
             raise DataError(f"cannot profile type {arrow_field.type}", file=source,
                             column=arrow_field.name, rule="type")
         tracked = kind in ("category", "bool") or arrow_field.name == target
-        tallies[arrow_field.name] = _Tally(kind, values=set() if tracked else None)
+        text = kind == "category" and arrow_field.name != target
+        tallies[arrow_field.name] = _Tally(kind, values=set() if tracked else None,
+                                           formats=list(DATE_FORMATS) if text else [])
     rows = 0
     for batch in batches:
         rows += batch.num_rows
@@ -219,6 +256,8 @@ def profile_snapshot(batches: Iterable[Any], schema: Any, target: str, margin: f
                           else MAX_PROFILED_VALUES)
     if rows == 0:
         raise DataError("cannot profile an empty snapshot", file=source, rule="not_empty")
+    for name, tally in tallies.items():
+        _settle_date(name, tally, rows)
     return build_suite(tallies, rows, target, margin, source, growing)
 
 
@@ -235,6 +274,52 @@ def _tally_column(tally: _Tally, array: Any, cap: int) -> None:
         tally.values.update(pc.unique(array.drop_null()).to_pylist()[:cap + 1])
         if len(tally.values) > cap:
             tally.values = None
+    if tally.formats:
+        tally.formats = _fitting_formats(tally, array)
+
+
+def _fitting_formats(tally: _Tally, array: Any) -> list[str]:
+    """The formats of ``tally.formats`` that parse every non-null value of a text array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = array.drop_null()
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    if len(values) == 0:
+        return tally.formats
+
+    def fits(fmt: str, texts: Any) -> bool:
+        parsed = pc.strptime(texts, format=fmt, unit="us", error_is_null=True)
+        # Arrow's %Y also takes 1-3 digits: "01/02/03" is no %m/%d/%Y date of year 3
+        return parsed.null_count == 0 and ("%Y" not in fmt or pc.min(parsed).as_py().year
+                                           >= MIN_YEAR)
+
+    candidates = [fmt for fmt in tally.formats if fits(fmt, values[:1])]  # one value: cheap
+    if candidates and tally.looks_like_date is None:
+        tally.looks_like_date = values[0].as_py()
+    return [fmt for fmt in candidates if fits(fmt, values)]
+
+
+def _settle_date(name: str, tally: _Tally, rows: int) -> None:
+    """Make a text column whose every value parsed with one format a datetime column."""
+    if tally.formats and tally.nulls < rows:
+        chosen, others = tally.formats[0], tally.formats[1:]
+        tally.kind, tally.format, tally.values = "datetime", chosen, None
+        tally.notes = f"text dates parsed with format {chosen} (found by profiling)"
+        if others:
+            tally.notes += (f"; every value also fits {', '.join(others)}: chose the first in "
+                            "suite.DATE_FORMATS (ISO, year-first, then month-first); if that "
+                            "is wrong, edit this format")
+            logger.warning("column %s: dates in format %s (ambiguous: every value also fits "
+                           "%s; chose the first in suite.DATE_FORMATS)", name, chosen,
+                           ", ".join(others))
+        else:
+            logger.info("column %s: dates in format %s", name, chosen)
+    elif tally.kind == "category" and tally.looks_like_date is not None:
+        logger.warning("column %s: text like a date (e.g. %r) but no one format of "
+                       "suite.DATE_FORMATS parses every value (mixed formats?): profiled as "
+                       "text", name, tally.looks_like_date)
 
 
 def build_suite(tallies: dict[str, _Tally], rows: int, target: str, margin: float,
@@ -265,7 +350,8 @@ def build_suite(tallies: dict[str, _Tally], rows: int, target: str, margin: floa
 
 def _column_expectations(name: str, tally: _Tally, rows: int, margin: float,
                          is_target: bool, grows: bool = False) -> list[dict[str, Any]]:
-    out = [_expect(TYPE, column=name, type_list=TYPE_LISTS[tally.kind])]
+    meta = {"format": tally.format, "notes": tally.notes} if tally.format else None
+    out = [_expect(TYPE, column=name, type_list=TYPE_LISTS[tally.kind], meta=meta)]
     share = tally.nulls / rows
     mostly = math.floor((1.0 - min(1.0, 2 * share)) * 1000) / 1000
     if share == 0 or is_target:

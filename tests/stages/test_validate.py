@@ -174,6 +174,55 @@ def test_dataset_level_failure_stops_and_changes_nothing(case: str, tmp_path: Pa
     assert summary["success"] is False and summary["failed"][0]["rule"] == rule
 
 
+def _with_date_format(fmt: str) -> dict:
+    """SUITE with ``when`` held as text in format ``fmt``."""
+    return {**SUITE, "expectations": [{**e, "meta": {"format": fmt}} if e["type"].endswith(
+        "type_list") and e["kwargs"]["column"] == "when" else e for e in SUITE["expectations"]]}
+
+
+def test_gate_parses_text_dates_with_the_suite_format(tmp_path: Path) -> None:
+    from importlib.resources import files
+
+    import pyarrow.csv as pacsv
+
+    csv = Path(str(files("vega_datasets") / "_data" / "seattle-weather.csv"))  # 2012/01/01
+    suite_path = tmp_path / "seattle.json"
+    validate.write_suite(csv, suite_path, "weather", 0.1, 1000)
+    dirs = stage_dirs(tmp_path)
+    table = pacsv.read_csv(csv)
+    assert table.schema.field("date").type == pa.string()  # Arrow's CSV reader keeps it text
+    write_raw(dirs["raw"], table)
+    params = parse_params({"ingest": {"target": "weather"}, "base": {"batch_rows": 256},
+                           "validate": {"suite_path": str(suite_path)}})
+
+    summary = run_gate(dirs, params)
+
+    out = pq.read_table(dirs["validated"] / validate.DATA_FILE)
+    assert out.schema.field("date").type == pa.timestamp("us")
+    assert out.schema.field("date").metadata == {b"format": b"%Y/%m/%d"}  # for features
+    dates = out.column("date")
+    assert (dates[0].as_py(), dates[-1].as_py()) == (datetime(2012, 1, 1), datetime(2015, 12, 31))
+    assert summary["bad_rows"] == 0 and summary["gx"]["success"]
+
+
+def test_text_dates_off_the_suite_format_stop_naming_format_and_example(
+        tmp_path: Path, shared_store: str) -> None:
+    dirs = stage_dirs(tmp_path)
+    dates = [f"2024/01/{1 + i % 28:02d}" for i in range(39)] + ["2024-01-31"]
+    write_raw(dirs["raw"], with_column(good_table(), "when", dates))
+    before = {name: snapshot(dirs[name]) for name in ("validated", "quarantine")}
+
+    with pytest.raises(GateError) as info:
+        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json",
+                                                    _with_date_format("%Y/%m/%d"))))
+
+    error = info.value
+    assert (error.rule, error.column) == ("date_format", "when")
+    assert "does not match the suite's date format '%Y/%m/%d', e.g. '2024-01-31'" in str(error)
+    assert error.file == str(dirs["raw"] / "part-00001.parquet")  # the part holding it
+    assert {name: snapshot(dirs[name]) for name in before} == before
+
+
 @pytest.mark.parametrize("make, rule", [
     (lambda raw: None, "exists"),
     (lambda raw: (raw / "part-00000.parquet").write_bytes(b""), "not_empty"),
@@ -319,7 +368,7 @@ def test_main_suite_writes_a_suite_the_gate_accepts(snapshot_kind: str, tmp_path
     write_params(Path("params.yaml"), "suites/mine.json")
     source = "data/raw"
     if snapshot_kind == "csv":
-        import pyarrow.csv as csv
+        from pyarrow import csv
 
         csv.write_csv(good_table(), "snap.csv")
         source = "snap.csv"

@@ -110,6 +110,79 @@ def test_profile_without_the_target_column_fails_naming_it() -> None:
     assert info.value.column == "y" and info.value.rule == "target_present"
 
 
+# ----------------------------------------------------------------------------- text dates
+
+
+def vega_csv(name: str) -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("vega_datasets") / "_data" / name))
+
+
+@pytest.mark.parametrize("name, target, fmt", [
+    ("seattle-weather.csv", "weather", "%Y/%m/%d"),  # 2012/01/01
+    ("stocks.csv", "symbol", "%b %d %Y"),  # Jan 1 2000
+])
+def test_text_dates_in_a_common_format_become_datetime_with_that_format(
+        name: str, target: str, fmt: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from stages.validate import write_suite
+
+    with caplog.at_level("INFO", logger="stages.common.suite"):
+        raw = write_suite(vega_csv(name), tmp_path / "s.json", target, 0.1, 1000)
+
+    spec = load_suite(tmp_path / "s.json").columns["date"]
+    assert (spec.kind, spec.format) == ("datetime", fmt)
+    meta = by_column(raw)[("expect_column_values_to_be_in_type_list", "date")]["meta"]
+    assert meta["format"] == fmt and f"text dates parsed with format {fmt}" in meta["notes"]
+    assert f"column date: dates in format {fmt}" in caplog.text
+    assert ("expect_column_values_to_be_in_set", "date") not in by_column(raw)
+
+
+def test_ambiguous_day_and_month_order_is_chosen_first_listed_and_said(
+        caplog: pytest.LogCaptureFixture) -> None:
+    table = pa.table({"d": ["01/02/2003", "05/06/2007", "11/12/2013", None],
+                      "label": [0, 1, 0, 1]})
+
+    with caplog.at_level("WARNING", logger="stages.common.suite"):
+        found = by_column(profile(table))
+
+    meta = found[("expect_column_values_to_be_in_type_list", "d")]["meta"]
+    assert meta["format"] == "%m/%d/%Y" and "also fits %d/%m/%Y" in meta["notes"]
+    assert "ambiguous" in caplog.text and "%d/%m/%Y" in caplog.text
+    day_first = table.set_column(0, "d", pa.array(["13/02/2003", "05/06/2007", None, None]))
+    meta = by_column(profile(day_first))[("expect_column_values_to_be_in_type_list", "d")]["meta"]
+    assert meta["format"] == "%d/%m/%Y" and "also fits" not in meta["notes"]
+
+
+def test_a_later_batch_in_another_format_keeps_the_column_text(
+        caplog: pytest.LogCaptureFixture) -> None:
+    dates = ["2012/01/01", "2012/01/02", "2012/01/03", "2012/01/04", "01/05/2012", "01/06/2012"]
+    table = pa.table({"d": dates, "short": ["01/02/03"] * 6, "label": [0, 1] * 3})
+
+    with caplog.at_level("WARNING", logger="stages.common.suite"):
+        found = by_column(profile(table))  # batches of 2: the third one breaks the format
+
+    assert found[("expect_column_values_to_be_in_type_list", "d")]["kwargs"]["type_list"] == [
+        "str"]
+    assert "column d: text like a date (e.g. '2012/01/01')" in caplog.text
+    short = found[("expect_column_values_to_be_in_type_list", "short")]["meta"]["format"]
+    assert short == "%m/%d/%y"  # not %m/%d/%Y: Arrow's %Y would read the year 3
+
+
+def test_a_suite_date_format_is_read_and_checked() -> None:
+    def with_meta(column: str, meta: dict) -> dict:
+        return {**SUITE, "expectations": [{**e, "meta": meta} if e["type"].endswith("type_list")
+                                          and e["kwargs"]["column"] == column else e
+                                          for e in SUITE["expectations"]]}
+
+    assert parse_suite(with_meta("when", {"format": "%d.%m.%Y"})).columns["when"].format == \
+        "%d.%m.%Y"
+    assert parse_suite(SUITE).columns["when"].format is None
+    with pytest.raises(ConfigError, match=r"column 'color': meta.format .* strftime"):
+        parse_suite(with_meta("color", {"format": "%Y"}))
+
+
 def _without(kind: str, column: str | None = None) -> dict:
     return {**SUITE, "expectations": [e for e in SUITE["expectations"] if not (
         e["type"] == kind and e["kwargs"].get("column") == column)]}
