@@ -7,6 +7,13 @@ however many rows there are: a first pass counts the classes (target column only
 assigns each row to a split (stages/common/splits.py), writes it, and gathers the train
 statistics the preprocessor is fitted from (stages/common/streamfit.py).
 
+Not every column is fed to the model: params ``features.drop_columns``; datetime columns when
+``features.datetime`` is ``drop`` (``calendar``, the default, turns them into cyclic calendar
+features inside the preprocessor); and text columns whose distinct train values exceed
+``features.max_category_fraction`` of the train rows (ids, free text: one-hot encoding them
+gives a feature per row), dropped with a warning or, with ``features.high_cardinality: error``,
+stopping the run. ``meta.json`` lists each dropped column and why (``dropped``).
+
     python -m stages.features --validated data/validated --out data/features
 """
 
@@ -14,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,8 +33,8 @@ from stages.common.cli import build_parser, run_main
 from stages.common.config import FeaturesParams, Params
 from stages.common.errors import DataError
 from stages.common.io import atomic_path, iter_batches, open_dataset, write_json
-from stages.common.preprocess import FittedPreprocessor, save_preprocessor
 from stages.common.parquet_files import ParquetFiles, arrow_mask
+from stages.common.preprocess import FittedPreprocessor, save_preprocessor
 from stages.common.splits import SplitAssigner, SplitPlan
 from stages.common.streamfit import TrainStats
 
@@ -82,11 +90,11 @@ def check_target(df: pd.DataFrame, target: str, file: str | None = None) -> None
 def select_features(schema: Any, target: str, drop_columns: Sequence[str],
                     file: str | None = None) -> tuple[list[str], list[str], list[str]]:
     """(numeric, categorical, datetime) columns of a pyarrow schema, without the target and
-    ``drop_columns``. Datetime columns are kept in the splits but never fed to the model.
+    ``drop_columns``.
 
     Raises:
         DataError: no target column, a ``drop_columns`` entry that is no column (or is the
-            target), a column of an unsupported type, or no feature column left.
+            target), a column of an unsupported type, or no column left at all.
     """
     import pyarrow.types as pt
 
@@ -113,13 +121,61 @@ def select_features(schema: Any, target: str, drop_columns: Sequence[str],
         else:
             raise DataError(f"unsupported type {kind}", file=file, column=field.name,
                             rule="numeric_or_categorical")
-    if datetimes:
-        logger.info("datetime column(s) %s are kept in the splits but not used as features",
-                    datetimes)
-    if not numeric and not categorical:
+    if not numeric and not categorical and not datetimes:
         raise DataError("no feature columns besides the target", file=file, column=target,
                         rule="has_features")
     return numeric, categorical, datetimes
+
+
+def date_formats(schema: Any, names: Sequence[str]) -> dict[str, str | None]:
+    """Each datetime column's text format, from its field metadata (``b"format"``, written by
+    validate for dates held as text); None: ISO 8601."""
+    formats = {}
+    for name in names:
+        metadata = schema.field(name).metadata or {}
+        formats[name] = metadata[b"format"].decode() if b"format" in metadata else None
+    return formats
+
+
+def datetime_policy(datetimes: list[str], policy: str) -> tuple[list[str], list[dict]]:
+    """(datetime columns fed to the model as calendar features, the ones dropped and why)."""
+    if not datetimes:
+        return [], []
+    if policy == "calendar":
+        logger.info("datetime column(s) %s become calendar features (month, day of week, day "
+                    "of year, hour when times vary; sin/cos)", datetimes)
+        return list(datetimes), []
+    logger.info("datetime column(s) %s are kept in the splits but not used as features "
+                "(features.datetime: drop)", datetimes)
+    return [], [{"column": name, "rule": "datetime", "reason": "a datetime column and "
+                 "features.datetime is drop"} for name in datetimes]
+
+
+def drop_high_cardinality(stats: TrainStats, params: FeaturesParams,
+                          file: str | None = None) -> list[dict]:
+    """Leave out of ``stats`` the text columns with more distinct train values than
+    ``params.max_category_fraction`` of the train rows; return them and why.
+
+    Raises:
+        DataError: such a column when ``params.high_cardinality`` is ``error``.
+    """
+    limit, dropped = params.max_category_fraction * stats.rows, []
+    for name, counts in list(zip(stats.categorical, stats.categories, strict=True)):
+        if len(counts) <= limit:
+            continue
+        what = (f"column {name!r} has {len(counts)} distinct values in {stats.rows} train rows, "
+                f"over features.max_category_fraction {params.max_category_fraction:g} of them "
+                "(an id or free text?): one-hot encoding it would give about a feature per row")
+        fix = "list it in features.drop_columns or raise features.max_category_fraction"
+        if params.high_cardinality == "error":
+            raise DataError(f"{what}; {fix} (or set features.high_cardinality: drop)",
+                            file=file, column=name, rule="high_cardinality")
+        logger.warning("%s; dropped it (to keep it quiet: %s; features.high_cardinality: error "
+                       "stops instead)", what, fix)
+        stats.drop_categorical(name)
+        dropped.append({"column": name, "rule": "high_cardinality", "reason": what,
+                        "distinct": len(counts), "train_rows": stats.rows})
+    return dropped
 
 
 def count_classes(source: Path, target: str, batch_rows: int) -> dict[Any, int]:
@@ -193,18 +249,28 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
     """
     source, out_dir = Path(validated_dir) / DATA_FILE, Path(out_dir)
     target, settings, seed = params.ingest.target, params.features, params.base.seed
-    batch_rows = params.base.batch_rows
-    numeric, categorical, datetimes = select_features(
-        open_dataset(source).schema, target, settings.drop_columns, file=str(source))
+    batch_rows, schema = params.base.batch_rows, open_dataset(source).schema
+    numeric, categorical, datetimes = select_features(schema, target, settings.drop_columns,
+                                                      file=str(source))
+    calendar, dropped = datetime_policy(datetimes, settings.datetime)
+    dropped = [{"column": name, "rule": "drop_columns", "reason": "params features."
+                "drop_columns"} for name in settings.drop_columns] + dropped
     counts = count_classes(source, target, batch_rows)
     plan = SplitPlan(seed, settings.test_size, settings.val_size,
                      np.array(list(counts.values()), dtype=np.int64))
-    stats = TrainStats(numeric, categorical, seed, file=str(source))
-    feature_columns = [name for name in open_dataset(source).schema.names
-                       if name in numeric or name in categorical]
+    formats = date_formats(schema, calendar)
+    stats = TrainStats(numeric, categorical, seed, file=str(source), datetimes=calendar,
+                       date_formats=formats)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         n_rows = write_splits(source, tmp, plan, target, list(counts), stats, batch_rows)
+        dropped += drop_high_cardinality(stats, settings, str(source))
+        used = set(numeric) | set(stats.categorical) | set(calendar)
+        feature_columns = [name for name in schema.names if name in used]
+        if not feature_columns:
+            raise DataError("no feature columns left besides the target (see the dropped "
+                            "columns above)", file=str(source), column=target,
+                            rule="has_features")
         preprocessor = stats.fit(target, feature_columns, list(counts))
         save_preprocessor(preprocessor, tmp / "preprocessor.joblib")
         meta = {
@@ -216,6 +282,9 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
             "seed": seed,
             "drop_columns": list(settings.drop_columns),
             "datetime_columns": datetimes,
+            "datetime": settings.datetime,
+            "date_formats": formats,
+            "dropped": dropped,  # every column not fed to the model: column, rule, reason
             "split_block_rows": plan.block,
         }
         write_json(tmp / "meta.json", meta)

@@ -145,6 +145,13 @@ class FeaturesParams(StrictModel):
     val_size: float = Field(0.2, gt=0, lt=1)  # for early stopping; taken from what is left
     # columns kept in the data but not fed to the model (ids, the watermark timestamp, ...)
     drop_columns: list[str] = Field(default_factory=list)
+    # datetime columns: calendar = cyclic month, weekday, day of year (and hour when times
+    # vary) computed inside the preprocessor; drop = kept in the splits, not fed to the model
+    datetime: Literal["calendar", "drop"] = "calendar"
+    # a text column with more distinct train values than this share of the train rows is an
+    # id or free text, not a category: one-hot encoding it would give a feature per row
+    max_category_fraction: float = Field(0.5, gt=0, le=1)
+    high_cardinality: Literal["drop", "error"] = "drop"  # drop it with a warning, or stop
 
     @model_validator(mode="after")
     def _sizes_leave_train(self) -> FeaturesParams:

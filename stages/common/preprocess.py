@@ -1,4 +1,5 @@
-"""The fitted preprocessing that travels with the model: impute, scale, one-hot encode.
+"""The fitted preprocessing that travels with the model: impute, scale, one-hot encode, and
+calendar features of datetime columns (stages/common/datetimes.py).
 
 Fitted on the train split only (features stage), saved next to the data, loaded by train,
 evaluate and the served model, so every one of them applies exactly the same transform.
@@ -27,7 +28,8 @@ class FittedPreprocessor:
 
     Attributes:
         transformer: numeric columns -> median impute + standard scale; categorical
-            columns -> most-frequent impute + one-hot (unknown categories become all zeros).
+            columns -> most-frequent impute + one-hot (unknown categories become all zeros);
+            datetime columns (if any) -> cyclic calendar features.
         feature_columns: the raw input columns, in the order the transformer expects.
         target: the label column name.
         classes: sorted label values (plain Python scalars); class id = index in this list.
@@ -126,29 +128,32 @@ def _to_category_strings(frame: pd.DataFrame) -> pd.DataFrame:
     ).astype(object)
 
 
-def split_columns(df: pd.DataFrame, target: str) -> tuple[list[str], list[str]]:
-    """Feature columns split into (numeric, categorical) by dtype; bool counts as categorical."""
-    numeric, categorical = [], []
+def split_columns(df: pd.DataFrame, target: str, date_formats: dict[str, str | None]
+                  | None = None) -> tuple[list[str], list[str], list[str]]:
+    """Feature columns split into (numeric, categorical, datetime) by dtype; bool counts as
+    categorical, a text column named in ``date_formats`` as datetime."""
+    numeric, categorical, datetimes = [], [], []
     for col in df.columns:
         if col == target:
             continue
         dtype = df[col].dtype
-        if pd.api.types.is_bool_dtype(dtype) or not pd.api.types.is_numeric_dtype(dtype):
-            if pd.api.types.is_datetime64_any_dtype(dtype):
-                raise DataError(f"unsupported dtype {dtype}", column=str(col),
-                                rule="numeric_or_categorical")
+        if pd.api.types.is_datetime64_any_dtype(dtype) or col in (date_formats or {}):
+            datetimes.append(col)
+        elif pd.api.types.is_bool_dtype(dtype) or not pd.api.types.is_numeric_dtype(dtype):
             categorical.append(col)
         else:
             numeric.append(col)
-    return numeric, categorical
+    return numeric, categorical, datetimes
 
 
 def build_transformer(numeric: list[str], categorical: list[str],
-                      categories: list[list[str]] | None = None) -> ColumnTransformer:
-    """The unfitted ColumnTransformer for the given numeric and categorical columns.
+                      categories: list[list[str]] | None = None, datetimes: list[str] = (),
+                      date_formats: dict[str, str | None] | None = None) -> ColumnTransformer:
+    """The unfitted ColumnTransformer for the given numeric, categorical and datetime columns.
 
     ``categories``: the one-hot categories per categorical column (default: those seen in fit),
-    for a fit on a sample whose full-data categories are already counted.
+    for a fit on a sample whose full-data categories are already counted. ``date_formats``:
+    the strftime format of a datetime column's text form (default ISO 8601).
     """
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import SimpleImputer
@@ -166,14 +171,21 @@ def build_transformer(numeric: list[str], categorical: list[str],
         ("onehot", OneHotEncoder(categories=categories or "auto", handle_unknown="ignore",
                                  sparse_output=False)),
     ])
-    return ColumnTransformer(
-        [("num", numeric_steps, numeric), ("cat", categorical_steps, categorical)],
-        remainder="drop", sparse_threshold=0.0,
-    )
+    parts = [("num", numeric_steps, numeric), ("cat", categorical_steps, categorical)]
+    if datetimes:  # only then: preprocessors without dates keep their exact layout
+        from stages.common.datetimes import CalendarFeatures
+
+        formats = {col: (date_formats or {}).get(col) for col in datetimes}
+        parts.append(("date", CalendarFeatures(formats), list(datetimes)))
+    return ColumnTransformer(parts, remainder="drop", sparse_threshold=0.0)
 
 
-def fit_preprocessor(train_df: pd.DataFrame, target: str) -> FittedPreprocessor:
+def fit_preprocessor(train_df: pd.DataFrame, target: str, date_formats: dict[str, str | None]
+                     | None = None) -> FittedPreprocessor:
     """Fit the preprocessing on the train split only (no statistics leak from val/test).
+
+    Datetime columns (and text columns named in ``date_formats``, parsed with that format)
+    become calendar features.
 
     Raises:
         DataError: the target is missing or has missing labels, or no feature columns.
@@ -183,11 +195,12 @@ def fit_preprocessor(train_df: pd.DataFrame, target: str) -> FittedPreprocessor:
     if train_df[target].isna().any():
         raise DataError(f"{int(train_df[target].isna().sum())} row(s) without a label",
                         column=target, rule="not_null")
-    numeric, categorical = split_columns(train_df, target)
-    if not numeric and not categorical:
+    numeric, categorical, datetimes = split_columns(train_df, target, date_formats)
+    if not numeric and not categorical and not datetimes:
         raise DataError("no feature columns besides the target", column=target,
                         rule="has_features")
-    transformer = build_transformer(numeric, categorical)
+    transformer = build_transformer(numeric, categorical, datetimes=datetimes,
+                                    date_formats=date_formats)
     feature_columns = [col for col in train_df.columns if col != target]
     transformer.fit(train_df[feature_columns])
     classes = [_plain(value) for value in sorted(train_df[target].unique())]

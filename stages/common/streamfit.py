@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.common.datetimes import DAY_US
 from stages.common.errors import DataError
 from stages.common.preprocess import FittedPreprocessor, build_transformer
 from stages.common.splits import hash_keys
@@ -24,8 +25,12 @@ class TrainStats:
     """Running statistics of the train rows, batch by batch; ``fit`` builds the preprocessor."""
 
     def __init__(self, numeric: list[str], categorical: list[str], seed: int,
-                 sample_rows: int = SAMPLE_ROWS, file: str | None = None) -> None:
+                 sample_rows: int = SAMPLE_ROWS, file: str | None = None,
+                 datetimes: list[str] = (), date_formats: dict[str, str | None] | None = None
+                 ) -> None:
         self.numeric, self.categorical, self.file = numeric, categorical, file
+        self.datetimes, self.date_formats = list(datetimes), date_formats or {}
+        self.times_vary = dict.fromkeys(self.datetimes, False)  # calendar: add the hour?
         self.seed, self.sample_rows = seed, sample_rows
         width = len(numeric)
         self.count = np.zeros(width, dtype=np.int64)  # non-missing values per column
@@ -47,7 +52,15 @@ class TrainStats:
             self._add_moments(j, name, values)
         for j, name in enumerate(self.categorical):
             self._add_counts(j, batch.column(name))
+        for name in self.datetimes:
+            self.times_vary[name] = self.times_vary[name] or _times_vary(batch.column(name))
         self._add_sample(columns, row_ids)
+
+    def drop_categorical(self, name: str) -> None:
+        """Leave the categorical column ``name`` out of the fit (e.g. too many distinct values)."""
+        j = self.categorical.index(name)
+        self.categorical = self.categorical[:j] + self.categorical[j + 1:]
+        self.categories = self.categories[:j] + self.categories[j + 1:]
 
     def _add_moments(self, j: int, name: str, values: np.ndarray) -> None:
         missing = np.isnan(values)
@@ -108,6 +121,8 @@ class TrainStats:
         frame = {name: values[j] for j, name in enumerate(self.numeric)}
         for name, counts in zip(self.categorical, self.categories, strict=True):
             frame[name] = pd.Series([_most_frequent(counts)] * len(keys), dtype=object)
+        for name in self.datetimes:  # calendar features have no statistics: hours are set after
+            frame[name] = pd.Series(pd.NaT, index=range(len(keys)), dtype="datetime64[us]")
         return pd.DataFrame(frame)[feature_columns]
 
     def fit(self, target: str, feature_columns: list[str],
@@ -120,17 +135,21 @@ class TrainStats:
         categories = {name: sorted(counts) for name, counts in
                       zip(self.categorical, self.categories, strict=True)}
         if not all(categories.values()):  # an all-missing column: its imputed value, as sklearn
-            auto = build_transformer(self.numeric, self.categorical).fit(sample)
+            auto = build_transformer(self.numeric, self.categorical).fit(
+                sample[self.numeric + self.categorical])
             fitted = auto.named_transformers_["cat"].named_steps["onehot"].categories_
             categories = {name: cats or list(fitted[i])
                           for i, (name, cats) in enumerate(categories.items())}
         transformer = build_transformer(self.numeric, self.categorical,
-                                        [categories[name] for name in self.categorical])
+                                        [categories[name] for name in self.categorical],
+                                        self.datetimes, self.date_formats)
         transformer.fit(sample)
         if self.numeric:
             self._set_scaler(transformer.named_transformers_["num"])
         if self.categorical:
             self._set_most_frequent(transformer.named_transformers_["cat"])
+        if self.datetimes:
+            transformer.named_transformers_["date"].hours_ = dict(self.times_vary)
         return FittedPreprocessor(transformer, feature_columns, target, classes)
 
     def _set_scaler(self, numeric_steps: Any) -> None:
@@ -172,6 +191,15 @@ def _merge_moments(a: tuple, b: tuple) -> tuple:
     share = np.divide(n_b, total, out=np.zeros(total.shape), where=total > 0)
     delta = np.asarray(mean_b, dtype=np.float64) - mean_a
     return total, mean_a + delta * share, m2_a + m2_b + delta * delta * n_a * share
+
+
+def _times_vary(column: Any) -> bool:
+    # a pyarrow timestamp/date column: any time of day other than midnight?
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ticks = column.cast(pa.timestamp("us")).cast(pa.int64())
+    return bool(pc.any(pc.not_equal(pc.divide(ticks, DAY_US) * DAY_US, ticks)).as_py())
 
 
 def _to_float64(column: Any) -> np.ndarray:

@@ -190,8 +190,10 @@ def test_main_writes_splits_preprocessor_and_meta(tmp_path: Path) -> None:
      r"1 row\(s\) have no label.*column=label, rule=not_null"),
     (lambda df: df.assign(label="a"), r"only one class \('a'\).*column=label, rule=min_classes"),
     (lambda df: df.head(0), r"no rows to split.*rule=not_empty"),
-    (lambda df: df.assign(when=pd.Timestamp("2024-01-01"))[["when", "label"]],
+    (lambda df: df[["label"]],
      r"no feature columns besides the target.*column=label, rule=has_features"),
+    (lambda df: df.assign(name=[f"n{i}" for i in range(len(df))])[["name", "label"]],
+     r"no feature columns left besides the target.*column=label, rule=has_features"),
 ])
 def test_bad_target_fails_clearly_and_leaves_outputs_alone(tmp_path: Path, change,
                                                            message: str) -> None:
@@ -223,7 +225,7 @@ def test_numeric_fast_path_matches_the_fitted_pipeline_and_its_errors() -> None:
     bad = {"missing": (rows.drop(columns=["mean_area"]), "rule=column_present"),
            "infinite": (rows.assign(mean_area=np.inf), "rule=finite"),
            "text": (rows.assign(mean_area="big"), "rule=numeric")}
-    for case, (frame, rule) in bad.items():  # off the fast path: the pipeline's own errors
+    for frame, rule in bad.values():  # off the fast path: the pipeline's own errors
         with pytest.raises(DataError, match=f"column=mean_area, rule={rule.split('=')[1]}"):
             preprocessor.transform(frame)
 
@@ -265,11 +267,14 @@ def test_drop_columns_and_datetimes_stay_in_the_splits_but_are_not_features(
     validated, _ = _write_project(tmp_path, df)
 
     with caplog.at_level("INFO", logger="stages.features"):
-        result = features.run(validated, tmp_path / "features", _params(drop_columns=["row_id"]))
+        result = features.run(validated, tmp_path / "features",
+                              _params(drop_columns=["row_id"], datetime="drop"))
 
     assert result.meta["feature_columns"] == ["x0", "x1", "color"]
     assert result.meta["drop_columns"] == ["row_id"]
     assert result.meta["datetime_columns"] == ["seen_at"]
+    assert [(d["column"], d["rule"]) for d in result.meta["dropped"]] == [
+        ("row_id", "drop_columns"), ("seen_at", "datetime")]
     assert "['seen_at']" in caplog.text and "not used as features" in caplog.text
     train = pd.read_parquet(result.paths["train"])
     assert list(train.columns) == list(df.columns)  # every validated column is kept
@@ -306,3 +311,123 @@ def test_stage_fit_equals_a_plain_fit_on_the_train_split(tmp_path: Path) -> None
     plain = fit_preprocessor(train, "label")
     np.testing.assert_allclose(result.preprocessor.transform(df), plain.transform(df), atol=1e-6)
     assert result.preprocessor.classes == plain.classes == ["a", "b", "c"]
+
+
+# ----------------------------------------------------------------------------- real tables
+
+
+def vega_csv(name: str) -> pd.DataFrame:
+    """A vega_datasets table as its CSV holds it (dates stay text)."""
+    from importlib.resources import files
+
+    return pd.read_csv(files("vega_datasets") / "_data" / name)
+
+
+def penguins_raw() -> pd.DataFrame:
+    from importlib.resources import files
+
+    return pd.read_csv(files("palmerpenguins") / "data" / "penguins-raw.csv")
+
+
+def _write_validated(tmp_path: Path, df: pd.DataFrame, formats: dict[str, str]) -> Path:
+    """``df`` as validate writes it: text dates parsed, their format in the field metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    validated = tmp_path / "validated"
+    validated.mkdir()
+    parsed = df.assign(**{col: pd.to_datetime(df[col], format=fmt) for col, fmt in
+                          formats.items()})
+    table = pa.Table.from_pandas(parsed, preserve_index=False)
+    schema = pa.schema([field.with_metadata({b"format": formats[field.name].encode()})
+                        if field.name in formats else field for field in table.schema])
+    pq.write_table(table.cast(schema), validated / features.DATA_FILE)
+    return validated
+
+
+def _real_params(target: str, **features_params: object) -> object:
+    return parse_params({"ingest": {"target": target}, "features": features_params})
+
+
+def test_text_dates_become_calendar_features_computed_from_raw_rows(tmp_path: Path) -> None:
+    raw = vega_csv("seattle-weather.csv")  # date like 2012/01/01
+    validated = _write_validated(tmp_path, raw, {"date": "%Y/%m/%d"})
+
+    result = features.run(validated, tmp_path / "features", _real_params("weather"))
+
+    meta, prep = result.meta, result.preprocessor
+    assert meta["feature_columns"][0] == "date" and meta["date_formats"] == {"date": "%Y/%m/%d"}
+    assert meta["n_features"] == 4 + 6  # four numbers + sin/cos of month, weekday, day of year
+    assert "date__date_yearday_sin" in prep.transformer.get_feature_names_out()
+    train = pd.read_parquet(result.paths["train"])
+    rows = raw.set_index("date").loc[train["date"].dt.strftime("%Y/%m/%d")].reset_index()
+    np.testing.assert_array_equal(prep.transform(rows), prep.transform(train))  # text as served
+    first = prep.transform(raw.head(1))[0, 4:]  # 2012/01/01, a Sunday
+    np.testing.assert_allclose(first, [0, 1, np.sin(2 * np.pi * 6 / 7), np.cos(2 * np.pi * 6 / 7),
+                                       0, 1], atol=1e-6)
+    plain = fit_preprocessor(train, "weather", {"date": "%Y/%m/%d"})
+    np.testing.assert_allclose(prep.transform(raw), plain.transform(raw), atol=1e-6)
+    with pytest.raises(DataError, match=r"'31\.12\.2015' is not a date in format %Y/%m/%d.*"
+                                        r"column=date, rule=date_format"):
+        prep.transform(raw.head(1).assign(date="31.12.2015"))
+
+
+def test_calendar_adds_the_hour_when_times_vary_streamed_as_in_memory(tmp_path: Path) -> None:
+    df = make_frame(n=300).assign(seen_at=pd.date_range("2024-01-01", periods=300, freq="7h"))
+    validated, _ = _write_project(tmp_path, df)
+
+    result = features.run(validated, tmp_path / "features", _params(batch_rows=64))
+
+    names = list(result.preprocessor.transformer.get_feature_names_out())
+    assert "date__seen_at_hour_sin" in names and result.meta["n_features"] == 5 + 8
+    train = pd.read_parquet(result.paths["train"])
+    plain = fit_preprocessor(train, "label")
+    np.testing.assert_allclose(result.preprocessor.transform(df), plain.transform(df), atol=1e-6)
+    iso = df.assign(seen_at=df["seen_at"].dt.strftime("%Y-%m-%dT%H:%M:%S"))
+    np.testing.assert_array_equal(result.preprocessor.transform(iso),
+                                  result.preprocessor.transform(df))
+
+
+HIGH_CARDINALITY = {  # table: (frame, target, text dates, columns dropped as ids / free text)
+    "penguins-raw": (penguins_raw, "Species", {"Date Egg": "%Y-%m-%d"}, ["Individual ID"]),
+    "la-riots": (lambda: vega_csv("la-riots.csv"), "gender", {"death_date": "%Y-%m-%d"},
+                 ["first_name", "last_name", "address", "neighborhood"]),
+}
+
+
+@pytest.mark.parametrize("table", HIGH_CARDINALITY)
+def test_high_cardinality_text_is_dropped_with_a_warning(table: str, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    load, target, dates, ids = HIGH_CARDINALITY[table]
+    validated = _write_validated(tmp_path, load(), dates)
+
+    with caplog.at_level("WARNING", logger="stages.features"):
+        result = features.run(validated, tmp_path / "features", _real_params(target))
+
+    dropped = {d["column"]: d for d in result.meta["dropped"]}
+    assert sorted(dropped) == sorted(ids)
+    assert not set(ids) & set(result.meta["feature_columns"])
+    train_rows = result.meta["n_rows"]["train"]
+    assert result.meta["n_features"] < train_rows / 2
+    entry = dropped[ids[0]]
+    assert entry["rule"] == "high_cardinality" and entry["train_rows"] == train_rows
+    assert entry["distinct"] > train_rows / 2
+    assert f"column {ids[0]!r} has {entry['distinct']} distinct values in {train_rows}" \
+        in caplog.text and "features.drop_columns" in caplog.text
+
+
+def test_high_cardinality_error_policy_stops_naming_the_params_fix(tmp_path: Path) -> None:
+    validated = _write_validated(tmp_path, penguins_raw(), {"Date Egg": "%Y-%m-%d"})
+    out = tmp_path / "features"
+
+    with pytest.raises(DataError, match=r"column 'Individual ID' has \d+ distinct values.*"
+                                        r"features\.drop_columns.*features\.high_cardinality: "
+                                        r"drop.*column=Individual ID, rule=high_cardinality"
+                       ) as err:
+        features.run(validated, out, _real_params("Species", high_cardinality="error"))
+
+    assert f"file={validated / features.DATA_FILE}" in str(err.value)
+    assert not out.exists()
+    kept = features.run(validated, out, _real_params(
+        "Species", high_cardinality="error", drop_columns=["Individual ID"]))
+    assert "Individual ID" not in kept.meta["feature_columns"]
