@@ -123,11 +123,11 @@ def copy_features(registry: Registry, dest: Path) -> Path:
 
 # --- real public tables, served through their input contract ---------------------------------
 
-TABLES = {  # name -> (package, file in it, target, columns the features stage drops)
-    "penguins": ("palmerpenguins", "data/penguins.csv", "species", []),
-    "penguins-raw": ("palmerpenguins", "data/penguins-raw.csv", "Species",
-                     ["Sample Number", "Individual ID", "Comments"]),
-    "seattle-weather": ("vega_datasets", "_data/seattle-weather.csv", "weather", []),
+TABLES = {  # name -> (file, target, columns the features stage drops, package folder)
+    "penguins": ("penguins.csv", "species", [], "palmerpenguins/data"),
+    "penguins-raw": ("penguins-raw.csv", "Species",
+                     ["Sample Number", "Individual ID", "Comments"], "palmerpenguins/data"),
+    "seattle-weather": ("seattle-weather.csv", "weather", [], "vega_datasets/_data"),
 }
 CONTRACT_NAME = "penguins-clf"  # v1: penguins, v2: penguins-raw (another input contract)
 WEATHER_NAME = "weather-clf"  # v1: seattle-weather (a text date like 2012/01/01)
@@ -137,7 +137,9 @@ def table_path(name: str) -> Path:
     """The CSV of a real public table shipped inside a package."""
     from importlib.resources import files
 
-    return Path(str(files(TABLES[name][0]) / TABLES[name][1]))
+    file, _, _, folder = TABLES[name]
+    package, _, inside = folder.partition("/")
+    return Path(str(files(package) / inside / file))
 
 
 def source_rows(name: str) -> list[dict[str, Any]]:
@@ -147,7 +149,7 @@ def source_rows(name: str) -> list[dict[str, Any]]:
 
     from stages.common.csvfiles import iter_csv_batches
 
-    path, target = table_path(name), TABLES[name][2]
+    path, target = table_path(name), TABLES[name][1]
     table = pa.Table.from_batches(list(iter_csv_batches(lambda: str(path), str(path), ",")))
     rows = table.drop_columns([target]).to_pylist()
     return [{key: (value.isoformat() if hasattr(value, "isoformat") else value)
@@ -189,7 +191,7 @@ def train_on_table(root: Path, name: str) -> TableModel:
     from stages.common.suite import load_suite
     from stages.validate import write_suite
 
-    path, (_, _, target, drop) = table_path(name), TABLES[name]
+    path, (_, target, drop, _) = table_path(name), TABLES[name]
     write_suite(path, root / "suite.json", target, margin=0.1, batch_rows=10_000)
     table = pa.Table.from_batches(list(iter_csv_batches(lambda: str(path), str(path), ",")))
     table = cast_text_dates(table, load_suite(root / "suite.json"))
