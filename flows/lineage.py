@@ -6,7 +6,8 @@
 The chain, read from the MLflow registry and the training run: the model version (aliases,
 promotion decision), the MLflow run, the git commit (and whether the tree was dirty), the
 params and ``dvc.lock`` as they were at train time (run artifacts under ``lineage/``, written
-by ``stages.common.tracking.log_lineage``), the data versions (``data/*`` outputs of
+by ``stages.common.tracking.log_lineage``), every input file the stages read by hash (the
+suite, the code; a copy of those the commit lacks), the data versions (``data/*`` outputs of
 ``dvc.lock``: md5, size, files), the validation result, the Prefect flow run and the test
 metrics. ``flows.reproduce`` rebuilds the same inputs in a clean workspace.
 """
@@ -151,13 +152,37 @@ def find_version(client: MlflowClient, ref: ModelRef) -> ModelVersion:
                            f"{', '.join(map(str, versions)) or 'none'})") from exc
 
 
-def read_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
-    """The text of one run artifact, None when the run has no such artifact."""
+def read_artifact_bytes(client: MlflowClient, run_id: str, path: str) -> bytes | None:
+    """The bytes of one run artifact, None when the run has no such artifact."""
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if path not in {a.path for a in client.list_artifacts(run_id, parent or None)}:
         return None
     with tempfile.TemporaryDirectory(prefix="lineage-") as tmp:
-        return Path(client.download_artifacts(run_id, path, tmp)).read_text(encoding="utf-8")
+        return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+
+
+def read_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """The text of one run artifact, None when the run has no such artifact."""
+    data = read_artifact_bytes(client, run_id, path)
+    return None if data is None else data.decode("utf-8")
+
+
+def logged_inputs(client: MlflowClient, run_id: str,
+                  inputs: dict[str, Any] | None) -> dict[str, bytes]:
+    """``{path: bytes}`` of the input files the run copied under ``lineage/inputs/``.
+
+    Raises:
+        LineageError: ``inputs`` (its ``inputs.json``) lists a copy the run does not have.
+    """
+    files = {}
+    for path, entry in (inputs or {}).items():
+        if entry.get("logged"):
+            name = f"{tracking.LINEAGE_DIR}/{tracking.INPUTS_DIR}/{path}"
+            data = read_artifact_bytes(client, run_id, name)
+            if data is None:
+                raise LineageError(f"run {run_id} lists {path} as logged but has no {name}")
+            files[path] = data
+    return files
 
 
 def lineage_files(client: MlflowClient, run_id: str) -> dict[str, str]:
@@ -181,10 +206,10 @@ def build_lineage(client: MlflowClient, ref: ModelRef, ui_url: str) -> dict[str,
     version = find_version(client, ref)
     run = client.get_run(version.run_id)
     tags, run_id = run.data.tags, run.info.run_id
-    lock, params, summary = (
+    lock, params, summary, inputs = (
         read_artifact(client, run_id, f"{tracking.LINEAGE_DIR}/{name}")
         for name in (tracking.LOCK_ARTIFACT, tracking.PARAMS_ARTIFACT,
-                     tracking.VALIDATION_ARTIFACT))
+                     tracking.VALIDATION_ARTIFACT, tracking.INPUTS_ARTIFACT))
     return {
         "model": {"name": version.name, "version": int(version.version),
                   "aliases": sorted(version.aliases), "source": version.source,
@@ -200,6 +225,8 @@ def build_lineage(client: MlflowClient, ref: ModelRef, ui_url: str) -> dict[str,
         "dvc_lock_logged": lock is not None,
         "data": data_versions(yaml.safe_load(lock) or {}) if lock else _data_from_tags(tags),
         "validation": json.loads(summary) if summary else _validation_from_tags(tags),
+        # {path: {md5, lock_md5, stages, in_git, logged}}; None for runs from before it
+        "inputs": json.loads(inputs) if inputs else None,
         "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
         "metrics": {key.removeprefix(METRIC_PREFIX): value
                     for key, value in sorted(run.data.metrics.items())
@@ -264,6 +291,13 @@ def render_text(lineage: dict[str, Any]) -> str:
         size = "" if item["size"] is None else f"  {item['size']} bytes"
         files = "" if item["nfiles"] is None else f", {item['nfiles']} files"
         lines.append(f"  {item['path']:<18} md5 {item['md5']}{size}{files}")
+    lines.append("Inputs     " + ("(files the stages read, at train time)" if lineage["inputs"]
+                                  is not None else "not recorded for this run"))
+    for path, entry in (lineage["inputs"] or {}).items():
+        where = ("logged with the run" if entry["logged"] else
+                 "in the commit" if entry["in_git"] else "NOT in the commit, not logged")
+        if entry["md5"] is not None:  # a file (folders: their dvc.lock hash is in the lock)
+            lines.append(f"  {path:<32} md5 {entry['md5']}  {where}")
     lines.append("Validation " + _describe_validation(lineage["validation"]))
     lines.append("Params     " + ("(params.yaml at train time)" if lineage["params_logged"]
                                   else "not logged for this run"))

@@ -3,9 +3,12 @@
     python -m flows.reproduce classifier@champion [--workdir DIR] [--remote URL]
 
 1. ``git clone`` the repo at the run's recorded commit (refused when the tree was dirty in
-   more than ``dvc.lock`` / ``params.yaml``, which are restored from the run; ``--allow-dirty``
-   goes on with a warning);
-2. write the run's ``params.yaml`` and ``dvc.lock`` (``lineage/`` artifacts) into it;
+   code: files other than ``dvc.lock`` / ``params.yaml`` and the input files logged with the
+   run, which are restored from it, and the paths ``dvc.yaml`` declares as outputs, metrics or
+   plots, which the stages rewrite; ``--allow-dirty`` goes on with a warning);
+2. write the run's ``params.yaml``, ``dvc.lock`` and logged inputs (``lineage/`` artifacts:
+   e.g. a suite the commit lacks) into it; every input file the re-run stages read must have
+   the md5 the run recorded;
 3. point its DVC remote at the original repo's default remote (or ``--remote``);
 4. ``dvc pull`` the ingest stage's outputs: the exact raw data of that run;
 5. ``dvc repro --force --single-item`` each stage after ingest up to evaluate, in the order
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,7 +31,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.lineage import LineageError, build_parser, lineage_files, load_lineage, open_client
+import yaml
+
+from flows.lineage import (
+    LineageError,
+    build_parser,
+    lineage_files,
+    load_lineage,
+    logged_inputs,
+    open_client,
+)
 from stages.common.tracking import FLOW_RUN_ENV, LOCK_ARTIFACT, PARAMS_ARTIFACT
 
 RESTORED_STAGE = "ingest"  # its outputs come from the DVC remote; its source may be gone
@@ -36,6 +49,7 @@ METRICS_FILE = "reports/metrics.json"
 RESTORED_FILES = (PARAMS_ARTIFACT, LOCK_ARTIFACT)  # dirty in these is fine: both are restored
 REMOTE_NAME = "origin"
 OUTPUT_TAIL = 30  # lines of a failed command's output shown
+_VAR = re.compile(r"\$\{([^}]+)\}")  # dvc.yaml's ${section.key} interpolation
 
 
 class ReproduceError(LineageError):
@@ -52,15 +66,49 @@ def resolve_remote_url(url: str, base: Path) -> str:
     return str((base / url).resolve())
 
 
-def check_clean(dirty: list[str] | None, allow_dirty: bool) -> str | None:
+def declared_outputs(dvc_yaml: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """Every path ``dvc.yaml`` declares as a stage output, metric or plot (``${...}`` resolved
+    from ``params``), and the files of its top-level ``plots`` and ``metrics``."""
+    paths: list[str] = []
+    for stage in (dvc_yaml.get("stages") or {}).values():
+        for key in ("outs", "metrics", "plots"):
+            paths += [next(iter(item)) if isinstance(item, dict) else item
+                      for item in (stage or {}).get(key) or []]
+    for item in dvc_yaml.get("plots") or []:  # a path, or {title: {y: {path: [...]}}}
+        if isinstance(item, str):
+            paths.append(item)
+        elif isinstance(item, dict):
+            for title, spec in item.items():
+                y = (spec or {}).get("y") if isinstance(spec, dict) else None
+                paths += list(y) if isinstance(y, dict) else [title]
+    paths += [m for m in dvc_yaml.get("metrics") or [] if isinstance(m, str)]
+    return sorted({_interpolate(str(path), params).strip("/") for path in paths})
+
+
+def _interpolate(text: str, params: dict[str, Any]) -> str:
+    def value(match: re.Match[str]) -> str:
+        node: Any = params
+        for key in match[1].strip().split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return match[0] if node is None else str(node)
+
+    return _VAR.sub(value, text)
+
+
+def check_clean(dirty: list[str] | None, allow_dirty: bool,
+                restored: Sequence[str] = ()) -> str | None:
     """None when the recorded tree can be rebuilt from git; else a warning (allow_dirty).
+
+    ``restored``: paths the workspace gets from the run rather than from git (the outputs
+    ``declared_outputs`` lists, which the stages rewrite; the inputs logged with the run).
 
     Raises:
         ReproduceError: the tree differed from the commit and ``allow_dirty`` is False.
     """
     # DVC adds each new output to its folder's .gitignore: ignore rules are not code
-    unrestored = None if dirty is None else [f for f in dirty if f not in RESTORED_FILES
-                                             and Path(f).name != ".gitignore"]
+    unrestored = None if dirty is None else [
+        f for f in dirty if f not in RESTORED_FILES and Path(f).name != ".gitignore"
+        and not any(f == path or f.startswith(f"{path}/") for path in restored)]
     if unrestored == []:
         return None
     what = "files not recorded" if unrestored is None else ", ".join(unrestored)
@@ -69,6 +117,36 @@ def check_clean(dirty: list[str] | None, allow_dirty: bool) -> str | None:
     if not allow_dirty:
         raise ReproduceError(message + "; pass --allow-dirty to reproduce anyway")
     return message
+
+
+def check_inputs(workdir: Path, inputs: dict[str, Any] | None, stages: Sequence[str],
+                 allow_dirty: bool) -> list[str]:
+    """The input files ``stages`` read, as the run recorded them (``lineage/inputs.json``):
+    each must be in ``workdir`` with its recorded md5. Returns warnings (``allow_dirty``).
+
+    Raises:
+        ReproduceError: one is missing or differs, naming it, its stages and its md5.
+    """
+    from stages.common.tracking import file_md5
+
+    problems = []
+    for path, entry in (inputs or {}).items():
+        if entry.get("md5") is None or not set(entry.get("stages") or []) & set(stages):
+            continue  # a folder (DVC hashes it) or read only by the restored stage
+        file = workdir / path
+        found = file_md5(file) if file.is_file() else None
+        if found != entry["md5"]:
+            state = "missing" if found is None else f"md5 {found}"
+            where = ("" if entry.get("in_git") else
+                     " (the copy logged with the run differs: a damaged artifact?)"
+                     if entry.get("logged") else " (the run's commit lacks it, and it was not "
+                     "logged: too large, or changed after its stage read it)")
+            problems.append(f"{path}, read by {', '.join(entry['stages'])}: the run read md5 "
+                            f"{entry['md5']}, the workspace has {state}{where}")
+    if problems and not allow_dirty:
+        raise ReproduceError("the workspace would not read the run's inputs: "
+                             + "; ".join(problems) + "; pass --allow-dirty to go on anyway")
+    return problems
 
 
 def order_stages_between(dot: str, first: str) -> list[str]:
@@ -175,11 +253,37 @@ def _done(started: float) -> None:
     print(f"    done in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
 
 
+def read_dvc_yaml(repo: Path, commit: str) -> dict[str, Any]:
+    """``dvc.yaml`` as committed at ``commit`` ({} when git cannot show it)."""
+    result = subprocess.run(["git", "show", f"{commit}:./dvc.yaml"], cwd=repo,
+                            capture_output=True, text=True, check=False)
+    return (yaml.safe_load(result.stdout) or {}) if result.returncode == 0 else {}
+
+
+def restore_inputs(workdir: Path, inputs: dict[str, bytes]) -> list[str]:
+    """Write the input files the run logged where the checkout lacks them or differs."""
+    written = []
+    for path, data in inputs.items():
+        file = workdir / path
+        if not file.is_file() or file.read_bytes() != data:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(data)
+            written.append(path)
+    return written
+
+
 def reproduce(lineage: dict[str, Any], files: dict[str, str], repo: Path, workdir: Path,
-              remote: str | None, allow_dirty: bool, verbose: bool) -> list[dict[str, Any]]:
-    """Build the workspace, re-run the stages, return the metric comparison rows."""
+              remote: str | None, allow_dirty: bool, verbose: bool,
+              inputs: dict[str, bytes] | None = None) -> list[dict[str, Any]]:
+    """Build the workspace, re-run the stages, return the metric comparison rows.
+
+    ``inputs``: the input files the run logged (``flows.lineage.logged_inputs``).
+    """
     git, run = lineage["git"], lineage["run"]
-    if warning := check_clean(git["dirty_files"], allow_dirty):
+    inputs = inputs or {}
+    outputs = declared_outputs(read_dvc_yaml(repo, git["commit"] or "HEAD"),
+                               yaml.safe_load(files.get(PARAMS_ARTIFACT) or "") or {})
+    if warning := check_clean(git["dirty_files"], allow_dirty, [*outputs, *inputs]):
         print(f"WARNING: {warning}", file=sys.stderr)
     if run["device"] not in (None, "cpu"):
         print(f"WARNING: the run trained on {run['device']}; bit-equal metrics are only "
@@ -196,10 +300,11 @@ def reproduce(lineage: dict[str, Any], files: dict[str, str], repo: Path, workdi
         raise ReproduceError(f"commit {git['commit']} is not in {source}: {exc}") from exc
     for name, text in files.items():
         (workdir / name).write_text(text, encoding="utf-8")
+    written = restore_inputs(workdir, inputs)
     ws.dvc("remote", "add", "--local", "--default", "--force", REMOTE_NAME, remote_url)
     _done(started)
-    print(f"    {' and '.join(files)} of run {run['id']} written; DVC remote {remote_url}",
-          file=sys.stderr)
+    print(f"    {', '.join([*files, *written])} of run {run['id']} written; DVC remote "
+          f"{remote_url}", file=sys.stderr)
     raw = ", ".join(f"{d['path']} {d['md5']}" for d in lineage["data"]
                     if d["stage"] == RESTORED_STAGE)
     started = _step(f"dvc pull {RESTORED_STAGE}: {raw or 'its outputs'}")
@@ -210,6 +315,8 @@ def reproduce(lineage: dict[str, Any], files: dict[str, str], repo: Path, workdi
                              f"`dvc push` run after it trained?): {exc}") from exc
     _done(started)
     stages = order_stages_between(ws.dvc("dag", "--dot", FINAL_STAGE), RESTORED_STAGE)
+    for problem in check_inputs(workdir, lineage.get("inputs"), stages, allow_dirty):
+        print(f"WARNING: {problem}", file=sys.stderr)
     for index, stage in enumerate(stages, start=1):
         started = _step(f"stage {index}/{len(stages)}: {stage} "
                         f"(dvc repro --force --single-item {stage})")
@@ -247,12 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         lineage = load_lineage(args)
         model = lineage["model"]
-        files = lineage_files(open_client(lineage["tracking_uri"]), lineage["run"]["id"])
+        client = open_client(lineage["tracking_uri"])
+        files = lineage_files(client, lineage["run"]["id"])
+        inputs = logged_inputs(client, lineage["run"]["id"], lineage["inputs"])
         workdir = prepare_workdir(args.workdir, f"{model['name']}-v{model['version']}")
         print(f"reproducing {model['name']} v{model['version']} (run {lineage['run']['id']}) "
               f"in {workdir}", file=sys.stderr)
         rows = reproduce(lineage, files, args.repo.resolve(), workdir, args.remote,
-                         args.allow_dirty, args.verbose)
+                         args.allow_dirty, args.verbose, inputs)
     except LineageError as exc:
         print(f"reproduce: {exc}", file=sys.stderr)
         return 1

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
-import time
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,11 @@ RUN_FILE = "run.json"  # written by train next to the model: the MLflow run to l
 LINEAGE_DIR = "lineage"
 PARAMS_ARTIFACT, LOCK_ARTIFACT = "params.yaml", "dvc.lock"
 VALIDATION_ARTIFACT = "validation_summary.json"  # the validate stage's summary.json
+# Every input file the stages read (dvc.lock deps that no stage writes: the suite, code) by
+# hash; a copy of the small ones that the commit does not hold as they were (an untracked suite)
+# under inputs/<path>, so that `flows.reproduce` can put them back.
+INPUTS_ARTIFACT, INPUTS_DIR = "inputs.json", "inputs"
+MAX_LOGGED_INPUT_BYTES = 5_000_000  # larger inputs are recorded by hash only
 VALIDATION_TAG_KEYS = ("success", "rows", "bad_fraction")  # tagged validation.<key> if present
 DIRTY_FILES_TAG = "git.dirty_files"  # which tracked files differed from git.commit
 MAX_TAG_CHARS = 1000  # a longer list of dirty files is cut and ends with "..."
@@ -70,14 +76,17 @@ def _enable_wal(db: Path) -> None:
             conn.execute("PRAGMA journal_mode=WAL")
 
 
+def _git(repo: str | Path, *args: str) -> str:
+    # The output of a git command, "" when it fails (not a repo, no commit, unknown path).
+    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                            check=False)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
 def git_state(repo: str | Path = ".") -> dict[str, str]:
     """The git commit and whether the work tree has uncommitted changes."""
-    def _git(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = _git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    commit = _git(repo, "rev-parse", "HEAD") or "unknown"
+    dirty = bool(_git(repo, "status", "--porcelain", "--untracked-files=no"))
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
@@ -102,6 +111,76 @@ def dvc_lock_hashes(lock_file: str | Path = "dvc.lock") -> dict[str, str]:
             if "md5" in out:
                 hashes[f"dvc.{out['path']}.md5"] = out["md5"]
     return hashes
+
+
+def lock_inputs(lock: dict) -> dict[str, dict]:
+    """The deps of a parsed ``dvc.lock`` that no stage writes: ``{path: {"md5", "stages"}}``.
+
+    These are what the pipeline reads from outside itself (code, the suite, the data source);
+    the outputs of one stage read by the next are data versions, restored by DVC.
+    """
+    stages = (lock.get("stages") or {}).items()
+    outs = {out["path"] for _, entry in stages for out in (entry or {}).get("outs") or []}
+    inputs: dict[str, dict] = {}
+    for name, entry in stages:
+        for dep in (entry or {}).get("deps") or []:
+            path = dep["path"]
+            if path not in outs and not any(path.startswith(f"{out}/") for out in outs):
+                item = inputs.setdefault(path, {"md5": dep.get("md5"), "stages": []})
+                item["stages"].append(name)
+    return inputs
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 of a file's bytes (what ``dvc.lock`` records for a file with ``hash: md5``)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _in_git(repo: Path, path: str) -> bool | None:
+    # True: HEAD holds the file exactly as it is now (a clone at the commit has it); False:
+    # HEAD holds another version; None: HEAD does not hold it (untracked, or not a repo).
+    committed = _git(repo, "ls-tree", "HEAD", "--", path).split()
+    if len(committed) < 3:
+        return None
+    return committed[2] == _git(repo, "hash-object", "--", path)
+
+
+def record_inputs(repo: str | Path = ".") -> tuple[dict[str, dict], list[str]]:
+    """Every input file of ``repo/dvc.lock`` as it is now, and which of them to copy.
+
+    Returns ``({path: {"md5", "lock_md5", "stages", "in_git", "logged"}}, [paths to log])``.
+    Folders (``stages/common``, ``data/source``) are listed with their ``dvc.lock`` hash only.
+    A file is copied when the commit does not hold it as it is, it is small and it is the one
+    ``dvc.lock`` recorded (so the stage that read it read these bytes).
+    """
+    repo = Path(repo)
+    lock_file = repo / "dvc.lock"
+    if not lock_file.is_file():
+        return {}, []
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    record, to_log = {}, []
+    for path, item in lock_inputs(lock).items():
+        file = repo / path
+        entry = {"lock_md5": item["md5"], "stages": item["stages"], "md5": None,
+                 "in_git": False, "logged": False}
+        if file.is_file():
+            entry["md5"] = file_md5(file)
+            committed = _in_git(repo, path)
+            entry["in_git"] = bool(committed)
+            entry["logged"] = (not committed and entry["md5"] == item["md5"]
+                               and file.stat().st_size <= MAX_LOGGED_INPUT_BYTES)
+            if entry["logged"]:
+                to_log.append(path)
+            elif committed is None:  # (a changed tracked file shows in git.dirty_files)
+                logger.warning("%s, which %s read, is not in git and not logged (changed since "
+                               "or over %d bytes): a reproduction cannot restore it", path,
+                               ", ".join(item["stages"]), MAX_LOGGED_INPUT_BYTES)
+        record[path] = entry
+    return record, to_log
 
 
 def lineage_tags(repo: str | Path = ".") -> dict[str, str]:
@@ -131,7 +210,8 @@ def log_lineage(repo: str | Path = ".", params_file: str | Path | None = "params
                 validation_report: str | Path | None = None) -> None:
     """Log the run's inputs under ``lineage/`` and tag its validation result.
 
-    ``params_file`` (None: not known) and ``repo/dvc.lock`` as they are now, and the
+    ``params_file`` (None: not known) and ``repo/dvc.lock`` as they are now, every input of
+    the lock by hash with a copy of those the commit lacks (``record_inputs``), and the
     validation summary (``validation_report/summary.json``) when there is one. Call inside
     the active run.
     """
@@ -143,6 +223,11 @@ def log_lineage(repo: str | Path = ".", params_file: str | Path | None = "params
                         f"{LINEAGE_DIR}/{PARAMS_ARTIFACT}")
     if lock.is_file():
         mlflow.log_text(lock.read_text(encoding="utf-8"), f"{LINEAGE_DIR}/{LOCK_ARTIFACT}")
+        inputs, to_log = record_inputs(repo)
+        mlflow.log_dict(inputs, f"{LINEAGE_DIR}/{INPUTS_ARTIFACT}")
+        for path in to_log:
+            folder = Path(LINEAGE_DIR, INPUTS_DIR, path).parent.as_posix()
+            mlflow.log_artifact(str(Path(repo) / path), artifact_path=folder)
     summary_file = Path(validation_report or ".") / "summary.json"
     summary = None
     if validation_report is not None and summary_file.is_file():

@@ -8,6 +8,7 @@ equal version 1's exactly (and differ from version 2's). The fast tests cover th
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -103,12 +104,130 @@ def test_reproduce_an_old_version_after_the_data_changed(
     print(f"reproduce took {time.monotonic() - started:.1f}s", file=sys.stderr)
     again = json.loads((workdir / "reports/metrics.json").read_text())
     assert again == v1["metrics"] and again != v2["metrics"]
-    assert "All 4 test metrics" in out and "stage 4/4: evaluate" in err
+    assert re.search(r"All \d+ test metrics of classifier v1 match exactly", out), out
+    assert "stage 4/4: evaluate" in err
     assert _raw_md5(yaml.safe_load((workdir / "dvc.lock").read_text())) == _raw_md5(v1["lock"])
     assert _git(workdir, "rev-parse", "HEAD") == chain["git"]["commit"]
     # the reproduction logged into its own store, never into the original one
     assert (workdir / "mlflow/mlflow.db").is_file()
     assert lineage.main([f"{MODEL}/3", "--repo", str(repo)]) == 1
+
+
+OWN_CSV, OWN_SUITE = "data/source/own.csv", "suites/own.json"
+
+
+@pytest.mark.slow
+def test_reproduce_own_data_with_an_untracked_suite_and_dirty_outputs(
+        tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 9 item 7: the own-data path, as `make run` / the schedule leave the tree."""
+    repo = make_pipeline_repo(tmp_path / "repo", {
+        "ingest": {"source": OWN_CSV}, "validate": {"suite_path": OWN_SUITE}})
+    # the user's table and the suite profiled from it stay untracked (never committed)
+    (repo / ".git/info/exclude").write_text(f"{OWN_CSV}\n{OWN_SUITE}\n")
+    _write_csv(repo / OWN_CSV)
+    for args in (["stages.ingest", "--out", "data/raw"],
+                 ["stages.validate", "suite", "--snapshot", "data/raw", "--out", OWN_SUITE]):
+        subprocess.run([sys.executable, "-m", *args], cwd=repo, check=True, capture_output=True)
+    suite = (repo / OWN_SUITE).read_bytes()
+    _train_version(repo, "v1 and its outputs")  # reports/*.json, dvc.lock now tracked
+    for version, drop_every in ((2, 10), (3, 7)):  # new data, runs without a commit between
+        _write_csv(repo / OWN_CSV, drop_every=drop_every)
+        result = dvc(repo, "repro", check=False)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        dvc(repo, "push")
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert json.loads((repo / "reports/registration.json").read_text())["version"] == 3
+
+    assert lineage.main([f"{MODEL}/3", "--repo", str(repo), "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert "reports/metrics.json" in chain["git"]["dirty_files"]  # v2's, not the commit's
+    recorded = chain["inputs"][OWN_SUITE]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    suite_dep = next(d for d in lock["stages"]["validate"]["deps"] if d["path"] == OWN_SUITE)
+    assert recorded["md5"] == recorded["lock_md5"] == suite_dep["md5"]
+    assert recorded["logged"] and not recorded["in_git"]
+    assert chain["inputs"]["stages/train.py"]["in_git"]
+
+    workdir = tmp_path / "reproduced"
+    code = reproduce.main([f"{MODEL}/3", "--repo", str(repo), "--workdir", str(workdir)])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "WARNING" not in err, err
+    assert (workdir / OWN_SUITE).read_bytes() == suite
+    assert json.loads((workdir / "reports/metrics.json").read_text()) == metrics
+
+
+def test_declared_outputs_come_from_dvc_yaml() -> None:
+    from tests.conftest import ROOT
+
+    outputs = reproduce.declared_outputs(yaml.safe_load((ROOT / "dvc.yaml").read_text()), {})
+    assert {"reports/metrics.json", "reports/registration.json", "reports/train/history.csv",
+            "data/raw", "models", "reports/eval"} <= set(outputs)
+    assert not {"dvc.lock", "params.yaml", "stages/train.py"} & set(outputs)
+    interpolated = {"stages": {"s": {"outs": [{"${out.dir}/x": {"cache": False}}]}}}
+    assert reproduce.declared_outputs(interpolated, {"out": {"dir": "o"}}) == ["o/x"]
+
+
+def test_outputs_and_logged_inputs_are_not_code_changes() -> None:
+    outputs = ["reports/metrics.json", "reports/eval", "models"]
+    dirty = ["dvc.lock", "reports/metrics.json", "reports/eval/roc.json", "suites/own.json"]
+    assert reproduce.check_clean(dirty, False, [*outputs, "suites/own.json"]) is None
+    with pytest.raises(reproduce.ReproduceError, match="suites/own.json"):
+        reproduce.check_clean(dirty, False, outputs)
+    with pytest.raises(reproduce.ReproduceError, match="stages/train.py"):
+        reproduce.check_clean([*dirty, "stages/train.py"], False, [*outputs, "suites/own.json"])
+
+
+def test_train_time_record_of_the_inputs(tmp_path: Path) -> None:
+    from stages.common.tracking import file_md5, lock_inputs, record_inputs
+
+    for cmd in (["init", "-q"], ["config", "user.email", "t@e.st"], ["config", "user.name", "t"]):
+        _git(tmp_path, *cmd)
+    files = {"stages/validate.py": "code", "suites/own.json": "{}", "suites/old.json": "{}"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    _git(tmp_path, "add", "stages/validate.py")
+    _git(tmp_path, "commit", "-q", "-m", "code")
+    (tmp_path / "suites/old.json").write_text('{"edited": true}')  # after validate read it
+    deps = [{"path": name, "md5": file_md5(tmp_path / name) if "old" not in name else "0" * 32}
+            for name in files]
+    lock = {"stages": {
+        "ingest": {"deps": [{"path": "data/source", "md5": "a.dir"}],
+                   "outs": [{"path": "data/raw", "md5": "b.dir"}]},
+        "validate": {"deps": [{"path": "data/raw", "md5": "b.dir"}, *deps],
+                     "outs": [{"path": "data/validated", "md5": "c.dir"}]}}}
+    assert set(lock_inputs(lock)) == {"data/source", *files}  # data/raw: an output
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    record, to_log = record_inputs(tmp_path)
+    assert to_log == ["suites/own.json"]  # not in the commit; the bytes validate read
+    assert record["stages/validate.py"]["in_git"] and not record["stages/validate.py"]["logged"]
+    assert record["suites/own.json"]["md5"] == file_md5(tmp_path / "suites/own.json")
+    assert not record["suites/old.json"]["logged"]  # changed since: these are not its input
+    assert record["data/source"] == {"lock_md5": "a.dir", "stages": ["ingest"], "md5": None,
+                                     "in_git": False, "logged": False}
+
+
+def test_inputs_must_have_the_recorded_hash(tmp_path: Path) -> None:
+    from stages.common.tracking import file_md5
+
+    (tmp_path / "suites").mkdir()
+    suite = tmp_path / "suites/own.json"
+    suite.write_text('{"name": "own"}')
+    inputs = {"suites/own.json": {"md5": file_md5(suite), "stages": ["validate"],
+                                  "in_git": False, "logged": True},
+              "data/source": {"md5": None, "stages": ["ingest"], "in_git": False},
+              "big.csv": {"md5": "0" * 32, "stages": ["ingest"], "in_git": False}}
+    assert reproduce.check_inputs(tmp_path, inputs, ["validate", "train"], False) == []
+    suite.write_text('{"name": "edited"}')
+    with pytest.raises(reproduce.ReproduceError, match="suites/own.json, read by validate"):
+        reproduce.check_inputs(tmp_path, inputs, ["validate", "train"], False)
+    assert reproduce.restore_inputs(tmp_path, {"suites/own.json": b'{"name": "own"}'}) == [
+        "suites/own.json"]
+    assert reproduce.check_inputs(tmp_path, inputs, ["validate"], False) == []
+    suite.unlink()
+    with pytest.raises(reproduce.ReproduceError, match="has missing"):
+        reproduce.check_inputs(tmp_path, inputs, ["validate"], False)
 
 
 @pytest.fixture
@@ -219,7 +338,7 @@ def test_train_time_record_reads_the_summary_defensively(tmp_path: Path, mlflow_
         log_lineage(".", "params.yaml", "no-report")  # no summary: nothing to tag, no error
     client = MlflowClient(tracking_uri=mlflow_uri)
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "lineage")}
-    assert logged == {"lineage/params.yaml", "lineage/dvc.lock",
+    assert logged == {"lineage/params.yaml", "lineage/dvc.lock", "lineage/inputs.json",
                       "lineage/validation_summary.json"}
     tags = client.get_run(run.info.run_id).data.tags
     assert tags["validation.success"] == "false" and "validation.bad_fraction" not in tags
