@@ -166,12 +166,13 @@ def drop_high_cardinality(stats: TrainStats, params: FeaturesParams,
         what = (f"column {name!r} has {len(counts)} distinct values in {stats.rows} train rows, "
                 f"over features.max_category_fraction {params.max_category_fraction:g} of them "
                 "(an id or free text?): one-hot encoding it would give about a feature per row")
-        fix = "list it in features.drop_columns or raise features.max_category_fraction"
         if params.high_cardinality == "error":
-            raise DataError(f"{what}; {fix} (or set features.high_cardinality: drop)",
-                            file=file, column=name, rule="high_cardinality")
-        logger.warning("%s; dropped it (to keep it quiet: %s; features.high_cardinality: error "
-                       "stops instead)", what, fix)
+            raise DataError(f"{what}; list it in features.drop_columns, raise "
+                            "features.max_category_fraction, or set features.high_cardinality: "
+                            "drop", file=file, column=name, rule="high_cardinality")
+        logger.warning("%s; dropped it (list it in features.drop_columns to say so, raise "
+                       "features.max_category_fraction to keep it; features.high_cardinality: "
+                       "error stops instead)", what)
         stats.drop_categorical(name)
         dropped.append({"column": name, "rule": "high_cardinality", "reason": what,
                         "distinct": len(counts), "train_rows": stats.rows})
@@ -253,8 +254,8 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
     numeric, categorical, datetimes = select_features(schema, target, settings.drop_columns,
                                                       file=str(source))
     calendar, dropped = datetime_policy(datetimes, settings.datetime)
-    dropped = [{"column": name, "rule": "drop_columns", "reason": "params features."
-                "drop_columns"} for name in settings.drop_columns] + dropped
+    dropped = [{"column": name, "rule": "drop_columns", "reason": "listed in params "
+                "features.drop_columns"} for name in settings.drop_columns] + dropped
     counts = count_classes(source, target, batch_rows)
     plan = SplitPlan(seed, settings.test_size, settings.val_size,
                      np.array(list(counts.values()), dtype=np.int64))
