@@ -110,8 +110,9 @@ def bring_table(src: str | Path, target: str, repo: str | Path = ".",
     with tempfile.TemporaryDirectory(prefix="make-data-") as tmp_dir:
         tmp = Path(tmp_dir)
         rows = _ingest(src, target, fmt, params, tmp / "raw")
-        with _put_back_on_error([dest, suite]):
-            if not (dest.exists() and dest.resolve() == src.resolve()):
+        copying = not (dest.exists() and dest.resolve() == src.resolve())
+        with _put_back_on_error([dest, suite] if copying else [suite]):
+            if copying:
                 with atomic_path(dest) as copy:
                     shutil.copyfile(src, copy)
             validate.write_suite(_shown(dest, repo), _shown(suite, repo), target, SUITE_MARGIN,
@@ -153,26 +154,22 @@ def _rehearse(tmp: Path, params: Params, suite: Path) -> dict[str, Any]:
     used = [name for name in specs if name in set(meta["feature_columns"])]
     return {
         "classes": list(meta["classes"]), "split_rows": dict(meta["n_rows"]), "used": used,
-        "dropped": dropped_columns(meta, [n for n in specs if n != meta["target"]], params),
+        "dropped": dropped_columns(meta, [n for n in specs if n != meta["target"]]),
         "datetimes": {name: spec.format for name, spec in specs.items()
                       if spec.kind == "datetime"},
         "baselines": baselines,
     }
 
 
-def dropped_columns(meta: dict[str, Any], columns: Sequence[str],
-                    params: Params) -> dict[str, str]:
-    """Why each source column that the features stage does not feed to the model is left out.
+def dropped_columns(meta: dict[str, Any], columns: Sequence[str]) -> dict[str, str]:
+    """Why each source column the features stage does not feed to the model is left out.
 
-    ``meta``: the features stage's meta.json; ``columns``: the source columns but the target.
+    ``meta``: the features stage's meta.json (its ``dropped`` list: column, rule, reason);
+    ``columns``: the source columns but the target.
     """
     used = set(meta["feature_columns"])
-    reasons = {name: "features.drop_columns" for name in meta.get("drop_columns", [])}
-    for name, why in (meta.get("dropped") or {}).items():  # the stage's own reasons
-        reasons.setdefault(name, str(why))
-    for name in meta.get("datetime_columns", []):
-        reasons.setdefault(name, f"a datetime column (features.datetime: "
-                                 f"{params.features.datetime})")
+    reasons = {item["column"]: f"{item['reason']} [rule={item['rule']}]"
+               for item in meta.get("dropped", [])}
     return {name: reasons.get(name, "not used by the features stage")
             for name in columns if name not in used}
 
@@ -291,7 +288,8 @@ def render_report(result: OwnTable) -> str:
               for key, (before, after) in result.changed.items()]
     lines.append(f"  features  {len(result.used)} column(s) fed to the model: "
                  + ", ".join(result.used))
-    lines += [f"  dates     {name}: format {fmt or 'ISO 8601'}"
+    lines += [f"  dates     {name}: format {fmt or 'ISO 8601'}, "
+              + ("dropped" if name in result.dropped else "calendar features")
               for name, fmt in result.datetimes.items()]
     lines += [f"  dropped   {name}: {why}" for name, why in result.dropped.items()]
     split = ", ".join(f"{name} {n}" for name, n in result.split_rows.items())
