@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def bring_table(src: str | Path, target: str, repo: str | Path = ".",
             if copying:
                 with atomic_path(dest) as copy:
                     shutil.copyfile(src, copy)
-            validate.write_suite(_shown(dest, repo), _shown(suite, repo), target, SUITE_MARGIN,
+            validate.write_suite(_shown(dest), _shown(suite), target, SUITE_MARGIN,
                                  params.base.batch_rows)
             columns = list(load_suite(suite).columns)
             text, changed = edit_params(params_path.read_text(encoding="utf-8"), {
@@ -186,28 +187,35 @@ def edit_params(text: str, values: dict[str, Any],
         The new text and ``{section.key: (before, after)}`` for every value that changed.
     """
     yaml = _round_trip_yaml()
-    doc = yaml.load(text)
-    before = {key: _copy(doc[key.split(".")[0]].get(key.split(".")[1])) for key in (
-        *values, "ingest.table", "ingest.query", "ingest.watermark", "features.drop_columns",
-        "validate.rules")}
+    doc = yaml.load(text) or {}
+    tidied = ("ingest.table", "ingest.query", "ingest.watermark", "features.drop_columns",
+              "validate.rules")
+    before = {key: _value(doc, key) for key in (*values, *tidied)}
     for key, value in values.items():
         section, name = key.split(".")
-        doc[section][name] = value
+        doc.setdefault(section, {})[name] = value
     ingest_section = doc["ingest"]
-    ingest_section["table"] = ingest_section["query"] = None
+    for name in ("table", "query"):
+        if ingest_section.get(name) is not None:
+            ingest_section[name] = None
     if ingest_section.get("watermark") not in (None, *columns):
         ingest_section["watermark"] = None
-    dropped = doc["features"].get("drop_columns") or []
+    dropped = (doc.get("features") or {}).get("drop_columns") or []
     for name in [name for name in dropped if name not in columns]:
         dropped.remove(name)
-    rules = doc["validate"].get("rules") or {}
+    rules = (doc.get("validate") or {}).get("rules") or {}
     for name in [name for name in rules if name not in columns]:
         del rules[name]
     out = io.StringIO()
     yaml.dump(doc, out)
-    after = {key: _copy(doc[key.split(".")[0]].get(key.split(".")[1])) for key in before}
-    return out.getvalue(), {key: (before[key], after[key]) for key in before
-                            if before[key] != after[key]}
+    changed = {key: (old, _value(doc, key)) for key, old in before.items()}
+    return out.getvalue(), {key: pair for key, pair in changed.items() if pair[0] != pair[1]}
+
+
+def _value(doc: dict, key: str) -> Any:
+    # ``section.name`` of a ruamel document as plain Python values (None when absent).
+    section, name = key.split(".")
+    return _copy((doc.get(section) or {}).get(name))
 
 
 def _round_trip_yaml() -> Any:
@@ -235,7 +243,7 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _shown(path: Path, repo: Path) -> str:
+def _shown(path: Path) -> str:
     # Relative to the working directory when under it: the suite records the command it took.
     return os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
 
@@ -301,9 +309,9 @@ def render_report(result: OwnTable) -> str:
                  "README, Use your own data")
     if result.dvc_note:
         lines.append(f"  note      {result.dvc_note}")
-    lines += ["Next:", f"  git add {' '.join(result.to_commit)}",
-              (f"  git commit -m 'Train on {Path(result.source).name} (target {result.target})'"
-               f" -- {' '.join(result.to_commit)}"),
+    paths = " ".join(shlex.quote(path) for path in result.to_commit)
+    message = shlex.quote(f"Train on {Path(result.source).name} (target {result.target})")
+    lines += ["Next:", f"  git add {paths}", f"  git commit -m {message} -- {paths}",
               "  make run"]
     return "\n".join(lines)
 

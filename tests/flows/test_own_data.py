@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -121,9 +122,9 @@ def _build(table: Table, base: Path) -> Built:
         assert code == 0, out.getvalue()
         report = out.getvalue()
         # Commit exactly what make data says to commit; then nothing else is left over.
-        add = next(line for line in report.splitlines() if line.strip().startswith("git add"))
-        _git(repo, *add.split()[1:])
-        _git(repo, "commit", "-q", "-m", f"train on {table.name}")
+        for step in ("git add", "git commit"):
+            line = next(line for line in report.splitlines() if line.strip().startswith(step))
+            _git(repo, *shlex.split(line)[1:])
         assert _git(repo, "status", "--porcelain") == ""
 
         first = _run_flow(repo)
