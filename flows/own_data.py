@@ -134,11 +134,13 @@ def bring_table(src: str | Path, target: str, repo: str | Path = ".",
 
 
 def _ingest(src: Path, target: str, fmt: str, params: Params, out: Path) -> int:
-    """Ingest's own reader and checks on ``src``, into ``out``; returns the row count."""
-    here = src.resolve()
+    """Ingest's own reader and checks on ``src``, into ``out``; returns the row count.
+
+    Its errors name ``src`` as given (the data root is where it really lies: links followed).
+    """
     settings = params.ingest.model_copy(update={
-        "source": str(here), "data_root": str(here.parent), "target": target, "format": fmt,
-        "delimiter": ",", "table": None, "query": None, "watermark": None})
+        "source": str(src), "data_root": str(src.resolve().parent), "target": target,
+        "format": fmt, "delimiter": ",", "table": None, "query": None, "watermark": None})
     return ingest.run(settings, out, params.base.batch_rows).total_rows
 
 
