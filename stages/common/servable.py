@@ -164,7 +164,8 @@ def contract_signature(contract: dict[str, Any], output: pd.DataFrame) -> ModelS
     int column is typed ``any``: MLflow's ``long`` cannot hold a missing value and its
     ``double`` refuses an int64 column, so ``any`` is what takes both a row with the value
     and a row without it (the service checks its type against the contract). A datetime
-    column takes the source's text form (``string``).
+    column is ``any`` too: a request sends the source's text form, batch scoring and the gate
+    send the validated timestamps, and the preprocessor parses both.
     """
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import ColSpec, Schema
@@ -175,6 +176,8 @@ def contract_signature(contract: dict[str, Any], output: pd.DataFrame) -> ModelS
         required = bool(col.get("used", True)) and not col["nullable"]
         if col["kind"] == "int" and col["nullable"]:
             specs.append(ColSpec(AnyType(), col["name"], required=False))
+        elif col["kind"] == "datetime":
+            specs.append(ColSpec(AnyType(), col["name"], required=required))
         else:
             specs.append(ColSpec(SIGNATURE_TYPES[col["kind"]], col["name"], required=required))
     with warnings.catch_warnings():
