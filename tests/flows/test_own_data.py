@@ -9,11 +9,12 @@ The tables ship inside packages pinned in requirements.lock (no generated data):
 - vega_datasets ``seattle-weather.csv``: a non-ISO date (``2012/01/01``), five imbalanced
   classes.
 
-Each goes through ``make data``'s entry point (``flows.own_data.main``) in a temporary copy of
-the project (real git, DVC, GX, MLflow), the printed files are committed, then the Prefect flow
-runs twice: the first registers a champion, the second adds no version. Real rows of the table
-(missing values, the columns the features stage drops, an unseen category) are then sent to
-the service. The bad-input tests at the end are fast.
+Each goes through ``make data``'s entry point (``flows.own_data.main``) in one temporary copy of
+the project (real git, DVC, GX, MLflow), one table after the other as a user switches tables in
+one repo; the printed git commands are run as printed, then the Prefect flow runs twice: the
+first registers and promotes a champion, the second re-runs no stage and adds no version. Real
+rows of the table (missing values, the columns the features stage drops, an unseen category)
+are then sent to the service. The bad-input tests at the end are fast.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ TABLES = {
               "weather", None),
     )
 }
+MAKE_DATA_WRITES = ("params.yaml", "suites", "data/source")
 # Small but real training, so three tables x two flow runs fit in a few minutes on 2 cores.
 TRAIN = {"base.device": "cpu", "train.max_epochs": 30, "train.patience": 5, "train.lr": 0.01}
 
@@ -109,9 +111,7 @@ def _project_copy(dest: Path) -> Path:
     return repo
 
 
-def _build(table: Table, base: Path) -> Built:
-    repo = _project_copy(base / "repo")
-    uri = f"sqlite:///{base / 'mlflow.db'}"
+def _build(table: Table, repo: Path, uri: str) -> Built:
     params_before = (repo / "params.yaml").read_text()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -121,11 +121,11 @@ def _build(table: Table, base: Path) -> Built:
             code = main([str(table.path), "--target", table.target])
         assert code == 0, out.getvalue()
         report = out.getvalue()
-        # Commit exactly what make data says to commit; then nothing else is left over.
+        # Commit exactly what make data says to commit; then nothing it wrote is left over.
         for step in ("git add", "git commit"):
             line = next(line for line in report.splitlines() if line.strip().startswith(step))
             _git(repo, *shlex.split(line)[1:])
-        assert _git(repo, "status", "--porcelain") == ""
+        assert _git(repo, "status", "--porcelain", "--", *MAKE_DATA_WRITES) == ""
 
         first = _run_flow(repo)
         after_first = _versions(uri, table.name)
@@ -143,11 +143,19 @@ def _run_flow(repo: Path) -> dict:
     return state.result() if state.is_completed() else {"failed": state.message}
 
 
+@pytest.fixture(scope="module")
+def project_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One project copy and MLflow store that every table of this module goes through."""
+    base = tmp_path_factory.mktemp("own-data")
+    return _project_copy(base / "repo"), f"sqlite:///{base / 'mlflow.db'}"
+
+
 @pytest.fixture(scope="module", params=sorted(TABLES))
 def built(request: pytest.FixtureRequest, prefect_api: str,
-          tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """``make data`` + two flow runs on one real table (once per table for this module)."""
-    return _build(TABLES[request.param], tmp_path_factory.mktemp(request.param))
+          project_repo: tuple[Path, str]) -> Built:
+    """``make data`` + two flow runs on one real table, in the repo the table before it used
+    (as a user switches tables): once per table for this module."""
+    return _build(TABLES[request.param], *project_repo)
 
 
 # --- end to end (slow) ---------------------------------------------------------------------
