@@ -45,6 +45,7 @@ class Table:
     path: Path
     target: str
     unseen: dict[str, Any] | None  # a text category value the table never holds
+    says: tuple[str, ...]  # what make data must print about its columns
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -54,11 +55,13 @@ def _package_file(package: str, *parts: str) -> Path:
 TABLES = {
     table.name: table for table in (
         Table("penguins", _package_file("palmerpenguins", "data", "penguins.csv"), "species",
-              {"island": "Atlantis"}),
+              {"island": "Atlantis"}, ("3 classes", "flipper_length_mm")),
         Table("penguins-raw", _package_file("palmerpenguins", "data", "penguins-raw.csv"),
-              "Species", {"Island": "Atlantis"}),
+              "Species", {"Island": "Atlantis"},
+              ("dropped   Individual ID", "rule=high_cardinality",
+               "Date Egg: format ISO 8601, calendar features")),
         Table("seattle-weather", _package_file("vega_datasets", "_data", "seattle-weather.csv"),
-              "weather", None),
+              "weather", None, ("5 classes", "date: format %Y/%m/%d, calendar features")),
     )
 }
 MAKE_DATA_WRITES = ("params.yaml", "suites", "data/source")
@@ -177,7 +180,8 @@ def test_make_data_points_params_at_the_table_and_keeps_comments(built: Built) -
     assert (repo / "data/source" / table.path.name).read_bytes() == table.path.read_bytes()
     suite = json.loads((repo / "suites" / f"{table.name}.json").read_text())
     assert suite["meta"]["target"] == table.target
-    for fragment in ("baselines", "majority", "logistic", "f1_macro", "git add", "make run"):
+    for fragment in ("baselines", "majority", "logistic", "f1_macro", "git add", "make run",
+                     *table.says):
         assert fragment in built.report, built.report
 
 
