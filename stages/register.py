@@ -64,7 +64,8 @@ LINEAGE_PREFIXES = ("git.", "dvc.", "prefect.")  # run tags copied onto the mode
 TIE_TOLERANCE = 1e-9  # float noise below this counts as "equal", i.e. not worse
 SKEW_TOLERANCE = 1e-4  # pyfunc vs evaluate metrics: a larger gap means serving skew
 CONTENT_TAG = "model.content_hash"  # on each version: what the model is (see content_hash)
-GATE_TAG = "promotion.gate"  # passed | failed: an identical model that failed is judged again
+GATE_TAG = "promotion.gate"  # passed | failed | pending: an identical model not yet passed
+#   (failed, or the run died between registering and deciding) is judged again
 MAX_REASON = 600  # characters: a reason is one bounded line, never a dumped object
 
 
@@ -502,11 +503,11 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
         client = MlflowClient()
         previous = _champion_version(client, rp.model_name, rp.alias)
         existing = _find_identical(client, rp.model_name, cand.content_hash)
-        if existing is not None and existing.tags.get(GATE_TAG) != "failed":
+        if existing is not None and existing.tags.get(GATE_TAG) == "passed":
             return _finish_identical(rp, existing, previous, cand, active.info.run_id,
                                      out_path)
-        if existing is not None:  # the same model failed the gate: judge it again, e.g.
-            version = str(existing.version)  # under a changed register.* param; no new version
+        if existing is not None:  # the same model failed the gate (or a crashed run left it
+            version = str(existing.version)  # undecided): judge it again; no new version
         else:
             preprocessor_path = cand.features_dir / "preprocessor.joblib"
             info = log_servable(preprocessor_path, cand.model_dir / "model.pt",
@@ -515,11 +516,16 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
             # ONNX + int8 copies beside it, scored on the same test rows (variants/ in the run).
             log_variants(preprocessor_path, cand.model_dir / "model.pt", cand.test)
             version = str(info.registered_model_version)
+            # Findable at once: a retry after a crash from here on resumes this version.
+            client.set_model_version_tag(rp.model_name, version, CONTENT_TAG, cand.content_hash)
+            client.set_model_version_tag(rp.model_name, version, GATE_TAG, "pending")
         decision, record = _judge_version(client, rp, version, previous, cand)
         if existing is not None:
             record["identical_to"] = int(version)
-            record["reason"] = one_line(f"identical to v{version}, which failed the gate "
-                                        f"before; judged again: {record['reason']}")
+            before = {"failed": "failed the gate", "pending": "was left undecided by a run "
+                      "that stopped"}.get(existing.tags.get(GATE_TAG), "was not decided")
+            record["reason"] = one_line(f"identical to v{version}, which {before} before; "
+                                        f"judged again: {record['reason']}")
         record["run_id"] = active.info.run_id
         _record_on_version(client, record, client.get_run(active.info.run_id).data.tags)
         mlflow.set_tags({"registered.model": rp.model_name, "registered.version": version,

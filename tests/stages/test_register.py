@@ -489,3 +489,32 @@ def test_revalidating_identical_data_retrains_nothing(tmp_path: Path, mlflow_uri
         assert f"Stage '{stage}' didn't change, skipping" in again.stdout
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
     assert len(client.search_model_versions("name = 'classifier'")) == 1
+
+
+def test_a_retry_after_a_crash_resumes_the_version_instead_of_adding_one(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run dies after the version exists but before the decision (as a flow retry saw it:
+    # one failed run + 2 retries left three versions and no champion).
+    strict = params_file(tmp_path / "strict.yaml")
+    workdir = prepare(tmp_path / "v1", trained, make_params())
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("killed between registering and deciding")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(register, "_judge_version", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            register.main(register_args(workdir, strict))
+    client = mlflow.MlflowClient()
+    assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "pending"
+
+    assert register.main(register_args(workdir, strict)) == 0
+
+    record = json.loads((workdir / "reports" / "registration.json").read_text())
+    assert record["decision"] == "promoted" and record["version"] == 1
+    assert "left undecided by a run that stopped" in record["reason"]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "passed"
+    assert {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()} == {
+        "champion": "1"}
