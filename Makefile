@@ -32,11 +32,14 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the pinned dependencies (CPU torch)
 
-# Bring your own table (flows/own_data.py): SRC a CSV or Parquet file, TARGET its label column.
+# Bring your own table (flows/own_data.py): SRC a CSV or Parquet file, TARGET its label column,
+# DELIM a CSV's field separator (default ,; DELIM=';'), REPROFILE=1 to replace suites/<name>.json.
+DELIM ?= ,
+DATA_USAGE := usage: make data SRC=path/to/table.csv TARGET=column [DELIM=';'] [REPROFILE=1]
 data: install ## Point the project at your table: make data SRC=path/to/table.csv TARGET=column
-	@test -n "$(SRC)" -a -n "$(TARGET)" || \
-	  { echo "usage: make data SRC=path/to/table.csv TARGET=column (CSV or Parquet)" >&2; exit 2; }
-	$(BIN)/python -m flows.own_data "$(SRC)" --target "$(TARGET)"
+	@test -n "$(SRC)" -a -n "$(TARGET)" || { echo "$(DATA_USAGE) (CSV or Parquet)" >&2; exit 2; }
+	$(BIN)/python -m flows.own_data "$(SRC)" --target "$(TARGET)" --delimiter '$(DELIM)' \
+	  $(if $(REPROFILE),--reprofile)
 
 run: install ## Run the whole pipeline through the Prefect flow on the default data
 	$(BIN)/python -m flows.pipeline --repo .

@@ -5,13 +5,15 @@ One command from a file to a project that ``make run`` trains, registers and pro
 1. ingest the file into a temporary folder (ingest's own checks: readable, UTF-8, one header,
    the target column present, rows);
 2. copy it under ``ingest.data_root`` (``data/source/``) and profile the suite from that copy
-   (``suites/<name>.json``, as ``python -m stages.validate suite`` does);
+   (``suites/<name>.json``, as ``python -m stages.validate suite`` does); a suite already there
+   is kept (it may have been reviewed) unless ``--reprofile`` is given;
 3. rehearse validate and features on it in the temporary folder with the new params: the gate
    must pass the table it was profiled from, and the features stage says which columns it
    feeds to the model and which it drops, and why;
 4. score the baselines (evaluate's majority class and logistic regression) on the features
    stage's own seeded test split;
-5. write ``ingest.source``, ``ingest.target``, ``ingest.format``, ``validate.suite_path`` and
+5. write ``ingest.source``, ``ingest.target``, ``ingest.format`` (a CSV's ``ingest.delimiter``
+   too: the one ingest read it with), ``validate.suite_path`` and
    ``register.model_name`` (a new table is a new model) into ``params.yaml``, comments kept, in
    one atomic rename; settings that name columns the new table lacks are cleared; then
    ``dvc add`` the copied file.
@@ -20,7 +22,7 @@ Nothing in the project changes unless every step passes: on an error the copied 
 suite are put back as they were and ``params.yaml`` is not touched. Orchestration only: the
 data work is the stages' own functions.
 
-    python -m flows.own_data SRC --target COLUMN [--repo PATH]
+    python -m flows.own_data SRC --target COLUMN [--delimiter ;] [--reprofile] [--repo PATH]
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any
 
 from stages import evaluate, features, ingest, validate
 from stages.common.config import Params, load_params, parse_params
-from stages.common.errors import DataError, PipelineError
+from stages.common.errors import ConfigError, DataError, PipelineError
 from stages.common.io import atomic_path, write_text
 from stages.common.suite import load_suite
 
@@ -70,6 +72,7 @@ class OwnTable:
     datetimes: dict[str, str | None]  # datetime column -> its text format (None: ISO/typed)
     baselines: dict[str, dict[str, float]]  # evaluate's baselines on the test split
     changed: dict[str, tuple[Any, Any]]  # params key -> (before, after)
+    suite_was: str = "new"  # new | kept (the suite already there) | reprofiled (replaced)
     to_commit: list[str] = field(default_factory=list)
     dvc_note: str | None = None  # why the copy is not DVC-tracked, when it is not
 
@@ -90,58 +93,88 @@ def model_name_for(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.").lower() or "table"
 
 
-def bring_table(src: str | Path, target: str, repo: str | Path = ".",
-                fmt: str | None = None) -> OwnTable:
+def bring_table(src: str | Path, target: str, repo: str | Path = ".", fmt: str | None = None,
+                delimiter: str = ",", reprofile: bool = False) -> OwnTable:
     """Make ``repo`` train on the table ``src`` with label column ``target`` (module doc).
+
+    ``delimiter`` separates a CSV's fields; ``reprofile`` replaces a suite already there.
 
     Raises:
         DataError: a missing or unreadable file, an unknown target column, data the gate or
             the features stage refuses (nothing in ``repo`` changed).
         ConfigError: ``repo/params.yaml`` is invalid.
     """
-    repo, src = Path(repo), Path(src)
+    repo, src = Path(os.path.abspath(repo)), Path(src)
     if not src.is_file():
         raise DataError("file not found (make data SRC=path/to/table.csv TARGET=column)",
                         file=str(src), rule="exists")
     fmt = table_format(src, fmt)
     params_path = repo / "params.yaml"
     params = load_params(params_path)
-    dest = repo / params.ingest.data_root / src.name
+    dest = _data_root(repo, params) / src.name
     suite = repo / SUITES / f"{model_name_for(src)}.json"
+    existed = suite.is_file()
+    kept = existed and not reprofile
+    # ingest's settings for the table, as written to params.yaml: make run reads it as ingest
+    # does here (a Parquet file's ingest.delimiter is left as it is)
+    settings = {"target": target, "format": fmt} | ({"delimiter": delimiter} if fmt == "csv"
+                                                   else {})
     with tempfile.TemporaryDirectory(prefix="make-data-") as tmp_dir:
         tmp = Path(tmp_dir)
-        rows = _ingest(src, target, fmt, params, tmp / "raw")
+        rows = _ingest(src, params.ingest.model_copy(update=settings), params.base.batch_rows,
+                       tmp / "raw")
         copying = not (dest.exists() and dest.resolve() == src.resolve())
         with _put_back_on_error([dest, suite] if copying else [suite]):
             if copying:
                 with atomic_path(dest) as copy:
                     shutil.copyfile(src, copy)
-            validate.write_suite(_shown(dest), _shown(suite), target, SUITE_MARGIN,
-                                 params.base.batch_rows)
+            if not kept:
+                validate.write_suite(_shown(dest), _shown(suite), target, SUITE_MARGIN,
+                                     params.base.batch_rows, delimiter=delimiter)
+            elif (was := load_suite(suite).target) != target:
+                raise DataError(f"the suite there was profiled for target {was!r}, not "
+                                f"{target!r}: REPROFILE=1 (--reprofile) profiles it again",
+                                file=str(suite), rule="suite_target")
+            else:  # on stderr above any error of the rehearsal: the kept suite may refuse it
+                logger.warning("keeping %s (already there, maybe reviewed): the table must "
+                               "pass it; REPROFILE=1 (--reprofile) profiles it again", suite)
             columns = list(load_suite(suite).columns)
             text, changed = edit_params(params_path.read_text(encoding="utf-8"), {
-                "ingest.source": dest.relative_to(repo).as_posix(), "ingest.target": target,
-                "ingest.format": fmt, "validate.suite_path": suite.relative_to(repo).as_posix(),
+                "ingest.source": dest.relative_to(repo).as_posix(),
+                **{f"ingest.{key}": value for key, value in settings.items()},
+                "validate.suite_path": suite.relative_to(repo).as_posix(),
                 "register.model_name": model_name_for(src)}, columns)
             new = parse_params(_plain_yaml(text), source=str(params_path))
             built = _rehearse(tmp, new, suite)
             write_text(params_path, text)  # atomic: temp file + rename
     result = OwnTable(source=dest.relative_to(repo).as_posix(),
                       suite=suite.relative_to(repo).as_posix(), target=target, rows=rows,
-                      changed=changed, **built)
+                      changed=changed, **built,
+                      suite_was="kept" if kept else "reprofiled" if existed else "new")
     result.to_commit, result.dvc_note = _track(repo, dest, result)
     return result
 
 
-def _ingest(src: Path, target: str, fmt: str, params: Params, out: Path) -> int:
-    """Ingest's own reader and checks on ``src``, into ``out``; returns the row count.
+def _data_root(repo: Path, params: Params) -> Path:
+    """``ingest.data_root`` as an absolute path inside ``repo`` (the copy is DVC-tracked there)."""
+    root = Path(os.path.normpath(repo / params.ingest.data_root))
+    if not root.is_relative_to(repo):
+        raise ConfigError(f"{repo / 'params.yaml'}: ingest.data_root "
+                          f"{params.ingest.data_root!r} lies outside the project {repo}: make "
+                          "data copies the table under it and DVC-tracks it there; set "
+                          "ingest.data_root to a folder inside the project (e.g. data/source)")
+    return root
+
+
+def _ingest(src: Path, settings: Any, batch_rows: int, out: Path) -> int:
+    """Ingest's own reader and checks on ``src`` with ``settings``, into ``out``; row count.
 
     Its errors name ``src`` as given (the data root is where it really lies: links followed).
     """
-    settings = params.ingest.model_copy(update={
-        "source": str(src), "data_root": str(src.resolve().parent), "target": target,
-        "format": fmt, "delimiter": ",", "table": None, "query": None, "watermark": None})
-    return ingest.run(settings, out, params.base.batch_rows).total_rows
+    settings = settings.model_copy(update={
+        "source": str(src), "data_root": str(src.resolve().parent), "table": None,
+        "query": None, "watermark": None})
+    return ingest.run(settings, out, batch_rows).total_rows
 
 
 def _rehearse(tmp: Path, params: Params, suite: Path) -> dict[str, Any]:
@@ -192,10 +225,17 @@ def edit_params(text: str, values: dict[str, Any],
     doc = yaml.load(text) or {}
     tidied = ("ingest.table", "ingest.query", "ingest.watermark", "features.drop_columns",
               "validate.rules")
+    for key in values:
+        section = key.split(".")[0]
+        if doc.get(section) is None:  # absent, or `section:` with no value
+            doc[section] = {}
+        elif not isinstance(doc[section], dict):
+            raise ConfigError(f"params.yaml: {section} is {_copy(doc[section])!r}, not a "
+                              f"mapping of settings: make data sets {key} there")
     before = {key: _value(doc, key) for key in (*values, *tidied)}
     for key, value in values.items():
         section, name = key.split(".")
-        doc.setdefault(section, {})[name] = value
+        doc[section][name] = value
     ingest_section = doc["ingest"]
     for name in ("table", "query"):
         if ingest_section.get(name) is not None:
@@ -291,9 +331,13 @@ def _track(repo: Path, dest: Path, result: OwnTable) -> tuple[list[str], str | N
 
 def render_report(result: OwnTable) -> str:
     """What ``make data`` prints: the table, the columns, the baselines, what to commit."""
+    suite = {"new": "profiled from the file: review it, it is the gate",
+             "kept": "already there, kept: the table passes it (REPROFILE=1 profiles it again)",
+             "reprofiled": f"profiled again, replacing the one there: `git diff {result.suite}` "
+                           "shows what changed; review it, it is the gate"}[result.suite_was]
     lines = [(f"make data: {result.source} ({result.rows} rows), target {result.target!r}: "
               f"{len(result.classes)} classes {result.classes}"),
-             f"  suite     {result.suite} (profiled from the file: review it, it is the gate)"]
+             f"  suite     {result.suite} ({suite})"]
     lines += [f"  params    {key}: {before!r} -> {after!r}"
               for key, (before, after) in result.changed.items()]
     lines.append(f"  features  {len(result.used)} column(s) fed to the model: "
@@ -330,13 +374,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repo", default=".", help="project checkout holding params.yaml")
     parser.add_argument("--format", choices=sorted(set(FORMATS.values())), default=None,
                         help="the file's format (default: from its suffix)")
+    parser.add_argument("--delimiter", default=",", type=lambda v: "\t" if v == "\\t" else v,
+                        help="a CSV's field separator, written to ingest.delimiter (default ,)")
+    parser.add_argument("--reprofile", action="store_true",
+                        help="profile suites/<name>.json again even if it exists (default: keep)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = bring_table(args.src, args.target, args.repo, args.format)
+        result = bring_table(args.src, args.target, args.repo, args.format, args.delimiter,
+                             args.reprofile)
     except PipelineError as exc:
-        print(f"make data failed: {exc}\n(params.yaml, suites/ and {args.repo}/data/source "
+        hint = (" (make data: DELIM=';' or python -m flows.own_data --delimiter ';')"
+                if getattr(exc, "rule", None) == "delimiter" else "")
+        print(f"make data failed: {exc}{hint}\n(params.yaml, suites/ and the data root "
               "are as they were)", file=sys.stderr)
         return 1
     print(render_report(result))

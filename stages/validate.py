@@ -28,6 +28,7 @@ from typing import Any
 from stages.common import tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import MlflowParams, Params
+from stages.common.csvfiles import iter_csv_batches
 from stages.common.errors import ConfigError, DataError, GateError
 from stages.common.gx_check import (
     as_gx_frame,
@@ -38,7 +39,6 @@ from stages.common.gx_check import (
     run_gx,
     summarize_result,
 )
-from stages.common.csvfiles import iter_csv_batches
 from stages.common.io import atomic_path, iter_batches, open_dataset, write_json, write_text
 from stages.common.parquet_files import ParquetFiles
 from stages.common.rules import build_checks, gate_error
@@ -168,13 +168,14 @@ def _log_failure_to_mlflow(report_dir: Path, params: MlflowParams, data: str,
 
 
 def write_suite(snapshot: str | Path, out: str | Path, target: str, margin: float,
-                batch_rows: int, watermark: str | None = None) -> dict[str, Any]:
+                batch_rows: int, watermark: str | None = None,
+                delimiter: str = ",") -> dict[str, Any]:
     """Profile the trusted ``snapshot`` (Parquet file/folder or CSV) into a suite at ``out``.
 
     ``watermark`` (params ``ingest.watermark``) only grows: it and the row count get no upper
-    bound.
+    bound. ``delimiter`` (params ``ingest.delimiter``) separates a CSV snapshot's fields.
     """
-    schema, batches = _snapshot_batches(Path(snapshot), batch_rows)
+    schema, batches = _snapshot_batches(Path(snapshot), batch_rows, delimiter)
     raw = profile_snapshot(batches, schema, target, margin, source=str(snapshot),
                            growing=watermark)
     raw["name"] = Path(out).stem
@@ -187,11 +188,11 @@ def write_suite(snapshot: str | Path, out: str | Path, target: str, margin: floa
     return raw
 
 
-def _snapshot_batches(path: Path, batch_rows: int) -> tuple[Any, Any]:
+def _snapshot_batches(path: Path, batch_rows: int, delimiter: str) -> tuple[Any, Any]:
     if path.suffix.lower() == ".csv":  # ingest's CSV reader, with its clear errors
         if not path.is_file():
             raise DataError("file not found", file=str(path), rule="exists")
-        batches = iter_csv_batches(lambda: str(path), str(path), ",")
+        batches = iter_csv_batches(lambda: str(path), str(path), delimiter)
         first = next(batches)
         return first.schema, chain([first], batches)
     return open_dataset(path).schema, iter_batches(path, batch_rows)
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace, params: Params) -> None:
         if args.command == "suite":
             write_suite(args.snapshot, args.out, getattr(args, "target", params.ingest.target),
-                        args.margin, params.base.batch_rows, params.ingest.watermark)
+                        args.margin, params.base.batch_rows, params.ingest.watermark,
+                        params.ingest.delimiter)
         else:
             run(args.raw, args.out, args.quarantine, args.report, params)
 

@@ -36,6 +36,7 @@ import pandas as pd
 import pytest
 
 from flows.own_data import edit_params, main
+from stages.common.errors import ConfigError
 from tests.conftest import ROOT, make_pipeline_repo
 
 
@@ -349,3 +350,74 @@ def test_a_table_its_own_gate_refuses_puts_everything_back(
     err = capsys.readouterr().err
     assert "rule=duplicates" in err and "max_duplicate_fraction" in err, err
     _unchanged(project)
+
+
+def test_a_semicolon_table_is_read_with_delimiter_and_params_say_so(
+        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from stages import ingest
+    from stages.common.config import load_params
+    from stages.common.suite import load_suite
+
+    _edit(project, {"ingest.delimiter": ";"})  # an earlier table's separator
+    rows = pd.read_csv(TABLES["penguins"].path)
+    semi, comma = tmp_path / "semi" / "penguins.csv", tmp_path / "weather.csv"
+    semi.parent.mkdir()
+    rows.to_csv(semi, sep=";", index=False)
+    shutil.copy2(TABLES["seattle-weather"].path, comma)
+    # Without --delimiter a ';' file is refused naming the separator and how to pass it.
+    assert main([str(semi), "--target", "species"]) == 1
+    err = capsys.readouterr().err
+    assert "rule=delimiter" in err and "DELIM=';'" in err, err
+    for table, target, given in ((semi, "species", ["--delimiter", ";"]), (comma, "weather", [])):
+        assert main([str(table), "--target", target, *given]) == 0, capsys.readouterr().err
+        sep = given[-1] if given else ","
+        params = load_params(project / "params.yaml")
+        assert params.ingest.delimiter == sep  # make run reads it as make data did
+        frame = pd.read_csv(table, sep=sep)
+        assert ingest.run(params.ingest, tmp_path / target, 1000).total_rows == len(frame)
+        assert set(load_suite(project / params.validate.suite_path).columns) == set(frame)
+
+
+def test_a_second_make_data_keeps_the_reviewed_suite_unless_reprofile(
+        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    table, suite = TABLES["penguins"], project / "suites/penguins.json"
+    assert main([str(table.path), "--target", "species"]) == 0
+    reviewed = json.loads(suite.read_text())
+    reviewed["meta"]["notes"] = "reviewed by a person"  # an edit a re-profile would lose
+    suite.write_text(json.dumps(reviewed, indent=2))
+    assert main([str(table.path), "--target", "species"]) == 0
+    assert "already there, kept" in capsys.readouterr().out
+    assert json.loads(suite.read_text()) == reviewed
+    # A kept suite for another target is refused, naming the flag; nothing changes.
+    before = (project / "params.yaml").read_text()
+    assert main([str(table.path), "--target", "island"]) == 1
+    assert "REPROFILE=1" in capsys.readouterr().err
+    assert json.loads(suite.read_text()) == reviewed
+    assert (project / "params.yaml").read_text() == before
+    assert main([str(table.path), "--target", "species", "--reprofile"]) == 0
+    assert "git diff suites/penguins.json" in capsys.readouterr().out
+    assert "notes" not in json.loads(suite.read_text())["meta"]
+
+
+def test_null_sections_and_a_data_root_outside_the_project_are_named(
+        project: Path, capsys: pytest.CaptureFixture) -> None:
+    new, _ = edit_params("ingest:\n  source: a.csv\nregister:\n",
+                         {"ingest.source": "b.csv", "register.model_name": "b"}, ["x"])
+    assert "model_name: b" in new
+    with pytest.raises(ConfigError, match=r"params.yaml: register is \[1\]"):
+        edit_params("ingest: {}\nregister: [1]\n", {"register.model_name": "b"}, ["x"])
+    table = TABLES["penguins"]
+    for root in ("/tmp/elsewhere", "../outside"):
+        _edit(project, {"ingest.data_root": root})
+        _git(project, "commit", "-q", "-m", root, "--", "params.yaml")
+        assert main([str(table.path), "--target", "species"]) == 1
+        err = capsys.readouterr().err
+        assert "params.yaml: ingest.data_root" in err and repr(root) in err, err
+        _unchanged(project)
+
+
+def test_make_data_passes_delim_and_reprofile_on() -> None:
+    shown = subprocess.run(["make", "-n", "data", "SRC=t.csv", "TARGET=y", "DELIM=;",
+                            "REPROFILE=1"], cwd=ROOT, check=True, capture_output=True,
+                           text=True).stdout
+    assert "--delimiter ';'" in shown and "--reprofile" in shown, shown
