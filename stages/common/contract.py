@@ -176,7 +176,8 @@ def check_rows(frame: pd.DataFrame, contract: dict[str, Any]) -> list[Violation]
 
     Rules: ``not_null`` (a missing value where the suite allows none), ``between`` (outside the
     suite's/params' min..max, or infinite), ``positive``, ``in_set`` (an unseen category),
-    ``date_format`` (a text date that parses neither with the contract's format nor as ISO 8601)
+    ``date_format`` (a text date the preprocessor cannot parse: neither with the contract's
+    format, by Arrow's strptime as validate parses it, nor as ISO 8601)
     and ``all_null`` (every used column missing: column ``*``). Unused columns (ids, dropped
     dates) are never checked. A column absent from ``frame`` counts as all missing.
 
@@ -220,9 +221,10 @@ def _column_violations(col: dict[str, Any], values: Sequence[Any] | None,
     found = []
     if not col.get("nullable", True):
         found += [Violation(i, name, "not_null", None) for i, null in enumerate(nulls) if null]
+    bad_dates = _bad_dates(col, values or [], nulls)
     for i, value in enumerate(values or []):
         if not nulls[i]:
-            rule = _broken_rule(col, value)
+            rule = "date_format" if bad_dates[i] else _broken_rule(col, value)
             if rule is not None:
                 found.append(Violation(i, name, rule, _plain(value)))
     return found
@@ -240,8 +242,6 @@ def _broken_rule(col: dict[str, Any], value: Any) -> str | None:
     if col.get("values") is not None and kind in ("category", "bool", "int", "float") \
             and not _in_values(value, col["values"]):
         return "in_set"
-    if kind == "datetime" and isinstance(value, str) and not _parses(value, col.get("format")):
-        return "date_format"
     return None
 
 
@@ -250,19 +250,19 @@ def _in_values(value: Any, allowed: list[Any]) -> bool:
     return value in allowed or str(value) in {str(item) for item in allowed}
 
 
-def _parses(text: str, fmt: str | None) -> bool:
-    # The column's format, else ISO 8601 as pandas reads it (what the preprocessor falls back to).
-    import datetime as dt
-
+def _bad_dates(col: dict[str, Any], values: Sequence[Any], nulls: list[bool]) -> list[bool]:
+    # Per value: a text date the preprocessor cannot parse (its own parser: the column's format
+    # with Arrow's strptime, as validate parses it, then ISO 8601). Non-text values pass.
+    texts = [value if isinstance(value, str) and not null else None
+             for value, null in zip(values, nulls)]
+    if col.get("kind") != "datetime" or all(text is None for text in texts):
+        return [False] * len(values)
     import pandas as pd
 
-    if fmt:
-        try:
-            dt.datetime.strptime(text, fmt)
-            return True
-        except ValueError:
-            pass
-    return not pd.isna(pd.to_datetime(text, format="ISO8601", errors="coerce"))
+    from stages.common.datetimes import parse_dates
+
+    _, bad = parse_dates(pd.Series(texts, dtype=object), col.get("format"))
+    return bad.tolist()
 
 
 def _plain(value: Any) -> Any:

@@ -35,8 +35,29 @@ def to_datetimes(values: pd.Series, date_format: str | None, column: str) -> pd.
     Raises:
         DataError: a value that is neither (rule ``date_format``).
     """
+    parsed, bad = parse_dates(values, date_format)
+    if bad.any():
+        texts = values.astype(object)[bad]
+        expected = f"format {date_format} (or ISO 8601)" if date_format else "ISO 8601"
+        raise DataError(f"value {str(texts.iloc[0])!r} is not a date in {expected}",
+                        column=column, rule="date_format")
+    return parsed
+
+
+def parse_dates(values: pd.Series, date_format: str | None) -> tuple[pd.Series, np.ndarray]:
+    """``values`` parsed as ``to_datetimes`` does, without raising: the one date parser of
+    the features stage, the preprocessor and serving's row checks (``date_format``).
+
+    Text is parsed with Arrow's strptime and ``date_format`` (as the validate stage does),
+    then as ISO 8601; datetime values stay as they are (tz-aware ones in UTC).
+
+    Returns:
+        (tz-naive datetime64 values, NaT where missing or unparsed; a boolean mask of the
+        present values that parse neither way).
+    """
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
-        return values.dt.tz_convert(None) if values.dt.tz is not None else values
+        stamps = values.dt.tz_convert(None) if values.dt.tz is not None else values
+        return stamps, np.zeros(len(values), dtype=bool)
     present = values.notna().to_numpy()
     texts = values.astype(object).map(str, na_action="ignore")
     parsed = pd.Series(pd.NaT, index=values.index, dtype="datetime64[us]")
@@ -46,12 +67,7 @@ def to_datetimes(values: pd.Series, date_format: str | None, column: str) -> pd.
     if left.any():
         iso = pd.to_datetime(texts[left], format="ISO8601", errors="coerce", utc=True)
         parsed[left] = iso.dt.tz_convert(None).astype("datetime64[us]")
-        bad = left & parsed.isna().to_numpy()
-        if bad.any():
-            expected = f"format {date_format} (or ISO 8601)" if date_format else "ISO 8601"
-            raise DataError(f"value {texts[bad].iloc[0]!r} is not a date in {expected}",
-                            column=column, rule="date_format")
-    return parsed
+    return parsed, left & parsed.isna().to_numpy()
 
 
 def _strptime(texts: pd.Series, date_format: str) -> pd.Series:

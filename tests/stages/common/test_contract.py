@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from stages.common.contract import (
     save_contract,
 )
 from stages.common.csvfiles import iter_csv_batches
-from stages.common.errors import ConfigError
+from stages.common.datetimes import to_datetimes
+from stages.common.errors import ConfigError, DataError
+from stages.common.rules import cast_column
 from stages.common.suite import load_suite, parse_suite
 from stages.validate import write_suite
 from tests.builders import SUITE
@@ -183,6 +186,25 @@ def test_an_absent_column_is_missing_and_a_bad_text_date_breaks_date_format() ->
 
     assert found == [(0, "x", "not_null"), (1, "x", "not_null"), (2, "x", "not_null"),
                      (2, "when", "date_format")]
+
+
+def test_a_text_date_is_judged_by_the_parser_validate_and_the_preprocessor_use() -> None:
+    """``%b`` takes a full month name in Arrow's strptime (validate's and the preprocessor's
+    parser), not in Python's: serving must agree with them, not with Python."""
+    contract = tiny_contract(used=("x", "when"))
+    columns(contract)["when"]["format"] = "%b %d %Y"
+    texts = ["January 05 2012", "Jan 5 2000", "September 30 2001", "2012-02-01", "Foo 05 2012"]
+    frame = pd.DataFrame({"x": [1.0] * len(texts), "when": texts})
+
+    found = [(v.row, v.column, v.rule) for v in check_rows(frame, contract)]
+
+    assert found == [(4, "when", "date_format")]
+    validated, _ = cast_column(pa.array(texts[:3]), "datetime", pa.timestamp("us"),
+                               "data.csv", "when", date_format="%b %d %Y")  # raises if not
+    assert validated.to_pylist()[0] == datetime(2012, 1, 5)
+    assert to_datetimes(pd.Series(texts[:4]), "%b %d %Y", "when").notna().all()
+    with pytest.raises(DataError, match="Foo 05 2012"):
+        to_datetimes(pd.Series(texts), "%b %d %Y", "when")
 
 
 # --- files ------------------------------------------------------------------------------------
