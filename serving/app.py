@@ -9,7 +9,8 @@ Endpoints:
   413 over ``max_body_bytes``; 415 for a non-JSON body; 503 while no model is loaded.
   Rows are checked against the served model's input contract (:mod:`serving.rowcheck`): per
   ``row_policy`` a row that breaks it gets 422 (``reject``) or is scored and listed under
-  ``flagged`` (``flag``); either way it is counted in ``/metrics`` and marked in the log.
+  ``flagged`` (``flag``, a text date it cannot parse scored as missing); either way it is
+  counted in ``/metrics`` and marked in the log.
 * ``GET /health`` (and ``/ping``): the process is up. ``GET /ready``: 200 once a model is
   loaded, 503 before. ``GET /version``: the served version, its run and lineage tags, and
   the follower's state (a version refused for another input contract shows there).
@@ -42,7 +43,7 @@ from serving.metrics import ServiceMetrics
 from serving.model import LoadedModel, ModelHolder, RegistryFollower, load_model, warm_up
 from serving.payloads import PayloadError, encode_predictions, parse_payload
 from serving.predlog import PredictionLog
-from serving.rowcheck import describe, find_violations, rejection, row_marks
+from serving.rowcheck import describe, find_violations, rejection, row_marks, scorable
 from stages.common.contract import Violation
 from stages.common.errors import PipelineError
 
@@ -206,7 +207,7 @@ async def _score(service: _Service, request: Request, endpoint: str) -> Response
         rows = parse_payload(await read_body(request, service.config.max_body_bytes),
                              model.spec)
         flagged = service.check_rows(model, request_id, rows)
-        records = await service.batcher.score(model, rows)
+        records = await service.batcher.score(model, scorable(model, rows, flagged))
         service.log.maybe_add(model, request_id, rows, records, time.time(),
                               row_marks(flagged, len(rows)) if flagged else None)
         response = Response(encode_predictions(records, model.version, describe(flagged)),

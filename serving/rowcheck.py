@@ -5,7 +5,8 @@ the reviewed suite's rules; a row that breaks one (an unseen category, a value o
 suite's range, every column null, ...) is handled per params ``serve.row_policy``:
 
 * ``reject``: the request is answered 422, naming each row, column and rule;
-* ``flag``: the rows are scored and the response lists them under ``flagged``.
+* ``flag``: the rows are scored and the response lists them under ``flagged``; a value the
+  preprocessor cannot take (a text date it cannot parse) is scored as missing.
 
 Either way the service counts each violation in ``/metrics``
 (``serving_row_violations_total{column, rule, action}``) and marks the rows in the prediction
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 POLICIES = ("reject", "flag")
 SHOWN = 5  # violations quoted in one message at most
+UNSCORABLE = ("date_format",)  # rules whose value the preprocessor cannot take (scored missing)
 
 
 def find_violations(model: LoadedModel, rows: list[list[Any]]) -> list[Violation]:
@@ -32,6 +34,27 @@ def find_violations(model: LoadedModel, rows: list[list[Any]]) -> list[Violation
         return []
     columns = {name: [row[i] for row in rows] for i, name in enumerate(model.spec.names)}
     return check_columns(columns, len(rows), dict(model.contract or {}))
+
+
+def scorable(model: LoadedModel, rows: list[list[Any]],
+             violations: list[Violation]) -> list[list[Any]]:
+    """The rows to score under ``flag``: a value breaking a rule the preprocessor cannot take
+    (``UNSCORABLE``: a text date it cannot parse) is set to missing, so the row is scored (a
+    missing date gives zero calendar features) instead of failing the whole request.
+
+    Returns:
+        ``rows`` itself when nothing is replaced, else a copy (the log keeps the values sent).
+    """
+    position = {name: i for i, name in enumerate(model.spec.names)}
+    broken = [(v.row, position[v.column]) for v in violations
+              if v.rule in UNSCORABLE and v.column in position]
+    if not broken:
+        return rows
+    rows = list(rows)
+    for row, column in broken:
+        rows[row] = list(rows[row])
+        rows[row][column] = None
+    return rows
 
 
 def describe(violations: list[Violation]) -> list[dict[str, Any]]:

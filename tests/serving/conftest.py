@@ -156,19 +156,23 @@ def source_rows(name: str) -> list[dict[str, Any]]:
              for key, value in row.items()} for row in rows]
 
 
-def cast_text_dates(table: Any, suite: Any) -> Any:
-    """Text dates -> timestamps with the suite's format, the format in the field's metadata
-    (``b"format"``), as the validate stage writes them."""
+def as_validated(table: Any, suite: Any) -> Any:
+    """``table`` cast to the suite's types by the validate stage's own code (``stages.common
+    .rules``: ``output_field``, with a text date's format in the field metadata ``b"format"``,
+    and ``cast_column``), so these tests see any difference between validate and serving."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
+    from stages.common.rules import cast_column, output_field
+
+    fields, columns = [], []
     for name, spec in suite.columns.items():
-        fmt = getattr(spec, "format", None)
-        if spec.kind == "datetime" and fmt and pa.types.is_string(table.schema.field(name).type):
-            stamps = pc.strptime(table.column(name), format=fmt, unit="us")
-            field = pa.field(name, stamps.type, metadata={b"format": fmt.encode()})
-            table = table.set_column(table.schema.get_field_index(name), field, stamps)
-    return table
+        raw = table.column(name).combine_chunks()
+        field = output_field(name, spec.kind, raw.type, spec.format)
+        cast, _ = cast_column(raw, spec.kind, field.type, "source", name,
+                              date_format=spec.format)
+        fields.append(field)
+        columns.append(cast)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ def train_on_table(root: Path, name: str) -> TableModel:
     path, (_, target, drop, _) = table_path(name), TABLES[name]
     write_suite(path, root / "suite.json", target, margin=0.1, batch_rows=10_000)
     table = pa.Table.from_batches(list(iter_csv_batches(lambda: str(path), str(path), ",")))
-    table = cast_text_dates(table, load_suite(root / "suite.json"))
+    table = as_validated(table, load_suite(root / "suite.json"))
     (root / "validated").mkdir(parents=True)
     pq.write_table(table, root / "validated" / "data.parquet")
     params = make_params({"ingest": {"target": target}, "features": {"drop_columns": drop}})

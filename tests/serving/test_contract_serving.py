@@ -202,6 +202,36 @@ def test_flag_scores_the_rows_marks_them_and_logs_them(
     assert logged["row_violations"].isna().tolist()[3] and not logged["row_rejected"].any()
 
 
+def test_flag_scores_a_row_with_an_unparseable_date_beside_a_good_one(
+        tables: dict, registry: Registry, tmp_path: Path) -> None:
+    """seattle-weather's ``date`` is used (calendar features): under flag a date that parses
+    neither as %Y/%m/%d nor as ISO is scored as missing, not a 400 for every row."""
+    good, bad = source_rows("seattle-weather")[:2]
+    bad = {**bad, "date": "the 2nd of January"}
+    classes = {"sun", "fog", "rain", "drizzle", "snow"}
+
+    with serve(registry, tmp_path / "log", row_policy="flag",
+               model_uri=f"models:/{WEATHER_NAME}/1") as served:
+        response = served.post("/predict", json=records(good, bad))
+        counted = violations_counted(served)
+        missing = served.post("/predict", json=records({**bad, "date": None}))
+    assert response.status_code == 200, response.json()
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 2 and {p["prediction"] for p in predictions} <= classes
+    assert response.json()["flagged"] == [
+        {"row": 1, "column": "date", "rule": "date_format", "value": "the 2nd of January"}]
+    assert counted["date", "date_format", "flagged"] == 1
+    alone = missing.json()["predictions"][0]  # the row with its date missing, scored alone
+    assert predictions[1]["prediction"] == alone["prediction"]
+    assert {key: value for key, value in predictions[1].items() if key != "prediction"} == \
+        pytest.approx({key: value for key, value in alone.items() if key != "prediction"},
+                      rel=1e-5)  # float noise of the batch size
+    logged = pd.read_parquet(tmp_path / "log")
+    marked = logged.dropna(subset=["row_violations"])
+    assert marked[["date", "row_violations"]].values.tolist()[0] == [
+        "the 2nd of January", "date:date_format"]  # logged as sent
+
+
 def test_a_rejected_row_is_marked_in_the_prediction_log(tables: dict, registry: Registry,
                                                         tmp_path: Path) -> None:
     with serve(registry, tmp_path / "log") as served:
