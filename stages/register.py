@@ -15,7 +15,10 @@ The gate, in order (both models scored through their own pyfunc on the same raw 
    same test split) by at most ``register.max_gap_to_baseline``. Optional absolute thresholds
    ``register.min_metrics`` / ``max_metrics`` on top. Missing any is a gate failure.
 4. Champion: only a candidate strictly better on ``register.compare_metric`` becomes
-   ``champion`` (``register.alias``); a tie or a worse one becomes ``challenger``.
+   ``champion`` (``register.alias``); a tie or a worse one becomes ``challenger``. Except:
+   the champion's own network (same weights, preprocessor and model code: tag
+   ``model.network_hash``) with other row rules in its contract (an edited suite) promotes on
+   the tie, so the service gets the reviewed rules. A champion is never compared with itself.
 
 A gate failure is recorded on the version (aliased ``challenger``), then raises GateError;
 losing to (or tying with) the champion is not a failure. Aliases only: the deprecated registry
@@ -64,6 +67,7 @@ LINEAGE_PREFIXES = ("git.", "dvc.", "prefect.")  # run tags copied onto the mode
 TIE_TOLERANCE = 1e-9  # float noise below this counts as "equal", i.e. not worse
 SKEW_TOLERANCE = 1e-4  # pyfunc vs evaluate metrics: a larger gap means serving skew
 CONTENT_TAG = "model.content_hash"  # on each version: what the model is (see content_hash)
+NETWORK_TAG = "model.network_hash"  # the same without the input contract
 GATE_TAG = "promotion.gate"  # passed | failed | pending: an identical model not yet passed
 #   (failed, or the run died between registering and deciding) is judged again
 MAX_REASON = 600  # characters: a reason is one bounded line, never a dumped object
@@ -204,13 +208,14 @@ def one_line(text: str, limit: int = MAX_REASON) -> str:
 
 
 def content_hash(checkpoint: dict[str, Any], preprocessor_bytes: bytes,
-                 contract: dict[str, Any], code: dict[str, bytes]) -> str:
+                 contract: dict[str, Any] | None, code: dict[str, bytes]) -> str:
     """What the model is, as a sha256: two models with the same hash answer alike.
 
     Hashed: the network's architecture and weights (not the checkpoint file: ``torch.save``
     embeds the file name, and the epoch/val-loss records do not change the model), the
     fitted preprocessor's bytes (joblib output, stable for the same fit), the input contract
-    and the model code that ships with it (``code``: relative path -> bytes).
+    (None: left out, the network hash) and the model code that ships with it (``code``:
+    relative path -> bytes).
     """
     digest = hashlib.sha256()
 
@@ -229,7 +234,8 @@ def content_hash(checkpoint: dict[str, Any], preprocessor_bytes: bytes,
         add(f"tensor {name} {values.dtype} {tuple(values.shape)}",
             values.view(-1).view(_byte_dtype()).numpy().tobytes())
     add("preprocessor", preprocessor_bytes)
-    add("contract", json.dumps(contract, sort_keys=True, default=str).encode())
+    if contract is not None:
+        add("contract", json.dumps(contract, sort_keys=True, default=str).encode())
     for path, data in sorted(code.items()):
         add(f"code {path}", data)
     return digest.hexdigest()
@@ -289,6 +295,7 @@ class Candidate:
     baselines: dict[str, dict[str, float]]
     contract: dict[str, Any]
     content_hash: str
+    network_hash: str  # content_hash without the contract
 
 
 def _compare_with_champion(rp: RegisterParams, previous: str | None,
@@ -337,7 +344,8 @@ def _champion_version(client: MlflowClient, name: str, alias: str) -> str | None
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    return model.aliases.get(alias)
+    version = model.aliases.get(alias)  # an int from some stores
+    return None if version is None else str(version)
 
 
 def _warn_if_skewed(served: dict[str, float], evaluated: dict[str, float]) -> None:
@@ -377,9 +385,10 @@ def _read_inputs(features_dir: Path, model_dir: Path, metrics_path: Path,
     contract = build_contract(load_suite(params.validate.suite_path), params.validate.rules,
                               preprocessor.feature_columns)
     _, checkpoint = load_network(model_dir / "model.pt")
-    digest = content_hash(checkpoint, preprocessor_path.read_bytes(), contract, _model_code())
+    fitted, code = preprocessor_path.read_bytes(), _model_code()
     return Candidate(features_dir, model_dir, test, preprocessor, evaluated, baselines,
-                     contract, digest)
+                     contract, content_hash(checkpoint, fitted, contract, code),
+                     content_hash(checkpoint, fitted, None, code))
 
 
 def _model_code() -> dict[str, bytes]:
@@ -430,7 +439,7 @@ def _record_on_version(client: MlflowClient, record: dict[str, Any],
         "promotion.decision": record["decision"],
         "promotion.reason": record["reason"],
         GATE_TAG: "failed" if record["gate_failed"] else "passed",
-        CONTENT_TAG: record["content_hash"],
+        CONTENT_TAG: record["content_hash"], NETWORK_TAG: record["network_hash"],
         **{f"metric.{k}": f"{v:.6f}" for k, v in record["metrics"].items()},
         **lineage_from_run(run_tags, record["run_id"]),
     }
@@ -452,19 +461,42 @@ def _check_serving(uri: str, rp: RegisterParams, decision: Decision) -> Decision
     return Decision(True, f"{decision.reason}; {check.describe()}", False)
 
 
+def _new_rules_on_a_tie(client: MlflowClient, rp: RegisterParams, previous: str | None,
+                        cand: Candidate, decision: Decision) -> Decision:
+    # A tie with the champion's own network (weights, preprocessor, code) whose contract has
+    # other row rules (an edited suite: a widened range...) promotes: else they never serve.
+    from stages.common.contract import model_contract, rule_differences
+
+    if previous is None or not decision.reason.startswith("tie:") or cand.network_hash != \
+            client.get_model_version(rp.model_name, previous).tags.get(NETWORK_TAG):
+        return decision
+    rules = rule_differences(model_contract(f"models:/{rp.model_name}/{previous}"),
+                             cand.contract)
+    if not rules:
+        return decision
+    return Decision(True, f"same network as v{previous}, new input contract rules "
+                          f"({one_line('; '.join(rules), MAX_REASON // 2)}): a tie on "
+                          f"{rp.compare_metric}, promoted so that the service takes the "
+                          "reviewed rules", False)
+
+
 def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
                    previous: str | None, cand: Candidate) -> tuple[Decision, dict[str, Any]]:
     # Both models are scored the same way: loaded from the registry, raw test rows in.
     candidate = score_model(f"models:/{rp.model_name}/{version}", cand.test,
                             cand.preprocessor.target, cand.preprocessor.classes)
     _warn_if_skewed(candidate, cand.evaluated)
-    champion, context, refused = _compare_with_champion(rp, previous, cand)
-    if refused is not None:
-        decision = Decision(False, refused, True)
+    if previous == version:  # a run stopped after moving the alias here: nothing to compare
+        champion, context = None, f"champion v{previous}"
+        decision = Decision(True, "already the champion (a run that stopped had moved the "
+                                  "alias to it); not compared with itself", False)
     else:
-        decision = decide_promotion(candidate, champion, rp, cand.baselines)
-    if decision.promote:  # the alias only moves to a version the service can load and answer
-        decision = _check_serving(f"models:/{rp.model_name}/{version}", rp, decision)
+        champion, context, refused = _compare_with_champion(rp, previous, cand)
+        decision = Decision(False, refused, True) if refused is not None else \
+            _new_rules_on_a_tie(client, rp, previous, cand,
+                                decide_promotion(candidate, champion, rp, cand.baselines))
+        if decision.promote:  # the alias only moves to a version the service can answer with
+            decision = _check_serving(f"models:/{rp.model_name}/{version}", rp, decision)
     client.set_registered_model_alias(
         rp.model_name, rp.alias if decision.promote else rp.challenger_alias, version)
     return decision, {
@@ -474,6 +506,7 @@ def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
         "baselines": cand.baselines, "champion_metrics": champion,
         "previous_champion_version": int(previous) if previous is not None else None,
         "gate_failed": decision.gate_failed, "content_hash": cand.content_hash,
+        "network_hash": cand.network_hash,
     }
 
 
@@ -518,6 +551,7 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
             version = str(info.registered_model_version)
             # Findable at once: a retry after a crash from here on resumes this version.
             client.set_model_version_tag(rp.model_name, version, CONTENT_TAG, cand.content_hash)
+            client.set_model_version_tag(rp.model_name, version, NETWORK_TAG, cand.network_hash)
             client.set_model_version_tag(rp.model_name, version, GATE_TAG, "pending")
         decision, record = _judge_version(client, rp, version, previous, cand)
         if existing is not None:

@@ -42,7 +42,9 @@ PROBA_PREFIX = "proba_"  # the pyfunc's output columns (stages.common.servable)
 # MLflow signature type name -> contract kind (for models logged before contracts existed)
 _SIGNATURE_KINDS = {"double": "float", "float": "float", "long": "int", "integer": "int",
                     "boolean": "bool", "string": "category", "datetime": "datetime"}
-_SCHEMA_KEYS = ("kind", "used", "format")  # what contract_differences compares per column
+_SCHEMA_KEYS = ("kind", "format")  # what contract_differences compares per column
+_RULE_KEYS = ("nullable", "min", "max", "positive", "values")  # row rules (rule_differences)
+_NUMBER_KINDS = {"int", "float"}  # one kind to a signature (it may type an int as double)
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,11 @@ def contract_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> lis
     """What makes ``new`` another input schema or label set than ``old``; [] = the same.
 
     Compared: the target (when both name one), the labels (as text, order ignored), the column
-    names, and each column's kind, ``used`` and date format. Nullability, ranges and value sets
-    are row-level rules: a reviewed change of those is not a schema change.
+    names, and each column's kind and date format. Which columns the model uses (``used``),
+    nullability, ranges and value sets are not: the same source rows and labels go in, so the
+    metrics of both stay comparable. A contract derived from a signature (a model logged before
+    contracts) knows only the columns the model took, no date formats, and may type an int as
+    a double: against one, a column it lacks, a format and int vs float are no difference.
     """
     if old is None:
         return ["the old model has no contract (and no signature to derive one from)"]
@@ -147,17 +152,33 @@ def contract_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> lis
     if old_labels != new_labels:
         found.append(f"labels {sorted(old_labels)} -> {sorted(new_labels)}")
     old_cols, new_cols = _by_name(old), _by_name(new)
-    gone, added = sorted(set(old_cols) - set(new_cols)), sorted(set(new_cols) - set(old_cols))
+    old_derived, new_derived = _derived(old), _derived(new)
+    gone = [] if new_derived else sorted(set(old_cols) - set(new_cols))
+    added = [] if old_derived else sorted(set(new_cols) - set(old_cols))
     if gone:
         found.append(f"columns no longer taken: {gone}")
     if added:
         found.append(f"new columns: {added}")
+    derived = old_derived or new_derived
     for name in [name for name in old_cols if name in new_cols]:
-        for key in _SCHEMA_KEYS:
+        for key in ("kind",) if derived else _SCHEMA_KEYS:
             before, after = old_cols[name].get(key), new_cols[name].get(key)
-            if before != after:
+            if before != after and not (derived and {before, after} <= _NUMBER_KINDS):
                 found.append(f"column {name!r}: {key} {before!r} -> {after!r}")
     return found
+
+
+def rule_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The row rules (nullability, ranges, value sets) that differ between two contracts, per
+    column both have: ``["column 'x': max 10 -> 12"]``; [] = the same rules."""
+    old_cols, new_cols = _by_name(old), _by_name(new)
+    return [f"column {name!r}: {key} {old_cols[name].get(key)!r} -> {col.get(key)!r}"
+            for name, col in new_cols.items() if name in old_cols
+            for key in _RULE_KEYS if old_cols[name].get(key) != col.get(key)]
+
+
+def _derived(contract: dict[str, Any]) -> bool:
+    return contract.get("derived_from") == "signature"
 
 
 def _label_set(contract: dict[str, Any]) -> set[str]:

@@ -182,6 +182,9 @@ def test_content_hash_is_what_the_model_is_not_how_its_file_was_written(
     digest = same.pop()
     other_lr = {**_checkpoint(0), "train_params": {**_checkpoint(0)["train_params"], "lr": 1}}
     assert register.content_hash(other_lr, b"prep", contract, code) == digest
+    network = register.content_hash(loaded[0], b"prep", None, code)  # without the contract
+    assert network != digest
+    assert register.content_hash(loaded[1], b"prep", None, code) == network
     for changed in (register.content_hash(_checkpoint(1), b"prep", contract, code),
                     register.content_hash(loaded[0], b"prep2", contract, code),
                     register.content_hash(loaded[0], b"prep", {**contract, "labels": [1, 2]},
@@ -268,6 +271,7 @@ def test_first_model_becomes_champion_and_serves_from_a_fresh_process(
         **LINEAGE, "run_id": record["run_id"], "promotion.decision": "promoted",
         "promotion.reason": record["reason"], "promotion.gate": "passed",
         "model.content_hash": record["content_hash"],
+        "model.network_hash": record["network_hash"],
         **{f"metric.{k}": f"{v:.6f}" for k, v in record["metrics"].items()}}
     assert champion.description.startswith(f"promoted: {record['reason']}")
     run = mlflow.MlflowClient().get_run(record["run_id"])
@@ -518,3 +522,93 @@ def test_a_retry_after_a_crash_resumes_the_version_instead_of_adding_one(
     assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "passed"
     assert {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()} == {
         "champion": "1"}
+
+
+def test_a_crash_after_the_alias_moved_finishes_as_champion_not_compared_with_itself(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run dies after set_registered_model_alias(champion, v1), before the version is
+    # tagged: the retry finds v1 pending AND champion; scored against itself it would tie.
+    strict = params_file(tmp_path / "strict.yaml")
+    workdir = prepare(tmp_path / "v1", trained, make_params())
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("killed after the alias moved")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(register, "_record_on_version", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            register.main(register_args(workdir, strict))
+    client = mlflow.MlflowClient()
+    assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "pending"
+    assert int(version_by_alias("champion").version) == 1
+
+    assert register.main(register_args(workdir, strict)) == 0
+
+    record = json.loads((workdir / "reports" / "registration.json").read_text())
+    assert record["decision"] == "promoted" and record["version"] == 1
+    assert "already the champion" in record["reason"] and "not compared" in record["reason"]
+    assert record["champion_metrics"] is None
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "passed"
+    assert {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()} == {
+        "champion": "1"}
+
+
+def test_a_reviewed_suite_edit_reaches_the_service_with_the_same_network(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    # serving rejected real rows, so the user widens a range in the suite: validate, register
+    # re-run, features/train are skipped. The same weights tie the champion: a tie with the
+    # champion's own network and other row rules promotes, or the new rules never serve.
+    loose = params_file(tmp_path / "loose.yaml", LOOSE)
+    assert register.main(register_args(prepare(tmp_path / "v1", trained, make_params()),
+                                       loose)) == 0
+    suite = json.loads((ROOT / "suites" / "breast_cancer.json").read_text())
+    radius = next(e for e in suite["expectations"] if e["type"].endswith("_be_between")
+                  and e["kwargs"].get("column") == "mean_radius")
+    old_max = radius["kwargs"]["max_value"]
+    radius["kwargs"]["max_value"] = 40.0
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    edited = {"validate": {"suite_path": str(tmp_path / "suite.json")}}
+    v2 = prepare(tmp_path / "v2", trained, make_params({**LOOSE, **edited}))
+
+    assert register.main(register_args(v2, params_file(tmp_path / "edited.yaml",
+                                                       {**LOOSE, **edited}))) == 0
+
+    record = json.loads((v2 / "reports" / "registration.json").read_text())
+    assert record["decision"] == "promoted" and record["version"] == 2
+    assert record["reason"].startswith(
+        f"champion v1: same network as v1, new input contract rules (column 'mean_radius': "
+        f"max {old_max!r} -> 40.0): a tie on f1_macro, promoted")
+    assert int(version_by_alias("champion").version) == 2
+    client = mlflow.MlflowClient()
+    tags = [client.get_model_version(NAME, v).tags for v in ("1", "2")]
+    assert tags[0]["model.network_hash"] == tags[1]["model.network_hash"]
+    assert tags[0]["model.content_hash"] != tags[1]["model.content_hash"]
+    from stages.common.contract import model_contract
+
+    served = {c["name"]: c for c in model_contract(f"models:/{NAME}@champion")["columns"]}
+    assert served["mean_radius"]["max"] == 40.0
+    # the same suite again: identical, nothing registered
+    assert register.main(register_args(v2, params_file(tmp_path / "edited.yaml",
+                                                       {**LOOSE, **edited}))) == 0
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 2
+
+
+def test_using_fewer_columns_of_the_same_table_is_compared_not_refused(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    # features.drop_columns (or datetime drop <-> calendar, max_category_fraction) changes
+    # which columns the model uses, not the table, test split or labels: metrics compare
+    loose = params_file(tmp_path / "loose.yaml", LOOSE)
+    assert register.main(register_args(prepare(tmp_path / "v1", trained, make_params()),
+                                       loose)) == 0
+    fewer = {"features": {"drop_columns": ["mean_radius"]}, **LOOSE}
+    v2 = prepare(tmp_path / "v2", build_trained(tmp_path / "fewer", make_params(fewer),
+                                                breast_cancer_frame()), make_params(fewer))
+
+    assert register.main(register_args(v2, params_file(tmp_path / "fewer.yaml", fewer))) == 0
+
+    record = json.loads((v2 / "reports" / "registration.json").read_text())
+    assert record["version"] == 2 and record["champion_metrics"] is not None
+    assert record["reason"].startswith("champion v1: ")  # compared: better, worse or a tie
+    assert f"the champion's {record['champion_metrics']['f1_macro']:.4f}" in record["reason"]

@@ -19,6 +19,7 @@ from stages.common.contract import (
     contract_differences,
     contract_from_signature,
     load_contract,
+    rule_differences,
     save_contract,
 )
 from stages.common.csvfiles import iter_csv_batches
@@ -135,7 +136,8 @@ def test_the_same_contract_has_no_differences_and_row_rules_are_not_schema() -> 
     (lambda c: c["columns"].pop(0), "columns no longer taken: ['x']"),
     (lambda c: c["columns"].append(dict(c["columns"][0], name="y")), "new columns: ['y']"),
     (lambda c: c["columns"][1].update(kind="float"), "column 'n': kind 'int' -> 'float'"),
-    (lambda c: c["columns"][3].update(used=True), "column 'flag': used False -> True"),
+    (lambda c: c["columns"][4].update(format="%Y/%m/%d"),
+     "column 'when': format None -> '%Y/%m/%d'"),
 ])
 def test_another_schema_or_label_set_is_named(change, expected: str) -> None:
     old = tiny_contract()
@@ -143,6 +145,44 @@ def test_another_schema_or_label_set_is_named(change, expected: str) -> None:
     change(new)
 
     assert contract_differences(old, new) == [expected]
+
+
+def test_which_columns_the_model_uses_is_not_a_schema_change() -> None:
+    # features.datetime drop <-> calendar, drop_columns, max_category_fraction: the same source
+    # columns, test split and labels go in, so the two models' metrics are comparable
+    old = tiny_contract(used=("x", "n", "color"))
+    new = tiny_contract(used=("x", "flag", "when"))
+
+    assert contract_differences(old, new) == []
+    assert contract_differences(new, old) == []
+
+
+def test_a_signature_contract_lacks_ids_and_dates_and_types_an_int_as_double() -> None:
+    # an own-data champion logged before contracts: its signature has the columns it took, an
+    # int column read as double; the new contract has every source column, n as int
+    legacy = contract_from_signature([("x", "double", True), ("n", "double", False),
+                                      ("color", "string", False)], ["proba_0", "proba_1"])
+    new = tiny_contract()
+    columns(new)["when"]["format"] = "%Y/%m/%d"
+
+    assert contract_differences(legacy, new) == []
+    # still a difference: a column the old model took that is gone, a kind beyond int/float
+    columns(new)["color"]["kind"] = "float"
+    new["columns"] = [col for col in new["columns"] if col["name"] != "x"]
+    assert contract_differences(legacy, new) == [
+        "columns no longer taken: ['x']", "column 'color': kind 'category' -> 'float'"]
+
+
+def test_rule_differences_name_each_changed_row_rule() -> None:
+    old = tiny_contract()
+    new = copy.deepcopy(old)
+    columns(new)["x"].update(max=12)
+    columns(new)["color"]["values"] = ["blue", "green", "red"]
+
+    assert rule_differences(old, old) == []
+    assert rule_differences(old, new) == [
+        "column 'x': max 10 -> 12",
+        "column 'color': values ['blue', 'red'] -> ['blue', 'green', 'red']"]
 
 
 def test_a_contract_derived_from_an_old_models_signature_compares_by_label_text() -> None:
