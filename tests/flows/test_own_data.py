@@ -249,10 +249,13 @@ def test_the_service_scores_real_rows_of_the_table(
             unseen = rows.head(1).assign(**table.unseen)
             answer = client.post("/predict", json={"dataframe_records": _records(unseen)})
             column = next(iter(table.unseen))
-            if answer.status_code == 200:  # serve.row_policy: flag
-                assert answer.json()["predictions"][0]["prediction"] in classes
-            else:  # serve.row_policy: reject, naming the column
-                assert 400 <= answer.status_code < 500 and column in answer.text, answer.text
+            # The default serve.row_policy, reject: 422 naming the column and the rule.
+            assert answer.status_code == 422, answer.text
+            body = answer.json()
+            assert column in body["columns"], body
+            assert {"row": 0, "column": column, "rule": "in_set"} in [
+                {key: v[key] for key in ("row", "column", "rule")}
+                for v in body["violations"]], body
     mlflow.set_tracking_uri(None)  # the app set it process-wide: leave no trace
 
 
