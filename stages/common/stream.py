@@ -200,6 +200,15 @@ class StreamingGate:
         if self.target_values == 0:
             raise gate_error("the target column is null in every row", file=source,
                              column=suite.target, rule="all_null")
+        # First: with too many rows quarantined, the statistics of the few left (null shares,
+        # distinct counts) would blame a column that is not the cause.
+        if self.bad_fraction() > self.params.max_bad_fraction:
+            (column, rule), count = self.counts.most_common(1)[0]
+            raise gate_error(
+                f"{self.bad_rows} of {self.rows} rows ({self.bad_fraction():.2%}) broke "
+                f"row-level rules, above validate.max_bad_fraction "
+                f"{self.params.max_bad_fraction:.2%}; worst: column {column!r} rule {rule} "
+                f"({count} rows)", file=source, column=column, rule=rule)
         for name, spec in suite.columns.items():
             if spec.max_null_fraction is not None and clean_rows and \
                     self.clean_nulls[name] / clean_rows > spec.max_null_fraction:
@@ -221,13 +230,6 @@ class StreamingGate:
                              f"validate.max_duplicate_fraction "
                              f"{self.params.max_duplicate_fraction:.2%}", file=source,
                              rule="duplicates")
-        if self.bad_fraction() > self.params.max_bad_fraction:
-            (column, rule), count = self.counts.most_common(1)[0]
-            raise gate_error(
-                f"{self.bad_rows} of {self.rows} rows ({self.bad_fraction():.2%}) broke "
-                f"row-level rules, above validate.max_bad_fraction "
-                f"{self.params.max_bad_fraction:.2%}; worst: column {column!r} rule {rule} "
-                f"({count} rows)", file=source, column=column, rule=rule)
 
     def bad_fraction(self) -> float:
         return self.bad_rows / self.rows if self.rows else 0.0

@@ -122,6 +122,24 @@ def test_over_the_threshold_stops_naming_the_worst_rule(tmp_path: Path, mlflow_u
     assert {name: snapshot(dirs[name]) for name in before} == before
 
 
+def test_too_many_bad_rows_is_named_before_the_statistics_of_the_few_left(
+        tmp_path: Path, mlflow_uri: str) -> None:
+    # Every row with a value in n breaks x's range (a unit change upstream): the only clean
+    # rows left are those with n missing, so n looks "100% null". The cause is the bad rows.
+    n = good_table().column("n").to_pylist()
+    table = with_column(good_table(), "x", [1.0 if v is None else 500.0 for v in n],
+                        pa.float64())
+    dirs = stage_dirs(tmp_path)
+    write_raw(dirs["raw"], table)
+
+    with pytest.raises(GateError) as info:
+        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json"),
+                                   max_bad_fraction=0.05))
+
+    assert (info.value.column, info.value.rule) == ("x", "between")
+    assert "36 of 40 rows (90.00%) broke row-level rules" in str(info.value)
+
+
 def test_int_column_stored_as_floats_quarantines_nan(tmp_path: Path) -> None:
     values = [float(i) for i in range(39)] + [float("nan")]
     dirs = stage_dirs(tmp_path)
