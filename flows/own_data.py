@@ -185,7 +185,7 @@ def _rehearse(tmp: Path, params: Params, suite: Path) -> dict[str, Any]:
     validate.run(tmp / "raw", tmp / "validated", tmp / "quarantine", tmp / "report", trial)
     built = features.run(tmp / "validated", tmp / "features", trial)
     meta, specs = built.meta, load_suite(suite).columns
-    _, x_test, y_test = evaluate._load_split(tmp / "features", "test")
+    _, x_test, y_test = evaluate.load_split(tmp / "features", "test")
     baselines = evaluate.score_baselines(tmp / "features", x_test, y_test, trial)
     used = [name for name in specs if name in set(meta["feature_columns"])]
     return {

@@ -260,7 +260,7 @@ def _score(features_dir: Path, model_dir: Path,
            params: Params) -> tuple[np.ndarray, np.ndarray, list[Any], np.ndarray]:
     from stages.common.nets import load_network, predict_proba, select_device
 
-    preprocessor, X, y_true = _load_split(features_dir, "test")
+    preprocessor, X, y_true = load_split(features_dir, "test")
     module, checkpoint = load_network(model_dir / "model.pt")
     if (checkpoint["n_features"], checkpoint["n_classes"]) != (X.shape[1],
                                                                 len(preprocessor.classes)):
@@ -274,7 +274,7 @@ def _score(features_dir: Path, model_dir: Path,
     return y_true, proba, list(preprocessor.classes), X
 
 
-def _load_split(features_dir: Path, split: str,
+def load_split(features_dir: Path, split: str,
                 max_rows: int | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
     """(preprocessor, features, class ids) of a split; at most ``max_rows`` rows, sampled."""
     from stages.common.preprocess import load_preprocessor
@@ -310,7 +310,7 @@ def _sample_rows(path: Path, max_rows: int) -> Any:
 def score_baselines(features_dir: Path, X_test: np.ndarray, y_test: np.ndarray,
                     params: Params) -> dict[str, dict[str, float]]:
     """Fit the baselines on (a sample of) the train split; their metrics on the test split."""
-    preprocessor, X_train, y_train = _load_split(features_dir, "train",
+    preprocessor, X_train, y_train = load_split(features_dir, "train",
                                                  params.evaluate.baseline_max_rows)
     probas = baseline_probas(X_train, y_train, X_test, len(preprocessor.classes),
                              params.base.seed)

@@ -495,6 +495,18 @@ def test_revalidating_identical_data_retrains_nothing(tmp_path: Path, mlflow_uri
     assert len(client.search_model_versions("name = 'classifier'")) == 1
 
 
+def _register_dying_in(function: str, monkeypatch: pytest.MonkeyPatch, workdir: Path,
+                       params: Path) -> None:
+    """Run register once with its own ``function`` killed (as a crash there would stop it)."""
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"killed in {function}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(register, function, crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            register.main(register_args(workdir, params))
+
+
 def test_a_retry_after_a_crash_resumes_the_version_instead_of_adding_one(
         tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -503,13 +515,7 @@ def test_a_retry_after_a_crash_resumes_the_version_instead_of_adding_one(
     strict = params_file(tmp_path / "strict.yaml")
     workdir = prepare(tmp_path / "v1", trained, make_params())
 
-    def crash(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("killed between registering and deciding")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(register, "_judge_version", crash)
-        with pytest.raises(RuntimeError, match="killed"):
-            register.main(register_args(workdir, strict))
+    _register_dying_in("_judge_version", monkeypatch, workdir, strict)
     client = mlflow.MlflowClient()
     assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "pending"
 
@@ -532,13 +538,7 @@ def test_a_crash_after_the_alias_moved_finishes_as_champion_not_compared_with_it
     strict = params_file(tmp_path / "strict.yaml")
     workdir = prepare(tmp_path / "v1", trained, make_params())
 
-    def crash(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("killed after the alias moved")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(register, "_record_on_version", crash)
-        with pytest.raises(RuntimeError, match="killed"):
-            register.main(register_args(workdir, strict))
+    _register_dying_in("_record_on_version", monkeypatch, workdir, strict)
     client = mlflow.MlflowClient()
     assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "pending"
     assert int(version_by_alias("champion").version) == 1
