@@ -38,8 +38,7 @@ DELIM ?= ,
 DATA_USAGE := usage: make data SRC=path/to/table.csv TARGET=column [DELIM=';'] [REPROFILE=1]
 data: install ## Point the project at your table: make data SRC=path/to/table.csv TARGET=column
 	@test -n "$(SRC)" -a -n "$(TARGET)" || { echo "$(DATA_USAGE) (CSV or Parquet)" >&2; exit 2; }
-	$(BIN)/python -m flows.own_data "$(SRC)" --target "$(TARGET)" --delimiter '$(DELIM)' \
-	  $(if $(REPROFILE),--reprofile)
+	$(BIN)/python -m flows.own_data "$(SRC)" --target "$(TARGET)" --delimiter '$(DELIM)'$(if $(REPROFILE), --reprofile)
 
 run: install ## Run the whole pipeline through the Prefect flow on the default data
 	$(BIN)/python -m flows.pipeline --repo .
@@ -68,8 +67,8 @@ ui: install ## Open the MLflow UI on 127.0.0.1 (runs, metrics, plots, registry)
 schedule: install ## Run the pipeline on its cron (params.yaml `schedule`); starts a local Prefect server
 	$(BIN)/python -m flows.schedule --repo .
 
-serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.yaml `serve`)
-	$(BIN)/python -m serving serve
+serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.yaml `serve`; ARGS='--port 9000')
+	$(BIN)/python -m serving serve $(ARGS)
 
 clean: ## Remove generated data, reports, models and the local stores (keeps .venv)
 	rm -rf data/raw data/validated data/quarantine data/features models reports mlflow/mlflow.db* \
@@ -95,11 +94,12 @@ bench-serve: install ## Serving: our service vs `mlflow models serve`, same mode
 	  echo "wrk not installed: bench.serve falls back to its Python load client"
 	$(BIN)/python -m bench.serve
 
-# Lineage (flows/lineage.py, flows/reproduce.py). MODEL: <name>@<alias> or <name>/<version>.
-MODEL ?= classifier@champion
+# Lineage (flows/lineage.py, flows/reproduce.py). MODEL: <name>@<alias> or <name>/<version>;
+# by default the champion of params.yaml's register.model_name (make data sets it per table).
+MODEL ?= $(shell sed -n 's/^ *model_name: *\([^ #]*\).*/\1/p' params.yaml)@champion
 .PHONY: lineage reproduce
 
-lineage: install ## Trace MODEL (classifier@champion) to its data, validation, commit, params, runs
+lineage: install ## Trace MODEL (<register.model_name>@champion) to its data, validation, commit, params, runs
 	$(BIN)/python -m flows.lineage $(MODEL)
 
 reproduce: install ## Re-run MODEL on its exact data in a clean workspace (WORKDIR=); compare metrics
