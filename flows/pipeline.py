@@ -293,8 +293,10 @@ def where_to_look(repo: Path, summary: dict[str, Any] | None) -> str:
         lines.append("Pipeline completed: "
                      + ", ".join(f"{n} {what}" for what, n in counts.items()))
         if model := summary.get("model"):
+            earlier = "" if summary["stages"].get("register") == RAN else \
+                "unchanged, nothing registered in this run; recorded earlier: "
             lines.append(f"  Model:      {model['model_name']} version {model['version']}: "
-                         f"{model['decision']} ({model['reason']})")
+                         f"{earlier}{model['decision']} ({model['reason']})")
     ui_port = params.mlflow.ui_port
     link = (summary or {}).get("mlflow_run_url") or f"http://127.0.0.1:{ui_port}"
     home = os.environ.get("PREFECT_HOME")

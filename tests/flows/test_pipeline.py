@@ -19,7 +19,7 @@ import yaml
 from prefect import flow
 
 from flows.pipeline import (SUMMARY_KEY, describe_failure, order_stages, parse_stage_status,
-                            pipeline, read_stage_order, run_stage)
+                            pipeline, read_stage_order, run_stage, where_to_look)
 from flows.summary import NO_NEW_ROWS, read_reports, render_markdown, summarize_run
 from stages.common.io import open_dataset
 from tests.conftest import ROOT, TINY_PARAMS, deep_merge, dvc, make_pipeline_repo, write_params
@@ -330,3 +330,17 @@ def test_incremental_run_without_new_rows_skips_training_and_says_so(
     assert third.result()["stages"] == {"ingest": "ran"} | dict.fromkeys(STAGES[1:], NO_NEW_ROWS)
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs
     assert "no new rows since the last run" in caplog.text
+
+
+@pytest.mark.parametrize(("register", "said"), [
+    ("ran", "classifier version 3: promoted (better)"),
+    ("skipped", "classifier version 3: unchanged, nothing registered in this run; recorded "
+                "earlier: promoted (better)")])
+def test_the_summary_says_when_the_model_is_from_an_earlier_run(register: str,
+                                                                 said: str) -> None:
+    # A run that skipped register must not read like a fresh promotion.
+    model = {"model_name": "classifier", "version": 3, "decision": "promoted",
+             "reason": "better"}
+    summary = {"stages": {"ingest": "ran", "register": register}, "model": model}
+
+    assert f"  Model:      {said}" in where_to_look(ROOT, summary)
