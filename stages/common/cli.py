@@ -10,6 +10,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+from stages.common import faults, integrity, runlock
 from stages.common.config import Params, load_params
 from stages.common.errors import PipelineError
 
@@ -29,13 +30,30 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
 def run_main(stage: str, parser: argparse.ArgumentParser,
              body: Callable[[argparse.Namespace, Params], None],
              argv: Sequence[str] | None = None) -> int:
-    """Run a stage body; a PipelineError becomes one clear log line and exit code 1."""
+    """Run a stage body; a PipelineError or a known fault becomes one clear log line, exit 1.
+
+    Around the body: the stage dies with its parent (``dvc repro`` or the flow), removes the
+    temp folders a killed run left, reads params once and refuses to finish if the file changed
+    under it, and checks the inputs it reads against the hashes ``dvc.lock`` holds.
+    """
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        body(args, load_params(args.params))
+        runlock.die_with_parent()
+        runlock.remove_stale_temp_dirs(stage)
+        snapshot = integrity.ParamsSnapshot.take(args.params)
+        params = load_params(args.params)
+        integrity.verify_stage_inputs(stage)
+        body(args, params)
+        snapshot.check_unchanged(stage)
     except PipelineError as exc:
         logger.error("stage %s failed: %s", stage, exc)
+        return 1
+    except Exception as exc:
+        described = faults.describe_fault(exc)  # a store down, a disk full: one line, no retry
+        if described is None:
+            raise
+        logger.error("stage %s failed: %s", stage, described)
         return 1
     return 0
