@@ -6,14 +6,17 @@ Endpoints:
   (:mod:`serving.payloads`), ``{"predictions": [...], "model_version": "3"}`` out, with the
   headers ``X-Model-Version`` and ``X-Request-Id``. Bad input gets a 4xx JSON body
   ``{"error_code", "message", "columns"}``; 401 without the bearer token when one is set;
-  413 over ``max_body_bytes``; 415 for a non-JSON body; 503 while no model is loaded.
+  413 over ``max_body_bytes``; 415 for a non-JSON body; 503 while no model is loaded, and
+  503 with ``Retry-After`` when ``max_queue_rows`` rows already wait for the model. A failure
+  inside the model is a 500 whose body names only the request id; the log has the error.
   Rows are checked against the served model's input contract (:mod:`serving.rowcheck`): per
   ``row_policy`` a row that breaks it gets 422 (``reject``) or is scored and listed under
   ``flagged`` (``flag``, a text date it cannot parse scored as missing); either way it is
   counted in ``/metrics`` and marked in the log.
 * ``GET /health`` (and ``/ping``): the process is up. ``GET /ready``: 200 once a model is
   loaded, 503 before. ``GET /version``: the served version, its run and lineage tags, and
-  the follower's state (a version refused for another input contract shows there).
+  the follower's state (a version refused for another input contract shows there); it needs
+  the bearer token too when one is set.
   ``GET /metrics``: Prometheus.
 
 The model reference is read once per request from a :class:`serving.model.ModelHolder`, which a
@@ -38,7 +41,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 
-from serving.batcher import MicroBatcher
+from serving.batcher import MicroBatcher, QueueFull
 from serving.metrics import ServiceMetrics
 from serving.model import LoadedModel, ModelHolder, RegistryFollower, load_model, warm_up
 from serving.payloads import PayloadError, encode_predictions, parse_payload
@@ -65,6 +68,7 @@ class ServiceConfig:
     token: str | None = None  # bearer token /predict requires; None = no auth
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_batch_rows: int = 256  # rows one model call may take (micro-batching)
+    max_queue_rows: int = 4096  # rows waiting for the model; beyond: 503 + Retry-After
     sample_rate: float = 0.0  # share of requests written to the prediction log
     log_dir: str = "data/predictions"  # prediction log folder
     log_flush_rows: int = 1000  # flush the prediction log at this many buffered rows
@@ -81,7 +85,8 @@ class _Service:
         self.config = config
         self.holder = ModelHolder()
         self.metrics = ServiceMetrics()
-        self.batcher = MicroBatcher(config.max_batch_rows, on_batch=self._on_batch)
+        self.batcher = MicroBatcher(config.max_batch_rows, on_batch=self._on_batch,
+                                    max_queue_rows=config.max_queue_rows)
         self.log = PredictionLog(config.log_dir, config.sample_rate, config.log_flush_rows,
                                  config.log_flush_interval_s, seed=config.sample_seed)
         self.follower: RegistryFollower | None = None
@@ -216,15 +221,20 @@ async def _score(service: _Service, request: Request, endpoint: str) -> Response
         response = _json(exc.to_json(), exc.status, headers)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
+    except QueueFull as exc:  # more load than the model takes: shed it, the client retries
+        service.metrics.queue_full.inc()
+        response = _json(PayloadError(str(exc), status=503).to_json(), 503,
+                         {**headers, "Retry-After": str(exc.retry_after_s)})
     except PipelineError as exc:  # the model refused a value (e.g. DataError naming it)
         column = getattr(exc, "column", None)
         response = _json(PayloadError(str(exc), columns=[column] if column else []).to_json(),
                          400, headers)
-    except Exception as exc:
+    except Exception:
+        # the exception's text stays in the server log: it may quote data, paths or internals
         logger.exception("request %s failed on model v%s", request_id, version)
         response = _json({"error_code": "INTERNAL_ERROR",
-                          "message": f"the model failed: {type(exc).__name__}: {exc}"},
-                         500, headers)
+                          "message": f"internal error, request id {request_id} (the service "
+                                     "log has the details)"}, 500, headers)
     service.metrics.observe_request(endpoint, response.status_code, version,
                                     time.perf_counter() - started)
     return response
@@ -274,7 +284,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return _json({"ready": True, "model_version": model.version})
 
     @app.get("/version", summary="The served model: name, version, alias, run, lineage")
-    async def version() -> Response:
+    async def version(request: Request) -> Response:
+        try:  # run ids, lineage tags and refused versions: as private as /predict
+            service.check_token(request)
+        except PayloadError as exc:
+            return _json(exc.to_json(), 401, {"WWW-Authenticate": "Bearer"})
         model = service.holder.current
         if model is None:
             return _json({"error_code": "TEMPORARILY_UNAVAILABLE",

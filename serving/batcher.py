@@ -7,12 +7,19 @@ request at once; a busy one scores everything that queued up during the previous
 ``max_rows``). Requests are grouped by the model object they picked, so a request that started
 on the old version is answered by it even if the swap happened while it queued. The model
 runs in a worker thread, off the event loop.
+
+The queue is bounded (``max_queue_rows``): under more load than the model can take, a request
+that would push the rows waiting beyond the bound is refused at once with :class:`QueueFull`
+(the service answers 503 with ``Retry-After``) instead of queueing without end, which would
+grow memory and every request's latency until clients time out anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +30,15 @@ from serving.model import LoadedModel
 from serving.payloads import frame_to_records, rows_to_frame
 
 logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue_rows`` rows already: try again after ``retry_after_s``."""
+
+    def __init__(self, queued_rows: int, limit: int, retry_after_s: int) -> None:
+        self.queued_rows, self.limit, self.retry_after_s = queued_rows, limit, retry_after_s
+        super().__init__(f"{queued_rows} rows are waiting for the model (the limit is {limit}, "
+                         f"serve.max_queue_rows): retry in {retry_after_s} s")
 
 
 @dataclass
@@ -49,11 +65,17 @@ class MicroBatcher:
         max_rows: the most rows one model call gets (a single larger request still goes
             through whole).
         on_batch: called with (model, rows in the batch) after each model call (metrics).
+        max_queue_rows: the most rows waiting (not yet in a model call); a request that
+            would go over raises QueueFull, unless the queue is empty.
     """
 
     def __init__(self, max_rows: int = 256,
-                 on_batch: Callable[[LoadedModel, int], None] | None = None) -> None:
+                 on_batch: Callable[[LoadedModel, int], None] | None = None,
+                 max_queue_rows: int = 4096) -> None:
         self.max_rows, self.on_batch = max_rows, on_batch
+        self.max_queue_rows = max_queue_rows
+        self.queued_rows = 0  # rows in _queue (event-loop thread only)
+        self._seconds_per_row = 0.0  # moving average of model time per row: the Retry-After
         self._queue: deque[_Job] = deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -70,6 +92,7 @@ class MicroBatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self.queued_rows = 0
         while self._queue:
             job = self._queue.popleft()
             if not job.future.done():
@@ -81,10 +104,17 @@ class MicroBatcher:
         """Score ``rows`` with ``model`` (batched with whatever else is queued)."""
         if self._wake is None:
             raise RuntimeError("MicroBatcher.start() was not called")
+        if self._queue and self.queued_rows + len(rows) > self.max_queue_rows:
+            raise QueueFull(self.queued_rows, self.max_queue_rows, self.retry_after_s())
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Job(model, rows, future))
+        self.queued_rows += len(rows)
         self._wake.set()
         return await future
+
+    def retry_after_s(self) -> int:
+        """Whole seconds the queued rows should take to drain (at least 1)."""
+        return max(1, math.ceil(self.queued_rows * self._seconds_per_row))
 
     def _take_batch(self) -> list[_Job]:
         batch = [self._queue.popleft()]
@@ -94,6 +124,7 @@ class MicroBatcher:
             job = self._queue.popleft()
             batch.append(job)
             n += len(job.rows)
+        self.queued_rows -= n
         return batch
 
     async def _run(self) -> None:
@@ -107,7 +138,10 @@ class MicroBatcher:
                 if not jobs:
                     continue
                 try:
+                    started = time.perf_counter()
                     results = await loop.run_in_executor(self._executor, _score_batch, jobs)
+                    per_row = (time.perf_counter() - started) / sum(len(j.rows) for j in jobs)
+                    self._seconds_per_row = 0.8 * self._seconds_per_row + 0.2 * per_row
                     if self.on_batch:
                         self.on_batch(jobs[0].model, sum(len(job.rows) for job in jobs))
                 except Exception as exc:

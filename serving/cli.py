@@ -101,7 +101,7 @@ def build_config(args: argparse.Namespace, params: Params) -> tuple[ServiceConfi
         max_body_bytes=s["max_body_bytes"], max_batch_rows=s["max_batch_rows"],
         sample_rate=s["sample_rate"], log_dir=s["log_dir"], row_policy=s["row_policy"],
         allow_contract_change=s["allow_contract_change"],
-        log_flush_rows=params.serve.log_flush_rows,
+        log_flush_rows=params.serve.log_flush_rows, max_queue_rows=params.serve.max_queue_rows,
         log_flush_interval_s=params.serve.log_flush_interval_s)
     return config, s["host"], s["port"]
 

@@ -35,6 +35,9 @@ class ServiceMetrics:
         self.model_loads = Counter("serving_model_loads_total",
                                    "Model loads by outcome (ok, error)", ["outcome"],
                                    registry=self.registry)
+        self.queue_full = Counter("serving_queue_full_total",
+                                  "Requests refused with 503 because the micro-batcher's queue "
+                                  "held serve.max_queue_rows rows", registry=self.registry)
         self.row_violations = Counter("serving_row_violations_total",
                                       "Rows breaking the model's input contract, by column "
                                       "and rule; action: rejected or flagged (serve.row_policy)",

@@ -17,6 +17,9 @@ groups of ``base.batch_rows`` rows) and ``manifest.json``::
     {"source": str, "rows": int, "parts": [{"file", "rows", "watermark_max"}],
      "watermark": {"column", "max"} | null}
 
+``source`` never holds a credential: a presigned URL's signature or a ``user:password@`` is
+written as ``***`` (stages/common/redact.py), as in the logs and the MLflow params.
+
 Memory stays bounded by ``base.batch_rows`` whatever the source size: record batches go
 straight from the reader to the Parquet writer. The folder is replaced atomically, and the same
 input gives byte-identical output (no timestamps), so DVC sees "unchanged".
@@ -46,6 +49,7 @@ from stages.common.config import SKLEARN_SOURCES, BaseParams, IngestParams, Para
 from stages.common.errors import DataError
 from stages.common.io import atomic_path, read_json, write_json
 from stages.common.parquet_files import ParquetFiles
+from stages.common.redact import redact_url
 from stages.common.sources import conform_batch, iter_file_batches, plain_schema
 from stages.common.watermark import column_max, filter_new_rows, from_json_value, to_json_value
 
@@ -106,9 +110,10 @@ def iter_sklearn_batches(params: IngestParams, batch_rows: int) -> Iterator[Any]
 
 
 def describe_source(params: IngestParams) -> str:
-    """The manifest's ``source``: the source, plus the table or query for databases."""
+    """The manifest's ``source``: the source (credentials in a URL as ``***``), plus the table
+    or query for databases."""
     if params.kind != "sql":
-        return params.source
+        return redact_url(params.source)
     from stages.common.sql import shown_url
 
     what = f"table={params.table}" if params.table else f"query={params.query}"

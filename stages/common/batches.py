@@ -182,10 +182,23 @@ class StreamedBatches:
 
 def make_batches(data: TrainData | StreamedTrainData, batch_size: int, device: torch.device,
                  dist: DistInfo) -> DeviceBatches | StreamedBatches:
-    """The batch source for ``data``; ``batch_size`` is the global batch (split over ranks)."""
+    """The batch source for ``data``; ``batch_size`` is the global batch (split over ranks).
+
+    A batch larger than the training split is allowed (each step then takes the whole split,
+    one step per epoch), but warned about: it is usually a default left over from more data.
+    """
     if isinstance(data, TrainData):
-        return DeviceBatches(data.X_train, data.y_train, batch_size, dist)
-    return StreamedBatches(data, batch_size, device, dist)
+        batches: DeviceBatches | StreamedBatches = DeviceBatches(data.X_train, data.y_train,
+                                                                 batch_size, dist)
+        n_rows = len(data.X_train)
+    else:
+        batches = StreamedBatches(data, batch_size, device, dist)
+        n_rows = batches.dataset.n_rows
+    if batch_size > n_rows and dist.rank == 0:
+        logger.warning("train.batch_size %d is larger than the %d training rows: every step "
+                       "takes the whole split (one step per epoch); set train.batch_size to %d "
+                       "or less", batch_size, n_rows, n_rows)
+    return batches
 
 
 def make_train_data(splits: dict[str, pd.DataFrame], preprocessor: FittedPreprocessor,

@@ -11,9 +11,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from stages.common.errors import ConfigError
+from stages.common.redact import redact_url
 
 SKLEARN_SOURCES = ("breast_cancer", "digits")
 URL_SCHEMES = ("http", "https", "s3", "gs", "gcs", "az", "abfs")  # read through fsspec
@@ -79,10 +88,15 @@ class IngestParams(StrictModel):
             raise ValueError(f"unknown sklearn dataset {value!r}; choose one of "
                              + ", ".join(f"sklearn:{name}" for name in SKLEARN_SOURCES))
         if "://" in value and source_kind(value) == "path":
-            raise ValueError(f"unknown URL scheme in {value!r}: use one of "
+            raise ValueError(f"unknown URL scheme in {redact_url(value)!r}: use one of "
                              f"{', '.join(URL_SCHEMES)} (files) or a SQLAlchemy dialect "
                              f"({', '.join(SQL_DIALECTS)})")
         return value
+
+    @field_serializer("source", when_used="json")
+    def _redacted_source(self, value: str) -> str:
+        # what MLflow params and config/params.json get: a URL's credentials as ***
+        return redact_url(value)
 
     @model_validator(mode="after")
     def _sql_needs_table_or_query(self) -> IngestParams:
@@ -254,6 +268,9 @@ class ServeParams(StrictModel):
     token_env: str = "SERVE_TOKEN"  # env var with the bearer token /predict requires; unset = open
     max_body_bytes: int = Field(1_048_576, gt=0)  # bigger request bodies get 413
     max_batch_rows: int = Field(256, gt=0)  # rows of concurrent requests scored in one model call
+    # rows waiting for the model; a request that would go over gets 503 + Retry-After (a
+    # request that finds the queue empty always gets in, whatever its size)
+    max_queue_rows: int = Field(4096, gt=0)
     sample_rate: float = Field(0.1, ge=0, le=1)  # share of requests kept in the prediction log
     log_dir: str = "data/predictions"  # the prediction log: Parquet part files for monitoring
     log_flush_rows: int = Field(1000, gt=0)  # write the log once this many rows are buffered...

@@ -5,7 +5,10 @@ A source is one CSV/Parquet file, a folder of them, or a hive-partitioned Parque
 resolve (symlinks followed) inside ``ingest.data_root``. URLs are read through fsspec:
 ``https://`` works out of the box (aiohttp); ``s3://`` needs ``pip install s3fs`` and ``gs://``
 ``pip install gcsfs``, with credentials from their usual places (AWS_* / ~/.aws, gcloud),
-never from params.yaml.
+never from params.yaml. A secret in the URL itself (a presigned URL's signature, user:password@)
+is used for the fetch only: file names, errors and logs show it as ``***``
+(stages/common/redact.py), and ``${NAME}`` in the URL is read from the environment when the URL
+is opened, so the secret can stay out of params.yaml, git and dvc.lock.
 
 Every reader yields Arrow record batches, so memory stays bounded by the batch size whatever
 the file size; every failure is a DataError naming the file (and the column) and the rule.
@@ -13,6 +16,7 @@ the file size; every failure is a DataError naming the file (and the column) and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +26,9 @@ from typing import Any
 from stages.common.config import IngestParams
 from stages.common.csvfiles import iter_csv_batches
 from stages.common.errors import DataError
+from stages.common.redact import expand_env, has_credentials, redact_url, scrub, scrubbed_logs
+
+logger = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}  # suffix -> format
 DRIVERS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
@@ -53,11 +60,19 @@ def iter_file_batches(params: IngestParams, batch_rows: int,
     ``schema`` (an existing dataset's) pins the CSV column types; otherwise the first file's
     types pin the later files'.
     """
-    fileset = list_url_files(params) if params.kind == "url" else list_path_files(params)
+    if params.kind != "url":
+        yield from _iter_fileset(list_path_files(params), params, batch_rows, schema)
+        return
+    with scrubbed_logs(expand_env_or_same(params.source)):
+        yield from _iter_fileset(list_url_files(params), params, batch_rows, schema)
+
+
+def _iter_fileset(fileset: FileSet, params: IngestParams, batch_rows: int,
+                  schema: Any) -> Iterator[Any]:
     if fileset.hive_root is not None:
         for batch in iter_hive_batches(fileset, batch_rows):
             schema = schema if schema is not None else plain_schema(batch.schema)
-            yield conform_batch(batch, schema, params.source)
+            yield conform_batch(batch, schema, redact_url(params.source))
         return
     for file in fileset.files:
         for batch in iter_one_file(file, params.delimiter, batch_rows, schema):
@@ -149,29 +164,57 @@ def open_url_filesystem(url: str) -> tuple[Any, str]:
 
 def list_url_files(params: IngestParams) -> FileSet:
     """The files of a URL source: the file itself, or (object stores) the files under it."""
-    url = params.source
+    url, shown = opened_url(params.source), redact_url(params.source)
     fs, path = open_url_filesystem(url)
     protocol = url.split("://", 1)[0].lower()
-    with network_errors(url):
+    with network_errors(shown, secret=url):
         folder = protocol not in ("http", "https") and fs.isdir(path)
         if not folder:
             fs.info(path)  # FileNotFoundError (404) or a connection error, named below
-            return FileSet([SourceFile(url, pick_format(url, params), path, fs)])
+            return FileSet([SourceFile(shown, pick_format(url.split("?")[0], params), path,
+                                       fs)])
         found = sorted(p for p in fs.find(path) if not PurePosixPath(p).name.startswith((".", "_")))
     base = PurePosixPath(path)
     relative = [PurePosixPath(p).relative_to(base) for p in found]
-    files = [SourceFile(f"{url.rstrip('/')}/{rel}", pick_format(f"{url.rstrip('/')}/{rel}",
-                                                                 params), p, fs)
+    files = [SourceFile(f"{shown.rstrip('/')}/{rel}", pick_format(f"{shown.rstrip('/')}/{rel}",
+                                                                   params), p, fs)
              for p, rel in zip(found, relative, strict=True)
              if params.format != "auto" or rel.suffix.lower() in FORMATS]
-    return _as_fileset(files, url, is_hive(relative), path)
+    return _as_fileset(files, shown, is_hive(relative), path)
+
+
+def opened_url(source: str) -> str:
+    """``source`` as fetched: ``${NAME}`` read from the environment (DataError if unset).
+
+    A secret written into params.yaml is warned about: redacted here, it is still in git.
+    """
+    if has_credentials(source):
+        logger.warning("ingest.source holds credentials (shown as ***): the manifest, logs and "
+                       "MLflow get %s, but params.yaml, git and dvc.lock keep them; write the "
+                       "secret as ${NAME} (e.g. ?X-Amz-Signature=${SALES_SIG}) and export "
+                       "NAME instead", redact_url(source))
+    try:
+        return expand_env(source)
+    except KeyError as exc:
+        raise DataError(f"ingest.source uses ${{{exc.args[0]}}} but the environment variable "
+                        f"{exc.args[0]} is not set: export it before the run",
+                        file=redact_url(source), rule="env") from exc
+
+
+def expand_env_or_same(source: str) -> str:
+    """``source`` with ``${NAME}`` expanded where set (what the log filter must mask)."""
+    try:
+        return expand_env(source)
+    except KeyError:
+        return source  # opened_url reports the unset variable
 
 
 @contextmanager
-def network_errors(url: str | None) -> Iterator[None]:
+def network_errors(url: str | None, secret: str | None = None) -> Iterator[None]:
     """Turn a network/driver failure inside the block into a DataError naming the URL.
 
-    ``url`` None (a local file): errors pass through unchanged.
+    ``url`` None (a local file): errors pass through unchanged. ``secret``: the URL as
+    fetched, whose credentials are masked in the message (``url`` is the redacted name).
     """
     try:
         yield
@@ -180,13 +223,29 @@ def network_errors(url: str | None) -> Iterator[None]:
     except Exception as exc:  # aiohttp, botocore, gcsfs...: each library has its own errors
         if url is None:
             raise
+        # a URL with credentials: no chained cause, whose text (and traceback) would quote them
+        origin = None if secret is not None and has_credentials(secret) else exc
         cause = exc.__cause__  # fsspec's HTTP reports a refused connection as "not found"
+        if (status := _http_status(exc)) in (401, 403):  # fsspec: "not found" too
+            raise DataError(f"the server refused access (HTTP {status}): the credentials are "
+                            "wrong or expired (a presigned URL expires: sign a new one)",
+                            file=url, rule="access") from origin
         if isinstance(exc, FileNotFoundError) and not isinstance(cause, OSError):
             raise DataError("nothing at this URL (HTTP 404 / no such object)", file=url,
-                            rule="exists") from exc
+                            rule="exists") from origin
         shown = cause if isinstance(cause, OSError) else exc
-        raise DataError(f"cannot reach the URL: {type(shown).__name__}: {shown}", file=url,
-                        rule="reachable") from exc
+        text = scrub(f"{type(shown).__name__}: {shown}", secret or url)
+        raise DataError(f"cannot reach the URL: {text}", file=url, rule="reachable") from origin
+
+
+def _http_status(exc: BaseException | None) -> int | None:
+    """The HTTP status of an aiohttp error in ``exc``'s chain (None: no HTTP answer)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(getattr(exc, "status", None), int):
+            return exc.status
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 # ----------------------------------------------------------------------------- readers
@@ -213,7 +272,7 @@ def _csv_opener(file: SourceFile) -> Callable[[], Any]:
 
 
 def _guarded(file: SourceFile, batches: Iterator[Any]) -> Iterator[Any]:
-    with network_errors(file.name if file.filesystem is not None else None):
+    with network_errors(file.name if file.filesystem is not None else None, file.path):
         yield from batches
 
 
@@ -255,7 +314,7 @@ def iter_hive_batches(fileset: FileSet, batch_rows: int) -> Iterator[Any]:
     import pyarrow.dataset as ds
 
     first = fileset.files[0]
-    with network_errors(first.name if first.filesystem is not None else None):
+    with network_errors(first.name if first.filesystem is not None else None, first.path):
         check_parquet_files(fileset)
         dataset = ds.dataset([f.path for f in fileset.files], format="parquet",
                              filesystem=_arrow_fs(fileset.files[0]),

@@ -6,12 +6,16 @@ is the driver installed). The password comes from libpq's usual places: the ``PG
 environment variable or ``~/.pgpass`` (never from params.yaml, so it never reaches git or DVC).
 Rows stream through a server-side cursor ``base.batch_rows`` at a time; with a watermark the
 WHERE clause (``column > :after``, a bound parameter) runs in the database.
+
+A ``sqlite:`` database is a local file, so like any local source it must exist and lie inside
+``ingest.data_root`` (``sqlite:///data/source/sales.db``; symlinks are followed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from stages.common.config import IngestParams
@@ -33,6 +37,31 @@ def source_url(source: str) -> Any:
                           "PGPASSWORD or use ~/.pgpass (libpq reads both)")
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")  # psycopg 3, not the default psycopg2
+    return url
+
+
+def engine_url(params: IngestParams) -> Any:
+    """The URL to connect to: ``source_url``, and a sqlite file checked against the data root.
+
+    Raises:
+        DataError: the sqlite file is missing or lies outside ``ingest.data_root`` (sqlite
+            would create a missing file, and read any file the process can).
+    """
+    url = source_url(params.source)
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return url
+    if url.query.get("uri") == "true" or database.startswith("file:"):
+        database = database.removeprefix("file:").split("?", 1)[0]
+    root, path = Path(params.data_root).resolve(), Path(database).resolve()
+    if not path.is_relative_to(root):
+        raise DataError(f"sqlite database {database} resolves to {path}, outside "
+                        f"ingest.data_root ({root}): move it under {params.data_root}/ and set "
+                        f"ingest.source: sqlite:///{params.data_root}/{path.name}",
+                        file=shown_url(params.source), rule="inside_data_root")
+    if not path.is_file():
+        raise DataError(f"sqlite database {path} not found (sqlite would create an empty one):"
+                        f" check ingest.source", file=shown_url(params.source), rule="exists")
     return url
 
 
@@ -145,7 +174,7 @@ def iter_sql_batches(params: IngestParams, batch_rows: int, after: Any = None) -
     import sqlalchemy as sa
 
     with sql_errors(params):
-        engine = sa.create_engine(source_url(params.source))
+        engine = sa.create_engine(engine_url(params))
         try:
             with engine.connect() as conn:
                 names, types = read_sql_schema(conn, params)
@@ -166,7 +195,7 @@ def count_sql_rows_upto(params: IngestParams, after: Any) -> int:
     import sqlalchemy as sa
 
     with sql_errors(params):
-        engine = sa.create_engine(source_url(params.source))
+        engine = sa.create_engine(engine_url(params))
         try:
             with engine.connect() as conn:
                 return int(conn.execute(build_select(params, after, upto=True)).scalar_one())
