@@ -40,11 +40,13 @@ data: install ## Point the project at your table: make data SRC=path/to/table.cs
 	@test -n "$(SRC)" -a -n "$(TARGET)" || { echo "$(DATA_USAGE) (CSV or Parquet)" >&2; exit 2; }
 	$(BIN)/python -m flows.own_data "$(SRC)" --target "$(TARGET)" --delimiter '$(DELIM)'$(if $(REPROFILE), --reprofile)
 
-run: install ## Run the whole pipeline through the Prefect flow on the default data
-	$(BIN)/python -m flows.pipeline --repo .
+# One run per workspace at a time (stages/common/runlock.py): while another `make run`,
+# `make repro` or scheduled run holds it, these refuse, naming it; WAIT=1 waits for it instead.
+run: install ## Run the whole pipeline through the Prefect flow on the default data (WAIT=1: queue behind a running one)
+	$(BIN)/python -m flows.pipeline --repo .$(if $(WAIT), --wait)
 
-repro: install ## Run the same stages with `dvc repro`, then push the data versions
-	$(BIN)/dvc repro && $(BIN)/dvc push
+repro: install ## Run the same stages with `dvc repro`, then push the data versions (WAIT=1 as for run)
+	$(BIN)/python -m flows.repro --repo .$(if $(WAIT), --wait)
 
 test: install test-deps ## Run the test suite (real MLflow, DVC, GX, Prefect, PostgreSQL in temp dirs)
 	$(PYTEST)

@@ -7,9 +7,14 @@ do. Then the flow pushes the data versions to the default DVC remote and publish
 ``pipeline-summary`` artifact (stages ran/skipped, test metrics, registered version, promotion
 decision and why, MLflow run link), also when a stage fails, which fails the flow run.
 
+One run per workspace at a time: the flow takes the workspace's run lock
+(``stages.common.runlock``, shared with ``make repro``) before ingest. A second run refuses at
+once, naming the holder's pid, command and start, unless told to wait (``--wait``, the
+``wait_s`` parameter; the scheduled deployment waits).
+
 Run it from the project root (``make run`` does)::
 
-    python -m flows.pipeline [--repo PATH]
+    python -m flows.pipeline [--repo PATH] [--wait [--wait-timeout S]]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from prefect.runtime import flow_run as current_flow_run
 
 from flows.summary import (FAILED, NO_NEW_ROWS, RAN, RESTORED, SKIPPED, mlflow_ui_url,
                            read_reports, render_markdown, summarize_run)
+from stages.common import runlock
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
 from stages.common.tracking import FLOW_RUN_ENV, tracking_uri
@@ -97,7 +103,8 @@ def read_stage_order(repo: Path) -> list[str]:
     """The stages of ``repo/dvc.yaml`` in the order DVC runs them (asks ``dvc dag``)."""
     spec = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8")) or {}
     result = subprocess.run([sys.executable, "-m", "dvc", "dag", "--dot"], cwd=repo,
-                            env=stage_env(), capture_output=True, text=True)
+                            env=stage_env(), capture_output=True, text=True,
+                            pass_fds=runlock.inherited_fds())
     if result.returncode != 0:
         raise RuntimeError(f"dvc dag failed: {result.stdout.strip()} {result.stderr.strip()}")
     return order_stages(result.stdout, list(spec.get("stages") or {}))
@@ -156,8 +163,10 @@ def run_dvc(args: Sequence[str], repo: Path, env: dict[str, str],
         The exit code and the output lines (stdout and stderr, interleaved).
     """
     lines: list[str] = []
+    # The run lock's workers lock goes with it: a new run waits for a dvc of a killed one.
     with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          pass_fds=runlock.inherited_fds()) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
             # A progress bar redraws itself with \r: keep only its last state.
@@ -222,11 +231,26 @@ def publish_summary(repo: Path, stages: list[str], statuses: dict[str, str],
 
 @flow(name="pipeline", description="ingest -> validate -> features -> train -> evaluate -> "
       "register, as the DVC stages of dvc.yaml; then dvc push and a summary artifact.")
-def pipeline(repo: str = ".") -> dict[str, Any]:
-    """Run the DVC stages of ``repo`` in order, push the data, publish the summary.
+def pipeline(repo: str = ".", wait_s: float = 0.0) -> dict[str, Any]:
+    """Hold the workspace's run lock, then run the stages; see ``run_pipeline``.
 
     Args:
         repo: the project checkout holding ``dvc.yaml`` and ``params.yaml``.
+        wait_s: how long to wait for another run holding the workspace (0: refuse at once).
+
+    Raises:
+        runlock.RunLockBusy: another run holds the workspace (names its pid and start).
+    """
+    command = f"{' '.join([Path(sys.executable).name, *sys.argv])} " \
+              f"(Prefect flow run {current_flow_run.name})"
+    with runlock.run_lock(repo, wait_s=wait_s, command=command):
+        return run_pipeline(repo)
+
+
+def run_pipeline(repo: str) -> dict[str, Any]:
+    """Run the DVC stages of ``repo`` in order, push the data, publish the summary.
+
+    Call it inside the ``pipeline`` flow, holding the run lock.
 
     Returns:
         The run summary (``flows.summary.summarize_run``): stage statuses, metrics, model.
@@ -273,7 +297,8 @@ def read_manifest(repo: Path) -> str | None:
 def only_ingest_changed(repo: Path) -> bool:
     """Whether ``dvc status`` finds every stage but ingest (which always runs) up to date."""
     result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo,
-                            env=stage_env(), capture_output=True, text=True)
+                            env=stage_env(), capture_output=True, text=True,
+                            pass_fds=runlock.inherited_fds())
     try:
         changed = json.loads(result.stdout or "{}")
     except ValueError:
@@ -325,9 +350,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--repo", default=".",
                         help="project checkout holding dvc.yaml and params.yaml")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for a run that holds the workspace instead of refusing")
+    parser.add_argument("--wait-timeout", type=float, default=runlock.DEFAULT_WAIT_S,
+                        help="seconds --wait waits at most")
     args = parser.parse_args(argv)
     try:
-        summary = pipeline(repo=args.repo)
+        summary = pipeline(repo=args.repo, wait_s=args.wait_timeout if args.wait else 0.0)
+    except runlock.RunLockBusy as exc:  # nothing ran: no pointers to results
+        print(f"\nPipeline not started: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # the flow run is Failed and Prefect logged the details
         print(f"\nPipeline failed: {exc}\n{where_to_look(Path(args.repo), None)}",
               file=sys.stderr)

@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from flows.pipeline import pipeline
 from stages.common.config import ScheduleParams, load_params
 from stages.common.errors import ConfigError
+from stages.common.runlock import DEFAULT_WAIT_S
 
 logger = get_logger("flows.schedule")  # under Prefect's configured "prefect" logger: shown at INFO
 
@@ -115,10 +116,11 @@ def serve_pipeline(repo: Path, params: ScheduleParams) -> None:
     pipeline.serve(
         name=params.deployment,
         schedules=[schedule],
-        parameters={"repo": str(repo)},
+        # A due run waits (bounded) for a `make run`/`make repro` holding the workspace.
+        parameters={"repo": str(repo), "wait_s": DEFAULT_WAIT_S},
         description=f"The whole pipeline for {repo}, on the cron {params.cron!r} "
                     f"({params.timezone}) of params.yaml.",
-        limit=1,  # runs share the DVC repo: never two at once
+        limit=1,  # runs share the DVC repo: never two at once (and the run lock)
         # Each run imports flows.pipeline as a module, from the directory this command runs in.
         entrypoint_type=EntrypointType.MODULE_PATH,
     )

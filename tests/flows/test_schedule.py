@@ -22,6 +22,7 @@ import yaml
 from flows.schedule import build_schedule, deployment_name
 from stages.common.config import ScheduleParams, load_params
 from stages.common.errors import ConfigError
+from stages.common.runlock import DEFAULT_WAIT_S
 from tests.conftest import ROOT, make_pipeline_repo
 
 WAIT_TIMEOUT_S = 120  # generous: the command starts a Prefect server first (2-core machine)
@@ -118,7 +119,7 @@ def test_schedule_command_serves_the_cron_deployment_and_runs_it(
             assert schedule.active
             assert (schedule.schedule.cron, schedule.schedule.timezone) == (params.cron,
                                                                            params.timezone)
-            assert deployment.parameters == {"repo": str(repo)}
+            assert deployment.parameters == {"repo": str(repo), "wait_s": DEFAULT_WAIT_S}
             # The server's scheduler (off in Prefect's temporary servers) books the next runs.
             upcoming = _wait_for("a scheduled run", lambda: client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),

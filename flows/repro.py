@@ -1,0 +1,60 @@
+"""``dvc repro`` then ``dvc push``, holding the workspace's run lock (``make repro`` runs it).
+
+The same lock as the Prefect flow (``stages.common.runlock``): while a run holds the workspace,
+this one refuses at once, naming the holder's pid, command and start (``--wait``: waits for it
+up to ``--wait-timeout`` seconds). Usage, from the project root::
+
+    python -m flows.repro [--repo .] [--wait] [--wait-timeout 3600] [--no-push] [-- DVC-ARGS]
+
+Extra arguments after ``--`` go to ``dvc repro`` (e.g. ``-- --force train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from stages.common import runlock
+
+logger = logging.getLogger("flows.repro")
+
+
+def run_dvc(args: Sequence[str], repo: Path) -> int:
+    """Run ``dvc <args>`` in ``repo`` (output straight through); it shares the workers lock."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=False,
+                          pass_fds=runlock.inherited_fds()).returncode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Reproduce the pipeline with DVC under the run lock; the exit code of the failing step."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.repro", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--repo", default=".", help="project checkout holding dvc.yaml")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for a run that holds the workspace instead of refusing")
+    parser.add_argument("--wait-timeout", type=float, default=runlock.DEFAULT_WAIT_S,
+                        help="seconds --wait waits at most")
+    parser.add_argument("--no-push", action="store_true", help="skip `dvc push`")
+    parser.add_argument("dvc_args", nargs="*", help="extra `dvc repro` arguments (after --)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    repo = Path(args.repo).resolve()
+    try:
+        with runlock.run_lock(repo, wait_s=args.wait_timeout if args.wait else 0.0):
+            code = run_dvc(["repro", *args.dvc_args], repo)
+            if code == 0 and not args.no_push:
+                code = run_dvc(["push"], repo)
+    except runlock.RunLockBusy as exc:
+        logger.error("%s", exc)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,371 @@
+"""One run per workspace: the run lock, stages that die with their parent, stale leftovers.
+
+Real processes, real ``flock``, real DVC (``dvc repro`` in a temporary repo), real SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from stages.common import runlock
+from stages.common.io import atomic_path
+from tests.conftest import ROOT
+
+PY = sys.executable
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+HOLD = textwrap.dedent("""\
+    import sys
+    from stages.common import runlock
+    with runlock.run_lock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.read()  # until the test closes stdin
+    """)
+# A stage as DVC runs it: it calls the hook run_main calls, says its pid, then works a while.
+STAGE = textwrap.dedent("""\
+    import os, sys, time
+    from stages.common import runlock
+    runlock.die_with_parent()
+    open("stage.pid", "w").write(str(os.getpid()))
+    time.sleep(120)
+    open("out.txt", "w").write("done")
+    """)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _wait_for(what: str, check: Callable[[], object], timeout_s: float = 30) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def reap():
+    """Pids this test started, killed at its end should one outlive a failed assertion."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if any(mark in " ".join(proc.cmdline()) for mark in ("stage.py", "rank.py", "dvc")):
+                proc.kill()
+        except psutil.Error:
+            pass
+
+
+def _dvc_repo(repo: Path, cmd: str = "python stage.py") -> Path:
+    """A DVC repo (no git) with one stage ``work`` running ``cmd``, which writes out.txt."""
+    repo.mkdir(parents=True)
+    subprocess.run([PY, "-m", "dvc", "init", "-q", "--no-scm"], cwd=repo, check=True)
+    (repo / "dvc.yaml").write_text(f"stages:\n  work:\n    cmd: {cmd}\n    outs:\n"
+                                   "      - out.txt\n")
+    (repo / "stage.py").write_text(STAGE)
+    return repo
+
+
+def _plain_repo(repo: Path) -> Path:
+    (repo / ".dvc" / "tmp").mkdir(parents=True)
+    return repo
+
+
+@pytest.fixture
+def holder(tmp_path: Path):
+    """Start a real process holding the run lock of a repo; yields a starter."""
+    started: list[subprocess.Popen] = []
+
+    def start(repo: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([PY, "-c", HOLD, str(repo)], env=ENV, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+# --- the run lock -----------------------------------------------------------------------------
+
+def test_a_second_run_refuses_naming_the_holder_and_runs_nothing(tmp_path: Path,
+                                                                  holder) -> None:
+    repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
+    first = holder(repo)
+    second = subprocess.run([PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
+                            env=ENV, capture_output=True, text=True, timeout=60, check=False)
+    assert second.returncode == 1
+    assert f"pid {first.pid} " in second.stderr and "started 20" in second.stderr
+    assert "WAIT=1" in second.stderr and "Traceback" not in second.stderr
+    assert not (repo / "out.txt").exists()  # dvc repro never ran
+
+
+def test_a_waiting_run_goes_on_once_the_holder_is_done(tmp_path: Path, holder) -> None:
+    repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
+    first = holder(repo)
+    second = subprocess.Popen([PY, "-m", "flows.repro", "--repo", str(repo), "--no-push",
+                               "--wait", "--wait-timeout", "60"], env=ENV,
+                              stderr=subprocess.PIPE, text=True)
+    waiting = second.stderr.readline()
+    assert "waiting up to 60 s" in waiting and f"pid {first.pid} " in waiting
+    assert second.poll() is None and not (repo / "out.txt").exists()
+    first.stdin.close()  # the first run ends normally
+    assert second.wait(timeout=60) == 0
+    assert (repo / "out.txt").read_text() == "x"
+    assert runlock.holder(repo) is None
+
+
+def test_wait_gives_up_after_its_timeout(tmp_path: Path, holder) -> None:
+    repo = _plain_repo(tmp_path / "repo")
+    first = holder(repo)
+    with pytest.raises(runlock.RunLockBusy, match=rf"pid {first.pid} .*waited 0.5 s"), \
+            runlock.run_lock(repo, wait_s=0.5):
+        pass
+
+
+def test_the_lock_of_a_holder_killed_with_sigkill_is_taken_at_once(
+        tmp_path: Path, holder, caplog: pytest.LogCaptureFixture) -> None:
+    repo = _plain_repo(tmp_path / "repo")
+    first = holder(repo)
+    assert runlock.holder(repo)["pid"] == first.pid
+    first.kill()
+    first.wait()
+    caplog.set_level(logging.WARNING, logger=runlock.__name__)
+    began = time.monotonic()
+    with runlock.run_lock(repo, wait_s=0) as info:
+        assert time.monotonic() - began < 2
+        assert runlock.holder(repo) == {} or info["pid"] == os.getpid()
+    assert f"pid {first.pid} " in caplog.text and "ended without releasing" in caplog.text
+
+
+def test_the_flow_refuses_before_ingest_while_another_run_holds_the_workspace(
+        tmp_path: Path, holder, prefect_api: str) -> None:
+    from flows.pipeline import pipeline
+
+    repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
+    first = holder(repo)
+    state = pipeline(repo=str(repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(runlock.RunLockBusy, match=rf"pid {first.pid} "):
+        state.result()
+    assert not (repo / "out.txt").exists()
+
+
+# --- stage processes die with their parent ----------------------------------------------------
+
+@pytest.mark.parametrize("cmd", ["python stage.py", "python stage.py; true"],
+                         ids=["shell-execs-the-stage", "shell-stays-between"])
+def test_killing_dvc_repro_stops_its_stage(tmp_path: Path, cmd: str, reap: list) -> None:
+    repo = _dvc_repo(tmp_path / "repo", cmd=cmd)
+    dvc = subprocess.Popen([PY, "-m", "dvc", "repro"], cwd=repo, env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = repo / "stage.pid"
+    stage = int(_wait_for("the stage", lambda: pid_file.exists() and pid_file.read_text()))
+    reap += [stage, dvc.pid]
+    dvc.kill()
+    dvc.wait()
+    _wait_for("the orphaned stage to stop", lambda: _gone(stage), timeout_s=5)
+    assert not (repo / "out.txt").exists()
+
+
+def test_killing_the_run_stops_dvc_and_stage_and_the_next_run_waits_for_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, reap: list) -> None:
+    repo = _dvc_repo(tmp_path / "repo", cmd="python stage.py; true")
+    run = subprocess.Popen([PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
+                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = repo / "stage.pid"
+    stage = int(_wait_for("the stage", lambda: pid_file.exists() and pid_file.read_text()))
+    dvc = [p.pid for p in psutil.Process(run.pid).children() if "dvc" in p.cmdline()]
+    reap += [*dvc, stage]
+    run.kill()
+    run.wait()
+    caplog.set_level(logging.WARNING, logger=runlock.__name__)
+    with runlock.run_lock(repo, wait_s=0):
+        # The lock is ours only once no process of the killed run is left in the workspace.
+        assert _gone(stage) and all(_gone(pid) for pid in dvc)
+    assert not (repo / "out.txt").exists()
+    assert f"pid {run.pid} " in caplog.text
+
+
+def test_a_stage_whose_parent_died_before_the_hook_refuses_to_run(tmp_path: Path,
+                                                                  reap: list) -> None:
+    child = textwrap.dedent("""\
+        import pathlib, time
+        from stages.common import runlock  # notes the parent's pid, as run_main's import does
+        pathlib.Path("ready").touch()
+        while not pathlib.Path("go").exists():
+            time.sleep(0.02)
+        try:
+            runlock.die_with_parent()
+            pathlib.Path("result").write_text("ran")
+        except runlock.PipelineError as exc:
+            pathlib.Path("result").write_text(str(exc))
+        """)
+    parent = subprocess.Popen([PY, "-c", ("import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', sys.argv[1]]); "
+                               "time.sleep(60)"), child], cwd=tmp_path,
+                              env={**ENV, "DVC_STAGE": "work"})
+    _wait_for("the child", (tmp_path / "ready").exists)
+    reap += [p.pid for p in psutil.Process(parent.pid).children()]
+    parent.kill()
+    parent.wait()
+    (tmp_path / "go").touch()
+    result = _wait_for("the child's verdict",
+                       lambda: (tmp_path / "result").exists() and (tmp_path / "result").read_text())
+    assert result == (f"the process that started this one (pid {parent.pid}) has ended; "
+                      "not running orphaned")
+
+
+def test_torchrun_ranks_stop_when_the_launching_stage_is_killed(tmp_path: Path,
+                                                                reap: list) -> None:
+    rank = textwrap.dedent("""\
+        import os, time
+        from stages.common import runlock
+        runlock.die_with_parent()
+        open(f"rank{os.environ['RANK']}.pid", "w").write(str(os.getpid()))
+        time.sleep(120)
+        """)
+    (tmp_path / "rank.py").write_text(rank)
+    # The train stage's launcher (distributed.launch_torchrun), as DVC runs it (DVC_STAGE set).
+    launcher = subprocess.Popen(
+        [PY, "-c", ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-m', "
+         "'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'rank.py']); "
+         "time.sleep(120)")], cwd=tmp_path, env={**ENV, "DVC_STAGE": "train"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    files = [tmp_path / f"rank{r}.pid" for r in (0, 1)]
+    _wait_for("both ranks", lambda: all(f.exists() and f.read_text() for f in files), 60)
+    ranks = [int(f.read_text()) for f in files]
+    torchrun = psutil.Process(ranks[0]).parent().pid
+    reap += [*ranks]
+    launcher.kill()
+    launcher.wait()
+    _wait_for("the ranks to stop", lambda: all(_gone(pid) for pid in ranks), timeout_s=15)
+    _wait_for("torchrun to stop", lambda: _gone(torchrun), timeout_s=30)
+
+
+# --- leftovers of a killed run ----------------------------------------------------------------
+
+def _project_layout(repo: Path) -> Path:
+    (repo / ".dvc" / "tmp").mkdir(parents=True)
+    (repo / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    return repo
+
+
+def test_temp_folders_a_killed_stage_left_are_removed_at_its_next_start(
+        tmp_path: Path, holder) -> None:
+    repo = _project_layout(tmp_path / "repo")
+    writer = textwrap.dedent("""\
+        import sys
+        from stages.common.io import atomic_path
+        with atomic_path(sys.argv[1]) as tmp:
+            tmp.mkdir()
+            (tmp / "part-0.parquet").write_bytes(b"half")
+            print(tmp.parent, flush=True)
+            sys.stdin.read()
+        """)
+    killed = subprocess.Popen([PY, "-c", writer, str(repo / "data" / "validated")], env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    left = Path(killed.stdout.readline().strip())
+    killed.kill()
+    killed.wait()
+    assert left.parent == repo / "data" and left.name.startswith(".validated.")
+    other_stage = repo / "data" / ".features.abcd1234"  # features' own: not validate's to remove
+    not_ours = repo / "data" / ".validated.keep"
+    for path in (other_stage, not_ours):
+        path.mkdir()
+    a_while_ago = time.time() - 5  # the kill was a while ago (process start times are coarse)
+    for path in (left, other_stage, not_ours):
+        os.utime(path, (a_while_ago, a_while_ago))
+    clean = ("import logging, sys; from stages.common.runlock import remove_stale_temp_dirs; "
+             "logging.basicConfig(level='INFO'); "
+             "print(len(remove_stale_temp_dirs('validate', sys.argv[1])))")
+    # While another run holds the workspace, its stage may be writing there: nothing goes.
+    first = holder(repo)
+    out = subprocess.run([PY, "-c", clean, str(repo)], env=ENV, capture_output=True, text=True,
+                         check=False)
+    assert out.stdout.strip() == "0" and left.exists()
+    first.kill()
+    first.wait()
+    out = subprocess.run([PY, "-c", clean, str(repo)], env=ENV, capture_output=True, text=True,
+                         check=False)
+    assert out.stdout.strip() == "1", out.stderr
+    assert not left.exists() and other_stage.exists() and not_ours.exists()
+    assert "removed 1 temp folder(s) a killed run left" in out.stderr
+
+
+def test_temp_folders_newer_than_the_stage_process_are_kept(tmp_path: Path) -> None:
+    repo = _project_layout(tmp_path / "repo")
+    old, new = repo / "reports" / ".validation.old12345", repo / "reports" / ".validation.new12345"
+    for path in (old, new):
+        path.mkdir(parents=True)
+    long_ago = psutil.Process().create_time() - 60
+    os.utime(old, (long_ago, long_ago))
+    assert runlock.remove_stale_temp_dirs("validate", repo) == [old]
+    assert new.exists()
+    with atomic_path(repo / "models") as tmp:  # repo-level output (train): same rule
+        tmp.mkdir()
+        assert runlock.remove_stale_temp_dirs("train", repo) == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_stale_dvc_rwlock_entry_is_cleared_by_the_next_run(tmp_path: Path) -> None:
+    repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
+    out, code = str(repo / "out.txt"), str(repo / "stage.py")
+    fake_dvc = tmp_path / "bin" / "dvc"
+    fake_dvc.parent.mkdir()
+    fake_dvc.symlink_to("/bin/sleep")
+    live_dvc = subprocess.Popen([str(fake_dvc), "60"])  # a dvc someone runs: its entry stays
+    unrelated = subprocess.Popen(["sleep", "60"])  # not a dvc: its pid was reused
+    time.sleep(1.2)
+    # The pid of DVC's killed process, now reused by a live process started after the entry
+    # was written: DVC reports it as "busy" and asks the user to delete the file by hand.
+    reused = subprocess.Popen(["sleep", "60"])
+    try:
+        rwlock = repo / ".dvc" / "tmp" / "rwlock"
+        rwlock.write_text(json.dumps({
+            "write": {out: {"pid": reused.pid, "cmd": "dvc repro"}},
+            "read": {code: [{"pid": _dead_pid(), "cmd": "dvc repro"},
+                            {"pid": unrelated.pid, "cmd": "dvc repro"},
+                            {"pid": live_dvc.pid, "cmd": "dvc status"}]}}))
+        written = psutil.Process(live_dvc.pid).create_time() + 0.1
+        os.utime(rwlock, (written, written))
+        before = subprocess.run([PY, "-m", "dvc", "repro"], cwd=repo, capture_output=True, check=False,
+                                text=True)
+        assert before.returncode != 0 and "is busy" in before.stderr + before.stdout
+        with runlock.run_lock(repo):
+            kept = json.loads(rwlock.read_text())
+            after = subprocess.run([PY, "-m", "dvc", "repro"], cwd=repo, capture_output=True, check=False,
+                                   text=True, pass_fds=runlock.inherited_fds())
+        assert kept == {"read": {code: [{"pid": live_dvc.pid, "cmd": "dvc status"}]}}
+        assert after.returncode == 0, after.stderr
+        assert (repo / "out.txt").read_text() == "x"
+    finally:
+        for proc in (reused, unrelated, live_dvc):
+            proc.kill()
+            proc.wait()
