@@ -106,3 +106,11 @@ lineage: install ## Trace MODEL (<register.model_name>@champion) to its data, va
 
 reproduce: install ## Re-run MODEL on its exact data in a clean workspace (WORKDIR=); compare metrics
 	$(BIN)/python -m flows.reproduce $(MODEL) $(if $(WORKDIR),--workdir $(WORKDIR))
+
+# Alias history (stages/common/registry.py: every move, in the MLflow store's registry-audit
+# experiment; `make lineage` shows it). MODEL: <name> or <name>@champion (default, as above).
+ROLLBACK_USAGE := usage: make rollback REASON="why" [VERSION=n] [MODEL=name] [FORCE=1]
+.PHONY: rollback
+rollback: install ## Move champion back to its previous holder (or VERSION=n): make rollback REASON="why"
+	@test -n "$(REASON)" || { echo '$(ROLLBACK_USAGE)' >&2; exit 2; }
+	$(BIN)/python -m flows.rollback $(MODEL) --reason '$(subst ','\'',$(REASON))'$(if $(VERSION), --version $(VERSION))$(if $(FORCE), --force)

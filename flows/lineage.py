@@ -9,7 +9,9 @@ params and ``dvc.lock`` as they were at train time (run artifacts under ``lineag
 by ``stages.common.tracking.log_lineage``), every input file the stages read by hash (the
 suite, the code; a copy of those the commit lacks), the data versions (``data/*`` outputs of
 ``dvc.lock``: md5, size, files), the validation result, the Prefect flow run and the test
-metrics. ``flows.reproduce`` rebuilds the same inputs in a clean workspace.
+metrics; and the model's alias history (every move of its aliases: from which version to
+which, why, which run or who, when; ``stages.common.registry``). ``flows.reproduce`` rebuilds
+the same inputs in a clean workspace; ``flows.rollback`` moves ``champion`` back.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
-from stages.common import tracking
+from stages.common import registry, tracking
 from stages.common.config import MlflowParams, describe_errors, read_yaml
 from stages.common.errors import PipelineError
 
@@ -231,6 +233,8 @@ def build_lineage(client: MlflowClient, ref: ModelRef, ui_url: str) -> dict[str,
         "metrics": {key.removeprefix(METRIC_PREFIX): value
                     for key, value in sorted(run.data.metrics.items())
                     if key.startswith(METRIC_PREFIX)},
+        # every recorded move of the model's aliases, oldest first (registry-audit)
+        "alias_history": [asdict(move) for move in registry.alias_history(client, version.name)],
     }
 
 
@@ -308,6 +312,12 @@ def render_text(lineage: dict[str, Any]) -> str:
                                    subsequent_indent="      ")
     lines.append("Test metrics")
     lines += [f"  {name:<10} {value:.6f}" for name, value in lineage["metrics"].items()]
+    lines.append(f"Aliases    history of {model['name']} (oldest first; make rollback moves "
+                 "champion back)" if lineage.get("alias_history") else
+                 "Aliases    no recorded moves (made before the history was kept)")
+    for move in lineage.get("alias_history") or []:
+        lines += textwrap.wrap(registry.AliasMove(**move).describe(), width=100,
+                               initial_indent="  ", subsequent_indent="      ")
     return "\n".join(lines)
 
 

@@ -25,6 +25,14 @@ losing to (or tying with) the champion is not a failure. Aliases only: the depre
 stages are never used. Before the alias moves, the version must load through the service's own
 code path and answer its input example within ``register.max_latency_ms``
 (``serving.check``); if not, that is a gate failure too.
+
+Idempotent: a version is created with its content hash and ``promotion.gate: pending`` in one
+call, and found again by that hash (or, untagged, by its MLflow run) before anything is logged,
+so a retry, a re-run or a later identical run resumes it instead of adding one. The whole
+decision is recorded on the version first; then the alias moves, once, through
+``stages.common.registry`` (which logs the move in the alias history); then the gate tag
+becomes ``passed`` (or ``failed``). A run stopped anywhere before that leaves the version
+``pending`` (or ``failed``) and, unless the alias had already moved, not champion.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.common import tracking
+from stages.common import registry, tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params, RegisterParams
 from stages.common.errors import ConfigError, DataError, GateError
@@ -68,8 +76,8 @@ TIE_TOLERANCE = 1e-9  # float noise below this counts as "equal", i.e. not worse
 SKEW_TOLERANCE = 1e-4  # pyfunc vs evaluate metrics: a larger gap means serving skew
 CONTENT_TAG = "model.content_hash"  # on each version: what the model is (see content_hash)
 NETWORK_TAG = "model.network_hash"  # the same without the input contract
-GATE_TAG = "promotion.gate"  # passed | failed | pending: an identical model not yet passed
-#   (failed, or the run died between registering and deciding) is judged again
+GATE_TAG = registry.GATE_TAG  # passed | failed | pending: an identical model not yet passed
+#   (failed, or the run died between registering and moving the alias) is judged again
 MAX_REASON = 600  # characters: a reason is one bounded line, never a dumped object
 
 
@@ -401,8 +409,13 @@ def _model_code() -> dict[str, bytes]:
     return {str(f.relative_to(package.parent)): f.read_bytes() for f in files}
 
 
-def _find_identical(client: MlflowClient, name: str, digest: str) -> Any:
-    """The earliest version of ``name`` tagged with content ``digest``, or None."""
+def _find_identical(client: MlflowClient, name: str, digest: str, run_id: str) -> Any:
+    """The version of ``name`` this model already is, or None: the earliest one tagged with
+    content ``digest``, else one registered from run ``run_id`` with no content tag (a run
+    that stopped between registering and tagging, before registration set the tags itself).
+
+    One MLflow run registers at most one version of one content.
+    """
     from mlflow.exceptions import MlflowException
 
     escaped = name.replace("'", "\\'")
@@ -412,7 +425,8 @@ def _find_identical(client: MlflowClient, name: str, digest: str) -> Any:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    same = [v for v in versions if v.tags.get(CONTENT_TAG) == digest]
+    same = [v for v in versions if v.tags.get(CONTENT_TAG) == digest] or \
+        [v for v in versions if v.run_id == run_id and CONTENT_TAG not in v.tags]
     return min(same, key=lambda v: int(v.version)) if same else None
 
 
@@ -434,11 +448,13 @@ def _identical_record(rp: RegisterParams, existing: Any, previous: str | None,
 
 def _record_on_version(client: MlflowClient, record: dict[str, Any],
                        run_tags: dict[str, str]) -> None:
+    # The whole decision, before any alias moves. A passed gate stays "pending" until the
+    # alias has moved (_close_gate): a run stopped in between is resumed, not taken as done.
     name, version = record["model_name"], str(record["version"])
     tags = {
         "promotion.decision": record["decision"],
         "promotion.reason": record["reason"],
-        GATE_TAG: "failed" if record["gate_failed"] else "passed",
+        **({GATE_TAG: "failed"} if record["gate_failed"] else {}),
         CONTENT_TAG: record["content_hash"], NETWORK_TAG: record["network_hash"],
         **{f"metric.{k}": f"{v:.6f}" for k, v in record["metrics"].items()},
         **lineage_from_run(run_tags, record["run_id"]),
@@ -497,8 +513,6 @@ def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
                                 decide_promotion(candidate, champion, rp, cand.baselines))
         if decision.promote:  # the alias only moves to a version the service can answer with
             decision = _check_serving(f"models:/{rp.model_name}/{version}", rp, decision)
-    client.set_registered_model_alias(
-        rp.model_name, rp.alias if decision.promote else rp.challenger_alias, version)
     return decision, {
         "model_name": rp.model_name, "version": int(version),
         "decision": "promoted" if decision.promote else "challenger",
@@ -508,6 +522,31 @@ def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
         "gate_failed": decision.gate_failed, "content_hash": cand.content_hash,
         "network_hash": cand.network_hash,
     }
+
+
+def _register_version(rp: RegisterParams, model_uri: str, cand: Candidate) -> str:
+    # The version and the tags that make it findable in one call (one transaction): a retry
+    # after a stop from here on finds it (_find_identical) and resumes it, never duplicates.
+    import mlflow
+
+    version = mlflow.register_model(model_uri, rp.model_name, tags={
+        CONTENT_TAG: cand.content_hash, NETWORK_TAG: cand.network_hash, GATE_TAG: "pending"})
+    return str(version.version)
+
+
+def _move_alias(client: MlflowClient, rp: RegisterParams, decision: Decision,
+                record: dict[str, Any]) -> None:
+    # Once per decision, after it is recorded on the version; logged in the alias history.
+    alias = rp.alias if decision.promote else rp.challenger_alias
+    registry.move_alias(client, rp.model_name, alias, record["version"], record["reason"],
+                        caused_by_run=record["run_id"], kind="register")
+
+
+def _close_gate(client: MlflowClient, rp: RegisterParams, version: str,
+                decision: Decision) -> None:
+    # The last write: the version is decided (an identical model later is "identical").
+    client.set_model_version_tag(rp.model_name, version, GATE_TAG,
+                                 "failed" if decision.gate_failed else "passed")
 
 
 def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Path,
@@ -533,35 +572,35 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
     check_register_params(rp)
     cand = _read_inputs(Path(features_dir), Path(model_dir), Path(metrics_path), params)
     with tracking.resume_run(cand.model_dir, params.mlflow) as active:
-        client = MlflowClient()
+        client, run_id = MlflowClient(), active.info.run_id
         previous = _champion_version(client, rp.model_name, rp.alias)
-        existing = _find_identical(client, rp.model_name, cand.content_hash)
+        existing = _find_identical(client, rp.model_name, cand.content_hash, run_id)
         if existing is not None and existing.tags.get(GATE_TAG) == "passed":
-            return _finish_identical(rp, existing, previous, cand, active.info.run_id,
-                                     out_path)
-        if existing is not None:  # the same model failed the gate (or a crashed run left it
+            return _finish_identical(rp, existing, previous, cand, run_id, out_path)
+        if existing is not None:  # the same model failed the gate (or a stopped run left it
             version = str(existing.version)  # undecided): judge it again; no new version
         else:
             preprocessor_path = cand.features_dir / "preprocessor.joblib"
             info = log_servable(preprocessor_path, cand.model_dir / "model.pt",
-                                cand.test.head(5), contract=cand.contract,
-                                registered_model_name=rp.model_name)
+                                cand.test.head(5), contract=cand.contract)
             # ONNX + int8 copies beside it, scored on the same test rows (variants/ in the run).
             log_variants(preprocessor_path, cand.model_dir / "model.pt", cand.test)
-            version = str(info.registered_model_version)
-            # Findable at once: a retry after a crash from here on resumes this version.
-            client.set_model_version_tag(rp.model_name, version, CONTENT_TAG, cand.content_hash)
-            client.set_model_version_tag(rp.model_name, version, NETWORK_TAG, cand.network_hash)
-            client.set_model_version_tag(rp.model_name, version, GATE_TAG, "pending")
+            version = _register_version(rp, info.model_uri, cand)
         decision, record = _judge_version(client, rp, version, previous, cand)
         if existing is not None:
             record["identical_to"] = int(version)
-            before = {"failed": "failed the gate", "pending": "was left undecided by a run "
-                      "that stopped"}.get(existing.tags.get(GATE_TAG), "was not decided")
-            record["reason"] = one_line(f"identical to v{version}, which {before} before; "
+            before = {"failed": "failed the gate before", "pending": "was left undecided by a "
+                      "run that stopped before"}.get(existing.tags.get(GATE_TAG),
+                                                     "was not decided before")
+            if CONTENT_TAG not in existing.tags:
+                before = "this run had registered when it stopped"
+            record["reason"] = one_line(f"identical to v{version}, which {before}; "
                                         f"judged again: {record['reason']}")
-        record["run_id"] = active.info.run_id
-        _record_on_version(client, record, client.get_run(active.info.run_id).data.tags)
+        record["run_id"] = run_id
+        # In this order: the whole decision on the version, the alias (once), the gate closed.
+        _record_on_version(client, record, client.get_run(run_id).data.tags)
+        _move_alias(client, rp, decision, record)
+        _close_gate(client, rp, version, decision)
         mlflow.set_tags({"registered.model": rp.model_name, "registered.version": version,
                          "promotion.decision": record["decision"]})
     write_json(out_path, record)
