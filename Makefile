@@ -114,3 +114,13 @@ ROLLBACK_USAGE := usage: make rollback REASON="why" [VERSION=n] [MODEL=name] [FO
 rollback: install ## Move champion back to its previous holder (or VERSION=n): make rollback REASON="why"
 	@test -n "$(REASON)" || { echo '$(ROLLBACK_USAGE)' >&2; exit 2; }
 	$(BIN)/python -m flows.rollback $(MODEL) --reason '$(subst ','\'',$(REASON))'$(if $(VERSION), --version $(VERSION))$(if $(FORCE), --force)
+
+# Data integrity (stages/common/integrity.py): every output dvc.lock records, in the workspace
+# and in the DVC cache, hashed from its bytes. `make repair` rewrites or removes what is corrupt;
+# then `dvc repro` (or `make run`) re-creates it.
+.PHONY: verify repair
+verify: install ## Check the data, models and reports against dvc.lock (workspace + DVC cache)
+	$(BIN)/python -m stages.common.integrity
+
+repair: install ## Remove corrupt DVC cache objects and outputs found by verify; then dvc repro
+	$(BIN)/python -m stages.common.integrity --repair

@@ -10,7 +10,9 @@
    e.g. a suite the commit lacks) into it; every input file the re-run stages read must have
    the md5 the run recorded;
 3. point its DVC remote at the original repo's default remote (or ``--remote``);
-4. ``dvc pull`` the ingest stage's outputs: the exact raw data of that run;
+4. ``dvc pull`` the ingest stage's outputs: the exact raw data of that run, hashed from its
+   bytes (and its cache objects) against the run's ``dvc.lock``: DVC trusts the remote's
+   object names, so a corrupt object there stops the reproduction, naming the file;
 5. ``dvc repro --force --single-item`` each stage after ingest up to evaluate, in the order
    ``dvc dag`` gives, with the workspace's own MLflow store;
 6. compare the workspace's ``reports/metrics.json`` with the registered run's test metrics.
@@ -272,6 +274,30 @@ def restore_inputs(workdir: Path, inputs: dict[str, bytes]) -> list[str]:
     return written
 
 
+def check_pulled(workdir: Path, remote_url: str) -> None:
+    """What ``dvc pull`` brought must be the bytes the run's dvc.lock records (DVC trusts the
+    remote's object names): every output of the restored stage and its cache objects.
+
+    Raises:
+        ReproduceError: a file differs; names it, both hashes and the remote object to fix.
+    """
+    from stages.common.integrity import check_repo
+
+    problems = check_repo(workdir, [RESTORED_STAGE])
+    if not problems:
+        return
+    # DVC 3's remote layout, as its cache's: files/md5/<2 hex>/<the rest>
+    names = {"/".join(Path(p.path).parts[-2:]) if p.cache else f"{p.expected[:2]}/"
+             f"{p.expected[2:]}" for p in problems if not p.expected.startswith("(")}
+    objects = sorted(f"{remote_url.rstrip('/')}/files/md5/{name}" for name in names)
+    raise ReproduceError(
+        f"the data pulled from the DVC remote {remote_url} is not what the run recorded: "
+        + "; ".join(p.describe() for p in problems)
+        + f". The remote holds a corrupt object ({', '.join(objects)}): replace it from a "
+        "workspace whose copy is good (there: `make verify`, then remove the remote object and "
+        "`dvc push`), then reproduce again")
+
+
 def reproduce(lineage: dict[str, Any], files: dict[str, str], repo: Path, workdir: Path,
               remote: str | None, allow_dirty: bool, verbose: bool,
               inputs: dict[str, bytes] | None = None) -> list[dict[str, Any]]:
@@ -313,6 +339,7 @@ def reproduce(lineage: dict[str, Any], files: dict[str, str], repo: Path, workdi
     except ReproduceError as exc:
         raise ReproduceError(f"the run's data is not in the DVC remote {remote_url} (was "
                              f"`dvc push` run after it trained?): {exc}") from exc
+    check_pulled(workdir, remote_url)
     _done(started)
     stages = order_stages_between(ws.dvc("dag", "--dot", FINAL_STAGE), RESTORED_STAGE)
     for problem in check_inputs(workdir, lineage.get("inputs"), stages, allow_dirty):

@@ -13,10 +13,12 @@ Endpoints:
   ``row_policy`` a row that breaks it gets 422 (``reject``) or is scored and listed under
   ``flagged`` (``flag``, a text date it cannot parse scored as missing); either way it is
   counted in ``/metrics`` and marked in the log.
-* ``GET /health`` (and ``/ping``): the process is up. ``GET /ready``: 200 once a model is
-  loaded, 503 before. ``GET /version``: the served version, its run and lineage tags, and
-  the follower's state (a version refused for another input contract shows there); it needs
-  the bearer token too when one is set.
+* ``GET /health`` (and ``/ping``): the process is up. ``GET /ready``: 200 while the version the
+  alias names is served; 503 with the reason before, and while that version cannot be loaded
+  or the registry cannot be read (``/predict`` keeps answering with the version it has).
+  ``GET /version``: the served version, its run and lineage tags, and the follower's state
+  (a version refused for another input contract shows there); it needs the bearer token too
+  when one is set.
   ``GET /metrics``: Prometheus.
 
 The model reference is read once per request from a :class:`serving.model.ModelHolder`, which a
@@ -276,11 +278,18 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def health() -> Response:
         return _json({"status": "ok"})
 
-    @app.get("/ready", summary="200 once a model is loaded, 503 before")
+    @app.get("/ready", summary="200 while the alias's version is served; 503 with the reason")
     async def ready() -> Response:
         model = service.holder.current
         if model is None:
             return _json({"ready": False, "reason": service.load_error or "loading"}, 503)
+        # The alias names a version this service cannot load, or the registry cannot be read:
+        # unready (with why) until it can; /predict keeps answering with the version it has.
+        behind = service.follower.last_error if service.follower is not None else None
+        if behind:
+            return _json({"ready": False, "model_version": model.version,
+                          "reason": f"cannot serve models:/{config.model_name}@{config.alias} "
+                                    f"(serving v{model.version}): {behind}"}, 503)
         return _json({"ready": True, "model_version": model.version})
 
     @app.get("/version", summary="The served model: name, version, alias, run, lineage")

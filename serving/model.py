@@ -296,8 +296,11 @@ class RegistryFollower:
         current = self.holder.current
         try:
             mv = MlflowClient().get_model_version_by_alias(self.name, self.alias)
-            if (current is not None and current.version == str(mv.version)) \
-                    or str(mv.version) in self.refused:
+            if current is not None and current.version == str(mv.version):
+                self.last_error = None  # serving what the alias names (again, after a rollback)
+                return False
+            if str(mv.version) in self.refused:
+                self.last_error = self.refused[str(mv.version)]  # why the champion is not served
                 return False
             model = load_model(f"models:/{self.name}/{mv.version}", self.variant)
             model = _with_alias(model, self.alias)

@@ -571,8 +571,13 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
     rp = params.register
     check_register_params(rp)
     cand = _read_inputs(Path(features_dir), Path(model_dir), Path(metrics_path), params)
+    # The outputs this run produced, hashed from disk now that DVC has locked train and
+    # evaluate (train's start-time tags name only its inputs): on the run, and through
+    # lineage_from_run on the version. A mismatch with dvc.lock stops here, before any write.
+    produced = tracking.produced_output_tags(cand.model_dir)
     with tracking.resume_run(cand.model_dir, params.mlflow) as active:
         client, run_id = MlflowClient(), active.info.run_id
+        mlflow.set_tags(produced)
         previous = _champion_version(client, rp.model_name, rp.alias)
         existing = _find_identical(client, rp.model_name, cand.content_hash, run_id)
         if existing is not None and existing.tags.get(GATE_TAG) == "passed":

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.common import distributed, tracking
+from stages.common import distributed, integrity, tracking
 from stages.common.augment import ImageAugmenter
 from stages.common.batches import (  # noqa: F401
     StreamedTrainData,
@@ -396,18 +396,24 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
 
     n_features, n_classes = preprocessor.n_features, len(preprocessor.classes)
     metrics: tracking.MetricBuffer | None = None
+    # The params file as the stage read it (stages.common.cli.run_main took it): logged under
+    # lineage/, and compared with the file before any output is written.
+    snapshot = integrity.snapshot_for(params_file) if params_file is not None else None
     try:
         active, experiment_id, resumed = _open_mlflow_run(params, state)
         if resumed:
             mlflow.set_tag("resumed_at_step", state["step"])
         else:
-            mlflow.set_tags({**tracking.lineage_tags(), "device": str(device),
+            # the data versions train reads; its own outputs are tagged by register, which
+            # hashes the files once DVC has locked them
+            mlflow.set_tags({**tracking.lineage_tags(stage="train"), "device": str(device),
                              "world_size": dist.world_size})
             mlflow.log_params({**flatten_params(params, ("base", "ingest", "features", "train")),
                                "data.n_features": n_features, "data.n_classes": n_classes,
                                "data.classes": str(preprocessor.classes)})
             mlflow.log_dict(params_dict(params), "config/params.json")
-            tracking.log_lineage(".", params_file, validation_report)
+            tracking.log_lineage(".", params_file, validation_report,
+                                 params_text=snapshot.text if snapshot is not None else None)
             _log_inputs(splits, features_dir, preprocessor.target)
 
         # optimizer + loop (per-epoch metrics go out in batches: logging never stalls training)
@@ -436,13 +442,15 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
                       "train_params": params.train.model_dump(mode="json"),
                       "n_features": n_features, "n_classes": n_classes,
                       "epoch": result.best_epoch, "val_loss": result.best_val_loss}
+        if snapshot is not None:  # params.yaml edited while training: no output, run FAILED
+            snapshot.check_unchanged("train")
         _save_models(out_dir, checkpoint, active.info.run_id, experiment_id)
         write_text(history_path, history)
-    except TrainingInterrupted:
-        _end_run("KILLED", metrics)
+    except TrainingInterrupted as exc:
+        _end_run("KILLED", metrics, exc)
         raise
-    except BaseException:
-        _end_run("FAILED", metrics)
+    except BaseException as exc:
+        _end_run("FAILED", metrics, exc)
         raise
     _end_run("FINISHED", metrics)
     store.clear()  # done: a new run with these params and data starts fresh
@@ -451,14 +459,19 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
     return result
 
 
-def _end_run(status: str, metrics: tracking.MetricBuffer | None) -> None:
-    import mlflow
-
+def _end_run(status: str, metrics: tracking.MetricBuffer | None,
+             error: BaseException | None = None) -> None:
+    # The run never stays RUNNING: a failed flush (a full disk) ends it FAILED, and while
+    # ``error`` is handled nothing here raises over it (tracking.end_run).
     try:
         if metrics is not None:
             metrics.flush()  # the epochs before a failure stay visible in the run
-    finally:
-        mlflow.end_run(status)
+    except Exception as exc:
+        if error is None:
+            tracking.end_run("FAILED", exc)
+            raise
+        logger.warning("the last epochs' metrics were not logged: %s", exc)
+    tracking.end_run(status, error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

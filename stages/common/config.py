@@ -64,6 +64,14 @@ class MlflowParams(StrictModel):
     tracking_uri: str = "sqlite:///mlflow/mlflow.db"  # env MLFLOW_TRACKING_URI overrides
     experiment: str = "pipeline"  # one experiment holds every pipeline run
     ui_port: int = Field(5000, ge=1, le=65535)  # `make ui` serves here, on 127.0.0.1
+    # A tracking server that is down or hangs fails a stage within a bounded time (MLflow's own
+    # defaults wait minutes): each HTTP request waits this long for an answer...
+    request_timeout_s: int = Field(30, ge=1, le=600)
+    # ...and is retried this often, sleeping 0, 2, 4... x backoff_s seconds in between
+    # (3 retries, backoff 1: a refused connection fails in ~6 s). Env MLFLOW_HTTP_REQUEST_*
+    # variables, when set, win.
+    max_retries: int = Field(3, ge=0, le=10)
+    backoff_s: int = Field(1, ge=0, le=60)
 
 
 class IngestParams(StrictModel):

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ from stages.common.errors import PipelineError
 from stages.common.io import read_json, write_json
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from mlflow import ActiveRun
 
 logger = logging.getLogger(__name__)
@@ -44,10 +47,40 @@ def tracking_uri(params: MlflowParams) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
 
 
+# MLflow's HTTP limits (mlflow/environment_variables.py) <- params.mlflow fields. Its defaults
+# (7 retries, backoff 2, 120 s per request) made a stage wait ~4.5 min for a server that was down.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "request_timeout_s",
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "max_retries",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "backoff_s"}
+# Which values apply_http_limits put in the environment; processes it starts inherit it, so
+# that a value the user set (which wins) is told from one inherited from params.
+HTTP_LIMITS_MARKER = "PIPELINE_MLFLOW_HTTP_LIMITS"
+
+
+def apply_http_limits(params: MlflowParams) -> None:
+    """Bound how long MLflow waits for a tracking server: params ``mlflow.request_timeout_s``,
+    ``max_retries`` and ``backoff_s``; an ``MLFLOW_HTTP_REQUEST_*`` variable the user set wins."""
+    marker = os.environ.get(HTTP_LIMITS_MARKER, "")
+    ours = dict(item.split("=", 1) for item in marker.split(",") if "=" in item)
+    for env, field in HTTP_LIMITS.items():
+        current = os.environ.get(env)
+        if current is None or current == ours.get(env):
+            os.environ[env] = ours[env] = str(getattr(params, field))
+    os.environ[HTTP_LIMITS_MARKER] = ",".join(f"{k}={v}" for k, v in ours.items())
+
+
 def configure_mlflow(params: MlflowParams) -> str:
-    """Point MLflow at the store, create the experiment if needed; return its id."""
+    """Point MLflow at the store, create the experiment if needed; return its id.
+
+    A server that is down fails here, within the bounds of ``apply_http_limits``; a store that
+    cannot be written (read-only, full) fails here too. ``stages.common.faults`` words both.
+    """
     import mlflow
 
+    from stages.common import faults
+
+    apply_http_limits(params)
+    faults.quiet_mlflow_store_errors()
     uri = tracking_uri(params)
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -183,10 +216,26 @@ def record_inputs(repo: str | Path = ".") -> tuple[dict[str, dict], list[str]]:
     return record, to_log
 
 
-def lineage_tags(repo: str | Path = ".") -> dict[str, str]:
-    """Tags that tie a run to its code, data versions and the Prefect run that made it."""
+def lineage_tags(repo: str | Path = ".", stage: str | None = None) -> dict[str, str]:
+    """Tags that tie a run to its code, data versions and the Prefect run that made it.
+
+    ``stage`` (default: the one DVC runs, ``DVC_STAGE``): only the outputs of the stages it
+    depends on are tagged (``dvc.<path>.md5``), which DVC locked before it started; its own
+    outputs and those of later stages would be the previous run's (register tags the produced
+    ones: ``integrity.produced_outputs``). Without a stage, every output of ``dvc.lock``.
+    """
+    from stages.common import integrity
+
     repo = Path(repo)
-    tags = {**git_state(repo), **dvc_lock_hashes(repo / "dvc.lock")}
+    hashes = dvc_lock_hashes(repo / "dvc.lock")
+    stage = stage or integrity.running_stage()
+    if stage is not None and hashes:
+        lock = integrity.read_lock(repo)
+        inputs = integrity.upstream_of(integrity.stage_graph(repo, lock), stage)
+        hashes = {f"dvc.{path}.md5": out["md5"]
+                  for path, (producer, out) in integrity.lock_outputs(lock).items()
+                  if producer in inputs}
+    tags = {**git_state(repo), **hashes}
     if tags["git.dirty"] == "true":
         # `dvc repro` rewrites dvc.lock before train runs, so the tree is dirty on every run
         # after the first; the list lets `reproduce` tell that (the lock is logged) from code.
@@ -194,6 +243,16 @@ def lineage_tags(repo: str | Path = ".") -> dict[str, str]:
     if flow_run_id := os.environ.get(FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = flow_run_id
     return tags
+
+
+def produced_output_tags(model_dir: str | Path, repo: str | Path = ".") -> dict[str, str]:
+    """``dvc.<path>.md5`` tags of the outputs the model's runs produced (train's, evaluate's),
+    hashed from the files on disk and checked against dvc.lock (``integrity.produced_outputs``;
+    {} outside a DVC pipeline). Register sets them on the run and its version."""
+    from stages.common import integrity
+
+    return {f"dvc.{path}.md5": md5
+            for path, md5 in integrity.produced_outputs(model_dir, repo).items()}
 
 
 def _cut(text: str) -> str:
@@ -207,10 +266,12 @@ def validation_tags(summary: dict) -> dict[str, str]:
 
 
 def log_lineage(repo: str | Path = ".", params_file: str | Path | None = "params.yaml",
-                validation_report: str | Path | None = None) -> None:
+                validation_report: str | Path | None = None,
+                params_text: str | None = None) -> None:
     """Log the run's inputs under ``lineage/`` and tag its validation result.
 
-    ``params_file`` (None: not known) and ``repo/dvc.lock`` as they are now, every input of
+    ``params_text``: the params the stage read (``integrity.ParamsSnapshot.text``), else
+    ``params_file`` as it is now (None: not known); ``repo/dvc.lock`` as it is now, every input of
     the lock by hash with a copy of those the commit lacks (``record_inputs``), and the
     validation summary (``validation_report/summary.json``) when there is one. Call inside
     the active run.
@@ -218,9 +279,10 @@ def log_lineage(repo: str | Path = ".", params_file: str | Path | None = "params
     import mlflow
 
     lock = Path(repo) / "dvc.lock"
-    if params_file is not None and Path(params_file).is_file():
-        mlflow.log_text(Path(params_file).read_text(encoding="utf-8"),
-                        f"{LINEAGE_DIR}/{PARAMS_ARTIFACT}")
+    if params_text is None and params_file is not None and Path(params_file).is_file():
+        params_text = Path(params_file).read_text(encoding="utf-8")
+    if params_text is not None:
+        mlflow.log_text(params_text, f"{LINEAGE_DIR}/{PARAMS_ARTIFACT}")
     if lock.is_file():
         mlflow.log_text(lock.read_text(encoding="utf-8"), f"{LINEAGE_DIR}/{LOCK_ARTIFACT}")
         inputs, to_log = record_inputs(repo)
@@ -245,13 +307,111 @@ def save_run_info(model_dir: str | Path, run_id: str, experiment_id: str) -> Non
     write_json(Path(model_dir) / RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id})
 
 
-def resume_run(model_dir: str | Path, params: MlflowParams) -> ActiveRun:
-    """Re-open the MLflow run that the train stage started (a context manager)."""
+@contextmanager
+def resume_run(model_dir: str | Path, params: MlflowParams) -> Iterator[ActiveRun]:
+    """Re-open the MLflow run that the train stage started, for a ``with`` block.
+
+    The run ends FINISHED, or FAILED when the block raises, and a logged model the block left
+    PENDING is marked FAILED (``end_run``): no fault leaves the run RUNNING. A model an earlier
+    attempt could not mark (its disk was full) is marked FAILED before the run re-opens.
+    """
     import mlflow
 
     configure_mlflow(params)
     info = read_json(Path(model_dir) / RUN_FILE)
-    return mlflow.start_run(run_id=info["run_id"])
+    fail_pending_models(info["run_id"])
+    active = mlflow.start_run(run_id=info["run_id"])
+    try:
+        yield active
+    except BaseException as exc:
+        end_run("FAILED", exc)
+        raise
+    end_run("FINISHED")
+
+
+def end_run(status: str = "FINISHED", error: BaseException | None = None) -> None:
+    """End the active MLflow run with ``status``; nothing is left RUNNING or PENDING.
+
+    With ``error`` (the run failed), the run's logged models still PENDING are marked FAILED
+    first; on a full disk their partial artifacts are removed to make room for the status
+    writes. This never raises while ``error`` is being handled (a status it cannot write is
+    logged with the recovery). Without ``error``, a failure to end the run marks it FAILED
+    if it can, and raises.
+    """
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None:
+        return
+    run_id = active.info.run_id
+    if error is not None:
+        _fail_leftovers(run_id, error)
+    try:
+        mlflow.end_run(status)  # takes the run off MLflow's stack even if the write fails
+    except Exception as exc:
+        if error is None:
+            _fail_leftovers(run_id, exc)
+            _terminate_quietly(run_id, "FAILED", exc)
+            raise
+        _warn_left(run_id, status, exc)
+
+
+def fail_pending_models(run_id: str, free_space: bool = False) -> list[str]:
+    """Mark the logged models of ``run_id`` still PENDING as FAILED; return their ids.
+
+    A model stays PENDING when the process logging it failed before it could say so (a full
+    disk, a kill). With ``free_space``, its partial artifacts (useless: no one can load them)
+    are removed first when they are local.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models(experiment_ids=[experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    pending = [m for m in models if m.status == LoggedModelStatus.PENDING]
+    for model in pending:
+        if free_space:
+            _remove_local_artifacts(model.artifact_location)
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        logger.info("logged model %s of run %s was left PENDING: marked FAILED",
+                       model.model_id, run_id)
+    return [m.model_id for m in pending]
+
+
+def _fail_leftovers(run_id: str, error: BaseException) -> None:
+    from stages.common import faults
+
+    try:
+        fail_pending_models(run_id, free_space=faults.is_disk_full(error))
+    except Exception as exc:  # noqa: BLE001 - never hide the run's own error
+        _warn_left(run_id, "FAILED (its PENDING logged models too)", exc)
+
+
+def _terminate_quietly(run_id: str, status: str, error: BaseException) -> None:
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient().set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001 - the caller raises ``error``
+        _warn_left(run_id, status, error)
+
+
+def _warn_left(run_id: str, status: str, exc: BaseException) -> None:
+    logger.warning("MLflow run %s could not be marked %s (%s); once the store can be written "
+                   "again, running the stage again marks it", run_id, status,
+                   str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def _remove_local_artifacts(location: str | None) -> None:
+    import shutil
+    from urllib.parse import unquote, urlparse
+
+    if location and location.startswith("file:"):
+        shutil.rmtree(unquote(urlparse(location).path), ignore_errors=True)
+    elif location and "://" not in location:
+        shutil.rmtree(location, ignore_errors=True)
 
 
 def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
