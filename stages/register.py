@@ -502,14 +502,18 @@ def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
     candidate = score_model(f"models:/{rp.model_name}/{version}", cand.test,
                             cand.preprocessor.target, cand.preprocessor.classes)
     _warn_if_skewed(candidate, cand.evaluated)
-    if previous == version:  # a run stopped after moving the alias here: nothing to compare
-        champion, context = None, f"champion v{previous}"
+    recorded = client.get_model_version(rp.model_name, version).tags.get("promotion.decision")
+    if previous == version and recorded == "promoted":  # a run stopped after moving the alias
+        champion, context = None, f"champion v{previous}"  # here: nothing to compare
         decision = Decision(True, "already the champion (a run that stopped had moved the "
                                   "alias to it); not compared with itself", False)
-    else:
-        champion, context, refused = _compare_with_champion(rp, previous, cand)
+    else:  # (champion by a rollback or by hand, never passed: the gate alone judges it)
+        rival = None if previous == version else previous
+        champion, context, refused = _compare_with_champion(rp, rival, cand)
+        if previous == version:
+            context = f"champion v{version}, moved there outside register, not compared"
         decision = Decision(False, refused, True) if refused is not None else \
-            _new_rules_on_a_tie(client, rp, previous, cand,
+            _new_rules_on_a_tie(client, rp, rival, cand,
                                 decide_promotion(candidate, champion, rp, cand.baselines))
         if decision.promote:  # the alias only moves to a version the service can answer with
             decision = _check_serving(f"models:/{rp.model_name}/{version}", rp, decision)

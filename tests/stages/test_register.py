@@ -599,6 +599,25 @@ def test_a_crash_after_the_alias_moved_finishes_as_champion_not_compared_with_it
     assert _moves() == [("champion", None, "1", "done")]  # the retry moved nothing again
 
 
+def test_a_failed_version_made_champion_by_a_forced_rollback_is_still_judged_by_the_gate(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    # Champion by `make rollback ... FORCE=1`, not by register: a later identical run must not
+    # take it as "already the champion" and mark it passed without a gate.
+    strict = params_file(tmp_path / "strict.yaml")
+    workdir = prepare(tmp_path / "v1", trained, make_params(), degrade=True)
+    assert register.main(register_args(workdir, strict)) == 1
+    registry.move_alias(mlflow.MlflowClient(), NAME, "champion", "1", "forced", kind="rollback")
+
+    assert register.main(register_args(workdir, strict)) == 1
+
+    record = json.loads((workdir / "reports" / "registration.json").read_text())
+    assert record["decision"] == "challenger" and record["gate_failed"]
+    assert "champion v1, moved there outside register, not compared: below the absolute " \
+           "thresholds" in record["reason"]
+    assert mlflow.MlflowClient().get_model_version(NAME, "1").tags["promotion.gate"] == "failed"
+    assert _versions() == ["1"]
+
+
 @pytest.mark.parametrize(("function", "where"), [
     ("_record_on_version", register),  # deciding done, nothing written on the version yet
     ("move_alias", registry),  # everything written on the version, the alias not moved
