@@ -150,7 +150,7 @@ def move_alias(client: MlflowClient, model: str, alias: str, version: str | int,
     entry = {"model": model, "alias": alias, "from_version": before or NONE,
              "to_version": version, "reason": _cut(reason),
              "caused_by_run": caused_by_run or NONE, "actor": actor(),
-             "time": datetime.now(UTC).isoformat(), "kind": kind}
+             "time": datetime.now(UTC).isoformat(timespec="microseconds"), "kind": kind}
     source = f"v{before}" if before else "nothing"
     run = client.create_run(experiment_id, run_name=f"{model}@{alias} {source} -> v{version}",
                             tags={f"audit.{k}": v for k, v in entry.items()})
@@ -233,10 +233,12 @@ def _entry_of(run: Run) -> AliasMove:
     def optional(name: str) -> str | None:
         return None if field(name) in (NONE, "") else field(name)
 
+    started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
     return AliasMove(
         model=field("model"), alias=field("alias"), from_version=optional("from_version"),
         to_version=field("to_version"), reason=field("reason"),
-        caused_by_run=optional("caused_by_run"), actor=field("actor"), time=field("time"),
+        caused_by_run=optional("caused_by_run"), actor=field("actor"),
+        time=field("time") or started.isoformat(timespec="microseconds"),
         kind=field("kind"), status=STATUS.get(run.info.status, run.info.status),
         entry_id=run.info.run_id, error=tags.get("audit.error"))
 

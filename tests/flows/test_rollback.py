@@ -147,6 +147,27 @@ def test_a_failed_move_is_recorded_as_failed_and_a_repeat_records_nothing(store:
         client.log_param(failed.entry_id, "to_version", "2")
 
 
+def test_an_entry_a_killed_process_left_running_is_settled_by_the_next_move(
+        store: str) -> None:
+    import time
+
+    client = _client(store)
+    experiment_id = registry.audit_experiment_id(client)
+    # what a kill between writing the entry and setting the alias leaves: RUNNING, no params
+    fields = {"model": NAME, "alias": "champion", "from_version": "2", "to_version": "1"}
+    left = client.create_run(experiment_id, start_time=int(time.time() * 1000) - 120_000,
+                             tags={f"audit.{k}": v for k, v in fields.items()}).info.run_id
+
+    registry.move_alias(client, NAME, "champion", "1", "now for real", kind="manual")
+
+    settled = client.get_run(left)
+    assert settled.info.status == "FAILED"  # the alias was not on v1 when the next move came
+    assert settled.data.tags["audit.settled"] == "by a later move: alias not found on v1"
+    history = registry.alias_history(client, NAME)
+    assert [m.status for m in history if m.entry_id == left] == ["failed"]
+    assert history[-1].reason == "now for real" and history[-1].status == "done"
+
+
 def test_lineage_shows_the_alias_history(store: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert lineage.main([f"{NAME}@champion"]) == 0
 
