@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from stages.common import faults, integrity, runlock
-from stages.common.config import Params, load_params
+from stages.common.config import Params
 from stages.common.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def run_main(stage: str, parser: argparse.ArgumentParser,
         runlock.die_with_parent()
         runlock.remove_stale_temp_dirs(stage)
         snapshot = integrity.ParamsSnapshot.take(args.params)
-        params = load_params(args.params)
+        params = snapshot.load()  # parsed from the bytes the check compares with
         integrity.verify_stage_inputs(stage)
         body(args, params)
         snapshot.check_unchanged(stage)
