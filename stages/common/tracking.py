@@ -104,9 +104,16 @@ def configure_mlflow(params: MlflowParams) -> str:
 
 def _enable_wal(db: Path) -> None:
     # WAL lets the UI read while a stage writes; it is a property of the file, set once.
-    if db.exists():
-        with sqlite3.connect(db, timeout=30) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
+    # Opening the file for writing here (creating it when new) also fails at once, with
+    # SQLite's reason, where MLflow would retry creating its engine for ~100 s (a read-only or
+    # missing folder) or fail at the stage's first write.
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("BEGIN IMMEDIATE")  # a write lock: refused on a read-only file or mount
+        conn.rollback()
+    finally:
+        conn.close()
 
 
 def _git(repo: str | Path, *args: str) -> str:
