@@ -22,15 +22,23 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from serving import batch
-from serving.model import LoadedModel
+from serving.model import LoadedModel, ModelIntegrityError
 from stages.common.config import load_params
 
 SUMMARY_KEY = "batch-score-summary"
 
 
-@task(name="load-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
+    # Registry I/O is retried; a version refused for its files would only be refused again.
+    return not isinstance(state.data, ModelIntegrityError)
+
+
+@task(name="load-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_retry_unless_refused)
 def load_scoring_model(params_path: str, model_uri: str | None, variant: str) -> LoadedModel:
-    """The champion (or ``model_uri``), loaded once for every file; retried: registry I/O."""
+    """The champion (or ``model_uri``), loaded once for every file, its files checked against
+    the hashes recorded at registration first; retried: registry I/O (not a refused version).
+    """
     return batch.open_model(load_params(params_path), model_uri, variant)
 
 

@@ -138,11 +138,19 @@ def _score_batch(model: LoadedModel, batch: Any, src: Path) -> Any:
 def open_model(params: Params, model_uri: str | None = None,
                variant: str = "pyfunc") -> LoadedModel:
     """The model to score with: ``model_uri``, or ``models:/<register.model_name>@<alias>``,
-    from the MLflow store in params (``MLFLOW_TRACKING_URI`` overrides)."""
+    from the MLflow store in params (``MLFLOW_TRACKING_URI`` overrides).
+
+    Its files are checked against the hashes recorded at registration (signed with the key in
+    ``register.signing_key_env``, when set) before it is loaded.
+
+    Raises:
+        ModelIntegrityError: the files differ or the signature is missing or wrong.
+        ModelLoadError: any other reason it cannot be loaded.
+    """
     import mlflow
 
     from stages.common.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(params.mlflow))
     uri = model_uri or f"models:/{params.register.model_name}@{params.register.alias}"
-    return load_model(uri, variant)
+    return load_model(uri, variant, params.register.signing_key_env)

@@ -30,7 +30,9 @@ finishes on it. It never swaps to a version whose input contract differs from th
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
 import re
 import shutil
@@ -42,6 +44,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serving.payloads import ColumnSpec, InputSpec, spec_from_contract
+from stages.common.artifacts import (
+    DEFAULT_KEY_ENV,
+    MANIFEST_TAG,
+    ArtifactIntegrityError,
+    ensure_verified,
+    signing_key,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,12 +66,19 @@ VARIANT_LOADERS: dict[str, str] = {"pyfunc": "serving.model:load_pyfunc_predicto
                                    "int8": "stages.common.variants:load_variant"}  # quantized
 _KINDS = {"double": "float", "float": "float", "long": "int", "integer": "int",
           "boolean": "bool", "string": "str"}  # MLflow DataType name -> payload kind
+# pyfunc loaders of a PythonModel: models-from-code (now), cloudpickled (versions before it)
+_PYTHON_MODEL_LOADERS = ("mlflow.pyfunc.loaders.code_model", "mlflow.pyfunc.model")
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 
 
 class ModelLoadError(RuntimeError):
     """A model version could not be loaded for serving; the message says which and why."""
+
+
+class ModelIntegrityError(ModelLoadError):
+    """A version's files are not what was registered (or it is unsigned while a key is set):
+    refused before anything of it was loaded (:mod:`stages.common.artifacts`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +99,8 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     # the input contract (stages.common.contract): shipped, or derived from the signature
     contract: Mapping[str, Any] | None = field(default=None, repr=False)
+    # the artifact check (stages.common.artifacts.Verification.describe): "sha256 ... verified"
+    integrity: str = "unverified"
 
     @property
     def checks_rows(self) -> bool:
@@ -104,7 +122,7 @@ class LoadedModel:
         return {"model_name": self.name, "model_version": self.version, "alias": self.alias,
                 "run_id": self.run_id, "variant": self.variant, "model_uri": self.uri,
                 "loaded_at": self.loaded_at, "input_columns": list(self.spec.names),
-                "checks_rows": self.checks_rows,
+                "checks_rows": self.checks_rows, "integrity": self.integrity,
                 "output_columns": list(self.output_columns), "tags": dict(self.tags)}
 
 
@@ -128,26 +146,37 @@ def register_variant(name: str, loader: str) -> None:
     VARIANT_LOADERS[name] = loader
 
 
-def _variant_loader(variant: str) -> Callable[[str, str], Any]:
+def _variant_loader(variant: str, key_env: str | None = DEFAULT_KEY_ENV
+                    ) -> Callable[[str, str], Any]:
     target = VARIANT_LOADERS.get(variant, variant)
     if ":" not in target:
         raise ModelLoadError(f"unknown model variant {variant!r} (known: "
                              f"{', '.join(VARIANT_LOADERS)}, or module:function)")
     module, _, func = target.partition(":")
     try:
-        return getattr(importlib.import_module(module), func)
+        loader = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as exc:
         raise ModelLoadError(f"variant {variant!r}: cannot import {target}: {exc}") from exc
+    # A loader that reads more files (the ONNX variants) checks them with the same key.
+    if "key_env" in inspect.signature(loader).parameters:
+        return functools.partial(loader, key_env=key_env)
+    return loader
 
 
-def load_pyfunc_predictor(model_uri: str, variant: str = "pyfunc") -> Any:
-    """The built-in ``pyfunc`` variant: the logged pyfunc, scored without MLflow's wrapper."""
+def load_pyfunc_predictor(model_uri: str, variant: str = "pyfunc",
+                          key_env: str | None = DEFAULT_KEY_ENV) -> Any:
+    """The built-in ``pyfunc`` variant: the logged pyfunc, scored without MLflow's wrapper.
+
+    A ``models:/`` URI is downloaded and checked against its recorded hashes first; a local
+    folder is taken as checked (:func:`load_model` passes its verified copy).
+    """
     import mlflow
 
     from stages.common.servable import ClassifierModel
 
-    pyfunc = mlflow.pyfunc.load_model(model_uri)
-    inner = pyfunc.unwrap_python_model() if pyfunc.loader_module == "mlflow.pyfunc.model" \
+    with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
+        pyfunc = mlflow.pyfunc.load_model(ensure_verified(model_uri, tmp, key_env))
+    inner = pyfunc.unwrap_python_model() if pyfunc.loader_module in _PYTHON_MODEL_LOADERS \
         else None
     if isinstance(inner, ClassifierModel):
         return _DirectPredictor(inner)
@@ -178,21 +207,28 @@ def resolve_version(uri: str) -> tuple[str, ModelVersion | None, str | None]:
     return uri, None, None
 
 
-def load_model(uri: str, variant: str = "pyfunc") -> LoadedModel:
-    """Load a model for serving: resolve the alias, copy the version, load the variant.
+def load_model(uri: str, variant: str = "pyfunc",
+               key_env: str | None = DEFAULT_KEY_ENV) -> LoadedModel:
+    """Load a model for serving: resolve the alias, copy the version, check its files against
+    the hashes recorded at registration, load the variant.
 
     Args:
         uri: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, or any model URI.
         variant: ``pyfunc`` (default), a name in :data:`VARIANT_LOADERS`, or
             ``module:function``.
+        key_env: env var holding the signing key (params ``register.signing_key_env``); when
+            it is set, only versions signed with it load.
 
     Raises:
+        ModelIntegrityError: the files differ from the recorded hashes, or the signature is
+            missing or wrong (nothing of the version was loaded).
         ModelLoadError: naming the URI and what failed (registry lookup, download, signature,
             the variant's loader).
     """
     import mlflow
     from mlflow.models import Model
 
+    from stages.common.artifacts import unrecorded, verify_files
     from stages.common.contract import contract_in_model_dir
 
     try:
@@ -202,13 +238,18 @@ def load_model(uri: str, variant: str = "pyfunc") -> LoadedModel:
     local = tempfile.mkdtemp(prefix="serving-model-")
     try:
         path = mlflow.artifacts.download_artifacts(artifact_uri=versioned, dst_path=local)
+        # Before anything of it is read: MLmodel, the model code, the pickled preprocessor.
+        check = verify_files(mv, path, key_env=key_env) if mv is not None else \
+            unrecorded(None, None, signing_key(key_env), key_env or DEFAULT_KEY_ENV)
         meta = Model.load(path)
         contract = contract_in_model_dir(path)
         spec = spec_from_contract(contract) if contract and "derived_from" not in contract \
             else spec_from_schema(meta.get_input_schema())
         outputs = meta.get_output_schema()
         example = meta.load_input_example(path)
-        predictor = _variant_loader(variant)(path, variant)
+        predictor = _variant_loader(variant, key_env)(path, variant)
+    except ArtifactIntegrityError as exc:
+        raise ModelIntegrityError(f"{uri}: {exc}") from exc
     except ModelLoadError as exc:
         raise ModelLoadError(f"{uri}: {exc}") from exc
     except Exception as exc:
@@ -220,8 +261,10 @@ def load_model(uri: str, variant: str = "pyfunc") -> LoadedModel:
         uri=versioned, variant=variant, spec=spec, predictor=predictor.predict,
         output_columns=tuple(outputs.input_names()) if outputs is not None else (),
         name=mv.name if mv else None, version=str(mv.version) if mv else None, alias=alias,
-        run_id=(mv.run_id if mv else None) or meta.run_id, tags=dict(mv.tags) if mv else {},
-        input_example=example if hasattr(example, "columns") else None, contract=contract)
+        run_id=(mv.run_id if mv else None) or meta.run_id,
+        tags={k: v for k, v in mv.tags.items() if k != MANIFEST_TAG} if mv else {},
+        input_example=example if hasattr(example, "columns") else None, contract=contract,
+        integrity=check.describe())
 
 
 def warm_up(model: LoadedModel) -> None:
@@ -269,14 +312,19 @@ class RegistryFollower:
         allow_contract_change: swap to a version whose input contract differs from the served
             one's (params ``serve.allow_contract_change``); otherwise such a version is
             refused once, remembered in ``refused`` and ``last_error``, and not loaded again.
+        key_env: env var holding the signing key (see :func:`load_model`). A version whose
+            files differ from its recorded hashes (or unsigned while a key is set) is refused
+            the same way: remembered in ``refused``, the current model keeps serving.
     """
 
     def __init__(self, holder: ModelHolder, name: str, alias: str, variant: str = "pyfunc",
                  interval_s: float = 10.0,
                  on_swap: Callable[[LoadedModel, LoadedModel | None], None] | None = None,
                  on_error: Callable[[str], None] | None = None,
-                 allow_contract_change: bool = False) -> None:
+                 allow_contract_change: bool = False,
+                 key_env: str | None = DEFAULT_KEY_ENV) -> None:
         self.holder, self.name, self.alias, self.variant = holder, name, alias, variant
+        self.key_env = key_env
         self.interval_s, self.on_swap, self.on_error = interval_s, on_swap, on_error
         self.allow_contract_change = allow_contract_change
         self.last_error: str | None = None
@@ -302,11 +350,16 @@ class RegistryFollower:
             if str(mv.version) in self.refused:
                 self.last_error = self.refused[str(mv.version)]  # why the champion is not served
                 return False
-            model = load_model(f"models:/{self.name}/{mv.version}", self.variant)
+            model = load_model(f"models:/{self.name}/{mv.version}", self.variant, self.key_env)
             model = _with_alias(model, self.alias)
             if self._refuse(current, model):
                 return False
             warm_up(model)
+        except ModelIntegrityError as exc:  # tampered or damaged: never load it, say why
+            serving = f"still serving v{current.version}" if current else "serving nothing"
+            self.refused[str(mv.version)] = f"refused: {exc}; {serving}"
+            self._report(self.refused[str(mv.version)])
+            return False
         except Exception as exc:  # noqa: BLE001 - keep serving the old model, whatever broke
             self._report(f"{type(exc).__name__}: {exc}")
             return False

@@ -273,19 +273,28 @@ def lineage_from_run(run_tags: dict[str, str], run_id: str) -> dict[str, str]:
 # --- I/O ----------------------------------------------------------------------------------
 
 
-def score_model(model_uri: str, test: pd.DataFrame, target: str,
-                classes: list[Any]) -> dict[str, float]:
+def score_model(model_uri: str, test: pd.DataFrame, target: str, classes: list[Any],
+                key_env: str | None = None) -> dict[str, float]:
     """Score a registered pyfunc on raw test rows: its output columns -> the test metrics.
 
+    The version's files are downloaded and checked against the hashes recorded at
+    registration (and their signature, when the key in ``key_env``, default
+    ``MODEL_SIGNING_KEY``, is set) before it loads.
+
     Raises:
+        ArtifactIntegrityError: the files differ, or the signature is missing or wrong.
         DataError, ValueError, MlflowException: the model cannot score this data
         (other columns, other classes) or cannot be loaded.
     """
+    import tempfile
+
     import mlflow
 
+    from stages.common.artifacts import ensure_verified
     from stages.common.servable import proba_matrix
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    with tempfile.TemporaryDirectory(prefix="register-score-") as tmp:
+        model = mlflow.pyfunc.load_model(ensure_verified(model_uri, tmp, key_env))
     predictions = model.predict(test.drop(columns=[target]))
     proba = proba_matrix(predictions, classes)
     return compute_metrics(encode_with_classes(test[target], classes), proba)
@@ -330,7 +339,7 @@ def _compare_with_champion(rp: RegisterParams, previous: str | None,
                       "register.allow_schema_change, so it is not compared"), None
     try:
         metrics = score_model(uri, cand.test, cand.preprocessor.target,
-                              cand.preprocessor.classes)
+                              cand.preprocessor.classes, rp.signing_key_env)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot compare"
         logger.warning("champion v%s cannot score the current test data: %s", previous, exc)
         why = one_line(f"champion v{previous} could not score the current test data "
@@ -500,7 +509,8 @@ def _judge_version(client: MlflowClient, rp: RegisterParams, version: str,
                    previous: str | None, cand: Candidate) -> tuple[Decision, dict[str, Any]]:
     # Both models are scored the same way: loaded from the registry, raw test rows in.
     candidate = score_model(f"models:/{rp.model_name}/{version}", cand.test,
-                            cand.preprocessor.target, cand.preprocessor.classes)
+                            cand.preprocessor.target, cand.preprocessor.classes,
+                            rp.signing_key_env)
     _warn_if_skewed(candidate, cand.evaluated)
     recorded = client.get_model_version(rp.model_name, version).tags.get("promotion.decision")
     if previous == version and recorded == "promoted":  # a run stopped after moving the alias
@@ -569,6 +579,7 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
     import mlflow
     from mlflow import MlflowClient
 
+    from stages.common import artifacts
     from stages.common.servable import log_servable
     from stages.common.variants import log_variants
 
@@ -595,6 +606,11 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
             # ONNX + int8 copies beside it, scored on the same test rows (variants/ in the run).
             log_variants(preprocessor_path, cand.model_dir / "model.pt", cand.test)
             version = _register_version(rp, info.model_uri, cand)
+        # Every stored file's sha256 (signed when a key is set) on the version, before anything
+        # of it is loaded; a version this run registered before it stopped is recorded now,
+        # one that recorded hashes is checked against them (stages.common.artifacts).
+        artifacts.record_version(client, rp.model_name, version, rp.signing_key_env,
+                                 only_run=run_id)
         decision, record = _judge_version(client, rp, version, previous, cand)
         if existing is not None:
             record["identical_to"] = int(version)

@@ -261,6 +261,9 @@ class RegisterParams(StrictModel):
     allow_schema_change: bool = False
     # pre-promotion check: median single-row latency through the serving code path (ms)
     max_latency_ms: float = Field(250.0, gt=0)
+    # env var holding the key that signs each version's artifact hashes (HMAC-SHA256); when it
+    # is set, only versions signed with that key load (serving, batch scoring, register)
+    signing_key_env: str = Field("MODEL_SIGNING_KEY", min_length=1)
 
 
 class ScheduleParams(StrictModel):

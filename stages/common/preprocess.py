@@ -220,14 +220,26 @@ def save_preprocessor(preprocessor: FittedPreprocessor, path: str | Path) -> Non
         joblib.dump(preprocessor, tmp)
 
 
-def load_preprocessor(path: str | Path) -> FittedPreprocessor:
-    """Read a preprocessor written by ``save_preprocessor``; a bad file gets a clear error."""
+def load_preprocessor(path: str | Path, sha256: str | None = None) -> FittedPreprocessor:
+    """Read a preprocessor written by ``save_preprocessor``; a bad file gets a clear error.
+
+    Args:
+        sha256: the file's expected hash: checked before the file is unpickled (a joblib file
+            runs code when loaded), ArtifactIntegrityError on a difference.
+    """
     import joblib
 
     path = Path(path)
     if not path.is_file():
         raise DataError("preprocessor not found; run the features stage first",
                         file=str(path), rule="exists")
+    if sha256 is not None:
+        from stages.common.artifacts import ArtifactIntegrityError, file_sha256
+
+        if (actual := file_sha256(path)) != sha256:
+            raise ArtifactIntegrityError(
+                f"{path}: sha256 {actual} is not the expected {sha256} (damaged or replaced); "
+                "not unpickled. Fix: rebuild it (features stage) or re-register the model")
     try:
         preprocessor = joblib.load(path)
     except Exception as exc:  # joblib/pickle raise many types for a damaged file

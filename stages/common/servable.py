@@ -7,6 +7,10 @@ any others, are ignored). Output: a DataFrame with ``prediction`` (the label val
 its MLflow signature is derived from it, not from whichever rows the example holds.
 The ``stages`` package travels with the model (``code_paths``), so ``mlflow.pyfunc.load_model``
 and ``mlflow models serve`` work in any process that has the pinned requirements installed.
+The pyfunc is logged as code (MLflow models-from-code, ``stages/common/servable_model.py``):
+no ``python_model.pkl``. The sha256 of the preprocessor and the network is recorded in the
+model's config (``MLmodel``) and checked before either file is loaded; the registry holds the
+hashes of every file (:mod:`stages.common.artifacts`), which the loaders check first.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
 
 PREPROCESSOR = "preprocessor"  # artifact keys inside the logged model
 NETWORK = "network"
+HASHES_CONFIG = "artifact_sha256"  # model_config key: {artifact key: sha256 of its file}
+MODEL_CODE = "servable_model.py"  # the models-from-code file, in stages/common/
 PREDICTION = "prediction"
 PROBA_PREFIX = "proba_"
 # What the model needs at load time; pinned to the versions installed here.
@@ -89,13 +95,30 @@ class Scorer:
 
 
 def load_scorer(preprocessor_path: str | Path, network_path: str | Path,
-                device: str = "auto") -> Scorer:
-    """Load the preprocessor and the checkpoint from their files."""
+                device: str = "auto", sha256: dict[str, str] | None = None) -> Scorer:
+    """Load the preprocessor and the checkpoint from their files.
+
+    Args:
+        sha256: ``{PREPROCESSOR: hash, NETWORK: hash}``: each file is checked before it is
+            loaded (ArtifactIntegrityError on a difference).
+    """
     from stages.common.nets import load_network, select_device
     from stages.common.preprocess import load_preprocessor
 
+    expected = sha256 or {}
+    _check_hash(network_path, expected.get(NETWORK))
     module, _ = load_network(network_path)
-    return Scorer(load_preprocessor(preprocessor_path), module, select_device(device))
+    return Scorer(load_preprocessor(preprocessor_path, sha256=expected.get(PREPROCESSOR)),
+                  module, select_device(device))
+
+
+def _check_hash(path: str | Path, expected: str | None) -> None:
+    from stages.common.artifacts import ArtifactIntegrityError, file_sha256
+
+    if expected is not None and (actual := file_sha256(path)) != expected:
+        raise ArtifactIntegrityError(
+            f"{path}: sha256 {actual} is not the {expected} the model was logged with (the "
+            "file was damaged or replaced); not loaded. Fix: re-register the model")
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
@@ -105,8 +128,12 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         """Load the preprocessor, the network and (when shipped) the input contract."""
         from stages.common.contract import CONTRACT_ARTIFACT, load_contract
 
-        self._scorer = load_scorer(context.artifacts[PREPROCESSOR], context.artifacts[NETWORK])
+        hashes = (context.model_config or {}).get(HASHES_CONFIG)  # None: logged before them
+        self._scorer = load_scorer(context.artifacts[PREPROCESSOR], context.artifacts[NETWORK],
+                                   sha256=hashes)
         contract_path = context.artifacts.get(CONTRACT_ARTIFACT)
+        if contract_path:
+            _check_hash(contract_path, (hashes or {}).get(CONTRACT_ARTIFACT))
         contract = load_contract(contract_path) if contract_path else {"columns": []}
         self._optional = [col["name"] for col in contract["columns"]
                           if col.get("used", True) and col["nullable"]]
@@ -216,6 +243,7 @@ def log_servable(preprocessor_path: str | Path, network_path: str | Path,
             the ``contract`` artifact; the signature comes from it. None (models before
             contracts): the signature is inferred from the example's feature columns.
     """
+    from stages.common.artifacts import file_sha256
     from stages.common.contract import CONTRACT_ARTIFACT, CONTRACT_FILE, save_contract
 
     scorer = load_scorer(preprocessor_path, network_path, device="cpu")
@@ -228,12 +256,16 @@ def log_servable(preprocessor_path: str | Path, network_path: str | Path,
             example = contract_example(input_example, contract)
             signature = contract_signature(contract, scorer.predict(example))
             artifacts[CONTRACT_ARTIFACT] = str(save_contract(contract, Path(tmp) / CONTRACT_FILE))
+        code = copy_model_code(Path(tmp) / "code")
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=ClassifierModel(),
+            # Models-from-code: MLflow stores and runs this file; nothing is pickled.
+            python_model=str(code / "common" / MODEL_CODE),
             artifacts=artifacts,
-            # Unpickling the model imports stages.common.servable: ship that package with it.
-            code_paths=[str(copy_model_code(Path(tmp)))],
+            model_config={HASHES_CONFIG: {key: file_sha256(path)
+                                          for key, path in artifacts.items()}},
+            # The model code imports stages.common.servable: ship that package with it.
+            code_paths=[str(code)],
             # Explicit pins: skips MLflow's requirement inference (it loads the model, ~8 s).
             pip_requirements=pip_requirements(),
             signature=signature,

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from stages.common.artifacts import DEFAULT_KEY_ENV
 from stages.common.errors import DataError, PipelineError
 
 if TYPE_CHECKING:
@@ -310,8 +311,14 @@ def log_variants(preprocessor_path: str | Path, network_path: str | Path,
 # --- load for serving ---------------------------------------------------------------------
 
 
-def load_variant(model_uri: str, variant: Variant = "pyfunc", threads: int = 1) -> Predictor:
+def load_variant(model_uri: str, variant: Variant = "pyfunc", threads: int = 1,
+                 key_env: str | None = DEFAULT_KEY_ENV) -> Predictor:
     """Load a registered model as the pyfunc or one of its ONNX variants.
+
+    Every file is checked against the hashes the version recorded at registration before it
+    is loaded (:mod:`stages.common.artifacts`): a ``models:/`` URI is downloaded and checked,
+    a local copy is taken as checked by the caller (:mod:`serving.model` checks its copy),
+    and the ``variants/`` files are checked against the versions registered from their run.
 
     Args:
         model_uri: ``models:/<name>/<version>``, ``models:/<name>@<alias>``, or a local copy
@@ -319,19 +326,25 @@ def load_variant(model_uri: str, variant: Variant = "pyfunc", threads: int = 1) 
             the ``variants/`` folder of the run that logged it.
         variant: ``pyfunc`` (the logged model), ``onnx`` (float32) or ``int8``.
         threads: onnxruntime threads per call (ONNX variants only).
+        key_env: env var holding the signing key (params ``register.signing_key_env``).
 
     Returns:
         An object whose ``predict(frame)`` returns ``prediction`` + ``proba_<label>`` columns.
 
     Raises:
+        ArtifactIntegrityError: a file differs from its recorded hash, or the signature is
+            missing or wrong while a key is set.
         PipelineError: an unknown variant, or a version logged without variants.
     """
     import mlflow
 
+    from stages.common.artifacts import ensure_verified, verify_run_variants
+
     if variant not in VARIANTS:
         raise PipelineError(f"unknown model variant {variant!r} (one of {', '.join(VARIANTS)})")
     if variant == "pyfunc":
-        return mlflow.pyfunc.load_model(model_uri)
+        with tempfile.TemporaryDirectory(prefix="variant-model-") as tmp:
+            return mlflow.pyfunc.load_model(ensure_verified(model_uri, tmp, key_env))
     run_id = mlflow.models.get_model_info(model_uri).run_id
     folder = Path(tempfile.mkdtemp(prefix="variants-"))
     try:
@@ -343,6 +356,7 @@ def load_variant(model_uri: str, variant: Variant = "pyfunc", threads: int = 1) 
                             f"(registered before variants existed?); serve it with variant "
                             f"'pyfunc' or register it again ({type(exc).__name__})") from exc
     try:
+        verify_run_variants(run_id, folder / ARTIFACT_DIR, key_env)  # before the unpickling
         return load_onnx_scorer(folder / ARTIFACT_DIR, variant, threads)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # everything is in memory now
