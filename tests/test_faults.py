@@ -29,7 +29,7 @@ from mlflow.entities import LoggedModelStatus
 
 from flows.pipeline import describe_failure
 from serving.app import ServiceConfig, create_app
-from stages import evaluate, register
+from stages import evaluate, register, train
 from stages.common import tracking
 from stages.common.faults import describe_fault
 from tests.builders import (
@@ -289,6 +289,31 @@ def test_a_full_output_disk_names_the_output_folder(
         assert f"(file system {out}: 64.0 KB," in lines[0]
         assert not (out / "metrics.json").exists()
         assert leftovers(mlflow_uri) == ([], [])
+
+
+def test_a_full_disk_under_trains_output_names_it_and_ends_the_run_failed(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # torch.save on a full disk says only "[enforce fail at inline_container.cc] ...".
+    with small_tmpfs(tmp_path / "out", "64k") as out:
+        fill(out, leave=0)
+
+        code = train.main(["--features", str(trained[0]),
+                           "--validation-report", str(tmp_path / "no-report"),
+                           "--out", str(out / "models"), "--history", str(tmp_path / "h.csv"),
+                           "--resume-dir", str(tmp_path / "resume"),
+                           "--params", str(params_file(tmp_path / "p.yaml"))])
+
+        assert code == 1
+        lines = failed_lines(caplog.text, "train")
+        assert len(lines) == 1, caplog.text
+        assert f"no space left on the device: {out}/models" in lines[0]
+        assert f"(file system {out}: 64.0 KB," in lines[0]
+    runs = mlflow.MlflowClient().search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient().search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert leftovers(mlflow_uri) == ([], [])
+    mlflow.set_tracking_uri(None)
 
 
 def test_unknown_errors_are_left_to_the_traceback_and_a_locked_store_to_the_retry() -> None:

@@ -43,7 +43,9 @@ _API_FAILED = re.compile(r"API request to (?P<url>\S+) failed with exception")
 _MLFLOW_ENV = "MLFLOW_TRACKING_URI"
 _MLFLOW_STORE_LOGGER = "mlflow.store.db.utils"
 # Locals that hold the file a frame writes (pathlib's own methods: self).
-_PATH_LOCALS = ("self", "path", "file", "filename", "target", "dst", "dest", "tmp")
+_PATH_LOCALS = ("self", "path", "f", "file", "filename", "target", "dst", "dest", "tmp")
+# torch.save on a full disk raises a RuntimeError that does not say so
+_TORCH_WRITE = ("inline_container.cc", "PytorchStreamWriter failed writing", "file write failed")
 _ATOMIC_TEMP = re.compile(r"^\.[^/]+\.[a-z0-9_]{8}$")  # tempfile.mkdtemp(prefix=".<name>.")
 
 
@@ -111,8 +113,11 @@ def _describe_os_fault(exc: BaseException) -> str | None:
     code = exc.errno if isinstance(exc, OSError) else None
     if code not in _OS_FAULTS:
         code = next((n for text, n in _TEXT_ERRNO.items() if text in str(exc).lower()), None)
-        if code is None:
-            return None
+    if code is None and any(text in str(exc) for text in _TORCH_WRITE):
+        written = _written_path(exc)
+        code = errno.ENOSPC if written and _is_full(written) else None
+    if code is None:
+        return None
     what, fix = _OS_FAULTS[code]
     path = _written_path(exc)
     if path is None:
@@ -129,7 +134,7 @@ def _written_path(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         for name in (exc.filename2, exc.filename):
             if name:
-                return os.fsdecode(name)
+                return str(_without_temp_dirs(Path(os.fsdecode(name))))
     frames = []
     tb = exc.__traceback__
     while tb is not None:
@@ -163,15 +168,16 @@ def _full_places() -> list[str]:
     # Without a file name: the places a stage writes to whose file system is (almost) full.
     candidates = [p for p in (_sqlite_path(_tracking_uri()), os.getcwd(),
                               tempfile.gettempdir()) if p]
-    full = []
-    for place in candidates:
-        try:
-            usage = shutil.disk_usage(_existing(Path(place)))
-        except OSError:
-            continue
-        if usage.free < max(1 << 20, usage.total // 1000):
-            full.append(str(place))
-    return full
+    return [str(place) for place in candidates if _is_full(place)]
+
+
+def _is_full(place: str | Path) -> bool:
+    # Under 1 MB (or 0.1%) free: nothing of a stage's size fits.
+    try:
+        usage = shutil.disk_usage(_existing(Path(place)))
+    except OSError:
+        return False
+    return usage.free < max(1 << 20, usage.total // 1000)
 
 
 def _existing(path: Path) -> Path:
