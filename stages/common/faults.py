@@ -70,9 +70,8 @@ def is_disk_full(exc: BaseException) -> bool:
     for item in _chain(exc):
         code = item.errno if isinstance(item, OSError) else None
         text = str(item).lower()
-        if code in (errno.ENOSPC, errno.EDQUOT) or _SQLITE_FULL in text \
-                or any(_TEXT_ERRNO.get(t) in (errno.ENOSPC, errno.EDQUOT) for t in _TEXT_ERRNO
-                       if t in text):
+        if code in (errno.ENOSPC, errno.EDQUOT) or any(
+                words in text for words in (_SQLITE_FULL, "no space left", "quota exceeded")):
             return True
     return False
 
