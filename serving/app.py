@@ -78,6 +78,7 @@ class ServiceConfig:
     sample_seed: int | None = None  # seeds sampling (tests)
     row_policy: str = "reject"  # a row breaking the contract: reject (422) | flag (score, mark)
     allow_contract_change: bool = False  # follow the alias to another input contract
+    signing_key_env: str = "MODEL_SIGNING_KEY"  # env var of the artifact signing key (register's)
 
 
 class _Service:
@@ -119,14 +120,16 @@ class _Service:
             self.follower = RegistryFollower(self.holder, cfg.model_name, cfg.alias,
                                              cfg.variant, cfg.poll_interval_s,
                                              on_swap=self._on_swap, on_error=self._on_error,
-                                             allow_contract_change=cfg.allow_contract_change)
+                                             allow_contract_change=cfg.allow_contract_change,
+                                             key_env=cfg.signing_key_env)
             self.follower.start()
             return
         threading.Thread(target=self._load_fixed, name="model-loader", daemon=True).start()
 
     def _load_fixed(self) -> None:
         try:
-            model = load_model(self.config.model_uri, self.config.variant)
+            model = load_model(self.config.model_uri, self.config.variant,
+                               self.config.signing_key_env)
             warm_up(model)
         except Exception as exc:  # noqa: BLE001 - /ready reports it; the process stays up
             logger.error("cannot load %s: %s", self.config.model_uri, exc)

@@ -18,6 +18,7 @@ from typing import Any
 from serving.batcher import score_rows
 from serving.model import LoadedModel, load_model
 from serving.payloads import PayloadError, encode_predictions, encode_split_payload, parse_payload
+from stages.common.artifacts import DEFAULT_KEY_ENV
 from stages.common.servable import PROBA_PREFIX
 
 LATENCY_REPEATS = 20  # single-row requests timed; the median is compared (robust to a hiccup)
@@ -79,15 +80,19 @@ def median_latency_ms(model: LoadedModel, body: bytes, repeats: int) -> float:
 
 
 def check_servable(model_uri: str, max_latency_ms: float, variant: str = "pyfunc",
-                   repeats: int = LATENCY_REPEATS) -> ServingCheck:
+                   repeats: int = LATENCY_REPEATS,
+                   key_env: str | None = DEFAULT_KEY_ENV) -> ServingCheck:
     """Load ``model_uri`` the way the service does and answer its input example.
+
+    ``key_env`` names the env var of the signing key (params ``register.signing_key_env``),
+    as the service is given it.
 
     Returns:
         The problems found (none = it may be promoted) and the median single-row latency.
         Never raises for a bad model: every failure is a problem in the result.
     """
     try:
-        model = load_model(model_uri, variant)
+        model = load_model(model_uri, variant, key_env)
     except Exception as exc:  # noqa: BLE001 - any load failure blocks promotion
         return ServingCheck((f"the service cannot load it: {exc}",))
     example = model.input_example

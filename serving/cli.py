@@ -1,8 +1,9 @@
 """``python -m serving serve``: run the service with uvicorn (``make serve`` calls it).
 
 Settings come from ``params.yaml`` (``serve`` section; the model from ``register.model_name``
-and ``register.alias``; the MLflow store from ``mlflow.tracking_uri`` or
-``MLFLOW_TRACKING_URI``); any flag overrides its setting for this run.
+and ``register.alias``; the env var holding the artifact signing key from
+``register.signing_key_env``, as register signs with it; the MLflow store from
+``mlflow.tracking_uri`` or ``MLFLOW_TRACKING_URI``); any flag overrides its setting for this run.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def build_config(args: argparse.Namespace, params: Params) -> tuple[ServiceConfi
         max_body_bytes=s["max_body_bytes"], max_batch_rows=s["max_batch_rows"],
         sample_rate=s["sample_rate"], log_dir=s["log_dir"], row_policy=s["row_policy"],
         allow_contract_change=s["allow_contract_change"],
+        signing_key_env=params.register.signing_key_env,
         log_flush_rows=params.serve.log_flush_rows, max_queue_rows=params.serve.max_queue_rows,
         log_flush_interval_s=params.serve.log_flush_interval_s)
     return config, s["host"], s["port"]
