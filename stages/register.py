@@ -41,13 +41,15 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.common import registry, tracking
+from stages.common import integrity, registry, tracking
+from stages.common.artifacts import ArtifactIntegrityError
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params, RegisterParams
 from stages.common.errors import ConfigError, DataError, GateError
@@ -79,6 +81,9 @@ NETWORK_TAG = "model.network_hash"  # the same without the input contract
 GATE_TAG = registry.GATE_TAG  # passed | failed | pending: an identical model not yet passed
 #   (failed, or the run died between registering and moving the alias) is judged again
 MAX_REASON = 600  # characters: a reason is one bounded line, never a dumped object
+# a file named in an ArtifactIntegrityError ("model/<path> expected sha256 ...", "... missing")
+_FAILED_FILE = re.compile(
+    r"\b((?:model|variants)/[^\s;]+) (?:expected sha256|missing|not recorded)")
 
 
 # --- pure core ----------------------------------------------------------------------------
@@ -340,6 +345,10 @@ def _compare_with_champion(rp: RegisterParams, previous: str | None,
     try:
         metrics = score_model(uri, cand.test, cand.preprocessor.target,
                               cand.preprocessor.classes, rp.signing_key_env)
+    except ArtifactIntegrityError as exc:  # not a schema question: the registry needs repair
+        logger.error("champion v%s fails its artifact verification: %s", previous, exc)
+        return None, f"champion v{previous}", _champion_fails_verification(rp.model_name,
+                                                                           previous, exc)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot compare"
         logger.warning("champion v%s cannot score the current test data: %s", previous, exc)
         why = one_line(f"champion v{previous} could not score the current test data "
@@ -350,6 +359,22 @@ def _compare_with_champion(rp: RegisterParams, previous: str | None,
             f"{why}: not compared; set register.allow_schema_change: true to promote without "
             "the comparison")
     return metrics, f"champion v{previous}", None
+
+
+def _champion_fails_verification(name: str, previous: str, exc: Exception) -> str:
+    """Why a candidate is not compared with a champion whose stored files (or signature)
+    fail the hashes recorded at its registration: the files, and the repair (not a schema
+    question, so register.allow_schema_change does not let it through)."""
+    files = list(dict.fromkeys(_FAILED_FILE.findall(str(exc))))
+    what = (f"file(s) {', '.join(files)} differ from the sha256 recorded at its registration"
+            if files else one_line(str(exc).split(" Fix:")[0], MAX_REASON // 3))
+    return (f"is not compared with champion v{previous}, whose stored files fail their "
+            f"recorded hashes ({what}); nothing of v{previous} was loaded. Fix the registry "
+            f"first: `make rollback "
+            f"REASON=...` moves champion back to a good version (or VERSION=n), or restore "
+            f"v{previous}'s files in the artifact store (check: python -m "
+            f"stages.common.artifacts verify models:/{name}/{previous}) or re-register it; "
+            f"then run register again")
 
 
 def _champion_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -455,31 +480,37 @@ def _identical_record(rp: RegisterParams, existing: Any, previous: str | None,
     }
 
 
-def _record_on_version(client: MlflowClient, record: dict[str, Any],
-                       run_tags: dict[str, str]) -> None:
+def _record_on_version(client: MlflowClient, record: dict[str, Any]) -> None:
     # The whole decision, before any alias moves. A passed gate stays "pending" until the
     # alias has moved (_close_gate): a run stopped in between is resumed, not taken as done.
+    # Lineage (run_id, git/dvc/prefect tags) is that of the run that logged the version's
+    # files (MLflow's version.run_id), also when a later identical run judges it again: that
+    # run is promotion.judged_by_run.
     name, version = record["model_name"], str(record["version"])
+    trained_in = client.get_model_version(name, version).run_id or record["run_id"]
     tags = {
         "promotion.decision": record["decision"],
         "promotion.reason": record["reason"],
+        "promotion.judged_by_run": record["run_id"],
         **({GATE_TAG: "failed"} if record["gate_failed"] else {}),
         CONTENT_TAG: record["content_hash"], NETWORK_TAG: record["network_hash"],
         **{f"metric.{k}": f"{v:.6f}" for k, v in record["metrics"].items()},
-        **lineage_from_run(run_tags, record["run_id"]),
+        **lineage_from_run(client.get_run(trained_in).data.tags, trained_in),
     }
     if record["previous_champion_version"] is not None:
         tags["promotion.previous_champion_version"] = str(record["previous_champion_version"])
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    judged = "" if trained_in == record["run_id"] else f" Judged by run {record['run_id']}."
     client.update_model_version(name, version, description=(
-        f"{record['decision']}: {record['reason']}. Trained in MLflow run {record['run_id']}."))
+        f"{record['decision']}: {record['reason']}. Trained in MLflow run {trained_in}."
+        f"{judged}"))
 
 
 def _check_serving(uri: str, rp: RegisterParams, decision: Decision) -> Decision:
     from serving.check import check_servable
 
-    check = check_servable(uri, rp.max_latency_ms)
+    check = check_servable(uri, rp.max_latency_ms, key_env=rp.signing_key_env)
     if not check.passed:  # a gate failure: recorded on the version, then GateError
         return Decision(False, f"{check.describe()} (on its metrics alone: {decision.reason})",
                         True)
@@ -564,8 +595,12 @@ def _close_gate(client: MlflowClient, rp: RegisterParams, version: str,
 
 
 def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Path,
-        out_path: str | Path, params: Params) -> dict[str, Any]:
+        out_path: str | Path, params: Params,
+        params_file: str | Path | None = None) -> dict[str, Any]:
     """Log + register the servable model, run the model gate, move the alias, record why.
+
+    ``params_file``: the file ``params`` came from; if it changed (in the params register
+    depends on) since the stage read it, the stage refuses before the alias moves.
 
     Returns:
         The registration record (also written to ``out_path``); ``decision`` is
@@ -623,7 +658,9 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
                                         f"judged again: {record['reason']}")
         record["run_id"] = run_id
         # In this order: the whole decision on the version, the alias (once), the gate closed.
-        _record_on_version(client, record, client.get_run(run_id).data.tags)
+        _record_on_version(client, record)
+        if params_file is not None:  # params.yaml edited during register: refuse, alias unmoved
+            integrity.snapshot_for(params_file).check_unchanged("register")
         _move_alias(client, rp, decision, record)
         _close_gate(client, rp, version, decision)
         mlflow.set_tags({"registered.model": rp.model_name, "registered.version": version,
@@ -658,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="registration record JSON")
 
     def body(args: argparse.Namespace, params: Params) -> None:
-        run(args.features, args.model, args.metrics, args.out, params)
+        run(args.features, args.model, args.metrics, args.out, params, args.params)
 
     return run_main("register", parser, body, argv)
 

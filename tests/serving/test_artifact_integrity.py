@@ -368,13 +368,21 @@ def test_register_records_signed_hashes_and_refuses_a_tampered_champion(
     marker = tmp_path / "pwned"
     tamper(stored("1", "artifacts/preprocessor.joblib"), crafted_pickle(marker))
 
-    # v2 (another model) cannot be compared with a champion whose files were replaced
+    # v2 (another model) cannot be compared with a champion whose files were replaced: the
+    # reason names the file and the repair, not a schema change (allowing one does not help)
     v2 = prepare(tmp_path / "v2", trained, make_params(LOOSE), degrade=True)
-    with pytest.raises(GateError, match=r"could not score the current test data"):
+    allowing = params_file(tmp_path / "allow.yaml", {"register": {
+        **LOOSE["register"], "model_name": NAME, "allow_schema_change": True}})
+    with pytest.raises(GateError, match=r"is not compared with champion v1, whose stored files "
+                                        r"fail their recorded hashes \(file\(s\) model/"
+                                        r"artifacts/preprocessor\.joblib differ"):
         register.run(v2 / "features", v2 / "models", v2 / "reports" / "metrics.json",
-                     v2 / "reports" / "registration.json", _params(loose))
+                     v2 / "reports" / "registration.json", _params(allowing))
     record = json.loads((v2 / "reports" / "registration.json").read_text())
-    assert f"ArtifactIntegrityError: {NAME} v1: artifact files differ" in record["reason"]
+    assert record["gate_failed"] and "make rollback" in record["reason"]
+    assert f"verify models:/{NAME}/1" in record["reason"]
+    assert "allow_schema_change" not in record["reason"]
+    assert "could not score the current test data" not in record["reason"]
     assert str(mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "1"
     assert not marker.exists()
 

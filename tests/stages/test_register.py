@@ -772,3 +772,56 @@ def test_using_fewer_columns_of_the_same_table_is_compared_not_refused(
     assert record["version"] == 2 and record["champion_metrics"] is not None
     assert record["reason"].startswith("champion v1: ")  # compared: better, worse or a tie
     assert f"the champion's {record['champion_metrics']['f1_macro']:.4f}" in record["reason"]
+
+
+def test_a_params_edit_during_register_refuses_before_the_alias_moves(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The edit lands while register decides: the old check ran only after the alias had moved,
+    # so the stage failed with a champion promoted under params DVC would never lock.
+    strict = params_file(tmp_path / "strict.yaml")
+    workdir = prepare(tmp_path / "v1", trained, make_params())
+    record_on_version = register._record_on_version
+
+    def record_then_edit(*args: object, **kwargs: object) -> None:
+        record_on_version(*args, **kwargs)
+        params_file(strict, {"register": {"max_latency_ms": 1234.0}})  # someone edits it now
+
+    with monkeypatch.context() as patch:
+        patch.setattr(register, "_record_on_version", record_then_edit)
+        assert register.main(register_args(workdir, strict)) == 1
+
+    assert f"stage register failed: {strict} changed while stage register ran" in caplog.text
+    assert _versions() == ["1"] and _aliases() == {} and _moves() == []
+    assert mlflow.MlflowClient().get_model_version(NAME, "1").tags["promotion.gate"] == \
+        "pending"
+    assert register.main(register_args(workdir, strict)) == 0  # re-run with the file as it is
+    assert _aliases() == {"champion": "1"} and _moves() == [("champion", None, "1", "done")]
+
+
+def test_a_later_identical_run_keeps_the_versions_lineage_and_is_recorded_as_its_judge(
+        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    # Day 2 retrains the same rejected model from another commit: the version's files are
+    # still day 1's, so its run_id and lineage tags must stay day 1's (MLflow's own
+    # version.run_id is day 1's run); day 2's run is recorded as the one that judged it.
+    strict = params_file(tmp_path / "strict.yaml")
+    day1 = prepare(tmp_path / "day1", trained, make_params(), degrade=True)
+    assert register.main(register_args(day1, strict)) == 1
+    day2 = prepare(tmp_path / "day2", trained, make_params(), degrade=True)
+    client = mlflow.MlflowClient()
+    day2_run = json.loads((day2 / "models" / "run.json").read_text())["run_id"]
+    client.set_tag(day2_run, "git.commit", "fedcba9")
+
+    assert register.main(register_args(day2, strict)) == 1
+
+    day1_run = json.loads((day1 / "reports" / "registration.json").read_text())["run_id"]
+    assert json.loads((day2 / "reports" / "registration.json").read_text())["run_id"] == \
+        day2_run
+    version = client.get_model_version(NAME, "1")
+    assert version.run_id == day1_run != day2_run
+    assert version.tags["run_id"] == day1_run
+    assert version.tags["git.commit"] == LINEAGE["git.commit"]  # day 1's, not fedcba9
+    assert version.tags["promotion.judged_by_run"] == day2_run
+    assert "judged again" in version.tags["promotion.reason"]
+    assert f"Trained in MLflow run {day1_run}. Judged by run {day2_run}." in \
+        version.description
