@@ -111,9 +111,12 @@ reproduce: install ## Re-run MODEL on its exact data in a clean workspace (WORKD
 # experiment; `make lineage` shows it). MODEL: <name> or <name>@champion (default, as above).
 ROLLBACK_USAGE := usage: make rollback REASON="why" [VERSION=n] [MODEL=name] [FORCE=1]
 .PHONY: rollback
+# REASON reaches the shell as an environment variable, never spliced into the command line:
+# any quote, $ or backtick in it stays text.
+rollback: export ROLLBACK_REASON = $(value REASON)
 rollback: install ## Move champion back to its previous holder (or VERSION=n): make rollback REASON="why"
-	@test -n "$(REASON)" || { echo '$(ROLLBACK_USAGE)' >&2; exit 2; }
-	$(BIN)/python -m flows.rollback $(MODEL) --reason '$(subst ','\'',$(REASON))'$(if $(VERSION), --version $(VERSION))$(if $(FORCE), --force)
+	@test -n "$$ROLLBACK_REASON" || { echo '$(ROLLBACK_USAGE)' >&2; exit 2; }
+	$(BIN)/python -m flows.rollback $(MODEL) --reason "$$ROLLBACK_REASON"$(if $(VERSION), --version $(VERSION))$(if $(FORCE), --force)
 
 # Data integrity (stages/common/integrity.py): every output dvc.lock records, in the workspace
 # and in the DVC cache, hashed from its bytes. `make repair` rewrites or removes what is corrupt;

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import evaluate, features, ingest, validate
+from stages.common import runlock
 from stages.common.config import Params, load_params, parse_params
 from stages.common.errors import ConfigError, DataError, PipelineError
 from stages.common.io import atomic_path, write_text
@@ -98,13 +99,26 @@ def bring_table(src: str | Path, target: str, repo: str | Path = ".", fmt: str |
     """Make ``repo`` train on the table ``src`` with label column ``target`` (module doc).
 
     ``delimiter`` separates a CSV's fields; ``reprofile`` replaces a suite already there.
+    In a DVC project it holds the workspace's run lock (``stages.common.runlock``) while it
+    reads and rewrites params.yaml and the data root: a pipeline run in progress makes it
+    refuse, and no run starts while it writes.
 
     Raises:
         DataError: a missing or unreadable file, an unknown target column, data the gate or
             the features stage refuses (nothing in ``repo`` changed).
         ConfigError: ``repo/params.yaml`` is invalid.
+        RunLockBusy: a pipeline run holds the workspace (nothing in ``repo`` changed).
     """
-    repo, src = Path(os.path.abspath(repo)), Path(src)
+    repo = Path(os.path.abspath(repo))
+    if not (repo / ".dvc").is_dir():  # no pipeline can run there, so none can hold it
+        return _bring_table(src, target, repo, fmt, delimiter, reprofile)
+    with runlock.run_lock(repo, command=f"make data {shlex.join([str(src), '--target', target])}"):
+        return _bring_table(src, target, repo, fmt, delimiter, reprofile)
+
+
+def _bring_table(src: str | Path, target: str, repo: Path, fmt: str | None, delimiter: str,
+                 reprofile: bool) -> OwnTable:
+    src = Path(src)
     if not src.is_file():
         raise DataError("file not found (make data SRC=path/to/table.csv TARGET=column)",
                         file=str(src), rule="exists")

@@ -424,3 +424,24 @@ def test_make_data_passes_delim_and_reprofile_on() -> None:
                             "REPROFILE=1"], cwd=ROOT, check=True, capture_output=True,
                            text=True).stdout
     assert "--delimiter ';'" in shown and "--reprofile" in shown, shown
+
+
+def test_make_data_refuses_while_a_pipeline_run_holds_the_workspace(
+        project: Path, capsys: pytest.CaptureFixture) -> None:
+    # make run (or make repro, a scheduled run) in progress reads params.yaml and data/source:
+    # make data must not rewrite them under it.
+    from tests.flows.test_runlock import ENV, HOLD, PY
+
+    run = subprocess.Popen([PY, "-c", HOLD, str(project)], env=ENV, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline().strip() == "locked"
+        assert main([str(TABLES["penguins"].path), "--target", "species"]) == 1
+    finally:
+        run.kill()
+        run.wait()
+    err = capsys.readouterr().err
+    assert "make data failed: another pipeline run holds this workspace" in err, err
+    assert f"pid {run.pid} " in err and "params.yaml, suites/ and the data root are as " \
+        "they were" in err
+    _unchanged(project)

@@ -254,3 +254,16 @@ def test_make_rollback_needs_a_reason_and_moves_champion(store: str, tmp_path: P
     assert "test-clf@champion: v2 -> v1 (rollback by " in done.stdout
     assert _moves(store)[-1] == ("champion", "2", "1", "rollback", "done")
     assert registry.alias_history(_client(store), NAME)[-1].reason == "it's the wrong one"
+
+
+def test_make_rollback_passes_any_reason_through_as_text(store: str) -> None:
+    # A double quote used to break the recipe's `test -n "..."` (usage error, nothing moved);
+    # $ and backticks would have been expanded by the shell.
+    reason = 'the "fix" broke it; it\'s `date` $HOME $(shell echo x) \\'
+    done = subprocess.run(["make", "-s", "-o", "install", "-C", str(ROOT), "rollback",
+                           f"MODEL={NAME}", f"REASON={reason}", "VERSION=1"], check=False,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": store},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _moves(store)[-1] == ("champion", "2", "1", "rollback", "done")
+    assert registry.alias_history(_client(store), NAME)[-1].reason == reason
