@@ -3,7 +3,8 @@
 ``dvc.yaml`` is the only definition of the stage graph. The flow asks DVC for the stage order
 and each task runs ``dvc repro --single-item <stage>``, so DVC decides what changed and
 ``dvc.lock`` is shared with a plain ``dvc repro``: after either one, the other has nothing to
-do. Then the flow pushes the data versions to the default DVC remote and publishes the
+do. Then the flow pushes the data versions to the default DVC remote (after checking their
+cache objects: a corrupt one is never uploaded) and publishes the
 ``pipeline-summary`` artifact (stages ran/skipped, test metrics, registered version, promotion
 decision and why, MLflow run link), also when a stage fails, which fails the flow run.
 
@@ -38,7 +39,7 @@ from prefect.runtime import flow_run as current_flow_run
 
 from flows.summary import (FAILED, NO_NEW_ROWS, RAN, RESTORED, SKIPPED, mlflow_ui_url,
                            read_reports, render_markdown, summarize_run)
-from stages.common import runlock
+from stages.common import integrity, runlock
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
 from stages.common.tracking import FLOW_RUN_ENV, tracking_uri
@@ -211,9 +212,20 @@ def run_stage(stage: str, repo: str, flow_run_id: str | None = None) -> str:
     return status
 
 
-@task(name="dvc-push", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAY_S)
+def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
+    # A refused push (a corrupt cache object) would only be refused again.
+    return not isinstance(state.data, PipelineError)
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAY_S,
+      retry_condition_fn=_retry_unless_refused)
 def push_data(repo: str) -> None:
-    """Push this run's data versions to the default DVC remote."""
+    """Push this run's data versions to the default DVC remote.
+
+    Raises:
+        IntegrityError: a cache object about to be pushed is corrupt; nothing was uploaded.
+    """
+    integrity.check_before_push(repo)  # never upload a corrupt object under its good name
     code, lines = run_dvc(["push"], Path(repo), stage_env(), get_run_logger())
     if code != 0:
         raise RuntimeError("dvc push failed: " + "\n".join(lines[-OUTPUT_TAIL:]))

@@ -1,5 +1,8 @@
 """``dvc repro`` then ``dvc push``, holding the workspace's run lock (``make repro`` runs it).
 
+Before ``dvc push``, the DVC cache objects about to be pushed are checked against their names
+(``integrity.check_before_push``): a corrupt one stops the push, named, with the repair.
+
 The same lock as the Prefect flow (``stages.common.runlock``): while a run holds the workspace,
 this one refuses at once, naming the holder's pid, command and start (``--wait``: waits for it
 up to ``--wait-timeout`` seconds). Usage, from the project root::
@@ -18,7 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages.common import runlock
+from stages.common import integrity, runlock
+from stages.common.errors import PipelineError
 
 logger = logging.getLogger("flows.repro")
 
@@ -49,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with runlock.run_lock(repo, wait_s=args.wait_timeout if args.wait else 0.0):
             code = run_dvc(["repro", *args.dvc_args], repo)
             if code == 0 and not args.no_push:
+                integrity.check_before_push(repo)  # never upload a corrupt cache object
                 code = run_dvc(["push"], repo)
-    except runlock.RunLockBusy as exc:
+    except PipelineError as exc:  # another run holds the workspace; a corrupt cache object
         logger.error("%s", exc)
         return 1
     return code

@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from stages.common import faults, integrity, runlock
+from stages.common import faults, integrity, params_snapshot, parent_watch, runlock
 from stages.common.config import Params
 from stages.common.errors import PipelineError
 
@@ -34,15 +34,18 @@ def run_main(stage: str, parser: argparse.ArgumentParser,
 
     Around the body: the stage dies with its parent (``dvc repro`` or the flow), removes the
     temp folders a killed run left, reads params once and refuses to finish if the file changed
-    under it, and checks the inputs it reads against the hashes ``dvc.lock`` holds.
+    under it, and checks the inputs it reads against the hashes ``dvc.lock`` holds. The first
+    two only in a stage process (started by DVC or as ``python -m stages.X``), not when a test
+    or tool calls ``main()`` in its own process and folder.
     """
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        runlock.die_with_parent()
-        runlock.remove_stale_temp_dirs(stage)
-        snapshot = integrity.ParamsSnapshot.take(args.params)
+        if parent_watch.is_stage_process():
+            parent_watch.die_with_parent()
+            runlock.remove_stale_temp_dirs(stage)
+        snapshot = params_snapshot.ParamsSnapshot.take(args.params)
         params = snapshot.load()  # parsed from the bytes the check compares with
         integrity.verify_stage_inputs(stage)
         body(args, params)
@@ -56,4 +59,6 @@ def run_main(stage: str, parser: argparse.ArgumentParser,
             raise
         logger.error("stage %s failed: %s", stage, described)
         return 1
+    finally:
+        params_snapshot.reset()  # a later main() in this process takes its own
     return 0

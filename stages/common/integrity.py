@@ -2,10 +2,9 @@
 
 Owner: issue 10 items 3 and 4.
 
-* ``ParamsSnapshot``: the params file's bytes as a stage read them at start. The stage parses,
-  logs and (through DVC) locks those bytes; ``check_unchanged`` refuses to finish when the file
-  changed under the stage in a value the stage declares in ``dvc.yaml``, so that DVC never
-  writes a ``dvc.lock`` whose params differ from the ones the outputs were made with.
+* ``ParamsSnapshot`` (``stages.common.params_snapshot``, re-exported here): params read once;
+  a stage refuses to finish when a param it declares changed under it.
+* DVC's hashing and ``dvc.lock`` reading live in ``stages.common.dvc_hashes``.
 * ``verify_stage_inputs``: under ``dvc repro`` (DVC sets ``DVC_STAGE``), every dependency of the
   stage that another stage writes is hashed (its actual bytes, DVC's algorithm: md5 of a file,
   md5 of the sorted ``[{"md5", "relpath"}]`` JSON of a folder + ``.dir``) and compared with the
@@ -16,327 +15,54 @@ Owner: issue 10 items 3 and 4.
   every output ``dvc.lock`` records, in the workspace and in the DVC cache; ``--repair``
   rewrites a corrupt cache object from a good workspace copy or removes it, and removes corrupt
   output files, so that the next ``dvc repro`` (or ``dvc pull``) re-creates them.
+* ``check_before_push``: ``dvc push`` (the flow, ``make repro``) runs only when the cache
+  objects of every output ``dvc.lock`` records match their names: a corrupt object is never
+  uploaded to the remote.
 """
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import hashlib
-import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import yaml
+from stages.common.dvc_hashes import (
+    LOCK_FILE,
+    IntegrityError,
+    cache_path,
+    dir_hash,
+    dvc_root,
+    hash_files,
+    hash_folder,
+    hash_output,
+    ignore_patterns,
+    list_files,
+    lock_outputs,
+    md5_file,
+    read_dir_object,
+    read_lock,
+    running_stage,
+    stage_deps,
+    stage_graph,
+    upstream_of,
+)
+from stages.common.params_snapshot import ParamsSnapshot, snapshot_for
 
-from stages.common.errors import ConfigError, PipelineError
-
-if TYPE_CHECKING:
-    from stages.common.config import Params
+# Re-exported: callers (tracking, train, register) import them from here.
+__all__ = ["IntegrityError", "ParamsSnapshot", "Problem", "check_before_push", "check_cache", "check_repo",
+           "lock_outputs", "produced_outputs", "read_lock", "repair", "running_stage",
+           "snapshot_for", "stage_graph", "upstream_of", "verify_stage_inputs"]
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE, DVC_YAML, DVCIGNORE = "dvc.lock", "dvc.yaml", ".dvcignore"
-CACHE_DIR = Path(".dvc", "cache", "files", "md5")  # DVC 3 cache layout: <2 hex>/<30 hex>
-STAGE_ENV, ROOT_ENV = "DVC_STAGE", "DVC_ROOT"  # set by DVC for every stage command it runs
 REPAIR_HINT = ("`make repair` (python -m stages.common.integrity --repair: rewrites or removes "
                "corrupt DVC cache objects and removes corrupt output files), then `dvc repro` "
                "(re-creates them; `dvc pull` first to fetch good copies from the remote)")
-_CHUNK = 1 << 20
-_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-
-def _yaml(text: str) -> Any:
-    # libyaml when present: dvc.lock is read on every stage start
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-
-
-class IntegrityError(PipelineError):
-    """A file differs from the hash dvc.lock records for it, or params changed mid-run."""
-
-
-# --- params read once ---------------------------------------------------------------------
-
-_current: ParamsSnapshot | None = None  # the snapshot the running stage took (run_main)
-
-
-@dataclass(frozen=True)
-class ParamsSnapshot:
-    """The params file's bytes as the stage read them at start."""
-
-    path: Path
-    data: bytes | None
-
-    @classmethod
-    def take(cls, path: str | Path) -> ParamsSnapshot:
-        global _current
-        path = Path(path)
-        snapshot = cls(path, path.read_bytes() if path.is_file() else None)
-        _current = snapshot
-        return snapshot
-
-    @property
-    def text(self) -> str | None:
-        """The snapshot as text (what a stage logs as its params), None when there was none."""
-        return None if self.data is None else self.data.decode("utf-8")
-
-    def load(self) -> Params:
-        """The params parsed from the snapshot's bytes (as ``config.load_params`` checks them)."""
-        from stages.common.config import parse_params
-
-        if self.data is None:
-            raise ConfigError(f"{self.path}: params file not found")
-        try:
-            raw = yaml.safe_load(self.data.decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{self.path}: not valid YAML: {exc}") from exc
-        return parse_params(raw or {}, source=str(self.path))
-
-    def check_unchanged(self, stage: str) -> None:
-        """Raise IntegrityError when the params file changed while ``stage`` ran.
-
-        A change outside the params ``dvc.yaml`` declares for the stage (e.g. ``serve.port``
-        while train runs) is logged and allowed: DVC locks only the declared ones.
-        """
-        now = self.path.read_bytes() if self.path.is_file() else None
-        if now == self.data:
-            return
-        changed = _changed_declared_params(self, now, stage)
-        if changed == []:
-            logger.warning("%s changed while stage %s ran, but not in the params it depends on "
-                           "(dvc.yaml): its outputs stand", self.path, stage)
-            return
-        what = f" ({', '.join(changed)})" if changed else ""
-        raise IntegrityError(
-            f"{self.path} changed while stage {stage} ran{what}: the stage used and logged the "
-            f"params as they were at its start, but dvc.lock would record the new ones, so it "
-            f"refuses to finish (its outputs are not recorded). Re-run it with the file as it "
-            f"is now: `dvc repro {stage}` (or `make run`)")
-
-
-def snapshot_for(path: str | Path) -> ParamsSnapshot:
-    """The snapshot the running stage took of ``path`` (run_main), else a new one."""
-    if _current is not None and _same_file(_current.path, Path(path)):
-        return _current
-    return ParamsSnapshot.take(path)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
-def _changed_declared_params(snapshot: ParamsSnapshot, now: bytes | None,
-                             stage: str) -> list[str] | None:
-    """The declared params of ``stage`` whose value changed; None when that cannot be told."""
-    root = Path(os.environ.get(ROOT_ENV) or ".")
-    if now is None or snapshot.data is None or snapshot.path.name != "params.yaml" \
-            or not _same_file(snapshot.path.parent, root):
-        return None
-    try:
-        spec = _yaml((root / DVC_YAML).read_text(encoding="utf-8")) or {}
-        declared = ((spec.get("stages") or {}).get(_stage_name(stage)) or {}).get("params")
-        before, after = yaml.safe_load(snapshot.data), yaml.safe_load(now)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError, AttributeError):
-        return None
-    if not isinstance(declared, list) or not isinstance(before, dict) \
-            or not isinstance(after, dict):
-        return None
-    keys: list[str] = []
-    for item in declared:
-        if isinstance(item, str):
-            keys.append(item)
-        elif isinstance(item, dict) and set(item) == {"params.yaml"}:
-            keys += [str(key) for key in item["params.yaml"] or []]
-        else:
-            return None  # another params file, or a form this check does not know
-    missing = object()
-    return [key for key in keys
-            if _lookup(before, key, missing) != _lookup(after, key, missing)]
-
-
-def _lookup(tree: Any, dotted: str, default: Any) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return default
-        tree = tree[part]
-    return tree
-
-
-# --- DVC's hashes of the actual bytes -----------------------------------------------------
-
-
-def md5_file(path: str | Path) -> str:
-    """The md5 of a file's bytes: what dvc.lock records for a file (``hash: md5``)."""
-    digest = hashlib.md5()
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while n := handle.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
-def _ignore_patterns(root: Path) -> list[str]:
-    file = root / DVCIGNORE
-    if not file.is_file():
-        return []
-    lines = file.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-
-
-def _ignored(relparts: Sequence[str], is_dir: bool, patterns: Sequence[str]) -> bool:
-    # The .dvcignore forms this project uses: `name/` (a folder anywhere), `*.pyc` (a name).
-    name = relparts[-1]
-    for pattern in patterns:
-        if pattern.endswith("/"):
-            if is_dir and fnmatch.fnmatchcase(name, pattern[:-1].lstrip("/")):
-                return True
-        elif "/" not in pattern and fnmatch.fnmatchcase(name, pattern):
-            return True
-    return False
-
-
-def list_files(folder: Path, patterns: Sequence[str] = ()) -> list[str]:
-    """The files DVC hashes in ``folder`` (posix relpaths, sorted; .dvcignore'd ones out)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        rel = Path(dirpath).relative_to(folder).parts
-        dirnames[:] = [d for d in dirnames if not _ignored((*rel, d), True, patterns)]
-        found += ["/".join((*rel, name)) for name in filenames
-                  if not _ignored((*rel, name), False, patterns)]
-    return sorted(found)
-
-
-def hash_files(paths: Iterable[Path]) -> list[str]:
-    """md5 of each file, a few at a time (hashlib releases the GIL on large buffers)."""
-    paths = list(paths)
-    if len(paths) < 2:
-        return [md5_file(path) for path in paths]
-    with ThreadPoolExecutor(_THREADS) as pool:
-        return list(pool.map(md5_file, paths))
-
-
-def dir_object(entries: dict[str, str]) -> bytes:
-    """The bytes of DVC's ``.dir`` object for ``{relpath: md5}`` (dvc_data Tree.as_bytes)."""
-    listing = [{"md5": md5, "relpath": rel} for rel, md5 in sorted(entries.items())]
-    return json.dumps(listing, sort_keys=True).encode("utf-8")
-
-
-def dir_hash(entries: dict[str, str]) -> str:
-    """DVC's hash of a folder with ``{relpath: md5}``: md5 of its ``.dir`` object + ``.dir``."""
-    return hashlib.md5(dir_object(entries)).hexdigest() + ".dir"
-
-
-def hash_folder(folder: Path, patterns: Sequence[str] = ()) -> dict[str, str]:
-    """``{relpath: md5}`` of the files DVC would hash in ``folder``."""
-    names = list_files(folder, patterns)
-    return dict(zip(names, hash_files(folder / name for name in names)))
-
-
-def cache_path(root: Path, md5: str) -> Path:
-    """Where DVC keeps the object ``md5`` (``<hex>`` or ``<hex>.dir``) in ``root``'s cache."""
-    return root / CACHE_DIR / md5[:2] / md5[2:]
-
-
-def read_dir_object(root: Path, md5: str) -> dict[str, str] | None:
-    """``{relpath: md5}`` of a cached ``.dir`` object whose bytes match its name, else None."""
-    obj = cache_path(root, md5)
-    if not obj.is_file() or md5_file(obj) != md5.removesuffix(".dir"):
-        return None
-    try:
-        return {item["relpath"]: item["md5"] for item in json.loads(obj.read_bytes())}
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-# --- dvc.lock -----------------------------------------------------------------------------
-
-
-def read_lock(root: Path) -> dict[str, Any]:
-    """The parsed ``root/dvc.lock`` ({} when there is none or it cannot be read)."""
-    file = root / LOCK_FILE
-    if not file.is_file():
-        return {}
-    try:
-        lock = _yaml(file.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    return lock if isinstance(lock, dict) else {}
-
-
-def lock_outputs(lock: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """``{path: (stage, outs entry)}`` of every output that dvc.lock records with an md5."""
-    outputs = {}
-    for stage, entry in (lock.get("stages") or {}).items():
-        for out in (entry or {}).get("outs") or []:
-            if isinstance(out, dict) and out.get("path") and out.get("md5"):
-                outputs[str(out["path"]).strip("/")] = (stage, out)
-    return outputs
-
-
-def _stage_name(addressing: str) -> str:
-    # DVC_STAGE is the stage's address: `train`, or `dvc.yaml:train` from another folder.
-    return addressing.rsplit(":", 1)[-1]
-
-
-def stage_deps(root: Path, stage: str, lock: dict[str, Any]) -> list[str]:
-    """The dependency paths of ``stage``: dvc.yaml's (``${...}`` ones left out) and dvc.lock's."""
-    paths: list[str] = []
-    try:
-        spec = _yaml((root / DVC_YAML).read_text(encoding="utf-8")) or {}
-        deps = ((spec.get("stages") or {}).get(stage) or {}).get("deps") or []
-        paths += [str(dep) for dep in deps if isinstance(dep, str) and "${" not in dep]
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass
-    entry = (lock.get("stages") or {}).get(stage) or {}
-    paths += [str(dep["path"]) for dep in entry.get("deps") or [] if isinstance(dep, dict)]
-    return sorted({path.strip("/") for path in paths})
-
-
-def stage_graph(root: Path, lock: dict[str, Any]) -> dict[str, set[str]]:
-    """``{stage: the stages whose recorded outputs it depends on}`` (dvc.yaml + dvc.lock)."""
-    outputs = lock_outputs(lock)
-    try:
-        spec = _yaml((root / DVC_YAML).read_text(encoding="utf-8")) or {}
-        names = list(spec.get("stages") or {})
-    except (OSError, yaml.YAMLError, AttributeError):
-        names = []
-    names += [name for name in (lock.get("stages") or {}) if name not in names]
-    graph = {}
-    for name in names:
-        deps = stage_deps(root, name, lock)
-        graph[name] = {producer for out, (producer, _) in outputs.items() if producer != name
-                       and any(dep == out or dep.startswith(f"{out}/")
-                               or out.startswith(f"{dep}/") for dep in deps)}
-    return graph
-
-
-def upstream_of(graph: dict[str, set[str]], stage: str) -> set[str]:
-    """Every stage ``stage`` depends on, directly or not (itself excluded)."""
-    seen: set[str] = set()
-    todo = list(graph.get(stage, ()))
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo += graph.get(name, ())
-    return seen
-
-
-def hash_output(root: Path, out_path: str, patterns: Sequence[str] = ()) -> str | None:
-    """DVC's hash of the output as it is on disk (a file's md5, a folder's ``.dir`` hash)."""
-    target = root / out_path
-    if target.is_file():
-        return md5_file(target)
-    if target.is_dir():
-        return dir_hash(hash_folder(target, patterns))
-    return None
 
 
 def produced_outputs(model_dir: str | Path, repo: str | Path = ".") -> dict[str, str]:
@@ -354,7 +80,7 @@ def produced_outputs(model_dir: str | Path, repo: str | Path = ".") -> dict[str,
     running = running_stage()
     if running is None:
         return {}
-    root = _dvc_root(repo)
+    root = dvc_root(repo)
     lock = read_lock(root)
     outputs = lock_outputs(lock)
     try:
@@ -367,7 +93,7 @@ def produced_outputs(model_dir: str | Path, repo: str | Path = ".") -> dict[str,
     graph = stage_graph(root, lock)
     stages = {producer} | {name for name in upstream_of(graph, running)
                            if producer in upstream_of(graph, name)}
-    patterns = _ignore_patterns(root)
+    patterns = ignore_patterns(root)
     hashes, problems = {}, []
     for path, (stage, out) in sorted(outputs.items()):
         if stage not in stages:
@@ -457,16 +183,6 @@ def _cache_state(root: Path, md5: str) -> str:
             else f"cache object {rel} is corrupt too (md5 {actual})")
 
 
-def running_stage() -> str | None:
-    """The stage DVC is running in this process (``DVC_STAGE``), None outside ``dvc repro``."""
-    running = os.environ.get(STAGE_ENV)
-    return _stage_name(running) if running else None
-
-
-def _dvc_root(repo: str | Path) -> Path:
-    return Path(os.environ.get(ROOT_ENV) or repo)
-
-
 def verify_stage_inputs(stage: str, repo: str | Path = ".") -> None:
     """Check every input ``stage`` reads against the hash dvc.lock holds for it.
 
@@ -482,12 +198,12 @@ def verify_stage_inputs(stage: str, repo: str | Path = ".") -> None:
     """
     if running_stage() != stage or os.environ.get("LOCAL_RANK"):
         return  # not run by DVC (or a torchrun worker: its launcher checked)
-    root = _dvc_root(repo)
+    root = dvc_root(repo)
     lock = read_lock(root)
     if not lock:
         return
     outputs = lock_outputs(lock)
-    patterns = _ignore_patterns(root)
+    patterns = ignore_patterns(root)
     problems: list[Problem] = []
     for dep in stage_deps(root, stage, lock):
         for out_path, (producer, out) in outputs.items():
@@ -530,7 +246,7 @@ def check_repo(repo: str | Path = ".", stages: Sequence[str] | None = None,
     the DVC cache (``cache``): the files whose bytes are not the recorded ones."""
     root = Path(repo)
     lock = read_lock(root)
-    patterns = _ignore_patterns(root)
+    patterns = ignore_patterns(root)
     problems: list[Problem] = []
     for out_path, (stage, out) in lock_outputs(lock).items():
         if stages is not None and stage not in stages:
@@ -578,6 +294,29 @@ def repair(repo: str | Path, problems: Sequence[Problem]) -> list[str]:
             actions.append(f"left folder {problem.path}: re-create it with `dvc repro "
                            f"{problem.stage}`")
     return actions
+
+
+def check_before_push(repo: str | Path = ".") -> None:
+    """Refuse a ``dvc push`` that would upload a corrupt cache object to the remote.
+
+    DVC uploads an object by its name without reading it, and a corrupt object survives
+    ``dvc repro --force`` (DVC does not rewrite an object whose name exists), so the cache
+    objects of every output ``dvc.lock`` records (``push: false`` and ``cache: false`` ones
+    left out) are hashed first: one read of the data. Missing objects are DVC's to report.
+
+    Raises:
+        IntegrityError: a cache object's bytes do not match its name; names each, and the repair.
+    """
+    root = Path(repo)
+    problems: list[Problem] = []
+    for out_path, (stage, out) in lock_outputs(read_lock(root)).items():
+        if out.get("cache", True) is not False and out.get("push", True) is not False:
+            problems += check_cache(root, out_path, stage, out)
+    if problems:
+        raise IntegrityError(
+            "dvc push refused, nothing uploaded: " + "; ".join(p.describe() for p in problems)
+            + f". The DVC remote would get the corrupt bytes under the good name. Repair: "
+            f"{REPAIR_HINT}, then push again")
 
 
 def _good_workspace_copies(root: Path, wanted: Sequence[str]) -> dict[str, Path]:

@@ -1,6 +1,6 @@
 """One pipeline run per workspace at a time; stage processes die with their parent.
 
-Three kernel-backed pieces, all under ``.dvc/tmp/`` of the workspace:
+Two kernel-backed locks, both under ``.dvc/tmp/`` of the workspace:
 
 - ``pipeline.lock``: ``flock``-ed (exclusive) by the run that holds the workspace: the Prefect
   flow (``make run``, the scheduled deployment) or ``make repro`` (``flows.repro``), before
@@ -10,8 +10,7 @@ Three kernel-backed pieces, all under ``.dvc/tmp/`` of the workspace:
 - ``pipeline.workers.lock``: share-locked by every stage process and by the ``dvc`` processes a
   holder starts. A new holder waits for it, so no process of a killed run still writes the
   workspace when the next run starts.
-- ``die_with_parent()``: a stage stops (SIGTERM, then SIGKILL after ``GRACE_S``) when the process
-  that started it ends, also through the ``$SHELL -c`` DVC runs it with and through torchrun.
+- stage processes die with the run that started them: ``stages.common.parent_watch``.
 
 Under the run lock, the holder also clears the entries of DVC's own ``.dvc/tmp/rwlock`` that a
 killed ``dvc`` left (their pid is gone or reused), so nobody has to remove it by hand, and each
@@ -25,10 +24,8 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,16 +42,11 @@ WORKERS_LOCK_FILE = ".dvc/tmp/pipeline.workers.lock"
 DVC_RWLOCK = ".dvc/tmp/rwlock"
 DEFAULT_WAIT_S = 3600.0  # how long `--wait` waits for the run that holds the workspace
 ORPHAN_WAIT_S = 60.0  # how long a new run waits for the processes of a killed one to end
-GRACE_S = 10.0  # after SIGTERM, a stage whose parent died gets this long before SIGKILL
 _POLL_S = 0.2
 _MIN_TRY_S = 1.0  # a refusing run still retries this long: a stage may peek at the lock
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "busybox"}
 _MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's random part (io.atomic_path)
 _EXTRA_TEMP_GLOBS = {"train": [".resume/train/*/checkpoint.pt"]}  # atomic writes outside outs
-_ORIGINAL_PPID = os.getppid()  # at import, before any hook runs: see die_with_parent
 _held: list[int] = []  # fds of the locks this process holds, passed on to its dvc children
-_watching = False
 
 
 class RunLockBusy(PipelineError):
@@ -249,6 +241,17 @@ def holder(repo: str | Path = ".") -> dict[str, Any] | None:
         os.close(fd)
 
 
+def share_workers_lock(repo: str | Path = ".") -> None:
+    """Share-lock ``repo``'s workers lock until this process ends (a stage process does it:
+    the next run waits for it to be gone). Nothing outside a DVC project."""
+    root = Path(repo)
+    if not (root / ".dvc").is_dir():
+        return
+    fd = _open_lock(root, WORKERS_LOCK_FILE)
+    fcntl = _fcntl()
+    fcntl.flock(fd, fcntl.LOCK_SH)  # never closed: held until this process ends
+
+
 # --- DVC's rwlock ---------------------------------------------------------------------------
 
 def clear_stale_dvc_rwlock(repo: str | Path = ".") -> list[str]:
@@ -314,146 +317,6 @@ def _dvc_hardlink_lock(repo: Path) -> bool:
         if re.search(r"^\s*hardlink_lock\s*=\s*true", text, re.MULTILINE | re.IGNORECASE):
             return True
     return False
-
-
-# --- stage processes ------------------------------------------------------------------------
-
-def die_with_parent() -> None:
-    """Have this process stopped when the process that started it ends (Linux; no-op elsewhere).
-
-    The kernel sends SIGTERM when the direct parent dies (``PR_SET_PDEATHSIG``). DVC runs a
-    stage through ``$SHELL -c``, and training ranks run under torchrun: those wrappers outlive
-    their own parent, so a thread also watches every wrapper up to the first real parent (the
-    ``dvc`` process, the flow) and stops this process when any of them ends: SIGTERM (the
-    trainer checkpoints), then SIGKILL after ``GRACE_S``. The process also share-locks the
-    workspace's workers lock, so the next run waits for it to be gone.
-
-    Raises:
-        PipelineError: the parent had already ended when this process got here.
-    """
-    global _watching
-    if not sys.platform.startswith("linux") or _watching or not _is_stage_process():
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-        logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    # The parent may have died between our start and prctl: then we were re-parented already.
-    if os.getppid() != _ORIGINAL_PPID:
-        raise PipelineError(f"the process that started this one (pid {_ORIGINAL_PPID}) has "
-                            "ended; not running orphaned")
-    watched = _ancestors_to_watch()
-    if watched is None:  # one of them ended while we looked
-        raise PipelineError("the process that started this one has ended; not running orphaned")
-    _share_workers_lock()
-    _watching = True
-    threading.Thread(target=_watch, args=(watched,), name="die-with-parent",
-                     daemon=True).start()
-
-
-def _is_stage_process() -> bool:
-    """Started by DVC (which sets DVC_STAGE; torchrun ranks inherit it) or as ``-m stages.*``.
-
-    Not a test or tool that calls a stage's ``main()`` in its own process.
-    """
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return bool(os.environ.get("DVC_STAGE")) or (spec is not None
-                                                 and spec.name.startswith("stages."))
-
-
-def _ancestors_to_watch() -> list[tuple[int, float]] | None:
-    """(pid, start time) of the parent, and on up while the one before was a wrapper.
-
-    None when one of them ended while we looked; [] when the parent is init (nothing to watch).
-    """
-    import psutil
-
-    watched: list[tuple[int, float]] = []
-    try:
-        process = psutil.Process(os.getppid())
-        while process is not None and process.pid > 1:
-            watched.append((process.pid, process.create_time()))
-            try:
-                if not _is_wrapper(process.cmdline()):
-                    break
-            except psutil.AccessDenied:  # another user's process: no wrapper of ours
-                break
-            process = process.parent()
-    except psutil.NoSuchProcess:
-        return None
-    except psutil.Error:
-        pass
-    return watched
-
-
-def _is_wrapper(cmdline: list[str]) -> bool:
-    """A process that only runs another one: ``sh -c``, ``dvc``, ``torchrun``."""
-    names = [Path(arg).name for arg in cmdline[:3]]
-    if names and names[0] in _SHELLS and "-c" in cmdline[1:]:
-        return True
-    if "dvc" in names or "torchrun" in names:
-        return True
-    joined = " ".join(cmdline[:4])
-    return "-m dvc" in joined or "-m torch.distributed.run" in joined
-
-
-def _watch(watched: list[tuple[int, float]]) -> None:
-    import select
-
-    import psutil
-
-    poller, fds = select.poll(), []
-    for pid, started in watched:
-        try:
-            fd = os.pidfd_open(pid)
-            # The pid may have been reused since we looked: it must be the same process.
-            if psutil.Process(pid).create_time() != started:
-                raise ProcessLookupError(pid)
-        except (ProcessLookupError, psutil.Error):
-            _stop_self(pid)
-            return
-        except OSError:  # no pidfd_open (kernel < 5.3): poll the process list instead
-            _watch_by_polling(watched)
-            return
-        poller.register(fd, select.POLLIN)
-        fds.append((fd, pid))
-    events = poller.poll()  # blocks until one of them exits
-    ended = dict(fds).get(events[0][0], watched[0][0])
-    _stop_self(ended)
-
-
-def _watch_by_polling(watched: list[tuple[int, float]]) -> None:
-    import psutil
-
-    while True:
-        for pid, started in watched:
-            try:
-                alive = (psutil.Process(pid).create_time() == started
-                         and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-            except psutil.Error:
-                alive = False
-            if not alive:
-                _stop_self(pid)
-                return
-        time.sleep(0.5)
-
-
-def _stop_self(ended: int) -> None:
-    logger.error("stopping: pid %d, which started this process, has ended "
-                 "(not running orphaned)", ended)  # logging survives a closed pipe
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(GRACE_S)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _share_workers_lock() -> None:
-    root = Path(os.environ.get("DVC_ROOT", "."))
-    if not (root / ".dvc").is_dir():
-        return
-    fd = _open_lock(root, WORKERS_LOCK_FILE)
-    fcntl = _fcntl()
-    fcntl.flock(fd, fcntl.LOCK_SH)  # held until this process ends; a new run waits for it
 
 
 # --- temp folders a killed run left -----------------------------------------------------------

@@ -7,14 +7,14 @@ reference for the folder hash. The real DVC pipeline is in tests/flows/test_line
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stages.common import integrity, tracking
-from stages.common.integrity import IntegrityError, ParamsSnapshot
+from stages.common import dvc_hashes, integrity, params_snapshot, tracking
+from stages.common.dvc_hashes import IntegrityError
+from stages.common.params_snapshot import ParamsSnapshot
 
 DVC_YAML = {"stages": {
     "features": {"cmd": "f", "deps": ["data/validated"], "params": ["features"],
@@ -37,14 +37,14 @@ def _add(repo: Path, path: str, files: dict[str, bytes]) -> dict:
     for rel, data in files.items():
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
         (target / rel).write_bytes(data)
-        obj = integrity.cache_path(repo, _md5(data))
+        obj = dvc_hashes.cache_path(repo, _md5(data))
         obj.parent.mkdir(parents=True, exist_ok=True)
         obj.write_bytes(data)
     entries = {rel: _md5(data) for rel, data in files.items()}
-    md5 = integrity.dir_hash(entries)
-    obj = integrity.cache_path(repo, md5)
+    md5 = dvc_hashes.dir_hash(entries)
+    obj = dvc_hashes.cache_path(repo, md5)
     obj.parent.mkdir(parents=True, exist_ok=True)
-    obj.write_bytes(integrity.dir_object(entries))
+    obj.write_bytes(dvc_hashes.dir_object(entries))
     return {"path": path, "hash": "md5", "md5": md5}
 
 
@@ -99,13 +99,13 @@ def test_folder_hash_is_dvcs(tmp_path: Path) -> None:
                       "__pycache__/m.pyc": b"ignored", "e.pyc": b"ignored"}.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(data)
-    entries = integrity.hash_folder(tmp_path, ["__pycache__/", "*.pyc"])
+    entries = dvc_hashes.hash_folder(tmp_path, ["__pycache__/", "*.pyc"])
     assert sorted(entries) == ["a.parquet", "sub/b.json", "sub/c/d"]
     tree = Tree()
     for rel, md5 in entries.items():
         tree.add(tuple(rel.split("/")), None, HashInfo("md5", md5))
     tree.digest()
-    assert integrity.dir_hash(entries) == tree.hash_info.value
+    assert dvc_hashes.dir_hash(entries) == tree.hash_info.value
 
 
 def test_params_are_parsed_from_the_snapshot_and_a_change_refuses(
@@ -118,7 +118,7 @@ def test_params_are_parsed_from_the_snapshot_and_a_change_refuses(
     snapshot = ParamsSnapshot.take("params.yaml")
     params.write_text("train:\n  lr: 0.5\nserve:\n  port: 8000\n")
     assert snapshot.load().train.lr == 0.001  # the bytes read at start, not the file now
-    assert integrity.snapshot_for("params.yaml") is snapshot
+    assert params_snapshot.snapshot_for("params.yaml") is snapshot
     with pytest.raises(IntegrityError) as err:
         snapshot.check_unchanged("train")
     message = str(err.value)
@@ -164,11 +164,10 @@ def test_lineage_logs_the_params_the_stage_read(tmp_path: Path, mlflow_uri: str,
 def test_inputs_are_not_checked_outside_dvc(repo: Path, monkeypatch) -> None:
     monkeypatch.delenv("DVC_STAGE", raising=False)
     _corrupt(repo / "data/features/train.parquet")
-    started = time.perf_counter()
+    # Neither raises although the input is corrupt: nothing was checked.
     integrity.verify_stage_inputs("train", repo)  # a stage started by hand: not DVC's run
     monkeypatch.setenv("DVC_STAGE", "train")
     integrity.verify_stage_inputs("train", repo / "nowhere")  # no dvc.lock: nothing to check
-    assert time.perf_counter() - started < 0.05
 
 
 def test_a_corrupt_input_stops_the_stage_naming_file_and_hashes(repo: Path, under_dvc) -> None:
@@ -208,7 +207,7 @@ def test_a_missing_or_extra_file_and_a_corrupt_dir_object(repo: Path, under_dvc)
     # the .dir object corrupt: the folder is checked as a whole (its hash)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     dir_md5 = lock["stages"]["train"]["outs"][0]["md5"]
-    _corrupt(integrity.cache_path(repo, dir_md5))
+    _corrupt(dvc_hashes.cache_path(repo, dir_md5))
     (repo / "models/model.pt").write_bytes(b"other weights")
     with pytest.raises(IntegrityError, match=f"models .* dvc.lock expects {dir_md5}"):
         integrity.verify_stage_inputs("register")
@@ -216,7 +215,7 @@ def test_a_missing_or_extra_file_and_a_corrupt_dir_object(repo: Path, under_dvc)
 
 def test_check_and_repair_the_cache_and_the_workspace(repo: Path) -> None:
     good = b"train rows" * 100
-    cached = integrity.cache_path(repo, _md5(good))
+    cached = dvc_hashes.cache_path(repo, _md5(good))
     _corrupt(cached)  # the cache object only: the workspace copy is good
     metrics = repo / "reports/metrics.json"
     metrics.write_bytes(b'{"f1": 0}')  # a corrupt output with no cache copy
