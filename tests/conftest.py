@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,107 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     """Run the real ``dvc`` CLI in ``repo``."""
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True,
                           text=True, check=check)
+
+
+# --- one reproduced pipeline per session, copied by the tests that use it ---------------------
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    """A git + DVC repo of the project after one `dvc repro` (TINY params), committed and
+    pushed to its DVC remote (``repo/.dvcstore``, configured relative so a copy pushes to its
+    own), and the MLflow sqlite store it logged into (artifacts beside the database)."""
+
+    repo: Path
+    uri: str  # sqlite:///<base>/mlflow/mlflow.db, outside the repo
+
+    @property
+    def base(self) -> Path:
+        return self.repo.parent
+
+
+def _build_reproduced(base: Path) -> Reproduced:
+    store = base / "mlflow"
+    store.mkdir(parents=True)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        repo = make_pipeline_repo(base / "repo")
+        dvc(repo, "remote", "modify", "local", "url", "../.dvcstore")  # relative to .dvc/
+        _run(["git", "commit", "-q", "-m", "relative DVC remote", ".dvc/config"], repo)
+        result = dvc(repo, "repro", check=False)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        _run(["git", "add", "-A"], repo)
+        _run(["git", "commit", "-q", "-m", "model v1"], repo)
+        dvc(repo, "push")
+    return Reproduced(repo, uri)
+
+
+def copy_reproduced(source: Reproduced, dest: Path) -> Reproduced:
+    """A copy of ``source`` at ``dest`` (``dest/repo``, ``dest/mlflow``) that shares nothing
+    with it: its own git, DVC cache and remote, and an MLflow store whose runs, models and
+    artifact locations point into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("repo", "mlflow"):
+        shutil.copytree(source.base / name, dest / name, symlinks=True)
+    shutil.rmtree(dest / "repo" / ".dvc" / "tmp", ignore_errors=True)  # locks, state: DVC's own
+    db = dest / "mlflow" / "mlflow.db"
+    old, new = f"{source.base}/", f"{dest}/"
+    conn = sqlite3.connect(db)
+    try:  # every text column: experiment, run, logged-model and version locations, tags
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'table'")]
+        for table in tables:
+            for column in conn.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if column[2].upper() in ("TEXT", "VARCHAR") or column[2].upper().startswith(
+                        "VARCHAR"):
+                    conn.execute(f'UPDATE "{table}" SET "{column[1]}" = '
+                                 f'replace("{column[1]}", ?, ?) WHERE instr("{column[1]}", ?)',
+                                 (old, new, old))
+        conn.commit()
+    finally:
+        conn.close()
+    return Reproduced(dest / "repo", f"sqlite:///{db}")
+
+
+@pytest.fixture(scope="session")
+def reproduced_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
+    """The project's pipeline after one real `dvc repro` (TINY params), built once per session.
+
+    Read-only: a test that runs anything in it or changes it works on a copy
+    (``copy_reproduced``, or the ``reproduced`` fixture).
+    """
+    return _build_reproduced(tmp_path_factory.mktemp("reproduced"))
+
+
+@pytest.fixture
+def reproduced(reproduced_pipeline: Reproduced, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Reproduced:
+    """A private copy of ``reproduced_pipeline`` under tmp_path; ``MLFLOW_TRACKING_URI`` points
+    at the copy's store."""
+    copy = copy_reproduced(reproduced_pipeline, tmp_path / "reproduced")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", copy.uri)
+    return copy
+
+
+# What stages.common.tracking.apply_http_limits (configure_mlflow) puts in os.environ.
+_MLFLOW_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_", "PIPELINE_MLFLOW_HTTP_LIMITS")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_http_limits_restored():
+    """configure_mlflow sets MLflow's HTTP limits in os.environ, for a stage process and the
+    processes it starts; a test that calls it in pytest's process must not pass them on to the
+    tests (and subprocesses) after it."""
+    def current() -> dict[str, str]:
+        return {key: value for key, value in os.environ.items()
+                if key.startswith(_MLFLOW_HTTP_ENV)}
+
+    before = current()
+    yield
+    for key in set(current()) - set(before):
+        del os.environ[key]
+    os.environ.update(before)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stages.common.io import open_dataset
-from tests.conftest import dvc, make_pipeline_repo, write_params
+from tests.conftest import Reproduced, copy_reproduced, dvc, make_pipeline_repo, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +34,14 @@ def _champion(uri: str, model_name: str = "classifier"):
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One real `dvc repro` of the default pipeline, shared by the tests of this module."""
-    mp = pytest.MonkeyPatch()
-    base = tmp_path_factory.mktemp("dvc-e2e")
-    uri = f"sqlite:///{base / 'mlflow.db'}"
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    repo = make_pipeline_repo(base / "repo")
-    result = dvc(repo, "repro", check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    yield repo, uri
-    mp.undo()
+def reproduced(reproduced_pipeline: Reproduced,
+               tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A copy of the session's one real `dvc repro` of the default pipeline, shared by the
+    tests of this module."""
+    copy = copy_reproduced(reproduced_pipeline, tmp_path_factory.mktemp("dvc-e2e"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", copy.uri)
+        yield copy.repo, copy.uri
 
 
 def test_repro_registers_a_champion_and_leaves_nothing_to_do(reproduced) -> None:

@@ -30,7 +30,7 @@ from mlflow.entities import LoggedModelStatus
 from flows.pipeline import describe_failure
 from serving.app import ServiceConfig, create_app
 from stages import evaluate, register, train
-from stages.common import tracking
+from stages.common import artifacts, tracking
 from stages.common.faults import describe_fault
 from tests.builders import (
     TEST_PARAMS,
@@ -42,10 +42,6 @@ from tests.builders import (
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = TEST_PARAMS["register"]["model_name"]
-# What a stage may take to give up on a server that refuses connections, with the default
-# params (mlflow.max_retries 3, backoff_s 1: ~6 s of backoff) and the interpreter's start.
-# MLflow's own defaults took 248 s here (7 retries, backoff 2).
-UNREACHABLE_BOUND_S = 45
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +68,9 @@ def workspace(root: Path, trained: tuple[Path, Path]) -> Path:
     return root
 
 
-def params_file(path: Path) -> Path:
-    path.write_text(json.dumps(TEST_PARAMS))  # JSON is YAML
+def params_file(path: Path, mlflow_params: dict | None = None) -> Path:
+    params = {**TEST_PARAMS, "mlflow": {**TEST_PARAMS.get("mlflow", {}), **(mlflow_params or {})}}
+    path.write_text(json.dumps(params))  # JSON is YAML
     return path
 
 
@@ -110,6 +107,17 @@ def need_root(what: str) -> None:
         pytest.skip(f"{what} needs root (mount); this run is uid {os.getuid()}")
 
 
+def cannot_mount(what: str, error: str) -> None:
+    """Skip, or fail as root under CI=1: CI must not pass with the disk faults untested. (A
+    user + mount namespace, ``unshare -rm``, would not do: these tests read the store from
+    this multi-threaded process, which cannot enter one, after the stage has run.)"""
+    reason = f"cannot mount {what} here: {error}"
+    if os.environ.get("CI") and os.getuid() == 0:
+        pytest.fail(f"{reason}. CI runs the disk-fault tests: give the container "
+                    "CAP_SYS_ADMIN (docker run --cap-add SYS_ADMIN) or unset CI to skip them")
+    pytest.skip(reason)
+
+
 @contextmanager
 def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` mounted at ``path`` (root only), unmounted afterwards."""
@@ -118,7 +126,7 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                              check=False, capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        cannot_mount("a tmpfs", mounted.stderr.strip())
     try:
         yield path
     finally:
@@ -150,7 +158,7 @@ def read_only(folder: Path) -> Iterator[None]:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], check=False)
-            pytest.skip(f"cannot make a read-only bind mount here: {done.stderr.strip()}")
+            cannot_mount("a read-only bind mount", done.stderr.strip())
     try:
         yield
     finally:
@@ -168,22 +176,25 @@ def closed_port() -> int:
 
 def test_an_unreachable_tracking_server_fails_the_stage_in_seconds_with_one_line(
         tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    # MLflow's own defaults retried a refused connection for 248 s here (7 retries, backoff 2),
+    # then a raw MaxRetryError traceback. The stage's params bound it: one retry, no backoff.
     work = workspace(tmp_path / "w", trained)
     server = f"http://127.0.0.1:{closed_port()}"
     env = {key: value for key, value in os.environ.items()
            if not key.startswith("MLFLOW_HTTP_REQUEST")
            and key != tracking.HTTP_LIMITS_MARKER}  # the params' bounds, not this process's
     env.update(MLFLOW_TRACKING_URI=server, PYTHONPATH=str(ROOT))
+    params = params_file(tmp_path / "p.yaml",
+                         {"max_retries": 1, "backoff_s": 0, "request_timeout_s": 5})
 
-    started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "stages.evaluate",
-                           *evaluate_args(work, params_file(tmp_path / "p.yaml"))],
+                           *evaluate_args(work, params)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
-    took = time.monotonic() - started
 
     assert done.returncode == 1, done.stderr
-    assert took < UNREACHABLE_BOUND_S, f"{took:.1f} s"
+    # the params' bound, not MLflow's 7: urllib3 warns once per retry
+    assert done.stderr.count("Retrying (Retry(") == 1, done.stderr
     lines = failed_lines(done.stderr, "evaluate")
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"the MLflow tracking server {server} is unreachable (connection refused)" in lines[0]
@@ -210,11 +221,9 @@ def test_a_read_only_store_names_the_database_and_the_fix(
     params = params_file(tmp_path / "p.yaml")
 
     with read_only(db.parent):
-        started = time.monotonic()
         code = evaluate.main(evaluate_args(work, params))
-        took = time.monotonic() - started
 
-    assert code == 1 and took < 20, f"{took:.1f} s"
+    assert code == 1  # at once: MLflow's engine retries each logged a traceback (checked below)
     lines = failed_lines(caplog.text, "evaluate")
     assert len(lines) == 1 and "Traceback" not in caplog.text, caplog.text
     if store == "new":
@@ -338,6 +347,8 @@ def test_ready_is_503_with_the_reason_while_the_champion_cannot_load_and_200_aft
     register_version(features, models / "model.pt", rows.head(5))  # v1
     register_version(features, models / "model.pt", rows.head(5))  # v2: its files go
     client = mlflow.MlflowClient()
+    for version in ("1", "2"):  # as the register stage does
+        artifacts.record_version(client, SERVED, version)
     client.set_registered_model_alias(SERVED, "champion", "1")
     source = client.get_model_version(SERVED, "2").source  # models:/<logged model id>
     broken = client.get_logged_model(source.rsplit("/", 1)[-1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import sqlite3
 import threading
 import traceback
@@ -27,7 +28,7 @@ import pytest
 from stages import ingest
 from stages.common.config import IngestParams
 from stages.common.errors import DataError
-from stages.common.redact import redact_url
+from stages.common.redact import redact_url, scrubbed_logs
 from tests.builders import breast_cancer_frame, build_trained, make_params
 
 USER, PASSWORD = "etl", "pw-7f3a9c2e"
@@ -215,6 +216,34 @@ def test_a_secret_from_the_environment_is_used_and_the_placeholder_shown(
     monkeypatch.delenv("TEST_SALES_SIG")
     with pytest.raises(DataError, match="TEST_SALES_SIG is not set"):
         ingest.run(IngestParams(source=source, target="target"), tmp_path / "raw")
+
+
+def test_records_of_child_loggers_and_other_threads_are_scrubbed_during_a_fetch(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A filter on the "fsspec" logger never saw "fsspec.asyn", "s3fs" or "botocore.endpoint"
+    # records: child loggers do not inherit it. fsspec fetches on a thread of its own.
+    url = signed_url("127.0.0.1:9", SIGNATURE)
+    caplog.set_level(logging.DEBUG)
+
+    def log_from(name: str) -> None:
+        logger = logging.getLogger(name)
+        logger.debug("GET %s", url)
+        try:
+            raise OSError(f"cannot fetch {url}")
+        except OSError:
+            logger.exception("failed")
+
+    with scrubbed_logs(url):
+        for name in ("fsspec.asyn", "s3fs", "botocore.endpoint", "aiohttp.client"):
+            log_from(name)
+        thread = threading.Thread(target=log_from, args=("fsspec.asyn",))
+        thread.start()
+        thread.join()
+
+    assert_no_secret(caplog.text)  # messages, arguments and tracebacks
+    assert caplog.text.count("X-Amz-Signature=***") == 10 and "botocore.endpoint" in caplog.text
+    logging.getLogger("s3fs").debug("after %s", url)  # the fetch is over: records as they are
+    assert SIGNATURE in caplog.records[-1].getMessage()
 
 
 @pytest.mark.parametrize(("url", "shown"), [

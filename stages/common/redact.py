@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 MASK = "***"
@@ -113,32 +115,62 @@ def expand_env(source: str) -> str:
     return ENV_VAR.sub(value, source)
 
 
-class _ScrubFilter(logging.Filter):
-    def __init__(self, url: str) -> None:
-        super().__init__()
-        self.url = url
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = scrub(record.getMessage(), self.url), None
-        return True
+# URLs whose credentials are masked in every log record made while a fetch of them is open
+_ACTIVE: list[str] = []
+_ACTIVE_LOCK = threading.Lock()
+# (our factory, the one it wraps) while installed
+_INSTALLED: list[tuple[Callable[..., Any], Callable[..., Any]]] = []
 
 
-# libraries that log the URL they fetch (fsspec at DEBUG: "Retrieve file size for <url>")
-URL_LOGGERS = ("fsspec", "fsspec.http", "aiohttp.client", "urllib3.connectionpool")
+def _scrubbing_factory(previous: Callable[..., logging.LogRecord]) -> Callable[..., Any]:
+    def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        urls = list(_ACTIVE)
+        if urls:
+            _scrub_record(record, urls)
+        return record
+
+    return make_record
+
+
+def _scrub_record(record: logging.LogRecord, urls: list[str]) -> None:
+    if record.exc_info and not record.exc_text:  # the handler's formatter reuses exc_text
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    texts = {"msg": record.getMessage(), "exc_text": record.exc_text,
+             "stack_info": record.stack_info}
+    for field, text in texts.items():
+        for url in urls:
+            text = scrub(text, url) if text else text
+        setattr(record, field, text)
+    record.args = None
 
 
 @contextmanager
 def scrubbed_logs(url: str) -> Iterator[None]:
-    """While open, records of the URL-fetching libraries have ``url``'s credentials masked."""
+    """While open, every log record has ``url``'s credentials masked, whatever logger made it.
+
+    A filter on a logger sees only that logger's own records, not its children's (``fsspec``'s
+    filter misses ``fsspec.asyn``, ``s3fs``, ``botocore.*``, ``aiohttp.*``), so the masking is
+    done where every record is made: the log record factory, from any thread (fsspec fetches on
+    its own event-loop thread). Message, arguments, traceback and stack text are all masked.
+    """
     if not has_credentials(url):
         yield
         return
-    scrubber = _ScrubFilter(url)
-    loggers = [logging.getLogger(name) for name in URL_LOGGERS]
-    for logger in loggers:
-        logger.addFilter(scrubber)
+    with _ACTIVE_LOCK:
+        if not _ACTIVE:
+            previous = logging.getLogRecordFactory()
+            _INSTALLED[:] = [(_scrubbing_factory(previous), previous)]
+            logging.setLogRecordFactory(_INSTALLED[0][0])
+        _ACTIVE.append(url)
     try:
         yield
     finally:
-        for logger in loggers:
-            logger.removeFilter(scrubber)
+        with _ACTIVE_LOCK:
+            _ACTIVE.remove(url)
+            if not _ACTIVE and _INSTALLED:
+                factory, previous = _INSTALLED.pop()
+                # restored unless another library has wrapped ours since (ours, left in its
+                # chain, then passes records through unchanged)
+                if logging.getLogRecordFactory() is factory:
+                    logging.setLogRecordFactory(previous)

@@ -10,13 +10,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.serving.test_artifact_integrity import (  # noqa: F401 - store is a fixture
+from tests.serving.conftest import Store, store  # noqa: F401 - store: the session's store
+from tests.serving.test_artifact_integrity import (
     KEY_ENV,
     NAME,
-    Store,
     crafted_pickle,
     register_version,
-    store,
     stored,
     tamper,
 )

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
+from stages.common.artifacts import DEFAULT_KEY_ENV
 from stages.common.servable import log_servable
 from stages.common.tracking import configure_mlflow
 from tests.builders import breast_cancer_frame, build_trained, make_params
@@ -104,6 +105,55 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         mlflow.set_tracking_uri(store.uri)
         store.move_alias(1)
         yield store
+        mlflow.set_tracking_uri(None)
+
+
+# --- the artifact-integrity store (tests/serving/test_artifact_integrity.py and the modules
+# that tamper with it: test_signing_key_env, tests/flows/test_batch_score_integrity) ------------
+
+INTEGRITY_KEY_ENV = DEFAULT_KEY_ENV  # unset while the store is in use: no signing
+
+
+@dataclass(frozen=True)
+class Store:
+    """A temporary MLflow store and the trained model's files."""
+
+    uri: str
+    root: Path
+    features: Path
+    network: Path
+    zeroed: Path  # another network: a second version with other weights
+    rows: pd.DataFrame
+
+
+def integrity_store_once(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """An empty MLflow store (its experiment made, artifacts beside the db) and the session's
+    trained model, built once per session: each module registers versions of its own in it."""
+    if "integrity" not in _SESSION:
+        features, models = trained_once(tmp_path_factory)
+        root = tmp_path_factory.mktemp("integrity")
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        rows = pd.read_parquet(features / "test.parquet").drop(columns=["target"])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", uri)
+            mp.delenv(INTEGRITY_KEY_ENV, raising=False)
+            configure_mlflow(make_params().mlflow)
+            mlflow.set_tracking_uri(None)
+        zeroed = zero_output_layer(models / "model.pt", root / "zeroed" / "model.pt")
+        _SESSION["integrity"] = Store(uri, root, features, models / "model.pt", zeroed, rows)
+    return _SESSION["integrity"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    """The integrity store, with MLflow pointed at it for the whole module."""
+    built = integrity_store_once(tmp_path_factory)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", built.uri)
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mp.delenv(INTEGRITY_KEY_ENV, raising=False)
+        configure_mlflow(make_params().mlflow)  # the experiment, artifacts beside the db
+        yield built
         mlflow.set_tracking_uri(None)
 
 

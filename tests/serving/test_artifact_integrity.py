@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import pytest
 
 from serving.batch import open_model
@@ -33,25 +30,22 @@ from stages.common.servable import (
     copy_model_code,
     log_servable,
 )
-from stages.common.tracking import configure_mlflow
 from stages.common.variants import ARTIFACT_DIR, build_variants, load_variant
 from tests.builders import make_params
-from tests.serving.conftest import trained_once, zero_output_layer
+from tests.serving import conftest
+from tests.serving.conftest import Store, trained_once
 
 NAME = "integrity-clf"
 KEY_ENV = artifacts.DEFAULT_KEY_ENV
 
 
-@dataclass(frozen=True)
-class Store:
-    """A temporary MLflow store and the trained model's files."""
-
-    uri: str
-    root: Path
-    features: Path
-    network: Path
-    zeroed: Path  # another network: a second version with other weights
-    rows: pd.DataFrame
+def __getattr__(name: str) -> object:
+    # The `store` fixture lives in tests/serving/conftest.py (built once per session); modules
+    # that imported it from here still find it. Not a module attribute: pytest would register
+    # it a second time.
+    if name == "store":
+        return conftest.store
+    raise AttributeError(name)
 
 
 class Payload:
@@ -67,22 +61,6 @@ class Payload:
 def crafted_pickle(marker: Path) -> bytes:
     """A pickle that, when loaded, creates ``marker``."""
     return pickle.dumps(Payload(f"open({str(marker)!r}, 'w').write('code ran')"))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    features, models = trained_once(tmp_path_factory)
-    root = tmp_path_factory.mktemp("integrity")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    rows = pd.read_parquet(features / "test.parquet").drop(columns=["target"])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mp.delenv(KEY_ENV, raising=False)
-        configure_mlflow(make_params().mlflow)  # artifacts beside the db
-        zeroed = zero_output_layer(models / "model.pt", root / "zeroed" / "model.pt")
-        yield Store(uri, root, features, models / "model.pt", zeroed, rows)
-        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(autouse=True)

@@ -460,16 +460,14 @@ def test_a_version_the_service_cannot_answer_in_time_is_blocked_and_says_why(
 
 
 @pytest.mark.slow
-def test_revalidating_identical_data_retrains_nothing(tmp_path: Path, mlflow_uri: str) -> None:
+def test_revalidating_identical_data_retrains_nothing(reproduced) -> None:
     import hashlib
 
     import yaml
 
-    from tests.conftest import dvc, make_pipeline_repo
+    from tests.conftest import dvc
 
-    repo = make_pipeline_repo(tmp_path / "repo")
-    result = dvc(repo, "repro", check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    repo, mlflow_uri = reproduced.repo, reproduced.uri  # a copy of the session's `dvc repro`
 
     def train_deps() -> dict[str, str]:
         lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -498,15 +496,12 @@ def test_revalidating_identical_data_retrains_nothing(tmp_path: Path, mlflow_uri
 
 
 @pytest.mark.slow
-def test_forced_register_twice_in_dvc_leaves_one_version_and_one_move(
-        tmp_path: Path, mlflow_uri: str) -> None:
+def test_forced_register_twice_in_dvc_leaves_one_version_and_one_move(reproduced) -> None:
     # The fault: `dvc repro --force --single-item register` twice made two versions from one
     # MLflow run (and a flow retry a third, each moving champion).
-    from tests.conftest import dvc, make_pipeline_repo
+    from tests.conftest import dvc
 
-    repo = make_pipeline_repo(tmp_path / "repo")
-    result = dvc(repo, "repro", check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    repo, mlflow_uri = reproduced.repo, reproduced.uri  # a copy of the session's `dvc repro`
     run_id = json.loads((repo / "reports" / "registration.json").read_text())["run_id"]
 
     for _ in range(2):
