@@ -132,7 +132,8 @@ def _build_reproduced(base: Path) -> Reproduced:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         repo = make_pipeline_repo(base / "repo")
-        dvc(repo, "remote", "modify", "local", "url", "../.dvcstore")  # relative to .dvc/
+        # DVC takes a relative url from the cwd and stores it relative to .dvc/ (../.dvcstore)
+        dvc(repo, "remote", "modify", "local", "url", ".dvcstore")
         _run(["git", "commit", "-q", "-m", "relative DVC remote", ".dvc/config"], repo)
         result = dvc(repo, "repro", check=False)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,7 +1,8 @@
 """Honest lineage and verified data, end to end (issue 10 items 3 and 4).
 
-One real git + DVC repo (TINY params) runs the whole pipeline once (``dvc repro``, commit,
-``dvc push``); then, on it, the faults the issue found:
+The session's reproduced pipeline (``tests/conftest.py``: one real ``dvc repro`` of the TINY
+params, committed and pushed), copied for each test; then, on the copy, the faults the issue
+found:
 
 * the model version's ``dvc.<output>.md5`` tags name the model that run produced;
 * a corrupt object in the DVC remote: ``flows.reproduce`` stops right after ``dvc pull``;
@@ -17,15 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-from tests.conftest import ROOT, dvc, make_pipeline_repo
+from tests.conftest import ROOT, Reproduced, dvc
 
 pytestmark = pytest.mark.slow
 
@@ -83,22 +86,12 @@ def _flip_byte(path: Path) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One `dvc repro` of the TINY pipeline, committed and pushed to the local remote."""
-    mp = pytest.MonkeyPatch()
-    base = tmp_path_factory.mktemp("honesty")
-    uri = f"sqlite:///{base / 'mlflow.db'}"
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    repo = make_pipeline_repo(base / "repo")
-    result = dvc(repo, "repro", check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "model v1")
-    dvc(repo, "push")
-    yield repo, uri
-    mp.undo()
+@pytest.fixture
+def pipeline(reproduced: Reproduced, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """This test's copy of the session's reproduced TINY pipeline (committed, pushed to its
+    local remote ``.dvcstore``): the repo and its MLflow store's URI (MLFLOW_TRACKING_URI)."""
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return reproduced.repo, reproduced.uri
 
 
 def test_version_tags_name_the_model_that_run_produced(pipeline) -> None:
@@ -177,6 +170,21 @@ def test_flipped_byte_in_a_cache_object_stops_the_next_stage_and_repair_works(
     assert _integrity(repo).returncode == 0
 
 
+def _has_open(proc: subprocess.Popen, path: Path) -> bool:
+    """Whether a process under ``proc`` has ``path`` open."""
+    try:
+        processes = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return False
+    for process in processes:
+        try:
+            if any(Path(f.path) == path for f in process.open_files()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 def test_params_edited_while_train_runs_fail_the_stage(pipeline) -> None:
     from mlflow import MlflowClient
 
@@ -185,22 +193,29 @@ def test_params_edited_while_train_runs_fail_the_stage(pipeline) -> None:
     original = params_file.read_text()
     models_before = _dir_hash(repo / "models")
     params = yaml.safe_load(original)
-    params["train"].update(max_epochs=60, patience=60, lr=0.002)
+    params["train"]["lr"] = 0.002  # train re-runs
     params_file.write_text(yaml.safe_dump(params))
-    resume = repo / ".resume" / "train"
+    # The edit must land after the stage read params.yaml and before it ends. The stage reads
+    # it first thing (run_main); it opens the MLflow store later (configure_mlflow) and takes
+    # a write lock there, which it waits for (sqlite's 30 s busy timeout) while we hold it.
+    db = Path(uri.removeprefix("sqlite:///"))
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "train"],
                             cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (resume.is_dir() and any(resume.rglob("*.pt"))):  # training has begun
+        while not _has_open(proc, db):  # the stage has read params and waits for the lock
             assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "train never wrote a checkpoint"
-            time.sleep(0.02)
+            assert time.monotonic() < deadline, "train never opened the MLflow store"
+            time.sleep(0.05)
         params["train"]["lr"] = 0.003  # edited while train runs
         params_file.write_text(yaml.safe_dump(params))
+        blocker.rollback()
         output, _ = proc.communicate(timeout=300)
     finally:
+        blocker.close()
         if proc.poll() is None:
             proc.kill()
     try:
@@ -223,4 +238,4 @@ def test_params_edited_while_train_runs_fail_the_stage(pipeline) -> None:
                                           str(repo.parent))
         assert yaml.safe_load(Path(local).read_text())["train"]["lr"] == 0.002
     finally:
-        params_file.write_text(original)
+        params_file.write_text(original)  # (a copy: for a rerun by hand)
