@@ -155,7 +155,9 @@ def test_lineage_logs_the_params_the_stage_read(tmp_path: Path, mlflow_uri: str,
     snapshot = ParamsSnapshot.take("params.yaml")
     (tmp_path / "params.yaml").write_text("train:\n  lr: 0.5\n")
     mlflow.set_tracking_uri(mlflow_uri)
-    with mlflow.start_run() as run:
+    # An explicit experiment: the fluent API otherwise reuses the id an earlier test set.
+    experiment_id = mlflow.create_experiment("lineage-params")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         tracking.log_lineage(".", "params.yaml", params_text=snapshot.text)
     logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/lineage/params.yaml")
     assert logged == "train:\n  lr: 0.001\n"
