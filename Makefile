@@ -19,7 +19,7 @@ export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install data run repro test test-deps test-fast ui schedule clean serve bench-setup bench-train bench-serve bench-data
+.PHONY: help install data run repro test test-deps test-fast test-stack ui schedule clean serve bench-setup bench-train bench-serve bench-data
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,7 +49,13 @@ repro: install ## Run the same stages with `dvc repro`, then push the data versi
 	$(BIN)/python -m flows.repro --repo .$(if $(WAIT), --wait)
 
 test: install test-deps ## Run the test suite (real MLflow, DVC, GX, Prefect, PostgreSQL in temp dirs)
-	$(PYTEST)
+	$(PYTEST) -m "not stack"
+
+# The longest end-to-end runs (make data + make run on three real tables, reproduce from the DVC
+# remote, incremental runs): CI runs them after `make test` (.ci/run), which keeps `make test`
+# under 20 minutes on 2 cores.
+test-stack: install ## Run the longest end-to-end tests (marker `stack`); .ci/run runs them too
+	$(PYTEST) -m stack
 
 # The SQL ingest tests start a real PostgreSQL server (tests/postgres.py): install it when its
 # binaries are missing and we may (root, e.g. CI containers); otherwise those tests skip.

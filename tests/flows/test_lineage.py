@@ -64,6 +64,7 @@ def _raw_md5(lock: dict) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_reproduce_an_old_version_after_the_data_changed(
         tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     repo = make_pipeline_repo(tmp_path / "repo", {"ingest": {"source": CSV}})
@@ -117,6 +118,7 @@ OWN_CSV, OWN_SUITE = "data/source/own.csv", "suites/own.json"
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_reproduce_own_data_with_an_untracked_suite_and_dirty_outputs(
         tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 9 item 7: the own-data path, as `make run` / the schedule leave the tree."""

@@ -166,6 +166,7 @@ def built(request: pytest.FixtureRequest, prefect_api: str,
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_make_data_points_params_at_the_table_and_keeps_comments(built: Built) -> None:
     repo, table = built.repo, built.table
     params = (repo / "params.yaml").read_text()
@@ -187,6 +188,7 @@ def test_make_data_points_params_at_the_table_and_keeps_comments(built: Built) -
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_make_run_registers_and_promotes_a_champion(built: Built) -> None:
     from mlflow import MlflowClient
 
@@ -201,6 +203,7 @@ def test_make_run_registers_and_promotes_a_champion(built: Built) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_a_second_run_on_the_same_data_adds_no_version(built: Built) -> None:
     assert "failed" not in built.second, built.second["failed"]
     assert built.versions_after_first, "the first run registered nothing"
@@ -216,6 +219,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_the_service_scores_real_rows_of_the_table(
         built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow

@@ -297,6 +297,7 @@ def test_bad_label_fails_the_flow_at_validate_and_changes_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_incremental_run_without_new_rows_skips_training_and_says_so(
         prefect_api: str, tmp_path: Path, mlflow_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
