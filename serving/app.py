@@ -14,10 +14,12 @@ Endpoints:
   ``flagged`` (``flag``, a text date it cannot parse scored as missing); either way it is
   counted in ``/metrics`` and marked in the log.
 * ``GET /health`` (and ``/ping``): the process is up. ``GET /ready``: 200 while the version the
-  alias names is served; 503 with the reason before, and while that version cannot be loaded
-  or the registry cannot be read (``/predict`` keeps answering with the version it has).
+  alias names is served; 503 with the reason before, and while that version was refused or
+  cannot be loaded (``/predict`` keeps answering with the version it has). A registry that
+  cannot be read keeps it 200 on the alias's last known version.
   ``GET /version``: the served version, its run and lineage tags, and the follower's state
-  (a version refused for another input contract shows there); it needs the bearer token too
+  (a version refused for another input contract shows there; ``registry_error``: "registry
+  unreachable since ..."); it needs the bearer token too
   when one is set.
   ``GET /metrics``: Prometheus.
 
@@ -156,6 +158,7 @@ class _Service:
         """The follower's state for /version: its last error, the versions it refused."""
         follower = self.follower
         return {"last_error": follower.last_error if follower else self.load_error,
+                "registry_error": follower.registry_error if follower else None,
                 "refused_versions": dict(follower.refused) if follower else {},
                 "allow_contract_change": self.config.allow_contract_change}
 
@@ -286,9 +289,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
         model = service.holder.current
         if model is None:
             return _json({"ready": False, "reason": service.load_error or "loading"}, 503)
-        # The alias names a version this service cannot load, or the registry cannot be read:
-        # unready (with why) until it can; /predict keeps answering with the version it has.
-        behind = service.follower.last_error if service.follower is not None else None
+        # The alias names a version this service refused or failed to load: unready (with why)
+        # until it can; /predict keeps answering with the version it has. A registry that
+        # cannot be read is not a reason: every replica would drop out at once while each can
+        # serve the alias's last known version (/version says "registry unreachable since").
+        behind = service.follower.unready if service.follower is not None else None
         if behind:
             return _json({"ready": False, "model_version": model.version,
                           "reason": f"cannot serve models:/{config.model_name}@{config.alias} "

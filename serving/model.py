@@ -314,7 +314,15 @@ class RegistryFollower:
             refused once, remembered in ``refused`` and ``last_error``, and not loaded again.
         key_env: env var holding the signing key (see :func:`load_model`). A version whose
             files differ from its recorded hashes (or unsigned while a key is set) is refused
-            the same way: remembered in ``refused``, the current model keeps serving.
+            the same way: remembered in ``refused``, the current model keeps serving. A refusal
+            holds while the version's recorded hashes (digest and signature tags) stay as they
+            were: a version fixed with ``python -m stages.common.artifacts record`` is tried
+            again.
+
+    ``unready`` says why the version the alias names is not served (refused, or it failed to
+    load; retried at each poll); None while it is. A registry that cannot be read is not that:
+    the service keeps serving the alias's last known version, ready, and reports
+    ``registry_error`` ("registry unreachable since ...") in ``/version`` and the logs.
     """
 
     def __init__(self, holder: ModelHolder, name: str, alias: str, variant: str = "pyfunc",
@@ -328,7 +336,11 @@ class RegistryFollower:
         self.interval_s, self.on_swap, self.on_error = interval_s, on_swap, on_error
         self.allow_contract_change = allow_contract_change
         self.last_error: str | None = None
+        self.unready: str | None = None  # why the alias's version is not served (or None)
+        self.registry_error: str | None = None  # "registry unreachable since ...", or None
         self.refused: dict[str, str] = {}  # version -> why it is not served
+        self._refused_as: dict[str, tuple[str | None, str | None]] = {}  # its hash tags then
+        self._unreachable_since: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -342,29 +354,51 @@ class RegistryFollower:
         from mlflow import MlflowClient
 
         current = self.holder.current
+        from mlflow.exceptions import MlflowException
+
         try:
             mv = MlflowClient().get_model_version_by_alias(self.name, self.alias)
-            if current is not None and current.version == str(mv.version):
-                self.last_error = None  # serving what the alias names (again, after a rollback)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                self._registry_up()  # it answered: the alias (or the model) is gone
+                self._report(f"{type(exc).__name__}: {exc}")
+            else:
+                self._registry_down(current, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - the registry is down: keep serving
+            self._registry_down(current, exc)
+            return False
+        self._registry_up()
+        version, state = str(mv.version), _hash_tags(mv)
+        if current is not None and current.version == version:
+            self.last_error = self.unready = None  # serving what the alias names (again)
+            return False
+        if version in self.refused:
+            if self._refused_as.get(version) == state:
+                self.last_error = self.unready = self.refused[version]  # why not served
                 return False
-            if str(mv.version) in self.refused:
-                self.last_error = self.refused[str(mv.version)]  # why the champion is not served
-                return False
-            model = load_model(f"models:/{self.name}/{mv.version}", self.variant, self.key_env)
+            logger.info("%s v%s: its recorded artifact hashes changed since it was refused: "
+                        "trying it again", self.name, version)
+            del self.refused[version]
+            self._refused_as.pop(version, None)
+        try:
+            model = load_model(f"models:/{self.name}/{version}", self.variant, self.key_env)
             model = _with_alias(model, self.alias)
             if self._refuse(current, model):
+                self._refused_as[version] = state
                 return False
             warm_up(model)
         except ModelIntegrityError as exc:  # tampered or damaged: never load it, say why
             serving = f"still serving v{current.version}" if current else "serving nothing"
-            self.refused[str(mv.version)] = f"refused: {exc}; {serving}"
-            self._report(self.refused[str(mv.version)])
+            self.refused[version] = f"refused: {exc}; {serving}"
+            self._refused_as[version] = state
+            self._report(self.refused[version])
             return False
         except Exception as exc:  # noqa: BLE001 - keep serving the old model, whatever broke
-            self._report(f"{type(exc).__name__}: {exc}")
+            self._report(f"{type(exc).__name__}: {exc}")  # (tried again at the next poll)
             return False
         previous = self.holder.swap(model)
-        self.last_error = None
+        self.last_error = self.unready = None
         logger.info("now serving %s v%s (%s) instead of %s", self.name, model.version,
                     self.variant, f"v{previous.version}" if previous else "nothing")
         if self.on_swap:
@@ -390,8 +424,32 @@ class RegistryFollower:
         self._report(reason)
         return True
 
+    def _registry_down(self, current: LoadedModel | None, exc: Exception) -> None:
+        # Not a reason to go unready: every replica would drop out of the load balancer at
+        # once while each could serve. Said once in the log, kept in /version until it is back.
+        from datetime import UTC, datetime
+
+        first = self._unreachable_since is None
+        if first:
+            self._unreachable_since = datetime.now(UTC).isoformat(timespec="seconds")
+        serving = f"still serving v{current.version}" if current else "serving nothing yet"
+        self.registry_error = self.last_error = (
+            f"registry unreachable since {self._unreachable_since} ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); {serving}")
+        if first:
+            logger.warning("cannot read models:/%s@%s: %s", self.name, self.alias,
+                           self.registry_error)
+        if current is None and self.on_error:  # nothing served: /ready says why
+            self.on_error(self.registry_error)
+
+    def _registry_up(self) -> None:
+        if self._unreachable_since is not None:
+            logger.info("registry reachable again (unreachable since %s)",
+                        self._unreachable_since)
+        self._unreachable_since = self.registry_error = None
+
     def _report(self, message: str) -> None:
-        self.last_error = message
+        self.last_error = self.unready = message
         logger.error("cannot follow models:/%s@%s: %s", self.name, self.alias, message)
         if self.on_error:
             self.on_error(message)
@@ -413,6 +471,15 @@ class RegistryFollower:
         while not self._stop.is_set():
             self.check_once()
             self._stop.wait(self.interval_s)
+
+
+def _hash_tags(mv: ModelVersion) -> tuple[str | None, str | None]:
+    # What a refusal for the version's files depends on: recording (or signing) its hashes
+    # again changes these tags, and then it is tried again.
+    from stages.common.artifacts import DIGEST_TAG, SIGNATURE_TAG
+
+    tags = dict(mv.tags or {})
+    return tags.get(DIGEST_TAG), tags.get(SIGNATURE_TAG)
 
 
 def _with_alias(model: LoadedModel, alias: str) -> LoadedModel:

@@ -582,9 +582,30 @@ def _register_version(rp: RegisterParams, model_uri: str, cand: Candidate) -> st
 def _move_alias(client: MlflowClient, rp: RegisterParams, decision: Decision,
                 record: dict[str, Any]) -> None:
     # Once per decision, after it is recorded on the version; logged in the alias history.
-    alias = rp.alias if decision.promote else rp.challenger_alias
-    registry.move_alias(client, rp.model_name, alias, record["version"], record["reason"],
-                        caused_by_run=record["run_id"], kind="register")
+    # The decision was made against the champion read at the start (previous): if a rollback
+    # (or a hand move) changed it meanwhile, nothing moves (registry.AliasMovedError) and the
+    # version stays pending; a re-run decides against the current champion.
+    previous = record["previous_champion_version"]
+    previous = None if previous is None else str(previous)
+    if decision.promote:
+        registry.move_alias(client, rp.model_name, rp.alias, record["version"],
+                            record["reason"], caused_by_run=record["run_id"], kind="register",
+                            expect_from=previous)
+        return
+    registry.check_holder(client, rp.model_name, rp.alias, previous)
+    registry.move_alias(client, rp.model_name, rp.challenger_alias, record["version"],
+                        record["reason"], caused_by_run=record["run_id"], kind="register")
+
+
+def _mark_stale(client: MlflowClient, rp: RegisterParams, version: str,
+                exc: registry.AliasMovedError) -> None:
+    # The decision recorded on the version was made against a champion that no longer is:
+    # it is not one any more (the gate stays open, so the next run judges it again).
+    client.set_model_version_tag(rp.model_name, version, "promotion.decision", "undecided")
+    client.set_model_version_tag(rp.model_name, version, "promotion.reason", one_line(
+        f"not decided: {exc}"))
+    gate = client.get_model_version(rp.model_name, version).tags.get(GATE_TAG, "pending")
+    exc.args = (f"{exc} ({rp.model_name} v{version} left {GATE_TAG}={gate}, not {rp.alias})",)
 
 
 def _close_gate(client: MlflowClient, rp: RegisterParams, version: str,
@@ -615,7 +636,7 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
     from mlflow import MlflowClient
 
     from stages.common import artifacts
-    from stages.common.servable import log_servable
+    from stages.common.servable import log_servable, produced_files
     from stages.common.variants import log_variants
 
     rp = params.register
@@ -632,10 +653,14 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
         existing = _find_identical(client, rp.model_name, cand.content_hash, run_id)
         if existing is not None and existing.tags.get(GATE_TAG) == "passed":
             return _finish_identical(rp, existing, previous, cand, run_id, out_path)
+        uploaded = None  # the files this run uploads, hashed locally first
         if existing is not None:  # the same model failed the gate (or a stopped run left it
             version = str(existing.version)  # undecided): judge it again; no new version
         else:
             preprocessor_path = cand.features_dir / "preprocessor.joblib"
+            # What is uploaded, hashed here first: the store's copy must match it (below).
+            uploaded = produced_files(preprocessor_path, cand.model_dir / "model.pt",
+                                      cand.contract)
             info = log_servable(preprocessor_path, cand.model_dir / "model.pt",
                                 cand.test.head(5), contract=cand.contract)
             # ONNX + int8 copies beside it, scored on the same test rows (variants/ in the run).
@@ -645,7 +670,7 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
         # of it is loaded; a version this run registered before it stopped is recorded now,
         # one that recorded hashes is checked against them (stages.common.artifacts).
         artifacts.record_version(client, rp.model_name, version, rp.signing_key_env,
-                                 only_run=run_id)
+                                 only_run=run_id, produced=uploaded)
         decision, record = _judge_version(client, rp, version, previous, cand)
         if existing is not None:
             record["identical_to"] = int(version)
@@ -661,7 +686,11 @@ def run(features_dir: str | Path, model_dir: str | Path, metrics_path: str | Pat
         _record_on_version(client, record)
         if params_file is not None:  # params.yaml edited during register: refuse, alias unmoved
             integrity.snapshot_for(params_file).check_unchanged("register")
-        _move_alias(client, rp, decision, record)
+        try:
+            _move_alias(client, rp, decision, record)
+        except registry.AliasMovedError as exc:  # decided against a champion rolled back
+            _mark_stale(client, rp, version, exc)  # meanwhile: pending, not champion
+            raise
         _close_gate(client, rp, version, decision)
         mlflow.set_tags({"registered.model": rp.model_name, "registered.version": version,
                          "promotion.decision": record["decision"]})

@@ -52,6 +52,7 @@ SHOWN_FILES = 3  # files named in one error message; the rest are counted
 # Written by MLflow's client into every download of models:/<name>/<version> (the name and
 # version, YAML): not stored with the model, so not hashed.
 CLIENT_WRITTEN = ("registered_model_meta",)
+HASHES_CONFIG = "artifact_sha256"  # the MLmodel config key (stages.common.servable)
 _CHUNK = 1 << 20
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
@@ -192,6 +193,25 @@ def recorded_manifest(mv: ModelVersion, key: bytes | None,
     return manifest, digest, True
 
 
+def logged_hashes(folder: str | Path) -> dict[str, str] | None:
+    """``model/<stored path> -> sha256`` of the artifacts whose hashes the model's ``MLmodel``
+    holds (``model_config.artifact_sha256``, computed from the local files before upload by
+    ``stages.common.servable.log_servable``); None for a model logged without them."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((Path(folder) / "MLmodel").read_text())
+        pyfunc = meta["flavors"]["python_function"]
+        hashes = (pyfunc.get("config") or {}).get(HASHES_CONFIG)
+        paths = pyfunc.get("artifacts") or {}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(hashes, dict) or not hashes:
+        return None
+    return {MODEL_PREFIX + str((paths.get(key) or {}).get("path", f"artifacts/{key}")): str(h)
+            for key, h in hashes.items()}
+
+
 def unrecorded(name: str | None, version: str | None, key: bytes | None,
                key_env: str = DEFAULT_KEY_ENV) -> Verification:
     """The policy for a model without recorded hashes: refused when a key is set, else loaded
@@ -227,6 +247,17 @@ def verify_files(mv: ModelVersion, folder: str | Path, prefix: str = MODEL_PREFI
     key = signing_key(key_env)
     recorded = recorded_manifest(mv, key, key_env)
     if recorded is None:
+        if key is None and prefix == MODEL_PREFIX and logged_hashes(folder) is not None:
+            # Logged by code that always records the hashes at registration: they were
+            # removed (a downgrade to "unverified" by deleting tags). With a key set, every
+            # unrecorded version is refused anyway (unrecorded).
+            raise ArtifactIntegrityError(
+                f"{_who(mv.name, mv.version)} has no recorded artifact hashes ({DIGEST_TAG}) "
+                f"although its MLmodel carries {HASHES_CONFIG}: it was registered by code that "
+                f"always records them, so its registry tags were removed; refused, nothing of "
+                f"it was loaded. Fix: check its files, then record them again: python -m "
+                f"stages.common.artifacts record models:/{mv.name}/{mv.version} (or "
+                + _fix(mv.name, mv.version, mv.run_id).removeprefix("Fix: ") + ")")
         return unrecorded(mv.name, mv.version, key, key_env)
     manifest, digest, signed = recorded
     expected = {k: v for k, v in manifest.items() if k.startswith(prefix)}
@@ -309,14 +340,51 @@ def verify_run_variants(run_id: str, folder: str | Path,
     return next((c for c in checks if c.verified), checks[0])
 
 
-def collect_manifest(name: str, version: str, run_id: str | None) -> dict[str, str]:
-    """Hash every stored file of the version: its model folder and its run's ``variants/``."""
+def check_produced(name: str, version: str, manifest: dict[str, str],
+                   logged: dict[str, str] | None, produced: dict[str, str] | None) -> None:
+    """The stored files are the ones produced locally before upload: the artifacts hash as
+    the ``MLmodel`` config says (computed before upload), and every file of ``produced`` (the
+    local copy: :func:`stages.common.servable.produced_files`) is stored unchanged, with no
+    other model code beside it.
+
+    Raises:
+        ArtifactIntegrityError: naming each file that differs; nothing is recorded.
+    """
+    problems = compare(logged, {k: v for k, v in manifest.items() if k in logged}) \
+        if logged else []
+    if problems and not produced:  # (python -m stages.common.artifacts record)
+        raise ArtifactIntegrityError(
+            f"{name} v{version}: stored artifact(s) differ from the sha256 its MLmodel recorded "
+            f"before upload ({HASHES_CONFIG}): {'; '.join(problems[:SHOWN_FILES])}; nothing "
+            "recorded or signed. " + _fix(name, version, None))
+    if produced:
+        code = (f"{MODEL_PREFIX}code/",)
+        stored = {k: v for k, v in manifest.items()
+                  if k in produced or (k.startswith(code) and "/__pycache__/" not in k)}
+        problems += [p for p in compare(produced, stored) if p not in problems]
+    if problems:
+        shown = "; ".join(problems[:SHOWN_FILES])
+        more = f"; and {len(problems) - SHOWN_FILES} more" if len(problems) > SHOWN_FILES else ""
+        raise ArtifactIntegrityError(
+            f"{name} v{version}: the stored files are not the ones this run produced (changed "
+            f"in the artifact store between upload and recording their hashes): {shown}{more}; "
+            "nothing recorded or signed. Fix: find who writes to the artifact store, then "
+            "re-run register (the version stays pending, not champion)")
+
+
+def collect_manifest(name: str, version: str, run_id: str | None,
+                     produced: dict[str, str] | None = None,
+                     check: bool = True) -> dict[str, str]:
+    """Hash every stored file of the version: its model folder and its run's ``variants/``,
+    checked (``check``) against what was produced locally (:func:`check_produced`)."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="artifact-hashes-") as tmp:
         model = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
                                                     dst_path=str(Path(tmp) / "model"))
         manifest = hash_folder(model, MODEL_PREFIX)
+        if check:
+            check_produced(name, version, manifest, logged_hashes(model), produced)
         if run_id and _has_variants(run_id):
             variants = mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=VARIANTS_DIR, dst_path=str(Path(tmp) / "run"))
@@ -332,7 +400,8 @@ def _has_variants(run_id: str) -> bool:
 
 def record_version(client: MlflowClient, name: str, version: str,
                    key_env: str | None = DEFAULT_KEY_ENV,
-                   only_run: str | None = None) -> Verification:
+                   only_run: str | None = None,
+                   produced: dict[str, str] | None = None) -> Verification:
     """Hash the version's stored files and tag it (manifest, digest, signature when a key is
     set). Idempotent: a version that already recorded hashes is checked against them instead
     (and signed if a key is set and it is not yet), never re-recorded.
@@ -341,9 +410,13 @@ def record_version(client: MlflowClient, name: str, version: str,
         only_run: record only a version registered from this run (the register stage's own);
             another run's version without hashes is left as it is (the policy for unrecorded
             versions applies when it is loaded).
+        produced: ``model/<path> -> sha256`` of the files as produced locally before upload
+            (:func:`stages.common.servable.produced_files`): a stored file that differs is
+            refused, never recorded or signed.
 
     Raises:
-        ArtifactIntegrityError: the version already recorded other hashes than its files have.
+        ArtifactIntegrityError: the version already recorded other hashes than its files have;
+            the stored files are not the ones produced (``produced``, the MLmodel's config).
     """
     key_env = key_env or DEFAULT_KEY_ENV
     key = signing_key(key_env)
@@ -351,7 +424,8 @@ def record_version(client: MlflowClient, name: str, version: str,
     tags = dict(mv.tags or {})
     if only_run is not None and mv.run_id != only_run and DIGEST_TAG not in tags:
         return Verification(name, str(version), None)
-    manifest = collect_manifest(name, str(version), mv.run_id)
+    manifest = collect_manifest(name, str(version), mv.run_id, produced,
+                                check=DIGEST_TAG not in tags)  # else: compared below
     digest = manifest_digest(manifest)
     if DIGEST_TAG in tags:
         recorded = recorded_manifest(mv, None, key_env)  # the tags agree with each other

@@ -6,7 +6,10 @@
 registry it describes. The entry is written before the alias moves, as params (MLflow refuses to
 change a logged param: the entry cannot be edited) and tags (to search); the run is RUNNING
 while the move is under way, FINISHED once the alias is set and FAILED when setting it failed.
-A move to the version that already holds the alias records nothing.
+A move to the version that already holds the alias records nothing. A caller that decided
+against the holder it read earlier passes it as ``expect_from``: when someone else moved the
+alias meanwhile (``make rollback`` during a register), nothing moves and ``AliasMovedError``
+names that move, so a rollback is never silently undone.
 
 An entry a killed process left RUNNING is settled by the next move of the same alias (FINISHED
 when the alias is found on its version, else FAILED) once it is ``SETTLE_AFTER_S`` old.
@@ -24,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stages.common.errors import PipelineError
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
@@ -37,6 +42,7 @@ FIELDS = ("model", "alias", "from_version", "to_version", "reason", "caused_by_r
           "time", "kind")
 NONE = "none"  # a param cannot be null: the alias had no holder / no run caused the move
 MAX_REASON = 1000  # characters kept of a reason (one line)
+_UNREAD = object()  # move_alias/check_holder: no expected holder given / holder not read yet
 SETTLE_AFTER_S = 60.0  # an entry RUNNING longer than this was left by a process that died
 STATUS = {"FINISHED": "done", "FAILED": "failed", "RUNNING": "unfinished",
           "KILLED": "failed", "SCHEDULED": "unfinished"}
@@ -131,20 +137,56 @@ def current_holder(client: MlflowClient, model: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
+class AliasMovedError(PipelineError):
+    """The alias was moved by someone else (a rollback, a hand move) while a run decided
+    against its earlier holder: the run's decision is stale, nothing was moved."""
+
+
+def check_holder(client: MlflowClient, model: str, alias: str, expected: str | None,
+                 holder: str | None | object = _UNREAD) -> None:
+    """Refuse when ``model@alias`` is no longer held by ``expected`` (read at the run's start).
+
+    Raises:
+        AliasMovedError: one line naming both versions and the move that did it (from the
+            alias history: kind, who, reason), and the fix (re-run).
+    """
+    now = current_holder(client, model, alias) if holder is _UNREAD else holder
+    expected = None if expected is None else str(expected)
+    if now == expected:
+        return
+    moves = [m for m in alias_history(client, model, alias)
+             if m.status == "done" and m.to_version == now]
+    by = (f"{moves[-1].kind} by {moves[-1].actor} at {moves[-1].time}: {moves[-1].reason}"
+          if moves else "a move outside the alias history")
+    source = f"v{expected}" if expected else "nothing"
+    target = f"v{now}" if now else "nothing (alias removed)"
+    raise AliasMovedError(f"{model}@{alias} moved from {source} to {target} during this run "
+                          f"(by {_cut(by)}); this run decided against {source}, so nothing "
+                          "was moved; re-run to decide against the current holder")
+
+
 def move_alias(client: MlflowClient, model: str, alias: str, version: str | int, reason: str,
-               *, caused_by_run: str | None = None, kind: str = "register") -> AliasMove | None:
+               *, caused_by_run: str | None = None, kind: str = "register",
+               expect_from: str | None | object = _UNREAD) -> AliasMove | None:
     """Point ``model@alias`` at ``version``, recording the move first (see the module doc).
+
+    Args:
+        expect_from: the holder the caller decided against (None: no holder); when given and
+            the alias is held by another version now, nothing moves (:func:`check_holder`).
 
     Returns:
         The entry (status ``done``), or None when ``version`` already held the alias.
 
     Raises:
+        AliasMovedError: ``expect_from`` no longer holds the alias.
         MlflowException: the alias could not be set (the entry is marked FAILED first).
     """
     version = str(version)
     before = current_holder(client, model, alias)
     if before == version:
         return None
+    if expect_from is not _UNREAD:
+        check_holder(client, model, alias, expect_from, before)  # type: ignore[arg-type]
     experiment_id = audit_experiment_id(client, create=True)
     _settle_unfinished(client, experiment_id, model, alias, before)
     entry = {"model": model, "alias": alias, "from_version": before or NONE,

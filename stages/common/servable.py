@@ -228,6 +228,28 @@ def contract_example(rows: pd.DataFrame, contract: dict[str, Any]) -> pd.DataFra
     return example
 
 
+def produced_files(preprocessor_path: str | Path, network_path: str | Path,
+                   contract: dict[str, Any] | None = None) -> dict[str, str]:
+    """``model/<stored path> -> sha256`` of the files :func:`log_servable` uploads from local
+    copies (the artifacts, the model code, the models-from-code file), hashed here before
+    the upload: register refuses to record hashes of stored files that differ from these
+    (``stages.common.artifacts.record_version(produced=...)``)."""
+    from stages.common.artifacts import MODEL_PREFIX, file_sha256, hash_folder
+    from stages.common.contract import CONTRACT_FILE, save_contract
+
+    files = {f"{MODEL_PREFIX}artifacts/{Path(preprocessor_path).name}":
+             file_sha256(preprocessor_path),
+             f"{MODEL_PREFIX}artifacts/{Path(network_path).name}": file_sha256(network_path)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if contract is not None:
+            saved = save_contract(contract, Path(tmp) / CONTRACT_FILE)
+            files[f"{MODEL_PREFIX}artifacts/{Path(saved).name}"] = file_sha256(saved)
+        code = copy_model_code(Path(tmp) / "code")
+        files |= hash_folder(code, f"{MODEL_PREFIX}code/stages/")
+        files[MODEL_PREFIX + MODEL_CODE] = file_sha256(code / "common" / MODEL_CODE)
+    return files
+
+
 def log_servable(preprocessor_path: str | Path, network_path: str | Path,
                  input_example: pd.DataFrame, registered_model_name: str | None = None,
                  name: str = "model", *, contract: dict[str, Any] | None = None) -> ModelInfo:

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.common.artifacts import DEFAULT_KEY_ENV
+from stages.common.artifacts import DEFAULT_KEY_ENV, record_version
 from stages.common.servable import log_servable
 from stages.common.tracking import configure_mlflow
 from tests.builders import breast_cancer_frame, build_trained, make_params
@@ -67,11 +67,14 @@ class Registry:
 
 
 def register_version(features: Path, network: Path, example: pd.DataFrame) -> str:
-    """Log + register one version through the real ``log_servable``; tag it with lineage."""
+    """Log + register one version through the real ``log_servable``; record its artifact
+    hashes as the register stage does (a version without them is refused); tag it with
+    lineage."""
     with mlflow.start_run():
         info = log_servable(features / "preprocessor.joblib", network, example,
                             registered_model_name=NAME)
     version = str(info.registered_model_version)
+    record_version(mlflow.MlflowClient(), NAME, version)
     for key, value in LINEAGE.items():
         mlflow.MlflowClient().set_model_version_tag(NAME, version, key, value)
     return version
@@ -267,7 +270,9 @@ def register_table_model(model: TableModel, name: str) -> str:
     with mlflow.start_run():
         info = log_servable(model.features / "preprocessor.joblib", model.network, example,
                             registered_model_name=name, contract=model.contract)
-    return str(info.registered_model_version)
+    version = str(info.registered_model_version)
+    record_version(mlflow.MlflowClient(), name, version)  # as register does
+    return version
 
 
 def tables_once(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from serving.batch import open_model
 from serving.model import ModelHolder, ModelIntegrityError, RegistryFollower, load_model
@@ -281,7 +282,11 @@ def test_edited_tags_without_the_key_are_caught_by_the_signature(
 
 def test_a_version_without_hashes_loads_unverified_unless_a_key_is_set(
         store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    old = register_version(store, record=False)  # registered before hashes were recorded
+    old = register_version(store, record=False)  # registered before hashes were recorded:
+    mlmodel = stored(old, "MLmodel")  # its MLmodel had no artifact_sha256 either (else refused)
+    meta = yaml.safe_load(mlmodel.read_text())
+    del meta["flavors"]["python_function"]["config"]
+    mlmodel.write_text(yaml.safe_dump(meta))
 
     model = load_model(f"models:/{NAME}/{old}")
     assert model.integrity == "unverified: no artifact hashes recorded for this model"
