@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from serving import batch
 from serving.model import LoadedModel, ModelIntegrityError
+from stages.common import tracking
 from stages.common.config import load_params
 
 SUMMARY_KEY = "batch-score-summary"
@@ -39,7 +40,9 @@ def load_scoring_model(params_path: str, model_uri: str | None, variant: str) ->
     """The champion (or ``model_uri``), loaded once for every file, its files checked against
     the hashes recorded at registration first; retried: registry I/O (not a refused version).
     """
-    return batch.open_model(load_params(params_path), model_uri, variant)
+    params = load_params(params_path)
+    tracking.apply_http_limits(params.mlflow)  # a server that is down fails in seconds
+    return batch.open_model(params, model_uri, variant)
 
 
 @task(name="score-file", cache_policy=NO_CACHE)

@@ -100,10 +100,16 @@ def resolve_tracking_uri(repo: Path, params_file: Path) -> str:
     """``MLFLOW_TRACKING_URI`` or params ``mlflow.tracking_uri``, a relative sqlite path
     taken relative to ``repo``.
 
+    MLflow's HTTP limits from the same params (``mlflow.request_timeout_s``, ``max_retries``,
+    ``backoff_s``) are applied, as for a stage, so a tracking server that is down fails the
+    command in seconds, not after minutes of retries.
+
     Raises:
         LineageError: a sqlite store that does not exist (opening it would create it empty).
     """
-    uri = tracking.tracking_uri(_mlflow_params(params_file))
+    mlflow_params = _mlflow_params(params_file)
+    tracking.apply_http_limits(mlflow_params)
+    uri = tracking.tracking_uri(mlflow_params)
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         db = db if db.is_absolute() else (repo / db).resolve()

@@ -88,9 +88,12 @@ def resolve_settings(args: argparse.Namespace, params: Params) -> dict:
 def build_config(args: argparse.Namespace, params: Params) -> tuple[ServiceConfig, str, int]:
     """The ServiceConfig for these flags + params, and the host and port to bind."""
     from serving.app import ServiceConfig
-    from stages.common.tracking import tracking_uri
+    from stages.common.tracking import apply_http_limits, tracking_uri
 
     s = resolve_settings(args, params)
+    # MLflow's HTTP limits from params (mlflow.request_timeout_s, max_retries, backoff_s): a
+    # tracking server that is down fails startup, and each follower poll, in seconds.
+    apply_http_limits(params.mlflow)
     token = os.environ.get(s["token_env"]) or None
     if token is None:
         logger.warning("%s is not set: /predict is open to anyone who can reach %s",
