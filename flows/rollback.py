@@ -8,8 +8,13 @@ The previous holder comes from the alias history (``stages.common.registry``: on
 move in the ``registry-audit`` experiment of the same store); a second rollback goes further
 back, not forth. The move goes through ``registry.move_alias`` like register's, so it is
 recorded (kind ``rollback``, the reason, who, when). A version that does not exist, or whose
-``promotion.gate`` is ``failed``, is refused unless ``--force``. The service follows: its
-``RegistryFollower`` polls the alias and swaps to the new holder.
+``promotion.gate`` is ``failed``, is refused unless ``--force``. Before anything moves, the
+target's stored files are hashed and checked against what its registration recorded
+(``stages.common.artifacts``; signed with the key in the env var params
+``register.signing_key_env`` names, when set): a version whose files were replaced or damaged,
+or that cannot be checked, is refused naming the files, unless ``--force`` (then it moves with
+a loud warning, noted in the alias history). The service follows: its ``RegistryFollower``
+polls the alias and swaps to the new holder (and refuses a version that fails its hashes).
 """
 
 from __future__ import annotations
@@ -17,19 +22,22 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flows.lineage import open_client, resolve_tracking_uri
-from stages.common import registry
+from stages.common import artifacts, registry
+from stages.common.config import read_yaml
 from stages.common.errors import PipelineError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 DEFAULT_ALIAS = "champion"
+MAX_CHECK_ERROR = 300  # characters kept of an error that stopped the artifact check
 _TARGET = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+))?$")
 
 
@@ -46,6 +54,7 @@ class Rollback:
     from_version: str | None
     to_version: str
     move: registry.AliasMove | None
+    warning: str | None = None  # the target's files were not verified (forced, or unrecorded)
 
     def describe(self) -> str:
         """One line for the terminal."""
@@ -115,20 +124,109 @@ def choose_version(client: MlflowClient, name: str, alias: str, version: str | N
     return current, str(target.version)
 
 
-def rollback(client: MlflowClient, name: str, alias: str, reason: str,
-             version: str | None = None, force: bool = False) -> Rollback:
-    """Move ``name@alias`` back (to the previous holder, or ``version``), recorded with
-    ``reason``.
+def check_artifacts(client: MlflowClient, name: str, version: str,
+                    key_env: str | None = artifacts.DEFAULT_KEY_ENV) -> str | None:
+    """Hash version ``version``'s stored files (its model folder and its run's ``variants/``)
+    against the hashes recorded at its registration, and its signature when ``key_env`` holds
+    a key. Reads only; loads nothing.
+
+    Returns:
+        None when verified; a warning when the version has no recorded hashes and no key is
+        set (registered before hashes were recorded: serving loads it unverified too).
 
     Raises:
-        RollbackError: see :func:`choose_version`; an empty reason.
+        artifacts.ArtifactIntegrityError: a file differs, is missing or was not recorded; the
+            tags were edited; a key is set and the signature is missing or wrong.
+        RollbackError: the files could not be read (the artifact store is unreachable, the
+            version's files are gone).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mv = client.get_model_version(name, version)
+    uri = client.tracking_uri
+    try:
+        with tempfile.TemporaryDirectory(prefix="rollback-check-") as tmp:
+            folder = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=f"{tmp}/model",
+                tracking_uri=uri, registry_uri=uri)
+            if (artifacts.DIGEST_TAG not in (mv.tags or {})
+                    and artifacts.signing_key(key_env) is None
+                    and artifacts.logged_hashes(folder) is None):
+                return (f"{name} v{version} has no recorded artifact hashes (registered before "
+                        "they were recorded): moved unverified, as the service loads it. "
+                        "Check its files, then record them: python -m stages.common.artifacts "
+                        f"record models:/{name}/{version}")
+            artifacts.verify_files(mv, folder, artifacts.MODEL_PREFIX, key_env)
+            if mv.run_id and any(
+                    f.path == artifacts.VARIANTS_DIR for f in client.list_artifacts(mv.run_id)):
+                variants = mlflow.artifacts.download_artifacts(
+                    run_id=mv.run_id, artifact_path=artifacts.VARIANTS_DIR,
+                    dst_path=f"{tmp}/run", tracking_uri=uri)
+                artifacts.verify_files(mv, variants, artifacts.VARIANTS_PREFIX, key_env)
+    except (MlflowException, OSError) as exc:
+        error = " ".join(str(exc).split())[:MAX_CHECK_ERROR]
+        raise RollbackError(f"cannot check {name} v{version}'s stored files against the hashes "
+                            f"recorded at its registration: {type(exc).__name__}: {error}") \
+            from exc
+    return None
+
+
+def _refusal(exc: PipelineError) -> str:
+    """What a failed artifact check found, without the check's own Fix advice."""
+    found = str(exc).split(" Fix:")[0].strip()
+    return re.sub(r"[;,]? *refused(, nothing of it was loaded)?\.?$", "", found).rstrip(" ;,.")
+
+
+def rollback(client: MlflowClient, name: str, alias: str, reason: str,
+             version: str | None = None, force: bool = False,
+             key_env: str | None = artifacts.DEFAULT_KEY_ENV) -> Rollback:
+    """Move ``name@alias`` back (to the previous holder, or ``version``), recorded with
+    ``reason``, once the target's stored files match the hashes recorded at its registration
+    (:func:`check_artifacts`; ``key_env``: the env var holding the signing key).
+
+    Raises:
+        RollbackError: see :func:`choose_version`; an empty reason; the target's files fail
+            their hashes or cannot be checked (without ``force``: nothing moved).
     """
     if not reason.strip():
         raise RollbackError("a reason is required (REASON=\"...\" or --reason): it goes into "
                             "the alias history")
     current, target = choose_version(client, name, alias, version, force)
+    warning = None
+    if target != current:
+        try:
+            warning = check_artifacts(client, name, target, key_env)
+        except PipelineError as exc:
+            found = _refusal(exc)
+            tampered = isinstance(exc, artifacts.ArtifactIntegrityError)
+            if not force:
+                repair = (f"restore v{target}'s files in the artifact store from a backup and "
+                          "check them" if tampered else "make the artifact store readable and "
+                          "check them")
+                raise RollbackError(
+                    f"refused: {found}; {alias} stays on "
+                    f"{f'v{current}' if current else 'nobody'}, nothing moved. Fix: move it to "
+                    f"a good version instead (make rollback REASON=... VERSION=<n>), or {repair}:"
+                    f" python -m stages.common.artifacts verify models:/{name}/{target}; "
+                    "to move anyway add FORCE=1 (--force)") from exc
+            state = "fail their recorded hashes" if tampered else "could not be checked"
+            warning = (f"FORCED (--force): {found}. {alias} now names a version whose files "
+                       f"{state}: the service refuses to load a version that fails its hashes "
+                       "(it keeps serving what it has, /ready turns 503) until its files are "
+                       "restored or the alias moves to a good version")
+            reason = f"{reason} [forced past a failed artifact check: {found}]"
     move = registry.move_alias(client, name, alias, target, reason, kind="rollback")
-    return Rollback(name, alias, current, target, move)
+    return Rollback(name, alias, current, target, move, warning)
+
+
+def signing_key_env(params_file: Path) -> str:
+    """Params ``register.signing_key_env`` (the env var holding the artifact signing key),
+    read from the ``register`` section alone; the default when the file or field is absent."""
+    raw = read_yaml(params_file, "params file") if params_file.is_file() else {}
+    section = (raw or {}).get("register") if isinstance(raw, dict) else None
+    value = section.get("signing_key_env") if isinstance(section, dict) else None
+    return value if isinstance(value, str) and value else artifacts.DEFAULT_KEY_ENV
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", default=None,
                         help="the version to move to (default: the previous holder)")
     parser.add_argument("--force", action="store_true",
-                        help="move even to a version whose model gate failed")
+                        help="move even to a version whose model gate failed, or whose stored "
+                             "files fail the hashes recorded at its registration (warns)")
     parser.add_argument("--repo", type=Path, default=Path("."),
                         help="the project checkout (default: the current directory)")
     parser.add_argument("--params", type=Path, default=None,
@@ -152,11 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         name, alias = parse_target(args.model)
-        uri = resolve_tracking_uri(args.repo, args.params or args.repo / "params.yaml")
-        done = rollback(open_client(uri), name, alias, args.reason, args.version, args.force)
+        params_file = args.params or args.repo / "params.yaml"
+        uri = resolve_tracking_uri(args.repo, params_file)
+        done = rollback(open_client(uri), name, alias, args.reason, args.version, args.force,
+                        signing_key_env(params_file))
     except PipelineError as exc:
         print(f"rollback: {exc}", file=sys.stderr)
         return 1
+    if done.warning:
+        print(f"rollback: WARNING: {done.warning}", file=sys.stderr)
     print(done.describe())
     if done.move is not None:
         print(f"the service follows: it polls {name}@{alias} and swaps to "

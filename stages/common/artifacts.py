@@ -148,10 +148,15 @@ def _who(name: str | None, version: str | None) -> str:
     return f"{name} v{version}" if name else "this model"
 
 
-def _fix(name: str | None, version: str | None, run_id: str | None) -> str:
-    run = f" from run {run_id}" if run_id else ""
-    return (f"Fix: re-register it{run} (dvc repro --force register) or move the alias back to "
-            f"a good version (make rollback); do not load these files")
+def _fix(name: str | None, version: str | None, what: str = "files") -> str:
+    """The repair of a version whose stored ``what`` are not what its registration recorded.
+
+    Not "re-register it": register registers the workspace's current model, which need not
+    be this version's."""
+    uri = f"models:/{name}/{version}" if name else "models:/<name>/<version>"
+    return (f"Fix: move the alias to a good version (make rollback REASON=... [VERSION=n]), or "
+            f"restore v{version or '?'}'s {what} from a backup, then check: python -m "
+            f"stages.common.artifacts verify {uri}; do not load these files")
 
 
 def recorded_manifest(mv: ModelVersion, key: bytes | None,
@@ -175,7 +180,7 @@ def recorded_manifest(mv: ModelVersion, key: bytes | None,
         raise ArtifactIntegrityError(
             f"{who}: tag {MANIFEST_TAG} is missing or does not hash to {DIGEST_TAG} "
             f"{digest[:16]} (the registry tags were edited); refused. "
-            + _fix(mv.name, mv.version, mv.run_id))
+            + _fix(mv.name, mv.version, "registry tags"))
     if key is None:
         return manifest, digest, False
     signature = tags.get(SIGNATURE_TAG)
@@ -189,7 +194,7 @@ def recorded_manifest(mv: ModelVersion, key: bytes | None,
         raise ArtifactIntegrityError(
             f"{who}: signature {SIGNATURE_TAG} does not match the key in {key_env} (signed with "
             f"another key, or its tags were edited); refused. Fix: set the key it was signed "
-            f"with, or " + _fix(mv.name, mv.version, mv.run_id).removeprefix("Fix: "))
+            f"with, or " + _fix(mv.name, mv.version, "registry tags").removeprefix("Fix: "))
     return manifest, digest, True
 
 
@@ -257,7 +262,7 @@ def verify_files(mv: ModelVersion, folder: str | Path, prefix: str = MODEL_PREFI
                 f"always records them, so its registry tags were removed; refused, nothing of "
                 f"it was loaded. Fix: check its files, then record them again: python -m "
                 f"stages.common.artifacts record models:/{mv.name}/{mv.version} (or "
-                + _fix(mv.name, mv.version, mv.run_id).removeprefix("Fix: ") + ")")
+                + _fix(mv.name, mv.version, "registry tags").removeprefix("Fix: ") + ")")
         return unrecorded(mv.name, mv.version, key, key_env)
     manifest, digest, signed = recorded
     expected = {k: v for k, v in manifest.items() if k.startswith(prefix)}
@@ -268,7 +273,7 @@ def verify_files(mv: ModelVersion, folder: str | Path, prefix: str = MODEL_PREFI
         raise ArtifactIntegrityError(
             f"{_who(mv.name, mv.version)}: artifact files differ from the hashes recorded at "
             f"registration ({DIGEST_TAG} {digest[:16]}): {shown}{more}; refused, nothing of it "
-            f"was loaded. " + _fix(mv.name, mv.version, mv.run_id))
+            f"was loaded. " + _fix(mv.name, mv.version))
     return Verification(str(mv.name), str(mv.version), digest, signed)
 
 
@@ -356,7 +361,7 @@ def check_produced(name: str, version: str, manifest: dict[str, str],
         raise ArtifactIntegrityError(
             f"{name} v{version}: stored artifact(s) differ from the sha256 its MLmodel recorded "
             f"before upload ({HASHES_CONFIG}): {'; '.join(problems[:SHOWN_FILES])}; nothing "
-            "recorded or signed. " + _fix(name, version, None))
+            "recorded or signed. " + _fix(name, version))
     if produced:
         code = (f"{MODEL_PREFIX}code/",)
         stored = {k: v for k, v in manifest.items()
@@ -434,7 +439,7 @@ def record_version(client: MlflowClient, name: str, version: str,
             raise ArtifactIntegrityError(
                 f"{_who(name, version)}: its files differ from the hashes it recorded: "
                 f"{'; '.join(problems[:SHOWN_FILES])}; not re-recorded. "
-                + _fix(name, str(version), mv.run_id))
+                + _fix(name, str(version)))
     else:
         client.set_model_version_tag(name, str(version), MANIFEST_TAG, canonical(manifest))
         client.set_model_version_tag(name, str(version), DIGEST_TAG, digest)

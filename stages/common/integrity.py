@@ -13,8 +13,9 @@ Owner: issue 10 items 3 and 4.
   on ``dvc checkout`` / ``dvc pull`` unnoticed; this check stops the next stage that reads it.
 * ``python -m stages.common.integrity [--repair]`` (``make verify`` / ``make repair``): checks
   every output ``dvc.lock`` records, in the workspace and in the DVC cache; ``--repair``
-  rewrites a corrupt cache object from a good workspace copy or removes it, and removes corrupt
-  output files, so that the next ``dvc repro`` (or ``dvc pull``) re-creates them.
+  rewrites a corrupt cache object from a good workspace copy or removes it, restores a corrupt
+  (or missing) output file from its good cache object, and removes a corrupt output file that
+  has none, so that the next ``make run`` (or ``make repro``, ``dvc pull``) re-creates it.
 * ``check_before_push``: ``dvc push`` (the flow, ``make repro``) runs only when the cache
   objects of every output ``dvc.lock`` records match their names: a corrupt object is never
   uploaded to the remote.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,9 +62,12 @@ __all__ = ["IntegrityError", "ParamsSnapshot", "Problem", "check_before_push", "
 
 logger = logging.getLogger(__name__)
 
+# `make run` / `make repro`, not a bare `dvc repro`: those take the workspace's run lock.
+RERUN = "`make run` or `make repro`"
 REPAIR_HINT = ("`make repair` (python -m stages.common.integrity --repair: rewrites or removes "
-               "corrupt DVC cache objects and removes corrupt output files), then `dvc repro` "
-               "(re-creates them; `dvc pull` first to fetch good copies from the remote)")
+               "corrupt DVC cache objects, restores corrupt output files from good cache "
+               f"objects and removes the others), then {RERUN} (re-creates what was removed; "
+               "`dvc pull` first to fetch good copies from the remote)")
 
 
 def produced_outputs(model_dir: str | Path, repo: str | Path = ".") -> dict[str, str]:
@@ -106,7 +111,7 @@ def produced_outputs(model_dir: str | Path, repo: str | Path = ".") -> dict[str,
         raise IntegrityError(
             "the model's outputs on disk are not the ones dvc.lock records, so its version "
             "cannot be tagged with their hashes: " + "; ".join(p.describe() for p in problems)
-            + f". Re-run the pipeline (`dvc repro`); if a file is corrupt: {REPAIR_HINT}")
+            + f". Re-run the pipeline ({RERUN}); if a file is corrupt: {REPAIR_HINT}")
     return hashes
 
 
@@ -218,7 +223,8 @@ def verify_stage_inputs(stage: str, repo: str | Path = ".") -> None:
         raise IntegrityError(
             f"stage {stage} refuses its input: " + "; ".join(p.describe() for p in problems)
             + f". The data differs from what DVC recorded (a corrupt file or DVC cache object). "
-            f"Repair: {REPAIR_HINT.replace('`dvc repro`', f'`dvc repro {stage}`')}")
+            f"Repair: {REPAIR_HINT}; it re-runs {stage} (a plain `dvc repro {stage}` does too, "
+            "without the run lock)")
 
 
 # --- whole-repo check and repair ----------------------------------------------------------
@@ -265,8 +271,11 @@ def repair(repo: str | Path, problems: Sequence[Problem]) -> list[str]:
     """Fix ``problems`` (from ``check_repo``); returns one line per action taken.
 
     A corrupt cache object is rewritten from a workspace file with exactly its bytes, else
-    removed; a corrupt output file is removed. ``dvc repro`` (or ``dvc pull``) re-creates what
-    was removed: DVC sees the output missing, and no longer finds the bad object by its name.
+    removed. A corrupt (or missing) output file whose cache object is good is restored from it
+    (a copy, written atomically); one without a good object is removed. ``make run`` (or ``dvc
+    pull``) re-creates what was removed: DVC sees the output missing, and no longer finds the
+    bad object by its name. Lines of what still needs a re-run start with ``removed`` or
+    ``left``.
     """
     root = Path(repo)
     good = _good_workspace_copies(root, [p.expected for p in problems if p.cache])
@@ -279,21 +288,50 @@ def repair(repo: str | Path, problems: Sequence[Problem]) -> list[str]:
                 target.chmod(0o644)
                 target.unlink()
             if source is not None:
-                tmp = target.with_name(f".{target.name}.repair")
-                tmp.write_bytes(source.read_bytes())
-                tmp.chmod(0o444)  # as DVC leaves its objects
-                os.replace(tmp, target)
+                _copy_atomically(source, target, 0o444)  # read-only, as DVC leaves its objects
                 actions.append(f"rewrote corrupt cache object {problem.path} from "
                                f"{source.relative_to(root)}")
             else:
                 actions.append(f"removed corrupt cache object {problem.path}")
+            continue
+        obj = _good_cache_object(root, problem.expected)
+        if obj is not None and not target.is_dir():
+            mode = target.stat().st_mode & 0o777 if target.is_file() else 0o644
+            _copy_atomically(obj, target, mode | 0o200)  # DVC's objects are read-only
+            state = "missing" if problem.actual is None else "corrupt"
+            actions.append(f"restored {state} {problem.path} from its good DVC cache object "
+                           f"{obj.relative_to(root).as_posix()} (md5 {problem.expected})")
         elif target.is_file():
             target.unlink()
             actions.append(f"removed {problem.path} (not the bytes dvc.lock records)")
         elif target.is_dir():
-            actions.append(f"left folder {problem.path}: re-create it with `dvc repro "
-                           f"{problem.stage}`")
+            actions.append(f"left folder {problem.path}: re-create it with {RERUN} (re-runs "
+                           f"{problem.stage})")
     return actions
+
+
+def _good_cache_object(root: Path, md5: str) -> Path | None:
+    """The DVC cache object named ``md5`` when its bytes match the name (a file's, not a
+    folder's ``.dir``); None when it is missing, corrupt, or ``md5`` is not a file hash."""
+    if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
+        return None  # a folder's .dir hash, or "(not in the folder)"
+    obj = cache_path(root, md5)
+    return obj if obj.is_file() and md5_file(obj) == md5 else None
+
+
+def _copy_atomically(source: Path, target: Path, mode: int) -> None:
+    """``target`` gets exactly ``source``'s bytes, or is left as it was (a temp file beside it,
+    flushed, then renamed over it)."""
+    tmp = target.with_name(f".{target.name}.repair")
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        tmp.chmod(mode)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_before_push(repo: str | Path = ".") -> None:
@@ -340,8 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m stages.common.integrity",
         description="Check every output dvc.lock records, in the workspace and in the DVC cache, "
                     "against its recorded md5 (the actual bytes). --repair rewrites a corrupt "
-                    "cache object from a good workspace copy or removes it, and removes corrupt "
-                    "output files; then `dvc repro` re-creates them.")
+                    "cache object from a good workspace copy or removes it, restores a corrupt "
+                    "output file from its good cache object or removes it; then `make run` (or "
+                    "`make repro`) re-creates what was removed.")
     parser.add_argument("--repo", default=".", help="the DVC project root")
     parser.add_argument("--repair", action="store_true", help="fix what is found (see above)")
     parser.add_argument("--stage", action="append", default=None,
@@ -359,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         absent = [path for path in outputs if not (root / path).exists()]
         print(f"{len(outputs) - len(absent)} of the {len(outputs)} outputs dvc.lock records are "
               "in the workspace, each with its recorded md5 (their DVC cache objects too)"
-              + (f"; not in the workspace: {', '.join(absent)} (`dvc pull` or `dvc repro` "
+              + (f"; not in the workspace: {', '.join(absent)} (`dvc pull` or {RERUN} "
                  "restores them)" if absent else ""))
         return 0
     for problem in problems:
@@ -368,10 +407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(problems)} file(s) differ from dvc.lock. Repair: {REPAIR_HINT}",
               file=sys.stderr)
         return 1
-    for action in repair(root, problems):
+    actions = repair(root, problems)
+    for action in actions:
         print(action)
+    if not any(action.startswith(("removed", "left")) for action in actions):
+        print("every file repaired in place: nothing to re-run (`make verify` checks again)")
+        return 0
     stages = sorted({p.stage for p in problems})
-    print(f"now run `dvc repro` (re-runs or restores {', '.join(stages)}); `dvc pull` first if "
+    print(f"now run {RERUN} (re-runs or restores {', '.join(stages)}); `dvc pull` first if "
           "the DVC remote holds good copies")
     return 0
 

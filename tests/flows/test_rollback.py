@@ -267,3 +267,97 @@ def test_make_rollback_passes_any_reason_through_as_text(store: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert _moves(store)[-1] == ("champion", "2", "1", "rollback", "done")
     assert registry.alias_history(_client(store), NAME)[-1].reason == reason
+
+
+# ----------------------------------------------------------------------------- the target's files
+
+
+def _stored(uri: str, version: str, relative: str) -> Path:
+    """A file of the version as the artifact store holds it."""
+    location = _client(uri).get_model_version_download_uri(NAME, version)
+    return Path(location.removeprefix("file://")) / relative
+
+
+@pytest.fixture
+def tampered_v1(store: str):
+    """v1's stored preprocessor overwritten (the module's artifacts are shared: put back after);
+    yields (sha256 recorded, sha256 now)."""
+    from stages.common import artifacts
+
+    path = _stored(store, "1", "artifacts/preprocessor.joblib")
+    original = path.read_bytes()
+    before = artifacts.file_sha256(path)
+    path.write_bytes(original[:-16] + b"\0" * 16)
+    try:
+        yield before, artifacts.file_sha256(path)
+    finally:
+        path.write_bytes(original)
+
+
+def test_rollback_refuses_a_version_whose_stored_files_were_tampered_with(
+        store: str, tampered_v1: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    # The fault: `make rollback` moved champion v2 -> v1 although v1's preprocessor.joblib had
+    # been overwritten in the artifact store (the service then refused to load it).
+    before, after = tampered_v1
+    moves = _moves(store)
+
+    assert rollback.main([NAME, "--reason", "v2 misreads the night shift"]) == 1
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("rollback: refused: test-clf v1: artifact files differ from the "
+                          "hashes recorded at registration")
+    assert (f"model/artifacts/preprocessor.joblib expected sha256 {before} got {after}; "
+            "champion stays on v2, nothing moved. Fix: move it to a good version instead "
+            "(make rollback REASON=... VERSION=<n>), or restore v1's files in the artifact "
+            "store from a backup and check them: python -m stages.common.artifacts verify "
+            "models:/test-clf/1; to move anyway add FORCE=1 (--force)") in err
+    assert _champion(store) == "2" and _moves(store) == moves  # nothing moved, nothing logged
+
+    assert rollback.main([NAME, "--reason", "v2 is worse", "--force"]) == 0
+
+    out, err = capsys.readouterr()
+    assert err.startswith("rollback: WARNING: FORCED (--force): test-clf v1: artifact files "
+                          "differ") and "the service refuses to load a version that fails" in err
+    assert out.startswith("test-clf@champion: v2 -> v1 (rollback by ")
+    assert _champion(store) == "1"
+    last = registry.alias_history(_client(store), NAME)[-1]
+    assert last.reason.startswith("v2 is worse [forced past a failed artifact check: test-clf "
+                                  "v1: artifact files differ")
+    assert f"got {after}" in last.reason
+
+
+def test_rollback_checks_the_signature_with_the_key_env_params_names(
+        store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("register:\n  signing_key_env: ROLLBACK_TEST_KEY\n")
+    monkeypatch.setenv("ROLLBACK_TEST_KEY", "s3cret")  # the versions were registered unsigned
+
+    assert rollback.main([NAME, "--reason", "x", "--params", str(params)]) == 1
+
+    err = capsys.readouterr().err
+    assert err.startswith("rollback: refused: test-clf v1 is not signed (no "
+                          "model.artifacts_hmac tag) and ROLLBACK_TEST_KEY is set"), err
+    assert _champion(store) == "2"
+    monkeypatch.delenv("ROLLBACK_TEST_KEY")
+    assert rollback.main([NAME, "--reason", "x", "--params", str(params)]) == 0
+    assert _champion(store) == "1"
+
+
+def test_rollback_refuses_a_version_whose_stored_files_are_gone(
+        store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _stored(store, "1", "")
+    hidden = folder.with_name(folder.name + ".hidden")
+    folder.rename(hidden)  # the module's artifacts are shared: put back after
+    try:
+        assert rollback.main([NAME, "--reason", "x"]) == 1
+    finally:
+        hidden.rename(folder)
+
+    [refusal] = [line for line in capsys.readouterr().err.splitlines()
+                 if line.startswith("rollback:")]  # (MLflow logs "No artifacts found" too)
+    assert refusal.startswith("rollback: refused: test-clf v1: artifact files differ from the "
+                              "hashes recorded at registration"), refusal
+    assert "model/MLmodel missing (expected sha256 " in refusal and "; and " in refusal
+    assert _champion(store) == "2"

@@ -140,8 +140,10 @@ def test_a_replaced_artifact_is_refused_everywhere_and_never_runs(
     uri = f"models:/{NAME}/{version}"
     refusal = (rf"{NAME} v{version}: artifact files differ from the hashes recorded at "
                rf"registration \(model\.artifacts_sha256 \w+\): model/{relative} expected sha256 "
-               rf"{before} got {after}; refused, nothing of it was loaded\. Fix: re-register "
-               rf"it from run \w+ .*make rollback")
+               rf"{before} got {after}; refused, nothing of it was loaded\. Fix: move the "
+               rf"alias to a good version \(make rollback REASON=\.\.\. \[VERSION=n\]\), or "
+               rf"restore v{version}'s files from a backup, then check: python -m "
+               rf"stages\.common\.artifacts verify models:/{NAME}/{version}; do not load")
 
     with pytest.raises(ModelIntegrityError, match=refusal) as served:
         load_model(uri)  # the service

@@ -183,7 +183,8 @@ def test_a_corrupt_input_stops_the_stage_naming_file_and_hashes(repo: Path, unde
     assert f"data/features/train.parquet (output of stage features) has md5 {actual}" in message
     assert f"dvc.lock expects {expected}" in message
     assert "cache object .dvc/cache/files/md5/" in message and "is good" in message
-    assert "make repair" in message and "dvc repro train" in message
+    assert "make repair" in message and "then `make run` or `make repro` (" in message
+    assert "it re-runs train (a plain `dvc repro train` does too, without the run lock)" in message
 
     # a dependency inside another stage's output folder: that file alone is checked
     under_dvc("train")
@@ -258,3 +259,48 @@ def test_produced_outputs_are_hashed_from_disk_and_checked(repo: Path, under_dvc
     (repo / "models/model.pt").write_bytes(b"swapped after dvc locked it")
     with pytest.raises(IntegrityError, match="models .* has md5 .*, dvc.lock expects"):
         tracking.produced_output_tags(repo / "models", repo)
+
+
+def test_repair_restores_a_corrupt_workspace_file_from_its_good_cache_object(
+        repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The fault: `make repair` deleted a corrupt workspace file whose DVC cache object was good,
+    # then `make verify` called it missing and advised `make repair ... then dvc repro` again.
+    good = b"train rows" * 100
+    train = repo / "data/features/train.parquet"
+    _corrupt(train)
+    (repo / "data/features/sub/test.bin").unlink()  # missing from its folder: restored too
+    obj = dvc_hashes.cache_path(repo, _md5(good)).relative_to(repo).as_posix()
+
+    assert integrity.main(["--repo", str(repo)]) == 1
+    err = capsys.readouterr().err
+    assert f"cache object {obj} is good" in err
+    assert "then `make run` or `make repro` (" in err and "dvc repro" not in err
+
+    assert integrity.main(["--repo", str(repo), "--repair"]) == 0
+
+    out = capsys.readouterr().out.splitlines()
+    small = dvc_hashes.cache_path(repo, _md5(b"t")).relative_to(repo).as_posix()
+    assert sorted(out[:2]) == [
+        (f"restored corrupt data/features/train.parquet from its good DVC cache object {obj} "
+         f"(md5 {_md5(good)})"),
+        (f"restored missing data/features/sub/test.bin from its good DVC cache object {small} "
+         f"(md5 {_md5(b't')})")]
+    assert out[2] == "every file repaired in place: nothing to re-run (`make verify` checks again)"
+    assert train.read_bytes() == good
+    assert (repo / "data/features/sub/test.bin").read_bytes() == b"t"
+    assert train.stat().st_mode & 0o200  # writable, as DVC's workspace copies are
+    assert not list(train.parent.glob(".*.repair"))  # no temp file left
+    assert dvc_hashes.cache_path(repo, _md5(good)).read_bytes() == good  # the object untouched
+    assert integrity.check_repo(repo) == []
+
+
+def test_repair_points_at_make_run_for_what_it_removed(
+        repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (repo / "reports/metrics.json").write_bytes(b'{"f1": 0}')  # no cache copy (cache: false)
+
+    assert integrity.main(["--repo", str(repo), "--repair"]) == 0
+
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["removed reports/metrics.json (not the bytes dvc.lock records)",
+                   ("now run `make run` or `make repro` (re-runs or restores evaluate); "
+                    "`dvc pull` first if the DVC remote holds good copies")]
