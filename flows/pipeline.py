@@ -8,10 +8,15 @@ cache objects: a corrupt one is never uploaded) and publishes the
 ``pipeline-summary`` artifact (stages ran/skipped, test metrics, registered version, promotion
 decision and why, MLflow run link), also when a stage fails, which fails the flow run.
 
-One run per workspace at a time: the flow takes the workspace's run lock
-(``stages.common.runlock``, shared with ``make repro``) before ingest. A second run refuses at
-once, naming the holder's pid, command and start, unless told to wait (``--wait``, the
-``wait_s`` parameter; the scheduled deployment waits).
+One run per workspace at a time: the workspace's run lock (``stages.common.runlock``, shared
+with ``make repro``) is taken before ingest: by ``main()`` before Prefect starts anything (a
+second ``make run`` refuses in seconds, one line), else by the flow itself (a deployment). A
+second run refuses at once, naming the holder's pid, command and start, unless told to wait
+(``--wait``, the ``wait_s`` parameter; the scheduled deployment waits). The temporary Prefect
+server this process starts never outlives it: a small watcher stops it when the run is killed
+(the server is also recorded with the lock: the next run stops it if the watcher is gone too).
+Before ingest, the MLflow tracking store is checked (``tracking.check_tracking_store``):
+a server that is down or a store that cannot be written stops the run before any stage.
 
 Run it from the project root (``make run`` does)::
 
@@ -28,6 +33,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +48,7 @@ from flows.summary import (FAILED, NO_NEW_ROWS, RAN, RESTORED, SKIPPED, mlflow_u
 from stages.common import integrity, runlock
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
-from stages.common.tracking import FLOW_RUN_ENV, tracking_uri
+from stages.common.tracking import FLOW_RUN_ENV, check_tracking_store, tracking_uri
 
 SUMMARY_KEY = "pipeline-summary"
 RAW_MANIFEST = "data/raw/manifest.json"  # ingest's record of what data/raw holds
@@ -64,6 +70,10 @@ _DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto stagi
 _STAGE_FAILED = re.compile(r"stage (?P<stage>\S+) failed: (?P<message>.+)")
 _LOG_RECORD = re.compile(r"^\d{4}[-/]\d{2}[-/]\d{2}[ T]")  # a line that starts a log record
 _DOT_EDGE = re.compile(r'^"(?P<src>[^"]+)"\s*->\s*"(?P<dst>[^"]+)";?$')
+# How the temporary Prefect API server started for this process shows in its command line
+# (prefect/server/api/server.py, SubprocessASGIServer._run_uvicorn_command, Prefect 3.8).
+PREFECT_SERVER_APP = "prefect.server.api.server:create_app"
+_watched_servers: set[int] = set()  # the servers a watcher already stops with this process
 
 
 class StageFailedError(RuntimeError):
@@ -246,6 +256,9 @@ def publish_summary(repo: Path, stages: list[str], statuses: dict[str, str],
 def pipeline(repo: str = ".", wait_s: float = 0.0) -> dict[str, Any]:
     """Hold the workspace's run lock, then run the stages; see ``run_pipeline``.
 
+    When this process holds the lock already (``main()`` took it before Prefect started), the
+    flow runs under it: a second ``flock`` from the same process would conflict with the first.
+
     Args:
         repo: the project checkout holding ``dvc.yaml`` and ``params.yaml``.
         wait_s: how long to wait for another run holding the workspace (0: refuse at once).
@@ -253,16 +266,68 @@ def pipeline(repo: str = ".", wait_s: float = 0.0) -> dict[str, Any]:
     Raises:
         runlock.RunLockBusy: another run holds the workspace (names its pid and start).
     """
-    command = f"{' '.join([Path(sys.executable).name, *sys.argv])} " \
-              f"(Prefect flow run {current_flow_run.name})"
+    command = f"{_command_line()} (Prefect flow run {current_flow_run.name})"
+    if runlock.held_here(repo):  # main() took it before Prefect started, and checked MLflow
+        _note_run(repo, command)
+        return run_pipeline(repo, check_store=False)
     with runlock.run_lock(repo, wait_s=wait_s, command=command):
+        _note_run(repo, command)
         return run_pipeline(repo)
 
 
-def run_pipeline(repo: str) -> dict[str, Any]:
+def _command_line() -> str:
+    """How this process was started: ``python -m flows.pipeline --repo .``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    start = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+    return " ".join([Path(sys.executable).name, *start, *sys.argv[1:]])
+
+
+def _note_run(repo: str, command: str) -> None:
+    """Record the flow run and this process's temporary Prefect server with the run lock.
+
+    The server must not outlive this process: a watcher stops it once this process ends, a
+    ``kill -9`` included (else Prefect's own atexit does); should the watcher be gone too, the
+    next run that takes the workspace over stops it (``runlock.stop_helpers``).
+    """
+    servers = prefect_servers()
+    runlock.update_holder(repo, command=command, helpers=servers)
+    if servers and not _watched_servers.issuperset(pid for pid, *_ in servers):
+        runlock.stop_helpers_with_me(servers)
+        _watched_servers.update(pid for pid, *_ in servers)
+
+
+def prefect_servers() -> list[list[Any]]:
+    """``[pid, create time, what]`` of the temporary Prefect API servers this process started."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if PREFECT_SERVER_APP in child.cmdline():
+                found.append([child.pid, child.create_time(), "temporary Prefect server"])
+        except psutil.Error:
+            continue
+    return found
+
+
+def preflight(repo: Path) -> None:
+    """Refuse before any stage when the MLflow tracking store cannot be used.
+
+    Raises:
+        PipelineError: one line naming the store and the fix.
+    """
+    try:
+        params = load_params(repo / "params.yaml")
+    except PipelineError:
+        return  # a missing or bad params.yaml: the stages say so, naming the field
+    check_tracking_store(params.mlflow, repo)
+
+
+def run_pipeline(repo: str, check_store: bool = True) -> dict[str, Any]:
     """Run the DVC stages of ``repo`` in order, push the data, publish the summary.
 
-    Call it inside the ``pipeline`` flow, holding the run lock.
+    Call it inside the ``pipeline`` flow, holding the run lock. ``check_store``: check the
+    MLflow tracking store first (``main()`` did it already, before Prefect started).
 
     Returns:
         The run summary (``flows.summary.summarize_run``): stage statuses, metrics, model.
@@ -273,6 +338,8 @@ def run_pipeline(repo: str) -> dict[str, Any]:
     stages: list[str] = []
     statuses: dict[str, str] = {}
     try:
+        if check_store:
+            preflight(root)
         stages = read_stage_order(root)
         logger.info("stages, in dvc.yaml's order: %s", " -> ".join(stages))
         incremental = load_params(root / "params.yaml").ingest.watermark is not None
@@ -337,10 +404,14 @@ def where_to_look(repo: Path, summary: dict[str, Any] | None) -> str:
     ui_port = params.mlflow.ui_port
     link = (summary or {}).get("mlflow_run_url") or f"http://127.0.0.1:{ui_port}"
     home = os.environ.get("PREFECT_HOME")
+    server = tracking_uri(params.mlflow)
+    ui_hint = f"make ui, then open {link}"
+    if server.startswith(("http://", "https://")):  # the tracking server serves its own UI
+        ui_hint = f"open {server}"
     lines += [
         f"  Registry:   models:/{params.register.model_name}@{params.register.alias} "
         f"in {tracking_uri(params.mlflow)}",
-        f"  MLflow UI:  make ui, then open {link}",
+        f"  MLflow UI:  {ui_hint}",
         "  Metrics:    reports/metrics.json (dvc metrics show), plots in reports/eval/ "
         "(dvc plots show)",
         "  Validation: reports/validation/summary.json, Data Docs in "
@@ -367,15 +438,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wait-timeout", type=float, default=runlock.DEFAULT_WAIT_S,
                         help="seconds --wait waits at most")
     args = parser.parse_args(argv)
-    try:
-        summary = pipeline(repo=args.repo, wait_s=args.wait_timeout if args.wait else 0.0)
-    except runlock.RunLockBusy as exc:  # nothing ran: no pointers to results
-        print(f"\nPipeline not started: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # the flow run is Failed and Prefect logged the details
-        print(f"\nPipeline failed: {exc}\n{where_to_look(Path(args.repo), None)}",
-              file=sys.stderr)
-        return 1
+    wait_s = args.wait_timeout if args.wait else 0.0
+    # The lock and the MLflow check come before Prefect starts its server and a flow run: a
+    # busy workspace or a dead tracking server is refused in seconds, as one line.
+    with ExitStack() as held:
+        try:
+            held.enter_context(runlock.run_lock(args.repo, wait_s=wait_s,
+                                                command=_command_line()))
+            preflight(Path(args.repo))
+        except PipelineError as exc:  # nothing ran: no pointers to results
+            print(f"Pipeline not started: {exc}", file=sys.stderr)
+            return 1
+        try:
+            summary = pipeline(repo=args.repo, wait_s=wait_s)
+        except Exception as exc:  # the flow run is Failed and Prefect logged the details
+            print(f"\nPipeline failed: {exc}\n{where_to_look(Path(args.repo), None)}",
+                  file=sys.stderr)
+            return 1
     print(f"\n{where_to_look(Path(args.repo), summary)}")
     return 0
 

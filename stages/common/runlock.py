@@ -47,6 +47,7 @@ _MIN_TRY_S = 1.0  # a refusing run still retries this long: a stage may peek at 
 _MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's random part (io.atomic_path)
 _EXTRA_TEMP_GLOBS = {"train": [".resume/train/*/checkpoint.pt"]}  # atomic writes outside outs
 _held: list[int] = []  # fds of the locks this process holds, passed on to its dvc children
+_holding: dict[Path, tuple[int, dict[str, Any]]] = {}  # repo -> (lock fd, info) held here
 
 
 class RunLockBusy(PipelineError):
@@ -111,14 +112,33 @@ def _my_info(command: str | None) -> dict[str, Any]:
             "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
 
 
+def held_here(repo: str | Path = ".") -> bool:
+    """Whether this process holds ``repo``'s run lock (a second ``flock`` on it would conflict)."""
+    return Path(repo).resolve() in _holding
+
+
+def update_holder(repo: str | Path = ".", **details: Any) -> None:
+    """Add ``details`` to the holder info this process wrote in ``repo``'s held run lock.
+
+    ``helpers=[(pid, create_time), ...]``: processes this run started that must not outlive it
+    (the flow's temporary Prefect server): a run that takes over a killed holder's lock stops
+    them. Nothing when this process does not hold the lock.
+    """
+    held = _holding.get(Path(repo).resolve())
+    if held is not None:
+        held[1].update(details)
+        _write_info(held[0], held[1])
+
+
 @contextmanager
 def run_lock(repo: str | Path = ".", *, wait_s: float = 0.0,
              command: str | None = None) -> Iterator[dict[str, Any]]:
     """Hold the workspace's run lock for the block; yield this holder's details.
 
     With ``wait_s`` 0 a second run refuses at once, else it waits up to ``wait_s`` seconds.
-    Once held: the processes a killed run left are waited for, DVC's stale rwlock entries are
-    cleared, and the ``dvc`` processes started in the block share the workers lock.
+    Once held: the processes a killed run left are waited for (its ``helpers``, such as its
+    temporary Prefect server, are stopped), DVC's stale rwlock entries are cleared, and the
+    ``dvc`` processes started in the block share the workers lock.
 
     Raises:
         RunLockBusy: another run holds the workspace; the message names its pid and start.
@@ -136,8 +156,10 @@ def run_lock(repo: str | Path = ".", *, wait_s: float = 0.0,
         if stale is not None:
             logger.warning("the previous run, %s, ended without releasing %s (killed?); "
                            "taking the workspace over", describe_holder(stale), LOCK_FILE)
+            stop_helpers(stale)
         info = _my_info(command)
         _write_info(fd, info)
+        _holding[repo] = (fd, info)
         try:
             workers = _open_lock(repo, WORKERS_LOCK_FILE)
             _wait_for_workers(workers, repo, max(wait_s, ORPHAN_WAIT_S))
@@ -149,6 +171,7 @@ def run_lock(repo: str | Path = ".", *, wait_s: float = 0.0,
             finally:
                 _held.remove(workers)
         finally:
+            _holding.pop(repo, None)
             _write_info(fd, None)
     finally:
         if workers >= 0:
@@ -170,9 +193,9 @@ def _acquire(fd: int, repo: Path, wait_s: float) -> None:
                 f"{waited}. Let it finish (make run WAIT=1 or make repro WAIT=1 wait up to "
                 f"{DEFAULT_WAIT_S:.0f} s for it) or stop it (kill {_pid_of(holder_info)}); "
                 "a killed run's lock frees itself")
-        if not told and wait_s:
-            logger.info("waiting up to %g s for the pipeline run that holds this workspace: "
-                        "%s", wait_s, holder)
+        if not told and wait_s:  # WARNING: reaches the console under Prefect's logging too
+            logger.warning("waiting up to %g s for the pipeline run that holds this workspace: "
+                           "%s", wait_s, holder)
             told = True
         time.sleep(_POLL_S)
 
@@ -190,6 +213,75 @@ def _wait_for_workers(fd: int, repo: Path, wait_s: float) -> None:
             logger.warning("waiting for processes of an earlier (killed) run to end: %s", pids)
             told = True
         time.sleep(_POLL_S)
+
+
+def stop_helpers(info: dict[str, Any] | None, grace_s: float = 5.0) -> list[int]:
+    """Stop the ``helpers`` a dead holder recorded; return the pids stopped.
+
+    Each entry is ``[pid, create time, what]``; a pid counts only while it has the same create
+    time (it was not reused). SIGTERM, then SIGKILL after ``grace_s``.
+    """
+    import psutil
+
+    found: dict[Any, str] = {}
+    for entry in (info or {}).get("helpers") or []:
+        try:
+            process = psutil.Process(int(entry[0]))
+            if abs(process.create_time() - float(entry[1])) < 0.01:
+                found[process] = str(entry[2]) if len(entry) > 2 else "helper"
+        except (psutil.Error, TypeError, ValueError, IndexError, KeyError):
+            continue
+    for process in found:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(found), timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    if found:
+        logger.warning("stopped what the killed run left running: %s",
+                       ", ".join(f"pid {p.pid} ({what})" for p, what in found.items()))
+    return [process.pid for process in found]
+
+
+_HELPER_WATCH = """\
+import sys, time
+import psutil
+from stages.common.runlock import stop_helpers
+try:
+    psutil.Process(int(sys.argv[1])).wait()
+except psutil.Error:
+    pass
+time.sleep(1.0)  # a run that ends normally stops its helpers itself (Prefect's atexit)
+stop_helpers({"helpers": [[int(sys.argv[i]), float(sys.argv[i + 1]), "helper"]
+                          for i in range(2, len(sys.argv), 2)]})
+"""
+
+
+def stop_helpers_with_me(helpers: list[list[Any]]) -> int | None:
+    """Start a small watcher that stops ``helpers`` once this process has ended, however it
+    ends (``kill -9`` included); return its pid (None when there is nothing to watch).
+
+    ``helpers``: ``[pid, create time, what]`` entries, as ``update_holder`` records them.
+    """
+    import subprocess
+
+    if not helpers:
+        return None
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    args = [str(value) for pid, started, *_ in helpers for value in (pid, repr(started))]
+    watcher = subprocess.Popen([sys.executable, "-c", _HELPER_WATCH, str(os.getpid()), *args],
+                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True,
+                               close_fds=True)
+    return watcher.pid
 
 
 def _pid_of(info: dict[str, Any] | None) -> str:
@@ -347,9 +439,9 @@ def remove_stale_temp_dirs(stage: str, repo: str | Path = ".") -> list[Path]:
                         and path.stat().st_mtime < started):
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path)
-    if removed:
-        logger.info("removed %d temp folder(s) a killed run left: %s", len(removed),
-                    ", ".join(str(path) for path in removed))
+    if removed:  # WARNING: the user should see what was cleaned up for them
+        logger.warning("removed %d temp folder(s) a killed run left: %s", len(removed),
+                       ", ".join(str(path) for path in removed))
     return removed
 
 

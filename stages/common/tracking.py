@@ -69,6 +69,72 @@ def apply_http_limits(params: MlflowParams) -> None:
     os.environ[HTTP_LIMITS_MARKER] = ",".join(f"{k}={v}" for k, v in ours.items())
 
 
+def check_tracking_store(params: MlflowParams, repo: str | Path = ".") -> None:
+    """Refuse early when the tracking store cannot be used; a pre-flight check, before ingest.
+
+    An ``http(s)`` URI gets one GET of ``<uri>/health`` bounded by ``request_timeout_s`` (any
+    HTTP answer below 500 counts as up); a ``sqlite:///`` or ``file:`` store needs its folder
+    to be writable (or creatable), relative paths taken from ``repo``. Other schemes pass.
+
+    Raises:
+        PipelineError: one line naming the URI, what is wrong and the fix.
+    """
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri(params)
+    fix = "start it or point MLFLOW_TRACKING_URI / params mlflow.tracking_uri at one that runs"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health",
+                                        timeout=params.request_timeout_s):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return  # it answers (a proxy or an auth layer may refuse /health)
+            problem = f"answers HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            problem = f"is unreachable ({reason})"
+        raise PipelineError(f"the MLflow tracking server {uri} {problem}; {fix}; nothing ran "
+                            f"(checked within params mlflow.request_timeout_s = "
+                            f"{params.request_timeout_s} s)")
+    if uri.startswith("sqlite:///"):
+        target = Path(repo) / uri.removeprefix("sqlite:///")  # the database file
+    elif uri.startswith("file:") or "://" not in uri:
+        target = Path(repo) / uri.removeprefix("file://").removeprefix("file:")  # a folder
+    else:
+        return
+    folder = target if target.is_dir() else target.parent  # SQLite writes its journal there
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folder a new store would be created in
+    if problem := _cannot_write(target, folder):
+        raise PipelineError(f"the MLflow tracking store {uri} cannot be written: {problem}; "
+                            "make it writable or point MLFLOW_TRACKING_URI / params "
+                            "mlflow.tracking_uri at a writable store; nothing ran")
+
+
+def _cannot_write(target: Path, folder: Path) -> str | None:
+    """Why ``target`` (an existing file, or one to create in ``folder``) cannot be written.
+
+    Tried for real (root ignores permission bits): the file opened for writing, unchanged, and
+    a temporary file created and removed in ``folder``.
+    """
+    import tempfile
+
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"{folder.resolve()} is on a read-only mount"
+    try:
+        if target.is_file():
+            with open(target, "r+b"):
+                pass
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"{exc.filename or folder.resolve()}: {exc.strerror or exc}"
+    return None
+
+
 def configure_mlflow(params: MlflowParams) -> str:
     """Point MLflow at the store, create the experiment if needed; return its id.
 

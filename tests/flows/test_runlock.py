@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from flows.pipeline import PREFECT_SERVER_APP  # imports Prefect (and its logging setup) once
 from stages.common import runlock
 from stages.common.io import atomic_path
 from tests.conftest import ROOT
@@ -68,7 +69,8 @@ def reap():
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            if any(mark in " ".join(proc.cmdline()) for mark in ("stage.py", "rank.py", "dvc")):
+            if any(mark in " ".join(proc.cmdline()) for mark in (
+                    "stage.py", "rank.py", "dvc", "flows.pipeline", "prefect.server.api")):
                 proc.kill()
         except psutil.Error:
             pass
@@ -157,6 +159,32 @@ def test_the_lock_of_a_holder_killed_with_sigkill_is_taken_at_once(
     assert f"pid {first.pid} " in caplog.text and "ended without releasing" in caplog.text
 
 
+def test_a_second_make_run_refuses_in_one_line_before_prefect_starts(tmp_path: Path,
+                                                                      holder) -> None:
+    repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
+    first = holder(repo)
+    second = subprocess.run([PY, "-m", "flows.pipeline", "--repo", str(repo)], env=ENV,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert second.returncode == 1
+    lines = (second.stdout + second.stderr).strip().splitlines()
+    assert len(lines) == 1, lines  # no Prefect server, no flow run, no traceback
+    assert lines[0].startswith("Pipeline not started: another pipeline run holds this workspace")
+    assert f"pid {first.pid} " in lines[0] and "WAIT=1" in lines[0]
+    assert not (repo / "out.txt").exists()
+
+
+def test_a_waiting_make_run_says_once_whom_it_waits_for(tmp_path: Path, holder) -> None:
+    repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
+    first = holder(repo)
+    second = subprocess.run([PY, "-m", "flows.pipeline", "--repo", str(repo), "--wait",
+                             "--wait-timeout", "1"], env=ENV, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert second.returncode == 1
+    waiting = [line for line in second.stderr.splitlines() if "waiting up to 1 s" in line]
+    assert len(waiting) == 1 and f"pid {first.pid} " in waiting[0], second.stderr
+    assert second.stderr.count("Pipeline not started:") == 1 and "waited 1 s" in second.stderr
+
+
 def test_the_flow_refuses_before_ingest_while_another_run_holds_the_workspace(
         tmp_path: Path, holder, prefect_api: str) -> None:
     from flows.pipeline import pipeline
@@ -168,6 +196,75 @@ def test_the_flow_refuses_before_ingest_while_another_run_holds_the_workspace(
     with pytest.raises(runlock.RunLockBusy, match=rf"pid {first.pid} "):
         state.result()
     assert not (repo / "out.txt").exists()
+
+
+def test_a_killed_run_leaves_no_prefect_server(tmp_path: Path, reap: list) -> None:
+    repo = _dvc_repo(tmp_path / "repo")
+    (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    run = subprocess.Popen([PY, "-m", "flows.pipeline", "--repo", str(repo)], env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reap.append(run.pid)
+    pid_file = repo / "stage.pid"
+    stage = int(_wait_for("the stage", lambda: pid_file.exists() and pid_file.read_text(), 120))
+    reap.append(stage)
+    info = runlock.holder(repo)  # main() took the lock; the flow under it did not refuse itself
+    assert info["pid"] == run.pid and "-m flows.pipeline" in info["command"]
+    assert "(Prefect flow run " in info["command"]
+    (server_pid, _, what), = info["helpers"]
+    reap.append(server_pid)
+    assert PREFECT_SERVER_APP in psutil.Process(server_pid).cmdline()
+    assert what == "temporary Prefect server"
+    run.kill()  # Prefect's atexit never runs; no other run comes
+    run.wait()
+    _wait_for("the orphaned Prefect server to stop", lambda: _gone(server_pid), timeout_s=30)
+    _wait_for("the orphaned stage to stop", lambda: _gone(stage), timeout_s=30)
+
+
+HOLD_WITH_HELPER = textwrap.dedent("""\
+    import subprocess, sys
+    import psutil
+    from stages.common import runlock
+    helper = subprocess.Popen(["sleep", "120"])
+    with runlock.run_lock(sys.argv[1]):
+        started = psutil.Process(helper.pid).create_time()
+        runlock.update_holder(sys.argv[1], helpers=[[helper.pid, started, "test helper"]])
+        print(helper.pid, flush=True)
+        sys.stdin.read()
+    """)
+
+
+def test_the_next_run_stops_the_helpers_a_killed_holder_left(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    repo = _plain_repo(tmp_path / "repo")
+    first = subprocess.Popen([PY, "-c", HOLD_WITH_HELPER, str(repo)], env=ENV,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    helper = int(first.stdout.readline())
+    try:
+        assert runlock.holder(repo)["helpers"][0][0] == helper
+        first.kill()  # no watcher here: the helper outlives it
+        first.wait()
+        assert not _gone(helper)
+        caplog.set_level(logging.WARNING, logger=runlock.__name__)
+        with runlock.run_lock(repo, wait_s=0):
+            assert _gone(helper)
+        assert f"pid {helper} (test helper)" in caplog.text
+    finally:
+        if not _gone(helper):
+            psutil.Process(helper).kill()
+
+
+def test_stop_helpers_leaves_a_reused_pid_alone() -> None:
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        started = psutil.Process(other.pid).create_time()
+        # The recorded create time differs: the pid now belongs to another process.
+        assert runlock.stop_helpers({"helpers": [[other.pid, started - 5, "server"]]}) == []
+        assert other.poll() is None
+        assert runlock.stop_helpers({"helpers": [[other.pid, started, "server"]]}) == [other.pid]
+        assert other.wait(timeout=10) is not None
+    finally:
+        other.kill()
+        other.wait()
 
 
 # --- stage processes die with their parent ----------------------------------------------------
@@ -347,8 +444,9 @@ def test_temp_folders_a_killed_stage_left_are_removed_at_its_next_start(
     a_while_ago = time.time() - 5  # the kill was a while ago (process start times are coarse)
     for path in (left, other_stage, not_ours):
         os.utime(path, (a_while_ago, a_while_ago))
-    clean = ("import logging, sys; from stages.common.runlock import remove_stale_temp_dirs; "
-             "logging.basicConfig(level='INFO'); "
+    # No logging configured (as under Prefect's console handler, WARNING and up): the user
+    # still sees what was removed.
+    clean = ("import sys; from stages.common.runlock import remove_stale_temp_dirs; "
              "print(len(remove_stale_temp_dirs('validate', sys.argv[1])))")
     # While another run holds the workspace, its stage may be writing there: nothing goes.
     first = holder(repo)
