@@ -194,20 +194,25 @@ def reproduced(reproduced_pipeline: Reproduced, tmp_path: Path,
 _MLFLOW_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_", "PIPELINE_MLFLOW_HTTP_LIMITS")
 
 
+_MLFLOW_HTTP_ENV_AT_START = {key: value for key, value in os.environ.items()
+                             if key.startswith(_MLFLOW_HTTP_ENV)}
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_http_limits_restored():
     """configure_mlflow sets MLflow's HTTP limits in os.environ, for a stage process and the
     processes it starts; a test that calls it in pytest's process must not pass them on to the
     tests (and subprocesses) after it."""
-    def current() -> dict[str, str]:
-        return {key: value for key, value in os.environ.items()
-                if key.startswith(_MLFLOW_HTTP_ENV)}
+    # Reset to the session's start before and after each test: a session-scoped fixture that
+    # ran configure_mlflow during this test's set-up must not pass them on either.
+    def reset() -> None:
+        for key in [key for key in os.environ if key.startswith(_MLFLOW_HTTP_ENV)]:
+            del os.environ[key]
+        os.environ.update(_MLFLOW_HTTP_ENV_AT_START)
 
-    before = current()
+    reset()
     yield
-    for key in set(current()) - set(before):
-        del os.environ[key]
-    os.environ.update(before)
+    reset()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -219,11 +219,15 @@ def test_a_secret_from_the_environment_is_used_and_the_placeholder_shown(
 
 
 def test_records_of_child_loggers_and_other_threads_are_scrubbed_during_a_fetch(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     # A filter on the "fsspec" logger never saw "fsspec.asyn", "s3fs" or "botocore.endpoint"
     # records: child loggers do not inherit it. fsspec fetches on a thread of its own.
     url = signed_url("127.0.0.1:9", SIGNATURE)
     caplog.set_level(logging.DEBUG)
+    for name in ("fsspec.asyn", "s3fs", "botocore.endpoint", "aiohttp.client"):
+        # An earlier test's logging.config (Prefect, uvicorn) may have disabled or raised them.
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
 
     def log_from(name: str) -> None:
         logger = logging.getLogger(name)
