@@ -131,5 +131,5 @@ rollback: install ## Move champion back to its previous holder (or VERSION=n): m
 verify: install ## Check the data, models and reports against dvc.lock (workspace + DVC cache)
 	$(BIN)/python -m stages.common.integrity
 
-repair: install ## Remove corrupt DVC cache objects and outputs found by verify; then dvc repro
+repair: install ## Repair what verify finds (cache objects from good workspace copies, files from good cache objects); then make run
 	$(BIN)/python -m stages.common.integrity --repair
