@@ -125,8 +125,9 @@ rollback: install ## Move champion back to its previous holder (or VERSION=n): m
 	$(BIN)/python -m flows.rollback $(MODEL) --reason "$$ROLLBACK_REASON"$(if $(VERSION), --version $(VERSION))$(if $(FORCE), --force)
 
 # Data integrity (stages/common/integrity.py): every output dvc.lock records, in the workspace
-# and in the DVC cache, hashed from its bytes. `make repair` rewrites or removes what is corrupt;
-# then `dvc repro` (or `make run`) re-creates it.
+# and in the DVC cache, hashed from its bytes. `make repair` rewrites a corrupt cache object from a
+# good workspace copy, restores a workspace file from a good cache object, removes what has no good
+# copy; then `make run` re-creates it.
 .PHONY: verify repair
 verify: install ## Check the data, models and reports against dvc.lock (workspace + DVC cache)
 	$(BIN)/python -m stages.common.integrity
