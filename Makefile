@@ -19,7 +19,7 @@ export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install data run repro test test-deps test-fast test-stack ui schedule clean serve bench-setup bench-train bench-serve bench-data
+.PHONY: help install data run repro test test-deps test-fast test-stack ui schedule clean serve bench-setup bench-train bench-serve bench-data bench-feedback
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -76,7 +76,7 @@ schedule: install ## Run the pipeline on its cron (params.yaml `schedule`); star
 	$(BIN)/python -m flows.schedule --repo .
 
 serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.yaml `serve`; ARGS='--port 9000')
-	$(BIN)/python -m serving serve $(ARGS)
+	$(BIN)/python -m flows.serve $(ARGS)
 
 clean: ## Remove generated data, reports, models and the local stores (keeps .venv)
 	rm -rf data/raw data/validated data/quarantine data/features models reports mlflow/mlflow.db* \
@@ -95,6 +95,9 @@ bench-train: bench-setup ## Training benchmarks: stage vs bare loop vs Lightning
 
 bench-data: install ## Data stages on 1M and 10M synthetic rows vs a plain pyarrow read (~3 GB in /tmp)
 	$(BIN)/python -m bench.data_scale
+
+bench-feedback: install ## Edit-run loop: full/no-op make run, dvc repro after an lr change vs a plain script
+	$(BIN)/python -m bench.feedback
 
 bench-serve: install ## Serving: our service vs `mlflow models serve`, same model and load (wrk)
 	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || \

@@ -184,7 +184,7 @@ def prepare_run(args: argparse.Namespace) -> Any:
     import logging
     import sys
 
-    from stages.common.nets import select_device
+    from model.nets import select_device
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     configure_torch(args.threads)

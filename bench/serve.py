@@ -109,7 +109,7 @@ def define_servers(names: Sequence[str], uri: str, work: Path) -> list[Server]:
             servers.append(Server(name, argv, port, "/invocations", "/ping"))
             continue
         variant = name.partition("-")[2] or "pyfunc"
-        argv = [sys.executable, "-m", "serving", "serve", "--params", str(ROOT / "params.yaml"),
+        argv = [sys.executable, "-m", "flows.serve", "--params", str(ROOT / "params.yaml"),
                 "--host", HOST, "--port", str(port), "--model-name", MODEL_NAME,
                 "--alias", "champion", "--variant", variant, "--log-level", "warning",
                 "--log-dir", str(work / f"predictions-{name}")]
@@ -324,7 +324,11 @@ def register_model(work: Path, epochs: int) -> tuple[str, Any]:
     """Train and register a breast-cancer MLP with the real stages; returns (URI, test rows)."""
     import pandas as pd
 
-    from stages import evaluate, features, ingest, register, train
+    from stages.evaluate import stage as evaluate
+    from stages.features import stage as features
+    from stages.ingest import stage as ingest
+    from stages.register import stage as register
+    from stages.train import stage as train
     from stages.common.config import parse_params
     from stages.common.io import write_parquet
 

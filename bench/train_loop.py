@@ -1,6 +1,6 @@
 """Training throughput: the train stage's loop against a bare PyTorch loop and Lightning.
 
-Same network (``stages.common.nets.build_network``), same synthetic data already in tensors on
+Same network (``model.nets.build_network``), same synthetic data already in tensors on
 the device, same AdamW settings, batch size, epochs and per-epoch validation pass; each variant
 starts from the same initial weights. Targets (issue 4): stage / bare >= 0.95 and
 stage / Lightning >= 1.0 in samples per second.
@@ -29,7 +29,7 @@ from bench import common
 NAME = "train_loop"
 TARGETS = {"stage/bare": 0.95, "stage/lightning": 1.0}  # minimum samples/s ratios
 VARIANTS = {  # what each variant is (also the --variants choices)
-    "stage": "stages.train.train_model as the stage runs it (resume checkpoints, SIGTERM)",
+    "stage": "stages.train.stage.train_model as the stage runs it (resume checkpoints, SIGTERM)",
     "stage-nockpt": "the same without resume checkpoints (diagnosis)",
     "bare": "a minimal PyTorch loop: same steps and per-epoch validation, nothing else",
     "lightning": "pytorch_lightning.Trainer.fit, no logger/checkpoints/progress bar",
@@ -74,7 +74,7 @@ def make_data(case: Case, device: Any, seed: int) -> Any:
     """Synthetic float32 rows with labels from a random linear map, on ``device``."""
     import torch
 
-    from stages.train import TrainData
+    from stages.train.stage import TrainData
 
     gen = torch.Generator().manual_seed(seed)
     n = case.n_train + case.n_val
@@ -86,8 +86,8 @@ def make_data(case: Case, device: Any, seed: int) -> Any:
 
 def fresh_network(case: Case, device: Any, seed: int) -> Any:
     """The stage's network with the stage's seeding (same initial weights every call)."""
-    from stages.common.nets import build_network
-    from stages.train import seed_torch
+    from model.nets import build_network
+    from stages.train.stage import seed_torch
 
     seed_torch(seed, device)
     return build_network(case.params, case.n_features, case.n_classes).to(device)
@@ -196,8 +196,8 @@ def prepare_stage(case: Case, data: Any, device: Any, seed: int, resume_root: Pa
     """``train_model`` called as the stage calls it: resume checkpoints written to a store
     under ``resume_root`` (every ``checkpoint_every_steps`` and each epoch) and SIGTERM
     handled; ``resume_root=None`` leaves checkpoints out (to measure what they cost)."""
-    from stages.common.checkpoint import GracefulStop, ResumeStore
-    from stages.train import train_model
+    from stages.train.checkpoint import GracefulStop, ResumeStore
+    from stages.train.stage import train_model
 
     network = fresh_network(case, device, seed)
     store = ResumeStore(resume_root, f"{case.name}{seed:011d}"[-16:]) if resume_root else None

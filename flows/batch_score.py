@@ -1,6 +1,6 @@
 """Batch scoring as a Prefect flow: score a Parquet file or folder with the champion.
 
-The flow only orchestrates: it loads the model once (``serving.batch.open_model``, the same
+The flow only orchestrates: it loads the model once (:func:`open_model`, the same
 loading code the service uses), scores each input file as its own task (``serving.batch``,
 ``batch_size`` rows at a time, each output written atomically), and publishes a
 ``batch-score-summary`` artifact. Every output row is the input row plus ``prediction``,
@@ -22,11 +22,30 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from serving import batch
-from serving.model import LoadedModel, ModelIntegrityError
+from serving.model import LoadedModel, ModelIntegrityError, load_model
 from stages.common import tracking
-from stages.common.config import load_params
+from stages.common.config import Params, load_params
 
 SUMMARY_KEY = "batch-score-summary"
+
+
+def open_model(params: Params, model_uri: str | None = None,
+               variant: str = "pyfunc") -> LoadedModel:
+    """The model to score with: ``model_uri``, or ``models:/<register.model_name>@<alias>``,
+    from the MLflow store in params (``MLFLOW_TRACKING_URI`` overrides).
+
+    Its files are checked against the hashes recorded at registration (signed with the key in
+    ``register.signing_key_env``, when set) before it is loaded.
+
+    Raises:
+        ModelIntegrityError: the files differ or the signature is missing or wrong.
+        ModelLoadError: any other reason it cannot be loaded.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(params.mlflow))
+    uri = model_uri or f"models:/{params.register.model_name}@{params.register.alias}"
+    return load_model(uri, variant, params.register.signing_key_env)
 
 
 def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
@@ -42,7 +61,7 @@ def load_scoring_model(params_path: str, model_uri: str | None, variant: str) ->
     """
     params = load_params(params_path)
     tracking.apply_http_limits(params.mlflow)  # a server that is down fails in seconds
-    return batch.open_model(params, model_uri, variant)
+    return open_model(params, model_uri, variant)
 
 
 @task(name="score-file", cache_policy=NO_CACHE)

@@ -43,7 +43,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stages import evaluate, features, ingest, validate
+from stages.evaluate import stage as evaluate
+from stages.features import stage as features
+from stages.ingest import stage as ingest
+from stages.validate import stage as validate
 from stages.common import runlock
 from stages.common.config import Params, load_params, parse_params
 from stages.common.errors import ConfigError, DataError, PipelineError

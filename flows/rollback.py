@@ -10,7 +10,7 @@ back, not forth. The move goes through ``registry.move_alias`` like register's, 
 recorded (kind ``rollback``, the reason, who, when). A version that does not exist, or whose
 ``promotion.gate`` is ``failed``, is refused unless ``--force``. Before anything moves, the
 target's stored files are hashed and checked against what its registration recorded
-(``stages.common.artifacts``; signed with the key in the env var params
+(``model.artifacts``; signed with the key in the env var params
 ``register.signing_key_env`` names, when set): a version whose files were replaced or damaged,
 or that cannot be checked, is refused naming the files, unless ``--force`` (then it moves with
 a loud warning, noted in the alias history). The service follows: its ``RegistryFollower``
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flows.lineage import open_client, resolve_tracking_uri
-from stages.common import artifacts, registry
+from model import artifacts
+from stages.common import registry
 from stages.common.config import read_yaml
 from stages.common.errors import PipelineError
 
@@ -155,7 +156,7 @@ def check_artifacts(client: MlflowClient, name: str, version: str,
                     and artifacts.logged_hashes(folder) is None):
                 return (f"{name} v{version} has no recorded artifact hashes (registered before "
                         "they were recorded): moved unverified, as the service loads it. "
-                        "Check its files, then record them: python -m stages.common.artifacts "
+                        "Check its files, then record them: python -m flows.artifacts "
                         f"record models:/{name}/{version}")
             artifacts.verify_files(mv, folder, artifacts.MODEL_PREFIX, key_env)
             if mv.run_id and any(
@@ -208,7 +209,7 @@ def rollback(client: MlflowClient, name: str, alias: str, reason: str,
                     f"refused: {found}; {alias} stays on "
                     f"{f'v{current}' if current else 'nobody'}, nothing moved. Fix: move it to "
                     f"a good version instead (make rollback REASON=... VERSION=<n>), or {repair}:"
-                    f" python -m stages.common.artifacts verify models:/{name}/{target}; "
+                    f" python -m flows.artifacts verify models:/{name}/{target}; "
                     "to move anyway add FORCE=1 (--force)") from exc
             state = "fail their recorded hashes" if tampered else "could not be checked"
             warning = (f"FORCED (--force): {found}. {alias} now names a version whose files "

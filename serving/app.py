@@ -1,4 +1,4 @@
-"""The FastAPI service: ``create_app(config)`` builds it; ``python -m serving serve`` runs it.
+"""The FastAPI service: ``create_app(config)`` builds it; ``python -m flows.serve`` runs it.
 
 Endpoints:
 
@@ -51,8 +51,8 @@ from serving.model import LoadedModel, ModelHolder, RegistryFollower, load_model
 from serving.payloads import PayloadError, encode_predictions, parse_payload
 from serving.predlog import PredictionLog
 from serving.rowcheck import describe, find_violations, rejection, row_marks, scorable
-from stages.common.contract import Violation
-from stages.common.errors import PipelineError
+from model.contract import Violation
+from model.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ JSON = "application/json"
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Everything the service needs; ``serving.cli`` fills it from params.yaml + flags."""
+    """Everything the service needs; ``flows.serve`` fills it from params.yaml + flags."""
 
     model_name: str = "classifier"  # registered model to follow
     alias: str = "champion"  # ...through this alias

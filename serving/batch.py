@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from serving.model import LoadedModel, load_model
 from serving.payloads import PayloadError, check_frame
-from stages.common.errors import DataError
-from stages.common.io import atomic_path
+from model.errors import DataError
+from model.files import atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from stages.common.config import Params
 
 logger = logging.getLogger(__name__)
 
@@ -133,24 +132,3 @@ def _score_batch(model: LoadedModel, batch: Any, src: Path) -> Any:
                         column=exc.columns[0] if exc.columns else None,
                         rule="model_signature") from exc
     return pa.Table.from_pandas(scored, preserve_index=False)
-
-
-def open_model(params: Params, model_uri: str | None = None,
-               variant: str = "pyfunc") -> LoadedModel:
-    """The model to score with: ``model_uri``, or ``models:/<register.model_name>@<alias>``,
-    from the MLflow store in params (``MLFLOW_TRACKING_URI`` overrides).
-
-    Its files are checked against the hashes recorded at registration (signed with the key in
-    ``register.signing_key_env``, when set) before it is loaded.
-
-    Raises:
-        ModelIntegrityError: the files differ or the signature is missing or wrong.
-        ModelLoadError: any other reason it cannot be loaded.
-    """
-    import mlflow
-
-    from stages.common.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(params.mlflow))
-    uri = model_uri or f"models:/{params.register.model_name}@{params.register.alias}"
-    return load_model(uri, variant, params.register.signing_key_env)

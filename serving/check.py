@@ -18,8 +18,8 @@ from typing import Any
 from serving.batcher import score_rows
 from serving.model import LoadedModel, load_model
 from serving.payloads import PayloadError, encode_predictions, encode_split_payload, parse_payload
-from stages.common.artifacts import DEFAULT_KEY_ENV
-from stages.common.servable import PROBA_PREFIX
+from model.artifacts import DEFAULT_KEY_ENV
+from model.servable import PROBA_PREFIX
 
 LATENCY_REPEATS = 20  # single-row requests timed; the median is compared (robust to a hiccup)
 

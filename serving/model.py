@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serving.payloads import ColumnSpec, InputSpec, spec_from_contract
-from stages.common.artifacts import (
+from model.artifacts import (
     DEFAULT_KEY_ENV,
     MANIFEST_TAG,
     ArtifactIntegrityError,
@@ -62,8 +62,8 @@ logger = logging.getLogger(__name__)
 Predict = Callable[["pd.DataFrame"], "pd.DataFrame"]
 # variant name -> "module:function" of its loader; see the module docstring for the contract.
 VARIANT_LOADERS: dict[str, str] = {"pyfunc": "serving.model:load_pyfunc_predictor",
-                                   "onnx": "stages.common.variants:load_variant",  # float32
-                                   "int8": "stages.common.variants:load_variant"}  # quantized
+                                   "onnx": "model.variants:load_variant",  # float32
+                                   "int8": "model.variants:load_variant"}  # quantized
 _KINDS = {"double": "float", "float": "float", "long": "int", "integer": "int",
           "boolean": "bool", "string": "str"}  # MLflow DataType name -> payload kind
 # pyfunc loaders of a PythonModel: models-from-code (now), cloudpickled (versions before it)
@@ -78,7 +78,7 @@ class ModelLoadError(RuntimeError):
 
 class ModelIntegrityError(ModelLoadError):
     """A version's files are not what was registered (or it is unsigned while a key is set):
-    refused before anything of it was loaded (:mod:`stages.common.artifacts`)."""
+    refused before anything of it was loaded (:mod:`model.artifacts`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,9 +97,9 @@ class LoadedModel:
     tags: Mapping[str, str] = field(default_factory=dict)  # the version's tags (lineage)
     input_example: pd.DataFrame | None = field(default=None, repr=False)
     loaded_at: float = field(default_factory=time.time)
-    # the input contract (stages.common.contract): shipped, or derived from the signature
+    # the input contract (model.contract): shipped, or derived from the signature
     contract: Mapping[str, Any] | None = field(default=None, repr=False)
-    # the artifact check (stages.common.artifacts.Verification.describe): "sha256 ... verified"
+    # the artifact check (model.artifacts.Verification.describe): "sha256 ... verified"
     integrity: str = "unverified"
 
     @property
@@ -172,7 +172,7 @@ def load_pyfunc_predictor(model_uri: str, variant: str = "pyfunc",
     """
     import mlflow
 
-    from stages.common.servable import ClassifierModel
+    from model.servable import ClassifierModel
 
     with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
         pyfunc = mlflow.pyfunc.load_model(ensure_verified(model_uri, tmp, key_env))
@@ -228,8 +228,8 @@ def load_model(uri: str, variant: str = "pyfunc",
     import mlflow
     from mlflow.models import Model
 
-    from stages.common.artifacts import unrecorded, verify_files
-    from stages.common.contract import contract_in_model_dir
+    from model.artifacts import unrecorded, verify_files
+    from model.contract import contract_in_model_dir
 
     try:
         versioned, mv, alias = resolve_version(uri)
@@ -316,7 +316,7 @@ class RegistryFollower:
             files differ from its recorded hashes (or unsigned while a key is set) is refused
             the same way: remembered in ``refused``, the current model keeps serving. A refusal
             holds while the version's recorded hashes (digest and signature tags) stay as they
-            were: a version fixed with ``python -m stages.common.artifacts record`` is tried
+            were: a version fixed with ``python -m flows.artifacts record`` is tried
             again.
 
     ``unready`` says why the version the alias names is not served (refused, or it failed to
@@ -407,7 +407,7 @@ class RegistryFollower:
 
     def _refuse(self, current: LoadedModel | None, model: LoadedModel) -> bool:
         """True (and reported) when ``model``'s contract differs and that is not allowed."""
-        from stages.common.contract import contract_differences
+        from model.contract import contract_differences
 
         if current is None or self.allow_contract_change:
             return False
@@ -476,7 +476,7 @@ class RegistryFollower:
 def _hash_tags(mv: ModelVersion) -> tuple[str | None, str | None]:
     # What a refusal for the version's files depends on: recording (or signing) its hashes
     # again changes these tags, and then it is tried again.
-    from stages.common.artifacts import DIGEST_TAG, SIGNATURE_TAG
+    from model.artifacts import DIGEST_TAG, SIGNATURE_TAG
 
     tags = dict(mv.tags or {})
     return tags.get(DIGEST_TAG), tags.get(SIGNATURE_TAG)

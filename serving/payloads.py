@@ -90,7 +90,7 @@ CONTRACT_KINDS = {"float": "float", "int": "int", "category": "str", "bool": "bo
 
 
 def spec_from_contract(contract: dict[str, Any]) -> InputSpec:
-    """The payload check for a model's input contract (``stages.common.contract``).
+    """The payload check for a model's input contract (``model.contract``).
 
     Every contract column is taken; a column the model does not use, or one the suite lets be
     null, may be left out. A null passes the type check in any column (an int column then

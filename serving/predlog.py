@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.model import LoadedModel
-from stages.common.io import atomic_path
+from model.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

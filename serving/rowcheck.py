@@ -1,6 +1,6 @@
 """Each request's rows against the served model's input contract, and the row policy.
 
-The contract (``stages.common.contract``, shipped with the model as ``contract.json``) carries
+The contract (``model.contract``, shipped with the model as ``contract.json``) carries
 the reviewed suite's rules; a row that breaks one (an unseen category, a value outside the
 suite's range, every column null, ...) is handled per params ``serve.row_policy``:
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from serving.payloads import PayloadError
-from stages.common.contract import Violation, check_columns
+from model.contract import Violation, check_columns
 
 if TYPE_CHECKING:
     from serving.model import LoadedModel

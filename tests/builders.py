@@ -7,7 +7,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from stages import features, train
+from stages.features import stage as features
+from stages.train import stage as train
 from stages.common import tracking
 from stages.common.config import Params, parse_params
 from stages.common.io import write_parquet

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["stages", "flows", "serving", "suites", "data/source", "dvc.yaml",
+PROJECT_FILES = ["stages", "model", "flows", "serving", "suites", "data/source", "dvc.yaml",
                  "params.yaml", ".dvcignore"]
 
 # Small but real settings so the whole pipeline runs in seconds on a 2-core CPU.

@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.synth import make_chunk
-from stages import features, ingest, validate
+from stages.features import stage as features
+from stages.ingest import stage as ingest
+from stages.validate import stage as validate
 from stages.common.config import Params, parse_params
 from stages.common.errors import PipelineError
 

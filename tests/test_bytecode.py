@@ -26,7 +26,7 @@ IMPORT_ALL = """
 import importlib, pkgutil, sys
 assert not sys.dont_write_bytecode
 names = []
-for package in ("stages", "flows", "serving"):
+for package in ("stages", "model", "flows", "serving"):
     module = importlib.import_module(package)
     names += [package] + [info.name for info in
                           pkgutil.walk_packages(module.__path__, prefix=package + ".")

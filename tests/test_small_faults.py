@@ -25,7 +25,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from stages import ingest
+from stages.ingest import stage as ingest
 from stages.common.config import IngestParams
 from stages.common.errors import DataError
 from stages.common.redact import redact_url, scrubbed_logs

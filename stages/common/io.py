@@ -10,51 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+# Re-exported: pipeline code writes through stages.common.io; the model package owns them.
+from model.files import atomic_path as atomic_path
+from model.files import same_content as same_content
 from stages.common.errors import DataError
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-@contextmanager
-def atomic_path(target: str | Path, keep_if_identical: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; rename it over ``target`` on success.
-
-    Works for files and directories. On an exception the temporary path is removed and
-    ``target`` is left exactly as it was. With ``keep_if_identical``, a result byte-identical
-    to ``target`` is dropped instead, so ``target`` keeps its modification times (DVC and
-    ``make`` then see nothing new).
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
-    try:
-        yield tmp
-        if keep_if_identical and same_content(tmp, target):
-            return
-        if target.is_dir() and not target.is_symlink():
-            # A directory cannot be renamed over a non-empty one: swap via a backup name.
-            backup = tmp.parent / f"{target.name}.old"
-            os.replace(target, backup)
-            os.replace(tmp, target)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
-def same_content(a: Path, b: Path) -> bool:
-    """Whether two files, or two folders (names and bytes of every file), are identical."""
-    import filecmp
-
-    if a.is_file() and b.is_file():
-        return filecmp.cmp(a, b, shallow=False)
-    if not (a.is_dir() and b.is_dir()):
-        return False
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    return files_a == files_b and all(filecmp.cmp(a / rel, b / rel, shallow=False)
-                                      for rel in files_a)
 
 
 def write_text(path: str | Path, text: str) -> None:

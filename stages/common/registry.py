@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 AUDIT_EXPERIMENT = "registry-audit"  # one run per alias move, in the registry's own store
-GATE_TAG = "promotion.gate"  # on each version: passed | failed | pending (see stages.register)
+GATE_TAG = "promotion.gate"  # on each version: passed | failed | pending (see stages.register.stage)
 KINDS = ("register", "rollback", "manual")  # who moved it: the register stage, flows.rollback
 FIELDS = ("model", "alias", "from_version", "to_version", "reason", "caused_by_run", "actor",
           "time", "kind")

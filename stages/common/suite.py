@@ -4,7 +4,7 @@
 aggregates only (types, min/max, null counts, up to ``MAX_PROFILED_VALUES`` distinct values, the
 row count). ``render_suite`` gives pretty JSON with sorted keys, one expectation per entry, so a
 ``git diff`` of an edited suite is easy to review. ``load_suite`` reads it back into the typed
-``Suite`` the streaming gate (``stages.common.rules``) evaluates; the file itself is plain GX and
+``Suite`` the streaming gate (``stages.validate.rules``) evaluates; the file itself is plain GX and
 loads with ``great_expectations.ExpectationSuite(**json.load(f))``.
 
 The expectations this module writes and the gate understands:

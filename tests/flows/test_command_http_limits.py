@@ -12,7 +12,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from flows import batch_score, lineage, rollback
-from serving import cli
+from flows import serve as cli
 from serving.model import ModelLoadError
 from stages.common import tracking
 from stages.common.config import load_params
@@ -60,6 +60,6 @@ def test_batch_scoring_applies_the_limits(dead_server: Path) -> None:
 
 
 def test_the_service_applies_the_limits(dead_server: Path) -> None:
-    args = cli.build_parser().parse_args(["serve", "--params", str(dead_server)])
+    args = cli.build_parser().parse_args(["--params", str(dead_server)])
     cli.build_config(args, load_params(dead_server))
     assert _applied() == EXPECTED

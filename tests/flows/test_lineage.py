@@ -148,7 +148,7 @@ def test_reproduce_own_data_with_an_untracked_suite_and_dirty_outputs(
     suite_dep = next(d for d in lock["stages"]["validate"]["deps"] if d["path"] == OWN_SUITE)
     assert recorded["md5"] == recorded["lock_md5"] == suite_dep["md5"]
     assert recorded["logged"] and not recorded["in_git"]
-    assert chain["inputs"]["stages/train.py"]["in_git"]
+    assert chain["inputs"]["stages/train/stage.py"]["in_git"]
 
     workdir = tmp_path / "reproduced"
     code = reproduce.main([f"{MODEL}/3", "--repo", str(repo), "--workdir", str(workdir)])
@@ -165,7 +165,7 @@ def test_declared_outputs_come_from_dvc_yaml() -> None:
     outputs = reproduce.declared_outputs(yaml.safe_load((ROOT / "dvc.yaml").read_text()), {})
     assert {"reports/metrics.json", "reports/registration.json", "reports/train/history.csv",
             "data/raw", "models", "reports/eval"} <= set(outputs)
-    assert not {"dvc.lock", "params.yaml", "stages/train.py"} & set(outputs)
+    assert not {"dvc.lock", "params.yaml", "stages/train/stage.py"} & set(outputs)
     interpolated = {"stages": {"s": {"outs": [{"${out.dir}/x": {"cache": False}}]}}}
     assert reproduce.declared_outputs(interpolated, {"out": {"dir": "o"}}) == ["o/x"]
 
@@ -176,8 +176,8 @@ def test_outputs_and_logged_inputs_are_not_code_changes() -> None:
     assert reproduce.check_clean(dirty, False, [*outputs, "suites/own.json"]) is None
     with pytest.raises(reproduce.ReproduceError, match="suites/own.json"):
         reproduce.check_clean(dirty, False, outputs)
-    with pytest.raises(reproduce.ReproduceError, match="stages/train.py"):
-        reproduce.check_clean([*dirty, "stages/train.py"], False, [*outputs, "suites/own.json"])
+    with pytest.raises(reproduce.ReproduceError, match="stages/train/stage.py"):
+        reproduce.check_clean([*dirty, "stages/train/stage.py"], False, [*outputs, "suites/own.json"])
 
 
 def test_train_time_record_of_the_inputs(tmp_path: Path) -> None:
@@ -185,11 +185,11 @@ def test_train_time_record_of_the_inputs(tmp_path: Path) -> None:
 
     for cmd in (["init", "-q"], ["config", "user.email", "t@e.st"], ["config", "user.name", "t"]):
         _git(tmp_path, *cmd)
-    files = {"stages/validate.py": "code", "suites/own.json": "{}", "suites/old.json": "{}"}
+    files = {"stages/validate/stage.py": "code", "suites/own.json": "{}", "suites/old.json": "{}"}
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    _git(tmp_path, "add", "stages/validate.py")
+    _git(tmp_path, "add", "stages/validate/stage.py")
     _git(tmp_path, "commit", "-q", "-m", "code")
     (tmp_path / "suites/old.json").write_text('{"edited": true}')  # after validate read it
     deps = [{"path": name, "md5": file_md5(tmp_path / name) if "old" not in name else "0" * 32}
@@ -203,7 +203,7 @@ def test_train_time_record_of_the_inputs(tmp_path: Path) -> None:
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     record, to_log = record_inputs(tmp_path)
     assert to_log == ["suites/own.json"]  # not in the commit; the bytes validate read
-    assert record["stages/validate.py"]["in_git"] and not record["stages/validate.py"]["logged"]
+    assert record["stages/validate/stage.py"]["in_git"] and not record["stages/validate/stage.py"]["logged"]
     assert record["suites/own.json"]["md5"] == file_md5(tmp_path / "suites/own.json")
     assert not record["suites/old.json"]["logged"]  # changed since: these are not its input
     assert record["data/source"] == {"lock_md5": "a.dir", "stages": ["ingest"], "md5": None,
@@ -285,11 +285,11 @@ def test_dirty_code_is_refused_unless_allowed() -> None:
     assert reproduce.check_clean([], False) is None
     assert reproduce.check_clean(["dvc.lock", "params.yaml"], False) is None
     assert reproduce.check_clean(["dvc.lock", "data/.gitignore"], False) is None  # DVC writes it
-    with pytest.raises(reproduce.ReproduceError, match="stages/train.py.*--allow-dirty"):
-        reproduce.check_clean(["dvc.lock", "stages/train.py"], False)
+    with pytest.raises(reproduce.ReproduceError, match="stages/train/stage.py.*--allow-dirty"):
+        reproduce.check_clean(["dvc.lock", "stages/train/stage.py"], False)
     with pytest.raises(reproduce.ReproduceError, match="files not recorded"):
         reproduce.check_clean(None, False)
-    assert "stages/train.py" in reproduce.check_clean(["stages/train.py"], True)
+    assert "stages/train/stage.py" in reproduce.check_clean(["stages/train/stage.py"], True)
 
 
 def test_metrics_must_match_exactly() -> None:

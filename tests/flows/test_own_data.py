@@ -368,7 +368,7 @@ def test_a_table_its_own_gate_refuses_puts_everything_back(
 
 def test_a_semicolon_table_is_read_with_delimiter_and_params_say_so(
         project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from stages import ingest
+    from stages.ingest import stage as ingest
     from stages.common.config import load_params
     from stages.common.suite import load_suite
 

@@ -70,7 +70,7 @@ def test_parse_stage_status_reads_dvc_3_messages() -> None:
 
 def test_describe_failure_prefers_the_stage_message_over_dvc_noise() -> None:
     lines = ["Running stage 'validate':",
-             "2026-01-01 10:00:00,000 INFO stages.validate: checking data/raw",
+             "2026-01-01 10:00:00,000 INFO stages.validate.stage: checking data/raw",
              "2026-01-01 10:00:01,000 ERROR stages.common.cli: stage validate failed: "
              "validation failed",
              "data.parquet: column target failed expect_column_values_to_be_in_set",

@@ -17,11 +17,11 @@ import pytest
 
 from flows import lineage, rollback
 from serving.model import ModelHolder, RegistryFollower
-from stages import register
+from stages.register import stage as register
 from stages.common import registry
 from stages.common.errors import GateError
 from tests.builders import TEST_PARAMS, breast_cancer_frame, build_trained, make_params
-from tests.stages.test_register import LOOSE, prepare
+from tests.stages.register.test_stage import LOOSE, prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = TEST_PARAMS["register"]["model_name"]
@@ -282,7 +282,7 @@ def _stored(uri: str, version: str, relative: str) -> Path:
 def tampered_v1(store: str):
     """v1's stored preprocessor overwritten (the module's artifacts are shared: put back after);
     yields (sha256 recorded, sha256 now)."""
-    from stages.common import artifacts
+    from model import artifacts
 
     path = _stored(store, "1", "artifacts/preprocessor.joblib")
     original = path.read_bytes()
@@ -310,7 +310,7 @@ def test_rollback_refuses_a_version_whose_stored_files_were_tampered_with(
     assert (f"model/artifacts/preprocessor.joblib expected sha256 {before} got {after}; "
             "champion stays on v2, nothing moved. Fix: move it to a good version instead "
             "(make rollback REASON=... VERSION=<n>), or restore v1's files in the artifact "
-            "store from a backup and check them: python -m stages.common.artifacts verify "
+            "store from a backup and check them: python -m flows.artifacts verify "
             "models:/test-clf/1; to move anyway add FORCE=1 (--force)") in err
     assert _champion(store) == "2" and _moves(store) == moves  # nothing moved, nothing logged
 

@@ -1,7 +1,7 @@
 """Serving fixtures: a real MLflow registry holding two versions of a tiny trained model.
 
 The model is trained once per session with the real features and train stages
-(``tests.stages.test_evaluate.build_trained``) and logged through the real ``log_servable``
+(``tests.stages.evaluate.test_stage.build_trained``) and logged through the real ``log_servable``
 twice into one temporary sqlite store: v1 as trained (``champion``), v2 with its output layer
 zeroed, so v2 answers exactly 0.5 for every class and a response shows which version produced
 it. The ``registry`` fixture points MLflow at that store for one test module at a time.
@@ -20,8 +20,8 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.common.artifacts import DEFAULT_KEY_ENV, record_version
-from stages.common.servable import log_servable
+from model.artifacts import DEFAULT_KEY_ENV, record_version
+from model.servable import log_servable
 from stages.common.tracking import configure_mlflow
 from tests.builders import breast_cancer_frame, build_trained, make_params
 
@@ -215,7 +215,7 @@ def as_validated(table: Any, suite: Any) -> Any:
     and ``cast_column``), so these tests see any difference between validate and serving."""
     import pyarrow as pa
 
-    from stages.common.rules import cast_column, output_field
+    from stages.validate.rules import cast_column, output_field
 
     fields, columns = [], []
     for name, spec in suite.columns.items():
@@ -242,11 +242,12 @@ def train_on_table(root: Path, name: str) -> TableModel:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages import features, train
-    from stages.common.contract import build_contract
+    from stages.features import stage as features
+    from stages.train import stage as train
+    from stages.register.contract import build_contract
     from stages.common.csvfiles import iter_csv_batches
     from stages.common.suite import load_suite
-    from stages.validate import write_suite
+    from stages.validate.stage import write_suite
 
     path, (_, target, drop, _) = table_path(name), TABLES[name]
     write_suite(path, root / "suite.json", target, margin=0.1, batch_rows=10_000)

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.app import ServiceConfig, create_app
-from serving.cli import build_config, build_parser
+from flows.serve import build_config, build_parser
 from stages.common.config import parse_params
 from tests.serving.conftest import LINEAGE, NAME, Registry
 
@@ -204,25 +204,25 @@ def test_cli_takes_params_then_flags_and_the_token_from_the_environment(
     monkeypatch.setenv("MY_TOKEN", "t0k")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
 
-    args = build_parser().parse_args(["serve", "--alias", "staging", "--sample-rate", "0"])
+    args = build_parser().parse_args(["--alias", "staging", "--sample-rate", "0"])
     config, host, port = build_config(args, params)
 
     assert (host, port) == ("127.0.0.1", 9000)  # loopback unless asked otherwise
     assert (config.model_name, config.alias, config.sample_rate) == ("clf", "staging", 0.0)
     assert config.token == "t0k" and config.tracking_uri == "sqlite:///elsewhere.db"
     with pytest.raises(SystemExit) as done:
-        build_parser().parse_args(["serve", "--help"])
+        build_parser().parse_args(["--help"])
     assert done.value.code == 0
 
 
 def test_cli_row_policy_and_contract_change_come_from_params_then_flags() -> None:
     params = parse_params({"serve": {"row_policy": "flag", "allow_contract_change": True}})
 
-    from_params, _, _ = build_config(build_parser().parse_args(["serve"]), params)
+    from_params, _, _ = build_config(build_parser().parse_args([]), params)
     from_flags, _, _ = build_config(build_parser().parse_args(
-        ["serve", "--row-policy", "reject", "--no-allow-contract-change"]), params)
+        ["--row-policy", "reject", "--no-allow-contract-change"]), params)
 
     assert (from_params.row_policy, from_params.allow_contract_change) == ("flag", True)
     assert (from_flags.row_policy, from_flags.allow_contract_change) == ("reject", False)
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--row-policy", "ignore"])
+        build_parser().parse_args(["--row-policy", "ignore"])

@@ -2,7 +2,7 @@
 item 6).
 
 A real model is registered in a temporary MLflow sqlite store and its hashes recorded
-(``stages.common.artifacts.record_version``, as the register stage does); then the stored bytes
+(``model.artifacts.record_version``, as the register stage does); then the stored bytes
 are replaced, in the store's own artifact folder, by a crafted pickle (or model code) whose
 payload would create a marker file. Every loader refuses with one line naming the model, the
 version, the file, the expected and actual sha256 and the fix, and the marker never appears.
@@ -19,19 +19,20 @@ import mlflow
 import pytest
 import yaml
 
-from serving.batch import open_model
+from flows.batch_score import open_model
 from serving.model import ModelHolder, ModelIntegrityError, RegistryFollower, load_model
-from stages import register
-from stages.common import artifacts
-from stages.common.artifacts import ArtifactIntegrityError
-from stages.common.servable import (
+from stages.register import stage as register
+from flows import artifacts as artifacts_cli
+from model import artifacts
+from model.artifacts import ArtifactIntegrityError
+from model.servable import (
     NETWORK,
     PREPROCESSOR,
     ClassifierModel,
     copy_model_code,
     log_servable,
 )
-from stages.common.variants import ARTIFACT_DIR, build_variants, load_variant
+from model.variants import ARTIFACT_DIR, build_variants, load_variant
 from tests.builders import make_params
 from tests.serving import conftest
 from tests.serving.conftest import Store, trained_once
@@ -119,7 +120,7 @@ def test_a_recorded_version_is_code_not_a_pickle_and_loads_verified(store: Store
     assert mv.tags[artifacts.DIGEST_TAG] == artifacts.manifest_digest(manifest)
     assert artifacts.SIGNATURE_TAG not in mv.tags  # no key set
     assert {"model/MLmodel", "model/servable_model.py", "model/artifacts/preprocessor.joblib",
-            "model/artifacts/model.pt", "model/code/stages/common/servable.py"} <= set(manifest)
+            "model/artifacts/model.pt", "model/code/model/servable.py"} <= set(manifest)
     assert not any(path.endswith(".pkl") for path in manifest)  # models-from-code
     model = load_model(f"models:/{NAME}/{version}")
     assert model.integrity == f"sha256 {mv.tags[artifacts.DIGEST_TAG][:16]} verified"
@@ -143,7 +144,7 @@ def test_a_replaced_artifact_is_refused_everywhere_and_never_runs(
                rf"{before} got {after}; refused, nothing of it was loaded\. Fix: move the "
                rf"alias to a good version \(make rollback REASON=\.\.\. \[VERSION=n\]\), or "
                rf"restore v{version}'s files from a backup, then check: python -m "
-               rf"stages\.common\.artifacts verify models:/{NAME}/{version}; do not load")
+               rf"flows\.artifacts verify models:/{NAME}/{version}; do not load")
 
     with pytest.raises(ModelIntegrityError, match=refusal) as served:
         load_model(uri)  # the service
@@ -296,13 +297,13 @@ def test_a_version_without_hashes_loads_unverified_unless_a_key_is_set(
     monkeypatch.setenv(KEY_ENV, "the-right-key")
     with pytest.raises(ModelIntegrityError, match=rf"{NAME} v{old} has no recorded artifact "
                        r"hashes .*MODEL_SIGNING_KEY is set, so it is refused.*python -m "
-                       rf"stages\.common\.artifacts record models:/{NAME}/{old}"):
+                       rf"flows\.artifacts record models:/{NAME}/{old}"):
         load_model(f"models:/{NAME}/{old}")
 
     # the way out for a version you have checked: record (and sign) its hashes
-    assert artifacts.main(["record", f"models:/{NAME}/{old}"]) == 0
+    assert artifacts_cli.main(["record", f"models:/{NAME}/{old}"]) == 0
     assert load_model(f"models:/{NAME}/{old}").integrity.endswith("verified, signed")
-    assert artifacts.main(["verify", f"models:/{NAME}/{old}"]) == 0
+    assert artifacts_cli.main(["verify", f"models:/{NAME}/{old}"]) == 0
 
 
 def test_recording_again_never_launders_a_tampered_version(store: Store,
@@ -317,7 +318,7 @@ def test_recording_again_never_launders_a_tampered_version(store: Store,
         artifacts.record_version(mlflow.MlflowClient(), NAME, version)
     assert mlflow.MlflowClient().get_model_version(NAME, version).tags[
         artifacts.DIGEST_TAG] == first
-    assert artifacts.main(["verify", f"models:/{NAME}/{version}"]) == 1
+    assert artifacts_cli.main(["verify", f"models:/{NAME}/{version}"]) == 1
 
 
 def test_a_damaged_preprocessor_is_not_unpickled_even_by_plain_mlflow(
@@ -338,7 +339,7 @@ def test_register_records_signed_hashes_and_refuses_a_tampered_champion(
         tmp_path: Path, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from stages.common.errors import GateError
-    from tests.stages.test_register import LOOSE, params_file, prepare, register_args
+    from tests.stages.register.test_stage import LOOSE, params_file, prepare, register_args
 
     trained = trained_once(tmp_path_factory)
     monkeypatch.setenv(KEY_ENV, "the-right-key")  # params' register.signing_key_env

@@ -29,7 +29,7 @@ from serving.check import check_servable
 from serving.model import ModelHolder, RegistryFollower, load_model
 from serving.payloads import parse_payload
 from serving.rowcheck import find_violations
-from stages.common.contract import model_contract
+from model.contract import model_contract
 from tests.serving.conftest import CONTRACT_NAME, NAME, WEATHER_NAME, Registry, source_rows
 
 PENGUIN = 0  # a complete row of penguins.csv

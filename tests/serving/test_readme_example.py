@@ -91,8 +91,7 @@ def served(project: Path, tables: dict[str, Any], registry: Registry) -> Iterato
         [
             sys.executable,
             "-m",
-            "serving",
-            "serve",
+            "flows.serve",
             "--params",
             "params.yaml",
             "--port",

@@ -1,6 +1,6 @@
 """/ready follows what the service can serve, not the registry's uptime; deleting a version's
 hash tags does not downgrade it to "unverified"; a refused version fixed with
-``python -m stages.common.artifacts record`` is tried again (issue 10 item 7 and 6; review #4, #9).
+``python -m flows.artifacts record`` is tried again (issue 10 item 7 and 6; review #4, #9).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 
 from serving.app import ServiceConfig, create_app
 from serving.model import ModelHolder, ModelIntegrityError, RegistryFollower, load_model
-from stages.common import artifacts
-from stages.common.servable import log_servable
+from flows import artifacts as artifacts_cli
+from model import artifacts
+from model.servable import log_servable
 from tests.serving.conftest import Store
 
 NAME = "ready-clf"  # this module's own model in the session's integrity store
@@ -93,7 +94,7 @@ def test_deleting_the_hash_tags_does_not_downgrade_a_version_to_unverified(
 
     with pytest.raises(ModelIntegrityError, match=rf"{NAME} v{version} has no recorded "
                        r"artifact hashes .*MLmodel carries artifact_sha256.*tags were removed; "
-                       rf"refused.*stages\.common\.artifacts record models:/{NAME}/{version}"):
+                       rf"refused.*flows\.artifacts record models:/{NAME}/{version}"):
         load_model(f"models:/{NAME}/{version}")
 
 
@@ -115,7 +116,7 @@ def test_a_refused_version_is_tried_again_once_its_hashes_are_recorded(
     assert not follower.check_once()  # the same tags: refused again without a download
 
     # the operator checks the files and records them
-    assert artifacts.main(["record", f"models:/{NAME}/{fixed}"]) == 0
+    assert artifacts_cli.main(["record", f"models:/{NAME}/{fixed}"]) == 0
     assert follower.check_once() and holder.current.version == fixed
     assert follower.refused == {} and follower.unready is None
     client.set_registered_model_alias(NAME, "champion", good)

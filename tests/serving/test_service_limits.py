@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.app import ServiceConfig, create_app
-from serving.cli import build_config, build_parser
+from flows.serve import build_config, build_parser
 from serving.model import load_pyfunc_predictor
 from stages.common.config import parse_params
 from tests.serving.conftest import NAME, Registry
@@ -136,7 +136,7 @@ def test_a_flood_beyond_max_queue_rows_gets_503_with_retry_after_and_is_counted(
 def test_max_queue_rows_comes_from_params() -> None:
     params = parse_params({"serve": {"max_queue_rows": 7}})
 
-    config, _, _ = build_config(build_parser().parse_args(["serve"]), params)
+    config, _, _ = build_config(build_parser().parse_args([]), params)
 
     assert config.max_queue_rows == 7
     assert parse_params({}).serve.max_queue_rows == ServiceConfig().max_queue_rows

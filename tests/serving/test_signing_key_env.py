@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 
 from serving.app import ServiceConfig, create_app
 from serving.check import check_servable
-from serving.cli import build_config, build_parser
-from stages import register
-from stages.common import artifacts
+from flows.serve import build_config, build_parser
+from stages.register import stage as register
+from model import artifacts
 from stages.common.config import RegisterParams
 from tests.builders import make_params
 from tests.serving.test_artifact_integrity import NAME, Store, register_version, store
@@ -41,7 +41,7 @@ def _ready(service: TestClient, status: int, timeout: float = 120.0) -> Any:
 
 
 def test_serve_takes_the_key_env_from_register_params() -> None:
-    args = build_parser().parse_args(["serve"])
+    args = build_parser().parse_args([])
     config, _, _ = build_config(args, make_params({"register": {"signing_key_env": OTHER}}))
     assert config.signing_key_env == OTHER
     default, _, _ = build_config(args, make_params())

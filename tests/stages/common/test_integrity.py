@@ -19,7 +19,7 @@ from stages.common.params_snapshot import ParamsSnapshot
 DVC_YAML = {"stages": {
     "features": {"cmd": "f", "deps": ["data/validated"], "params": ["features"],
                  "outs": ["data/features"]},
-    "train": {"cmd": "t", "deps": ["stages/train.py", "data/features", "reports/v/summary.json"],
+    "train": {"cmd": "t", "deps": ["stages/train/stage.py", "data/features", "reports/v/summary.json"],
               "params": ["train", "base.seed"], "outs": ["models"]},
     "evaluate": {"cmd": "e", "deps": ["data/features", "models"],
                  "metrics": [{"reports/metrics.json": {"cache": False}}]},

@@ -126,7 +126,7 @@ def vega_csv(name: str) -> Path:
 def test_text_dates_in_a_common_format_become_datetime_with_that_format(
         name: str, target: str, fmt: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    from stages.validate import write_suite
+    from stages.validate.stage import write_suite
 
     with caplog.at_level("INFO", logger="stages.common.suite"):
         raw = write_suite(vega_csv(name), tmp_path / "s.json", target, 0.1, 1000)
@@ -230,7 +230,7 @@ def test_committed_suite_loads_and_says_where_it_came_from(name: str) -> None:
 
 
 def test_suite_module_imports_without_great_expectations_or_pandas() -> None:
-    code = ("import sys, stages.common.suite, stages.common.rules, stages.common.stream; "
+    code = ("import sys, stages.common.suite, stages.validate.rules, stages.validate.stream; "
             "print(sorted({'great_expectations', 'pandas', 'pyarrow'} & set(sys.modules)))")
 
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -1,0 +1,3 @@
+from stages.features.stage import main
+
+raise SystemExit(main())

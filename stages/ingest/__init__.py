@@ -1,0 +1,1 @@
+"""The ingest stage: `python -m stages.ingest` (entry and core in stage.py)."""

@@ -1,0 +1,3 @@
+from stages.ingest.stage import main
+
+raise SystemExit(main())

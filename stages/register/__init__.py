@@ -1,0 +1,1 @@
+"""The register stage: `python -m stages.register` (entry and core in stage.py)."""

@@ -1,0 +1,3 @@
+from stages.register.stage import main
+
+raise SystemExit(main())

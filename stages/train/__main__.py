@@ -1,0 +1,3 @@
+from stages.train.stage import main
+
+raise SystemExit(main())

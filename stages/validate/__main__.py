@@ -1,0 +1,3 @@
+from stages.validate.stage import main
+
+raise SystemExit(main())
