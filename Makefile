@@ -133,7 +133,7 @@ rollback: install ## Move champion back to its previous holder (or VERSION=n): m
 # copy; then `make run` re-creates it.
 .PHONY: verify repair
 verify: install ## Check the data, models and reports against dvc.lock (workspace + DVC cache)
-	$(BIN)/python -m stages.common.integrity
+	$(BIN)/python -m flows.verify
 
 repair: install ## Repair what verify finds (cache objects from good workspace copies, files from good cache objects); then make run
-	$(BIN)/python -m stages.common.integrity --repair
+	$(BIN)/python -m flows.verify --repair

@@ -14,8 +14,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -40,18 +41,32 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """The options every benchmark takes: repeats, warm-up, device, seed, output folder."""
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed runs of each variant (median and spread reported)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed runs of each variant (median and spread reported)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each variant first")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto = CUDA when present, else CPU")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto = CUDA when present, else CPU",
+    )
     parser.add_argument("--seed", type=int, default=0, help="data, weights and batch order")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (0 = torch's default)")
-    parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
-                        help="wall time, or this process's CPU time (steadier on a busy machine)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                        help="where <name>.json is written")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)"
+    )
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=list(CLOCKS),
+        help="wall time, or this process's CPU time (steadier on a busy machine)",
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS_DIR, help="where <name>.json is written"
+    )
 
 
 def load_average() -> list[float]:
@@ -77,10 +92,14 @@ def describe_machine(device: Any = None) -> dict[str, Any]:
     import torch
 
     machine = {
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(), "device": str(device or "cpu"),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "device": str(device or "cpu"),
     }
     if torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name()
@@ -111,8 +130,13 @@ Variant = Callable[[], Callable[[], Any]]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure_interleaved(variants: dict[str, Variant], repeats: int, warmup: int,
-                        device: Any = "cpu", clock: str = "wall") -> dict[str, list[float]]:
+def measure_interleaved(
+    variants: dict[str, Variant],
+    repeats: int,
+    warmup: int,
+    device: Any = "cpu",
+    clock: str = "wall",
+) -> dict[str, list[float]]:
     """Seconds of each variant's timed call: ``warmup`` untimed rounds, then ``repeats`` timed.
 
     Each round prepares and runs every variant once; the order rotates by one each round.
@@ -140,8 +164,13 @@ def measure_interleaved(variants: dict[str, Variant], repeats: int, warmup: int,
 def summarize(values: Sequence[float]) -> dict[str, float]:
     """Median, min, max and relative spread ((max - min) / median) of some measurements."""
     median = statistics.median(values)
-    return {"median": median, "min": min(values), "max": max(values),
-            "spread": (max(values) - min(values)) / median if median else 0.0, "n": len(values)}
+    return {
+        "median": median,
+        "min": min(values),
+        "max": max(values),
+        "spread": (max(values) - min(values)) / median if median else 0.0,
+        "n": len(values),
+    }
 
 
 def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
@@ -152,18 +181,23 @@ def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> l
 def ratio_stats(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
     """Summary of the paired ratios, plus ``of_min``: the ratio of the two fastest runs (the
     least disturbed estimate when other jobs share the machine)."""
-    return {**summarize(paired_ratios(numerator, denominator)),
-            "of_min": min(numerator) / min(denominator)}
+    return {
+        **summarize(paired_ratios(numerator, denominator)),
+        "of_min": min(numerator) / min(denominator),
+    }
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain left-aligned text table (floats to 4 significant digits)."""
+
     def _cell(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     cells = [[_cell(v) for v in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -173,9 +207,14 @@ def write_result(name: str, payload: dict[str, Any], results_dir: Path = RESULTS
     from stages.common.io import write_json
 
     path = Path(results_dir) / f"{name}.json"
-    write_json(path, {"benchmark": name,
-                      "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      **payload})
+    write_json(
+        path,
+        {
+            "benchmark": name,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **payload,
+        },
+    )
     return path
 
 

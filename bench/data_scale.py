@@ -21,8 +21,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -44,21 +45,40 @@ def stage_commands(project: Path) -> dict[str, list[str]]:
     python = [sys.executable, "-m"]
     return {
         "ingest": [*python, "stages.ingest", "--out", "data/raw"],
-        "validate": [*python, "stages.validate", "gate", "--raw", "data/raw",
-                     "--out", "data/validated", "--quarantine", "data/quarantine",
-                     "--report", "reports/validation"],
-        "features": [*python, "stages.features", "--validated", "data/validated",
-                     "--out", "data/features"],
+        "validate": [
+            *python,
+            "stages.validate",
+            "gate",
+            "--raw",
+            "data/raw",
+            "--out",
+            "data/validated",
+            "--quarantine",
+            "data/quarantine",
+            "--report",
+            "reports/validation",
+        ],
+        "features": [
+            *python,
+            "stages.features",
+            "--validated",
+            "data/validated",
+            "--out",
+            "data/features",
+        ],
     }
 
 
 def run_measured(cmd: list[str], cwd: Path) -> dict[str, float]:
     """Run ``cmd``; its wall seconds and peak RSS (MB), or SystemExit with its output."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI":
-           f"sqlite:///{cwd / 'mlflow.db'}", "GX_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+        "GX_ANALYTICS_ENABLED": "false",
+    }
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
@@ -95,8 +115,19 @@ def write_suite(work: Path, batch_rows: int, rows: int = 100_000) -> Path:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_measured(stage_commands(project)["ingest"], project)
     suite = work / "synth.json"
-    run_measured([sys.executable, "-m", "stages.validate", "suite", "--snapshot", "data/raw",
-                  "--out", str(suite)], project)
+    run_measured(
+        [
+            sys.executable,
+            "-m",
+            "stages.validate",
+            "suite",
+            "--snapshot",
+            "data/raw",
+            "--out",
+            str(suite),
+        ],
+        project,
+    )
     return suite
 
 
@@ -108,15 +139,17 @@ def bench_size(work: Path, rows: int, suite: Path, batch_rows: int) -> dict[str,
     project = make_project(work, source, batch_rows)
     shutil.copy(suite, project / SUITE_FILE)
     plain = run_measured([sys.executable, "-c", PLAIN_READ, str(source)], project)
-    steps = {stage: run_measured(cmd, project)
-             for stage, cmd in stage_commands(project).items()}
+    steps = {stage: run_measured(cmd, project) for stage, cmd in stage_commands(project).items()}
     total = sum(step["seconds"] for step in steps.values())
     result = {
-        "rows": rows, "source_mb": round(source.stat().st_size / 1e6, 1),
+        "rows": rows,
+        "source_mb": round(source.stat().st_size / 1e6, 1),
         "plain_read": {**plain, "rows_per_s": rows / plain["seconds"]},
-        "stages": {name: {**step, "rows_per_s": rows / step["seconds"]}
-                   for name, step in steps.items()},
-        "total_seconds": total, "total_rows_per_s": rows / total,
+        "stages": {
+            name: {**step, "rows_per_s": rows / step["seconds"]} for name, step in steps.items()
+        },
+        "total_seconds": total,
+        "total_rows_per_s": rows / total,
         "ratio_to_plain_read": total / plain["seconds"],
         "peak_rss_mb": max(step["peak_rss_mb"] for step in steps.values()),
     }
@@ -125,56 +158,93 @@ def bench_size(work: Path, rows: int, suite: Path, batch_rows: int) -> dict[str,
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"\n{'rows':>11} {'step':>10} {'seconds':>8} {'rows/s':>11} {'x plain':>8} "
-          f"{'peak RSS MB':>12}")
+    print(
+        f"\n{'rows':>11} {'step':>10} {'seconds':>8} {'rows/s':>11} {'x plain':>8} "
+        f"{'peak RSS MB':>12}"
+    )
     for result in results:
         plain = result["plain_read"]["seconds"]
-        lines = [("plain read", result["plain_read"]), *result["stages"].items(),
-                 ("total", {"seconds": result["total_seconds"],
-                            "rows_per_s": result["total_rows_per_s"],
-                            "peak_rss_mb": result["peak_rss_mb"]})]
+        lines = [
+            ("plain read", result["plain_read"]),
+            *result["stages"].items(),
+            (
+                "total",
+                {
+                    "seconds": result["total_seconds"],
+                    "rows_per_s": result["total_rows_per_s"],
+                    "peak_rss_mb": result["peak_rss_mb"],
+                },
+            ),
+        ]
         for name, step in lines:
-            print(f"{result['rows']:>11,} {name:>10} {step['seconds']:>8.2f} "
-                  f"{step['rows_per_s']:>11,.0f} {step['seconds'] / plain:>8.2f} "
-                  f"{step['peak_rss_mb']:>12.0f}")
+            print(
+                f"{result['rows']:>11,} {name:>10} {step['seconds']:>8.2f} "
+                f"{step['rows_per_s']:>11,.0f} {step['seconds'] / plain:>8.2f} "
+                f"{step['peak_rss_mb']:>12.0f}"
+            )
 
 
 def check_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The two targets: time ratio per size, and RSS growth from the smallest to the largest."""
     checks: dict[str, Any] = {
-        f"time_ratio_{r['rows']}": {"value": round(r["ratio_to_plain_read"], 2),
-                                    "target": f"<= {TARGET_TIME_RATIO}",
-                                    "met": r["ratio_to_plain_read"] <= TARGET_TIME_RATIO}
-        for r in results}
+        f"time_ratio_{r['rows']}": {
+            "value": round(r["ratio_to_plain_read"], 2),
+            "target": f"<= {TARGET_TIME_RATIO}",
+            "met": r["ratio_to_plain_read"] <= TARGET_TIME_RATIO,
+        }
+        for r in results
+    }
     if len(results) > 1:
         small, large = results[0], results[-1]
         growth = large["peak_rss_mb"] / small["peak_rss_mb"]
         checks[f"rss_{large['rows']}_over_{small['rows']}"] = {
-            "value": round(growth, 3), "target": f"<= {TARGET_RSS_RATIO}",
-            "met": growth <= TARGET_RSS_RATIO}
+            "value": round(growth, 3),
+            "target": f"<= {TARGET_RSS_RATIO}",
+            "met": growth <= TARGET_RSS_RATIO,
+        }
         # Diagnosis, no target: the cost per extra row, stages vs plain read, which leaves out
         # the fixed cost of starting three processes (imports: pyarrow, sklearn, GX).
-        marginal = ((large["total_seconds"] - small["total_seconds"])
-                    / (large["plain_read"]["seconds"] - small["plain_read"]["seconds"]))
-        checks["marginal_time_ratio"] = {"value": round(marginal, 2), "target": "(diagnosis)",
-                                         "met": None}
+        marginal = (large["total_seconds"] - small["total_seconds"]) / (
+            large["plain_read"]["seconds"] - small["plain_read"]["seconds"]
+        )
+        checks["marginal_time_ratio"] = {
+            "value": round(marginal, 2),
+            "target": "(diagnosis)",
+            "met": None,
+        }
     return checks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.data_scale", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--rows", type=lambda text: int(float(text)), action="append",
-                        help="table sizes, smallest first (default: 1e6 and 1e7)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-data"),
-                        help="scratch folder (the CSVs are kept there and reused)")
-    parser.add_argument("--batch-rows", type=int, default=BaseParams().batch_rows,
-                        help="params base.batch_rows")
-    parser.add_argument("--snapshot-rows", type=int, default=100_000,
-                        help="rows of the trusted snapshot the suite is profiled from")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                        help="where data_scale.json is written")
+        prog="python -m bench.data_scale",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--rows",
+        type=lambda text: int(float(text)),
+        action="append",
+        help="table sizes, smallest first (default: 1e6 and 1e7)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/bench-data"),
+        help="scratch folder (the CSVs are kept there and reused)",
+    )
+    parser.add_argument(
+        "--batch-rows", type=int, default=BaseParams().batch_rows, help="params base.batch_rows"
+    )
+    parser.add_argument(
+        "--snapshot-rows",
+        type=int,
+        default=100_000,
+        help="rows of the trusted snapshot the suite is profiled from",
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS_DIR, help="where data_scale.json is written"
+    )
     args = parser.parse_args(argv)
     sizes = sorted(args.rows or [1_000_000, 10_000_000])
     args.work.mkdir(parents=True, exist_ok=True)
@@ -186,10 +256,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, check in checks.items():
         verdict = {True: "met", False: "NOT MET", None: "-"}[check["met"]]
         print(f"{name}: {check['value']} (target {check['target']}): {verdict}")
-    write_json(args.results_dir / "data_scale.json", {
-        "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-                    "load_before": load_before, "load_after": load_average()},
-        "batch_rows": args.batch_rows, "results": results, "targets": checks})
+    write_json(
+        args.results_dir / "data_scale.json",
+        {
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "python": sys.version.split()[0],
+                "load_before": load_before,
+                "load_after": load_average(),
+            },
+            "batch_rows": args.batch_rows,
+            "results": results,
+            "targets": checks,
+        },
+    )
     return 0
 
 

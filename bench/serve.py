@@ -98,21 +98,54 @@ def free_port() -> int:
 def define_servers(names: Sequence[str], uri: str, work: Path) -> list[Server]:
     """``mlflow`` (its own scoring server) and ``ours[-<variant>]`` on the same model URI."""
     bin_dir = Path(sys.executable).parent
-    mlflow_cli = [str(bin_dir / "mlflow")] if (bin_dir / "mlflow").exists() else \
-        [sys.executable, "-m", "mlflow"]
+    mlflow_cli = (
+        [str(bin_dir / "mlflow")]
+        if (bin_dir / "mlflow").exists()
+        else [sys.executable, "-m", "mlflow"]
+    )
     servers = []
     for name in names:
         port = free_port()
         if name == "mlflow":
-            argv = [*mlflow_cli, "models", "serve", "-m", uri, "--env-manager", "local",
-                    "-h", HOST, "-p", str(port), "-w", "1"]
+            argv = [
+                *mlflow_cli,
+                "models",
+                "serve",
+                "-m",
+                uri,
+                "--env-manager",
+                "local",
+                "-h",
+                HOST,
+                "-p",
+                str(port),
+                "-w",
+                "1",
+            ]
             servers.append(Server(name, argv, port, "/invocations", "/ping"))
             continue
         variant = name.partition("-")[2] or "pyfunc"
-        argv = [sys.executable, "-m", "flows.serve", "--params", str(ROOT / "params.yaml"),
-                "--host", HOST, "--port", str(port), "--model-name", MODEL_NAME,
-                "--alias", "champion", "--variant", variant, "--log-level", "warning",
-                "--log-dir", str(work / f"predictions-{name}")]
+        argv = [
+            sys.executable,
+            "-m",
+            "flows.serve",
+            "--params",
+            str(ROOT / "params.yaml"),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--model-name",
+            MODEL_NAME,
+            "--alias",
+            "champion",
+            "--variant",
+            variant,
+            "--log-level",
+            "warning",
+            "--log-dir",
+            str(work / f"predictions-{name}"),
+        ]
         servers.append(Server(name, argv, port, "/predict", "/ready"))
     return servers
 
@@ -126,15 +159,22 @@ def server_env(tracking_uri: str) -> dict[str, str]:
     return env
 
 
-def start_servers(servers: list[Server], env: dict[str, str], work: Path,
-                  timeout: float = 180.0) -> None:
+def start_servers(
+    servers: list[Server], env: dict[str, str], work: Path, timeout: float = 180.0
+) -> None:
     """Start every server (in parallel), then wait until each answers its ready path."""
     for server in servers:
         server.log_path = work / f"{server.name}.log"
         with open(server.log_path, "wb") as log:
             # A session of its own: stopping it stops the worker processes it forks.
-            server.proc = subprocess.Popen(server.argv, cwd=ROOT, env=env, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
+            server.proc = subprocess.Popen(
+                server.argv,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
     deadline = time.monotonic() + timeout
     for server in servers:
         _wait_ready(server, deadline)
@@ -144,8 +184,9 @@ def _wait_ready(server: Server, deadline: float) -> None:
     url = f"http://{HOST}:{server.port}{server.ready_path}"
     while time.monotonic() < deadline:
         if server.proc is not None and server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n"
-                               f"{_tail(server.log_path)}")
+            raise RuntimeError(
+                f"{server.name} exited with {server.proc.returncode}:\n{_tail(server.log_path)}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -200,8 +241,9 @@ def server_cpu_seconds(server: Server) -> float:
 def build_body(rows: Any, batch: int) -> bytes:
     """A ``dataframe_split`` request of ``batch`` rows (cycling through ``rows``)."""
     picked = rows.iloc[[i % len(rows) for i in range(batch)]]
-    return json.dumps({"dataframe_split": {"columns": list(picked.columns),
-                                           "data": picked.to_numpy().tolist()}}).encode()
+    return json.dumps(
+        {"dataframe_split": {"columns": list(picked.columns), "data": picked.to_numpy().tolist()}}
+    ).encode()
 
 
 def percentile_ms(latencies: Sequence[float], q: float) -> float:
@@ -217,9 +259,23 @@ def run_wrk(url: str, body_file: Path, concurrency: int, duration: float) -> dic
     script.write_text(WRK_SCRIPT.format(body=body_file))
     seconds = max(1, round(duration))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout",
-                           "10s", "-s", str(script), url], capture_output=True, text=True,
-                          timeout=seconds + 60, check=False)
+    done = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if done.returncode != 0 or line is None:
@@ -227,13 +283,17 @@ def run_wrk(url: str, body_file: Path, concurrency: int, duration: float) -> dic
     stats = json.loads(line.removeprefix("WRKJSON "))
     wall = stats["duration_us"] / 1e6
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {"requests": stats["requests"], "errors": stats["non2xx"] + stats["socket"],
-            "seconds": wall, "p50_ms": stats["p50_us"] / 1e3, "p99_ms": stats["p99_us"] / 1e3,
-            "client_cpu": cpu / wall}
+    return {
+        "requests": stats["requests"],
+        "errors": stats["non2xx"] + stats["socket"],
+        "seconds": wall,
+        "p50_ms": stats["p50_us"] / 1e3,
+        "p99_ms": stats["p99_us"] / 1e3,
+        "client_cpu": cpu / wall,
+    }
 
 
-def run_python_client(url: str, body: bytes, concurrency: int,
-                      duration: float) -> dict[str, float]:
+def run_python_client(url: str, body: bytes, concurrency: int, duration: float) -> dict[str, float]:
     """Closed-loop load from ``concurrency`` threads, each with one keep-alive connection."""
     from urllib.parse import urlsplit
 
@@ -270,13 +330,19 @@ def run_python_client(url: str, body: bytes, concurrency: int,
         thread.join()
     wall = time.perf_counter() - t0
     merged = [x for per in latencies for x in per]
-    return {"requests": len(merged), "errors": sum(errors), "seconds": wall,
-            "p50_ms": percentile_ms(merged, 50), "p99_ms": percentile_ms(merged, 99),
-            "client_cpu": (time.process_time() - cpu0) / wall}
+    return {
+        "requests": len(merged),
+        "errors": sum(errors),
+        "seconds": wall,
+        "p50_ms": percentile_ms(merged, 50),
+        "p99_ms": percentile_ms(merged, 99),
+        "client_cpu": (time.process_time() - cpu0) / wall,
+    }
 
 
-def drive(server: Server, body_file: Path, concurrency: int, duration: float,
-          client: str) -> dict[str, float]:
+def drive(
+    server: Server, body_file: Path, concurrency: int, duration: float, client: str
+) -> dict[str, float]:
     """One cell on one server: the load's numbers plus the server's CPU per request."""
     cpu0 = server_cpu_seconds(server)
     if client == "wrk":
@@ -324,31 +390,46 @@ def register_model(work: Path, epochs: int) -> tuple[str, Any]:
     """Train and register a breast-cancer MLP with the real stages; returns (URI, test rows)."""
     import pandas as pd
 
+    from stages.common.config import parse_params
+    from stages.common.io import write_parquet
     from stages.evaluate import stage as evaluate
     from stages.features import stage as features
     from stages.ingest import stage as ingest
     from stages.register import stage as register
     from stages.train import stage as train
-    from stages.common.config import parse_params
-    from stages.common.io import write_parquet
 
-    params = parse_params({
-        "base": {"device": "cpu", "seed": 0},
-        "mlflow": {"experiment": "bench-serve"},
-        "train": {"max_epochs": epochs},
-        # no gate: the benchmark needs a champion, not a good one
-        "register": {"model_name": MODEL_NAME, "min_metrics": {}, "max_metrics": {},
-                     "max_gap_to_baseline": None},
-    })
-    write_parquet(work / "validated" / "data.parquet",
-                  ingest.load_sklearn_dataset("breast_cancer"))
+    params = parse_params(
+        {
+            "base": {"device": "cpu", "seed": 0},
+            "mlflow": {"experiment": "bench-serve"},
+            "train": {"max_epochs": epochs},
+            # no gate: the benchmark needs a champion, not a good one
+            "register": {
+                "model_name": MODEL_NAME,
+                "min_metrics": {},
+                "max_metrics": {},
+                "max_gap_to_baseline": None,
+            },
+        }
+    )
+    write_parquet(work / "validated" / "data.parquet", ingest.load_sklearn_dataset("breast_cancer"))
     features.run(work / "validated", work / "features", params)
-    train.run(work / "features", work / "no-report", work / "models", work / "history.csv",
-              params, resume_dir=work / "resume")
-    evaluate.run(work / "features", work / "models", work / "eval", work / "metrics.json",
-                 params)
-    register.run(work / "features", work / "models", work / "metrics.json",
-                 work / "registration.json", params)
+    train.run(
+        work / "features",
+        work / "no-report",
+        work / "models",
+        work / "history.csv",
+        params,
+        resume_dir=work / "resume",
+    )
+    evaluate.run(work / "features", work / "models", work / "eval", work / "metrics.json", params)
+    register.run(
+        work / "features",
+        work / "models",
+        work / "metrics.json",
+        work / "registration.json",
+        params,
+    )
     test = pd.read_parquet(work / "features" / "test.parquet")
     return f"models:/{MODEL_NAME}@champion", test.drop(columns=["target"])
 
@@ -356,8 +437,9 @@ def register_model(work: Path, epochs: int) -> tuple[str, Any]:
 # --- the benchmark ------------------------------------------------------------------------
 
 
-def run_cells(servers: list[Server], rows: Any, work: Path, args: argparse.Namespace,
-              client: str) -> list[dict[str, Any]]:
+def run_cells(
+    servers: list[Server], rows: Any, work: Path, args: argparse.Namespace, client: str
+) -> list[dict[str, Any]]:
     """Every (round, batch, concurrency, server) measurement, server order alternating."""
     results = []
     for batch in args.batches:
@@ -370,10 +452,24 @@ def run_cells(servers: list[Server], rows: Any, work: Path, args: argparse.Names
                 order = servers if round_ % 2 == 0 else servers[::-1]
                 for server in order:
                     result = drive(server, body_file, concurrency, args.duration, client)
-                    results.append({"server": server.name, "round": round_, "batch": batch,
-                                    "concurrency": concurrency, **result})
-                    logger.info("%s b%d c%d round %d: %.0f req/s p99 %.1f ms", server.name,
-                                batch, concurrency, round_, result["rps"], result["p99_ms"])
+                    results.append(
+                        {
+                            "server": server.name,
+                            "round": round_,
+                            "batch": batch,
+                            "concurrency": concurrency,
+                            **result,
+                        }
+                    )
+                    logger.info(
+                        "%s b%d c%d round %d: %.0f req/s p99 %.1f ms",
+                        server.name,
+                        batch,
+                        concurrency,
+                        round_,
+                        result["rps"],
+                        result["p99_ms"],
+                    )
     return results
 
 
@@ -386,9 +482,10 @@ def summarize_cells(raw: list[dict[str, Any]], names: Sequence[str]) -> list[dic
         cell: dict[str, Any] = {"batch": batch, "concurrency": concurrency}
         for name in names:
             runs = sorted((r for r in mine if r["server"] == name), key=lambda r: r["round"])
-            cell[name] = {k: statistics.median(r[k] for r in runs) for k in
-                          ("rps", "p50_ms", "p99_ms", "server_cpu_ms_per_request",
-                           "client_cpu")}
+            cell[name] = {
+                k: statistics.median(r[k] for r in runs)
+                for k in ("rps", "p50_ms", "p99_ms", "server_cpu_ms_per_request", "client_cpu")
+            }
             cell[name]["errors"] = sum(r["errors"] for r in runs)
             cell[name]["requests"] = sum(r["requests"] for r in runs)
             cell[name]["rps_per_round"] = [r["rps"] for r in runs]
@@ -396,7 +493,9 @@ def summarize_cells(raw: list[dict[str, Any]], names: Sequence[str]) -> list[dic
             base = cell["mlflow"]["rps_per_round"]
             for name in names:
                 if name != "mlflow":
-                    ratios = [a / b for a, b in zip(cell[name]["rps_per_round"], base)]
+                    ratios = [
+                        a / b for a, b in zip(cell[name]["rps_per_round"], base, strict=False)
+                    ]
                     cell[name]["throughput_ratio"] = statistics.median(ratios)
                     cell[name]["p99_ratio"] = cell[name]["p99_ms"] / cell["mlflow"]["p99_ms"]
         cells.append(cell)
@@ -405,44 +504,71 @@ def summarize_cells(raw: list[dict[str, Any]], names: Sequence[str]) -> list[dic
 
 def check_targets(cells: list[dict[str, Any]], ours: str = "ours") -> dict[str, Any]:
     """Issue 5's two targets, for ``ours`` against mlflow."""
-    ratios = [c[ours]["throughput_ratio"] for c in cells
-              if ours in c and "throughput_ratio" in c[ours]]
-    single = [c[ours]["p99_ms"] for c in cells
-              if ours in c and c["batch"] == 1 and c["concurrency"] == 16]
-    return {"min_throughput_ratio": min(ratios) if ratios else None,
-            "throughput_target": TARGET_RATIO,
-            "throughput_met": bool(ratios) and min(ratios) >= TARGET_RATIO,
-            "p99_single_c16_ms": single[0] if single else None,
-            "p99_target_ms": TARGET_P99_MS,
-            "p99_met": bool(single) and single[0] <= TARGET_P99_MS}
+    ratios = [
+        c[ours]["throughput_ratio"] for c in cells if ours in c and "throughput_ratio" in c[ours]
+    ]
+    single = [
+        c[ours]["p99_ms"] for c in cells if ours in c and c["batch"] == 1 and c["concurrency"] == 16
+    ]
+    return {
+        "min_throughput_ratio": min(ratios) if ratios else None,
+        "throughput_target": TARGET_RATIO,
+        "throughput_met": bool(ratios) and min(ratios) >= TARGET_RATIO,
+        "p99_single_c16_ms": single[0] if single else None,
+        "p99_target_ms": TARGET_P99_MS,
+        "p99_met": bool(single) and single[0] <= TARGET_P99_MS,
+    }
 
 
 def describe_verdict(name: str, verdict: dict[str, Any]) -> str:
     """One line: each target, its measured value and met / MISSED (n/a: cell not run)."""
+
     def _state(met: bool, value: Any) -> str:
         return "n/a" if value is None else ("met" if met else "MISSED")
 
     ratio, p99 = verdict["min_throughput_ratio"], verdict["p99_single_c16_ms"]
-    return (f"{name}: lowest throughput ratio vs mlflow "
-            f"{'-' if ratio is None else f'{ratio:.2f}'} (target >= {TARGET_RATIO}: "
-            f"{_state(verdict['throughput_met'], ratio)}); p99 single row c16 "
-            f"{'-' if p99 is None else f'{p99:.1f}'} ms (target <= {TARGET_P99_MS}: "
-            f"{_state(verdict['p99_met'], p99)})")
+    return (
+        f"{name}: lowest throughput ratio vs mlflow "
+        f"{'-' if ratio is None else f'{ratio:.2f}'} (target >= {TARGET_RATIO}: "
+        f"{_state(verdict['throughput_met'], ratio)}); p99 single row c16 "
+        f"{'-' if p99 is None else f'{p99:.1f}'} ms (target <= {TARGET_P99_MS}: "
+        f"{_state(verdict['p99_met'], p99)})"
+    )
 
 
 def format_cells(cells: list[dict[str, Any]], names: Sequence[str]) -> str:
     """One line per (batch, concurrency, server)."""
-    header = ["rows/req", "conc", "server", "req/s", "p50 ms", "p99 ms", "x mlflow req/s",
-              "server CPU ms/req", "client CPU", "errors"]
+    header = [
+        "rows/req",
+        "conc",
+        "server",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "x mlflow req/s",
+        "server CPU ms/req",
+        "client CPU",
+        "errors",
+    ]
     lines = []
     for cell in cells:
         for name in names:
             s = cell[name]
             ratio = s.get("throughput_ratio")
-            lines.append([cell["batch"], cell["concurrency"], name, round(s["rps"], 1),
-                          s["p50_ms"], s["p99_ms"], f"{ratio:.2f}" if ratio else "",
-                          s["server_cpu_ms_per_request"], f"{100 * s['client_cpu']:.0f}%",
-                          s["errors"]])
+            lines.append(
+                [
+                    cell["batch"],
+                    cell["concurrency"],
+                    name,
+                    round(s["rps"], 1),
+                    s["p50_ms"],
+                    s["p99_ms"],
+                    f"{ratio:.2f}" if ratio else "",
+                    s["server_cpu_ms_per_request"],
+                    f"{100 * s['client_cpu']:.0f}%",
+                    s["errors"],
+                ]
+            )
     return format_table(header, lines)
 
 
@@ -461,22 +587,38 @@ def _ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options."""
-    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", default="mlflow,ours,ours-onnx",
-                        help="comma list: mlflow, ours, ours-onnx, ours-int8")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--servers",
+        default="mlflow,ours,ours-onnx",
+        help="comma list: mlflow, ours, ours-onnx, ours-int8",
+    )
     parser.add_argument("--batches", type=_ints, default=[1, 64], help="rows per request")
-    parser.add_argument("--concurrency", type=_ints, default=[1, 16],
-                        help="connections kept busy at once")
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="seconds of load per cell and round (whole seconds with wrk)")
+    parser.add_argument(
+        "--concurrency", type=_ints, default=[1, 16], help="connections kept busy at once"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=5.0,
+        help="seconds of load per cell and round (whole seconds with wrk)",
+    )
     parser.add_argument("--warmup", type=float, default=1.0, help="untimed seconds per cell")
     parser.add_argument("--rounds", type=int, default=2, help="measurements per cell")
-    parser.add_argument("--client", default="auto", choices=["auto", "wrk", "python"],
-                        help="load generator (auto: wrk when installed)")
+    parser.add_argument(
+        "--client",
+        default="auto",
+        choices=["auto", "wrk", "python"],
+        help="load generator (auto: wrk when installed)",
+    )
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the model")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                        help="where serve.json is written")
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS_DIR, help="where serve.json is written"
+    )
     return parser
 
 
@@ -501,16 +643,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_servers(servers)
     cells = summarize_cells(raw, names)
     print(format_cells(cells, names))
-    targets = {n: check_targets(cells, n) for n in names if n != "mlflow"} \
-        if "mlflow" in names else {}
+    targets = (
+        {n: check_targets(cells, n) for n in names if n != "mlflow"} if "mlflow" in names else {}
+    )
     for name, verdict in targets.items():
         print(describe_verdict(name, verdict))
-    path = write_result(NAME, {
-        "machine": {**describe_machine(), "load_average_before": load_before,
-                    "load_average_after": load_average()},
-        "client": client, "duration_s": args.duration, "rounds": args.rounds,
-        "servers": {s.name: " ".join(s.argv[1:]) for s in servers}, "model": MODEL_NAME,
-        "cells": cells, "raw": raw, "targets": targets}, args.results_dir)
+    path = write_result(
+        NAME,
+        {
+            "machine": {
+                **describe_machine(),
+                "load_average_before": load_before,
+                "load_average_after": load_average(),
+            },
+            "client": client,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "servers": {s.name: " ".join(s.argv[1:]) for s in servers},
+            "model": MODEL_NAME,
+            "cells": cells,
+            "raw": raw,
+            "targets": targets,
+        },
+        args.results_dir,
+    )
     print(f"wrote {path}")
     return 0
 

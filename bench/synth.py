@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -44,19 +44,26 @@ def make_chunk(index: int, rows: int, seed: int = 0):  # -> pyarrow.Table
     count = rng.poisson(3, size=rows).astype(np.int64)
     region = rng.integers(0, len(REGIONS), size=rows)
     device = rng.integers(0, len(DEVICES), size=rows)
-    logit = (1.5 * floats[:, 0] - floats[:, 2] + 0.03 * (floats[:, 1] - 50) + 0.4 * count
-             - 1.2 + np.array([0.8, -0.8, 0.4, -0.4, 0.0])[region]
-             + rng.logistic(scale=0.6, size=rows))
+    logit = (
+        1.5 * floats[:, 0]
+        - floats[:, 2]
+        + 0.03 * (floats[:, 1] - 50)
+        + 0.4 * count
+        - 1.2
+        + np.array([0.8, -0.8, 0.4, -0.4, 0.0])[region]
+        + rng.logistic(scale=0.6, size=rows)
+    )
     columns = {"id": pa.array(ids), "event_time": pa.array(START + ids, pa.timestamp("s"))}
     for j in range(N_FLOATS):
         mask = rng.random(rows) < MISSING_FLOATS[j] if j in MISSING_FLOATS else None
         columns[f"x{j}"] = pa.array(np.round(floats[:, j], 6), mask=mask)
     columns["count"] = pa.array(count)
     columns["region"] = pa.DictionaryArray.from_arrays(
-        pa.array(region.astype(np.int32)), pa.array(REGIONS)).cast(pa.string())
+        pa.array(region.astype(np.int32)), pa.array(REGIONS)
+    ).cast(pa.string())
     columns["device"] = pa.DictionaryArray.from_arrays(
-        pa.array(device.astype(np.int32), mask=rng.random(rows) < 0.01),
-        pa.array(DEVICES)).cast(pa.string())
+        pa.array(device.astype(np.int32), mask=rng.random(rows) < 0.01), pa.array(DEVICES)
+    ).cast(pa.string())
     columns["target"] = pa.array((logit > 0).astype(np.int64))
     return pa.table(columns)
 
@@ -78,14 +85,19 @@ def write_table(rows: int, out: str | Path, seed: int = 0) -> Path:
     out = Path(out)
     if out.suffix not in (".csv", ".parquet"):
         raise SystemExit(f"{out}: the file name must end in .csv or .parquet")
-    with atomic_path(out) as tmp, tqdm(total=rows, unit="row", unit_scale=True,
-                                      desc=out.name, disable=None) as progress:
+    with (
+        atomic_path(out) as tmp,
+        tqdm(total=rows, unit="row", unit_scale=True, desc=out.name, disable=None) as progress,
+    ):
         writer = None
         try:
             for chunk in make_chunks(rows, seed):
                 if writer is None:
-                    writer = (csv.CSVWriter(tmp, chunk.schema) if out.suffix == ".csv"
-                              else pq.ParquetWriter(tmp, chunk.schema))
+                    writer = (
+                        csv.CSVWriter(tmp, chunk.schema)
+                        if out.suffix == ".csv"
+                        else pq.ParquetWriter(tmp, chunk.schema)
+                    )
                 writer.write_table(chunk)
                 progress.update(chunk.num_rows)
         finally:
@@ -97,11 +109,17 @@ def write_table(rows: int, out: str | Path, seed: int = 0) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.synth", description=__doc__.split("\n\n")[0],
+        prog="python -m bench.synth",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="example: python -m bench.synth --rows 1e6 --out data/source/synth.csv")
-    parser.add_argument("--rows", type=lambda text: int(float(text)), required=True,
-                        help="number of rows (1e6 and 1_000_000 both work)")
+        epilog="example: python -m bench.synth --rows 1e6 --out data/source/synth.csv",
+    )
+    parser.add_argument(
+        "--rows",
+        type=lambda text: int(float(text)),
+        required=True,
+        help="number of rows (1e6 and 1_000_000 both work)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="a .csv or .parquet file")
     parser.add_argument("--seed", type=int, default=0, help="same seed + rows = same table")
     args = parser.parse_args(argv)

@@ -20,9 +20,10 @@ import math
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from bench import common
 
@@ -57,16 +58,35 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
     """The MLP (tabular rows) and CNN (square one-channel images) cases asked for."""
     from stages.common.config import TrainParams
 
-    common = {"batch_size": args.batch_size, "max_epochs": args.epochs,
-              "patience": args.epochs}  # patience = epochs: early stopping never ends a run
+    common = {
+        "batch_size": args.batch_size,
+        "max_epochs": args.epochs,
+        "patience": args.epochs,
+    }  # patience = epochs: early stopping never ends a run
     cases = []
     if "mlp" in args.cases:
-        cases.append(Case("mlp", TrainParams(model="mlp", **common), args.features,
-                          args.classes, args.rows, val_rows(args.rows)))
+        cases.append(
+            Case(
+                "mlp",
+                TrainParams(model="mlp", **common),
+                args.features,
+                args.classes,
+                args.rows,
+                val_rows(args.rows),
+            )
+        )
     if "cnn" in args.cases:
         side = args.image_size
-        cases.append(Case("cnn", TrainParams(model="cnn", image_shape=[1, side, side], **common),
-                          side * side, args.classes, args.cnn_rows, val_rows(args.cnn_rows)))
+        cases.append(
+            Case(
+                "cnn",
+                TrainParams(model="cnn", image_shape=[1, side, side], **common),
+                side * side,
+                args.classes,
+                args.cnn_rows,
+                val_rows(args.cnn_rows),
+            )
+        )
     return cases
 
 
@@ -81,7 +101,7 @@ def make_data(case: Case, device: Any, seed: int) -> Any:
     X = torch.randn(n, case.n_features, generator=gen)
     y = (X @ torch.randn(case.n_features, case.n_classes, generator=gen)).argmax(dim=1)
     X, y = X.to(device), y.to(device)
-    return TrainData(X[:case.n_train], y[:case.n_train], X[case.n_train:], y[case.n_train:])
+    return TrainData(X[: case.n_train], y[: case.n_train], X[case.n_train :], y[case.n_train :])
 
 
 def fresh_network(case: Case, device: Any, seed: int) -> Any:
@@ -101,8 +121,9 @@ def train_bare(network: Any, data: Any, params: Any, device: Any, seed: int) -> 
     import torch
     import torch.nn.functional as F
 
-    optimizer = torch.optim.AdamW(network.parameters(), lr=params.lr,
-                                  weight_decay=params.weight_decay)
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=params.lr, weight_decay=params.weight_decay
+    )
     generator = torch.Generator().manual_seed(seed)
     use_bf16 = device.type == "cuda"  # the stage's precision: bf16 autocast on CUDA only
     n, val_loss = len(data.X_train), math.nan
@@ -110,15 +131,17 @@ def train_bare(network: Any, data: Any, params: Any, device: Any, seed: int) -> 
         network.train()
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, params.batch_size):
-            idx = order[start:start + params.batch_size]
+            idx = order[start : start + params.batch_size]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = F.cross_entropy(network(data.X_train[idx]).float(), data.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         network.eval()
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                    enabled=use_bf16):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
+        ):
             val_loss = F.cross_entropy(network(data.X_val).float(), data.y_val).item()
     return val_loss
 
@@ -138,14 +161,15 @@ def _batches_dataset(X: Any, y: Any, batch_size: int, seed: int) -> Any:
         def __iter__(self) -> Iterator[tuple[Any, Any]]:
             order = torch.randperm(len(X), generator=self.generator).to(X.device)
             for start in range(0, len(X), batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 yield X[idx], y[idx]
 
     return Batches()
 
 
-def prepare_lightning(network: Any, data: Any, params: Any, device: Any,
-                      seed: int) -> Callable[[], Any]:
+def prepare_lightning(
+    network: Any, data: Any, params: Any, device: Any, seed: int
+) -> Callable[[], Any]:
     """A Lightning Trainer (no logger, checkpoints or progress bar) ready to ``fit``."""
     import pytorch_lightning as pl
     import torch
@@ -168,17 +192,25 @@ def prepare_lightning(network: Any, data: Any, params: Any, device: Any,
             return F.cross_entropy(self.network(x).float(), y)
 
         def configure_optimizers(self) -> Any:
-            return torch.optim.AdamW(self.parameters(), lr=params.lr,
-                                     weight_decay=params.weight_decay)
+            return torch.optim.AdamW(
+                self.parameters(), lr=params.lr, weight_decay=params.weight_decay
+            )
 
     cuda = device.type == "cuda"
     trainer = pl.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=params.max_epochs,
-        precision="bf16-mixed" if cuda else "32-true", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0)
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        max_epochs=params.max_epochs,
+        precision="bf16-mixed" if cuda else "32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     train_loader = torch.utils.data.DataLoader(
-        _batches_dataset(data.X_train, data.y_train, params.batch_size, seed), batch_size=None)
+        _batches_dataset(data.X_train, data.y_train, params.batch_size, seed), batch_size=None
+    )
     val_loader = torch.utils.data.DataLoader([(data.X_val, data.y_val)], batch_size=None)
     module = Classifier()
 
@@ -190,9 +222,14 @@ def prepare_lightning(network: Any, data: Any, params: Any, device: Any,
     return fit
 
 
-def prepare_stage(case: Case, data: Any, device: Any, seed: int, resume_root: Path | None,
-                  on_epoch: Callable[[dict[str, float]], None] | None = None,
-                  ) -> Callable[[], Any]:
+def prepare_stage(
+    case: Case,
+    data: Any,
+    device: Any,
+    seed: int,
+    resume_root: Path | None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> Callable[[], Any]:
     """``train_model`` called as the stage calls it: resume checkpoints written to a store
     under ``resume_root`` (every ``checkpoint_every_steps`` and each epoch) and SIGTERM
     handled; ``resume_root=None`` leaves checkpoints out (to measure what they cost)."""
@@ -204,16 +241,18 @@ def prepare_stage(case: Case, data: Any, device: Any, seed: int, resume_root: Pa
 
     def fit() -> None:
         with GracefulStop() as stop:
-            train_model(network, data, case.params, device, seed, on_epoch, store=store,
-                        stop=stop)
+            train_model(network, data, case.params, device, seed, on_epoch, store=store, stop=stop)
         if store is not None:
             store.clear()  # as the stage does after a finished run
+
     return fit
 
 
-def make_variants(case: Case, data: Any, device: Any, seed: int, names: Sequence[str],
-                  resume_root: Path) -> dict[str, common.Variant]:
+def make_variants(
+    case: Case, data: Any, device: Any, seed: int, names: Sequence[str], resume_root: Path
+) -> dict[str, common.Variant]:
     """The variants in ``names``, each prepared untimed from the same initial weights."""
+
     def bare() -> Callable[[], Any]:
         network = fresh_network(case, device, seed)
         return lambda: train_bare(network, data, case.params, device, seed)
@@ -222,8 +261,9 @@ def make_variants(case: Case, data: Any, device: Any, seed: int, names: Sequence
         "stage": lambda: prepare_stage(case, data, device, seed, resume_root),
         "stage-nockpt": lambda: prepare_stage(case, data, device, seed, None),
         "bare": bare,
-        "lightning": lambda: prepare_lightning(fresh_network(case, device, seed), data,
-                                               case.params, device, seed),
+        "lightning": lambda: prepare_lightning(
+            fresh_network(case, device, seed), data, case.params, device, seed
+        ),
     }
     return {name: makers[name] for name in names}
 
@@ -250,24 +290,35 @@ def measure_case(case: Case, args: argparse.Namespace, device: Any) -> dict[str,
     data = make_data(case, device, args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-resume-") as resume_root:
         variants = make_variants(case, data, device, args.seed, args.variants, Path(resume_root))
-        seconds = common.measure_interleaved(variants, args.repeats, args.warmup, device,
-                                             args.clock)
+        seconds = common.measure_interleaved(
+            variants, args.repeats, args.warmup, device, args.clock
+        )
     samples = case.n_train * case.params.max_epochs
     result: dict[str, Any] = {
-        "model": case.name, "n_train": case.n_train, "n_val": case.n_val,
-        "n_features": case.n_features, "n_classes": case.n_classes,
-        "batch_size": case.params.batch_size, "epochs": case.params.max_epochs,
+        "model": case.name,
+        "n_train": case.n_train,
+        "n_val": case.n_val,
+        "n_features": case.n_features,
+        "n_classes": case.n_classes,
+        "batch_size": case.params.batch_size,
+        "epochs": case.params.max_epochs,
         "train_params": case.params.model_dump(mode="json"),
         "seconds": {name: common.summarize(values) for name, values in seconds.items()},
-        "samples_per_s": {name: common.summarize([samples / s for s in values])
-                          for name, values in seconds.items()},
-        "ratios": {}}
+        "samples_per_s": {
+            name: common.summarize([samples / s for s in values])
+            for name, values in seconds.items()
+        },
+        "ratios": {},
+    }
     for baseline in [name for name in seconds if name != "stage"]:
         key = f"stage/{baseline}"
         ratio = common.ratio_stats(seconds[baseline], seconds["stage"])
         target = TARGETS.get(key)  # stage/stage-nockpt is a diagnosis: no target
-        result["ratios"][key] = {**ratio, "target": target,
-                                 "met": None if target is None else ratio["median"] >= target}
+        result["ratios"][key] = {
+            **ratio,
+            "target": target,
+            "met": None if target is None else ratio["median"] >= target,
+        }
     flops = count_step_flops(case, device)
     achieved = flops * result["samples_per_s"]["stage"]["median"]
     result["flops"] = {"per_sample_train_step": flops, "stage_flop_per_s": achieved}
@@ -285,27 +336,53 @@ def format_report(cases: Sequence[dict[str, Any]]) -> str:
     rows = []
     for case in cases:
         for name, sps in case["samples_per_s"].items():
-            rows.append([case["model"], name, round(sps["median"]), f"{sps['spread']:.1%}",
-                         round(sps["max"]), ""])
+            rows.append(
+                [
+                    case["model"],
+                    name,
+                    round(sps["median"]),
+                    f"{sps['spread']:.1%}",
+                    round(sps["max"]),
+                    "",
+                ]
+            )
         for key, ratio in case["ratios"].items():
-            verdict = {True: f">= {ratio['target']} met", False: f">= {ratio['target']} NOT met",
-                       None: ""}[ratio["met"]]
-            rows.append([case["model"], key, f"{ratio['median']:.3f}",
-                         f"{ratio['min']:.3f}..{ratio['max']:.3f}", f"{ratio['of_min']:.3f}",
-                         verdict])
+            verdict = {
+                True: f">= {ratio['target']} met",
+                False: f">= {ratio['target']} NOT met",
+                None: "",
+            }[ratio["met"]]
+            rows.append(
+                [
+                    case["model"],
+                    key,
+                    f"{ratio['median']:.3f}",
+                    f"{ratio['min']:.3f}..{ratio['max']:.3f}",
+                    f"{ratio['of_min']:.3f}",
+                    verdict,
+                ]
+            )
         fraction = case["flops"].get("fraction_of_peak")
         if fraction is not None:
             rows.append([case["model"], "stage % of bf16 peak", f"{fraction:.2%}", "", "", ""])
-    header = ["model", "variant / ratio", "median samples/s | ratio", "spread", "best run",
-              "target (on the median)"]
+    header = [
+        "model",
+        "variant / ratio",
+        "median samples/s | ratio",
+        "spread",
+        "best run",
+        "target (on the median)",
+    ]
     return common.format_table(header, rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (sizes default to a few seconds per run on a 2-core CPU)."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench.train_loop", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="python -m bench.train_loop",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--rows", type=int, default=50_000, help="MLP training rows")
     parser.add_argument("--features", type=int, default=64, help="MLP input features")
@@ -314,11 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64, help="the stage's default")
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--variants", nargs="+", default=["stage", "bare", "lightning"],
-                        choices=list(VARIANTS),
-                        help="what to time; the ratios are stage / each other variant")
-    parser.add_argument("--no-lightning", dest="variants", action="store_const",
-                        const=["stage", "bare"], help="shorthand for --variants stage bare")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["stage", "bare", "lightning"],
+        choices=list(VARIANTS),
+        help="what to time; the ratios are stage / each other variant",
+    )
+    parser.add_argument(
+        "--no-lightning",
+        dest="variants",
+        action="store_const",
+        const=["stage", "bare"],
+        help="shorthand for --variants stage bare",
+    )
     common.add_common_args(parser)
     return parser
 
@@ -333,20 +419,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import pytorch_lightning  # noqa: F401
         except ImportError:
-            print("pytorch_lightning is not installed: run `make bench-setup` "
-                  "(or pass --no-lightning)", file=sys.stderr)
+            print(
+                "pytorch_lightning is not installed: run `make bench-setup` "
+                "(or pass --no-lightning)",
+                file=sys.stderr,
+            )
             return 2
     load_before = common.load_average()
     cases = [measure_case(case, args, device) for case in make_cases(args)]
-    payload = {"machine": common.describe_machine(device), "load_before": load_before,
-               "load_after": common.load_average(), "repeats": args.repeats,
-               "warmup": args.warmup, "clock": args.clock, "threads": args.threads,
-               "variants": {name: VARIANTS[name] for name in args.variants}, "cases": cases}
+    payload = {
+        "machine": common.describe_machine(device),
+        "load_before": load_before,
+        "load_after": common.load_average(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "clock": args.clock,
+        "threads": args.threads,
+        "variants": {name: VARIANTS[name] for name in args.variants},
+        "cases": cases,
+    }
     path = common.write_result(NAME, payload, args.results_dir)
     print(format_report(cases))
-    print(f"\nmachine: {payload['machine']['cpu']} ({payload['machine']['cpu_count']} cores, "
-          f"{payload['machine']['torch_threads']} torch threads), device {device}; "
-          f"load {load_before} -> {payload['load_after']}; wrote {path}")
+    print(
+        f"\nmachine: {payload['machine']['cpu']} ({payload['machine']['cpu_count']} cores, "
+        f"{payload['machine']['torch_threads']} torch threads), device {device}; "
+        f"load {load_before} -> {payload['load_after']}; wrote {path}"
+    )
     return 0
 
 

@@ -21,9 +21,10 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from bench import common
 from bench.train_loop import Case, make_data, prepare_stage, val_rows
@@ -58,8 +59,11 @@ def log_epoch(row: dict[str, float], synchronous: bool = True) -> None:
     """What the train stage logs per epoch: the history row as metrics at step = epoch."""
     import mlflow
 
-    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]),
-                       synchronous=synchronous)
+    mlflow.log_metrics(
+        {k: v for k, v in row.items() if k != "epoch"},
+        step=int(row["epoch"]),
+        synchronous=synchronous,
+    )
 
 
 def make_cases(args: argparse.Namespace) -> list[Case]:
@@ -68,8 +72,10 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
 
     # (train rows, features, classes, epochs); "pipeline" = breast cancer's 569 rows after the
     # features stage's 64/16/20 split
-    sizes = {"large": (args.rows, 64, 10, args.epochs),
-             "pipeline": (364, 30, 2, args.pipeline_epochs)}
+    sizes = {
+        "large": (args.rows, 64, 10, args.epochs),
+        "pipeline": (364, 30, 2, args.pipeline_epochs),
+    }
     cases = []
     for name in args.cases:
         rows, features, classes, epochs = sizes[name]
@@ -78,9 +84,11 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
-def make_variants(case: Case, data: Any, device: Any, seed: int,
-                  resume_root: Path) -> dict[str, common.Variant]:
+def make_variants(
+    case: Case, data: Any, device: Any, seed: int, resume_root: Path
+) -> dict[str, common.Variant]:
     """off, then the same training inside an MLflow run, its epochs logged three ways."""
+
     def off() -> Callable[[], Any]:
         return prepare_stage(case, data, device, seed, resume_root)
 
@@ -92,33 +100,48 @@ def make_variants(case: Case, data: Any, device: Any, seed: int,
         from stages.common.tracking import MetricBuffer
 
         buffers: list[MetricBuffer] = []
-        fit = prepare_stage(case, data, device, seed, resume_root, on_epoch=lambda row: (
-            buffers[-1].add({k: v for k, v in row.items() if k != "epoch"},
-                            step=int(row["epoch"]))))
+        fit = prepare_stage(
+            case,
+            data,
+            device,
+            seed,
+            resume_root,
+            on_epoch=lambda row: buffers[-1].add(
+                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+            ),
+        )
 
         def fit_logged() -> None:
             with mlflow.start_run(run_name=f"bench-{case.name}") as run:
                 buffers.append(MetricBuffer(run.info.run_id))
                 fit()
                 buffers[-1].flush()
+
         return fit_logged
 
     def per_epoch(synchronous: bool) -> common.Variant:
         def prepare() -> Callable[[], Any]:
             import mlflow
 
-            fit = prepare_stage(case, data, device, seed, resume_root,
-                                on_epoch=lambda row: log_epoch(row, synchronous))
+            fit = prepare_stage(
+                case,
+                data,
+                device,
+                seed,
+                resume_root,
+                on_epoch=lambda row: log_epoch(row, synchronous),
+            )
 
             def fit_logged() -> None:
                 with mlflow.start_run(run_name=f"bench-{case.name}"):
                     fit()
                     mlflow.flush_async_logging()
+
             return fit_logged
+
         return prepare
 
-    return {"off": off, "batched": batched, "sync": per_epoch(True),
-            "async": per_epoch(False)}
+    return {"off": off, "batched": batched, "sync": per_epoch(True), "async": per_epoch(False)}
 
 
 def measure_call_costs() -> dict[str, float]:
@@ -150,18 +173,27 @@ def measure_case(case: Case, args: argparse.Namespace, device: Any) -> dict[str,
     data = make_data(case, device, args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-resume-") as resume_root:
         variants = make_variants(case, data, device, args.seed, Path(resume_root))
-        seconds = common.measure_interleaved(variants, args.repeats, args.warmup, device,
-                                             args.clock)
+        seconds = common.measure_interleaved(
+            variants, args.repeats, args.warmup, device, args.clock
+        )
     epochs = case.params.max_epochs
     result: dict[str, Any] = {
-        "case": case.name, "n_train": case.n_train, "n_features": case.n_features,
-        "batch_size": case.params.batch_size, "epochs": epochs,
+        "case": case.name,
+        "n_train": case.n_train,
+        "n_features": case.n_features,
+        "batch_size": case.params.batch_size,
+        "epochs": epochs,
         "seconds": {name: common.summarize(values) for name, values in seconds.items()},
-        "ms_per_epoch_off": 1e3 * statistics.median(seconds["off"]) / epochs, "ratios": {}}
+        "ms_per_epoch_off": 1e3 * statistics.median(seconds["off"]) / epochs,
+        "ratios": {},
+    }
     for name in ("batched", "sync", "async"):
         ratio = common.ratio_stats(seconds[name], seconds["off"])
-        result["ratios"][f"{name}/off"] = {**ratio, "target": TARGET,
-                                           "met": ratio["median"] <= TARGET}
+        result["ratios"][f"{name}/off"] = {
+            **ratio,
+            "target": TARGET,
+            "met": ratio["median"] <= TARGET,
+        }
     return result
 
 
@@ -170,29 +202,52 @@ def format_report(cases: Sequence[dict[str, Any]], costs: dict[str, float]) -> s
     rows = []
     for case in cases:
         for name, secs in case["seconds"].items():
-            rows.append([case["case"], name, f"{secs['median']:.3f} s", f"{secs['spread']:.1%}",
-                         f"{secs['min']:.3f} s", ""])
+            rows.append(
+                [
+                    case["case"],
+                    name,
+                    f"{secs['median']:.3f} s",
+                    f"{secs['spread']:.1%}",
+                    f"{secs['min']:.3f} s",
+                    "",
+                ]
+            )
         for key, ratio in case["ratios"].items():
             verdict = "met" if ratio["met"] else "NOT met"
-            rows.append([case["case"], key, f"{ratio['median']:.3f}",
-                         f"{ratio['min']:.3f}..{ratio['max']:.3f}", f"{ratio['of_min']:.3f}",
-                         f"<= {TARGET} {verdict}"])
-    table = common.format_table(["case", "variant / ratio", "median", "spread", "best run",
-                                 "target (on the median)"], rows)
+            rows.append(
+                [
+                    case["case"],
+                    key,
+                    f"{ratio['median']:.3f}",
+                    f"{ratio['min']:.3f}..{ratio['max']:.3f}",
+                    f"{ratio['of_min']:.3f}",
+                    f"<= {TARGET} {verdict}",
+                ]
+            )
+    table = common.format_table(
+        ["case", "variant / ratio", "median", "spread", "best run", "target (on the median)"], rows
+    )
     return table + "\n\nper call: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench.train_mlflow", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["large", "pipeline"],
-                        choices=["large", "pipeline"])
+        prog="python -m bench.train_mlflow",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--cases", nargs="+", default=["large", "pipeline"], choices=["large", "pipeline"]
+    )
     parser.add_argument("--rows", type=int, default=50_000, help="rows of the large case")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the large case")
-    parser.add_argument("--pipeline-epochs", type=int, default=100,
-                        help="epochs of the pipeline-size case (train.max_epochs default)")
+    parser.add_argument(
+        "--pipeline-epochs",
+        type=int,
+        default=100,
+        help="epochs of the pipeline-size case (train.max_epochs default)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="the stage's default")
     common.add_common_args(parser)
     return parser
@@ -206,14 +261,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     with temporary_store():
         cases = [measure_case(case, args, device) for case in make_cases(args)]
         costs = measure_call_costs()
-    payload = {"machine": common.describe_machine(device), "load_before": load_before,
-               "load_after": common.load_average(), "repeats": args.repeats,
-               "warmup": args.warmup, "clock": args.clock, "threads": args.threads,
-               "store": "sqlite (temporary)", "per_call": costs, "cases": cases}
+    payload = {
+        "machine": common.describe_machine(device),
+        "load_before": load_before,
+        "load_after": common.load_average(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "clock": args.clock,
+        "threads": args.threads,
+        "store": "sqlite (temporary)",
+        "per_call": costs,
+        "cases": cases,
+    }
     path = common.write_result(NAME, payload, args.results_dir)
     print(format_report(cases, costs))
-    print(f"\nmachine: {payload['machine']['cpu']} ({payload['machine']['cpu_count']} cores), "
-          f"device {device}; load {load_before} -> {payload['load_after']}; wrote {path}")
+    print(
+        f"\nmachine: {payload['machine']['cpu']} ({payload['machine']['cpu_count']} cores), "
+        f"device {device}; load {load_before} -> {payload['load_after']}; wrote {path}"
+    )
     return 0
 
 

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.artifacts",
         description="Check a registered model version's files against the hashes recorded at "
-                    "registration, or record (and sign, when the key is set) them.")
+        "registration, or record (and sign, when the key is set) them.",
+    )
     parser.add_argument("command", choices=("verify", "record"))
     parser.add_argument("model_uri", help="models:/<name>/<version> or models:/<name>@<alias>")
     parser.add_argument("--params", default="params.yaml", help="pipeline parameters file")
@@ -46,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mv = resolve(args.model_uri)
         if mv is None:
-            raise PipelineError(f"{args.model_uri}: not a registry version URI "
-                                "(models:/<name>/<version> or models:/<name>@<alias>)")
+            raise PipelineError(
+                f"{args.model_uri}: not a registry version URI "
+                "(models:/<name>/<version> or models:/<name>@<alias>)"
+            )
         if args.command == "record":
             result = record_version(mlflow.MlflowClient(), mv.name, str(mv.version), key_env)
         else:
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 _, result = verified_copy(f"models:/{mv.name}/{mv.version}", tmp, key_env)
                 if mv.run_id and has_variants(mv.run_id):
                     folder = mlflow.artifacts.download_artifacts(
-                        run_id=mv.run_id, artifact_path=VARIANTS_DIR, dst_path=tmp + "/run")
+                        run_id=mv.run_id, artifact_path=VARIANTS_DIR, dst_path=tmp + "/run"
+                    )
                     verify_files(mv, folder, VARIANTS_PREFIX, key_env)
     except PipelineError as exc:
         logger.error("%s", exc)

@@ -69,8 +69,10 @@ def parse_model_ref(text: str) -> ModelRef:
     """
     match = _REF.match(text.strip())
     if not match:
-        raise LineageError(f"{text!r}: expected <model>@<alias> (e.g. classifier@champion) "
-                           "or <model>/<version> (e.g. classifier/3)")
+        raise LineageError(
+            f"{text!r}: expected <model>@<alias> (e.g. classifier@champion) "
+            "or <model>/<version> (e.g. classifier/3)"
+        )
     return ModelRef(match["name"], match["alias"], match["version"])
 
 
@@ -80,8 +82,15 @@ def data_versions(lock: dict[str, Any]) -> list[dict[str, Any]]:
     for stage, entry in (lock.get("stages") or {}).items():
         for out in (entry or {}).get("outs") or []:
             if str(out.get("path", "")).startswith(DATA_PREFIX):
-                versions.append({"stage": stage, "path": out["path"], "md5": out.get("md5"),
-                                 "size": out.get("size"), "nfiles": out.get("nfiles")})
+                versions.append(
+                    {
+                        "stage": stage,
+                        "path": out["path"],
+                        "md5": out.get("md5"),
+                        "size": out.get("size"),
+                        "nfiles": out.get("nfiles"),
+                    }
+                )
     return versions
 
 
@@ -114,8 +123,10 @@ def resolve_tracking_uri(repo: Path, params_file: Path) -> str:
         db = Path(uri.removeprefix("sqlite:///"))
         db = db if db.is_absolute() else (repo / db).resolve()
         if not db.is_file():
-            raise LineageError(f"no MLflow store at {db} (tracking URI {uri}); run the "
-                               "pipeline first, or set MLFLOW_TRACKING_URI / --params")
+            raise LineageError(
+                f"no MLflow store at {db} (tracking URI {uri}); run the "
+                "pipeline first, or set MLFLOW_TRACKING_URI / --params"
+            )
         uri = f"sqlite:///{db}"
     return uri
 
@@ -141,23 +152,28 @@ def find_version(client: MlflowClient, ref: ModelRef) -> ModelVersion:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         names = sorted(m.name for m in client.search_registered_models(max_results=50))
-        raise LineageError(f"no registered model {ref.name!r} (registered: "
-                           f"{', '.join(names) or 'none'})") from exc
+        raise LineageError(
+            f"no registered model {ref.name!r} (registered: {', '.join(names) or 'none'})"
+        ) from exc
     if ref.alias is not None:
         if ref.alias not in model.aliases:
             known = ", ".join(f"{a} -> v{v}" for a, v in sorted(model.aliases.items()))
-            raise LineageError(f"model {ref.name!r} has no alias {ref.alias!r} "
-                               f"(aliases: {known or 'none'})")
+            raise LineageError(
+                f"model {ref.name!r} has no alias {ref.alias!r} (aliases: {known or 'none'})"
+            )
         return client.get_model_version(ref.name, model.aliases[ref.alias])
     try:
         return client.get_model_version(ref.name, ref.version)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        versions = sorted(int(v.version) for v in
-                          client.search_model_versions(f"name = '{ref.name}'"))
-        raise LineageError(f"model {ref.name!r} has no version {ref.version} (versions: "
-                           f"{', '.join(map(str, versions)) or 'none'})") from exc
+        versions = sorted(
+            int(v.version) for v in client.search_model_versions(f"name = '{ref.name}'")
+        )
+        raise LineageError(
+            f"model {ref.name!r} has no version {ref.version} (versions: "
+            f"{', '.join(map(str, versions)) or 'none'})"
+        ) from exc
 
 
 def read_artifact_bytes(client: MlflowClient, run_id: str, path: str) -> bytes | None:
@@ -175,8 +191,9 @@ def read_artifact(client: MlflowClient, run_id: str, path: str) -> str | None:
     return None if data is None else data.decode("utf-8")
 
 
-def logged_inputs(client: MlflowClient, run_id: str,
-                  inputs: dict[str, Any] | None) -> dict[str, bytes]:
+def logged_inputs(
+    client: MlflowClient, run_id: str, inputs: dict[str, Any] | None
+) -> dict[str, bytes]:
     """``{path: bytes}`` of the input files the run copied under ``lineage/inputs/``.
 
     Raises:
@@ -203,8 +220,10 @@ def lineage_files(client: MlflowClient, run_id: str) -> dict[str, str]:
     for name in (tracking.PARAMS_ARTIFACT, tracking.LOCK_ARTIFACT):
         text = read_artifact(client, run_id, f"{tracking.LINEAGE_DIR}/{name}")
         if text is None:
-            raise LineageError(f"run {run_id} has no {tracking.LINEAGE_DIR}/{name} artifact "
-                               "(it was trained before lineage was recorded)")
+            raise LineageError(
+                f"run {run_id} has no {tracking.LINEAGE_DIR}/{name} artifact "
+                "(it was trained before lineage was recorded)"
+            )
         files[name] = text
     return files
 
@@ -216,18 +235,34 @@ def build_lineage(client: MlflowClient, ref: ModelRef, ui_url: str) -> dict[str,
     tags, run_id = run.data.tags, run.info.run_id
     lock, params, summary, inputs = (
         read_artifact(client, run_id, f"{tracking.LINEAGE_DIR}/{name}")
-        for name in (tracking.LOCK_ARTIFACT, tracking.PARAMS_ARTIFACT,
-                     tracking.VALIDATION_ARTIFACT, tracking.INPUTS_ARTIFACT))
+        for name in (
+            tracking.LOCK_ARTIFACT,
+            tracking.PARAMS_ARTIFACT,
+            tracking.VALIDATION_ARTIFACT,
+            tracking.INPUTS_ARTIFACT,
+        )
+    )
     return {
-        "model": {"name": version.name, "version": int(version.version),
-                  "aliases": sorted(version.aliases), "source": version.source,
-                  "decision": version.tags.get("promotion.decision"),
-                  "reason": version.tags.get("promotion.reason")},
-        "run": {"id": run_id, "experiment_id": run.info.experiment_id,
-                "status": run.info.status, "device": tags.get("device"),
-                "url": tracking.run_url(ui_url, run.info.experiment_id, run_id)},
-        "git": {"commit": tags.get("git.commit"), "dirty": tags.get("git.dirty") == "true",
-                "dirty_files": dirty_files(tags)},
+        "model": {
+            "name": version.name,
+            "version": int(version.version),
+            "aliases": sorted(version.aliases),
+            "source": version.source,
+            "decision": version.tags.get("promotion.decision"),
+            "reason": version.tags.get("promotion.reason"),
+        },
+        "run": {
+            "id": run_id,
+            "experiment_id": run.info.experiment_id,
+            "status": run.info.status,
+            "device": tags.get("device"),
+            "url": tracking.run_url(ui_url, run.info.experiment_id, run_id),
+        },
+        "git": {
+            "commit": tags.get("git.commit"),
+            "dirty": tags.get("git.dirty") == "true",
+            "dirty_files": dirty_files(tags),
+        },
         "params": yaml.safe_load(params) if params else None,
         "params_logged": params is not None,
         "dvc_lock_logged": lock is not None,
@@ -236,9 +271,11 @@ def build_lineage(client: MlflowClient, ref: ModelRef, ui_url: str) -> dict[str,
         # {path: {md5, lock_md5, stages, in_git, logged}}; None for runs from before it
         "inputs": json.loads(inputs) if inputs else None,
         "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
-        "metrics": {key.removeprefix(METRIC_PREFIX): value
-                    for key, value in sorted(run.data.metrics.items())
-                    if key.startswith(METRIC_PREFIX)},
+        "metrics": {
+            key.removeprefix(METRIC_PREFIX): value
+            for key, value in sorted(run.data.metrics.items())
+            if key.startswith(METRIC_PREFIX)
+        },
         # every recorded move of the model's aliases, oldest first (registry-audit)
         "alias_history": [asdict(move) for move in registry.alias_history(client, version.name)],
     }
@@ -246,14 +283,19 @@ def build_lineage(client: MlflowClient, ref: ModelRef, ui_url: str) -> dict[str,
 
 def _data_from_tags(tags: dict[str, str]) -> list[dict[str, Any]]:
     # A run from before lineage/ was logged: its dvc.<path>.md5 tags are all there is.
-    return [{"stage": None, "path": key[4:-4], "md5": value, "size": None, "nfiles": None}
-            for key, value in sorted(tags.items())
-            if key.startswith(f"dvc.{DATA_PREFIX}") and key.endswith(".md5")]
+    return [
+        {"stage": None, "path": key[4:-4], "md5": value, "size": None, "nfiles": None}
+        for key, value in sorted(tags.items())
+        if key.startswith(f"dvc.{DATA_PREFIX}") and key.endswith(".md5")
+    ]
 
 
 def _validation_from_tags(tags: dict[str, str]) -> dict[str, str] | None:
-    return {key.removeprefix("validation."): value for key, value in tags.items()
-            if key.startswith("validation.")} or None
+    return {
+        key.removeprefix("validation."): value
+        for key, value in tags.items()
+        if key.startswith("validation.")
+    } or None
 
 
 def ui_url_for(uri: str, params_file: Path) -> str:
@@ -270,8 +312,7 @@ def _mlflow_params(params_file: Path) -> MlflowParams:
     try:
         return MlflowParams.model_validate(section)
     except ValidationError as exc:
-        raise LineageError(f"{params_file}: " + "; ".join(describe_errors(exc, "mlflow"))) \
-            from exc
+        raise LineageError(f"{params_file}: " + "; ".join(describe_errors(exc, "mlflow"))) from exc
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -282,48 +323,76 @@ def render_text(lineage: dict[str, Any]) -> str:
     model, run, git = lineage["model"], lineage["run"], lineage["git"]
     aliases = ", ".join(model["aliases"]) or "none"
     dirty = git["dirty_files"]
-    dirty_text = ("no" if not git["dirty"] else
-                  "YES (files not recorded)" if dirty is None else f"yes: {', '.join(dirty)}")
-    decision = (model["decision"] or "not recorded") + (f": {model['reason']}"
-                                                         if model["reason"] else "")
+    dirty_text = (
+        "no"
+        if not git["dirty"]
+        else "YES (files not recorded)"
+        if dirty is None
+        else f"yes: {', '.join(dirty)}"
+    )
+    decision = (model["decision"] or "not recorded") + (
+        f": {model['reason']}" if model["reason"] else ""
+    )
     lines = [
         f"Model      {model['name']} version {model['version']} (aliases: {aliases})",
-        *textwrap.wrap(f"decision {decision}", width=100, initial_indent="  ",
-                       subsequent_indent="           "),
+        *textwrap.wrap(
+            f"decision {decision}", width=100, initial_indent="  ", subsequent_indent="           "
+        ),
         f"MLflow run {run['id']} ({run['status']}, device {run['device'] or '?'})",
         f"  UI       {run['url']}",
         f"Git        commit {git['commit'] or 'unknown'}, dirty: {dirty_text}",
         f"Prefect    flow run {lineage['prefect_flow_run_id'] or 'none (not run by the flow)'}",
-        "Data       (dvc.lock at train time" + ("" if lineage["dvc_lock_logged"]
-                                                else ": not logged, from the run tags") + ")",
+        "Data       (dvc.lock at train time"
+        + ("" if lineage["dvc_lock_logged"] else ": not logged, from the run tags")
+        + ")",
     ]
     for item in lineage["data"]:
         size = "" if item["size"] is None else f"  {item['size']} bytes"
         files = "" if item["nfiles"] is None else f", {item['nfiles']} files"
         lines.append(f"  {item['path']:<18} md5 {item['md5']}{size}{files}")
-    lines.append("Inputs     " + ("(files the stages read, at train time)" if lineage["inputs"]
-                                  is not None else "not recorded for this run"))
+    lines.append(
+        "Inputs     "
+        + (
+            "(files the stages read, at train time)"
+            if lineage["inputs"] is not None
+            else "not recorded for this run"
+        )
+    )
     for path, entry in (lineage["inputs"] or {}).items():
-        where = ("logged with the run" if entry["logged"] else
-                 "in the commit" if entry["in_git"] else "NOT in the commit, not logged")
+        where = (
+            "logged with the run"
+            if entry["logged"]
+            else "in the commit"
+            if entry["in_git"]
+            else "NOT in the commit, not logged"
+        )
         if entry["md5"] is not None:  # a file (folders: their dvc.lock hash is in the lock)
             lines.append(f"  {path:<32} md5 {entry['md5']}  {where}")
     lines.append("Validation " + _describe_validation(lineage["validation"]))
-    lines.append("Params     " + ("(params.yaml at train time)" if lineage["params_logged"]
-                                  else "not logged for this run"))
+    lines.append(
+        "Params     "
+        + ("(params.yaml at train time)" if lineage["params_logged"] else "not logged for this run")
+    )
     for section, values in (lineage["params"] or {}).items():
         if section not in PARAMS_HIDDEN and isinstance(values, dict):
             text = ", ".join(f"{k}={v}" for k, v in values.items())
-            lines += textwrap.wrap(f"{section}: {text}", width=100, initial_indent="  ",
-                                   subsequent_indent="      ")
+            lines += textwrap.wrap(
+                f"{section}: {text}", width=100, initial_indent="  ", subsequent_indent="      "
+            )
     lines.append("Test metrics")
     lines += [f"  {name:<10} {value:.6f}" for name, value in lineage["metrics"].items()]
-    lines.append(f"Aliases    history of {model['name']} (oldest first; make rollback moves "
-                 "champion back)" if lineage.get("alias_history") else
-                 "Aliases    no recorded moves (made before the history was kept)")
+    lines.append(
+        f"Aliases    history of {model['name']} (oldest first; make rollback moves champion back)"
+        if lineage.get("alias_history")
+        else "Aliases    no recorded moves (made before the history was kept)"
+    )
     for move in lineage.get("alias_history") or []:
-        lines += textwrap.wrap(registry.AliasMove(**move).describe(), width=100,
-                               initial_indent="  ", subsequent_indent="      ")
+        lines += textwrap.wrap(
+            registry.AliasMove(**move).describe(),
+            width=100,
+            initial_indent="  ",
+            subsequent_indent="      ",
+        )
     return "\n".join(lines)
 
 
@@ -342,16 +411,29 @@ def _describe_validation(summary: dict[str, Any] | None) -> str:
 
 def build_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
     """The options ``lineage`` and ``reproduce`` share: the model, ``--repo``, ``--params``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="<model>@<alias> (classifier@champion) or "
-                                      "<model>/<version> (classifier/3)")
-    parser.add_argument("--repo", type=Path, default=Path("."),
-                        help="the project checkout (git + DVC) the model was trained in "
-                             "(default: the current directory)")
-    parser.add_argument("--params", type=Path, default=None,
-                        help="params file whose mlflow.tracking_uri names the MLflow store; "
-                             "env MLFLOW_TRACKING_URI overrides it (default: REPO/params.yaml)")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "model", help="<model>@<alias> (classifier@champion) or <model>/<version> (classifier/3)"
+    )
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        default=Path("."),
+        help="the project checkout (git + DVC) the model was trained in "
+        "(default: the current directory)",
+    )
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="params file whose mlflow.tracking_uri names the MLflow store; "
+        "env MLFLOW_TRACKING_URI overrides it (default: REPO/params.yaml)",
+    )
     return parser
 
 
@@ -375,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "examples:\n  python -m flows.lineage classifier@champion\n"
         "  python -m flows.lineage classifier/3 --json\n"
         "  make lineage MODEL=classifier@challenger\n\n"
-        "Re-run the same data, code and params: python -m flows.reproduce <model>")
+        "Re-run the same data, code and params: python -m flows.reproduce <model>",
+    )
     parser.add_argument("--json", action="store_true", help="print the chain as JSON")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files

@@ -43,15 +43,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stages.evaluate import stage as evaluate
-from stages.features import stage as features
-from stages.ingest import stage as ingest
-from stages.validate import stage as validate
 from stages.common import runlock
 from stages.common.config import Params, load_params, parse_params
 from stages.common.errors import ConfigError, DataError, PipelineError
 from stages.common.io import atomic_path, write_text
 from stages.common.suite import load_suite
+from stages.evaluate import stage as evaluate
+from stages.features import stage as features
+from stages.ingest import stage as ingest
+from stages.validate import stage as validate
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,12 @@ def table_format(path: Path, given: str | None = None) -> str:
         return given
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"cannot tell the format from the suffix {path.suffix!r}: name the file "
-                        f"*.csv or *.parquet, or pass --format", file=str(path), rule="format")
+        raise DataError(
+            f"cannot tell the format from the suffix {path.suffix!r}: name the file "
+            f"*.csv or *.parquet, or pass --format",
+            file=str(path),
+            rule="format",
+        )
     return fmt
 
 
@@ -97,8 +101,14 @@ def model_name_for(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.").lower() or "table"
 
 
-def bring_table(src: str | Path, target: str, repo: str | Path = ".", fmt: str | None = None,
-                delimiter: str = ",", reprofile: bool = False) -> OwnTable:
+def bring_table(
+    src: str | Path,
+    target: str,
+    repo: str | Path = ".",
+    fmt: str | None = None,
+    delimiter: str = ",",
+    reprofile: bool = False,
+) -> OwnTable:
     """Make ``repo`` train on the table ``src`` with label column ``target`` (module doc).
 
     ``delimiter`` separates a CSV's fields; ``reprofile`` replaces a suite already there.
@@ -119,12 +129,16 @@ def bring_table(src: str | Path, target: str, repo: str | Path = ".", fmt: str |
         return _bring_table(src, target, repo, fmt, delimiter, reprofile)
 
 
-def _bring_table(src: str | Path, target: str, repo: Path, fmt: str | None, delimiter: str,
-                 reprofile: bool) -> OwnTable:
+def _bring_table(
+    src: str | Path, target: str, repo: Path, fmt: str | None, delimiter: str, reprofile: bool
+) -> OwnTable:
     src = Path(src)
     if not src.is_file():
-        raise DataError("file not found (make data SRC=path/to/table.csv TARGET=column)",
-                        file=str(src), rule="exists")
+        raise DataError(
+            "file not found (make data SRC=path/to/table.csv TARGET=column)",
+            file=str(src),
+            rule="exists",
+        )
     fmt = table_format(src, fmt)
     params_path = repo / "params.yaml"
     params = load_params(params_path)
@@ -134,40 +148,64 @@ def _bring_table(src: str | Path, target: str, repo: Path, fmt: str | None, deli
     kept = existed and not reprofile
     # ingest's settings for the table, as written to params.yaml: make run reads it as ingest
     # does here (a Parquet file's ingest.delimiter is left as it is)
-    settings = {"target": target, "format": fmt} | ({"delimiter": delimiter} if fmt == "csv"
-                                                   else {})
+    settings = {"target": target, "format": fmt} | (
+        {"delimiter": delimiter} if fmt == "csv" else {}
+    )
     with tempfile.TemporaryDirectory(prefix="make-data-") as tmp_dir:
         tmp = Path(tmp_dir)
-        rows = _ingest(src, params.ingest.model_copy(update=settings), params.base.batch_rows,
-                       tmp / "raw")
+        rows = _ingest(
+            src, params.ingest.model_copy(update=settings), params.base.batch_rows, tmp / "raw"
+        )
         copying = not (dest.exists() and dest.resolve() == src.resolve())
         with _put_back_on_error([dest, suite] if copying else [suite]):
             if copying:
                 with atomic_path(dest) as copy:
                     shutil.copyfile(src, copy)
             if not kept:
-                validate.write_suite(_shown(dest), _shown(suite), target, SUITE_MARGIN,
-                                     params.base.batch_rows, delimiter=delimiter)
+                validate.write_suite(
+                    _shown(dest),
+                    _shown(suite),
+                    target,
+                    SUITE_MARGIN,
+                    params.base.batch_rows,
+                    delimiter=delimiter,
+                )
             elif (was := load_suite(suite).target) != target:
-                raise DataError(f"the suite there was profiled for target {was!r}, not "
-                                f"{target!r}: REPROFILE=1 (--reprofile) profiles it again",
-                                file=str(suite), rule="suite_target")
+                raise DataError(
+                    f"the suite there was profiled for target {was!r}, not "
+                    f"{target!r}: REPROFILE=1 (--reprofile) profiles it again",
+                    file=str(suite),
+                    rule="suite_target",
+                )
             else:  # on stderr above any error of the rehearsal: the kept suite may refuse it
-                logger.warning("keeping %s (already there, maybe reviewed): the table must "
-                               "pass it; REPROFILE=1 (--reprofile) profiles it again", suite)
+                logger.warning(
+                    "keeping %s (already there, maybe reviewed): the table must "
+                    "pass it; REPROFILE=1 (--reprofile) profiles it again",
+                    suite,
+                )
             columns = list(load_suite(suite).columns)
-            text, changed = edit_params(params_path.read_text(encoding="utf-8"), {
-                "ingest.source": dest.relative_to(repo).as_posix(),
-                **{f"ingest.{key}": value for key, value in settings.items()},
-                "validate.suite_path": suite.relative_to(repo).as_posix(),
-                "register.model_name": model_name_for(src)}, columns)
+            text, changed = edit_params(
+                params_path.read_text(encoding="utf-8"),
+                {
+                    "ingest.source": dest.relative_to(repo).as_posix(),
+                    **{f"ingest.{key}": value for key, value in settings.items()},
+                    "validate.suite_path": suite.relative_to(repo).as_posix(),
+                    "register.model_name": model_name_for(src),
+                },
+                columns,
+            )
             new = parse_params(_plain_yaml(text), source=str(params_path))
             built = _rehearse(tmp, new, suite)
             write_text(params_path, text)  # atomic: temp file + rename
-    result = OwnTable(source=dest.relative_to(repo).as_posix(),
-                      suite=suite.relative_to(repo).as_posix(), target=target, rows=rows,
-                      changed=changed, **built,
-                      suite_was="kept" if kept else "reprofiled" if existed else "new")
+    result = OwnTable(
+        source=dest.relative_to(repo).as_posix(),
+        suite=suite.relative_to(repo).as_posix(),
+        target=target,
+        rows=rows,
+        changed=changed,
+        **built,
+        suite_was="kept" if kept else "reprofiled" if existed else "new",
+    )
     result.to_commit, result.dvc_note = _track(repo, dest, result)
     return result
 
@@ -176,10 +214,12 @@ def _data_root(repo: Path, params: Params) -> Path:
     """``ingest.data_root`` as an absolute path inside ``repo`` (the copy is DVC-tracked there)."""
     root = Path(os.path.normpath(repo / params.ingest.data_root))
     if not root.is_relative_to(repo):
-        raise ConfigError(f"{repo / 'params.yaml'}: ingest.data_root "
-                          f"{params.ingest.data_root!r} lies outside the project {repo}: make "
-                          "data copies the table under it and DVC-tracks it there; set "
-                          "ingest.data_root to a folder inside the project (e.g. data/source)")
+        raise ConfigError(
+            f"{repo / 'params.yaml'}: ingest.data_root "
+            f"{params.ingest.data_root!r} lies outside the project {repo}: make "
+            "data copies the table under it and DVC-tracks it there; set "
+            "ingest.data_root to a folder inside the project (e.g. data/source)"
+        )
     return root
 
 
@@ -188,17 +228,25 @@ def _ingest(src: Path, settings: Any, batch_rows: int, out: Path) -> int:
 
     Its errors name ``src`` as given (the data root is where it really lies: links followed).
     """
-    settings = settings.model_copy(update={
-        "source": str(src), "data_root": str(src.resolve().parent), "table": None,
-        "query": None, "watermark": None})
+    settings = settings.model_copy(
+        update={
+            "source": str(src),
+            "data_root": str(src.resolve().parent),
+            "table": None,
+            "query": None,
+            "watermark": None,
+        }
+    )
     return ingest.run(settings, out, batch_rows).total_rows
 
 
 def _rehearse(tmp: Path, params: Params, suite: Path) -> dict[str, Any]:
     """Validate and features on the ingested copy with the new params; the baselines."""
     trial = replace(
-        params, validate=params.validate.model_copy(update={"suite_path": str(suite)}),
-        mlflow=params.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp}/mlflow.db"}))
+        params,
+        validate=params.validate.model_copy(update={"suite_path": str(suite)}),
+        mlflow=params.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp}/mlflow.db"}),
+    )
     validate.run(tmp / "raw", tmp / "validated", tmp / "quarantine", tmp / "report", trial)
     built = features.run(tmp / "validated", tmp / "features", trial)
     meta, specs = built.meta, load_suite(suite).columns
@@ -206,10 +254,11 @@ def _rehearse(tmp: Path, params: Params, suite: Path) -> dict[str, Any]:
     baselines = evaluate.score_baselines(tmp / "features", x_test, y_test, trial)
     used = [name for name in specs if name in set(meta["feature_columns"])]
     return {
-        "classes": list(meta["classes"]), "split_rows": dict(meta["n_rows"]), "used": used,
+        "classes": list(meta["classes"]),
+        "split_rows": dict(meta["n_rows"]),
+        "used": used,
         "dropped": dropped_columns(meta, [n for n in specs if n != meta["target"]]),
-        "datetimes": {name: spec.format for name, spec in specs.items()
-                      if spec.kind == "datetime"},
+        "datetimes": {name: spec.format for name, spec in specs.items() if spec.kind == "datetime"},
         "baselines": baselines,
     }
 
@@ -221,14 +270,20 @@ def dropped_columns(meta: dict[str, Any], columns: Sequence[str]) -> dict[str, s
     ``columns``: the source columns but the target.
     """
     used = set(meta["feature_columns"])
-    reasons = {item["column"]: f"{item['reason']} [rule={item['rule']}]"
-               for item in meta.get("dropped", [])}
-    return {name: reasons.get(name, "not used by the features stage")
-            for name in columns if name not in used}
+    reasons = {
+        item["column"]: f"{item['reason']} [rule={item['rule']}]"
+        for item in meta.get("dropped", [])
+    }
+    return {
+        name: reasons.get(name, "not used by the features stage")
+        for name in columns
+        if name not in used
+    }
 
 
-def edit_params(text: str, values: dict[str, Any],
-                columns: Sequence[str]) -> tuple[str, dict[str, tuple[Any, Any]]]:
+def edit_params(
+    text: str, values: dict[str, Any], columns: Sequence[str]
+) -> tuple[str, dict[str, tuple[Any, Any]]]:
     """``params.yaml`` text with ``values`` (``section.key``) set, comments and layout kept.
 
     Settings naming columns that ``columns`` (the new table's) lacks are cleared:
@@ -240,15 +295,22 @@ def edit_params(text: str, values: dict[str, Any],
     """
     yaml = _round_trip_yaml()
     doc = yaml.load(text) or {}
-    tidied = ("ingest.table", "ingest.query", "ingest.watermark", "features.drop_columns",
-              "validate.rules")
+    tidied = (
+        "ingest.table",
+        "ingest.query",
+        "ingest.watermark",
+        "features.drop_columns",
+        "validate.rules",
+    )
     for key in values:
         section = key.split(".")[0]
         if doc.get(section) is None:  # absent, or `section:` with no value
             doc[section] = {}
         elif not isinstance(doc[section], dict):
-            raise ConfigError(f"params.yaml: {section} is {_copy(doc[section])!r}, not a "
-                              f"mapping of settings: make data sets {key} there")
+            raise ConfigError(
+                f"params.yaml: {section} is {_copy(doc[section])!r}, not a "
+                f"mapping of settings: make data sets {key} there"
+            )
     before = {key: _value(doc, key) for key in (*values, *tidied)}
     for key, value in values.items():
         section, name = key.split(".")
@@ -282,8 +344,9 @@ def _round_trip_yaml() -> Any:
 
     yaml = YAML()  # round-trip: comments, key order, flow style and quotes are kept
     yaml.preserve_quotes = True
-    yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar(
-        "tag:yaml.org,2002:null", "null"))  # `null`, as the file writes it, not an empty value
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )  # `null`, as the file writes it, not an empty value
     return yaml
 
 
@@ -334,8 +397,13 @@ def _track(repo: Path, dest: Path, result: OwnTable) -> tuple[list[str], str | N
     paths = ["params.yaml", result.suite]
     if not (repo / ".dvc").is_dir():
         return [*paths, source], "not a DVC repository: commit the file to git"
-    done = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", source], cwd=repo,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "add", "-q", source],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         why = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["dvc add failed"]
         return [*paths, source], f"dvc add {source} failed ({why[0]}): commit the file to git"
@@ -348,34 +416,50 @@ def _track(repo: Path, dest: Path, result: OwnTable) -> tuple[list[str], str | N
 
 def render_report(result: OwnTable) -> str:
     """What ``make data`` prints: the table, the columns, the baselines, what to commit."""
-    suite = {"new": "profiled from the file: review it, it is the gate",
-             "kept": "already there, kept: the table passes it (REPROFILE=1 profiles it again)",
-             "reprofiled": f"profiled again, replacing the one there: `git diff {result.suite}` "
-                           "shows what changed; review it, it is the gate"}[result.suite_was]
-    lines = [(f"make data: {result.source} ({result.rows} rows), target {result.target!r}: "
-              f"{len(result.classes)} classes {result.classes}"),
-             f"  suite     {result.suite} ({suite})"]
-    lines += [f"  params    {key}: {before!r} -> {after!r}"
-              for key, (before, after) in result.changed.items()]
-    lines.append(f"  features  {len(result.used)} column(s) fed to the model: "
-                 + ", ".join(result.used))
-    lines += [f"  dates     {name}: format {fmt or 'ISO 8601'}, "
-              + ("dropped" if name in result.dropped else "calendar features")
-              for name, fmt in result.datetimes.items()]
+    suite = {
+        "new": "profiled from the file: review it, it is the gate",
+        "kept": "already there, kept: the table passes it (REPROFILE=1 profiles it again)",
+        "reprofiled": f"profiled again, replacing the one there: `git diff {result.suite}` "
+        "shows what changed; review it, it is the gate",
+    }[result.suite_was]
+    lines = [
+        (
+            f"make data: {result.source} ({result.rows} rows), target {result.target!r}: "
+            f"{len(result.classes)} classes {result.classes}"
+        ),
+        f"  suite     {result.suite} ({suite})",
+    ]
+    lines += [
+        f"  params    {key}: {before!r} -> {after!r}"
+        for key, (before, after) in result.changed.items()
+    ]
+    lines.append(
+        f"  features  {len(result.used)} column(s) fed to the model: " + ", ".join(result.used)
+    )
+    lines += [
+        f"  dates     {name}: format {fmt or 'ISO 8601'}, "
+        + ("dropped" if name in result.dropped else "calendar features")
+        for name, fmt in result.datetimes.items()
+    ]
     lines += [f"  dropped   {name}: {why}" for name, why in result.dropped.items()]
     split = ", ".join(f"{name} {n}" for name, n in result.split_rows.items())
     lines.append(f"  baselines on the features stage's seeded test split ({split} rows):")
     for name, metrics in result.baselines.items():
-        lines.append(f"    {name:<10}" + "  ".join(
-            f"{metric} {metrics[metric]:.3f}" for metric in SHOWN_METRICS if metric in metrics))
-    lines.append("  the model gate (register) compares the network with these baselines: see "
-                 "README, Use your own data")
+        lines.append(
+            f"    {name:<10}"
+            + "  ".join(
+                f"{metric} {metrics[metric]:.3f}" for metric in SHOWN_METRICS if metric in metrics
+            )
+        )
+    lines.append(
+        "  the model gate (register) compares the network with these baselines: see "
+        "README, Use your own data"
+    )
     if result.dvc_note:
         lines.append(f"  note      {result.dvc_note}")
     paths = " ".join(shlex.quote(path) for path in result.to_commit)
     message = shlex.quote(f"Train on {Path(result.source).name} (target {result.target})")
-    lines += ["Next:", f"  git add {paths}", f"  git commit -m {message} -- {paths}",
-              "  make run"]
+    lines += ["Next:", f"  git add {paths}", f"  git commit -m {message} -- {paths}", "  make run"]
     return "\n".join(lines)
 
 
@@ -384,28 +468,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.own_data",
         description="Bring your own table: copy SRC under ingest.data_root, profile its suite, "
-                    "point params.yaml at both, print the baselines and the dropped columns. "
-                    "Then `make run`.")
+        "point params.yaml at both, print the baselines and the dropped columns. "
+        "Then `make run`.",
+    )
     parser.add_argument("src", help="a CSV or Parquet file")
     parser.add_argument("--target", required=True, help="the label column")
     parser.add_argument("--repo", default=".", help="project checkout holding params.yaml")
-    parser.add_argument("--format", choices=sorted(set(FORMATS.values())), default=None,
-                        help="the file's format (default: from its suffix)")
-    parser.add_argument("--delimiter", default=",", type=lambda v: "\t" if v == "\\t" else v,
-                        help="a CSV's field separator, written to ingest.delimiter (default ,)")
-    parser.add_argument("--reprofile", action="store_true",
-                        help="profile suites/<name>.json again even if it exists (default: keep)")
+    parser.add_argument(
+        "--format",
+        choices=sorted(set(FORMATS.values())),
+        default=None,
+        help="the file's format (default: from its suffix)",
+    )
+    parser.add_argument(
+        "--delimiter",
+        default=",",
+        type=lambda v: "\t" if v == "\\t" else v,
+        help="a CSV's field separator, written to ingest.delimiter (default ,)",
+    )
+    parser.add_argument(
+        "--reprofile",
+        action="store_true",
+        help="profile suites/<name>.json again even if it exists (default: keep)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
-        result = bring_table(args.src, args.target, args.repo, args.format, args.delimiter,
-                             args.reprofile)
+        result = bring_table(
+            args.src, args.target, args.repo, args.format, args.delimiter, args.reprofile
+        )
     except PipelineError as exc:
-        hint = (" (make data: DELIM=';' or python -m flows.own_data --delimiter ';')"
-                if getattr(exc, "rule", None) == "delimiter" else "")
-        print(f"make data failed: {exc}{hint}\n(params.yaml, suites/ and the data root "
-              "are as they were)", file=sys.stderr)
+        hint = (
+            " (make data: DELIM=';' or python -m flows.own_data --delimiter ';')"
+            if getattr(exc, "rule", None) == "delimiter"
+            else ""
+        )
+        print(
+            f"make data failed: {exc}{hint}\n(params.yaml, suites/ and the data root "
+            "are as they were)",
+            file=sys.stderr,
+        )
         return 1
     print(render_report(result))
     return 0

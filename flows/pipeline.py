@@ -33,9 +33,10 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -43,8 +44,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
-from flows.summary import (FAILED, NO_NEW_ROWS, RAN, RESTORED, SKIPPED, mlflow_ui_url,
-                           read_reports, render_markdown, summarize_run)
+from flows.summary import (
+    FAILED,
+    NO_NEW_ROWS,
+    RAN,
+    RESTORED,
+    SKIPPED,
+    mlflow_ui_url,
+    read_reports,
+    render_markdown,
+    summarize_run,
+)
 from stages.common import integrity, runlock
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
@@ -63,9 +73,15 @@ _DVC_STATUS = {
     RESTORED: "Stage '{}' is cached - skipping run, checking out outputs",
 }
 # DVC's advice after each stage, logged at DEBUG only: `make run` and the README cover it.
-_DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
-              "dvc config core.autostage", "Use `dvc push` to send", "Generating lock file",
-              "Updating lock file")
+_DVC_HINTS = (
+    "To track the changes with git",
+    "git add ",
+    "To enable auto staging",
+    "dvc config core.autostage",
+    "Use `dvc push` to send",
+    "Generating lock file",
+    "Updating lock file",
+)
 # What stages.common.cli.run_main logs when a stage refuses bad input or config.
 _STAGE_FAILED = re.compile(r"stage (?P<stage>\S+) failed: (?P<message>.+)")
 _LOG_RECORD = re.compile(r"^\d{4}[-/]\d{2}[-/]\d{2}[ T]")  # a line that starts a log record
@@ -101,11 +117,14 @@ def order_stages(dot: str, stages: Sequence[str]) -> list[str]:
             upstream[edge["dst"]].add(edge["src"])
     ordered: list[str] = []
     while len(ordered) < len(upstream):
-        ready = [stage for stage in upstream
-                 if stage not in ordered and upstream[stage] <= set(ordered)]
+        ready = [
+            stage for stage in upstream if stage not in ordered and upstream[stage] <= set(ordered)
+        ]
         if not ready:
-            raise ValueError(f"dvc.yaml: the stages {sorted(set(upstream) - set(ordered))} "
-                             "depend on each other in a cycle")
+            raise ValueError(
+                f"dvc.yaml: the stages {sorted(set(upstream) - set(ordered))} "
+                "depend on each other in a cycle"
+            )
         ordered.append(ready[0])
     return ordered
 
@@ -113,9 +132,14 @@ def order_stages(dot: str, stages: Sequence[str]) -> list[str]:
 def read_stage_order(repo: Path) -> list[str]:
     """The stages of ``repo/dvc.yaml`` in the order DVC runs them (asks ``dvc dag``)."""
     spec = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8")) or {}
-    result = subprocess.run([sys.executable, "-m", "dvc", "dag", "--dot"], cwd=repo,
-                            env=stage_env(), capture_output=True, text=True,
-                            pass_fds=runlock.inherited_fds())
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "dag", "--dot"],
+        cwd=repo,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        pass_fds=runlock.inherited_fds(),
+    )
     if result.returncode != 0:
         raise RuntimeError(f"dvc dag failed: {result.stdout.strip()} {result.stderr.strip()}")
     return order_stages(result.stdout, list(spec.get("stages") or {}))
@@ -140,7 +164,7 @@ def describe_failure(lines: Sequence[str]) -> tuple[str, bool]:
         if match := _STAGE_FAILED.search(line):
             own.append(match["message"])
             # A multi-line message goes on until the next log record or DVC's own error.
-            for following in lines[index + 1:index + 1 + OUTPUT_TAIL]:
+            for following in lines[index + 1 : index + 1 + OUTPUT_TAIL]:
                 if following.startswith("ERROR") or _LOG_RECORD.match(following):
                     break
                 own.append(following)
@@ -166,8 +190,12 @@ def stage_env(flow_run_id: str | None = None) -> dict[str, str]:
     return env
 
 
-def run_dvc(args: Sequence[str], repo: Path, env: dict[str, str],
-            logger: logging.Logger | logging.LoggerAdapter) -> tuple[int, list[str]]:
+def run_dvc(
+    args: Sequence[str],
+    repo: Path,
+    env: dict[str, str],
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> tuple[int, list[str]]:
     """Run ``dvc <args>`` in ``repo``, logging each output line as it comes.
 
     Returns:
@@ -175,9 +203,14 @@ def run_dvc(args: Sequence[str], repo: Path, env: dict[str, str],
     """
     lines: list[str] = []
     # The run lock's workers lock goes with it: a new run waits for a dvc of a killed one.
-    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          pass_fds=runlock.inherited_fds()) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        pass_fds=runlock.inherited_fds(),
+    ) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
             # A progress bar redraws itself with \r: keep only its last state.
@@ -212,8 +245,9 @@ def run_stage(stage: str, repo: str, flow_run_id: str | None = None) -> str:
         StageFailedError: the stage exited non-zero; the message is the stage's own.
     """
     logger = get_run_logger()
-    code, lines = run_dvc(["repro", "--single-item", stage], Path(repo),
-                          stage_env(flow_run_id), logger)
+    code, lines = run_dvc(
+        ["repro", "--single-item", stage], Path(repo), stage_env(flow_run_id), logger
+    )
     if code != 0:
         message, deliberate = describe_failure(lines)
         raise StageFailedError(stage, message, deliberate=deliberate)
@@ -227,8 +261,13 @@ def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(state.data, PipelineError)
 
 
-@task(name="dvc-push", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAY_S,
-      retry_condition_fn=_retry_unless_refused)
+@task(
+    name="dvc-push",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=_retry_unless_refused,
+)
 def push_data(repo: str) -> None:
     """Push this run's data versions to the default DVC remote.
 
@@ -241,18 +280,29 @@ def push_data(repo: str) -> None:
         raise RuntimeError("dvc push failed: " + "\n".join(lines[-OUTPUT_TAIL:]))
 
 
-def publish_summary(repo: Path, stages: list[str], statuses: dict[str, str],
-                    flow_run_id: str | None, error: str | None = None) -> dict[str, Any]:
+def publish_summary(
+    repo: Path,
+    stages: list[str],
+    statuses: dict[str, str],
+    flow_run_id: str | None,
+    error: str | None = None,
+) -> dict[str, Any]:
     """Publish the ``pipeline-summary`` Markdown artifact; return the summary dict."""
     reports = read_reports(repo, statuses)
     summary = summarize_run(stages, statuses, reports, mlflow_ui_url(repo), flow_run_id, error)
-    create_markdown_artifact(markdown=render_markdown(summary), key=SUMMARY_KEY,
-                             description="Stages, test metrics, registered model, MLflow run")
+    create_markdown_artifact(
+        markdown=render_markdown(summary),
+        key=SUMMARY_KEY,
+        description="Stages, test metrics, registered model, MLflow run",
+    )
     return summary
 
 
-@flow(name="pipeline", description="ingest -> validate -> features -> train -> evaluate -> "
-      "register, as the DVC stages of dvc.yaml; then dvc push and a summary artifact.")
+@flow(
+    name="pipeline",
+    description="ingest -> validate -> features -> train -> evaluate -> "
+    "register, as the DVC stages of dvc.yaml; then dvc push and a summary artifact.",
+)
 def pipeline(repo: str = ".", wait_s: float = 0.0) -> dict[str, Any]:
     """Hold the workspace's run lock, then run the stages; see ``run_pipeline``.
 
@@ -345,15 +395,23 @@ def run_pipeline(repo: str, check_store: bool = True) -> dict[str, Any]:
         incremental = load_params(root / "params.yaml").ingest.watermark is not None
         manifest_before = read_manifest(root)
         for stage in stages:
-            if (incremental and stage != "ingest" and read_manifest(root) == manifest_before
-                    and only_ingest_changed(root)):
-                logger.info("no new rows since the last run (ingest.watermark): data/raw is "
-                            "unchanged, so %s and the stages after it are skipped", stage)
-                statuses.update(dict.fromkeys(stages[stages.index(stage):], NO_NEW_ROWS))
+            if (
+                incremental
+                and stage != "ingest"
+                and read_manifest(root) == manifest_before
+                and only_ingest_changed(root)
+            ):
+                logger.info(
+                    "no new rows since the last run (ingest.watermark): data/raw is "
+                    "unchanged, so %s and the stages after it are skipped",
+                    stage,
+                )
+                statuses.update(dict.fromkeys(stages[stages.index(stage) :], NO_NEW_ROWS))
                 break
             statuses[stage] = FAILED  # until it returns
             stage_task = run_stage.with_options(
-                name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S)
+                name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S
+            )
             statuses[stage] = stage_task(stage, str(root), flow_run_id)
         push_data(str(root))
     except Exception as exc:
@@ -375,9 +433,14 @@ def read_manifest(repo: Path) -> str | None:
 
 def only_ingest_changed(repo: Path) -> bool:
     """Whether ``dvc status`` finds every stage but ingest (which always runs) up to date."""
-    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo,
-                            env=stage_env(), capture_output=True, text=True,
-                            pass_fds=runlock.inherited_fds())
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=repo,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        pass_fds=runlock.inherited_fds(),
+    )
     try:
         changed = json.loads(result.stdout or "{}")
     except ValueError:
@@ -394,13 +457,19 @@ def where_to_look(repo: Path, summary: dict[str, Any] | None) -> str:
     lines = []
     if summary:
         counts = Counter(summary["stages"].values())
-        lines.append("Pipeline completed: "
-                     + ", ".join(f"{n} {what}" for what, n in counts.items()))
+        lines.append(
+            "Pipeline completed: " + ", ".join(f"{n} {what}" for what, n in counts.items())
+        )
         if model := summary.get("model"):
-            earlier = "" if summary["stages"].get("register") == RAN else \
-                "unchanged, nothing registered in this run; recorded earlier: "
-            lines.append(f"  Model:      {model['model_name']} version {model['version']}: "
-                         f"{earlier}{model['decision']} ({model['reason']})")
+            earlier = (
+                ""
+                if summary["stages"].get("register") == RAN
+                else "unchanged, nothing registered in this run; recorded earlier: "
+            )
+            lines.append(
+                f"  Model:      {model['model_name']} version {model['version']}: "
+                f"{earlier}{model['decision']} ({model['reason']})"
+            )
     ui_port = params.mlflow.ui_port
     link = (summary or {}).get("mlflow_run_url") or f"http://127.0.0.1:{ui_port}"
     home = os.environ.get("PREFECT_HOME")
@@ -427,24 +496,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.pipeline",
         description="Run the whole pipeline once as a Prefect flow: the DVC stages of dvc.yaml "
-                    "(unchanged ones are skipped), dvc push, and a summary artifact.",
+        "(unchanged ones are skipped), dvc push, and a summary artifact.",
         epilog="To run it on a schedule instead: python -m flows.schedule",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--repo", default=".",
-                        help="project checkout holding dvc.yaml and params.yaml")
-    parser.add_argument("--wait", action="store_true",
-                        help="wait for a run that holds the workspace instead of refusing")
-    parser.add_argument("--wait-timeout", type=float, default=runlock.DEFAULT_WAIT_S,
-                        help="seconds --wait waits at most")
+    parser.add_argument(
+        "--repo", default=".", help="project checkout holding dvc.yaml and params.yaml"
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for a run that holds the workspace instead of refusing",
+    )
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=runlock.DEFAULT_WAIT_S,
+        help="seconds --wait waits at most",
+    )
     args = parser.parse_args(argv)
     wait_s = args.wait_timeout if args.wait else 0.0
     # The lock and the MLflow check come before Prefect starts its server and a flow run: a
     # busy workspace or a dead tracking server is refused in seconds, as one line.
     with ExitStack() as held:
         try:
-            held.enter_context(runlock.run_lock(args.repo, wait_s=wait_s,
-                                                command=_command_line()))
+            held.enter_context(runlock.run_lock(args.repo, wait_s=wait_s, command=_command_line()))
             preflight(Path(args.repo))
         except PipelineError as exc:  # nothing ran: no pointers to results
             print(f"Pipeline not started: {exc}", file=sys.stderr)
@@ -452,8 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             summary = pipeline(repo=args.repo, wait_s=wait_s)
         except Exception as exc:  # the flow run is Failed and Prefect logged the details
-            print(f"\nPipeline failed: {exc}\n{where_to_look(Path(args.repo), None)}",
-                  file=sys.stderr)
+            print(
+                f"\nPipeline failed: {exc}\n{where_to_look(Path(args.repo), None)}", file=sys.stderr
+            )
             return 1
     print(f"\n{where_to_look(Path(args.repo), summary)}")
     return 0

@@ -33,8 +33,12 @@ logger = logging.getLogger("flows.repro")
 
 def run_dvc(args: Sequence[str], repo: Path) -> int:
     """Run ``dvc <args>`` in ``repo`` (output straight through); it shares the workers lock."""
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=False,
-                          pass_fds=runlock.inherited_fds()).returncode
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=repo,
+        check=False,
+        pass_fds=runlock.inherited_fds(),
+    ).returncode
 
 
 def check_mlflow(repo: Path) -> None:
@@ -49,18 +53,30 @@ def check_mlflow(repo: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Reproduce the pipeline with DVC under the run lock; the exit code of the failing step."""
     parser = argparse.ArgumentParser(
-        prog="python -m flows.repro", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="python -m flows.repro",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--repo", default=".", help="project checkout holding dvc.yaml")
-    parser.add_argument("--wait", action="store_true",
-                        help="wait for a run that holds the workspace instead of refusing")
-    parser.add_argument("--wait-timeout", type=float, default=runlock.DEFAULT_WAIT_S,
-                        help="seconds --wait waits at most")
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for a run that holds the workspace instead of refusing",
+    )
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=runlock.DEFAULT_WAIT_S,
+        help="seconds --wait waits at most",
+    )
     parser.add_argument("--no-push", action="store_true", help="skip `dvc push`")
     parser.add_argument("dvc_args", nargs="*", help="extra `dvc repro` arguments (after --)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     repo = Path(args.repo).resolve()
     try:
         with runlock.run_lock(repo, wait_s=args.wait_timeout if args.wait else 0.0):

@@ -74,8 +74,10 @@ def declared_outputs(dvc_yaml: dict[str, Any], params: dict[str, Any]) -> list[s
     paths: list[str] = []
     for stage in (dvc_yaml.get("stages") or {}).values():
         for key in ("outs", "metrics", "plots"):
-            paths += [next(iter(item)) if isinstance(item, dict) else item
-                      for item in (stage or {}).get(key) or []]
+            paths += [
+                next(iter(item)) if isinstance(item, dict) else item
+                for item in (stage or {}).get(key) or []
+            ]
     for item in dvc_yaml.get("plots") or []:  # a path, or {title: {y: {path: [...]}}}
         if isinstance(item, str):
             paths.append(item)
@@ -97,8 +99,9 @@ def _interpolate(text: str, params: dict[str, Any]) -> str:
     return _VAR.sub(value, text)
 
 
-def check_clean(dirty: list[str] | None, allow_dirty: bool,
-                restored: Sequence[str] = ()) -> str | None:
+def check_clean(
+    dirty: list[str] | None, allow_dirty: bool, restored: Sequence[str] = ()
+) -> str | None:
     """None when the recorded tree can be rebuilt from git; else a warning (allow_dirty).
 
     ``restored``: paths the workspace gets from the run rather than from git (the outputs
@@ -108,21 +111,32 @@ def check_clean(dirty: list[str] | None, allow_dirty: bool,
         ReproduceError: the tree differed from the commit and ``allow_dirty`` is False.
     """
     # DVC adds each new output to its folder's .gitignore: ignore rules are not code
-    unrestored = None if dirty is None else [
-        f for f in dirty if f not in RESTORED_FILES and Path(f).name != ".gitignore"
-        and not any(f == path or f.startswith(f"{path}/") for path in restored)]
+    unrestored = (
+        None
+        if dirty is None
+        else [
+            f
+            for f in dirty
+            if f not in RESTORED_FILES
+            and Path(f).name != ".gitignore"
+            and not any(f == path or f.startswith(f"{path}/") for path in restored)
+        ]
+    )
     if unrestored == []:
         return None
     what = "files not recorded" if unrestored is None else ", ".join(unrestored)
-    message = (f"the run was trained on uncommitted changes ({what}): the workspace at its "
-               "commit may not be the code that trained it")
+    message = (
+        f"the run was trained on uncommitted changes ({what}): the workspace at its "
+        "commit may not be the code that trained it"
+    )
     if not allow_dirty:
         raise ReproduceError(message + "; pass --allow-dirty to reproduce anyway")
     return message
 
 
-def check_inputs(workdir: Path, inputs: dict[str, Any] | None, stages: Sequence[str],
-                 allow_dirty: bool) -> list[str]:
+def check_inputs(
+    workdir: Path, inputs: dict[str, Any] | None, stages: Sequence[str], allow_dirty: bool
+) -> list[str]:
     """The input files ``stages`` read, as the run recorded them (``lineage/inputs.json``):
     each must be in ``workdir`` with its recorded md5. Returns warnings (``allow_dirty``).
 
@@ -139,15 +153,24 @@ def check_inputs(workdir: Path, inputs: dict[str, Any] | None, stages: Sequence[
         found = file_md5(file) if file.is_file() else None
         if found != entry["md5"]:
             state = "missing" if found is None else f"md5 {found}"
-            where = ("" if entry.get("in_git") else
-                     " (the copy logged with the run differs: a damaged artifact?)"
-                     if entry.get("logged") else " (the run's commit lacks it, and it was not "
-                     "logged: too large, or changed after its stage read it)")
-            problems.append(f"{path}, read by {', '.join(entry['stages'])}: the run read md5 "
-                            f"{entry['md5']}, the workspace has {state}{where}")
+            where = (
+                ""
+                if entry.get("in_git")
+                else " (the copy logged with the run differs: a damaged artifact?)"
+                if entry.get("logged")
+                else " (the run's commit lacks it, and it was not "
+                "logged: too large, or changed after its stage read it)"
+            )
+            problems.append(
+                f"{path}, read by {', '.join(entry['stages'])}: the run read md5 "
+                f"{entry['md5']}, the workspace has {state}{where}"
+            )
     if problems and not allow_dirty:
-        raise ReproduceError("the workspace would not read the run's inputs: "
-                             + "; ".join(problems) + "; pass --allow-dirty to go on anyway")
+        raise ReproduceError(
+            "the workspace would not read the run's inputs: "
+            + "; ".join(problems)
+            + "; pass --allow-dirty to go on anyway"
+        )
     return problems
 
 
@@ -155,27 +178,40 @@ def order_stages_between(dot: str, first: str) -> list[str]:
     """The stages of ``dvc dag --dot <final>`` in run order, without ``first`` and upstream."""
     from flows.pipeline import order_stages
 
-    nodes = [line.strip().strip(";").strip('"') for line in dot.splitlines()
-             if line.strip().startswith('"') and "->" not in line]
+    nodes = [
+        line.strip().strip(";").strip('"')
+        for line in dot.splitlines()
+        if line.strip().startswith('"') and "->" not in line
+    ]
     ordered = order_stages(dot, nodes)
-    return ordered[ordered.index(first) + 1:] if first in ordered else ordered
+    return ordered[ordered.index(first) + 1 :] if first in ordered else ordered
 
 
-def compare_metrics(recorded: dict[str, float],
-                    reproduced: dict[str, Any]) -> list[dict[str, Any]]:
+def compare_metrics(recorded: dict[str, float], reproduced: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per recorded metric: both values and whether they are exactly equal."""
-    return [{"metric": name, "registered": value, "reproduced": reproduced.get(name),
-             "match": reproduced.get(name) == value} for name, value in recorded.items()]
+    return [
+        {
+            "metric": name,
+            "registered": value,
+            "reproduced": reproduced.get(name),
+            "match": reproduced.get(name) == value,
+        }
+        for name, value in recorded.items()
+    ]
 
 
 def render_table(rows: list[dict[str, Any]], version: int) -> str:
     """The comparison as an aligned text table (full float precision)."""
     header = ("metric", f"registered v{version}", "reproduced", "match")
-    body = [(r["metric"], repr(r["registered"]), repr(r["reproduced"]),
-             "yes" if r["match"] else "NO") for r in rows]
+    body = [
+        (r["metric"], repr(r["registered"]), repr(r["reproduced"]), "yes" if r["match"] else "NO")
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                     for row in [header, *body])
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip()
+        for row in [header, *body]
+    )
 
 
 # --- I/O ----------------------------------------------------------------------------------
@@ -188,16 +224,23 @@ class Workspace:
         self.path, self.verbose = path, verbose
         self.env = dict(os.environ)
         # This interpreter's `python` runs the dvc.yaml commands; MLflow stays in the workspace.
-        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
-                                            self.env.get("PATH", "")])
+        self.env["PATH"] = os.pathsep.join(
+            [str(Path(sys.executable).parent), self.env.get("PATH", "")]
+        )
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", FLOW_RUN_ENV):
             self.env.pop(name, None)
         self.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{path / 'mlflow' / 'mlflow.db'}"
 
     def run(self, *args: str, cwd: Path | None = None) -> str:
         """Run a command; its output on failure (ReproduceError), or streamed with verbose."""
-        proc = subprocess.Popen(args, cwd=cwd or self.path, env=self.env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd or self.path,
+            env=self.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         lines = []
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line.rstrip("\n"))
@@ -205,8 +248,10 @@ class Workspace:
                 print(f"    {line.rstrip()}", file=sys.stderr)
         if proc.wait() != 0:
             tail = "\n".join(lines[-OUTPUT_TAIL:])
-            raise ReproduceError(f"`{' '.join(args[2:] if args[0] == sys.executable else args)}`"
-                                 f" failed (exit {proc.returncode}):\n{tail}")
+            raise ReproduceError(
+                f"`{' '.join(args[2:] if args[0] == sys.executable else args)}`"
+                f" failed (exit {proc.returncode}):\n{tail}"
+            )
         return "\n".join(lines)
 
     def dvc(self, *args: str) -> str:
@@ -228,8 +273,13 @@ def read_default_remote(repo: Path) -> str:
 
 def git_toplevel(repo: Path) -> Path:
     """The root of the git checkout holding ``repo``."""
-    result = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=repo,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise ReproduceError(f"{repo} is not a git checkout: {result.stderr.strip()}")
     return Path(result.stdout.strip())
@@ -257,8 +307,13 @@ def _done(started: float) -> None:
 
 def read_dvc_yaml(repo: Path, commit: str) -> dict[str, Any]:
     """``dvc.yaml`` as committed at ``commit`` ({} when git cannot show it)."""
-    result = subprocess.run(["git", "show", f"{commit}:./dvc.yaml"], cwd=repo,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["git", "show", f"{commit}:./dvc.yaml"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return (yaml.safe_load(result.stdout) or {}) if result.returncode == 0 else {}
 
 
@@ -287,33 +342,49 @@ def check_pulled(workdir: Path, remote_url: str) -> None:
     if not problems:
         return
     # DVC 3's remote layout, as its cache's: files/md5/<2 hex>/<the rest>
-    names = {"/".join(Path(p.path).parts[-2:]) if p.cache else f"{p.expected[:2]}/"
-             f"{p.expected[2:]}" for p in problems if not p.expected.startswith("(")}
+    names = {
+        "/".join(Path(p.path).parts[-2:]) if p.cache else f"{p.expected[:2]}/{p.expected[2:]}"
+        for p in problems
+        if not p.expected.startswith("(")
+    }
     objects = sorted(f"{remote_url.rstrip('/')}/files/md5/{name}" for name in names)
     raise ReproduceError(
         f"the data pulled from the DVC remote {remote_url} is not what the run recorded: "
         + "; ".join(p.describe() for p in problems)
         + f". The remote holds a corrupt object ({', '.join(objects)}): replace it from a "
         "workspace whose copy is good (there: `make verify`, then remove the remote object and "
-        "`dvc push`), then reproduce again")
+        "`dvc push`), then reproduce again"
+    )
 
 
-def reproduce(lineage: dict[str, Any], files: dict[str, str], repo: Path, workdir: Path,
-              remote: str | None, allow_dirty: bool, verbose: bool,
-              inputs: dict[str, bytes] | None = None) -> list[dict[str, Any]]:
+def reproduce(
+    lineage: dict[str, Any],
+    files: dict[str, str],
+    repo: Path,
+    workdir: Path,
+    remote: str | None,
+    allow_dirty: bool,
+    verbose: bool,
+    inputs: dict[str, bytes] | None = None,
+) -> list[dict[str, Any]]:
     """Build the workspace, re-run the stages, return the metric comparison rows.
 
     ``inputs``: the input files the run logged (``flows.lineage.logged_inputs``).
     """
     git, run = lineage["git"], lineage["run"]
     inputs = inputs or {}
-    outputs = declared_outputs(read_dvc_yaml(repo, git["commit"] or "HEAD"),
-                               yaml.safe_load(files.get(PARAMS_ARTIFACT) or "") or {})
+    outputs = declared_outputs(
+        read_dvc_yaml(repo, git["commit"] or "HEAD"),
+        yaml.safe_load(files.get(PARAMS_ARTIFACT) or "") or {},
+    )
     if warning := check_clean(git["dirty_files"], allow_dirty, [*outputs, *inputs]):
         print(f"WARNING: {warning}", file=sys.stderr)
     if run["device"] not in (None, "cpu"):
-        print(f"WARNING: the run trained on {run['device']}; bit-equal metrics are only "
-              "expected between CPU runs", file=sys.stderr)
+        print(
+            f"WARNING: the run trained on {run['device']}; bit-equal metrics are only "
+            "expected between CPU runs",
+            file=sys.stderr,
+        )
     ws = Workspace(workdir, verbose)
     source = git_toplevel(repo)
     remote_url = resolve_remote_url(remote, Path.cwd()) if remote else read_default_remote(repo)
@@ -329,24 +400,30 @@ def reproduce(lineage: dict[str, Any], files: dict[str, str], repo: Path, workdi
     written = restore_inputs(workdir, inputs)
     ws.dvc("remote", "add", "--local", "--default", "--force", REMOTE_NAME, remote_url)
     _done(started)
-    print(f"    {', '.join([*files, *written])} of run {run['id']} written; DVC remote "
-          f"{remote_url}", file=sys.stderr)
-    raw = ", ".join(f"{d['path']} {d['md5']}" for d in lineage["data"]
-                    if d["stage"] == RESTORED_STAGE)
+    print(
+        f"    {', '.join([*files, *written])} of run {run['id']} written; DVC remote {remote_url}",
+        file=sys.stderr,
+    )
+    raw = ", ".join(
+        f"{d['path']} {d['md5']}" for d in lineage["data"] if d["stage"] == RESTORED_STAGE
+    )
     started = _step(f"dvc pull {RESTORED_STAGE}: {raw or 'its outputs'}")
     try:
         ws.dvc("pull", RESTORED_STAGE)
     except ReproduceError as exc:
-        raise ReproduceError(f"the run's data is not in the DVC remote {remote_url} (was "
-                             f"`dvc push` run after it trained?): {exc}") from exc
+        raise ReproduceError(
+            f"the run's data is not in the DVC remote {remote_url} (was "
+            f"`dvc push` run after it trained?): {exc}"
+        ) from exc
     check_pulled(workdir, remote_url)
     _done(started)
     stages = order_stages_between(ws.dvc("dag", "--dot", FINAL_STAGE), RESTORED_STAGE)
     for problem in check_inputs(workdir, lineage.get("inputs"), stages, allow_dirty):
         print(f"WARNING: {problem}", file=sys.stderr)
     for index, stage in enumerate(stages, start=1):
-        started = _step(f"stage {index}/{len(stages)}: {stage} "
-                        f"(dvc repro --force --single-item {stage})")
+        started = _step(
+            f"stage {index}/{len(stages)}: {stage} (dvc repro --force --single-item {stage})"
+        )
         ws.dvc("repro", "--force", "--single-item", stage)
         _done(started)
     reproduced = json.loads((workdir / METRICS_FILE).read_text(encoding="utf-8"))
@@ -364,18 +441,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         "equal, 1 otherwise.",
         "examples:\n  python -m flows.reproduce classifier@champion\n"
         "  python -m flows.reproduce classifier/3 --workdir /tmp/repro-v3\n"
-        "  make reproduce MODEL=classifier/3 WORKDIR=/tmp/repro-v3")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="new or empty folder for the workspace (default: a new temporary "
-                             "folder)")
-    parser.add_argument("--remote", default=None,
-                        help="DVC remote URL holding the data, e.g. s3://bucket/dvc (default: "
-                             "REPO's default remote)")
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="go on, with a warning, when the run was trained on uncommitted "
-                             "code changes")
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="show the output of git, dvc and the stages as they run")
+        "  make reproduce MODEL=classifier/3 WORKDIR=/tmp/repro-v3",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="new or empty folder for the workspace (default: a new temporary folder)",
+    )
+    parser.add_argument(
+        "--remote",
+        default=None,
+        help="DVC remote URL holding the data, e.g. s3://bucket/dvc (default: "
+        "REPO's default remote)",
+    )
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="go on, with a warning, when the run was trained on uncommitted code changes",
+    )
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show the output of git, dvc and the stages as they run",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files
     try:
@@ -385,17 +475,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = lineage_files(client, lineage["run"]["id"])
         inputs = logged_inputs(client, lineage["run"]["id"], lineage["inputs"])
         workdir = prepare_workdir(args.workdir, f"{model['name']}-v{model['version']}")
-        print(f"reproducing {model['name']} v{model['version']} (run {lineage['run']['id']}) "
-              f"in {workdir}", file=sys.stderr)
-        rows = reproduce(lineage, files, args.repo.resolve(), workdir, args.remote,
-                         args.allow_dirty, args.verbose, inputs)
+        print(
+            f"reproducing {model['name']} v{model['version']} (run {lineage['run']['id']}) "
+            f"in {workdir}",
+            file=sys.stderr,
+        )
+        rows = reproduce(
+            lineage,
+            files,
+            args.repo.resolve(),
+            workdir,
+            args.remote,
+            args.allow_dirty,
+            args.verbose,
+            inputs,
+        )
     except LineageError as exc:
         print(f"reproduce: {exc}", file=sys.stderr)
         return 1
     print(render_table(rows, model["version"]))
     matched = all(row["match"] for row in rows) and bool(rows)
-    print(f"\n{'All' if matched else 'NOT all'} {len(rows)} test metrics of {model['name']} "
-          f"v{model['version']} {'match exactly' if matched else 'match'}; workspace: {workdir}")
+    print(
+        f"\n{'All' if matched else 'NOT all'} {len(rows)} test metrics of {model['name']} "
+        f"v{model['version']} {'match exactly' if matched else 'match'}; workspace: {workdir}"
+    )
     return 0 if matched else 1
 
 

@@ -61,8 +61,10 @@ class Rollback:
         """One line for the terminal."""
         if self.move is None:
             return f"{self.model}@{self.alias} is already v{self.to_version}: nothing moved"
-        return (f"{self.model}@{self.alias}: v{self.from_version} -> v{self.to_version} "
-                f"(rollback by {self.move.actor} at {self.move.time}): {self.move.reason}")
+        return (
+            f"{self.model}@{self.alias}: v{self.from_version} -> v{self.to_version} "
+            f"(rollback by {self.move.actor} at {self.move.time}): {self.move.reason}"
+        )
 
 
 def parse_target(text: str) -> tuple[str, str]:
@@ -73,8 +75,10 @@ def parse_target(text: str) -> tuple[str, str]:
     """
     match = _TARGET.match(text.strip())
     if not match:
-        raise RollbackError(f"{text!r}: expected <model> or <model>@<alias> (e.g. classifier "
-                            "or classifier@champion); name the version with --version")
+        raise RollbackError(
+            f"{text!r}: expected <model> or <model>@<alias> (e.g. classifier "
+            "or classifier@champion); name the version with --version"
+        )
     return match["name"], match["alias"] or DEFAULT_ALIAS
 
 
@@ -83,8 +87,9 @@ def _versions(client: MlflowClient, name: str) -> list[int]:
     return sorted(int(v.version) for v in client.search_model_versions(f"name = '{escaped}'"))
 
 
-def choose_version(client: MlflowClient, name: str, alias: str, version: str | None,
-                   force: bool) -> tuple[str | None, str]:
+def choose_version(
+    client: MlflowClient, name: str, alias: str, version: str | None, force: bool
+) -> tuple[str | None, str]:
     """(the current holder, the version to move to), checked.
 
     Raises:
@@ -99,34 +104,41 @@ def choose_version(client: MlflowClient, name: str, alias: str, version: str | N
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         names = sorted(m.name for m in client.search_registered_models(max_results=50))
-        raise RollbackError(f"no registered model {name!r} (registered: "
-                            f"{', '.join(names) or 'none'})") from exc
+        raise RollbackError(
+            f"no registered model {name!r} (registered: {', '.join(names) or 'none'})"
+        ) from exc
     current = registry.current_holder(client, name, alias)
     if version is None:
-        version = registry.previous_holder(registry.alias_history(client, name, alias),
-                                           current)
+        version = registry.previous_holder(registry.alias_history(client, name, alias), current)
         if version is None:
             held = f"v{current}" if current else "nobody"
-            raise RollbackError(f"{name}@{alias} ({held}) has no earlier holder in the alias "
-                                "history; name the version: make rollback VERSION=<n> "
-                                "REASON=... (or --version)")
+            raise RollbackError(
+                f"{name}@{alias} ({held}) has no earlier holder in the alias "
+                "history; name the version: make rollback VERSION=<n> "
+                "REASON=... (or --version)"
+            )
     try:
         target = client.get_model_version(name, version)
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise RollbackError(f"model {name!r} has no version {version} (versions: "
-                            f"{', '.join(map(str, _versions(client, name))) or 'none'})") from exc
+        raise RollbackError(
+            f"model {name!r} has no version {version} (versions: "
+            f"{', '.join(map(str, _versions(client, name))) or 'none'})"
+        ) from exc
     if target.tags.get(registry.GATE_TAG) == "failed" and not force:
         why = target.tags.get("promotion.reason", "no reason recorded")
-        raise RollbackError(f"refused: {name} v{version} failed the model gate "
-                            f"({registry.GATE_TAG}=failed: {why}); to move {alias} to it "
-                            "anyway add --force (make rollback ... FORCE=1)")
+        raise RollbackError(
+            f"refused: {name} v{version} failed the model gate "
+            f"({registry.GATE_TAG}=failed: {why}); to move {alias} to it "
+            "anyway add --force (make rollback ... FORCE=1)"
+        )
     return current, str(target.version)
 
 
-def check_artifacts(client: MlflowClient, name: str, version: str,
-                    key_env: str | None = artifacts.DEFAULT_KEY_ENV) -> str | None:
+def check_artifacts(
+    client: MlflowClient, name: str, version: str, key_env: str | None = artifacts.DEFAULT_KEY_ENV
+) -> str | None:
     """Hash version ``version``'s stored files (its model folder and its run's ``variants/``)
     against the hashes recorded at its registration, and its signature when ``key_env`` holds
     a key. Reads only; loads nothing.
@@ -149,27 +161,39 @@ def check_artifacts(client: MlflowClient, name: str, version: str,
     try:
         with tempfile.TemporaryDirectory(prefix="rollback-check-") as tmp:
             folder = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}", dst_path=f"{tmp}/model",
-                tracking_uri=uri, registry_uri=uri)
-            if (artifacts.DIGEST_TAG not in (mv.tags or {})
-                    and artifacts.signing_key(key_env) is None
-                    and artifacts.logged_hashes(folder) is None):
-                return (f"{name} v{version} has no recorded artifact hashes (registered before "
-                        "they were recorded): moved unverified, as the service loads it. "
-                        "Check its files, then record them: python -m flows.artifacts "
-                        f"record models:/{name}/{version}")
+                artifact_uri=f"models:/{name}/{version}",
+                dst_path=f"{tmp}/model",
+                tracking_uri=uri,
+                registry_uri=uri,
+            )
+            if (
+                artifacts.DIGEST_TAG not in (mv.tags or {})
+                and artifacts.signing_key(key_env) is None
+                and artifacts.logged_hashes(folder) is None
+            ):
+                return (
+                    f"{name} v{version} has no recorded artifact hashes (registered before "
+                    "they were recorded): moved unverified, as the service loads it. "
+                    "Check its files, then record them: python -m flows.artifacts "
+                    f"record models:/{name}/{version}"
+                )
             artifacts.verify_files(mv, folder, artifacts.MODEL_PREFIX, key_env)
             if mv.run_id and any(
-                    f.path == artifacts.VARIANTS_DIR for f in client.list_artifacts(mv.run_id)):
+                f.path == artifacts.VARIANTS_DIR for f in client.list_artifacts(mv.run_id)
+            ):
                 variants = mlflow.artifacts.download_artifacts(
-                    run_id=mv.run_id, artifact_path=artifacts.VARIANTS_DIR,
-                    dst_path=f"{tmp}/run", tracking_uri=uri)
+                    run_id=mv.run_id,
+                    artifact_path=artifacts.VARIANTS_DIR,
+                    dst_path=f"{tmp}/run",
+                    tracking_uri=uri,
+                )
                 artifacts.verify_files(mv, variants, artifacts.VARIANTS_PREFIX, key_env)
     except (MlflowException, OSError) as exc:
         error = " ".join(str(exc).split())[:MAX_CHECK_ERROR]
-        raise RollbackError(f"cannot check {name} v{version}'s stored files against the hashes "
-                            f"recorded at its registration: {type(exc).__name__}: {error}") \
-            from exc
+        raise RollbackError(
+            f"cannot check {name} v{version}'s stored files against the hashes "
+            f"recorded at its registration: {type(exc).__name__}: {error}"
+        ) from exc
     return None
 
 
@@ -179,9 +203,15 @@ def _refusal(exc: PipelineError) -> str:
     return re.sub(r"[;,]? *refused(, nothing of it was loaded)?\.?$", "", found).rstrip(" ;,.")
 
 
-def rollback(client: MlflowClient, name: str, alias: str, reason: str,
-             version: str | None = None, force: bool = False,
-             key_env: str | None = artifacts.DEFAULT_KEY_ENV) -> Rollback:
+def rollback(
+    client: MlflowClient,
+    name: str,
+    alias: str,
+    reason: str,
+    version: str | None = None,
+    force: bool = False,
+    key_env: str | None = artifacts.DEFAULT_KEY_ENV,
+) -> Rollback:
     """Move ``name@alias`` back (to the previous holder, or ``version``), recorded with
     ``reason``, once the target's stored files match the hashes recorded at its registration
     (:func:`check_artifacts`; ``key_env``: the env var holding the signing key).
@@ -191,8 +221,9 @@ def rollback(client: MlflowClient, name: str, alias: str, reason: str,
             their hashes or cannot be checked (without ``force``: nothing moved).
     """
     if not reason.strip():
-        raise RollbackError("a reason is required (REASON=\"...\" or --reason): it goes into "
-                            "the alias history")
+        raise RollbackError(
+            'a reason is required (REASON="..." or --reason): it goes into the alias history'
+        )
     current, target = choose_version(client, name, alias, version, force)
     warning = None
     if target != current:
@@ -202,20 +233,25 @@ def rollback(client: MlflowClient, name: str, alias: str, reason: str,
             found = _refusal(exc)
             tampered = isinstance(exc, artifacts.ArtifactIntegrityError)
             if not force:
-                repair = (f"restore v{target}'s files in the artifact store from a backup and "
-                          "check them" if tampered else "make the artifact store readable and "
-                          "check them")
+                repair = (
+                    f"restore v{target}'s files in the artifact store from a backup and check them"
+                    if tampered
+                    else "make the artifact store readable and check them"
+                )
                 raise RollbackError(
                     f"refused: {found}; {alias} stays on "
                     f"{f'v{current}' if current else 'nobody'}, nothing moved. Fix: move it to "
                     f"a good version instead (make rollback REASON=... VERSION=<n>), or {repair}:"
                     f" python -m flows.artifacts verify models:/{name}/{target}; "
-                    "to move anyway add FORCE=1 (--force)") from exc
+                    "to move anyway add FORCE=1 (--force)"
+                ) from exc
             state = "fail their recorded hashes" if tampered else "could not be checked"
-            warning = (f"FORCED (--force): {found}. {alias} now names a version whose files "
-                       f"{state}: the service refuses to load a version that fails its hashes "
-                       "(it keeps serving what it has, /ready turns 503) until its files are "
-                       "restored or the alias moves to a good version")
+            warning = (
+                f"FORCED (--force): {found}. {alias} now names a version whose files "
+                f"{state}: the service refuses to load a version that fails its hashes "
+                "(it keeps serving what it has, /ready turns 503) until its files are "
+                "restored or the alias moves to a good version"
+            )
             reason = f"{reason} [forced past a failed artifact check: {found}]"
     move = registry.move_alias(client, name, alias, target, reason, kind="rollback")
     return Rollback(name, alias, current, target, move, warning)
@@ -233,29 +269,50 @@ def signing_key_env(params_file: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m flows.rollback <model>[@alias] --reason TEXT [--version N] [--force]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m flows.rollback", description=__doc__.split("\n\n")[0],
+        prog="python -m flows.rollback",
+        description=__doc__.split("\n\n")[0],
         epilog="examples:\n  python -m flows.rollback classifier --reason 'v7 is wrong at "
-               "night'\n  make rollback REASON='back to the audited one' VERSION=5",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "night'\n  make rollback REASON='back to the audited one' VERSION=5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", help="<model> or <model>@<alias> (default alias: champion)")
     parser.add_argument("--reason", required=True, help="why (recorded in the alias history)")
-    parser.add_argument("--version", default=None,
-                        help="the version to move to (default: the previous holder)")
-    parser.add_argument("--force", action="store_true",
-                        help="move even to a version whose model gate failed, or whose stored "
-                             "files fail the hashes recorded at its registration (warns)")
-    parser.add_argument("--repo", type=Path, default=Path("."),
-                        help="the project checkout (default: the current directory)")
-    parser.add_argument("--params", type=Path, default=None,
-                        help="params file naming the MLflow store (default: REPO/params.yaml; "
-                             "env MLFLOW_TRACKING_URI overrides it)")
+    parser.add_argument(
+        "--version", default=None, help="the version to move to (default: the previous holder)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="move even to a version whose model gate failed, or whose stored "
+        "files fail the hashes recorded at its registration (warns)",
+    )
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        default=Path("."),
+        help="the project checkout (default: the current directory)",
+    )
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="params file naming the MLflow store (default: REPO/params.yaml; "
+        "env MLFLOW_TRACKING_URI overrides it)",
+    )
     args = parser.parse_args(argv)
     try:
         name, alias = parse_target(args.model)
         params_file = args.params or args.repo / "params.yaml"
         uri = resolve_tracking_uri(args.repo, params_file)
-        done = rollback(open_client(uri), name, alias, args.reason, args.version, args.force,
-                        signing_key_env(params_file))
+        done = rollback(
+            open_client(uri),
+            name,
+            alias,
+            args.reason,
+            args.version,
+            args.force,
+            signing_key_env(params_file),
+        )
     except PipelineError as exc:
         print(f"rollback: {exc}", file=sys.stderr)
         return 1
@@ -263,8 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rollback: WARNING: {done.warning}", file=sys.stderr)
     print(done.describe())
     if done.move is not None:
-        print(f"the service follows: it polls {name}@{alias} and swaps to "
-              f"v{done.to_version} within serve.poll_interval_s")
+        print(
+            f"the service follows: it polls {name}@{alias} and swaps to "
+            f"v{done.to_version} within serve.poll_interval_s"
+        )
     return 0
 
 

@@ -30,9 +30,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType
@@ -85,14 +85,25 @@ def local_server(port: int, log_file: Path) -> Iterator[str]:
     api_url = f"http://127.0.0.1:{port}/api"
     with log_file.open("ab") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while not is_api_healthy(api_url):
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Prefect server did not start on {api_url}; "
-                                   f"see {log_file}")
+                raise RuntimeError(f"the Prefect server did not start on {api_url}; see {log_file}")
             time.sleep(0.5)
         yield api_url
     finally:
@@ -119,7 +130,7 @@ def serve_pipeline(repo: Path, params: ScheduleParams) -> None:
         # A due run waits (bounded) for a `make run`/`make repro` holding the workspace.
         parameters={"repo": str(repo), "wait_s": DEFAULT_WAIT_S},
         description=f"The whole pipeline for {repo}, on the cron {params.cron!r} "
-                    f"({params.timezone}) of params.yaml.",
+        f"({params.timezone}) of params.yaml.",
         limit=1,  # runs share the DVC repo: never two at once (and the run lock)
         # Each run imports flows.pipeline as a module, from the directory this command runs in.
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -131,17 +142,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.schedule",
         description="Serve the pipeline as a Prefect deployment on the cron schedule of "
-                    "params.yaml (section `schedule`) until Ctrl-C. Uses PREFECT_API_URL if "
-                    "set, else starts a local `prefect server start` (and stops it on exit).",
+        "params.yaml (section `schedule`) until Ctrl-C. Uses PREFECT_API_URL if "
+        "set, else starts a local `prefect server start` (and stops it on exit).",
         epilog="While it runs, start a run now with: prefect deployment run pipeline/<deployment> "
-               "(set PREFECT_API_URL=http://127.0.0.1:<port>/api when this command started "
-               "the server). The Prefect UI is at http://127.0.0.1:<port>.",
+        "(set PREFECT_API_URL=http://127.0.0.1:<port>/api when this command started "
+        "the server). The Prefect UI is at http://127.0.0.1:<port>.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--repo", default=".",
-                        help="project checkout the scheduled runs work in (dvc.yaml, params.yaml)")
-    parser.add_argument("--port", type=int, default=4200,
-                        help="port of the local Prefect server (when PREFECT_API_URL is unset)")
+    parser.add_argument(
+        "--repo",
+        default=".",
+        help="project checkout the scheduled runs work in (dvc.yaml, params.yaml)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=4200,
+        help="port of the local Prefect server (when PREFECT_API_URL is unset)",
+    )
     args = parser.parse_args(argv)
     repo = Path(args.repo).resolve()
     try:
@@ -155,8 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with ExitStack() as stack:
             api_url = _connect_api(args.port, stack)
-            logger.info("serving %s (cron %r, %s) against the Prefect API at %s",
-                        deployment_name(params), params.cron, params.timezone, api_url)
+            logger.info(
+                "serving %s (cron %r, %s) against the Prefect API at %s",
+                deployment_name(params),
+                params.cron,
+                params.timezone,
+                api_url,
+            )
             serve_pipeline(repo, params)  # returns on Ctrl-C once it is serving
     except KeyboardInterrupt:  # Ctrl-C while the server was still starting
         return 130

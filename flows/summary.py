@@ -54,9 +54,14 @@ def mlflow_ui_url(repo: Path) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def summarize_run(stages: list[str], statuses: dict[str, str], reports: dict[str, dict | None],
-                  ui_url: str, flow_run_id: str | None = None,
-                  error: str | None = None) -> dict[str, Any]:
+def summarize_run(
+    stages: list[str],
+    statuses: dict[str, str],
+    reports: dict[str, dict | None],
+    ui_url: str,
+    flow_run_id: str | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
     """The run in one small dict: stage statuses, test metrics, the registered model, links.
 
     Args:
@@ -106,8 +111,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += _model_lines(summary.get("model"))
     lines += ["", "## MLflow", ""]
     link = summary.get("mlflow_run_url")
-    lines.append(f"[Training run]({link}) (start the UI with `make ui`)" if link
-                 else "Not available: the train stage did not finish in this run.")
+    lines.append(
+        f"[Training run]({link}) (start the UI with `make ui`)"
+        if link
+        else "Not available: the train stage did not finish in this run."
+    )
     return "\n".join(lines) + "\n"
 
 

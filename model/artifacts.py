@@ -78,8 +78,11 @@ def hash_folder(folder: str | Path, prefix: str = "") -> dict[str, str]:
     """``prefix + relative posix path -> sha256`` of every file under ``folder``, sorted
     (but the files MLflow's client writes into a download: :data:`CLIENT_WRITTEN`)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and p.relative_to(folder).as_posix() not in CLIENT_WRITTEN)
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).as_posix() not in CLIENT_WRITTEN
+    )
     return {prefix + p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
 
 
@@ -154,13 +157,16 @@ def _fix(name: str | None, version: str | None, what: str = "files") -> str:
     Not "re-register it": register registers the workspace's current model, which need not
     be this version's."""
     uri = f"models:/{name}/{version}" if name else "models:/<name>/<version>"
-    return (f"Fix: move the alias to a good version (make rollback REASON=... [VERSION=n]), or "
-            f"restore v{version or '?'}'s {what} from a backup, then check: python -m "
-            f"flows.artifacts verify {uri}; do not load these files")
+    return (
+        f"Fix: move the alias to a good version (make rollback REASON=... [VERSION=n]), or "
+        f"restore v{version or '?'}'s {what} from a backup, then check: python -m "
+        f"flows.artifacts verify {uri}; do not load these files"
+    )
 
 
-def recorded_manifest(mv: ModelVersion, key: bytes | None,
-                      key_env: str = DEFAULT_KEY_ENV) -> tuple[dict[str, str], str, bool] | None:
+def recorded_manifest(
+    mv: ModelVersion, key: bytes | None, key_env: str = DEFAULT_KEY_ENV
+) -> tuple[dict[str, str], str, bool] | None:
     """The version's recorded manifest, digest and whether a signature was checked; None when
     it has none (then the caller applies the policy: see :func:`unrecorded`).
 
@@ -180,7 +186,8 @@ def recorded_manifest(mv: ModelVersion, key: bytes | None,
         raise ArtifactIntegrityError(
             f"{who}: tag {MANIFEST_TAG} is missing or does not hash to {DIGEST_TAG} "
             f"{digest[:16]} (the registry tags were edited); refused. "
-            + _fix(mv.name, mv.version, "registry tags"))
+            + _fix(mv.name, mv.version, "registry tags")
+        )
     if key is None:
         return manifest, digest, False
     signature = tags.get(SIGNATURE_TAG)
@@ -189,12 +196,14 @@ def recorded_manifest(mv: ModelVersion, key: bytes | None,
             f"{who} is not signed (no {SIGNATURE_TAG} tag) and {key_env} is set, so only signed "
             f"versions load; refused. Fix: re-register it with {key_env} set, or sign it after "
             f"checking it: python -m flows.artifacts record models:/{mv.name}/"
-            f"{mv.version}")
+            f"{mv.version}"
+        )
     if not hmac.compare_digest(signature, sign(key, digest)):
         raise ArtifactIntegrityError(
             f"{who}: signature {SIGNATURE_TAG} does not match the key in {key_env} (signed with "
             f"another key, or its tags were edited); refused. Fix: set the key it was signed "
-            f"with, or " + _fix(mv.name, mv.version, "registry tags").removeprefix("Fix: "))
+            f"with, or " + _fix(mv.name, mv.version, "registry tags").removeprefix("Fix: ")
+        )
     return manifest, digest, True
 
 
@@ -213,12 +222,15 @@ def logged_hashes(folder: str | Path) -> dict[str, str] | None:
         return None
     if not isinstance(hashes, dict) or not hashes:
         return None
-    return {MODEL_PREFIX + str((paths.get(key) or {}).get("path", f"artifacts/{key}")): str(h)
-            for key, h in hashes.items()}
+    return {
+        MODEL_PREFIX + str((paths.get(key) or {}).get("path", f"artifacts/{key}")): str(h)
+        for key, h in hashes.items()
+    }
 
 
-def unrecorded(name: str | None, version: str | None, key: bytes | None,
-               key_env: str = DEFAULT_KEY_ENV) -> Verification:
+def unrecorded(
+    name: str | None, version: str | None, key: bytes | None, key_env: str = DEFAULT_KEY_ENV
+) -> Verification:
     """The policy for a model without recorded hashes: refused when a key is set, else loaded
     with a warning (``unverified``).
 
@@ -232,14 +244,24 @@ def unrecorded(name: str | None, version: str | None, key: bytes | None,
             f"{who} has no recorded artifact hashes ({DIGEST_TAG}; registered before they were "
             f"recorded, or not a registry version) and {key_env} is set, so it is refused. "
             f"Fix: re-register it, or record and sign its hashes after checking it: "
-            f"python -m flows.artifacts record {where}")
-    logger.warning("%s has no recorded artifact hashes (%s): loading it unverified. Record "
-                   "them: python -m flows.artifacts record %s", who, DIGEST_TAG, where)
+            f"python -m flows.artifacts record {where}"
+        )
+    logger.warning(
+        "%s has no recorded artifact hashes (%s): loading it unverified. Record "
+        "them: python -m flows.artifacts record %s",
+        who,
+        DIGEST_TAG,
+        where,
+    )
     return Verification(name, version, None)
 
 
-def verify_files(mv: ModelVersion, folder: str | Path, prefix: str = MODEL_PREFIX,
-                 key_env: str | None = DEFAULT_KEY_ENV) -> Verification:
+def verify_files(
+    mv: ModelVersion,
+    folder: str | Path,
+    prefix: str = MODEL_PREFIX,
+    key_env: str | None = DEFAULT_KEY_ENV,
+) -> Verification:
     """Check the files in ``folder`` (the version's model folder, or its run's ``variants/``
     with ``prefix="variants/"``) against what the version recorded. Reads only; loads nothing.
 
@@ -262,7 +284,9 @@ def verify_files(mv: ModelVersion, folder: str | Path, prefix: str = MODEL_PREFI
                 f"always records them, so its registry tags were removed; refused, nothing of "
                 f"it was loaded. Fix: check its files, then record them again: python -m "
                 f"flows.artifacts record models:/{mv.name}/{mv.version} (or "
-                + _fix(mv.name, mv.version, "registry tags").removeprefix("Fix: ") + ")")
+                + _fix(mv.name, mv.version, "registry tags").removeprefix("Fix: ")
+                + ")"
+            )
         return unrecorded(mv.name, mv.version, key, key_env)
     manifest, digest, signed = recorded
     expected = {k: v for k, v in manifest.items() if k.startswith(prefix)}
@@ -273,7 +297,8 @@ def verify_files(mv: ModelVersion, folder: str | Path, prefix: str = MODEL_PREFI
         raise ArtifactIntegrityError(
             f"{_who(mv.name, mv.version)}: artifact files differ from the hashes recorded at "
             f"registration ({DIGEST_TAG} {digest[:16]}): {shown}{more}; refused, nothing of it "
-            f"was loaded. " + _fix(mv.name, mv.version))
+            f"was loaded. " + _fix(mv.name, mv.version)
+        )
     return Verification(str(mv.name), str(mv.version), digest, signed)
 
 
@@ -286,15 +311,18 @@ def resolve(model_uri: str, client: MlflowClient | None = None) -> ModelVersion 
     from mlflow import MlflowClient
 
     if match := _ALIAS_URI.match(model_uri):
-        return (client or MlflowClient()).get_model_version_by_alias(match["name"],
-                                                                     match["alias"])
+        return (client or MlflowClient()).get_model_version_by_alias(match["name"], match["alias"])
     if match := _VERSION_URI.match(model_uri):
         return (client or MlflowClient()).get_model_version(match["name"], match["version"])
     return None
 
 
-def verified_copy(model_uri: str, dst: str | Path, key_env: str | None = DEFAULT_KEY_ENV,
-                  client: MlflowClient | None = None) -> tuple[str, Verification]:
+def verified_copy(
+    model_uri: str,
+    dst: str | Path,
+    key_env: str | None = DEFAULT_KEY_ENV,
+    client: MlflowClient | None = None,
+) -> tuple[str, Verification]:
     """Download the model to ``dst`` and check it; load it from the returned path only.
 
     Returns:
@@ -313,8 +341,7 @@ def verified_copy(model_uri: str, dst: str | Path, key_env: str | None = DEFAULT
     return path, verify_files(mv, path, MODEL_PREFIX, key_env)
 
 
-def ensure_verified(model_uri: str, dst: str | Path,
-                    key_env: str | None = DEFAULT_KEY_ENV) -> str:
+def ensure_verified(model_uri: str, dst: str | Path, key_env: str | None = DEFAULT_KEY_ENV) -> str:
     """A local folder of the model to load from: ``models:/`` URIs are downloaded to ``dst``
     and checked (:func:`verified_copy`); anything else is returned as is (a local copy that
     the caller checked, e.g. :func:`serving.model.load_model`'s).
@@ -327,9 +354,12 @@ def ensure_verified(model_uri: str, dst: str | Path,
     return model_uri
 
 
-def verify_run_variants(run_id: str, folder: str | Path,
-                        key_env: str | None = DEFAULT_KEY_ENV,
-                        client: MlflowClient | None = None) -> Verification:
+def verify_run_variants(
+    run_id: str,
+    folder: str | Path,
+    key_env: str | None = DEFAULT_KEY_ENV,
+    client: MlflowClient | None = None,
+) -> Verification:
     """Check a run's downloaded ``variants/`` folder against every version registered from
     that run (each recorded the same files).
 
@@ -345,8 +375,13 @@ def verify_run_variants(run_id: str, folder: str | Path,
     return next((c for c in checks if c.verified), checks[0])
 
 
-def check_produced(name: str, version: str, manifest: dict[str, str],
-                   logged: dict[str, str] | None, produced: dict[str, str] | None) -> None:
+def check_produced(
+    name: str,
+    version: str,
+    manifest: dict[str, str],
+    logged: dict[str, str] | None,
+    produced: dict[str, str] | None,
+) -> None:
     """The stored files are the ones produced locally before upload: the artifacts hash as
     the ``MLmodel`` config says (computed before upload), and every file of ``produced`` (the
     local copy: :func:`model.servable.produced_files`) is stored unchanged, with no
@@ -355,17 +390,20 @@ def check_produced(name: str, version: str, manifest: dict[str, str],
     Raises:
         ArtifactIntegrityError: naming each file that differs; nothing is recorded.
     """
-    problems = compare(logged, {k: v for k, v in manifest.items() if k in logged}) \
-        if logged else []
+    problems = compare(logged, {k: v for k, v in manifest.items() if k in logged}) if logged else []
     if problems and not produced:  # (python -m flows.artifacts record)
         raise ArtifactIntegrityError(
             f"{name} v{version}: stored artifact(s) differ from the sha256 its MLmodel recorded "
             f"before upload ({HASHES_CONFIG}): {'; '.join(problems[:SHOWN_FILES])}; nothing "
-            "recorded or signed. " + _fix(name, version))
+            "recorded or signed. " + _fix(name, version)
+        )
     if produced:
         code = (f"{MODEL_PREFIX}code/",)
-        stored = {k: v for k, v in manifest.items()
-                  if k in produced or (k.startswith(code) and "/__pycache__/" not in k)}
+        stored = {
+            k: v
+            for k, v in manifest.items()
+            if k in produced or (k.startswith(code) and "/__pycache__/" not in k)
+        }
         problems += [p for p in compare(produced, stored) if p not in problems]
     if problems:
         shown = "; ".join(problems[:SHOWN_FILES])
@@ -374,25 +412,32 @@ def check_produced(name: str, version: str, manifest: dict[str, str],
             f"{name} v{version}: the stored files are not the ones this run produced (changed "
             f"in the artifact store between upload and recording their hashes): {shown}{more}; "
             "nothing recorded or signed. Fix: find who writes to the artifact store, then "
-            "re-run register (the version stays pending, not champion)")
+            "re-run register (the version stays pending, not champion)"
+        )
 
 
-def collect_manifest(name: str, version: str, run_id: str | None,
-                     produced: dict[str, str] | None = None,
-                     check: bool = True) -> dict[str, str]:
+def collect_manifest(
+    name: str,
+    version: str,
+    run_id: str | None,
+    produced: dict[str, str] | None = None,
+    check: bool = True,
+) -> dict[str, str]:
     """Hash every stored file of the version: its model folder and its run's ``variants/``,
     checked (``check``) against what was produced locally (:func:`check_produced`)."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="artifact-hashes-") as tmp:
-        model = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
-                                                    dst_path=str(Path(tmp) / "model"))
+        model = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(Path(tmp) / "model")
+        )
         manifest = hash_folder(model, MODEL_PREFIX)
         if check:
             check_produced(name, version, manifest, logged_hashes(model), produced)
         if run_id and has_variants(run_id):
             variants = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=VARIANTS_DIR, dst_path=str(Path(tmp) / "run"))
+                run_id=run_id, artifact_path=VARIANTS_DIR, dst_path=str(Path(tmp) / "run")
+            )
             manifest |= hash_folder(variants, VARIANTS_PREFIX)
     return manifest
 
@@ -403,10 +448,14 @@ def has_variants(run_id: str) -> bool:
     return any(f.path == VARIANTS_DIR for f in MlflowClient().list_artifacts(run_id))
 
 
-def record_version(client: MlflowClient, name: str, version: str,
-                   key_env: str | None = DEFAULT_KEY_ENV,
-                   only_run: str | None = None,
-                   produced: dict[str, str] | None = None) -> Verification:
+def record_version(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    key_env: str | None = DEFAULT_KEY_ENV,
+    only_run: str | None = None,
+    produced: dict[str, str] | None = None,
+) -> Verification:
     """Hash the version's stored files and tag it (manifest, digest, signature when a key is
     set). Idempotent: a version that already recorded hashes is checked against them instead
     (and signed if a key is set and it is not yet), never re-recorded.
@@ -429,8 +478,9 @@ def record_version(client: MlflowClient, name: str, version: str,
     tags = dict(mv.tags or {})
     if only_run is not None and mv.run_id != only_run and DIGEST_TAG not in tags:
         return Verification(name, str(version), None)
-    manifest = collect_manifest(name, str(version), mv.run_id, produced,
-                                check=DIGEST_TAG not in tags)  # else: compared below
+    manifest = collect_manifest(
+        name, str(version), mv.run_id, produced, check=DIGEST_TAG not in tags
+    )  # else: compared below
     digest = manifest_digest(manifest)
     if DIGEST_TAG in tags:
         recorded = recorded_manifest(mv, None, key_env)  # the tags agree with each other
@@ -438,17 +488,22 @@ def record_version(client: MlflowClient, name: str, version: str,
         if problems:
             raise ArtifactIntegrityError(
                 f"{_who(name, version)}: its files differ from the hashes it recorded: "
-                f"{'; '.join(problems[:SHOWN_FILES])}; not re-recorded. "
-                + _fix(name, str(version)))
+                f"{'; '.join(problems[:SHOWN_FILES])}; not re-recorded. " + _fix(name, str(version))
+            )
     else:
         client.set_model_version_tag(name, str(version), MANIFEST_TAG, canonical(manifest))
         client.set_model_version_tag(name, str(version), DIGEST_TAG, digest)
     signed = key is not None
     if signed and SIGNATURE_TAG not in tags:
-        client.set_model_version_tag(name, str(version), SIGNATURE_TAG,
-                                     sign(key, digest))
+        client.set_model_version_tag(name, str(version), SIGNATURE_TAG, sign(key, digest))
     elif signed:  # already signed: it must be with this key
         recorded_manifest(client.get_model_version(name, str(version)), key, key_env)
-    logger.info("%s v%s: %d artifact file(s) recorded, sha256 %s%s", name, version,
-                len(manifest), digest[:16], ", signed" if signed else "")
+    logger.info(
+        "%s v%s: %d artifact file(s) recorded, sha256 %s%s",
+        name,
+        version,
+        len(manifest),
+        digest[:16],
+        ", signed" if signed else "",
+    )
     return Verification(name, str(version), digest, signed)

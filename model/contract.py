@@ -38,8 +38,15 @@ CONTRACT_ARTIFACT = "contract"  # its key among the pyfunc's artifacts
 ALL_COLUMNS = "*"  # the column an ``all_null`` violation names
 PROBA_PREFIX = "proba_"  # the pyfunc's output columns (model.servable)
 # MLflow signature type name -> contract kind (for models logged before contracts existed)
-_SIGNATURE_KINDS = {"double": "float", "float": "float", "long": "int", "integer": "int",
-                    "boolean": "bool", "string": "category", "datetime": "datetime"}
+_SIGNATURE_KINDS = {
+    "double": "float",
+    "float": "float",
+    "long": "int",
+    "integer": "int",
+    "boolean": "bool",
+    "string": "category",
+    "datetime": "datetime",
+}
 _SCHEMA_KEYS = ("kind", "format")  # what contract_differences compares per column
 _RULE_KEYS = ("nullable", "min", "max", "positive", "values")  # row rules (rule_differences)
 _NUMBER_KINDS = {"int", "float"}  # one kind to a signature (it may type an int as double)
@@ -56,26 +63,42 @@ class Violation:
 
     def describe(self) -> str:
         """``row 3: column 'x' breaks between (value 1e+30)``."""
-        return f"row {self.row}: column {self.column!r} breaks {self.rule} " \
-               f"(value {self.value!r})"
+        return f"row {self.row}: column {self.column!r} breaks {self.rule} (value {self.value!r})"
 
 
-def contract_from_signature(input_columns: Iterable[tuple[str, str, bool]],
-                            output_columns: Iterable[str]) -> dict[str, Any]:
+def contract_from_signature(
+    input_columns: Iterable[tuple[str, str, bool]], output_columns: Iterable[str]
+) -> dict[str, Any]:
     """A contract for a model logged before contracts existed, from its MLflow signature.
 
     Args:
         input_columns: ``(name, MLflow type name, required)`` per signature input.
         output_columns: the output signature's column names (``proba_<label>`` give labels).
     """
-    columns = [{"name": name, "kind": _SIGNATURE_KINDS.get(type_name, "category"),
-                "nullable": not required, "min": None, "max": None, "positive": False,
-                "values": None, "format": None, "used": True}
-               for name, type_name, required in input_columns]
-    labels = [name.removeprefix(PROBA_PREFIX) for name in output_columns
-              if name.startswith(PROBA_PREFIX)]
-    return {"version": CONTRACT_VERSION, "target": None, "labels": labels, "columns": columns,
-            "derived_from": "signature"}
+    columns = [
+        {
+            "name": name,
+            "kind": _SIGNATURE_KINDS.get(type_name, "category"),
+            "nullable": not required,
+            "min": None,
+            "max": None,
+            "positive": False,
+            "values": None,
+            "format": None,
+            "used": True,
+        }
+        for name, type_name, required in input_columns
+    ]
+    labels = [
+        name.removeprefix(PROBA_PREFIX) for name in output_columns if name.startswith(PROBA_PREFIX)
+    ]
+    return {
+        "version": CONTRACT_VERSION,
+        "target": None,
+        "labels": labels,
+        "columns": columns,
+        "derived_from": "signature",
+    }
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -120,9 +143,13 @@ def rule_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The row rules (nullability, ranges, value sets) that differ between two contracts, per
     column both have: ``["column 'x': max 10 -> 12"]``; [] = the same rules."""
     old_cols, new_cols = _by_name(old), _by_name(new)
-    return [f"column {name!r}: {key} {old_cols[name].get(key)!r} -> {col.get(key)!r}"
-            for name, col in new_cols.items() if name in old_cols
-            for key in _RULE_KEYS if old_cols[name].get(key) != col.get(key)]
+    return [
+        f"column {name!r}: {key} {old_cols[name].get(key)!r} -> {col.get(key)!r}"
+        for name, col in new_cols.items()
+        if name in old_cols
+        for key in _RULE_KEYS
+        if old_cols[name].get(key) != col.get(key)
+    ]
 
 
 def _derived(contract: dict[str, Any]) -> bool:
@@ -157,19 +184,23 @@ def check_rows(frame: pd.DataFrame, contract: dict[str, Any]) -> list[Violation]
     return check_columns({name: frame[name].tolist() for name in names}, len(frame), contract)
 
 
-def check_columns(columns: Mapping[str, Sequence[Any]], n_rows: int,
-                  contract: dict[str, Any]) -> list[Violation]:
+def check_columns(
+    columns: Mapping[str, Sequence[Any]], n_rows: int, contract: dict[str, Any]
+) -> list[Violation]:
     """``check_rows`` on plain values: ``{column: one value per row}`` (serving's rows)."""
     found: list[Violation] = []
     all_missing = [True] * n_rows
     for col in _used(contract):
         values = columns.get(col["name"])
         nulls = [True] * n_rows if values is None else [is_null(value) for value in values]
-        all_missing = [a and b for a, b in zip(all_missing, nulls)]
+        all_missing = [a and b for a, b in zip(all_missing, nulls, strict=False)]
         found += _column_violations(col, values, nulls)
     if _used(contract):
-        found += [Violation(i, ALL_COLUMNS, "all_null", None)
-                  for i, missing in enumerate(all_missing) if missing]
+        found += [
+            Violation(i, ALL_COLUMNS, "all_null", None)
+            for i, missing in enumerate(all_missing)
+            if missing
+        ]
     return sorted(found, key=lambda v: v.row)
 
 
@@ -184,8 +215,9 @@ def _used(contract: dict[str, Any]) -> list[dict[str, Any]]:
     return [col for col in contract.get("columns") or [] if col.get("used", True)]
 
 
-def _column_violations(col: dict[str, Any], values: Sequence[Any] | None,
-                       nulls: list[bool]) -> list[Violation]:
+def _column_violations(
+    col: dict[str, Any], values: Sequence[Any] | None, nulls: list[bool]
+) -> list[Violation]:
     name = col["name"]
     found = []
     if not col.get("nullable", True):
@@ -201,15 +233,20 @@ def _column_violations(col: dict[str, Any], values: Sequence[Any] | None,
 
 def _broken_rule(col: dict[str, Any], value: Any) -> str | None:
     kind = col.get("kind")
-    if kind in ("float", "int") and isinstance(value, (int, float)) \
-            and not isinstance(value, bool):
-        if (col.get("min") is not None and value < col["min"]) or \
-                (col.get("max") is not None and value > col["max"]) or math.isinf(value):
+    if kind in ("float", "int") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (
+            (col.get("min") is not None and value < col["min"])
+            or (col.get("max") is not None and value > col["max"])
+            or math.isinf(value)
+        ):
             return "between"
         if col.get("positive") and value <= 0:
             return "positive"
-    if col.get("values") is not None and kind in ("category", "bool", "int", "float") \
-            and not _in_values(value, col["values"]):
+    if (
+        col.get("values") is not None
+        and kind in ("category", "bool", "int", "float")
+        and not _in_values(value, col["values"])
+    ):
         return "in_set"
     return None
 
@@ -222,8 +259,10 @@ def _in_values(value: Any, allowed: list[Any]) -> bool:
 def _bad_dates(col: dict[str, Any], values: Sequence[Any], nulls: list[bool]) -> list[bool]:
     # Per value: a text date the preprocessor cannot parse (its own parser: the column's format
     # with Arrow's strptime, as validate parses it, then ISO 8601). Non-text values pass.
-    texts = [value if isinstance(value, str) and not null else None
-             for value, null in zip(values, nulls)]
+    texts = [
+        value if isinstance(value, str) and not null else None
+        for value, null in zip(values, nulls, strict=False)
+    ]
     if col.get("kind") != "datetime" or all(text is None for text in texts):
         return [False] * len(values)
     import pandas as pd
@@ -282,9 +321,12 @@ def contract_in_model_dir(path: str | Path) -> dict[str, Any] | None:
     if inputs is None or not inputs.has_input_names():
         return None
     return contract_from_signature(
-        [(str(col.name), getattr(col.type, "name", ""), bool(getattr(col, "required", True)))
-         for col in inputs.inputs],
-        outputs.input_names() if outputs is not None else [])
+        [
+            (str(col.name), getattr(col.type, "name", ""), bool(getattr(col, "required", True)))
+            for col in inputs.inputs
+        ],
+        outputs.input_names() if outputs is not None else [],
+    )
 
 
 def model_contract(model_uri: str) -> dict[str, Any] | None:

@@ -39,8 +39,11 @@ def to_datetimes(values: pd.Series, date_format: str | None, column: str) -> pd.
     if bad.any():
         texts = values.astype(object)[bad]
         expected = f"format {date_format} (or ISO 8601)" if date_format else "ISO 8601"
-        raise DataError(f"value {str(texts.iloc[0])!r} is not a date in {expected}",
-                        column=column, rule="date_format")
+        raise DataError(
+            f"value {str(texts.iloc[0])!r} is not a date in {expected}",
+            column=column,
+            rule="date_format",
+        )
     return parsed
 
 
@@ -77,8 +80,7 @@ def _strptime(texts: pd.Series, date_format: str) -> pd.Series:
     index = texts.index
     texts = pa.array(texts.to_numpy(dtype=object), pa.string(), from_pandas=True)  # NaN: null
     parsed = pc.strptime(texts, format=date_format, unit="us", error_is_null=True)
-    return pd.Series(parsed.to_numpy(zero_copy_only=False), index=index,
-                     dtype="datetime64[us]")
+    return pd.Series(parsed.to_numpy(zero_copy_only=False), index=index, dtype="datetime64[us]")
 
 
 def times_vary(stamps: pd.Series) -> bool:
@@ -111,15 +113,23 @@ class CalendarFeatures(TransformerMixin, BaseEstimator):
             stamps = self._stamps(X, col)
             for part in self._parts(col):
                 value, period = PARTS[part]
-                angle = 2 * np.pi * value(stamps).to_numpy(dtype=np.float64, na_value=np.nan) \
-                    / period
+                angle = (
+                    2 * np.pi * value(stamps).to_numpy(dtype=np.float64, na_value=np.nan) / period
+                )
                 out += [np.nan_to_num(np.sin(angle)), np.nan_to_num(np.cos(angle))]
         return np.column_stack(out) if out else np.empty((len(X), 0))
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """``<column>_<part>_sin`` / ``_cos`` for each column and part."""
-        return np.array([f"{col}_{part}_{wave}" for col in self.columns_
-                         for part in self._parts(col) for wave in ("sin", "cos")], dtype=object)
+        return np.array(
+            [
+                f"{col}_{part}_{wave}"
+                for col in self.columns_
+                for part in self._parts(col)
+                for wave in ("sin", "cos")
+            ],
+            dtype=object,
+        )
 
     def _parts(self, col: str) -> list[str]:
         return [part for part in PARTS if part != "hour" or self.hours_[col]]

@@ -17,11 +17,18 @@ class ConfigError(PipelineError):
 class DataError(PipelineError):
     """Bad input data: names the file, the column and the rule that failed."""
 
-    def __init__(self, message: str, *, file: str | None = None, column: str | None = None,
-                 rule: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        column: str | None = None,
+        rule: str | None = None,
+    ) -> None:
         self.file, self.column, self.rule = file, column, rule
         where = ", ".join(
-            f"{key}={value}" for key, value in
-            (("file", file), ("column", column), ("rule", rule)) if value is not None
+            f"{key}={value}"
+            for key, value in (("file", file), ("column", column), ("rule", rule))
+            if value is not None
         )
         super().__init__(f"{message} [{where}]" if where else message)

@@ -49,5 +49,6 @@ def same_content(a: Path, b: Path) -> bool:
         return False
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    return files_a == files_b and all(filecmp.cmp(a / rel, b / rel, shallow=False)
-                                      for rel in files_a)
+    return files_a == files_b and all(
+        filecmp.cmp(a / rel, b / rel, shallow=False) for rel in files_a
+    )

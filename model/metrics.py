@@ -45,18 +45,21 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     if proba.shape[1] == 2:
         roc_auc_macro = skm.roc_auc_score(y_true, proba[:, 1])
     else:
-        roc_auc_macro = skm.roc_auc_score(y_true, proba, multi_class="ovr", average="macro",
-                                          labels=labels)
+        roc_auc_macro = skm.roc_auc_score(
+            y_true, proba, multi_class="ovr", average="macro", labels=labels
+        )
     one_hot = np.eye(proba.shape[1], dtype=np.int64)[y_true]
     return {
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "f1_macro": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro",
-                                       zero_division=0)),
+        "f1_macro": float(
+            skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
         "roc_auc_macro": float(roc_auc_macro),
         "roc_auc_micro": float(skm.roc_auc_score(one_hot.ravel(), proba.ravel())),
         # Softmax ran in float32: renormalise so log loss sees rows that sum to 1 in float64.
-        "log_loss": float(skm.log_loss(y_true, proba / proba.sum(axis=1, keepdims=True),
-                                       labels=labels)),
+        "log_loss": float(
+            skm.log_loss(y_true, proba / proba.sum(axis=1, keepdims=True), labels=labels)
+        ),
     }
 
 
@@ -64,27 +67,38 @@ def check_scores(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.
     y_true = np.asarray(y_true).astype(np.int64, copy=False)
     proba = np.asarray(proba, dtype=np.float64)
     if proba.ndim != 2 or proba.shape[1] < 2 or len(proba) != len(y_true) or not len(y_true):
-        raise DataError(f"need {len(y_true)} labels and as many rows of >= 2 class "
-                        f"probabilities, got probabilities of shape {proba.shape}",
-                        rule="scores_shape")
+        raise DataError(
+            f"need {len(y_true)} labels and as many rows of >= 2 class "
+            f"probabilities, got probabilities of shape {proba.shape}",
+            rule="scores_shape",
+        )
     if y_true.min() < 0 or y_true.max() >= proba.shape[1]:
         raise DataError(f"class ids must lie in [0, {proba.shape[1]})", rule="class_id_range")
     absent = sorted(set(range(proba.shape[1])) - set(np.unique(y_true).tolist()))
     if absent:
-        raise DataError(f"class id(s) {absent} absent from the labels: ROC-AUC is undefined",
-                        rule="every_class_present")
+        raise DataError(
+            f"class id(s) {absent} absent from the labels: ROC-AUC is undefined",
+            rule="every_class_present",
+        )
     return y_true, proba
 
 
 def flatten_baselines(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     """``{baseline: {metric: v}}`` -> ``{baseline_<baseline>_<metric>: v}`` (metrics.json keys)."""
-    return {f"{BASELINE_PREFIX}{name}_{metric}": value
-            for name, metrics in scores.items() for metric, value in metrics.items()}
+    return {
+        f"{BASELINE_PREFIX}{name}_{metric}": value
+        for name, metrics in scores.items()
+        for metric, value in metrics.items()
+    }
 
 
 def read_baselines(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The baselines' metrics back out of a metrics.json mapping: ``{baseline: {metric: v}}``."""
-    return {name: {metric: metrics[key] for metric in METRIC_NAMES
-                   if isinstance(metrics.get(key := f"{BASELINE_PREFIX}{name}_{metric}"),
-                                 (int, float))}
-            for name in BASELINES}
+    return {
+        name: {
+            metric: metrics[key]
+            for metric in METRIC_NAMES
+            if isinstance(metrics.get(key := f"{BASELINE_PREFIX}{name}_{metric}"), (int, float))
+        }
+        for name in BASELINES
+    }

@@ -20,8 +20,9 @@ from model.errors import ConfigError, DataError
 class MLP(nn.Module):
     """Linear -> ReLU -> Dropout per hidden width, then a linear layer to class logits."""
 
-    def __init__(self, n_features: int, n_classes: int, hidden_sizes: list[int],
-                 dropout: float) -> None:
+    def __init__(
+        self, n_features: int, n_classes: int, hidden_sizes: list[int], dropout: float
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = n_features
@@ -42,8 +43,9 @@ class CNN(nn.Module):
     Takes the same flat ``(n, C*H*W)`` rows as the MLP and reshapes them to ``image_shape``.
     """
 
-    def __init__(self, image_shape: list[int], n_classes: int, channels: list[int],
-                 dropout: float) -> None:
+    def __init__(
+        self, image_shape: list[int], n_classes: int, channels: list[int], dropout: float
+    ) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         in_ch, height, width = self.image_shape
@@ -55,8 +57,9 @@ class CNN(nn.Module):
                 height, width = height // 2, width // 2
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(in_ch, n_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_ch, n_classes)
+        )
         self.channels_last = False  # set by use_channels_last(); not part of the weights
 
     def use_channels_last(self) -> CNN:
@@ -88,8 +91,10 @@ def build_network(spec: Mapping[str, Any] | Any, n_features: int, n_classes: int
         return MLP(n_features, n_classes, spec["hidden_sizes"], spec["dropout"])
     shape = list(spec.get("image_shape") or [])
     if math.prod(shape) != n_features:
-        raise ConfigError(f"train.image_shape {shape} holds {math.prod(shape)} values but the "
-                          f"features have {n_features} columns")
+        raise ConfigError(
+            f"train.image_shape {shape} holds {math.prod(shape)} values but the "
+            f"features have {n_features} columns"
+        )
     return CNN(shape, n_classes, spec["channels"], spec["dropout"])
 
 
@@ -97,15 +102,18 @@ def load_network(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network saved by train; returns (module in eval mode on CPU, checkpoint)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError("model checkpoint not found; run the train stage first",
-                        file=str(path), rule="exists")
+        raise DataError(
+            "model checkpoint not found; run the train stage first", file=str(path), rule="exists"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise DataError(f"not a readable checkpoint: {exc}", file=str(path),
-                        rule="checkpoint") from exc
-    module = build_network(checkpoint["train_params"], checkpoint["n_features"],
-                           checkpoint["n_classes"])
+        raise DataError(
+            f"not a readable checkpoint: {exc}", file=str(path), rule="checkpoint"
+        ) from exc
+    module = build_network(
+        checkpoint["train_params"], checkpoint["n_features"], checkpoint["n_classes"]
+    )
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval(), checkpoint
 
@@ -119,21 +127,23 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("base.device: 'cuda' requested but CUDA is not available "
-                          "(use 'auto' or 'cpu')")
+        raise ConfigError(
+            "base.device: 'cuda' requested but CUDA is not available (use 'auto' or 'cpu')"
+        )
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"base.device: unknown device {name!r} (auto | cpu | cuda)")
     return torch.device(name)
 
 
-def predict_proba(module: nn.Module, X: np.ndarray, device: torch.device,
-                  batch_size: int = 1024) -> np.ndarray:
+def predict_proba(
+    module: nn.Module, X: np.ndarray, device: torch.device, batch_size: int = 1024
+) -> np.ndarray:
     """Class probabilities ``(n, n_classes)`` as float64 (softmax in float32, no autocast)."""
     module = module.to(device).eval()
     batches = []
     with torch.inference_mode():
         for start in range(0, len(X), batch_size):
-            xb = torch.as_tensor(X[start:start + batch_size], dtype=torch.float32, device=device)
+            xb = torch.as_tensor(X[start : start + batch_size], dtype=torch.float32, device=device)
             batches.append(torch.softmax(module(xb).float(), dim=1).cpu())
     if not batches:
         n_classes = _n_outputs(module)

@@ -49,8 +49,9 @@ class FittedPreprocessor:
         """Raw rows -> float32 matrix ``(n, n_features)``; extra columns are ignored."""
         missing = [col for col in self.feature_columns if col not in df.columns]
         if missing:
-            raise DataError(f"input lacks feature column(s) {missing}", column=missing[0],
-                            rule="column_present")
+            raise DataError(
+                f"input lacks feature column(s) {missing}", column=missing[0], rule="column_present"
+            )
         fast = self._transform_numeric(df)
         if fast is not None:
             return fast
@@ -60,8 +61,11 @@ class FittedPreprocessor:
         if not np.isfinite(matrix).all():
             # A finite float64 value can still overflow float32 after scaling.
             bad = self.transformer.get_feature_names_out()[~np.isfinite(matrix).all(axis=0)][0]
-            raise DataError("value too large for float32 after scaling", rule="float32_range",
-                            column=str(bad).split("__", 1)[-1])
+            raise DataError(
+                "value too large for float32 after scaling",
+                rule="float32_range",
+                column=str(bad).split("__", 1)[-1],
+            )
         return matrix
 
     def _transform_numeric(self, df: pd.DataFrame) -> np.ndarray | None:
@@ -94,8 +98,11 @@ class FittedPreprocessor:
         unseen = sorted({str(v) for v in labels.dropna().unique() if v not in index})
         if unseen or labels.isna().any():
             shown = unseen[:5] + (["<missing>"] if labels.isna().any() else [])
-            raise DataError(f"label(s) {shown} not among the trained classes {self.classes}",
-                            column=str(labels.name or self.target), rule="label_in_classes")
+            raise DataError(
+                f"label(s) {shown} not among the trained classes {self.classes}",
+                column=str(labels.name or self.target),
+                rule="label_in_classes",
+            )
         # A fresh writable array (pandas may hand back a read-only view of its data).
         return np.array(labels.map(index), dtype=np.int64)
 
@@ -106,16 +113,20 @@ def _to_float(frame: pd.DataFrame) -> pd.DataFrame:
         # The common case (and serving's hot path): already float64, one vectorised inf check.
         infinite = np.isinf(frame.to_numpy()).any(axis=0)
         if infinite.any():
-            raise DataError("infinite value in a numeric column",
-                            column=str(frame.columns[infinite.argmax()]), rule="finite")
+            raise DataError(
+                "infinite value in a numeric column",
+                column=str(frame.columns[infinite.argmax()]),
+                rule="finite",
+            )
         return frame
     out = {}
     for col in frame.columns:
         try:
             out[col] = pd.to_numeric(frame[col], errors="raise").astype("float64")
         except (ValueError, TypeError) as exc:
-            raise DataError(f"non-numeric value in a numeric column: {exc}", column=str(col),
-                            rule="numeric") from exc
+            raise DataError(
+                f"non-numeric value in a numeric column: {exc}", column=str(col), rule="numeric"
+            ) from exc
         if np.isinf(out[col]).any():
             raise DataError("infinite value in a numeric column", column=str(col), rule="finite")
     return pd.DataFrame(out, index=frame.index)
@@ -128,8 +139,9 @@ def _to_category_strings(frame: pd.DataFrame) -> pd.DataFrame:
     ).astype(object)
 
 
-def split_columns(df: pd.DataFrame, target: str, date_formats: dict[str, str | None]
-                  | None = None) -> tuple[list[str], list[str], list[str]]:
+def split_columns(
+    df: pd.DataFrame, target: str, date_formats: dict[str, str | None] | None = None
+) -> tuple[list[str], list[str], list[str]]:
     """Feature columns split into (numeric, categorical, datetime) by dtype; bool counts as
     categorical, a text column named in ``date_formats`` as datetime."""
     numeric, categorical, datetimes = [], [], []
@@ -146,9 +158,13 @@ def split_columns(df: pd.DataFrame, target: str, date_formats: dict[str, str | N
     return numeric, categorical, datetimes
 
 
-def build_transformer(numeric: list[str], categorical: list[str],
-                      categories: list[list[str]] | None = None, datetimes: list[str] = (),
-                      date_formats: dict[str, str | None] | None = None) -> ColumnTransformer:
+def build_transformer(
+    numeric: list[str],
+    categorical: list[str],
+    categories: list[list[str]] | None = None,
+    datetimes: list[str] = (),
+    date_formats: dict[str, str | None] | None = None,
+) -> ColumnTransformer:
     """The unfitted ColumnTransformer for the given numeric, categorical and datetime columns.
 
     ``categories``: the one-hot categories per categorical column (default: those seen in fit),
@@ -160,17 +176,25 @@ def build_transformer(numeric: list[str], categorical: list[str],
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-    numeric_steps = Pipeline([
-        ("to_float", FunctionTransformer(_to_float, feature_names_out="one-to-one")),
-        ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
-        ("scale", StandardScaler()),
-    ])
-    categorical_steps = Pipeline([
-        ("to_str", FunctionTransformer(_to_category_strings, feature_names_out="one-to-one")),
-        ("impute", SimpleImputer(strategy="most_frequent", keep_empty_features=True)),
-        ("onehot", OneHotEncoder(categories=categories or "auto", handle_unknown="ignore",
-                                 sparse_output=False)),
-    ])
+    numeric_steps = Pipeline(
+        [
+            ("to_float", FunctionTransformer(_to_float, feature_names_out="one-to-one")),
+            ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+            ("scale", StandardScaler()),
+        ]
+    )
+    categorical_steps = Pipeline(
+        [
+            ("to_str", FunctionTransformer(_to_category_strings, feature_names_out="one-to-one")),
+            ("impute", SimpleImputer(strategy="most_frequent", keep_empty_features=True)),
+            (
+                "onehot",
+                OneHotEncoder(
+                    categories=categories or "auto", handle_unknown="ignore", sparse_output=False
+                ),
+            ),
+        ]
+    )
     parts = [("num", numeric_steps, numeric), ("cat", categorical_steps, categorical)]
     if datetimes:  # only then: preprocessors without dates keep their exact layout
         from model.datetimes import CalendarFeatures
@@ -180,8 +204,9 @@ def build_transformer(numeric: list[str], categorical: list[str],
     return ColumnTransformer(parts, remainder="drop", sparse_threshold=0.0)
 
 
-def fit_preprocessor(train_df: pd.DataFrame, target: str, date_formats: dict[str, str | None]
-                     | None = None) -> FittedPreprocessor:
+def fit_preprocessor(
+    train_df: pd.DataFrame, target: str, date_formats: dict[str, str | None] | None = None
+) -> FittedPreprocessor:
     """Fit the preprocessing on the train split only (no statistics leak from val/test).
 
     Datetime columns (and text columns named in ``date_formats``, parsed with that format)
@@ -193,14 +218,17 @@ def fit_preprocessor(train_df: pd.DataFrame, target: str, date_formats: dict[str
     if target not in train_df.columns:
         raise DataError("target column not found", column=target, rule="column_present")
     if train_df[target].isna().any():
-        raise DataError(f"{int(train_df[target].isna().sum())} row(s) without a label",
-                        column=target, rule="not_null")
+        raise DataError(
+            f"{int(train_df[target].isna().sum())} row(s) without a label",
+            column=target,
+            rule="not_null",
+        )
     numeric, categorical, datetimes = split_columns(train_df, target, date_formats)
     if not numeric and not categorical and not datetimes:
-        raise DataError("no feature columns besides the target", column=target,
-                        rule="has_features")
-    transformer = build_transformer(numeric, categorical, datetimes=datetimes,
-                                    date_formats=date_formats)
+        raise DataError("no feature columns besides the target", column=target, rule="has_features")
+    transformer = build_transformer(
+        numeric, categorical, datetimes=datetimes, date_formats=date_formats
+    )
     feature_columns = [col for col in train_df.columns if col != target]
     transformer.fit(train_df[feature_columns])
     classes = [_plain(value) for value in sorted(train_df[target].unique())]
@@ -231,21 +259,27 @@ def load_preprocessor(path: str | Path, sha256: str | None = None) -> FittedPrep
 
     path = Path(path)
     if not path.is_file():
-        raise DataError("preprocessor not found; run the features stage first",
-                        file=str(path), rule="exists")
+        raise DataError(
+            "preprocessor not found; run the features stage first", file=str(path), rule="exists"
+        )
     if sha256 is not None:
         from model.artifacts import ArtifactIntegrityError, file_sha256
 
         if (actual := file_sha256(path)) != sha256:
             raise ArtifactIntegrityError(
                 f"{path}: sha256 {actual} is not the expected {sha256} (damaged or replaced); "
-                "not unpickled. Fix: rebuild it (features stage) or re-register the model")
+                "not unpickled. Fix: rebuild it (features stage) or re-register the model"
+            )
     try:
         preprocessor = joblib.load(path)
     except Exception as exc:  # joblib/pickle raise many types for a damaged file
-        raise DataError(f"not a readable joblib file: {exc}", file=str(path),
-                        rule="joblib") from exc
+        raise DataError(
+            f"not a readable joblib file: {exc}", file=str(path), rule="joblib"
+        ) from exc
     if not isinstance(preprocessor, FittedPreprocessor):
-        raise DataError(f"holds a {type(preprocessor).__name__}, not a FittedPreprocessor",
-                        file=str(path), rule="preprocessor")
+        raise DataError(
+            f"holds a {type(preprocessor).__name__}, not a FittedPreprocessor",
+            file=str(path),
+            rule="preprocessor",
+        )
     return preprocessor

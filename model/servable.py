@@ -43,10 +43,24 @@ PREDICTION = "prediction"
 PROBA_PREFIX = "proba_"
 # What the model needs at load time; pinned to the versions installed here.
 # Contract kind -> MLflow signature type (nullable int columns: see contract_signature).
-SIGNATURE_TYPES = {"float": "double", "int": "long", "category": "string", "bool": "boolean",
-                   "datetime": "string"}
-REQUIREMENTS = ("mlflow", "torch", "scikit-learn", "pandas", "numpy", "pyarrow", "cloudpickle",
-                "pydantic", "pyyaml")
+SIGNATURE_TYPES = {
+    "float": "double",
+    "int": "long",
+    "category": "string",
+    "bool": "boolean",
+    "datetime": "string",
+}
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "scikit-learn",
+    "pandas",
+    "numpy",
+    "pyarrow",
+    "cloudpickle",
+    "pydantic",
+    "pyyaml",
+)
 
 
 def proba_column(label: Any) -> str:
@@ -56,8 +70,11 @@ def proba_column(label: Any) -> str:
 
 def format_predictions(proba: np.ndarray, classes: list[Any]) -> pd.DataFrame:
     """Class probabilities ``(n, n_classes)`` -> ``prediction`` + ``proba_<label>`` columns."""
-    frame = pd.DataFrame({PREDICTION: [classes[i] for i in proba.argmax(axis=1)]}
-                         if len(proba) else {PREDICTION: pd.Series([], dtype=object)})
+    frame = pd.DataFrame(
+        {PREDICTION: [classes[i] for i in proba.argmax(axis=1)]}
+        if len(proba)
+        else {PREDICTION: pd.Series([], dtype=object)}
+    )
     for i, label in enumerate(classes):
         frame[proba_column(label)] = proba[:, i]
     return frame
@@ -94,8 +111,12 @@ class Scorer:
         return format_predictions(proba, self.preprocessor.classes)
 
 
-def load_scorer(preprocessor_path: str | Path, network_path: str | Path,
-                device: str = "auto", sha256: dict[str, str] | None = None) -> Scorer:
+def load_scorer(
+    preprocessor_path: str | Path,
+    network_path: str | Path,
+    device: str = "auto",
+    sha256: dict[str, str] | None = None,
+) -> Scorer:
     """Load the preprocessor and the checkpoint from their files.
 
     Args:
@@ -108,8 +129,11 @@ def load_scorer(preprocessor_path: str | Path, network_path: str | Path,
     expected = sha256 or {}
     _check_hash(network_path, expected.get(NETWORK))
     module, _ = load_network(network_path)
-    return Scorer(load_preprocessor(preprocessor_path, sha256=expected.get(PREPROCESSOR)),
-                  module, select_device(device))
+    return Scorer(
+        load_preprocessor(preprocessor_path, sha256=expected.get(PREPROCESSOR)),
+        module,
+        select_device(device),
+    )
 
 
 def _check_hash(path: str | Path, expected: str | None) -> None:
@@ -118,7 +142,8 @@ def _check_hash(path: str | Path, expected: str | None) -> None:
     if expected is not None and (actual := file_sha256(path)) != expected:
         raise ArtifactIntegrityError(
             f"{path}: sha256 {actual} is not the {expected} the model was logged with (the "
-            "file was damaged or replaced); not loaded. Fix: re-register the model")
+            "file was damaged or replaced); not loaded. Fix: re-register the model"
+        )
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
@@ -129,18 +154,24 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         from model.contract import CONTRACT_ARTIFACT, load_contract
 
         hashes = (context.model_config or {}).get(HASHES_CONFIG)  # None: logged before them
-        self._scorer = load_scorer(context.artifacts[PREPROCESSOR], context.artifacts[NETWORK],
-                                   sha256=hashes)
+        self._scorer = load_scorer(
+            context.artifacts[PREPROCESSOR], context.artifacts[NETWORK], sha256=hashes
+        )
         contract_path = context.artifacts.get(CONTRACT_ARTIFACT)
         if contract_path:
             _check_hash(contract_path, (hashes or {}).get(CONTRACT_ARTIFACT))
         contract = load_contract(contract_path) if contract_path else {"columns": []}
-        self._optional = [col["name"] for col in contract["columns"]
-                          if col.get("used", True) and col["nullable"]]
+        self._optional = [
+            col["name"] for col in contract["columns"] if col.get("used", True) and col["nullable"]
+        ]
 
     # The input schema is the logged signature; MLflow infers none from a DataFrame hint.
-    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
         """Source rows -> ``prediction`` + ``proba_<label>`` DataFrame (unused columns are
         ignored, absent nullable ones are missing values; the preprocessor parses text dates
         with the format it was fitted with)."""
@@ -177,8 +208,9 @@ def copy_model_code(dest: Path) -> Path:
     import model
 
     target = dest / "model"
-    shutil.copytree(Path(model.__file__).parent, target,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(model.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__")
+    )
     return target
 
 
@@ -218,16 +250,23 @@ def contract_example(rows: pd.DataFrame, contract: dict[str, Any]) -> pd.DataFra
     example = rows[names].reset_index(drop=True)
     for col in contract["columns"]:
         name = col["name"]
-        if col["kind"] == "datetime" and name in example.columns \
-                and pd.api.types.is_datetime64_any_dtype(example[name].dtype):
+        if (
+            col["kind"] == "datetime"
+            and name in example.columns
+            and pd.api.types.is_datetime64_any_dtype(example[name].dtype)
+        ):
             fmt = col.get("format")
-            example[name] = example[name].dt.strftime(fmt) if fmt else \
-                example[name].map(lambda t: t.isoformat(), na_action="ignore")
+            example[name] = (
+                example[name].dt.strftime(fmt)
+                if fmt
+                else example[name].map(lambda t: t.isoformat(), na_action="ignore")
+            )
     return example
 
 
-def produced_files(preprocessor_path: str | Path, network_path: str | Path,
-                   contract: dict[str, Any] | None = None) -> dict[str, str]:
+def produced_files(
+    preprocessor_path: str | Path, network_path: str | Path, contract: dict[str, Any] | None = None
+) -> dict[str, str]:
     """``model/<stored path> -> sha256`` of the files :func:`log_servable` uploads from local
     copies (the artifacts, the model code, the models-from-code file), hashed here before
     the upload: register refuses to record hashes of stored files that differ from these
@@ -235,9 +274,10 @@ def produced_files(preprocessor_path: str | Path, network_path: str | Path,
     from model.artifacts import MODEL_PREFIX, file_sha256, hash_folder
     from model.contract import CONTRACT_FILE, save_contract
 
-    files = {f"{MODEL_PREFIX}artifacts/{Path(preprocessor_path).name}":
-             file_sha256(preprocessor_path),
-             f"{MODEL_PREFIX}artifacts/{Path(network_path).name}": file_sha256(network_path)}
+    files = {
+        f"{MODEL_PREFIX}artifacts/{Path(preprocessor_path).name}": file_sha256(preprocessor_path),
+        f"{MODEL_PREFIX}artifacts/{Path(network_path).name}": file_sha256(network_path),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         if contract is not None:
             saved = save_contract(contract, Path(tmp) / CONTRACT_FILE)
@@ -248,9 +288,15 @@ def produced_files(preprocessor_path: str | Path, network_path: str | Path,
     return files
 
 
-def log_servable(preprocessor_path: str | Path, network_path: str | Path,
-                 input_example: pd.DataFrame, registered_model_name: str | None = None,
-                 name: str = "model", *, contract: dict[str, Any] | None = None) -> ModelInfo:
+def log_servable(
+    preprocessor_path: str | Path,
+    network_path: str | Path,
+    input_example: pd.DataFrame,
+    registered_model_name: str | None = None,
+    name: str = "model",
+    *,
+    contract: dict[str, Any] | None = None,
+) -> ModelInfo:
     """Log the pyfunc to the active MLflow run (and register it when a name is given).
 
     Args:
@@ -282,8 +328,9 @@ def log_servable(preprocessor_path: str | Path, network_path: str | Path,
             # Models-from-code: MLflow stores and runs this file; nothing is pickled.
             python_model=str(code / MODEL_CODE),
             artifacts=artifacts,
-            model_config={HASHES_CONFIG: {key: file_sha256(path)
-                                          for key, path in artifacts.items()}},
+            model_config={
+                HASHES_CONFIG: {key: file_sha256(path) for key, path in artifacts.items()}
+            },
             # The model code imports model.servable: ship that package with it.
             code_paths=[str(code)],
             # Explicit pins: skips MLflow's requirement inference (it loads the model, ~8 s).

@@ -87,7 +87,7 @@ def _quiet() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(_drop_quantizer_chatter)
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=False):
             lg.setLevel(level)
 
 
@@ -103,10 +103,17 @@ def export_onnx(module: torch.nn.Module, n_features: int, path: str | Path) -> P
     batch = torch.export.Dim("batch")
     example = torch.zeros(2, n_features)  # size 1 would be specialised away by torch.export
     with _quiet():
-        program = torch.onnx.export(_with_softmax(module), (example,), dynamo=True,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: batch},), opset_version=OPSET,
-                                    external_data=False, verbose=False)
+        program = torch.onnx.export(
+            _with_softmax(module),
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+        )
     proto = program.model_proto
     # Shapes recorded for the weights go stale when the quantizer transposes them: drop them,
     # onnxruntime infers every shape again when it loads the graph.
@@ -122,8 +129,7 @@ def quantize_int8(source: str | Path, dest: str | Path) -> Path:
 
     # per_channel keeps one scale per output unit: small layers lose much less accuracy.
     with _quiet():
-        quantize_dynamic(Path(source), Path(dest), weight_type=QuantType.QInt8,
-                         per_channel=True)
+        quantize_dynamic(Path(source), Path(dest), weight_type=QuantType.QInt8, per_channel=True)
     return Path(dest)
 
 
@@ -167,13 +173,17 @@ def load_onnx_scorer(folder: str | Path, variant: Variant, threads: int = 1) -> 
     folder = Path(folder)
     path = folder / ONNX_FILES[variant]
     if not path.is_file():
-        raise DataError(f"no {variant} variant here; the register stage writes it",
-                        file=str(path), rule="exists")
+        raise DataError(
+            f"no {variant} variant here; the register stage writes it",
+            file=str(path),
+            rule="exists",
+        )
     return OnnxScorer(load_preprocessor(folder / PREPROCESSOR_FILE), open_session(path, threads))
 
 
-def build_variants(preprocessor_path: str | Path, network_path: str | Path,
-                   folder: str | Path) -> Path:
+def build_variants(
+    preprocessor_path: str | Path, network_path: str | Path, folder: str | Path
+) -> Path:
     """Write ``model.onnx``, ``model.int8.onnx`` and a copy of the preprocessor to ``folder``."""
     from model.nets import load_network
 
@@ -206,16 +216,24 @@ def take_rows(rows: Any, size: int) -> Any:
     return rows.iloc[index].reset_index(drop=True) if hasattr(rows, "iloc") else rows[index]
 
 
-def _latencies(name: str, call: Callable[[Any], Any], rows: Any,
-               repeats: tuple[int, int]) -> dict[str, float]:
-    return {f"variant.{name}.latency_ms_row": median_latency_ms(call, rows[:1], repeats[0]),
-            f"variant.{name}.latency_ms_batch64": median_latency_ms(
-                call, take_rows(rows, BATCH_SIZE), repeats[1])}
+def _latencies(
+    name: str, call: Callable[[Any], Any], rows: Any, repeats: tuple[int, int]
+) -> dict[str, float]:
+    return {
+        f"variant.{name}.latency_ms_row": median_latency_ms(call, rows[:1], repeats[0]),
+        f"variant.{name}.latency_ms_batch64": median_latency_ms(
+            call, take_rows(rows, BATCH_SIZE), repeats[1]
+        ),
+    }
 
 
-def compare_variants(runners: dict[str, Callable[[np.ndarray], np.ndarray]], X: np.ndarray,
-                     labels: np.ndarray, reference: str = "torch",
-                     repeats: tuple[int, int] = (ROW_REPEATS, BATCH_REPEATS)) -> dict[str, float]:
+def compare_variants(
+    runners: dict[str, Callable[[np.ndarray], np.ndarray]],
+    X: np.ndarray,
+    labels: np.ndarray,
+    reference: str = "torch",
+    repeats: tuple[int, int] = (ROW_REPEATS, BATCH_REPEATS),
+) -> dict[str, float]:
     """Accuracy, drop vs ``reference``, largest probability gap and latency of each network.
 
     Args:
@@ -232,15 +250,15 @@ def compare_variants(runners: dict[str, Callable[[np.ndarray], np.ndarray]], X: 
         included: it is the same for every variant).
     """
     probas = {name: np.asarray(run(X), dtype=np.float64) for name, run in runners.items()}
-    accuracy = {name: float((proba.argmax(axis=1) == labels).mean())
-                for name, proba in probas.items()}
+    accuracy = {
+        name: float((proba.argmax(axis=1) == labels).mean()) for name, proba in probas.items()
+    }
     metrics: dict[str, float] = {}
     for name, run in runners.items():
         metrics |= {
             f"variant.{name}.accuracy": accuracy[name],
             f"variant.{name}.accuracy_drop": accuracy[reference] - accuracy[name],
-            f"variant.{name}.max_proba_diff": float(np.abs(probas[name]
-                                                           - probas[reference]).max()),
+            f"variant.{name}.max_proba_diff": float(np.abs(probas[name] - probas[reference]).max()),
             **_latencies(name, run, X, repeats),
         }
     return metrics
@@ -250,9 +268,12 @@ def _session_runner(session: onnxruntime.InferenceSession) -> Callable[[np.ndarr
     return lambda X: session.run([OUTPUT_NAME], {INPUT_NAME: X})[0]
 
 
-def evaluate_variants(folder: str | Path, network_path: str | Path, test: pd.DataFrame,
-                      repeats: tuple[int, int] = (ROW_REPEATS, BATCH_REPEATS)
-                      ) -> dict[str, float]:
+def evaluate_variants(
+    folder: str | Path,
+    network_path: str | Path,
+    test: pd.DataFrame,
+    repeats: tuple[int, int] = (ROW_REPEATS, BATCH_REPEATS),
+) -> dict[str, float]:
     """Score the float network (torch, as the pyfunc runs it) and both ONNX variants on ``test``.
 
     Returns:
@@ -268,13 +289,15 @@ def evaluate_variants(folder: str | Path, network_path: str | Path, test: pd.Dat
     folder = Path(folder)
     preprocessor = load_preprocessor(folder / PREPROCESSOR_FILE)
     module, _ = load_network(network_path)
-    runners = {"torch": lambda X: predict_proba(module, X, torch.device("cpu")),
-               **{name: _session_runner(open_session(folder / file))
-                  for name, file in ONNX_FILES.items()}}
+    runners = {
+        "torch": lambda X: predict_proba(module, X, torch.device("cpu")),
+        **{name: _session_runner(open_session(folder / file)) for name, file in ONNX_FILES.items()},
+    }
     rows = test[preprocessor.feature_columns]
     X = preprocessor.transform(rows)
-    metrics = compare_variants(runners, X, preprocessor.encode_labels(test[preprocessor.target]),
-                               repeats=repeats)
+    metrics = compare_variants(
+        runners, X, preprocessor.encode_labels(test[preprocessor.target]), repeats=repeats
+    )
     metrics |= _latencies("preprocess", preprocessor.transform, rows, repeats)
     metrics["variant.torch.size_bytes"] = float(Path(network_path).stat().st_size)
     for name, file in ONNX_FILES.items():
@@ -282,8 +305,9 @@ def evaluate_variants(folder: str | Path, network_path: str | Path, test: pd.Dat
     return metrics
 
 
-def log_variants(preprocessor_path: str | Path, network_path: str | Path,
-                 test: pd.DataFrame) -> dict[str, float]:
+def log_variants(
+    preprocessor_path: str | Path, network_path: str | Path, test: pd.DataFrame
+) -> dict[str, float]:
     """Build, evaluate and log the ONNX variants to the active MLflow run.
 
     Args:
@@ -301,18 +325,24 @@ def log_variants(preprocessor_path: str | Path, network_path: str | Path,
         metrics = evaluate_variants(folder, network_path, test)
         mlflow.log_artifacts(str(folder), ARTIFACT_DIR)
     mlflow.log_metrics(metrics)
-    logger.info("variants: onnx accuracy drop %.4f, int8 accuracy drop %.4f, int8 %.0f%% of "
-                "the onnx size", metrics["variant.onnx.accuracy_drop"],
-                metrics["variant.int8.accuracy_drop"],
-                100 * metrics["variant.int8.size_bytes"] / metrics["variant.onnx.size_bytes"])
+    logger.info(
+        "variants: onnx accuracy drop %.4f, int8 accuracy drop %.4f, int8 %.0f%% of the onnx size",
+        metrics["variant.onnx.accuracy_drop"],
+        metrics["variant.int8.accuracy_drop"],
+        100 * metrics["variant.int8.size_bytes"] / metrics["variant.onnx.size_bytes"],
+    )
     return metrics
 
 
 # --- load for serving ---------------------------------------------------------------------
 
 
-def load_variant(model_uri: str, variant: Variant = "pyfunc", threads: int = 1,
-                 key_env: str | None = DEFAULT_KEY_ENV) -> Predictor:
+def load_variant(
+    model_uri: str,
+    variant: Variant = "pyfunc",
+    threads: int = 1,
+    key_env: str | None = DEFAULT_KEY_ENV,
+) -> Predictor:
     """Load a registered model as the pyfunc or one of its ONNX variants.
 
     Every file is checked against the hashes the version recorded at registration before it
@@ -348,13 +378,16 @@ def load_variant(model_uri: str, variant: Variant = "pyfunc", threads: int = 1,
     run_id = mlflow.models.get_model_info(model_uri).run_id
     folder = Path(tempfile.mkdtemp(prefix="variants-"))
     try:
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_DIR,
-                                            dst_path=str(folder))
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=ARTIFACT_DIR, dst_path=str(folder)
+        )
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for "not there"
         shutil.rmtree(folder, ignore_errors=True)
-        raise PipelineError(f"{model_uri}: run {run_id} has no {ARTIFACT_DIR}/ artifacts "
-                            f"(registered before variants existed?); serve it with variant "
-                            f"'pyfunc' or register it again ({type(exc).__name__})") from exc
+        raise PipelineError(
+            f"{model_uri}: run {run_id} has no {ARTIFACT_DIR}/ artifacts "
+            f"(registered before variants existed?); serve it with variant "
+            f"'pyfunc' or register it again ({type(exc).__name__})"
+        ) from exc
     try:
         verify_run_variants(run_id, folder / ARTIFACT_DIR, key_env)  # before the unpickling
         return load_onnx_scorer(folder / ARTIFACT_DIR, variant, threads)

@@ -45,14 +45,14 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 
+from model.contract import Violation
+from model.errors import PipelineError
 from serving.batcher import MicroBatcher, QueueFull
 from serving.metrics import ServiceMetrics
 from serving.model import LoadedModel, ModelHolder, RegistryFollower, load_model, warm_up
 from serving.payloads import PayloadError, encode_predictions, parse_payload
 from serving.predlog import PredictionLog
 from serving.rowcheck import describe, find_violations, rejection, row_marks, scorable
-from model.contract import Violation
-from model.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,16 @@ class _Service:
         self.config = config
         self.holder = ModelHolder()
         self.metrics = ServiceMetrics()
-        self.batcher = MicroBatcher(config.max_batch_rows, on_batch=self._on_batch,
-                                    max_queue_rows=config.max_queue_rows)
-        self.log = PredictionLog(config.log_dir, config.sample_rate, config.log_flush_rows,
-                                 config.log_flush_interval_s, seed=config.sample_seed)
+        self.batcher = MicroBatcher(
+            config.max_batch_rows, on_batch=self._on_batch, max_queue_rows=config.max_queue_rows
+        )
+        self.log = PredictionLog(
+            config.log_dir,
+            config.sample_rate,
+            config.log_flush_rows,
+            config.log_flush_interval_s,
+            seed=config.sample_seed,
+        )
         self.follower: RegistryFollower | None = None
         self.load_error: str | None = None
 
@@ -119,19 +125,26 @@ class _Service:
         """Follow the registry alias, or load the fixed URI once, in a background thread."""
         cfg = self.config
         if cfg.model_uri is None:
-            self.follower = RegistryFollower(self.holder, cfg.model_name, cfg.alias,
-                                             cfg.variant, cfg.poll_interval_s,
-                                             on_swap=self._on_swap, on_error=self._on_error,
-                                             allow_contract_change=cfg.allow_contract_change,
-                                             key_env=cfg.signing_key_env)
+            self.follower = RegistryFollower(
+                self.holder,
+                cfg.model_name,
+                cfg.alias,
+                cfg.variant,
+                cfg.poll_interval_s,
+                on_swap=self._on_swap,
+                on_error=self._on_error,
+                allow_contract_change=cfg.allow_contract_change,
+                key_env=cfg.signing_key_env,
+            )
             self.follower.start()
             return
         threading.Thread(target=self._load_fixed, name="model-loader", daemon=True).start()
 
     def _load_fixed(self) -> None:
         try:
-            model = load_model(self.config.model_uri, self.config.variant,
-                               self.config.signing_key_env)
+            model = load_model(
+                self.config.model_uri, self.config.variant, self.config.signing_key_env
+            )
             warm_up(model)
         except Exception as exc:  # noqa: BLE001 - /ready reports it; the process stays up
             logger.error("cannot load %s: %s", self.config.model_uri, exc)
@@ -139,8 +152,9 @@ class _Service:
             return
         self._on_swap(model, self.holder.swap(model))
 
-    def check_rows(self, model: LoadedModel, request_id: str,
-                   rows: list[list[Any]]) -> list[Violation]:
+    def check_rows(
+        self, model: LoadedModel, request_id: str, rows: list[list[Any]]
+    ) -> list[Violation]:
         """Apply the row policy: count and log the violations, then raise (reject) or return
         them for the response (flag; [] when every row keeps the contract)."""
         violations = find_violations(model, rows)
@@ -149,35 +163,45 @@ class _Service:
         reject = self.config.row_policy == "reject"
         self.metrics.observe_violations(violations, "rejected" if reject else "flagged")
         if reject:
-            self.log.maybe_add(model, request_id, rows, [], time.time(),
-                               row_marks(violations, len(rows)), rejected=True)
+            self.log.maybe_add(
+                model,
+                request_id,
+                rows,
+                [],
+                time.time(),
+                row_marks(violations, len(rows)),
+                rejected=True,
+            )
             raise rejection(violations)
         return violations
 
     def following(self) -> dict[str, Any]:
         """The follower's state for /version: its last error, the versions it refused."""
         follower = self.follower
-        return {"last_error": follower.last_error if follower else self.load_error,
-                "registry_error": follower.registry_error if follower else None,
-                "refused_versions": dict(follower.refused) if follower else {},
-                "allow_contract_change": self.config.allow_contract_change}
+        return {
+            "last_error": follower.last_error if follower else self.load_error,
+            "registry_error": follower.registry_error if follower else None,
+            "refused_versions": dict(follower.refused) if follower else {},
+            "allow_contract_change": self.config.allow_contract_change,
+        }
 
     def check_token(self, request: Request) -> None:
         token = self.config.token
         if token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(),
-                                                                 token.encode()):
-            raise PayloadError("missing or wrong bearer token (send 'Authorization: Bearer "
-                               "<token>')", status=401)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise PayloadError(
+                "missing or wrong bearer token (send 'Authorization: Bearer <token>')", status=401
+            )
 
 
 def _check_content_type(request: Request) -> None:
     mime, _, params = request.headers.get("content-type", JSON).partition(";")
     if mime.strip().lower() != JSON:
-        raise PayloadError(f"send the payload as JSON (Content-Type: {JSON}), got "
-                           f"{mime.strip()!r}", status=415)
+        raise PayloadError(
+            f"send the payload as JSON (Content-Type: {JSON}), got {mime.strip()!r}", status=415
+        )
     charset = params.strip().lower().removeprefix("charset=")
     if params.strip() and charset not in ("utf-8", "utf8"):
         raise PayloadError(f"only UTF-8 JSON is accepted, got {params.strip()!r}", status=415)
@@ -190,8 +214,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         if not declared.isdigit():
             raise PayloadError(f"invalid Content-Length {declared!r}")
         if int(declared) > limit:
-            raise PayloadError(f"body of {declared} bytes is over the limit of {limit}",
-                               status=413)
+            raise PayloadError(f"body of {declared} bytes is over the limit of {limit}", status=413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -214,37 +237,57 @@ async def _score(service: _Service, request: Request, endpoint: str) -> Response
     try:
         service.check_token(request)
         if model is None:
-            raise PayloadError(f"no model loaded yet ({service.load_error or 'loading'})",
-                               status=503)
+            raise PayloadError(
+                f"no model loaded yet ({service.load_error or 'loading'})", status=503
+            )
         _check_content_type(request)
-        rows = parse_payload(await read_body(request, service.config.max_body_bytes),
-                             model.spec)
+        rows = parse_payload(await read_body(request, service.config.max_body_bytes), model.spec)
         flagged = service.check_rows(model, request_id, rows)
         records = await service.batcher.score(model, scorable(model, rows, flagged))
-        service.log.maybe_add(model, request_id, rows, records, time.time(),
-                              row_marks(flagged, len(rows)) if flagged else None)
-        response = Response(encode_predictions(records, model.version, describe(flagged)),
-                            media_type=JSON, headers=headers)
+        service.log.maybe_add(
+            model,
+            request_id,
+            rows,
+            records,
+            time.time(),
+            row_marks(flagged, len(rows)) if flagged else None,
+        )
+        response = Response(
+            encode_predictions(records, model.version, describe(flagged)),
+            media_type=JSON,
+            headers=headers,
+        )
     except PayloadError as exc:
         response = _json(exc.to_json(), exc.status, headers)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
     except QueueFull as exc:  # more load than the model takes: shed it, the client retries
         service.metrics.queue_full.inc()
-        response = _json(PayloadError(str(exc), status=503).to_json(), 503,
-                         {**headers, "Retry-After": str(exc.retry_after_s)})
+        response = _json(
+            PayloadError(str(exc), status=503).to_json(),
+            503,
+            {**headers, "Retry-After": str(exc.retry_after_s)},
+        )
     except PipelineError as exc:  # the model refused a value (e.g. DataError naming it)
         column = getattr(exc, "column", None)
-        response = _json(PayloadError(str(exc), columns=[column] if column else []).to_json(),
-                         400, headers)
+        response = _json(
+            PayloadError(str(exc), columns=[column] if column else []).to_json(), 400, headers
+        )
     except Exception:
         # the exception's text stays in the server log: it may quote data, paths or internals
         logger.exception("request %s failed on model v%s", request_id, version)
-        response = _json({"error_code": "INTERNAL_ERROR",
-                          "message": f"internal error, request id {request_id} (the service "
-                                     "log has the details)"}, 500, headers)
-    service.metrics.observe_request(endpoint, response.status_code, version,
-                                    time.perf_counter() - started)
+        response = _json(
+            {
+                "error_code": "INTERNAL_ERROR",
+                "message": f"internal error, request id {request_id} (the service "
+                "log has the details)",
+            },
+            500,
+            headers,
+        )
+    service.metrics.observe_request(
+        endpoint, response.status_code, version, time.perf_counter() - started
+    )
     return response
 
 
@@ -267,8 +310,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
         await service.batcher.stop()
         await asyncio.to_thread(service.log.stop)
 
-    app = FastAPI(title="model service", lifespan=lifespan,
-                  description="Serves the registry alias it follows; MLflow scoring payloads.")
+    app = FastAPI(
+        title="model service",
+        lifespan=lifespan,
+        description="Serves the registry alias it follows; MLflow scoring payloads.",
+    )
     app.state.service = service
 
     @app.post("/predict", summary="Score rows (MLflow scoring-server payloads)")
@@ -295,9 +341,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
         # serve the alias's last known version (/version says "registry unreachable since").
         behind = service.follower.unready if service.follower is not None else None
         if behind:
-            return _json({"ready": False, "model_version": model.version,
-                          "reason": f"cannot serve models:/{config.model_name}@{config.alias} "
-                                    f"(serving v{model.version}): {behind}"}, 503)
+            return _json(
+                {
+                    "ready": False,
+                    "model_version": model.version,
+                    "reason": f"cannot serve models:/{config.model_name}@{config.alias} "
+                    f"(serving v{model.version}): {behind}",
+                },
+                503,
+            )
         return _json({"ready": True, "model_version": model.version})
 
     @app.get("/version", summary="The served model: name, version, alias, run, lineage")
@@ -308,9 +360,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
             return _json(exc.to_json(), 401, {"WWW-Authenticate": "Bearer"})
         model = service.holder.current
         if model is None:
-            return _json({"error_code": "TEMPORARILY_UNAVAILABLE",
-                          "message": f"no model loaded yet ({service.load_error or 'loading'})"},
-                         503)
+            return _json(
+                {
+                    "error_code": "TEMPORARILY_UNAVAILABLE",
+                    "message": f"no model loaded yet ({service.load_error or 'loading'})",
+                },
+                503,
+            )
         return _json({**model.describe(), "follower": service.following()})
 
     @app.get("/metrics", summary="Prometheus metrics")

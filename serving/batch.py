@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serving.model import LoadedModel, load_model
-from serving.payloads import PayloadError, check_frame
 from model.errors import DataError
 from model.files import atomic_path
+from serving.model import LoadedModel
+from serving.payloads import PayloadError, check_frame
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,12 +45,14 @@ def score_frame(model: LoadedModel, frame: pd.DataFrame) -> pd.DataFrame:
         given = [name for name in model.spec.names if name in frame.columns]  # some optional
         predictions = model.predict(frame[given]).reset_index(drop=True)
     else:  # the preprocessor refuses 0 rows; an empty file still gets the output columns
-        predictions = pd.DataFrame({name: pd.Series(dtype="float64")
-                                    for name in model.output_columns})
+        predictions = pd.DataFrame(
+            {name: pd.Series(dtype="float64") for name in model.output_columns}
+        )
     taken = [c for c in [*predictions.columns, VERSION_COLUMN] if c in frame.columns]
     if taken:
-        raise PayloadError(f"input already has the output column(s) {taken}; rename them",
-                           columns=taken)
+        raise PayloadError(
+            f"input already has the output column(s) {taken}; rename them", columns=taken
+        )
     version = pd.Series([model.label] * len(frame), name=VERSION_COLUMN, dtype="string")
     return pd.concat([frame, predictions, version], axis=1)
 
@@ -67,8 +69,11 @@ def plan_outputs(source: str | Path, dest: str | Path) -> list[tuple[Path, Path]
         return [(source, dest / source.name if dest.is_dir() or dest.suffix == "" else dest)]
     if not source.is_dir():
         raise DataError("input not found", file=str(source), rule="exists")
-    files = sorted(p for p in source.rglob("*.parquet")
-                   if not any(part.startswith((".", "_")) for part in p.relative_to(source).parts))
+    files = sorted(
+        p
+        for p in source.rglob("*.parquet")
+        if not any(part.startswith((".", "_")) for part in p.relative_to(source).parts)
+    )
     if not files:
         raise DataError("no *.parquet files in the folder", file=str(source), rule="not_empty")
     return [(src, dest / src.relative_to(source)) for src in files]
@@ -77,8 +82,9 @@ def plan_outputs(source: str | Path, dest: str | Path) -> list[tuple[Path, Path]
 # --- I/O --------------------------------------------------------------------------------------
 
 
-def score_file(model: LoadedModel, src: str | Path, dest: str | Path,
-               batch_size: int = 10_000) -> int:
+def score_file(
+    model: LoadedModel, src: str | Path, dest: str | Path, batch_size: int = 10_000
+) -> int:
     """Score one Parquet file into ``dest`` (atomic), ``batch_size`` rows at a time.
 
     Returns:
@@ -94,8 +100,9 @@ def score_file(model: LoadedModel, src: str | Path, dest: str | Path,
     try:
         parquet = pq.ParquetFile(src)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"not a readable Parquet file: {exc}", file=str(src),
-                        rule="parquet") from exc
+        raise DataError(
+            f"not a readable Parquet file: {exc}", file=str(src), rule="parquet"
+        ) from exc
     rows, writer = 0, None
     with atomic_path(dest) as tmp:
         batches = parquet.iter_batches(batch_size=batch_size)
@@ -106,8 +113,9 @@ def score_file(model: LoadedModel, src: str | Path, dest: str | Path,
             writer.write_table(table.cast(writer.schema))
             rows += batch.num_rows
         writer.close()
-    logger.info("scored %d row(s) of %s with %s v%s -> %s", rows, src, model.name, model.label,
-                dest)
+    logger.info(
+        "scored %d row(s) of %s with %s v%s -> %s", rows, src, model.name, model.label, dest
+    )
     return rows
 
 
@@ -128,7 +136,10 @@ def _score_batch(model: LoadedModel, batch: Any, src: Path) -> Any:
     try:
         scored = score_frame(model, batch.to_pandas())
     except PayloadError as exc:
-        raise DataError(exc.message, file=str(src),
-                        column=exc.columns[0] if exc.columns else None,
-                        rule="model_signature") from exc
+        raise DataError(
+            exc.message,
+            file=str(src),
+            column=exc.columns[0] if exc.columns else None,
+            rule="model_signature",
+        ) from exc
     return pa.Table.from_pandas(scored, preserve_index=False)

@@ -37,8 +37,10 @@ class QueueFull(Exception):
 
     def __init__(self, queued_rows: int, limit: int, retry_after_s: int) -> None:
         self.queued_rows, self.limit, self.retry_after_s = queued_rows, limit, retry_after_s
-        super().__init__(f"{queued_rows} rows are waiting for the model (the limit is {limit}, "
-                         f"serve.max_queue_rows): retry in {retry_after_s} s")
+        super().__init__(
+            f"{queued_rows} rows are waiting for the model (the limit is {limit}, "
+            f"serve.max_queue_rows): retry in {retry_after_s} s"
+        )
 
 
 @dataclass
@@ -53,8 +55,7 @@ def score_rows(model: LoadedModel, rows: list[list[Any]]) -> list[dict[str, Any]
     frame = rows_to_frame(rows, model.spec)
     records = frame_to_records(model.predict(frame))
     if len(records) != len(rows):
-        raise RuntimeError(f"model v{model.label} returned {len(records)} rows for "
-                           f"{len(rows)}")
+        raise RuntimeError(f"model v{model.label} returned {len(records)} rows for {len(rows)}")
     return records
 
 
@@ -69,9 +70,12 @@ class MicroBatcher:
             would go over raises QueueFull, unless the queue is empty.
     """
 
-    def __init__(self, max_rows: int = 256,
-                 on_batch: Callable[[LoadedModel, int], None] | None = None,
-                 max_queue_rows: int = 4096) -> None:
+    def __init__(
+        self,
+        max_rows: int = 256,
+        on_batch: Callable[[LoadedModel, int], None] | None = None,
+        max_queue_rows: int = 4096,
+    ) -> None:
         self.max_rows, self.on_batch = max_rows, on_batch
         self.max_queue_rows = max_queue_rows
         self.queued_rows = 0  # rows in _queue (event-loop thread only)
@@ -119,8 +123,11 @@ class MicroBatcher:
     def _take_batch(self) -> list[_Job]:
         batch = [self._queue.popleft()]
         n = len(batch[0].rows)
-        while self._queue and self._queue[0].model is batch[0].model \
-                and n + len(self._queue[0].rows) <= self.max_rows:
+        while (
+            self._queue
+            and self._queue[0].model is batch[0].model
+            and n + len(self._queue[0].rows) <= self.max_rows
+        ):
             job = self._queue.popleft()
             batch.append(job)
             n += len(job.rows)
@@ -147,7 +154,7 @@ class MicroBatcher:
                 except Exception as exc:
                     logger.exception("batch of %d request(s) failed", len(jobs))
                     results = [exc] * len(jobs)
-                for job, result in zip(jobs, results):
+                for job, result in zip(jobs, results, strict=False):
                     _settle(job.future, result)
 
 
@@ -164,7 +171,7 @@ def _score_batch(jobs: list[_Job]) -> list[Any]:
         return [_score_alone(model, job.rows) for job in jobs]
     results, start = [], 0
     for job in jobs:
-        results.append(records[start:start + len(job.rows)])
+        results.append(records[start : start + len(job.rows)])
         start += len(job.rows)
     return results
 

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from model.artifacts import DEFAULT_KEY_ENV
+from model.servable import PROBA_PREFIX
 from serving.batcher import score_rows
 from serving.model import LoadedModel, load_model
 from serving.payloads import PayloadError, encode_predictions, encode_split_payload, parse_payload
-from model.artifacts import DEFAULT_KEY_ENV
-from model.servable import PROBA_PREFIX
 
 LATENCY_REPEATS = 20  # single-row requests timed; the median is compared (robust to a hiccup)
 
@@ -38,25 +38,34 @@ class ServingCheck:
     def describe(self) -> str:
         """One line for the promotion reason."""
         if self.passed:
-            return (f"the service loads it and answers its input example "
-                    f"(median {self.latency_ms:.1f} ms per single-row request)")
+            return (
+                f"the service loads it and answers its input example "
+                f"(median {self.latency_ms:.1f} ms per single-row request)"
+            )
         return "serving check failed: " + "; ".join(self.problems)
 
 
-def check_answer(records: list[dict[str, Any]], n_rows: int,
-                 output_columns: tuple[str, ...]) -> list[str]:
+def check_answer(
+    records: list[dict[str, Any]], n_rows: int, output_columns: tuple[str, ...]
+) -> list[str]:
     """Problems with an answer: row count, columns vs the output signature, probabilities."""
     problems = []
     if len(records) != n_rows:
         problems.append(f"answered {len(records)} rows for {n_rows}")
     columns = tuple(records[0]) if records else ()
     if output_columns and columns != tuple(output_columns):
-        problems.append(f"answered columns {list(columns)}, the signature says "
-                        f"{list(output_columns)}")
-    bad = sorted({name for rec in records for name, value in rec.items()
-                  if name.startswith(PROBA_PREFIX)
-                  and not (isinstance(value, float) and math.isfinite(value)
-                           and 0.0 <= value <= 1.0)})
+        problems.append(
+            f"answered columns {list(columns)}, the signature says {list(output_columns)}"
+        )
+    bad = sorted(
+        {
+            name
+            for rec in records
+            for name, value in rec.items()
+            if name.startswith(PROBA_PREFIX)
+            and not (isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0)
+        }
+    )
     if bad:
         problems.append(f"probabilities outside [0, 1] or not finite in {bad}")
     return problems
@@ -79,9 +88,13 @@ def median_latency_ms(model: LoadedModel, body: bytes, repeats: int) -> float:
     return statistics.median(times)
 
 
-def check_servable(model_uri: str, max_latency_ms: float, variant: str = "pyfunc",
-                   repeats: int = LATENCY_REPEATS,
-                   key_env: str | None = DEFAULT_KEY_ENV) -> ServingCheck:
+def check_servable(
+    model_uri: str,
+    max_latency_ms: float,
+    variant: str = "pyfunc",
+    repeats: int = LATENCY_REPEATS,
+    key_env: str | None = DEFAULT_KEY_ENV,
+) -> ServingCheck:
     """Load ``model_uri`` the way the service does and answer its input example.
 
     ``key_env`` names the env var of the signing key (params ``register.signing_key_env``),
@@ -108,6 +121,8 @@ def check_servable(model_uri: str, max_latency_ms: float, variant: str = "pyfunc
     except Exception as exc:  # noqa: BLE001 - the model's own code failed
         return ServingCheck((f"scoring its input example failed: {type(exc).__name__}: {exc}",))
     if not latency <= max_latency_ms:
-        problems.append(f"median latency {latency:.1f} ms over {repeats} single-row requests "
-                        f"is above register.max_latency_ms {max_latency_ms:g}")
+        problems.append(
+            f"median latency {latency:.1f} ms over {repeats} single-row requests "
+            f"is above register.max_latency_ms {max_latency_ms:g}"
+        )
     return ServingCheck(tuple(problems), latency)

@@ -43,7 +43,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from serving.payloads import ColumnSpec, InputSpec, spec_from_contract
 from model.artifacts import (
     DEFAULT_KEY_ENV,
     MANIFEST_TAG,
@@ -51,6 +50,7 @@ from model.artifacts import (
     ensure_verified,
     signing_key,
 )
+from serving.payloads import ColumnSpec, InputSpec, spec_from_contract
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,11 +61,19 @@ logger = logging.getLogger(__name__)
 
 Predict = Callable[["pd.DataFrame"], "pd.DataFrame"]
 # variant name -> "module:function" of its loader; see the module docstring for the contract.
-VARIANT_LOADERS: dict[str, str] = {"pyfunc": "serving.model:load_pyfunc_predictor",
-                                   "onnx": "model.variants:load_variant",  # float32
-                                   "int8": "model.variants:load_variant"}  # quantized
-_KINDS = {"double": "float", "float": "float", "long": "int", "integer": "int",
-          "boolean": "bool", "string": "str"}  # MLflow DataType name -> payload kind
+VARIANT_LOADERS: dict[str, str] = {
+    "pyfunc": "serving.model:load_pyfunc_predictor",
+    "onnx": "model.variants:load_variant",  # float32
+    "int8": "model.variants:load_variant",
+}  # quantized
+_KINDS = {
+    "double": "float",
+    "float": "float",
+    "long": "int",
+    "integer": "int",
+    "boolean": "bool",
+    "string": "str",
+}  # MLflow DataType name -> payload kind
 # pyfunc loaders of a PythonModel: models-from-code (now), cloudpickled (versions before it)
 _PYTHON_MODEL_LOADERS = ("mlflow.pyfunc.loaders.code_model", "mlflow.pyfunc.model")
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
@@ -119,11 +127,20 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         """What ``/version`` shows: name, version, alias, run, variant, lineage tags."""
-        return {"model_name": self.name, "model_version": self.version, "alias": self.alias,
-                "run_id": self.run_id, "variant": self.variant, "model_uri": self.uri,
-                "loaded_at": self.loaded_at, "input_columns": list(self.spec.names),
-                "checks_rows": self.checks_rows, "integrity": self.integrity,
-                "output_columns": list(self.output_columns), "tags": dict(self.tags)}
+        return {
+            "model_name": self.name,
+            "model_version": self.version,
+            "alias": self.alias,
+            "run_id": self.run_id,
+            "variant": self.variant,
+            "model_uri": self.uri,
+            "loaded_at": self.loaded_at,
+            "input_columns": list(self.spec.names),
+            "checks_rows": self.checks_rows,
+            "integrity": self.integrity,
+            "output_columns": list(self.output_columns),
+            "tags": dict(self.tags),
+        }
 
 
 def spec_from_schema(schema: Schema | None) -> InputSpec:
@@ -133,12 +150,20 @@ def spec_from_schema(schema: Schema | None) -> InputSpec:
         ModelLoadError: the model has no signature, or one without column names.
     """
     if schema is None or not schema.has_input_names():
-        raise ModelLoadError("the model has no column-based input signature to check "
-                             "requests against; log it with a signature")
-    return InputSpec(tuple(ColumnSpec(str(col.name),
-                                      _KINDS.get(getattr(col.type, "name", ""), "any"),
-                                      bool(getattr(col, "required", True)))
-                           for col in schema.inputs))
+        raise ModelLoadError(
+            "the model has no column-based input signature to check "
+            "requests against; log it with a signature"
+        )
+    return InputSpec(
+        tuple(
+            ColumnSpec(
+                str(col.name),
+                _KINDS.get(getattr(col.type, "name", ""), "any"),
+                bool(getattr(col, "required", True)),
+            )
+            for col in schema.inputs
+        )
+    )
 
 
 def register_variant(name: str, loader: str) -> None:
@@ -146,12 +171,15 @@ def register_variant(name: str, loader: str) -> None:
     VARIANT_LOADERS[name] = loader
 
 
-def _variant_loader(variant: str, key_env: str | None = DEFAULT_KEY_ENV
-                    ) -> Callable[[str, str], Any]:
+def _variant_loader(
+    variant: str, key_env: str | None = DEFAULT_KEY_ENV
+) -> Callable[[str, str], Any]:
     target = VARIANT_LOADERS.get(variant, variant)
     if ":" not in target:
-        raise ModelLoadError(f"unknown model variant {variant!r} (known: "
-                             f"{', '.join(VARIANT_LOADERS)}, or module:function)")
+        raise ModelLoadError(
+            f"unknown model variant {variant!r} (known: "
+            f"{', '.join(VARIANT_LOADERS)}, or module:function)"
+        )
     module, _, func = target.partition(":")
     try:
         loader = getattr(importlib.import_module(module), func)
@@ -163,8 +191,9 @@ def _variant_loader(variant: str, key_env: str | None = DEFAULT_KEY_ENV
     return loader
 
 
-def load_pyfunc_predictor(model_uri: str, variant: str = "pyfunc",
-                          key_env: str | None = DEFAULT_KEY_ENV) -> Any:
+def load_pyfunc_predictor(
+    model_uri: str, variant: str = "pyfunc", key_env: str | None = DEFAULT_KEY_ENV
+) -> Any:
     """The built-in ``pyfunc`` variant: the logged pyfunc, scored without MLflow's wrapper.
 
     A ``models:/`` URI is downloaded and checked against its recorded hashes first; a local
@@ -176,8 +205,7 @@ def load_pyfunc_predictor(model_uri: str, variant: str = "pyfunc",
 
     with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
         pyfunc = mlflow.pyfunc.load_model(ensure_verified(model_uri, tmp, key_env))
-    inner = pyfunc.unwrap_python_model() if pyfunc.loader_module in _PYTHON_MODEL_LOADERS \
-        else None
+    inner = pyfunc.unwrap_python_model() if pyfunc.loader_module in _PYTHON_MODEL_LOADERS else None
     if isinstance(inner, ClassifierModel):
         return _DirectPredictor(inner)
     return pyfunc  # another kind of pyfunc: MLflow's predict (with its schema enforcement)
@@ -207,8 +235,9 @@ def resolve_version(uri: str) -> tuple[str, ModelVersion | None, str | None]:
     return uri, None, None
 
 
-def load_model(uri: str, variant: str = "pyfunc",
-               key_env: str | None = DEFAULT_KEY_ENV) -> LoadedModel:
+def load_model(
+    uri: str, variant: str = "pyfunc", key_env: str | None = DEFAULT_KEY_ENV
+) -> LoadedModel:
     """Load a model for serving: resolve the alias, copy the version, check its files against
     the hashes recorded at registration, load the variant.
 
@@ -239,12 +268,18 @@ def load_model(uri: str, variant: str = "pyfunc",
     try:
         path = mlflow.artifacts.download_artifacts(artifact_uri=versioned, dst_path=local)
         # Before anything of it is read: MLmodel, the model code, the pickled preprocessor.
-        check = verify_files(mv, path, key_env=key_env) if mv is not None else \
-            unrecorded(None, None, signing_key(key_env), key_env or DEFAULT_KEY_ENV)
+        check = (
+            verify_files(mv, path, key_env=key_env)
+            if mv is not None
+            else unrecorded(None, None, signing_key(key_env), key_env or DEFAULT_KEY_ENV)
+        )
         meta = Model.load(path)
         contract = contract_in_model_dir(path)
-        spec = spec_from_contract(contract) if contract and "derived_from" not in contract \
+        spec = (
+            spec_from_contract(contract)
+            if contract and "derived_from" not in contract
             else spec_from_schema(meta.get_input_schema())
+        )
         outputs = meta.get_output_schema()
         example = meta.load_input_example(path)
         predictor = _variant_loader(variant, key_env)(path, variant)
@@ -253,18 +288,26 @@ def load_model(uri: str, variant: str = "pyfunc",
     except ModelLoadError as exc:
         raise ModelLoadError(f"{uri}: {exc}") from exc
     except Exception as exc:
-        raise ModelLoadError(f"{uri}: cannot load variant {variant!r}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"{uri}: cannot load variant {variant!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     finally:
         shutil.rmtree(local, ignore_errors=True)  # everything is in memory now
     return LoadedModel(
-        uri=versioned, variant=variant, spec=spec, predictor=predictor.predict,
+        uri=versioned,
+        variant=variant,
+        spec=spec,
+        predictor=predictor.predict,
         output_columns=tuple(outputs.input_names()) if outputs is not None else (),
-        name=mv.name if mv else None, version=str(mv.version) if mv else None, alias=alias,
+        name=mv.name if mv else None,
+        version=str(mv.version) if mv else None,
+        alias=alias,
         run_id=(mv.run_id if mv else None) or meta.run_id,
         tags={k: v for k, v in mv.tags.items() if k != MANIFEST_TAG} if mv else {},
-        input_example=example if hasattr(example, "columns") else None, contract=contract,
-        integrity=check.describe())
+        input_example=example if hasattr(example, "columns") else None,
+        contract=contract,
+        integrity=check.describe(),
+    )
 
 
 def warm_up(model: LoadedModel) -> None:
@@ -325,12 +368,18 @@ class RegistryFollower:
     ``registry_error`` ("registry unreachable since ...") in ``/version`` and the logs.
     """
 
-    def __init__(self, holder: ModelHolder, name: str, alias: str, variant: str = "pyfunc",
-                 interval_s: float = 10.0,
-                 on_swap: Callable[[LoadedModel, LoadedModel | None], None] | None = None,
-                 on_error: Callable[[str], None] | None = None,
-                 allow_contract_change: bool = False,
-                 key_env: str | None = DEFAULT_KEY_ENV) -> None:
+    def __init__(
+        self,
+        holder: ModelHolder,
+        name: str,
+        alias: str,
+        variant: str = "pyfunc",
+        interval_s: float = 10.0,
+        on_swap: Callable[[LoadedModel, LoadedModel | None], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+        allow_contract_change: bool = False,
+        key_env: str | None = DEFAULT_KEY_ENV,
+    ) -> None:
         self.holder, self.name, self.alias, self.variant = holder, name, alias, variant
         self.key_env = key_env
         self.interval_s, self.on_swap, self.on_error = interval_s, on_swap, on_error
@@ -377,8 +426,12 @@ class RegistryFollower:
             if self._refused_as.get(version) == state:
                 self.last_error = self.unready = self.refused[version]  # why not served
                 return False
-            logger.info("%s v%s: its recorded artifact hashes changed since it was refused: "
-                        "trying it again", self.name, version)
+            logger.info(
+                "%s v%s: its recorded artifact hashes changed since it was refused: "
+                "trying it again",
+                self.name,
+                version,
+            )
             del self.refused[version]
             self._refused_as.pop(version, None)
         try:
@@ -399,8 +452,13 @@ class RegistryFollower:
             return False
         previous = self.holder.swap(model)
         self.last_error = self.unready = None
-        logger.info("now serving %s v%s (%s) instead of %s", self.name, model.version,
-                    self.variant, f"v{previous.version}" if previous else "nothing")
+        logger.info(
+            "now serving %s v%s (%s) instead of %s",
+            self.name,
+            model.version,
+            self.variant,
+            f"v{previous.version}" if previous else "nothing",
+        )
         if self.on_swap:
             self.on_swap(model, previous)
         return True
@@ -413,13 +471,16 @@ class RegistryFollower:
             return False
         differences = contract_differences(
             dict(current.contract) if current.contract is not None else None,
-            dict(model.contract) if model.contract is not None else {"columns": []})
+            dict(model.contract) if model.contract is not None else {"columns": []},
+        )
         if not differences:
             return False
-        reason = (f"refused {self.name} v{model.version}: its input contract differs from "
-                  f"v{current.version}'s ({'; '.join(differences)}); still serving "
-                  f"v{current.version}. To swap anyway set serve.allow_contract_change: true "
-                  "(or --allow-contract-change)")
+        reason = (
+            f"refused {self.name} v{model.version}: its input contract differs from "
+            f"v{current.version}'s ({'; '.join(differences)}); still serving "
+            f"v{current.version}. To swap anyway set serve.allow_contract_change: true "
+            "(or --allow-contract-change)"
+        )
         self.refused[str(model.version)] = reason
         self._report(reason)
         return True
@@ -435,17 +496,18 @@ class RegistryFollower:
         serving = f"still serving v{current.version}" if current else "serving nothing yet"
         self.registry_error = self.last_error = (
             f"registry unreachable since {self._unreachable_since} ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}); {serving}")
+            f"{' '.join(str(exc).split())[:300]}); {serving}"
+        )
         if first:
-            logger.warning("cannot read models:/%s@%s: %s", self.name, self.alias,
-                           self.registry_error)
+            logger.warning(
+                "cannot read models:/%s@%s: %s", self.name, self.alias, self.registry_error
+            )
         if current is None and self.on_error:  # nothing served: /ready says why
             self.on_error(self.registry_error)
 
     def _registry_up(self) -> None:
         if self._unreachable_since is not None:
-            logger.info("registry reachable again (unreachable since %s)",
-                        self._unreachable_since)
+            logger.info("registry reachable again (unreachable since %s)", self._unreachable_since)
         self._unreachable_since = self.registry_error = None
 
     def _report(self, message: str) -> None:
@@ -457,8 +519,7 @@ class RegistryFollower:
     def start(self) -> None:
         """Check now and then every ``interval_s`` seconds, in a daemon thread."""
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="registry-follower",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="registry-follower", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:

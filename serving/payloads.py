@@ -35,18 +35,29 @@ SHOWN = 10  # column names quoted in one message at most
 class PayloadError(Exception):
     """A request the model cannot score: its HTTP status, a message, the columns at fault."""
 
-    def __init__(self, message: str, status: int = 400, columns: Sequence[str] = (),
-                 details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        columns: Sequence[str] = (),
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message, self.status, self.columns = message, status, list(columns)
         self.details = details  # e.g. the row violations: [{"row", "column", "rule", "value"}]
 
     def to_json(self) -> dict[str, Any]:
         """The body of the error response (MLflow's ``error_code`` + ``message`` shape)."""
-        codes = {401: "UNAUTHENTICATED", 413: "REQUEST_LIMIT_EXCEEDED",
-                 415: "UNSUPPORTED_MEDIA_TYPE", 503: "TEMPORARILY_UNAVAILABLE"}
-        body: dict[str, Any] = {"error_code": codes.get(self.status, "BAD_REQUEST"),
-                                "message": self.message}
+        codes = {
+            401: "UNAUTHENTICATED",
+            413: "REQUEST_LIMIT_EXCEEDED",
+            415: "UNSUPPORTED_MEDIA_TYPE",
+            503: "TEMPORARILY_UNAVAILABLE",
+        }
+        body: dict[str, Any] = {
+            "error_code": codes.get(self.status, "BAD_REQUEST"),
+            "message": self.message,
+        }
         if self.columns:
             body["columns"] = self.columns
         if self.details:
@@ -85,8 +96,13 @@ class InputSpec:
 
 
 # Contract kind -> payload kind. A text date stays text here; the model parses it.
-CONTRACT_KINDS = {"float": "float", "int": "int", "category": "str", "bool": "bool",
-                  "datetime": "str"}
+CONTRACT_KINDS = {
+    "float": "float",
+    "int": "int",
+    "category": "str",
+    "bool": "bool",
+    "datetime": "str",
+}
 
 
 def spec_from_contract(contract: dict[str, Any]) -> InputSpec:
@@ -97,10 +113,17 @@ def spec_from_contract(contract: dict[str, Any]) -> InputSpec:
     reaches the model as a float with NaN): whether it may be null is the row check's rule
     ``not_null``, handled per ``serve.row_policy``.
     """
-    return InputSpec(tuple(
-        ColumnSpec(str(col["name"]), CONTRACT_KINDS.get(col["kind"], "any"),
-                   bool(col.get("used", True)) and not col["nullable"], null_ok=True)
-        for col in contract["columns"]))
+    return InputSpec(
+        tuple(
+            ColumnSpec(
+                str(col["name"]),
+                CONTRACT_KINDS.get(col["kind"], "any"),
+                bool(col.get("used", True)) and not col["nullable"],
+                null_ok=True,
+            )
+            for col in contract["columns"]
+        )
+    )
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -153,23 +176,30 @@ def _to_str(value: Any) -> str:
 
 
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "float": _to_float, "int": _to_int, "bool": _to_bool, "str": _to_str, "any": lambda v: v,
+    "float": _to_float,
+    "int": _to_int,
+    "bool": _to_bool,
+    "str": _to_str,
+    "any": lambda v: v,
 }
 
 
 def _convert(value: Any, col: ColumnSpec, row: int) -> Any:
     if value is None and col.kind != "float":
         if col.required and not col.null_ok:
-            raise PayloadError(f"column {col.name!r} row {row}: missing value in a required "
-                               f"{col.kind} column", columns=[col.name])
+            raise PayloadError(
+                f"column {col.name!r} row {row}: missing value in a required {col.kind} column",
+                columns=[col.name],
+            )
         return None
     try:
         if col.kind == "int" and col.null_ok:  # an int column checked by the contract
             return _to_int_or_huge(value)
         return _CONVERTERS[col.kind](value)
     except (TypeError, OverflowError) as exc:
-        raise PayloadError(f"column {col.name!r} row {row}: {exc}, got {_describe(value)}",
-                           columns=[col.name]) from None
+        raise PayloadError(
+            f"column {col.name!r} row {row}: {exc}, got {_describe(value)}", columns=[col.name]
+        ) from None
 
 
 def _shown(names: Iterable[str]) -> str:
@@ -197,8 +227,11 @@ def check_columns(given: Sequence[str], spec: InputSpec) -> None:
     if extra:
         problems.append(f"unexpected column(s) {_shown(extra)}")
     if problems:
-        raise PayloadError("; ".join(problems) + f" (the model takes {len(spec.names)} "
-                           f"columns: {_shown(spec.names)})", columns=missing + extra)
+        raise PayloadError(
+            "; ".join(problems) + f" (the model takes {len(spec.names)} "
+            f"columns: {_shown(spec.names)})",
+            columns=missing + extra,
+        )
 
 
 # --- formats ----------------------------------------------------------------------------------
@@ -209,8 +242,9 @@ def _rows_from_split(data: Any, spec: InputSpec) -> list[list[Any]]:
         raise PayloadError("dataframe_split must be an object with 'columns' and 'data'")
     extra = sorted(set(data) - {"columns", "data", "index"})
     if extra:
-        raise PayloadError(f"dataframe_split: unexpected key(s) {extra} (allowed: columns, "
-                           "data, index)")
+        raise PayloadError(
+            f"dataframe_split: unexpected key(s) {extra} (allowed: columns, data, index)"
+        )
     columns, rows = data.get("columns"), data["data"]
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
         raise PayloadError("dataframe_split.columns must be a list of column names")
@@ -220,8 +254,9 @@ def _rows_from_split(data: Any, spec: InputSpec) -> list[list[Any]]:
     return _rows_from_lists(rows, columns, spec, "dataframe_split.data")
 
 
-def _rows_from_lists(rows: list[list[Any]], columns: Sequence[str], spec: InputSpec,
-                     where: str) -> list[list[Any]]:
+def _rows_from_lists(
+    rows: list[list[Any]], columns: Sequence[str], spec: InputSpec, where: str
+) -> list[list[Any]]:
     width = len(columns)
     for i, row in enumerate(rows):
         if len(row) != width:
@@ -229,10 +264,17 @@ def _rows_from_lists(rows: list[list[Any]], columns: Sequence[str], spec: InputS
     position = {name: i for i, name in enumerate(columns)}
     order = [position.get(col.name) for col in spec.columns]
     if order == list(range(width)):  # already in signature order (the usual case)
-        return [[_convert(v, col, i) for v, col in zip(row, spec.columns)]
-                for i, row in enumerate(rows)]
-    return [[_convert(row[j] if j is not None else None, col, i)
-             for j, col in zip(order, spec.columns)] for i, row in enumerate(rows)]
+        return [
+            [_convert(v, col, i) for v, col in zip(row, spec.columns, strict=False)]
+            for i, row in enumerate(rows)
+        ]
+    return [
+        [
+            _convert(row[j] if j is not None else None, col, i)
+            for j, col in zip(order, spec.columns, strict=False)
+        ]
+        for i, row in enumerate(rows)
+    ]
 
 
 def _rows_from_records(records: Any, spec: InputSpec, where: str) -> list[list[Any]]:
@@ -242,8 +284,10 @@ def _rows_from_records(records: Any, spec: InputSpec, where: str) -> list[list[A
     for record in records:
         if len(record) != len(names) or any(name not in record for name in names):
             check_columns(list(record), spec)
-    return [[_convert(record.get(col.name), col, i) for col in spec.columns]
-            for i, record in enumerate(records)]
+    return [
+        [_convert(record.get(col.name), col, i) for col in spec.columns]
+        for i, record in enumerate(records)
+    ]
 
 
 def _rows_from_columns(data: dict[str, Any], spec: InputSpec, where: str) -> list[list[Any]]:
@@ -251,11 +295,17 @@ def _rows_from_columns(data: dict[str, Any], spec: InputSpec, where: str) -> lis
     values = {name: (v if isinstance(v, list) else [v]) for name, v in data.items()}
     lengths = {name: len(v) for name, v in values.items()}
     if len(set(lengths.values())) > 1:
-        raise PayloadError(f"{where}: columns have different lengths {lengths}",
-                           columns=list(lengths))
+        raise PayloadError(
+            f"{where}: columns have different lengths {lengths}", columns=list(lengths)
+        )
     n = next(iter(lengths.values()), 0)
-    return [[_convert(values[col.name][i] if col.name in values else None, col, i)
-             for col in spec.columns] for i in range(n)]
+    return [
+        [
+            _convert(values[col.name][i] if col.name in values else None, col, i)
+            for col in spec.columns
+        ]
+        for i in range(n)
+    ]
 
 
 def _rows_from_tensor_input(data: Any, spec: InputSpec, where: str) -> list[list[Any]]:
@@ -265,8 +315,10 @@ def _rows_from_tensor_input(data: Any, spec: InputSpec, where: str) -> list[list
         return _rows_from_records(data, spec, where)
     if isinstance(data, list) and data and all(isinstance(r, list) for r in data):
         return _rows_from_lists(data, spec.names, spec, where)
-    raise PayloadError(f"{where} must be a list of records, an object of columns, or a list "
-                       "of rows in the signature's column order")
+    raise PayloadError(
+        f"{where} must be a list of records, an object of columns, or a list "
+        "of rows in the signature's column order"
+    )
 
 
 def decode_json(body: bytes) -> Any:
@@ -286,13 +338,17 @@ def parse_payload(body: bytes, spec: InputSpec) -> list[list[Any]]:
     """
     doc = decode_json(body)
     if not isinstance(doc, dict):
-        raise PayloadError(f"the body must be a JSON object with exactly one of the keys "
-                           f"{list(FORMATS)}, got a {type(doc).__name__}")
+        raise PayloadError(
+            f"the body must be a JSON object with exactly one of the keys "
+            f"{list(FORMATS)}, got a {type(doc).__name__}"
+        )
     keys = [key for key in doc if key in FORMATS]
     unknown = [key for key in doc if key not in FORMATS and key != PARAMS_KEY]
     if len(keys) != 1 or unknown:
-        raise PayloadError(f"the body must have exactly one of the keys {list(FORMATS)} "
-                           f"(and optionally 'params'), got {list(doc)}")
+        raise PayloadError(
+            f"the body must have exactly one of the keys {list(FORMATS)} "
+            f"(and optionally 'params'), got {list(doc)}"
+        )
     fmt = keys[0]
     if fmt == "dataframe_split":
         rows = _rows_from_split(doc[fmt], spec)
@@ -320,8 +376,9 @@ def rows_to_frame(rows: list[list[Any]], spec: InputSpec) -> pd.DataFrame:
     strict = [c for c in spec.columns if c.required and not c.null_ok]
     casts = {c.name: dtypes[c.kind] for c in strict if c.kind in dtypes}
     # a numeric column that may hold None: float64 with NaN, as training saw it
-    casts.update({c.name: "float64" for c in spec.columns if c.kind in ("float", "int")
-                  and c not in strict})
+    casts.update(
+        {c.name: "float64" for c in spec.columns if c.kind in ("float", "int") and c not in strict}
+    )
     return frame.astype(casts)
 
 
@@ -330,11 +387,12 @@ def frame_to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     ``to_dict``: each column goes to Python once."""
     columns = [str(c) for c in frame.columns]
     values = [frame[c].to_numpy().tolist() for c in frame.columns]
-    return [dict(zip(columns, row)) for row in zip(*values)]
+    return [dict(zip(columns, row, strict=False)) for row in zip(*values, strict=False)]
 
 
-def encode_predictions(records: list[dict[str, Any]], version: str | None,
-                       flagged: list[dict[str, Any]] | None = None) -> bytes:
+def encode_predictions(
+    records: list[dict[str, Any]], version: str | None, flagged: list[dict[str, Any]] | None = None
+) -> bytes:
     """The response body: MLflow's ``{"predictions": [...]}`` plus the model version, and
     ``flagged`` (the row violations scored under ``serve.row_policy: flag``) when there are."""
     body: dict[str, Any] = {"predictions": records, "model_version": version}
@@ -345,8 +403,14 @@ def encode_predictions(records: list[dict[str, Any]], version: str | None,
 
 def encode_split_payload(frame: pd.DataFrame) -> bytes:
     """A DataFrame as a ``dataframe_split`` request body (what an MLflow client sends)."""
-    return orjson.dumps({"dataframe_split": {"columns": [str(c) for c in frame.columns],
-                                             "data": frame.to_numpy().tolist()}})
+    return orjson.dumps(
+        {
+            "dataframe_split": {
+                "columns": [str(c) for c in frame.columns],
+                "data": frame.to_numpy().tolist(),
+            }
+        }
+    )
 
 
 def check_frame(frame: pd.DataFrame, spec: InputSpec) -> None:
@@ -362,8 +426,11 @@ def check_frame(frame: pd.DataFrame, spec: InputSpec) -> None:
     missing = [c.name for c in spec.columns if c.required and c.name not in frame.columns]
     if missing:
         raise PayloadError(f"missing column(s) {_shown(missing)}", columns=missing)
-    checks = {"float": pd.api.types.is_numeric_dtype, "int": pd.api.types.is_integer_dtype,
-              "bool": pd.api.types.is_bool_dtype}
+    checks = {
+        "float": pd.api.types.is_numeric_dtype,
+        "int": pd.api.types.is_integer_dtype,
+        "bool": pd.api.types.is_bool_dtype,
+    }
     for col in spec.columns:
         # an int column that may hold nulls reads as float64 with NaN
         check = checks["float"] if col.kind == "int" and col.null_ok else checks.get(col.kind)
@@ -371,5 +438,7 @@ def check_frame(frame: pd.DataFrame, spec: InputSpec) -> None:
             continue
         dtype = frame[col.name].dtype
         if not check(dtype) or (col.kind == "float" and pd.api.types.is_bool_dtype(dtype)):
-            raise PayloadError(f"column {col.name!r} has dtype {dtype}, the model takes "
-                               f"{col.kind}", columns=[col.name])
+            raise PayloadError(
+                f"column {col.name!r} has dtype {dtype}, the model takes {col.kind}",
+                columns=[col.name],
+            )

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.model import LoadedModel
 from model.files import atomic_path
+from serving.model import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,16 @@ def build_table(entries: list[_Entry]) -> Any:
     rows = [row for e in entries for row in e.rows]
     records = [rec for e in entries for rec in e.records]
     n_per = [len(e.rows) for e in entries]
-    stamps = [dt.datetime.fromtimestamp(e.logged_at, dt.UTC)
-              for e, n in zip(entries, n_per) for _ in range(n)]
+    stamps = [
+        dt.datetime.fromtimestamp(e.logged_at, dt.UTC)
+        for e, n in zip(entries, n_per, strict=False)
+        for _ in range(n)
+    ]
     arrays = {
         "logged_at": pa.array(stamps, pa.timestamp("ms", tz="UTC")),
-        "request_id": pa.array([e.request_id for e, n in zip(entries, n_per) for _ in range(n)]),
+        "request_id": pa.array(
+            [e.request_id for e, n in zip(entries, n_per, strict=False) for _ in range(n)]
+        ),
         "model_name": pa.array([model.name] * len(rows), pa.string()),
         "model_version": pa.array([model.version] * len(rows), pa.string()),
     }
@@ -64,14 +69,14 @@ def build_table(entries: list[_Entry]) -> Any:
         # an int column checked by the contract may hold nulls and huge whole floats: as the
         # model got it, float64 (the same type in every part file)
         kind = "float64" if col.kind == "int" and col.null_ok else _ARROW_TYPES.get(col.kind)
-        arrays[col.name] = pa.array([row[i] for row in rows],
-                                    getattr(pa, kind)() if kind else None)
+        arrays[col.name] = pa.array([row[i] for row in rows], getattr(pa, kind)() if kind else None)
     outputs = list(model.output_columns) or list(records[0] if records else {})
     answers = [rec for e in entries for rec in (e.records or [{}] * len(e.rows))]
     for name in outputs:
         arrays[name] = pa.array([rec.get(name) for rec in answers])
     arrays["row_violations"] = pa.array(
-        [mark for e in entries for mark in (e.marks or [None] * len(e.rows))], pa.string())
+        [mark for e in entries for mark in (e.marks or [None] * len(e.rows))], pa.string()
+    )
     arrays["row_rejected"] = pa.array([e.rejected for e in entries for _ in e.rows], pa.bool_())
     return pa.table(arrays)
 
@@ -87,8 +92,14 @@ class PredictionLog:
         seed: seeds the sampling (tests); None = random.
     """
 
-    def __init__(self, directory: str | Path, sample_rate: float, flush_rows: int = 1000,
-                 flush_interval_s: float = 30.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        sample_rate: float,
+        flush_rows: int = 1000,
+        flush_interval_s: float = 30.0,
+        seed: int | None = None,
+    ) -> None:
         self.directory, self.sample_rate = Path(directory), sample_rate
         self.flush_rows, self.flush_interval_s = flush_rows, flush_interval_s
         self._rng = random.Random(seed)
@@ -99,17 +110,25 @@ class PredictionLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def maybe_add(self, model: LoadedModel, request_id: str, rows: list[list[Any]],
-                  records: list[dict[str, Any]], logged_at: float,
-                  marks: list[str | None] | None = None, rejected: bool = False) -> bool:
+    def maybe_add(
+        self,
+        model: LoadedModel,
+        request_id: str,
+        rows: list[list[Any]],
+        records: list[dict[str, Any]],
+        logged_at: float,
+        marks: list[str | None] | None = None,
+        rejected: bool = False,
+    ) -> bool:
         """Buffer this request with probability ``sample_rate`` (always when a row is marked:
         ``marks`` per row, see ``serving.rowcheck.row_marks``); True when it was taken."""
         marked = any(marks or [])
         if not marked and (self.sample_rate <= 0 or self._rng.random() >= self.sample_rate):
             return False
         with self._lock:
-            self._buffer.append(_Entry(model, request_id, logged_at, rows, records, marks,
-                                       rejected))
+            self._buffer.append(
+                _Entry(model, request_id, logged_at, rows, records, marks, rejected)
+            )
             self._rows += len(rows)
             if self._rows >= self.flush_rows:
                 self._due.set()
@@ -133,8 +152,11 @@ class PredictionLog:
                 pq.write_table(build_table(group), tmp)
             written.append(path)
         if written:
-            logger.info("prediction log: %d row(s) in %s", sum(len(e.rows) for e in entries),
-                        ", ".join(p.name for p in written))
+            logger.info(
+                "prediction log: %d row(s) in %s",
+                sum(len(e.rows) for e in entries),
+                ", ".join(p.name for p in written),
+            )
         return written
 
     def start(self) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from serving.payloads import PayloadError
 from model.contract import Violation, check_columns
+from serving.payloads import PayloadError
 
 if TYPE_CHECKING:
     from serving.model import LoadedModel
@@ -36,8 +36,9 @@ def find_violations(model: LoadedModel, rows: list[list[Any]]) -> list[Violation
     return check_columns(columns, len(rows), dict(model.contract or {}))
 
 
-def scorable(model: LoadedModel, rows: list[list[Any]],
-             violations: list[Violation]) -> list[list[Any]]:
+def scorable(
+    model: LoadedModel, rows: list[list[Any]], violations: list[Violation]
+) -> list[list[Any]]:
     """The rows to score under ``flag``: a value breaking a rule the preprocessor cannot take
     (``UNSCORABLE``: a text date it cannot parse) is set to missing, so the row is scored (a
     missing date gives zero calendar features) instead of failing the whole request.
@@ -46,8 +47,11 @@ def scorable(model: LoadedModel, rows: list[list[Any]],
         ``rows`` itself when nothing is replaced, else a copy (the log keeps the values sent).
     """
     position = {name: i for i, name in enumerate(model.spec.names)}
-    broken = [(v.row, position[v.column]) for v in violations
-              if v.rule in UNSCORABLE and v.column in position]
+    broken = [
+        (v.row, position[v.column])
+        for v in violations
+        if v.rule in UNSCORABLE and v.column in position
+    ]
     if not broken:
         return rows
     rows = list(rows)
@@ -59,8 +63,9 @@ def scorable(model: LoadedModel, rows: list[list[Any]],
 
 def describe(violations: list[Violation]) -> list[dict[str, Any]]:
     """The violations as JSON objects: row, column, rule, value."""
-    return [{"row": v.row, "column": v.column, "rule": v.rule, "value": v.value}
-            for v in violations]
+    return [
+        {"row": v.row, "column": v.column, "rule": v.rule, "value": v.value} for v in violations
+    ]
 
 
 def rejection(violations: list[Violation]) -> PayloadError:
@@ -70,8 +75,10 @@ def rejection(violations: list[Violation]) -> PayloadError:
     return PayloadError(
         f"row(s) outside the model's input contract: {shown}{more} (the rules come from the "
         "reviewed suite; serve.row_policy: flag scores such rows and marks them instead)",
-        status=422, columns=sorted({v.column for v in violations}),
-        details=describe(violations))
+        status=422,
+        columns=sorted({v.column for v in violations}),
+        details=describe(violations),
+    )
 
 
 def row_marks(violations: list[Violation], n_rows: int) -> list[str | None]:

@@ -7,49 +7,76 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from stages.features import stage as features
-from stages.train import stage as train
 from stages.common import tracking
 from stages.common.config import Params, parse_params
 from stages.common.io import write_parquet
+from stages.features import stage as features
+from stages.train import stage as train
 
 # A small GX suite with every column type, for the validate and suite tests.
 SUITE = {
     "name": "tiny",
     "meta": {"target": "label"},
     "expectations": [
-        {"type": "expect_table_columns_to_match_set",
-         "kwargs": {"column_set": ["x", "n", "color", "flag", "when", "label"],
-                    "exact_match": True}},
-        {"type": "expect_table_row_count_to_be_between",
-         "kwargs": {"min_value": 2, "max_value": 1000}},
-        *({"type": "expect_column_values_to_be_in_type_list",
-           "kwargs": {"column": name, "type_list": types}} for name, types in [
-            ("x", ["float64"]), ("n", ["int64", "Int64Dtype"]), ("color", ["str"]),
-            ("flag", ["bool", "BooleanDtype"]), ("when", ["datetime64[us]"]),
-            ("label", ["int64", "Int64Dtype"])]),
+        {
+            "type": "expect_table_columns_to_match_set",
+            "kwargs": {
+                "column_set": ["x", "n", "color", "flag", "when", "label"],
+                "exact_match": True,
+            },
+        },
+        {
+            "type": "expect_table_row_count_to_be_between",
+            "kwargs": {"min_value": 2, "max_value": 1000},
+        },
+        *(
+            {
+                "type": "expect_column_values_to_be_in_type_list",
+                "kwargs": {"column": name, "type_list": types},
+            }
+            for name, types in [
+                ("x", ["float64"]),
+                ("n", ["int64", "Int64Dtype"]),
+                ("color", ["str"]),
+                ("flag", ["bool", "BooleanDtype"]),
+                ("when", ["datetime64[us]"]),
+                ("label", ["int64", "Int64Dtype"]),
+            ]
+        ),
         {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "x"}},
         {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "n", "mostly": 0.8}},
         {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "label"}},
-        {"type": "expect_column_values_to_be_between",
-         "kwargs": {"column": "x", "min_value": 0, "max_value": 10}},
-        {"type": "expect_column_values_to_be_between",
-         "kwargs": {"column": "n", "min_value": 0, "max_value": 100}},
-        {"type": "expect_column_values_to_be_in_set",
-         "kwargs": {"column": "color", "value_set": ["blue", "red"]}},
-        {"type": "expect_column_values_to_be_in_set",
-         "kwargs": {"column": "label", "value_set": [0, 1]}},
-        {"type": "expect_column_unique_value_count_to_be_between",
-         "kwargs": {"column": "label", "min_value": 2}},
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": "x", "min_value": 0, "max_value": 10},
+        },
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": "n", "min_value": 0, "max_value": 100},
+        },
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "color", "value_set": ["blue", "red"]},
+        },
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "label", "value_set": [0, 1]},
+        },
+        {
+            "type": "expect_column_unique_value_count_to_be_between",
+            "kwargs": {"column": "label", "min_value": 2},
+        },
     ],
 }
 
 TEST_PARAMS = {
     "base": {"device": "cpu"},
     "train": {"hidden_sizes": [16], "lr": 0.01, "max_epochs": 20, "patience": 5},
-    "register": {"model_name": "test-clf",
-                 "min_metrics": {"accuracy": 0.8, "roc_auc_macro": 0.85},
-                 "max_metrics": {"log_loss": 0.6}},
+    "register": {
+        "model_name": "test-clf",
+        "min_metrics": {"accuracy": 0.8, "roc_auc_macro": 0.85},
+        "max_metrics": {"log_loss": 0.6},
+    },
 }
 
 
@@ -74,8 +101,7 @@ def build_trained(root: Path, params: Params, frame: pd.DataFrame) -> tuple[Path
     """Run the real features and train stages on ``frame``; returns (features dir, model dir)."""
     write_parquet(root / "validated" / "data.parquet", frame)
     features.run(root / "validated", root / "features", params)
-    train.run(root / "features", root / "no-report", root / "models",
-              root / "history.csv", params)
+    train.run(root / "features", root / "no-report", root / "models", root / "history.csv", params)
     return root / "features", root / "models"
 
 

@@ -19,8 +19,17 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["stages", "model", "flows", "serving", "suites", "data/source", "dvc.yaml",
-                 "params.yaml", ".dvcignore"]
+PROJECT_FILES = [
+    "stages",
+    "model",
+    "flows",
+    "serving",
+    "suites",
+    "data/source",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+]
 
 # Small but real settings so the whole pipeline runs in seconds on a 2-core CPU.
 TINY_PARAMS = {"train": {"max_epochs": 15, "patience": 5}}
@@ -77,8 +86,9 @@ def make_pipeline_repo(dest: Path, overrides: dict | None = None) -> Path:
     _run(["git", "config", "user.name", "test"], dest)
     _run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
-    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(dest / ".dvcstore")],
-         dest)
+    _run(
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(dest / ".dvcstore")], dest
+    )
     _run(["git", "add", "-A"], dest)
     _run(["git", "commit", "-q", "-m", "test pipeline"], dest)
     return dest
@@ -104,8 +114,9 @@ def pipeline_repo(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPat
 
 def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real ``dvc`` CLI in ``repo``."""
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True,
-                          text=True, check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, check=check
+    )
 
 
 # --- one reproduced pipeline per session, copied by the tests that use it ---------------------
@@ -155,15 +166,19 @@ def copy_reproduced(source: Reproduced, dest: Path) -> Reproduced:
     old, new = f"{source.base}/", f"{dest}/"
     conn = sqlite3.connect(db)
     try:  # every text column: experiment, run, logged-model and version locations, tags
-        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master "
-                                                 "WHERE type = 'table'")]
+        tables = [
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        ]
         for table in tables:
             for column in conn.execute(f'PRAGMA table_info("{table}")').fetchall():
                 if column[2].upper() in ("TEXT", "VARCHAR") or column[2].upper().startswith(
-                        "VARCHAR"):
-                    conn.execute(f'UPDATE "{table}" SET "{column[1]}" = '
-                                 f'replace("{column[1]}", ?, ?) WHERE instr("{column[1]}", ?)',
-                                 (old, new, old))
+                    "VARCHAR"
+                ):
+                    conn.execute(
+                        f'UPDATE "{table}" SET "{column[1]}" = '
+                        f'replace("{column[1]}", ?, ?) WHERE instr("{column[1]}", ?)',
+                        (old, new, old),
+                    )
         conn.commit()
     finally:
         conn.close()
@@ -181,8 +196,9 @@ def reproduced_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
 
 
 @pytest.fixture
-def reproduced(reproduced_pipeline: Reproduced, tmp_path: Path,
-               monkeypatch: pytest.MonkeyPatch) -> Reproduced:
+def reproduced(
+    reproduced_pipeline: Reproduced, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Reproduced:
     """A private copy of ``reproduced_pipeline`` under tmp_path; ``MLFLOW_TRACKING_URI`` points
     at the copy's store."""
     copy = copy_reproduced(reproduced_pipeline, tmp_path / "reproduced")
@@ -194,8 +210,9 @@ def reproduced(reproduced_pipeline: Reproduced, tmp_path: Path,
 _MLFLOW_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_", "PIPELINE_MLFLOW_HTTP_LIMITS")
 
 
-_MLFLOW_HTTP_ENV_AT_START = {key: value for key, value in os.environ.items()
-                             if key.startswith(_MLFLOW_HTTP_ENV)}
+_MLFLOW_HTTP_ENV_AT_START = {
+    key: value for key, value in os.environ.items() if key.startswith(_MLFLOW_HTTP_ENV)
+}
 
 
 @pytest.fixture(autouse=True)
@@ -203,6 +220,7 @@ def _mlflow_http_limits_restored():
     """configure_mlflow sets MLflow's HTTP limits in os.environ, for a stage process and the
     processes it starts; a test that calls it in pytest's process must not pass them on to the
     tests (and subprocesses) after it."""
+
     # Reset to the session's start before and after each test: a session-scoped fixture that
     # ran configure_mlflow during this test's set-up must not pass them on either.
     def reset() -> None:
@@ -221,6 +239,7 @@ def _repo_stores_untouched():
     watched = [ROOT / "mlruns", ROOT / "mlflow" / "mlflow.db", ROOT / "mlflow" / "artifacts"]
     before = {path: path.exists() and path.stat().st_mtime for path in watched}
     yield
-    touched = [str(path) for path in watched
-               if path.exists() and (path.stat().st_mtime != before[path])]
+    touched = [
+        str(path) for path in watched if path.exists() and (path.stat().st_mtime != before[path])
+    ]
     assert not touched, f"a test wrote into the project's own MLflow store: {touched}"

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-INSTALL_HINT = ("PostgreSQL server binaries (initdb, pg_ctl) not found: install them with "
-                "`apt-get install postgresql` (or run `make test-deps` as root)")
+INSTALL_HINT = (
+    "PostgreSQL server binaries (initdb, pg_ctl) not found: install them with "
+    "`apt-get install postgresql` (or run `make test-deps` as root)"
+)
 DATABASE = "ingest_test"
 USER = "test"
 
@@ -30,8 +32,9 @@ def find_pg_bin(name: str) -> Path | None:
     found = shutil.which(name)
     if found:
         return Path(found)
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
-                        key=lambda path: int(Path(path).parts[-3]))
+    candidates = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda path: int(Path(path).parts[-3])
+    )
     return Path(candidates[-1]) if candidates else None
 
 
@@ -58,13 +61,40 @@ def start_server(root: Path, initdb: Path, pg_ctl: Path) -> int:
     if os.geteuid() == 0:
         user = pwd.getpwnam("postgres")
         os.chown(root, user.pw_uid, user.pw_gid)
-    _run([str(initdb), "-D", str(root / "data"), "-U", USER, "--auth=trust", "-E", "UTF8",
-          "--locale=C", "--no-sync"])
+    _run(
+        [
+            str(initdb),
+            "-D",
+            str(root / "data"),
+            "-U",
+            USER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]
+    )
     port = free_port()
-    options = (f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-               "-c full_page_writes=off -c synchronous_commit=off")
-    _run([str(pg_ctl), "-D", str(root / "data"), "-l", str(root / "server.log"), "-o", options,
-          "-w", "-t", "60", "start"])
+    options = (
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+        "-c full_page_writes=off -c synchronous_commit=off"
+    )
+    _run(
+        [
+            str(pg_ctl),
+            "-D",
+            str(root / "data"),
+            "-l",
+            str(root / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]
+    )
     return port
 
 
@@ -72,8 +102,9 @@ def create_database(port: int) -> str:
     """Create the test database; return its SQLAlchemy URL (no password: trust auth)."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(f"postgresql+psycopg://{USER}@127.0.0.1:{port}/postgres",
-                              isolation_level="AUTOCOMMIT")
+    engine = sa.create_engine(
+        f"postgresql+psycopg://{USER}@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT"
+    )
     with engine.connect() as conn:
         conn.execute(sa.text(f"CREATE DATABASE {DATABASE}"))
     engine.dispose()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.synth import make_chunk
+from stages.common.config import Params, parse_params
+from stages.common.errors import PipelineError
 from stages.features import stage as features
 from stages.ingest import stage as ingest
 from stages.validate import stage as validate
-from stages.common.config import Params, parse_params
-from stages.common.errors import PipelineError
 
 ROWS = 3000
 BAD_SHARE = 0.05  # of the rows: over validate.max_bad_fraction (1%), so the run must stop
@@ -38,8 +38,11 @@ def make_params(root: Path, source: str, **sections: dict) -> Params:
     raw = {
         "base": {"batch_rows": 1000},
         "mlflow": {"tracking_uri": f"sqlite:///{root.parent / 'mlflow.db'}"},
-        "ingest": {"source": str(root / "data/source" / source), "target": "target",
-                   "data_root": str(root / "data/source")},
+        "ingest": {
+            "source": str(root / "data/source" / source),
+            "target": "target",
+            "data_root": str(root / "data/source"),
+        },
         "validate": {"suite_path": str(root / "suites/data.json")},
         "features": {"drop_columns": ["id"]},
     }
@@ -51,8 +54,13 @@ def make_params(root: Path, source: str, **sections: dict) -> Params:
 def run_data_stages(root: Path, params: Params) -> None:
     """ingest -> validate -> features, as dvc.yaml runs them."""
     ingest.run(params.ingest, root / "data/raw", params.base.batch_rows)
-    validate.run(root / "data/raw", root / "data/validated", root / "data/quarantine",
-                 root / "reports/validation", params)
+    validate.run(
+        root / "data/raw",
+        root / "data/validated",
+        root / "data/quarantine",
+        root / "reports/validation",
+        params,
+    )
     features.run(root / "data/validated", root / "data/features", params)
 
 
@@ -76,12 +84,16 @@ def good_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def snapshot(root: Path, outputs: tuple[str, ...] = OUTPUTS) -> dict[str, str]:
     """Every file of ``outputs`` and its md5."""
-    return {str(path.relative_to(root)): hashlib.md5(path.read_bytes()).hexdigest()
-            for out in outputs for path in sorted((root / out).rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(root)): hashlib.md5(path.read_bytes()).hexdigest()
+        for out in outputs
+        for path in sorted((root / out).rglob("*"))
+        if path.is_file()
+    }
 
 
 def some_rows(frame: pd.DataFrame, share: float = BAD_SHARE) -> pd.Index:
-    return frame.index[::int(1 / share)]
+    return frame.index[:: int(1 / share)]
 
 
 # ----------------------------------------------------------------------------- the cases
@@ -168,7 +180,7 @@ def text_in_numeric(folder: Path, frame: pd.DataFrame) -> tuple[str, dict]:
 
 def mixed_date_formats(folder: Path, frame: pd.DataFrame) -> tuple[str, dict]:
     stamps = frame["event_time"].dt.strftime("%Y-%m-%d %H:%M:%S").astype(object)
-    late = frame.index[len(frame) // 2:]
+    late = frame.index[len(frame) // 2 :]
     stamps[late] = frame.loc[late, "event_time"].dt.strftime("%d/%m/%Y %H:%M:%S")
     return _csv(frame.assign(event_time=stamps), folder), {}
 
@@ -190,7 +202,8 @@ def one_class(folder: Path, frame: pd.DataFrame) -> tuple[str, dict]:
 
 def all_null_target(folder: Path, frame: pd.DataFrame) -> tuple[str, dict]:
     frame.assign(target=pd.array([None] * len(frame), "Int64")).to_parquet(
-        folder / "bad.parquet", index=False)
+        folder / "bad.parquet", index=False
+    )
     return "bad.parquet", {}
 
 
@@ -264,7 +277,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[case.write.__name__ for case in CASES])
 def test_bad_input_stops_with_file_column_rule_and_changes_nothing(
-        good_workspace: Path, tmp_path: Path, case: Case) -> None:
+    good_workspace: Path, tmp_path: Path, case: Case
+) -> None:
     root = tmp_path / "ws"
     shutil.copytree(good_workspace, root)
     before = snapshot(root, DOWNSTREAM[case.stage])
@@ -290,5 +304,6 @@ def test_the_good_workspace_ran_every_stage(good_workspace: Path) -> None:
     meta = pq.read_metadata(good_workspace / "data/validated/data.parquet")
     assert meta.num_rows == ROWS
     assert (good_workspace / "data/features/meta.json").is_file()
-    assert pa.types.is_timestamp(pq.read_schema(
-        good_workspace / "data/validated/data.parquet").field("event_time").type)
+    assert pa.types.is_timestamp(
+        pq.read_schema(good_workspace / "data/validated/data.parquet").field("event_time").type
+    )

@@ -34,8 +34,9 @@ def _champion(uri: str, model_name: str = "classifier"):
 
 
 @pytest.fixture(scope="module")
-def reproduced(reproduced_pipeline: Reproduced,
-               tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def reproduced(
+    reproduced_pipeline: Reproduced, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
     """A copy of the session's one real `dvc repro` of the default pipeline, shared by the
     tests of this module."""
     copy = copy_reproduced(reproduced_pipeline, tmp_path_factory.mktemp("dvc-e2e"))
@@ -91,8 +92,12 @@ def test_run_records_lineage(reproduced) -> None:
 
 
 def _snapshot(repo: Path) -> dict[str, str]:
-    files = [p for d in ("data/validated", "data/features", "models") for p in (repo / d).rglob("*")
-             if p.is_file()]
+    files = [
+        p
+        for d in ("data/validated", "data/features", "models")
+        for p in (repo / d).rglob("*")
+        if p.is_file()
+    ]
     return {str(p.relative_to(repo)): _digest(p) for p in files}
 
 
@@ -102,15 +107,30 @@ def _snapshot(repo: Path) -> dict[str, str]:
         ({"train": {"lr": -0.1}}, None, ["train.lr", "greater than 0"]),
         ({"train": {"model": "transformer"}}, None, ["train.model"]),
         ({"ingest": {"source": "data/source/missing.csv"}}, None, ["missing.csv"]),
-        ({"ingest": {"source": "data/source/bad.csv"}}, "bad_label",
-         ["column=target", "rule=label", "max_bad_fraction"]),
-        ({"ingest": {"source": "data/source/bad.csv"}}, "text_in_numeric",
-         ["column=mean_radius", "rule=type", "twelve"]),
-        ({"ingest": {"source": "data/source/bad.csv", "target": "diagnosis"}}, "bad_label",
-         ["diagnosis"]),
+        (
+            {"ingest": {"source": "data/source/bad.csv"}},
+            "bad_label",
+            ["column=target", "rule=label", "max_bad_fraction"],
+        ),
+        (
+            {"ingest": {"source": "data/source/bad.csv"}},
+            "text_in_numeric",
+            ["column=mean_radius", "rule=type", "twelve"],
+        ),
+        (
+            {"ingest": {"source": "data/source/bad.csv", "target": "diagnosis"}},
+            "bad_label",
+            ["diagnosis"],
+        ),
     ],
-    ids=["negative-lr", "unknown-model", "missing-source", "label-outside-set",
-         "text-in-numeric-column", "missing-target-column"],
+    ids=[
+        "negative-lr",
+        "unknown-model",
+        "missing-source",
+        "label-outside-set",
+        "text-in-numeric-column",
+        "missing-target-column",
+    ],
 )
 def test_bad_input_fails_repro_and_changes_nothing(reproduced, overrides, csv, expected) -> None:
     repo, uri = reproduced
@@ -133,7 +153,6 @@ def test_bad_input_fails_repro_and_changes_nothing(reproduced, overrides, csv, e
 
 
 def _write_bad_csv(repo: Path, kind: str) -> None:
-    import pandas as pd
 
     df = open_dataset(repo / "data/raw").to_table().to_pandas()
     if kind == "bad_label":  # 10 of 569 rows: over the 1% that may go to quarantine
@@ -147,10 +166,8 @@ def _write_bad_csv(repo: Path, kind: str) -> None:
 DIGITS_CNN = {
     "ingest": {"source": "sklearn:digits"},
     "validate": {"suite_path": "suites/digits.json"},
-    "train": {"model": "cnn", "image_shape": [1, 8, 8], "max_epochs": 8, "patience": 3,
-              "lr": 0.01},
-    "register": {"model_name": "digits", "min_metrics": {"accuracy": 0.8},
-                 "max_metrics": {}},
+    "train": {"model": "cnn", "image_shape": [1, 8, 8], "max_epochs": 8, "patience": 3, "lr": 0.01},
+    "register": {"model_name": "digits", "min_metrics": {"accuracy": 0.8}, "max_metrics": {}},
 }
 
 
@@ -164,7 +181,9 @@ def test_cnn_path_on_digits_images(tmp_path: Path, mlflow_uri: str) -> None:
     assert metrics["accuracy"] > 0.8
     champion = _champion(mlflow_uri, "digits")
     assert json.loads((repo / "reports/registration.json").read_text())["version"] in (
-        champion.version, int(champion.version))
+        champion.version,
+        int(champion.version),
+    )
 
 
 def _write_wine_csv(path: Path) -> None:
@@ -187,17 +206,21 @@ def test_own_csv_with_text_columns_and_gaps(tmp_path: Path, mlflow_uri: str) -> 
     import mlflow
     import pandas as pd
 
-    repo = make_pipeline_repo(tmp_path / "repo", {
-        "ingest": {"source": "data/source/wine.csv", "target": "cultivar"},
-        "validate": {"suite_path": "suites/wine.json"},
-        "train": {"max_epochs": 60, "patience": 10, "lr": 0.01},
-        "register": {"model_name": "wine"},
-    })
+    repo = make_pipeline_repo(
+        tmp_path / "repo",
+        {
+            "ingest": {"source": "data/source/wine.csv", "target": "cultivar"},
+            "validate": {"suite_path": "suites/wine.json"},
+            "train": {"max_epochs": 60, "patience": 10, "lr": 0.01},
+            "register": {"model_name": "wine"},
+        },
+    )
     _write_wine_csv(repo / "data/source/wine.csv")
     # The README's steps: ingest, write a suite from the trusted snapshot, then repro.
-    for args in (["stages.ingest", "--out", "data/raw"],
-                 ["stages.validate", "suite", "--snapshot", "data/raw",
-                  "--out", "suites/wine.json"]):
+    for args in (
+        ["stages.ingest", "--out", "data/raw"],
+        ["stages.validate", "suite", "--snapshot", "data/raw", "--out", "suites/wine.json"],
+    ):
         subprocess.run([sys.executable, "-m", *args], cwd=repo, check=True, capture_output=True)
     result = dvc(repo, "repro", check=False)
     assert result.returncode == 0, result.stdout + result.stderr

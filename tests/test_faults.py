@@ -28,13 +28,13 @@ from fastapi.testclient import TestClient
 from mlflow.entities import LoggedModelStatus
 
 from flows.pipeline import describe_failure
+from model import artifacts
 from serving.app import ServiceConfig, create_app
+from stages.common import tracking
+from stages.common.faults import describe_fault
 from stages.evaluate import stage as evaluate
 from stages.register import stage as register
 from stages.train import stage as train
-from model import artifacts
-from stages.common import tracking
-from stages.common.faults import describe_fault
 from tests.builders import (
     TEST_PARAMS,
     breast_cancer_frame,
@@ -79,15 +79,33 @@ def params_file(path: Path, mlflow_params: dict | None = None) -> Path:
 
 def evaluate_args(work: Path, params: Path, out: Path | None = None) -> list[str]:
     out = out or work / "reports"
-    return ["--features", str(work / "features"), "--model", str(work / "models"),
-            "--out", str(out / "eval"), "--metrics", str(out / "metrics.json"),
-            "--params", str(params)]
+    return [
+        "--features",
+        str(work / "features"),
+        "--model",
+        str(work / "models"),
+        "--out",
+        str(out / "eval"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--params",
+        str(params),
+    ]
 
 
 def register_args(work: Path, params: Path) -> list[str]:
-    return ["--features", str(work / "features"), "--model", str(work / "models"),
-            "--metrics", str(work / "reports" / "metrics.json"),
-            "--out", str(work / "reports" / "registration.json"), "--params", str(params)]
+    return [
+        "--features",
+        str(work / "features"),
+        "--model",
+        str(work / "models"),
+        "--metrics",
+        str(work / "reports" / "metrics.json"),
+        "--out",
+        str(work / "reports" / "registration.json"),
+        "--params",
+        str(params),
+    ]
 
 
 def failed_lines(text: str, stage: str) -> list[str]:
@@ -98,10 +116,12 @@ def leftovers(uri: str) -> tuple[list[str], list[str]]:
     """(runs RUNNING, logged models PENDING) in the store at ``uri``."""
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    running = [r.info.run_id for r in client.search_runs(experiments)
-               if r.info.status == "RUNNING"]
-    pending = [m.model_id for m in client.search_logged_models(experiments)
-               if m.status == LoggedModelStatus.PENDING]
+    running = [r.info.run_id for r in client.search_runs(experiments) if r.info.status == "RUNNING"]
+    pending = [
+        m.model_id
+        for m in client.search_logged_models(experiments)
+        if m.status == LoggedModelStatus.PENDING
+    ]
     return running, pending
 
 
@@ -116,8 +136,10 @@ def cannot_mount(what: str, error: str) -> None:
     this multi-threaded process, which cannot enter one, after the stage has run.)"""
     reason = f"cannot mount {what} here: {error}"
     if os.environ.get("CI") and os.getuid() == 0:
-        pytest.fail(f"{reason}. CI runs the disk-fault tests: give the container "
-                    "CAP_SYS_ADMIN (docker run --cap-add SYS_ADMIN) or unset CI to skip them")
+        pytest.fail(
+            f"{reason}. CI runs the disk-fault tests: give the container "
+            "CAP_SYS_ADMIN (docker run --cap-add SYS_ADMIN) or unset CI to skip them"
+        )
     pytest.skip(reason)
 
 
@@ -126,8 +148,12 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` mounted at ``path`` (root only), unmounted afterwards."""
     need_root("a small tmpfs")
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             check=False, capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode != 0:
         cannot_mount("a tmpfs", mounted.stderr.strip())
     try:
@@ -156,8 +182,10 @@ def read_only(folder: Path) -> Iterator[None]:
         finally:
             folder.chmod(0o755)
         return
-    for cmd in (["mount", "--bind", str(folder), str(folder)],
-                ["mount", "-o", "remount,bind,ro", str(folder)]):
+    for cmd in (
+        ["mount", "--bind", str(folder), str(folder)],
+        ["mount", "-o", "remount,bind,ro", str(folder)],
+    ):
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], check=False)
@@ -178,22 +206,31 @@ def closed_port() -> int:
 
 
 def test_an_unreachable_tracking_server_fails_the_stage_in_seconds_with_one_line(
-        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
+) -> None:
     # MLflow's own defaults retried a refused connection for 248 s here (7 retries, backoff 2),
     # then a raw MaxRetryError traceback. The stage's params bound it: one retry, no backoff.
     work = workspace(tmp_path / "w", trained)
     server = f"http://127.0.0.1:{closed_port()}"
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("MLFLOW_HTTP_REQUEST")
-           and key != tracking.HTTP_LIMITS_MARKER}  # the params' bounds, not this process's
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("MLFLOW_HTTP_REQUEST") and key != tracking.HTTP_LIMITS_MARKER
+    }  # the params' bounds, not this process's
     env.update(MLFLOW_TRACKING_URI=server, PYTHONPATH=str(ROOT))
-    params = params_file(tmp_path / "p.yaml",
-                         {"max_retries": 1, "backoff_s": 0, "request_timeout_s": 5})
+    params = params_file(
+        tmp_path / "p.yaml", {"max_retries": 1, "backoff_s": 0, "request_timeout_s": 5}
+    )
 
-    done = subprocess.run([sys.executable, "-m", "stages.evaluate",
-                           *evaluate_args(work, params)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.evaluate", *evaluate_args(work, params)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
     assert done.returncode == 1, done.stderr
     # the params' bound, not MLflow's 7: urllib3 warns once per retry
@@ -211,8 +248,13 @@ def test_an_unreachable_tracking_server_fails_the_stage_in_seconds_with_one_line
 
 @pytest.mark.parametrize("store", ["existing", "new"])
 def test_a_read_only_store_names_the_database_and_the_fix(
-        store: str, tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    store: str,
+    tmp_path: Path,
+    mlflow_uri: str,
+    trained: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Before: a raw sqlite3.OperationalError naming no file; a new store in a read-only folder
     # first took ~100 s of MLflow's engine retries, with a traceback per retry.
     work = workspace(tmp_path / "w", trained)
@@ -232,13 +274,19 @@ def test_a_read_only_store_names_the_database_and_the_fix(
     if store == "new":
         assert f"the MLflow store {db} cannot be opened for writing" in lines[0]
         assert "MLFLOW_TRACKING_URI / params mlflow.tracking_uri at a writable store" in lines[0]
-        assert (f"{db.parent} is mounted read-only" in lines[0] if os.getuid() == 0
-                else f"no write permission on {db.parent}" in lines[0])
+        assert (
+            f"{db.parent} is mounted read-only" in lines[0]
+            if os.getuid() == 0
+            else f"no write permission on {db.parent}" in lines[0]
+        )
     else:
         # This process holds the store open (as `make ui` would), so SQLite still writes
         # through its open file; the first write that fails is the artifacts folder beside it.
-        assert (f"read-only file system: {db.parent}/artifacts; remount it read-write" in lines[0]
-                if os.getuid() == 0 else f"permission denied: {db.parent}/" in lines[0])
+        assert (
+            f"read-only file system: {db.parent}/artifacts; remount it read-write" in lines[0]
+            if os.getuid() == 0
+            else f"permission denied: {db.parent}/" in lines[0]
+        )
     assert not (work / "reports" / "metrics.json").exists()
     assert leftovers(mlflow_uri) == ([], [])
     if store == "existing":
@@ -249,8 +297,11 @@ def test_a_read_only_store_names_the_database_and_the_fix(
 
 
 def test_a_full_disk_under_the_store_leaves_no_running_run_or_pending_model(
-        tmp_path: Path, trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path,
+    trained: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # The MLflow store (database and artifacts) on a small tmpfs: register fills it while it
     # copies the model's files. Before, the run stayed RUNNING, the model PENDING, and two
     # tracebacks (the second from ending the run) hid the first.
@@ -286,8 +337,8 @@ def test_a_full_disk_under_the_store_leaves_no_running_run_or_pending_model(
 
 
 def test_a_full_output_disk_names_the_output_folder(
-        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
-        caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     work = workspace(tmp_path / "w", trained)
     with small_tmpfs(tmp_path / "out", "64k") as out:
         fill(out, leave=0)
@@ -304,17 +355,28 @@ def test_a_full_output_disk_names_the_output_folder(
 
 
 def test_a_full_disk_under_trains_output_names_it_and_ends_the_run_failed(
-        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
-        caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     # torch.save on a full disk says only "[enforce fail at inline_container.cc] ...".
     with small_tmpfs(tmp_path / "out", "64k") as out:
         fill(out, leave=0)
 
-        code = train.main(["--features", str(trained[0]),
-                           "--validation-report", str(tmp_path / "no-report"),
-                           "--out", str(out / "models"), "--history", str(tmp_path / "h.csv"),
-                           "--resume-dir", str(tmp_path / "resume"),
-                           "--params", str(params_file(tmp_path / "p.yaml"))])
+        code = train.main(
+            [
+                "--features",
+                str(trained[0]),
+                "--validation-report",
+                str(tmp_path / "no-report"),
+                "--out",
+                str(out / "models"),
+                "--history",
+                str(tmp_path / "h.csv"),
+                "--resume-dir",
+                str(tmp_path / "resume"),
+                "--params",
+                str(params_file(tmp_path / "p.yaml")),
+            ]
+        )
 
         assert code == 1
         lines = failed_lines(caplog.text, "train")
@@ -322,7 +384,8 @@ def test_a_full_disk_under_trains_output_names_it_and_ends_the_run_failed(
         assert f"no space left on the device: {out}/models" in lines[0]
         assert f"(file system {out}: 64.0 KB," in lines[0]
     runs = mlflow.MlflowClient().search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient().search_experiments()])
+        [e.experiment_id for e in mlflow.MlflowClient().search_experiments()]
+    )
     assert [r.info.status for r in runs] == ["FAILED"]
     assert leftovers(mlflow_uri) == ([], [])
     mlflow.set_tracking_uri(None)
@@ -340,7 +403,8 @@ def test_unknown_errors_are_left_to_the_traceback_and_a_locked_store_to_the_retr
 
 
 def test_ready_is_503_with_the_reason_while_the_champion_cannot_load_and_200_after(
-        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
+) -> None:
     from tests.serving.conftest import NAME as SERVED
     from tests.serving.conftest import register_version
 
@@ -357,15 +421,20 @@ def test_ready_is_503_with_the_reason_while_the_champion_cannot_load_and_200_aft
     broken = client.get_logged_model(source.rsplit("/", 1)[-1])
     shutil.rmtree(Path(broken.artifact_location.removeprefix("file://")))
 
-    config = ServiceConfig(model_name=SERVED, tracking_uri=mlflow_uri, poll_interval_s=0.05,
-                           log_dir=str(tmp_path / "log"))
+    config = ServiceConfig(
+        model_name=SERVED,
+        tracking_uri=mlflow_uri,
+        poll_interval_s=0.05,
+        log_dir=str(tmp_path / "log"),
+    )
     with TestClient(create_app(config)) as service:
         assert wait_for(service, 200).json() == {"ready": True, "model_version": "1"}
 
         client.set_registered_model_alias(SERVED, "champion", "2")
         unready = wait_for(service, 503).json()
-        answer = service.post("/predict", json={"dataframe_records": rows.head(1)
-                                                .to_dict(orient="records")})
+        answer = service.post(
+            "/predict", json={"dataframe_records": rows.head(1).to_dict(orient="records")}
+        )
 
         client.set_registered_model_alias(SERVED, "champion", "1")  # the rollback
         back = wait_for(service, 200).json()

@@ -25,10 +25,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from stages.ingest import stage as ingest
 from stages.common.config import IngestParams
 from stages.common.errors import DataError
 from stages.common.redact import redact_url, scrubbed_logs
+from stages.ingest import stage as ingest
 from tests.builders import breast_cancer_frame, build_trained, make_params
 
 USER, PASSWORD = "etl", "pw-7f3a9c2e"
@@ -42,8 +42,9 @@ def tiny_frame() -> pd.DataFrame:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -56,8 +57,10 @@ def root(tmp_path: Path) -> Path:
 def raw(tmp_path: Path, root: Path) -> Path:
     """A data/raw from an earlier good run: a refused source must leave it as it is."""
     tiny_frame().to_csv(root / "good.csv", index=False)
-    ingest.run(IngestParams(source=str(root / "good.csv"), target="label",
-                            data_root=str(root)), tmp_path / "raw")
+    ingest.run(
+        IngestParams(source=str(root / "good.csv"), target="label", data_root=str(root)),
+        tmp_path / "raw",
+    )
     return tmp_path / "raw"
 
 
@@ -71,13 +74,18 @@ def sqlite_file(path: Path) -> Path:
 
 
 def test_sqlite_source_outside_the_data_root_is_refused_naming_path_root_and_fix(
-        tmp_path: Path, root: Path, raw: Path) -> None:
+    tmp_path: Path, root: Path, raw: Path
+) -> None:
     outside = sqlite_file(tmp_path / "elsewhere.db")
     before = snapshot(raw)
 
     with pytest.raises(DataError) as info:
-        ingest.run(IngestParams(source=f"sqlite:///{outside}", table="sales", target="label",
-                                data_root=str(root)), raw)
+        ingest.run(
+            IngestParams(
+                source=f"sqlite:///{outside}", table="sales", target="label", data_root=str(root)
+            ),
+            raw,
+        )
 
     message = str(info.value)
     assert info.value.rule == "inside_data_root"
@@ -87,23 +95,42 @@ def test_sqlite_source_outside_the_data_root_is_refused_naming_path_root_and_fix
 
 
 def test_sqlite_source_through_a_symlink_or_missing_is_refused_and_none_is_created(
-        tmp_path: Path, root: Path, raw: Path) -> None:
+    tmp_path: Path, root: Path, raw: Path
+) -> None:
     (root / "link.db").symlink_to(sqlite_file(tmp_path / "elsewhere.db"))
     with pytest.raises(DataError, match="outside ingest.data_root"):
-        ingest.run(IngestParams(source=f"sqlite:///{root / 'link.db'}", table="sales",
-                                target="label", data_root=str(root)), raw)
+        ingest.run(
+            IngestParams(
+                source=f"sqlite:///{root / 'link.db'}",
+                table="sales",
+                target="label",
+                data_root=str(root),
+            ),
+            raw,
+        )
 
     with pytest.raises(DataError, match="not found") as info:
-        ingest.run(IngestParams(source=f"sqlite:///{root / 'typo.db'}", table="sales",
-                                target="label", data_root=str(root)), raw)
+        ingest.run(
+            IngestParams(
+                source=f"sqlite:///{root / 'typo.db'}",
+                table="sales",
+                target="label",
+                data_root=str(root),
+            ),
+            raw,
+        )
     assert info.value.rule == "exists" and not (root / "typo.db").exists()
 
 
 def test_sqlite_source_inside_the_data_root_is_read(tmp_path: Path, root: Path) -> None:
     inside = sqlite_file(root / "sales.db")
 
-    result = ingest.run(IngestParams(source=f"sqlite:///{inside}", table="sales",
-                                     target="label", data_root=str(root)), tmp_path / "raw")
+    result = ingest.run(
+        IngestParams(
+            source=f"sqlite:///{inside}", table="sales", target="label", data_root=str(root)
+        ),
+        tmp_path / "raw",
+    )
 
     assert result.rows_added == 3
 
@@ -120,9 +147,11 @@ class CheckingHandler(SimpleHTTPRequestHandler):
     def _allowed(self) -> bool:
         wanted = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         query = parse_qs(urlsplit(self.path).query)
-        return (self.headers.get("Authorization") == wanted
-                and query.get("X-Amz-Signature") == [SIGNATURE]
-                and query.get("X-Amz-Credential") == [CREDENTIAL])
+        return (
+            self.headers.get("Authorization") == wanted
+            and query.get("X-Amz-Signature") == [SIGNATURE]
+            and query.get("X-Amz-Credential") == [CREDENTIAL]
+        )
 
     def do_HEAD(self) -> None:
         if not self._allowed():
@@ -141,8 +170,7 @@ def signed_server(tmp_path: Path) -> Iterator[str]:
     folder = tmp_path / "www"
     folder.mkdir()
     breast_cancer_frame().to_csv(folder / "data.csv", index=False)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(CheckingHandler,
-                                                           directory=str(folder)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(CheckingHandler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -150,8 +178,10 @@ def signed_server(tmp_path: Path) -> Iterator[str]:
 
 
 def signed_url(host: str, signature: str = SIGNATURE) -> str:
-    return (f"http://{USER}:{PASSWORD}@{host}/data.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256"
-            f"&X-Amz-Credential={CREDENTIAL}&X-Amz-Signature={signature}")
+    return (
+        f"http://{USER}:{PASSWORD}@{host}/data.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        f"&X-Amz-Credential={CREDENTIAL}&X-Amz-Signature={signature}"
+    )
 
 
 def assert_no_secret(text: str) -> None:
@@ -160,23 +190,27 @@ def assert_no_secret(text: str) -> None:
 
 
 def test_url_credentials_fetch_the_data_but_never_reach_manifest_logs_or_mlflow(
-        tmp_path: Path, signed_server: str, mlflow_uri: str,
-        caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, signed_server: str, mlflow_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
     url = signed_url(signed_server)
     with caplog.at_level("DEBUG"):
         # format csv: the old code read it too (its suffix check saw ".csv?X-Amz-...")
-        result = ingest.run(IngestParams(source=url, target="target", format="csv"),
-                            tmp_path / "raw")
+        result = ingest.run(
+            IngestParams(source=url, target="target", format="csv"), tmp_path / "raw"
+        )
         manifest = (tmp_path / "raw" / "manifest.json").read_text()
 
-        params = make_params({"ingest": {"source": url, "target": "target"},
-                              "train": {"max_epochs": 2}})
+        params = make_params(
+            {"ingest": {"source": url, "target": "target"}, "train": {"max_epochs": 2}}
+        )
         build_trained(tmp_path / "run", params, breast_cancer_frame())
 
     assert result.rows_added == len(breast_cancer_frame())  # the fetch used the credentials
     shown = json.loads(manifest)["source"]
-    assert shown == (f"http://***@{signed_server}/data.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256"
-                     "&X-Amz-Credential=***&X-Amz-Signature=***")
+    assert shown == (
+        f"http://***@{signed_server}/data.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=***&X-Amz-Signature=***"
+    )
     assert_no_secret(manifest)
     assert_no_secret(caplog.text)
     assert "holds credentials" in caplog.text  # params.yaml/git/dvc.lock keep them: said so
@@ -189,10 +223,12 @@ def test_url_credentials_fetch_the_data_but_never_reach_manifest_logs_or_mlflow(
 
 
 def test_a_refused_signed_url_names_the_redacted_url_only(
-        tmp_path: Path, signed_server: str, raw: Path) -> None:
+    tmp_path: Path, signed_server: str, raw: Path
+) -> None:
     with pytest.raises(DataError) as info:
-        ingest.run(IngestParams(source=signed_url(signed_server, WRONG_SIGNATURE),
-                                target="target"), raw)
+        ingest.run(
+            IngestParams(source=signed_url(signed_server, WRONG_SIGNATURE), target="target"), raw
+        )
 
     assert "***" in info.value.file and info.value.rule == "access"
     assert "HTTP 403" in str(info.value) and "presigned URL expires" in str(info.value)
@@ -201,31 +237,43 @@ def test_a_refused_signed_url_names_the_redacted_url_only(
 
 
 def test_a_secret_from_the_environment_is_used_and_the_placeholder_shown(
-        tmp_path: Path, signed_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, signed_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TEST_SALES_PASSWORD", PASSWORD)
     monkeypatch.setenv("TEST_SALES_SIG", SIGNATURE)
-    source = (f"http://{USER}:${{TEST_SALES_PASSWORD}}@{signed_server}/data.csv?"
-              f"X-Amz-Credential={CREDENTIAL}&X-Amz-Signature=${{TEST_SALES_SIG}}")
+    source = (
+        f"http://{USER}:${{TEST_SALES_PASSWORD}}@{signed_server}/data.csv?"
+        f"X-Amz-Credential={CREDENTIAL}&X-Amz-Signature=${{TEST_SALES_SIG}}"
+    )
 
     ingest.run(IngestParams(source=source, target="target"), tmp_path / "raw")
 
     manifest = ingest.read_manifest(tmp_path / "raw")
     assert manifest["rows"] == len(breast_cancer_frame())
-    assert "${TEST_SALES_SIG}" in manifest["source"] and "X-Amz-Credential=***" in \
-        manifest["source"]
+    assert (
+        "${TEST_SALES_SIG}" in manifest["source"] and "X-Amz-Credential=***" in manifest["source"]
+    )
     monkeypatch.delenv("TEST_SALES_SIG")
     with pytest.raises(DataError, match="TEST_SALES_SIG is not set"):
         ingest.run(IngestParams(source=source, target="target"), tmp_path / "raw")
 
 
 def test_records_of_child_loggers_and_other_threads_are_scrubbed_during_a_fetch(
-        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A filter on the "fsspec" logger never saw "fsspec.asyn", "s3fs" or "botocore.endpoint"
     # records: child loggers do not inherit it. fsspec fetches on a thread of its own.
     url = signed_url("127.0.0.1:9", SIGNATURE)
     caplog.set_level(logging.DEBUG)
-    for name in ("fsspec", "fsspec.asyn", "s3fs", "botocore", "botocore.endpoint", "aiohttp",
-                 "aiohttp.client"):
+    for name in (
+        "fsspec",
+        "fsspec.asyn",
+        "s3fs",
+        "botocore",
+        "botocore.endpoint",
+        "aiohttp",
+        "aiohttp.client",
+    ):
         # An earlier test's logging config (Prefect, uvicorn) may have disabled, raised or
         # detached them: this test is about the redaction, not about that config.
         logger = logging.getLogger(name)
@@ -250,22 +298,32 @@ def test_records_of_child_loggers_and_other_threads_are_scrubbed_during_a_fetch(
 
     assert_no_secret(caplog.text)  # messages, arguments and tracebacks
     masked = [(r.name, r.thread) for r in caplog.records if "X-Amz-Signature=***" in r.getMessage()]
-    assert {name for name, _ in masked} == {"fsspec.asyn", "s3fs", "botocore.endpoint",
-                                             "aiohttp.client"}
+    assert {name for name, _ in masked} == {
+        "fsspec.asyn",
+        "s3fs",
+        "botocore.endpoint",
+        "aiohttp.client",
+    }
     assert {thread for _, thread in masked} == {threading.get_ident(), thread.ident}
     logging.getLogger("s3fs").debug("after %s", url)  # the fetch is over: records as they are
     assert SIGNATURE in caplog.records[-1].getMessage()
 
 
-@pytest.mark.parametrize(("url", "shown"), [
-    ("https://ghp_abc123@host/x.csv", "https://***@host/x.csv"),  # a token as the user
-    ("postgresql://etl:pw@db:5432/sales", "postgresql://etl:***@db:5432/sales"),
-    ("https://acct.blob.core.windows.net/c/x.csv?sv=2024&sig=Zm9v%2Bbar&se=2026",
-     "https://acct.blob.core.windows.net/c/x.csv?sv=2024&sig=***&se=2026"),
-    ("https://host/x.csv?api_key=k1&page=2", "https://host/x.csv?api_key=***&page=2"),
-    ("https://host/x.csv?X-Amz-Signature=${SIG}", "https://host/x.csv?X-Amz-Signature=${SIG}"),
-    ("https://host/x.csv", "https://host/x.csv"), ("data/source/x.csv", "data/source/x.csv"),
-])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://ghp_abc123@host/x.csv", "https://***@host/x.csv"),  # a token as the user
+        ("postgresql://etl:pw@db:5432/sales", "postgresql://etl:***@db:5432/sales"),
+        (
+            "https://acct.blob.core.windows.net/c/x.csv?sv=2024&sig=Zm9v%2Bbar&se=2026",
+            "https://acct.blob.core.windows.net/c/x.csv?sv=2024&sig=***&se=2026",
+        ),
+        ("https://host/x.csv?api_key=k1&page=2", "https://host/x.csv?api_key=***&page=2"),
+        ("https://host/x.csv?X-Amz-Signature=${SIG}", "https://host/x.csv?X-Amz-Signature=${SIG}"),
+        ("https://host/x.csv", "https://host/x.csv"),
+        ("data/source/x.csv", "data/source/x.csv"),
+    ],
+)
 def test_redacted_urls_mask_the_secret_and_keep_the_rest(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
@@ -274,7 +332,8 @@ def test_redacted_urls_mask_the_secret_and_keep_the_rest(url: str, shown: str) -
 
 
 def test_batch_size_above_the_training_rows_warns_with_both_numbers(
-        tmp_path: Path, mlflow_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, mlflow_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
     frame = breast_cancer_frame().groupby("target").head(25)  # 50 rows: ~30 for training
     params = make_params({"train": {"batch_size": 500, "max_epochs": 2}})
 
@@ -283,6 +342,10 @@ def test_batch_size_above_the_training_rows_warns_with_both_numbers(
 
     train_rows = len(pd.read_parquet(tmp_path / "features" / "train.parquet"))
     warned = [r.getMessage() for r in caplog.records if "train.batch_size" in r.getMessage()]
-    assert warned == [(f"train.batch_size 500 is larger than the {train_rows} training rows: "
-                       f"every step takes the whole split (one step per epoch); set "
-                       f"train.batch_size to {train_rows} or less")]
+    assert warned == [
+        (
+            f"train.batch_size 500 is larger than the {train_rows} training rows: "
+            f"every step takes the whole split (one step per epoch); set "
+            f"train.batch_size to {train_rows} or less"
+        )
+    ]

@@ -20,16 +20,20 @@ logger = logging.getLogger(__name__)
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every stage takes (``--params``)."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m stages.{stage}", description=description,
+        prog=f"python -m stages.{stage}",
+        description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--params", default="params.yaml", help="pipeline parameters file")
     return parser
 
 
-def run_main(stage: str, parser: argparse.ArgumentParser,
-             body: Callable[[argparse.Namespace, Params], None],
-             argv: Sequence[str] | None = None) -> int:
+def run_main(
+    stage: str,
+    parser: argparse.ArgumentParser,
+    body: Callable[[argparse.Namespace, Params], None],
+    argv: Sequence[str] | None = None,
+) -> int:
     """Run a stage body; a PipelineError or a known fault becomes one clear log line, exit 1.
 
     Around the body: the stage dies with its parent (``dvc repro`` or the flow), removes the
@@ -39,8 +43,11 @@ def run_main(stage: str, parser: argparse.ArgumentParser,
     or tool calls ``main()`` in its own process and folder.
     """
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         if parent_watch.is_stage_process():
             parent_watch.die_with_parent()

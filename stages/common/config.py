@@ -35,7 +35,6 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-
 def read_yaml(path: str | Path, what: str, hint: str = "") -> Any:
     """Read a YAML config file; a missing or malformed file raises ConfigError naming it."""
     try:
@@ -48,8 +47,11 @@ def read_yaml(path: str | Path, what: str, hint: str = "") -> Any:
 
 def describe_errors(exc: ValidationError, prefix: str = "") -> list[str]:
     """``section.field: message`` for each problem pydantic found."""
-    return [f"{'.'.join([p for p in [prefix] if p] + [str(part) for part in err['loc']]) or '(top)'}"
-            f": {err['msg']}" for err in exc.errors()]
+    return [
+        f"{'.'.join([p for p in [prefix] if p] + [str(part) for part in err['loc']]) or '(top)'}"
+        f": {err['msg']}"
+        for err in exc.errors()
+    ]
 
 
 class BaseParams(StrictModel):
@@ -93,12 +95,16 @@ class IngestParams(StrictModel):
     @classmethod
     def _known_source(cls, value: str) -> str:
         if value.startswith("sklearn:") and value.split(":", 1)[1] not in SKLEARN_SOURCES:
-            raise ValueError(f"unknown sklearn dataset {value!r}; choose one of "
-                             + ", ".join(f"sklearn:{name}" for name in SKLEARN_SOURCES))
+            raise ValueError(
+                f"unknown sklearn dataset {value!r}; choose one of "
+                + ", ".join(f"sklearn:{name}" for name in SKLEARN_SOURCES)
+            )
         if "://" in value and source_kind(value) == "path":
-            raise ValueError(f"unknown URL scheme in {redact_url(value)!r}: use one of "
-                             f"{', '.join(URL_SCHEMES)} (files) or a SQLAlchemy dialect "
-                             f"({', '.join(SQL_DIALECTS)})")
+            raise ValueError(
+                f"unknown URL scheme in {redact_url(value)!r}: use one of "
+                f"{', '.join(URL_SCHEMES)} (files) or a SQLAlchemy dialect "
+                f"({', '.join(SQL_DIALECTS)})"
+            )
         return value
 
     @field_serializer("source", when_used="json")
@@ -230,8 +236,10 @@ class TrainParams(StrictModel):
     @model_validator(mode="after")
     def _augment_needs_cnn(self) -> TrainParams:
         if self.augments and self.model != "cnn":
-            raise ValueError("augment_crop_pad/augment_flip/augment_noise work on images: "
-                             "set model: cnn (or turn augmentation off)")
+            raise ValueError(
+                "augment_crop_pad/augment_flip/augment_noise work on images: "
+                "set model: cnn (or turn augmentation off)"
+            )
         return self
 
     @property
@@ -295,9 +303,15 @@ class ServeParams(StrictModel):
 
 
 SECTIONS: dict[str, type[StrictModel]] = {
-    "base": BaseParams, "mlflow": MlflowParams, "ingest": IngestParams,
-    "validate": ValidateParams, "features": FeaturesParams, "train": TrainParams,
-    "evaluate": EvaluateParams, "register": RegisterParams, "schedule": ScheduleParams,
+    "base": BaseParams,
+    "mlflow": MlflowParams,
+    "ingest": IngestParams,
+    "validate": ValidateParams,
+    "features": FeaturesParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "register": RegisterParams,
+    "schedule": ScheduleParams,
     "serve": ServeParams,
 }
 
@@ -328,8 +342,11 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     """Check an in-memory params mapping (what ``load_params`` reads from the file)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    problems = [f"{key}: unknown section (known: {', '.join(SECTIONS)})"
-                for key in raw if key not in SECTIONS]
+    problems = [
+        f"{key}: unknown section (known: {', '.join(SECTIONS)})"
+        for key in raw
+        if key not in SECTIONS
+    ]
     sections = {}
     for name, model in SECTIONS.items():
         try:

@@ -23,8 +23,9 @@ _CONVERSION = re.compile(r"In CSV column #(\d+): CSV conversion error to ([^:]+)
 Opener = Callable[[], Any]  # returns a path, a pyarrow NativeFile or a binary file object
 
 
-def iter_csv_batches(open_stream: Opener, name: str, delimiter: str,
-                     column_types: dict[str, Any] | None = None) -> Iterator[Any]:
+def iter_csv_batches(
+    open_stream: Opener, name: str, delimiter: str, column_types: dict[str, Any] | None = None
+) -> Iterator[Any]:
     """Record batches of the CSV that ``open_stream()`` opens; ``name`` is used in errors.
 
     ``column_types`` (column -> pyarrow type) pins the types instead of inferring them (a
@@ -38,8 +39,9 @@ def iter_csv_batches(open_stream: Opener, name: str, delimiter: str,
     options = dict(
         read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES),
         parse_options=pacsv.ParseOptions(delimiter=delimiter),
-        convert_options=pacsv.ConvertOptions(column_types=column_types or {},
-                                             strings_can_be_null=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types=column_types or {}, strings_can_be_null=True
+        ),
     )
     try:
         reader = pacsv.open_csv(open_stream(), **options)
@@ -59,8 +61,9 @@ def iter_csv_batches(open_stream: Opener, name: str, delimiter: str,
         rows += batch.num_rows
         yield batch
     if rows == 0:
-        raise DataError(f"no data rows, only a header ({len(names)} columns)", file=name,
-                        rule="not_empty")
+        raise DataError(
+            f"no data rows, only a header ({len(names)} columns)", file=name, rule="not_empty"
+        )
 
 
 def read_head(open_stream: Opener) -> bytes:
@@ -79,11 +82,16 @@ def check_head(head: bytes, name: str) -> None:
     if not head:
         raise DataError("file is empty (0 bytes)", file=name, rule="not_empty")
     if len(head) < HEAD_BYTES and not head.strip():
-        raise DataError("file holds only whitespace: no header and no rows", file=name,
-                        rule="not_empty")
+        raise DataError(
+            "file holds only whitespace: no header and no rows", file=name, rule="not_empty"
+        )
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DataError("file is UTF-16, not UTF-8: convert it, e.g. "
-                        "`iconv -f utf-16 -t utf-8 in.csv > out.csv`", file=name, rule="utf8")
+        raise DataError(
+            "file is UTF-16, not UTF-8: convert it, e.g. "
+            "`iconv -f utf-16 -t utf-8 in.csv > out.csv`",
+            file=name,
+            rule="utf8",
+        )
 
 
 def header_names(head: bytes, delimiter: str) -> list[str]:
@@ -103,13 +111,21 @@ def check_columns(schema: Any, name: str, delimiter: str, open_stream: Opener) -
         found = [sep for sep in OTHER_DELIMITERS if sep != delimiter and sep in schema.names[0]]
         if found:
             shown = "\\t" if found[0] == "\t" else found[0]
-            raise DataError(f"the whole header is one column {schema.names[0]!r}: the file "
-                            f"looks '{shown}'-separated: set ingest.delimiter", file=name,
-                            column=schema.names[0], rule="delimiter")
+            raise DataError(
+                f"the whole header is one column {schema.names[0]!r}: the file "
+                f"looks '{shown}'-separated: set ingest.delimiter",
+                file=name,
+                column=schema.names[0],
+                rule="delimiter",
+            )
     for field in schema:
         if pa.types.is_binary(field.type):
-            raise DataError(f"values are not valid UTF-8{guess_encoding(open_stream)}",
-                            file=name, column=field.name, rule="utf8")
+            raise DataError(
+                f"values are not valid UTF-8{guess_encoding(open_stream)}",
+                file=name,
+                column=field.name,
+                rule="utf8",
+            )
 
 
 def check_no_header_row(batch: Any, name: str, rows_before: int) -> None:
@@ -125,12 +141,16 @@ def check_no_header_row(batch: Any, name: str, rows_before: int) -> None:
         mask = equal if mask is None else pc.and_(mask, equal)
     if mask is not None and pc.any(mask).as_py():
         row = rows_before + pc.index(mask, True).as_py() + 1
-        raise DataError(f"data row {row} repeats the header line (concatenated exports?)",
-                        file=name, rule="duplicate_header")
+        raise DataError(
+            f"data row {row} repeats the header line (concatenated exports?)",
+            file=name,
+            rule="duplicate_header",
+        )
 
 
-def explain_csv_error(exc: Exception, name: str, names: list[str],
-                      open_stream: Opener) -> DataError:
+def explain_csv_error(
+    exc: Exception, name: str, names: list[str], open_stream: Opener
+) -> DataError:
     """A DataError naming the file, the column and the rule for a pyarrow CSV error."""
     message = str(exc)
     if "Empty CSV file" in message:
@@ -141,15 +161,27 @@ def explain_csv_error(exc: Exception, name: str, names: list[str],
     index, type_name, detail = int(match[1]), match[2], match[3].strip()
     column = names[index] if index < len(names) else f"#{index}"
     if "invalid UTF8" in detail:
-        return DataError(f"values are not valid UTF-8{guess_encoding(open_stream)}",
-                         file=name, column=column, rule="utf8")
+        return DataError(
+            f"values are not valid UTF-8{guess_encoding(open_stream)}",
+            file=name,
+            column=column,
+            rule="utf8",
+        )
     value = re.fullmatch(r"invalid value '(.*)'", detail, re.S)
     if value and value[1] == column:
-        return DataError("a data row repeats the header line (concatenated exports?)",
-                         file=name, column=column, rule="duplicate_header")
+        return DataError(
+            "a data row repeats the header line (concatenated exports?)",
+            file=name,
+            column=column,
+            rule="duplicate_header",
+        )
     shown = repr(value[1]) if value else detail
-    return DataError(f"value {shown} does not convert to {type_name}, the type inferred from "
-                     f"the earlier rows", file=name, column=column, rule="type")
+    return DataError(
+        f"value {shown} does not convert to {type_name}, the type inferred from the earlier rows",
+        file=name,
+        column=column,
+        rule="type",
+    )
 
 
 def guess_encoding(open_stream: Opener) -> str:
@@ -166,15 +198,17 @@ def guess_encoding(open_stream: Opener) -> str:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as exc:
-                return _describe_bad_bytes(chunk[exc.start:exc.start + 8], offset + exc.start)
+                return _describe_bad_bytes(chunk[exc.start : exc.start + 8], offset + exc.start)
             offset += len(chunk)
     return ""
 
 
 def _describe_bad_bytes(bad: bytes, offset: int) -> str:
     # Bytes 0x80-0x9f are control codes in latin-1 but letters/quotes in windows-1252.
-    encoding, iconv = ("windows-1252", "cp1252") if 0x80 <= bad[0] <= 0x9F else \
-        ("latin-1 (ISO-8859-1)", "latin1")
-    return (f" (first bad byte 0x{bad[0]:02x} at byte {offset}: {bad!r}); it looks "
-            f"{encoding}: convert it, e.g. `iconv -f {iconv} -t utf-8 in.csv > out.csv`")
-
+    encoding, iconv = (
+        ("windows-1252", "cp1252") if 0x80 <= bad[0] <= 0x9F else ("latin-1 (ISO-8859-1)", "latin1")
+    )
+    return (
+        f" (first bad byte 0x{bad[0]:02x} at byte {offset}: {bad!r}); it looks "
+        f"{encoding}: convert it, e.g. `iconv -f {iconv} -t utf-8 in.csv > out.csv`"
+    )

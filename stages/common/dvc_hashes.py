@@ -32,6 +32,7 @@ def load_yaml(text: str) -> Any:
     # libyaml when present: dvc.lock is read on every stage start
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
+
 class IntegrityError(PipelineError):
     """A file differs from the hash dvc.lock records for it, or params changed mid-run."""
 
@@ -76,8 +77,11 @@ def list_files(folder: Path, patterns: Sequence[str] = ()) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(folder):
         rel = Path(dirpath).relative_to(folder).parts
         dirnames[:] = [d for d in dirnames if not _ignored((*rel, d), True, patterns)]
-        found += ["/".join((*rel, name)) for name in filenames
-                  if not _ignored((*rel, name), False, patterns)]
+        found += [
+            "/".join((*rel, name))
+            for name in filenames
+            if not _ignored((*rel, name), False, patterns)
+        ]
     return sorted(found)
 
 
@@ -104,7 +108,7 @@ def dir_hash(entries: dict[str, str]) -> str:
 def hash_folder(folder: Path, patterns: Sequence[str] = ()) -> dict[str, str]:
     """``{relpath: md5}`` of the files DVC would hash in ``folder``."""
     names = list_files(folder, patterns)
-    return dict(zip(names, hash_files(folder / name for name in names)))
+    return dict(zip(names, hash_files(folder / name for name in names), strict=False))
 
 
 def cache_path(root: Path, md5: str) -> Path:
@@ -179,9 +183,14 @@ def stage_graph(root: Path, lock: dict[str, Any]) -> dict[str, set[str]]:
     graph = {}
     for name in names:
         deps = stage_deps(root, name, lock)
-        graph[name] = {producer for out, (producer, _) in outputs.items() if producer != name
-                       and any(dep == out or dep.startswith(f"{out}/")
-                               or out.startswith(f"{dep}/") for dep in deps)}
+        graph[name] = {
+            producer
+            for out, (producer, _) in outputs.items()
+            if producer != name
+            and any(
+                dep == out or dep.startswith(f"{out}/") or out.startswith(f"{dep}/") for dep in deps
+            )
+        }
     return graph
 
 

@@ -25,20 +25,34 @@ from pathlib import Path, PurePath
 # errno -> (what happened, what to do); the path is named between the two.
 _AGAIN = "then run the stage again"
 _OS_FAULTS = {
-    errno.ENOSPC: ("no space left on the device",
-                   f"free space there or point the output / MLflow store at a larger disk, {_AGAIN}"),
+    errno.ENOSPC: (
+        "no space left on the device",
+        f"free space there or point the output / MLflow store at a larger disk, {_AGAIN}",
+    ),
     errno.EDQUOT: ("disk quota exceeded", f"free space within the quota or raise it, {_AGAIN}"),
-    errno.EROFS: ("read-only file system",
-                  f"remount it read-write or point the output / MLflow store elsewhere, {_AGAIN}"),
-    errno.EACCES: ("permission denied",
-                   (f"give this user (uid {os.getuid()}) access to it or point the stage at a "
-                    f"place it may use, {_AGAIN}")),
+    errno.EROFS: (
+        "read-only file system",
+        f"remount it read-write or point the output / MLflow store elsewhere, {_AGAIN}",
+    ),
+    errno.EACCES: (
+        "permission denied",
+        (
+            f"give this user (uid {os.getuid()}) access to it or point the stage at a "
+            f"place it may use, {_AGAIN}"
+        ),
+    ),
 }
-_TEXT_ERRNO = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
-               "read-only file system": errno.EROFS}
+_TEXT_ERRNO = {
+    "no space left on device": errno.ENOSPC,
+    "disk quota exceeded": errno.EDQUOT,
+    "read-only file system": errno.EROFS,
+}
 _SQLITE_FULL = "database or disk is full"
-_SQLITE_READ_ONLY = ("attempt to write a readonly database", "unable to open database file",
-                     "readonly database")
+_SQLITE_READ_ONLY = (
+    "attempt to write a readonly database",
+    "unable to open database file",
+    "readonly database",
+)
 _API_FAILED = re.compile(r"API request to (?P<url>\S+) failed with exception")
 _MLFLOW_ENV = "MLFLOW_TRACKING_URI"
 _MLFLOW_STORE_LOGGER = "mlflow.store.db.utils"
@@ -71,7 +85,8 @@ def is_disk_full(exc: BaseException) -> bool:
         code = item.errno if isinstance(item, OSError) else None
         text = str(item).lower()
         if code in (errno.ENOSPC, errno.EDQUOT) or any(
-                words in text for words in (_SQLITE_FULL, "no space left", "quota exceeded")):
+            words in text for words in (_SQLITE_FULL, "no space left", "quota exceeded")
+        ):
             return True
     return False
 
@@ -101,8 +116,11 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(item))
         yield item
-        todo += [e for e in (item.__cause__, item.__context__,
-                             getattr(item, "orig", None)) if isinstance(e, BaseException)]
+        todo += [
+            e
+            for e in (item.__cause__, item.__context__, getattr(item, "orig", None))
+            if isinstance(e, BaseException)
+        ]
 
 
 # --- disks ------------------------------------------------------------------------------------
@@ -159,14 +177,16 @@ def _usage(path: str) -> str:
         usage = shutil.disk_usage(place)
     except OSError:
         return ""
-    return f" (file system {_mount_point(place)}: {_size(usage.total)}, {_size(usage.free)} " \
-           "free now)"
+    return (
+        f" (file system {_mount_point(place)}: {_size(usage.total)}, {_size(usage.free)} free now)"
+    )
 
 
 def _full_places() -> list[str]:
     # Without a file name: the places a stage writes to whose file system is (almost) full.
-    candidates = [p for p in (_sqlite_path(_tracking_uri()), os.getcwd(),
-                              tempfile.gettempdir()) if p]
+    candidates = [
+        p for p in (_sqlite_path(_tracking_uri()), os.getcwd(), tempfile.gettempdir()) if p
+    ]
     return [str(place) for place in candidates if _is_full(place)]
 
 
@@ -237,15 +257,18 @@ def _describe_sqlite_fault(exc: BaseException) -> str | None:
     store = f"the MLflow store {db}" if db else "the SQLite database"
     if _SQLITE_FULL in message:
         usage = _usage(db) if db else ""
-        return (f"{store} cannot grow: the disk is full{usage}; free space there (or move the "
-                f"store: MLFLOW_TRACKING_URI / params mlflow.tracking_uri), then run the stage "
-                "again")
+        return (
+            f"{store} cannot grow: the disk is full{usage}; free space there (or move the "
+            f"store: MLFLOW_TRACKING_URI / params mlflow.tracking_uri), then run the stage "
+            "again"
+        )
     if any(text in message for text in _SQLITE_READ_ONLY):
-        reason, fix = _why_unwritable(Path(db)) if db else ("it is read-only",
-                                                             "make it writable")
-        return (f"{store} cannot be opened for writing ({reason}); {fix}, or point "
-                "MLFLOW_TRACKING_URI / params mlflow.tracking_uri at a writable store, then run "
-                "the stage again")
+        reason, fix = _why_unwritable(Path(db)) if db else ("it is read-only", "make it writable")
+        return (
+            f"{store} cannot be opened for writing ({reason}); {fix}, or point "
+            "MLFLOW_TRACKING_URI / params mlflow.tracking_uri at a writable store, then run "
+            "the stage again"
+        )
     return None  # "database is locked" and the like are transient: a retry may pass
 
 
@@ -261,8 +284,10 @@ def _why_unwritable(db: Path) -> tuple[str, str]:
     if read_only:
         mount = _mount_point(folder)
         return f"{mount} is mounted read-only", f"remount {mount} read-write"
-    fix = (f"make {folder} and {db.name} writable by this user (uid {os.getuid()}; SQLite "
-           "writes its journal beside the file)")
+    fix = (
+        f"make {folder} and {db.name} writable by this user (uid {os.getuid()}; SQLite "
+        "writes its journal beside the file)"
+    )
     if not os.access(folder, os.W_OK):
         return f"no write permission on {folder}", fix
     if db.exists() and not os.access(db, os.W_OK):
@@ -278,19 +303,28 @@ def _describe_server_fault(exc: BaseException) -> str | None:
         server = server or _origin(match["url"])
     elif not (server and _is_connection_error(exc) and _names_host(str(exc), server)):
         return None
-    return (f"the MLflow tracking server {server} is unreachable ({_reason(exc)}); start it "
-            f"or point MLFLOW_TRACKING_URI / params mlflow.tracking_uri at one that runs, then "
-            f"run the stage again (params mlflow.request_timeout_s, max_retries and backoff_s "
-            f"bound the wait)")
+    return (
+        f"the MLflow tracking server {server} is unreachable ({_reason(exc)}); start it "
+        f"or point MLFLOW_TRACKING_URI / params mlflow.tracking_uri at one that runs, then "
+        f"run the stage again (params mlflow.request_timeout_s, max_retries and backoff_s "
+        f"bound the wait)"
+    )
 
 
 def _is_connection_error(exc: BaseException) -> bool:
     import requests
     import urllib3
 
-    return isinstance(exc, (requests.ConnectionError, requests.Timeout,
-                            urllib3.exceptions.MaxRetryError,
-                            urllib3.exceptions.NewConnectionError, ConnectionError))
+    return isinstance(
+        exc,
+        (
+            requests.ConnectionError,
+            requests.Timeout,
+            urllib3.exceptions.MaxRetryError,
+            urllib3.exceptions.NewConnectionError,
+            ConnectionError,
+        ),
+    )
 
 
 def _names_host(text: str, server: str) -> bool:
@@ -311,12 +345,15 @@ def _server() -> str | None:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)
-    for needle, reason in (("Connection refused", "connection refused"),
-                           ("timed out", "timed out"), ("Read timed out", "timed out"),
-                           ("Name or service not known", "host name not found"),
-                           ("nodename nor servname", "host name not found"),
-                           ("Temporary failure in name resolution", "host name not found"),
-                           ("too many", "it kept answering with errors")):
+    for needle, reason in (
+        ("Connection refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("Read timed out", "timed out"),
+        ("Name or service not known", "host name not found"),
+        ("nodename nor servname", "host name not found"),
+        ("Temporary failure in name resolution", "host name not found"),
+        ("too many", "it kept answering with errors"),
+    ):
         if needle in text:
             return reason
     return type(exc).__name__

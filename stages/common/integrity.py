@@ -11,7 +11,7 @@ Owner: issue 10 items 3 and 4.
   hash that stage's ``outs`` entry of ``dvc.lock`` holds. DVC itself trusts its state database
   and the names of its cache objects, so a flipped byte in a cache object reaches the workspace
   on ``dvc checkout`` / ``dvc pull`` unnoticed; this check stops the next stage that reads it.
-* ``python -m stages.common.integrity [--repair]`` (``make verify`` / ``make repair``): checks
+* ``python -m flows.verify [--repair]`` (``make verify`` / ``make repair``): checks
   every output ``dvc.lock`` records, in the workspace and in the DVC cache; ``--repair``
   rewrites a corrupt cache object from a good workspace copy or removes it, restores a corrupt
   (or missing) output file from its good cache object, and removes a corrupt output file that
@@ -23,18 +23,15 @@ Owner: issue 10 items 3 and 4.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stages.common.dvc_hashes import (
-    LOCK_FILE,
     IntegrityError,
     cache_path,
     dir_hash,
@@ -56,18 +53,34 @@ from stages.common.dvc_hashes import (
 from stages.common.params_snapshot import ParamsSnapshot, snapshot_for
 
 # Re-exported: callers (tracking, train, register) import them from here.
-__all__ = ["IntegrityError", "ParamsSnapshot", "Problem", "check_before_push", "check_cache", "check_repo",
-           "lock_outputs", "produced_outputs", "read_lock", "repair", "running_stage",
-           "snapshot_for", "stage_graph", "upstream_of", "verify_stage_inputs"]
+__all__ = [
+    "IntegrityError",
+    "ParamsSnapshot",
+    "Problem",
+    "check_before_push",
+    "check_cache",
+    "check_repo",
+    "lock_outputs",
+    "produced_outputs",
+    "read_lock",
+    "repair",
+    "running_stage",
+    "snapshot_for",
+    "stage_graph",
+    "upstream_of",
+    "verify_stage_inputs",
+]
 
 logger = logging.getLogger(__name__)
 
 # `make run` / `make repro`, not a bare `dvc repro`: those take the workspace's run lock.
 RERUN = "`make run` or `make repro`"
-REPAIR_HINT = ("`make repair` (python -m stages.common.integrity --repair: rewrites or removes "
-               "corrupt DVC cache objects, restores corrupt output files from good cache "
-               f"objects and removes the others), then {RERUN} (re-creates what was removed; "
-               "`dvc pull` first to fetch good copies from the remote)")
+REPAIR_HINT = (
+    "`make repair` (python -m flows.verify --repair: rewrites or removes "
+    "corrupt DVC cache objects, restores corrupt output files from good cache "
+    f"objects and removes the others), then {RERUN} (re-creates what was removed; "
+    "`dvc pull` first to fetch good copies from the remote)"
+)
 
 
 def produced_outputs(model_dir: str | Path, repo: str | Path = ".") -> dict[str, str]:
@@ -96,8 +109,9 @@ def produced_outputs(model_dir: str | Path, repo: str | Path = ".") -> dict[str,
         return {}
     producer = outputs[model][0]
     graph = stage_graph(root, lock)
-    stages = {producer} | {name for name in upstream_of(graph, running)
-                           if producer in upstream_of(graph, name)}
+    stages = {producer} | {
+        name for name in upstream_of(graph, running) if producer in upstream_of(graph, name)
+    }
     patterns = ignore_patterns(root)
     hashes, problems = {}, []
     for path, (stage, out) in sorted(outputs.items()):
@@ -110,8 +124,10 @@ def produced_outputs(model_dir: str | Path, repo: str | Path = ".") -> dict[str,
     if problems:
         raise IntegrityError(
             "the model's outputs on disk are not the ones dvc.lock records, so its version "
-            "cannot be tagged with their hashes: " + "; ".join(p.describe() for p in problems)
-            + f". Re-run the pipeline ({RERUN}); if a file is corrupt: {REPAIR_HINT}")
+            "cannot be tagged with their hashes: "
+            + "; ".join(p.describe() for p in problems)
+            + f". Re-run the pipeline ({RERUN}); if a file is corrupt: {REPAIR_HINT}"
+        )
     return hashes
 
 
@@ -130,8 +146,10 @@ class Problem:
         found = "is missing" if self.actual is None else f"has md5 {self.actual}"
         what = "DVC cache object" if self.cache else "output"
         note = f" ({'; '.join(self.notes)})" if self.notes else ""
-        return (f"{self.path} ({what} of stage {self.stage}) {found}, dvc.lock expects "
-                f"{self.expected}{note}")
+        return (
+            f"{self.path} ({what} of stage {self.stage}) {found}, dvc.lock expects "
+            f"{self.expected}{note}"
+        )
 
 
 def _expected_files(root: Path, out_path: str, out: dict[str, Any]) -> dict[str, str] | None:
@@ -144,8 +162,14 @@ def _expected_files(root: Path, out_path: str, out: dict[str, Any]) -> dict[str,
     return None if entries is None else {f"{out_path}/{rel}": m for rel, m in entries.items()}
 
 
-def check_output(root: Path, out_path: str, stage: str, out: dict[str, Any],
-                 only: str | None = None, patterns: Sequence[str] = ()) -> list[Problem]:
+def check_output(
+    root: Path,
+    out_path: str,
+    stage: str,
+    out: dict[str, Any],
+    only: str | None = None,
+    patterns: Sequence[str] = (),
+) -> list[Problem]:
     """Problems of one dvc.lock output in the workspace (``only``: just that file inside it)."""
     md5 = str(out["md5"])
     expected = _expected_files(root, out_path, out)
@@ -160,10 +184,11 @@ def check_output(root: Path, out_path: str, stage: str, out: dict[str, Any],
         problem.notes.append(_cache_state(root, md5))
         return [problem]
     if only is not None and only != out_path:
-        expected = {path: m for path, m in expected.items()
-                    if path == only or path.startswith(f"{only}/")}
+        expected = {
+            path: m for path, m in expected.items() if path == only or path.startswith(f"{only}/")
+        }
     present = [path for path in expected if (root / path).is_file()]
-    actual = dict(zip(present, hash_files(root / path for path in present)))
+    actual = dict(zip(present, hash_files(root / path for path in present), strict=False))
     problems = []
     for path, want in expected.items():
         if actual.get(path) != want:
@@ -171,10 +196,13 @@ def check_output(root: Path, out_path: str, stage: str, out: dict[str, Any],
             problem.notes.append(_cache_state(root, want))
             problems.append(problem)
     if md5.endswith(".dir") and only in (None, out_path) and (root / out_path).is_dir():
-        extra = sorted(set(list_files(root / out_path, patterns))
-                       - {path.removeprefix(f"{out_path}/") for path in expected})
-        problems += [Problem(f"{out_path}/{rel}", "(not in the folder)", "present", stage)
-                     for rel in extra]
+        extra = sorted(
+            set(list_files(root / out_path, patterns))
+            - {path.removeprefix(f"{out_path}/") for path in expected}
+        )
+        problems += [
+            Problem(f"{out_path}/{rel}", "(not in the folder)", "present", stage) for rel in extra
+        ]
     return problems
 
 
@@ -184,8 +212,11 @@ def _cache_state(root: Path, md5: str) -> str:
     if not obj.is_file():
         return f"cache object {rel} missing"
     actual = md5_file(obj)
-    return (f"cache object {rel} is good" if actual == md5.removesuffix(".dir")
-            else f"cache object {rel} is corrupt too (md5 {actual})")
+    return (
+        f"cache object {rel} is good"
+        if actual == md5.removesuffix(".dir")
+        else f"cache object {rel} is corrupt too (md5 {actual})"
+    )
 
 
 def verify_stage_inputs(stage: str, repo: str | Path = ".") -> None:
@@ -217,14 +248,15 @@ def verify_stage_inputs(stage: str, repo: str | Path = ".") -> None:
             if dep == out_path or out_path.startswith(f"{dep}/"):
                 problems += check_output(root, out_path, producer, out, patterns=patterns)
             elif dep.startswith(f"{out_path}/"):
-                problems += check_output(root, out_path, producer, out, only=dep,
-                                         patterns=patterns)
+                problems += check_output(root, out_path, producer, out, only=dep, patterns=patterns)
     if problems:
         raise IntegrityError(
-            f"stage {stage} refuses its input: " + "; ".join(p.describe() for p in problems)
+            f"stage {stage} refuses its input: "
+            + "; ".join(p.describe() for p in problems)
             + f". The data differs from what DVC recorded (a corrupt file or DVC cache object). "
             f"Repair: {REPAIR_HINT}; it re-runs {stage} (a plain `dvc repro {stage}` does too, "
-            "without the run lock)")
+            "without the run lock)"
+        )
 
 
 # --- whole-repo check and repair ----------------------------------------------------------
@@ -240,14 +272,26 @@ def check_cache(root: Path, out_path: str, stage: str, out: dict[str, Any]) -> l
         if entries is not None:
             names += sorted(set(entries.values()))
     present = [name for name in names if cache_path(root, name).is_file()]
-    actual = dict(zip(present, hash_files(cache_path(root, name) for name in present)))
-    return [Problem(cache_path(root, name).relative_to(root).as_posix(), name.removesuffix(".dir"),
-                    actual[name], stage, cache=True, notes=[f"an object of {out_path}"])
-            for name in present if actual[name] != name.removesuffix(".dir")]
+    actual = dict(
+        zip(present, hash_files(cache_path(root, name) for name in present), strict=False)
+    )
+    return [
+        Problem(
+            cache_path(root, name).relative_to(root).as_posix(),
+            name.removesuffix(".dir"),
+            actual[name],
+            stage,
+            cache=True,
+            notes=[f"an object of {out_path}"],
+        )
+        for name in present
+        if actual[name] != name.removesuffix(".dir")
+    ]
 
 
-def check_repo(repo: str | Path = ".", stages: Sequence[str] | None = None,
-               cache: bool = True) -> list[Problem]:
+def check_repo(
+    repo: str | Path = ".", stages: Sequence[str] | None = None, cache: bool = True
+) -> list[Problem]:
     """Every output of ``stages`` (all: None) that dvc.lock records, in the workspace and in
     the DVC cache (``cache``): the files whose bytes are not the recorded ones."""
     root = Path(repo)
@@ -262,8 +306,7 @@ def check_repo(repo: str | Path = ".", stages: Sequence[str] | None = None,
         if (root / out_path).exists():
             problems += check_output(root, out_path, stage, out, patterns=patterns)
         elif out.get("cache", True) is not False:
-            logger.info("%s (output of %s) is not in the workspace: not checked", out_path,
-                        stage)
+            logger.info("%s (output of %s) is not in the workspace: not checked", out_path, stage)
     return problems
 
 
@@ -289,8 +332,9 @@ def repair(repo: str | Path, problems: Sequence[Problem]) -> list[str]:
                 target.unlink()
             if source is not None:
                 _copy_atomically(source, target, 0o444)  # read-only, as DVC leaves its objects
-                actions.append(f"rewrote corrupt cache object {problem.path} from "
-                               f"{source.relative_to(root)}")
+                actions.append(
+                    f"rewrote corrupt cache object {problem.path} from {source.relative_to(root)}"
+                )
             else:
                 actions.append(f"removed corrupt cache object {problem.path}")
             continue
@@ -299,14 +343,17 @@ def repair(repo: str | Path, problems: Sequence[Problem]) -> list[str]:
             mode = target.stat().st_mode & 0o777 if target.is_file() else 0o644
             _copy_atomically(obj, target, mode | 0o200)  # DVC's objects are read-only
             state = "missing" if problem.actual is None else "corrupt"
-            actions.append(f"restored {state} {problem.path} from its good DVC cache object "
-                           f"{obj.relative_to(root).as_posix()} (md5 {problem.expected})")
+            actions.append(
+                f"restored {state} {problem.path} from its good DVC cache object "
+                f"{obj.relative_to(root).as_posix()} (md5 {problem.expected})"
+            )
         elif target.is_file():
             target.unlink()
             actions.append(f"removed {problem.path} (not the bytes dvc.lock records)")
         elif target.is_dir():
-            actions.append(f"left folder {problem.path}: re-create it with {RERUN} (re-runs "
-                           f"{problem.stage})")
+            actions.append(
+                f"left folder {problem.path}: re-create it with {RERUN} (re-runs {problem.stage})"
+            )
     return actions
 
 
@@ -352,9 +399,11 @@ def check_before_push(repo: str | Path = ".") -> None:
             problems += check_cache(root, out_path, stage, out)
     if problems:
         raise IntegrityError(
-            "dvc push refused, nothing uploaded: " + "; ".join(p.describe() for p in problems)
+            "dvc push refused, nothing uploaded: "
+            + "; ".join(p.describe() for p in problems)
             + f". The DVC remote would get the corrupt bytes under the good name. Repair: "
-            f"{REPAIR_HINT}, then push again")
+            f"{REPAIR_HINT}, then push again"
+        )
 
 
 def _good_workspace_copies(root: Path, wanted: Sequence[str]) -> dict[str, Path]:
@@ -366,58 +415,11 @@ def _good_workspace_copies(root: Path, wanted: Sequence[str]) -> dict[str, Path]
     for out_path, (_stage, out) in lock_outputs(lock).items():
         expected = _expected_files(root, out_path, out) or {}
         for path, md5 in expected.items():
-            if md5 in wanted_set and md5 not in found and (root / path).is_file() \
-                    and md5_file(root / path) == md5:
+            if (
+                md5 in wanted_set
+                and md5 not in found
+                and (root / path).is_file()
+                and md5_file(root / path) == md5
+            ):
                 found[md5] = root / path
     return found
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m stages.common.integrity [--repo DIR] [--repair]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.common.integrity",
-        description="Check every output dvc.lock records, in the workspace and in the DVC cache, "
-                    "against its recorded md5 (the actual bytes). --repair rewrites a corrupt "
-                    "cache object from a good workspace copy or removes it, restores a corrupt "
-                    "output file from its good cache object or removes it; then `make run` (or "
-                    "`make repro`) re-creates what was removed.")
-    parser.add_argument("--repo", default=".", help="the DVC project root")
-    parser.add_argument("--repair", action="store_true", help="fix what is found (see above)")
-    parser.add_argument("--stage", action="append", default=None,
-                        help="check only this stage's outputs (repeatable)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    root = Path(args.repo)
-    if not (root / LOCK_FILE).is_file():
-        print(f"{root / LOCK_FILE}: not found; nothing to check", file=sys.stderr)
-        return 0
-    problems = check_repo(root, args.stage)
-    if not problems:
-        outputs = [path for path, (stage, _) in lock_outputs(read_lock(root)).items()
-                   if args.stage is None or stage in args.stage]
-        absent = [path for path in outputs if not (root / path).exists()]
-        print(f"{len(outputs) - len(absent)} of the {len(outputs)} outputs dvc.lock records are "
-              "in the workspace, each with its recorded md5 (their DVC cache objects too)"
-              + (f"; not in the workspace: {', '.join(absent)} (`dvc pull` or {RERUN} "
-                 "restores them)" if absent else ""))
-        return 0
-    for problem in problems:
-        print(f"CORRUPT {problem.describe()}", file=sys.stderr)
-    if not args.repair:
-        print(f"{len(problems)} file(s) differ from dvc.lock. Repair: {REPAIR_HINT}",
-              file=sys.stderr)
-        return 1
-    actions = repair(root, problems)
-    for action in actions:
-        print(action)
-    if not any(action.startswith(("removed", "left")) for action in actions):
-        print("every file repaired in place: nothing to re-run (`make verify` checks again)")
-        return 0
-    stages = sorted({p.stage for p in problems})
-    print(f"now run {RERUN} (re-runs or restores {', '.join(stages)}); `dvc pull` first if "
-          "the DVC remote holds good copies")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

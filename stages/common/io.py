@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 # Re-exported: pipeline code writes through stages.common.io; the model package owns them.
 from model.files import atomic_path as atomic_path
@@ -36,8 +32,9 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise DataError("file not found; run the upstream stage first",
-                        file=str(path), rule="exists") from exc
+        raise DataError(
+            "file not found; run the upstream stage first", file=str(path), rule="exists"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON: {exc}", file=str(path), rule="json") from exc
 
@@ -61,12 +58,16 @@ def read_parquet(path: str | Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path, engine="pyarrow")
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise DataError(f"not a readable Parquet file (truncated or corrupt?): {exc}",
-                        file=str(path), rule="parquet") from exc
+        raise DataError(
+            f"not a readable Parquet file (truncated or corrupt?): {exc}",
+            file=str(path),
+            rule="parquet",
+        ) from exc
 
 
 # Streaming: the data stages read and write record batches, so memory stays bounded by the batch
 # size (params base.batch_rows) rather than by the size of the data.
+
 
 def open_dataset(path: str | Path):  # -> pyarrow.dataset.Dataset
     """The Parquet file, or every ``*.parquet`` file in a folder, as one pyarrow dataset.
@@ -79,8 +80,9 @@ def open_dataset(path: str | Path):  # -> pyarrow.dataset.Dataset
 
     path = Path(path)
     if not path.exists():
-        raise DataError("file not found; run the upstream stage first", file=str(path),
-                        rule="exists")
+        raise DataError(
+            "file not found; run the upstream stage first", file=str(path), rule="exists"
+        )
     files = sorted(p for p in path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise DataError("folder holds no .parquet files", file=str(path), rule="not_empty")
@@ -90,8 +92,11 @@ def open_dataset(path: str | Path):  # -> pyarrow.dataset.Dataset
     try:
         dataset = ds.dataset([str(file) for file in files], format="parquet")
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise DataError(f"not a readable Parquet file (truncated or corrupt?): {exc}",
-                        file=str(path), rule="parquet") from exc
+        raise DataError(
+            f"not a readable Parquet file (truncated or corrupt?): {exc}",
+            file=str(path),
+            rule="parquet",
+        ) from exc
     check_same_schema(files, dataset.schema)
     return dataset
 
@@ -106,15 +111,24 @@ def check_same_schema(files: list[Path], schema) -> None:
             continue
         for name in sorted(set(found.names) | set(schema.names)):
             if name not in found.names or name not in schema.names:
-                raise DataError(f"columns differ from the other files ({name!r} is only in "
-                                f"{'this file' if name in found.names else 'the others'})",
-                                file=str(file), column=name, rule="same_schema")
+                raise DataError(
+                    f"columns differ from the other files ({name!r} is only in "
+                    f"{'this file' if name in found.names else 'the others'})",
+                    file=str(file),
+                    column=name,
+                    rule="same_schema",
+                )
             if found.field(name).type != schema.field(name).type:
-                raise DataError(f"type {found.field(name).type} differs from the other files' "
-                                f"{schema.field(name).type}", file=str(file), column=name,
-                                rule="same_schema")
-        raise DataError("column order differs from the other files", file=str(file),
-                        rule="same_schema")
+                raise DataError(
+                    f"type {found.field(name).type} differs from the other files' "
+                    f"{schema.field(name).type}",
+                    file=str(file),
+                    column=name,
+                    rule="same_schema",
+                )
+        raise DataError(
+            "column order differs from the other files", file=str(file), rule="same_schema"
+        )
 
 
 def iter_batches(path: str | Path, batch_rows: int, columns: list[str] | None = None):
@@ -134,8 +148,11 @@ def iter_batches(path: str | Path, batch_rows: int, columns: list[str] | None = 
                 group = parquet.read_row_group(index, columns=columns)
                 yield from group.to_batches(max_chunksize=batch_rows)
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"not a readable Parquet file (truncated or corrupt?): {exc}",
-                            file=str(file), rule="parquet") from exc
+            raise DataError(
+                f"not a readable Parquet file (truncated or corrupt?): {exc}",
+                file=str(file),
+                rule="parquet",
+            ) from exc
 
 
 def open_parquet_writer(path: str | Path, schema) -> Any:
@@ -147,6 +164,11 @@ def open_parquet_writer(path: str | Path, schema) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    text = [field.name for field in schema if pa.types.is_string(field.type)
-            or pa.types.is_large_string(field.type) or pa.types.is_dictionary(field.type)]
+    text = [
+        field.name
+        for field in schema
+        if pa.types.is_string(field.type)
+        or pa.types.is_large_string(field.type)
+        or pa.types.is_dictionary(field.type)
+    ]
     return pq.ParquetWriter(path, schema, use_dictionary=text)

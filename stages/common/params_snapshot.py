@@ -70,15 +70,20 @@ class ParamsSnapshot:
             return
         changed = _changed_declared_params(self, now, stage)
         if changed == []:
-            logger.warning("%s changed while stage %s ran, but not in the params it depends on "
-                           "(dvc.yaml): its outputs stand", self.path, stage)
+            logger.warning(
+                "%s changed while stage %s ran, but not in the params it depends on "
+                "(dvc.yaml): its outputs stand",
+                self.path,
+                stage,
+            )
             return
         what = f" ({', '.join(changed)})" if changed else ""
         raise IntegrityError(
             f"{self.path} changed while stage {stage} ran{what}: the stage used and logged the "
             f"params as they were at its start, but dvc.lock would record the new ones, so it "
             f"refuses to finish (its outputs are not recorded). Re-run it with the file as it "
-            f"is now: `dvc repro {stage}` (or `make run`)")
+            f"is now: `dvc repro {stage}` (or `make run`)"
+        )
 
 
 def snapshot_for(path: str | Path) -> ParamsSnapshot:
@@ -92,12 +97,17 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
-def _changed_declared_params(snapshot: ParamsSnapshot, now: bytes | None,
-                             stage: str) -> list[str] | None:
+def _changed_declared_params(
+    snapshot: ParamsSnapshot, now: bytes | None, stage: str
+) -> list[str] | None:
     """The declared params of ``stage`` whose value changed; None when that cannot be told."""
     root = Path(os.environ.get(ROOT_ENV) or ".")
-    if now is None or snapshot.data is None or snapshot.path.name != "params.yaml" \
-            or not _same_file(snapshot.path.parent, root):
+    if (
+        now is None
+        or snapshot.data is None
+        or snapshot.path.name != "params.yaml"
+        or not _same_file(snapshot.path.parent, root)
+    ):
         return None
     try:
         spec = load_yaml((root / DVC_YAML).read_text(encoding="utf-8")) or {}
@@ -105,8 +115,11 @@ def _changed_declared_params(snapshot: ParamsSnapshot, now: bytes | None,
         before, after = yaml.safe_load(snapshot.data), yaml.safe_load(now)
     except (OSError, yaml.YAMLError, UnicodeDecodeError, AttributeError):
         return None
-    if not isinstance(declared, list) or not isinstance(before, dict) \
-            or not isinstance(after, dict):
+    if (
+        not isinstance(declared, list)
+        or not isinstance(before, dict)
+        or not isinstance(after, dict)
+    ):
         return None
     keys: list[str] = []
     for item in declared:
@@ -117,8 +130,7 @@ def _changed_declared_params(snapshot: ParamsSnapshot, now: bytes | None,
         else:
             return None  # another params file, or a form this check does not know
     missing = object()
-    return [key for key in keys
-            if _lookup(before, key, missing) != _lookup(after, key, missing)]
+    return [key for key in keys if _lookup(before, key, missing) != _lookup(after, key, missing)]
 
 
 def _lookup(tree: Any, dotted: str, default: Any) -> Any:

@@ -56,16 +56,17 @@ def die_with_parent() -> None:
         logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
     # The parent may have died between our start and prctl: then we were re-parented already.
     if os.getppid() != _ORIGINAL_PPID:
-        raise PipelineError(f"the process that started this one (pid {_ORIGINAL_PPID}) has "
-                            "ended; not running orphaned")
+        raise PipelineError(
+            f"the process that started this one (pid {_ORIGINAL_PPID}) has "
+            "ended; not running orphaned"
+        )
     watched = _ancestors_to_watch()
     if watched is None:  # one of them ended while we looked
         raise PipelineError("the process that started this one has ended; not running orphaned")
     _watched = watched
     runlock.share_workers_lock(Path(os.environ.get("DVC_ROOT", ".")))
     _watching = True
-    threading.Thread(target=_watch, args=(watched,), name="die-with-parent",
-                     daemon=True).start()
+    threading.Thread(target=_watch, args=(watched,), name="die-with-parent", daemon=True).start()
 
 
 def is_stage_process() -> bool:
@@ -74,8 +75,9 @@ def is_stage_process() -> bool:
     Not a test or tool that calls a stage's ``main()`` in its own process.
     """
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return bool(os.environ.get("DVC_STAGE")) or (spec is not None
-                                                 and spec.name.startswith("stages."))
+    return bool(os.environ.get("DVC_STAGE")) or (
+        spec is not None and spec.name.startswith("stages.")
+    )
 
 
 def _ancestors_to_watch() -> list[tuple[int, float]] | None:
@@ -161,8 +163,10 @@ def _watch_by_polling(watched: list[tuple[int, float]]) -> None:
     while True:
         for pid, started in watched:
             try:
-                alive = (psutil.Process(pid).create_time() == started
-                         and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+                alive = (
+                    psutil.Process(pid).create_time() == started
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                )
             except psutil.Error:
                 alive = False
             if not alive:
@@ -172,8 +176,9 @@ def _watch_by_polling(watched: list[tuple[int, float]]) -> None:
 
 
 def _stop_self(ended: int) -> None:
-    logger.error("stopping: pid %d, which started this process, has ended "
-                 "(not running orphaned)", ended)  # logging survives a closed pipe
+    logger.error(
+        "stopping: pid %d, which started this process, has ended (not running orphaned)", ended
+    )  # logging survives a closed pipe
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(GRACE_S)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -40,8 +40,9 @@ class ParquetFiles:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
 
     def __enter__(self) -> ParquetFiles:
-        self.writers = {name: open_parquet_writer(path, self.schema)
-                        for name, path in self.paths.items()}
+        self.writers = {
+            name: open_parquet_writer(path, self.schema) for name, path in self.paths.items()
+        }
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -67,14 +68,21 @@ class ParquetFiles:
 
         if not self.pending[name]:  # nothing was added: the file keeps just its schema
             return
-        table = pa.concat_tables([part if isinstance(part, pa.Table) else
-                                  pa.Table.from_batches([part]) for part in self.pending[name]])
+        table = pa.concat_tables(
+            [
+                part if isinstance(part, pa.Table) else pa.Table.from_batches([part])
+                for part in self.pending[name]
+            ]
+        )
         size = self.rows_per_group
         n_out = len(table) if final else len(table) // size * size
         if n_out:
             self._wait(MAX_IN_FLIGHT - 1)
-            self.futures.append(self.pool.submit(self.writers[name].write_table,
-                                                 table.slice(0, n_out), row_group_size=size))
+            self.futures.append(
+                self.pool.submit(
+                    self.writers[name].write_table, table.slice(0, n_out), row_group_size=size
+                )
+            )
         rest = table.slice(n_out)
         self.pending[name], self.pending_rows[name] = [rest], len(rest)
         self.written[name] += n_out

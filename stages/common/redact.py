@@ -22,10 +22,29 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 MASK = "***"
 # query parameters whose value is a secret (lower case); names containing one of the PARTS too
-SECRET_PARAMS = frozenset({"sig", "signature", "key", "apikey", "api_key", "token", "pwd",
-                           "pass", "password", "secret", "auth", "access_token", "code",
-                           "x-amz-signature", "x-amz-credential", "x-amz-security-token",
-                           "x-goog-signature", "x-goog-credential", "awsaccesskeyid"})
+SECRET_PARAMS = frozenset(
+    {
+        "sig",
+        "signature",
+        "key",
+        "apikey",
+        "api_key",
+        "token",
+        "pwd",
+        "pass",
+        "password",
+        "secret",
+        "auth",
+        "access_token",
+        "code",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+        "awsaccesskeyid",
+    }
+)
 SECRET_PARTS = ("signature", "credential", "token", "secret", "password", "apikey", "api_key")
 ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -44,8 +63,11 @@ def secret_values(url: str) -> list[str]:
     http = parts.scheme.lower() in ("http", "https")
     # user:password@: the password; an http(s) user name alone is often a token (ghp_...@)
     found = [parts.password] if parts.password else [parts.username] if http else []
-    found += [value for name, value in parse_qsl(parts.query, keep_blank_values=True)
-              if is_secret_param(name)]
+    found += [
+        value
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        if is_secret_param(name)
+    ]
     found = [value for value in found if value and not ENV_VAR.fullmatch(value)]
     return sorted(set(found), key=len, reverse=True)
 
@@ -72,8 +94,10 @@ def redact_url(url: str) -> str:
         # a database user name is kept (it is not the secret); an http(s) one may be a token
         keep = parts.password is not None and parts.scheme not in ("http", "https")
         netloc = f"{user}:{MASK}@{host}" if keep else f"{MASK}@{host}"
-    query = "&".join(f"{_quote(name)}={MASK if _masked(name, value) else _quote(value)}"
-                     for name, value in parse_qsl(parts.query, keep_blank_values=True))
+    query = "&".join(
+        f"{_quote(name)}={MASK if _masked(name, value) else _quote(value)}"
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -93,8 +117,7 @@ def scrub(text: str, url: str) -> str:
     value is masked in its raw, quoted and unquoted forms, not just the URL as a whole.
     """
     for value in secret_values(url):
-        for form in {value, unquote(value), quote(value, safe=""), quote(unquote(value),
-                                                                        safe="")}:
+        for form in {value, unquote(value), quote(value, safe=""), quote(unquote(value), safe="")}:
             if len(form) >= 3:
                 text = text.replace(form, MASK)
     return text
@@ -106,6 +129,7 @@ def expand_env(source: str) -> str:
     Raises:
         KeyError: a variable is not set (its name is the key).
     """
+
     def value(match: re.Match) -> str:
         name = match.group(1)
         if name not in os.environ:
@@ -136,8 +160,11 @@ def _scrubbing_factory(previous: Callable[..., logging.LogRecord]) -> Callable[.
 def _scrub_record(record: logging.LogRecord, urls: list[str]) -> None:
     if record.exc_info and not record.exc_text:  # the handler's formatter reuses exc_text
         record.exc_text = logging.Formatter().formatException(record.exc_info)
-    texts = {"msg": record.getMessage(), "exc_text": record.exc_text,
-             "stack_info": record.stack_info}
+    texts = {
+        "msg": record.getMessage(),
+        "exc_text": record.exc_text,
+        "stack_info": record.stack_info,
+    }
     for field, text in texts.items():
         for url in urls:
             text = scrub(text, url) if text else text

@@ -36,16 +36,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 AUDIT_EXPERIMENT = "registry-audit"  # one run per alias move, in the registry's own store
-GATE_TAG = "promotion.gate"  # on each version: passed | failed | pending (see stages.register.stage)
+GATE_TAG = (
+    "promotion.gate"  # on each version: passed | failed | pending (see stages.register.stage)
+)
 KINDS = ("register", "rollback", "manual")  # who moved it: the register stage, flows.rollback
-FIELDS = ("model", "alias", "from_version", "to_version", "reason", "caused_by_run", "actor",
-          "time", "kind")
+FIELDS = (
+    "model",
+    "alias",
+    "from_version",
+    "to_version",
+    "reason",
+    "caused_by_run",
+    "actor",
+    "time",
+    "kind",
+)
 NONE = "none"  # a param cannot be null: the alias had no holder / no run caused the move
 MAX_REASON = 1000  # characters kept of a reason (one line)
 _UNREAD = object()  # move_alias/check_holder: no expected holder given / holder not read yet
 SETTLE_AFTER_S = 60.0  # an entry RUNNING longer than this was left by a process that died
-STATUS = {"FINISHED": "done", "FAILED": "failed", "RUNNING": "unfinished",
-          "KILLED": "failed", "SCHEDULED": "unfinished"}
+STATUS = {
+    "FINISHED": "done",
+    "FAILED": "failed",
+    "RUNNING": "unfinished",
+    "KILLED": "failed",
+    "SCHEDULED": "unfinished",
+}
 
 
 @dataclass(frozen=True)
@@ -70,8 +86,10 @@ class AliasMove:
         source = f"v{self.from_version}" if self.from_version else "nothing"
         run = f", run {self.caused_by_run}" if self.caused_by_run else ""
         error = f" [{self.error}]" if self.error else ""
-        return (f"{self.time} {self.alias} {source} -> v{self.to_version} ({self.kind}, "
-                f"{self.status}) by {self.actor}{run}: {self.reason}{error}")
+        return (
+            f"{self.time} {self.alias} {source} -> v{self.to_version} ({self.kind}, "
+            f"{self.status}) by {self.actor}{run}: {self.reason}{error}"
+        )
 
 
 # --- pure core ----------------------------------------------------------------------------
@@ -92,7 +110,7 @@ def holders(history: list[AliasMove], current: str | None) -> list[str]:
         if move.from_version is not None and (not stack or stack[-1] != move.from_version):
             stack.append(move.from_version)
         if move.kind == "rollback" and move.to_version in stack:
-            del stack[len(stack) - stack[::-1].index(move.to_version):]
+            del stack[len(stack) - stack[::-1].index(move.to_version) :]
         else:
             stack.append(move.to_version)
     if current is not None and (not stack or stack[-1] != current):
@@ -117,7 +135,7 @@ def actor() -> str:
 
 def _cut(text: str) -> str:
     flat = " ".join(str(text).split())
-    return flat if len(flat) <= MAX_REASON else flat[:MAX_REASON - 3] + "..."
+    return flat if len(flat) <= MAX_REASON else flat[: MAX_REASON - 3] + "..."
 
 
 # --- I/O ----------------------------------------------------------------------------------
@@ -142,8 +160,13 @@ class AliasMovedError(PipelineError):
     against its earlier holder: the run's decision is stale, nothing was moved."""
 
 
-def check_holder(client: MlflowClient, model: str, alias: str, expected: str | None,
-                 holder: str | None | object = _UNREAD) -> None:
+def check_holder(
+    client: MlflowClient,
+    model: str,
+    alias: str,
+    expected: str | None,
+    holder: str | None | object = _UNREAD,
+) -> None:
     """Refuse when ``model@alias`` is no longer held by ``expected`` (read at the run's start).
 
     Raises:
@@ -154,20 +177,34 @@ def check_holder(client: MlflowClient, model: str, alias: str, expected: str | N
     expected = None if expected is None else str(expected)
     if now == expected:
         return
-    moves = [m for m in alias_history(client, model, alias)
-             if m.status == "done" and m.to_version == now]
-    by = (f"{moves[-1].kind} by {moves[-1].actor} at {moves[-1].time}: {moves[-1].reason}"
-          if moves else "a move outside the alias history")
+    moves = [
+        m for m in alias_history(client, model, alias) if m.status == "done" and m.to_version == now
+    ]
+    by = (
+        f"{moves[-1].kind} by {moves[-1].actor} at {moves[-1].time}: {moves[-1].reason}"
+        if moves
+        else "a move outside the alias history"
+    )
     source = f"v{expected}" if expected else "nothing"
     target = f"v{now}" if now else "nothing (alias removed)"
-    raise AliasMovedError(f"{model}@{alias} moved from {source} to {target} during this run "
-                          f"(by {_cut(by)}); this run decided against {source}, so nothing "
-                          "was moved; re-run to decide against the current holder")
+    raise AliasMovedError(
+        f"{model}@{alias} moved from {source} to {target} during this run "
+        f"(by {_cut(by)}); this run decided against {source}, so nothing "
+        "was moved; re-run to decide against the current holder"
+    )
 
 
-def move_alias(client: MlflowClient, model: str, alias: str, version: str | int, reason: str,
-               *, caused_by_run: str | None = None, kind: str = "register",
-               expect_from: str | None | object = _UNREAD) -> AliasMove | None:
+def move_alias(
+    client: MlflowClient,
+    model: str,
+    alias: str,
+    version: str | int,
+    reason: str,
+    *,
+    caused_by_run: str | None = None,
+    kind: str = "register",
+    expect_from: str | None | object = _UNREAD,
+) -> AliasMove | None:
     """Point ``model@alias`` at ``version``, recording the move first (see the module doc).
 
     Args:
@@ -189,13 +226,23 @@ def move_alias(client: MlflowClient, model: str, alias: str, version: str | int,
         check_holder(client, model, alias, expect_from, before)  # type: ignore[arg-type]
     experiment_id = audit_experiment_id(client, create=True)
     _settle_unfinished(client, experiment_id, model, alias, before)
-    entry = {"model": model, "alias": alias, "from_version": before or NONE,
-             "to_version": version, "reason": _cut(reason),
-             "caused_by_run": caused_by_run or NONE, "actor": actor(),
-             "time": datetime.now(UTC).isoformat(timespec="microseconds"), "kind": kind}
+    entry = {
+        "model": model,
+        "alias": alias,
+        "from_version": before or NONE,
+        "to_version": version,
+        "reason": _cut(reason),
+        "caused_by_run": caused_by_run or NONE,
+        "actor": actor(),
+        "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+        "kind": kind,
+    }
     source = f"v{before}" if before else "nothing"
-    run = client.create_run(experiment_id, run_name=f"{model}@{alias} {source} -> v{version}",
-                            tags={f"audit.{k}": v for k, v in entry.items()})
+    run = client.create_run(
+        experiment_id,
+        run_name=f"{model}@{alias} {source} -> v{version}",
+        tags={f"audit.{k}": v for k, v in entry.items()},
+    )
     run_id = run.info.run_id
     try:
         from mlflow.entities import Param
@@ -231,8 +278,9 @@ def audit_experiment_id(client: MlflowClient, create: bool = False) -> str | Non
         uri = client.tracking_uri
         location = None  # a tracking server chooses its own
         if uri.startswith("sqlite:///"):  # beside the database, as tracking.configure_mlflow
-            location = (Path(uri.removeprefix("sqlite:///")).resolve().parent
-                        / "artifacts").as_uri()
+            location = (
+                Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
+            ).as_uri()
         try:
             return client.create_experiment(AUDIT_EXPERIMENT, artifact_location=location)
         except MlflowException as exc:  # another process created it meanwhile
@@ -252,8 +300,9 @@ def _search(client: MlflowClient, experiment_id: str, where: str) -> list[Run]:
 
     runs, token = [], None
     while True:  # every page: the history is never cut short
-        page = client.search_runs([experiment_id], where, run_view_type=ViewType.ALL,
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(
+            [experiment_id], where, run_view_type=ViewType.ALL, max_results=1000, page_token=token
+        )
         runs += list(page)
         token = page.token
         if not token:
@@ -277,12 +326,19 @@ def _entry_of(run: Run) -> AliasMove:
 
     started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
     return AliasMove(
-        model=field("model"), alias=field("alias"), from_version=optional("from_version"),
-        to_version=field("to_version"), reason=field("reason"),
-        caused_by_run=optional("caused_by_run"), actor=field("actor"),
+        model=field("model"),
+        alias=field("alias"),
+        from_version=optional("from_version"),
+        to_version=field("to_version"),
+        reason=field("reason"),
+        caused_by_run=optional("caused_by_run"),
+        actor=field("actor"),
         time=field("time") or started.isoformat(timespec="microseconds"),
-        kind=field("kind"), status=STATUS.get(run.info.status, run.info.status),
-        entry_id=run.info.run_id, error=tags.get("audit.error"))
+        kind=field("kind"),
+        status=STATUS.get(run.info.status, run.info.status),
+        entry_id=run.info.run_id,
+        error=tags.get("audit.error"),
+    )
 
 
 def alias_history(client: MlflowClient, model: str, alias: str | None = None) -> list[AliasMove]:
@@ -297,17 +353,23 @@ def alias_history(client: MlflowClient, model: str, alias: str | None = None) ->
     return sorted(entries, key=lambda e: e.time)
 
 
-def _settle_unfinished(client: MlflowClient, experiment_id: str, model: str, alias: str,
-                       holder: str | None) -> None:
+def _settle_unfinished(
+    client: MlflowClient, experiment_id: str, model: str, alias: str, holder: str | None
+) -> None:
     # A RUNNING entry older than SETTLE_AFTER_S was left by a process that died mid-move.
     now_ms = time.time() * 1000
-    where = (f"tags.`audit.model` = {_quote(model)} and tags.`audit.alias` = {_quote(alias)} "
-             "and attributes.status = 'RUNNING'")
+    where = (
+        f"tags.`audit.model` = {_quote(model)} and tags.`audit.alias` = {_quote(alias)} "
+        "and attributes.status = 'RUNNING'"
+    )
     for run in _search(client, experiment_id, where):
         if now_ms - run.info.start_time < SETTLE_AFTER_S * 1000:
             continue  # perhaps another process moving it right now
         target = run.data.tags.get("audit.to_version")
         moved = target == holder
-        client.set_tag(run.info.run_id, "audit.settled",
-                       f"by a later move: alias {'found' if moved else 'not found'} on v{target}")
+        client.set_tag(
+            run.info.run_id,
+            "audit.settled",
+            f"by a later move: alias {'found' if moved else 'not found'} on v{target}",
+        )
         client.set_terminated(run.info.run_id, "FINISHED" if moved else "FAILED")

@@ -19,6 +19,7 @@ stage removes the temporary folders its killed predecessor left (``data/.validat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ class RunLockBusy(PipelineError):
 
 
 # --- the run lock --------------------------------------------------------------------------
+
 
 def _fcntl() -> Any:
     import fcntl
@@ -102,14 +104,16 @@ def describe_holder(info: dict[str, Any] | None) -> str:
         return "a process that has not written its details yet"
     host = info.get("host")
     where = f" on {host}" if host and host != socket.gethostname() else ""
-    return (f"pid {info.get('pid')}{where} ({info.get('command')}), "
-            f"started {info.get('started')}")
+    return f"pid {info.get('pid')}{where} ({info.get('command')}), started {info.get('started')}"
 
 
 def _my_info(command: str | None) -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "command": command or " ".join([Path(sys.executable).name, *sys.argv]),
-            "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command or " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
 
 
 def held_here(repo: str | Path = ".") -> bool:
@@ -131,8 +135,9 @@ def update_holder(repo: str | Path = ".", **details: Any) -> None:
 
 
 @contextmanager
-def run_lock(repo: str | Path = ".", *, wait_s: float = 0.0,
-             command: str | None = None) -> Iterator[dict[str, Any]]:
+def run_lock(
+    repo: str | Path = ".", *, wait_s: float = 0.0, command: str | None = None
+) -> Iterator[dict[str, Any]]:
     """Hold the workspace's run lock for the block; yield this holder's details.
 
     With ``wait_s`` 0 a second run refuses at once, else it waits up to ``wait_s`` seconds.
@@ -145,8 +150,10 @@ def run_lock(repo: str | Path = ".", *, wait_s: float = 0.0,
     """
     repo = Path(repo).resolve()
     if not (repo / ".dvc").is_dir():
-        raise PipelineError(f"{repo} is not a DVC project (no .dvc folder): run from the "
-                            "project root or pass --repo")
+        raise PipelineError(
+            f"{repo} is not a DVC project (no .dvc folder): run from the "
+            "project root or pass --repo"
+        )
     fcntl = _fcntl()
     fd = _open_lock(repo, LOCK_FILE)
     workers = -1
@@ -154,8 +161,12 @@ def run_lock(repo: str | Path = ".", *, wait_s: float = 0.0,
         _acquire(fd, repo, wait_s)
         stale = _read_info(fd)
         if stale is not None:
-            logger.warning("the previous run, %s, ended without releasing %s (killed?); "
-                           "taking the workspace over", describe_holder(stale), LOCK_FILE)
+            logger.warning(
+                "the previous run, %s, ended without releasing %s (killed?); "
+                "taking the workspace over",
+                describe_holder(stale),
+                LOCK_FILE,
+            )
             stop_helpers(stale)
         info = _my_info(command)
         _write_info(fd, info)
@@ -192,10 +203,14 @@ def _acquire(fd: int, repo: Path, wait_s: float) -> None:
                 f"another pipeline run holds this workspace ({repo / LOCK_FILE}): {holder}"
                 f"{waited}. Let it finish (make run WAIT=1 or make repro WAIT=1 wait up to "
                 f"{DEFAULT_WAIT_S:.0f} s for it) or stop it (kill {_pid_of(holder_info)}); "
-                "a killed run's lock frees itself")
+                "a killed run's lock frees itself"
+            )
         if not told and wait_s:  # WARNING: reaches the console under Prefect's logging too
-            logger.warning("waiting up to %g s for the pipeline run that holds this workspace: "
-                           "%s", wait_s, holder)
+            logger.warning(
+                "waiting up to %g s for the pipeline run that holds this workspace: %s",
+                wait_s,
+                holder,
+            )
             told = True
         time.sleep(_POLL_S)
 
@@ -207,8 +222,10 @@ def _wait_for_workers(fd: int, repo: Path, wait_s: float) -> None:
     while not _try_flock(fd, fcntl.LOCK_EX):
         pids = ", ".join(_describe_pid(pid) for pid in lock_holders(repo / WORKERS_LOCK_FILE))
         if time.monotonic() >= deadline:
-            raise RunLockBusy(f"processes of an earlier run still work in this workspace after "
-                              f"{wait_s:.0f} s: {pids or 'unknown pids'}; stop them and retry")
+            raise RunLockBusy(
+                f"processes of an earlier run still work in this workspace after "
+                f"{wait_s:.0f} s: {pids or 'unknown pids'}; stop them and retry"
+            )
         if not told:
             logger.warning("waiting for processes of an earlier (killed) run to end: %s", pids)
             told = True
@@ -232,20 +249,18 @@ def stop_helpers(info: dict[str, Any] | None, grace_s: float = 5.0) -> list[int]
         except (psutil.Error, TypeError, ValueError, IndexError, KeyError):
             continue
     for process in found:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.terminate()
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(list(found), timeout=grace_s)
     for process in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(alive, timeout=grace_s)
     if found:
-        logger.warning("stopped what the killed run left running: %s",
-                       ", ".join(f"pid {p.pid} ({what})" for p, what in found.items()))
+        logger.warning(
+            "stopped what the killed run left running: %s",
+            ", ".join(f"pid {p.pid} ({what})" for p, what in found.items()),
+        )
     return [process.pid for process in found]
 
 
@@ -274,13 +289,20 @@ def stop_helpers_with_me(helpers: list[list[Any]]) -> int | None:
     if not helpers:
         return None
     root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     args = [str(value) for pid, started, *_ in helpers for value in (pid, repr(started))]
-    watcher = subprocess.Popen([sys.executable, "-c", _HELPER_WATCH, str(os.getpid()), *args],
-                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True,
-                               close_fds=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _HELPER_WATCH, str(os.getpid()), *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
     return watcher.pid
 
 
@@ -346,6 +368,7 @@ def share_workers_lock(repo: str | Path = ".") -> None:
 
 # --- DVC's rwlock ---------------------------------------------------------------------------
 
+
 def clear_stale_dvc_rwlock(repo: str | Path = ".") -> list[str]:
     """Drop the entries of ``.dvc/tmp/rwlock`` whose process is gone; return what was dropped.
 
@@ -358,8 +381,9 @@ def clear_stale_dvc_rwlock(repo: str | Path = ".") -> list[str]:
         return []
     from dvc.lock import make_lock
 
-    guard = make_lock(str(path) + ".lock", tmp_dir=str(path.parent),
-                      hardlink_lock=_dvc_hardlink_lock(Path(repo)))
+    guard = make_lock(
+        str(path) + ".lock", tmp_dir=str(path.parent), hardlink_lock=_dvc_hardlink_lock(Path(repo))
+    )
     dropped: list[str] = []
     with guard:
         written = path.stat().st_mtime
@@ -371,8 +395,11 @@ def clear_stale_dvc_rwlock(repo: str | Path = ".") -> list[str]:
             for out, infos in list(lock.get(mode, {}).items()):
                 entries = infos if isinstance(infos, list) else [infos]
                 keep = [info for info in entries if not _stale_entry(info, written)]
-                dropped += [f"{mode} {out} by pid {info.get('pid')} ({info.get('cmd')})"
-                            for info in entries if info not in keep]
+                dropped += [
+                    f"{mode} {out} by pid {info.get('pid')} ({info.get('cmd')})"
+                    for info in entries
+                    if info not in keep
+                ]
                 if not keep:
                     del lock[mode][out]
                 else:
@@ -413,6 +440,7 @@ def _dvc_hardlink_lock(repo: Path) -> bool:
 
 # --- temp folders a killed run left -----------------------------------------------------------
 
+
 def remove_stale_temp_dirs(stage: str, repo: str | Path = ".") -> list[Path]:
     """Remove the temp folders a killed run of ``stage`` left next to its outputs.
 
@@ -435,13 +463,20 @@ def remove_stale_temp_dirs(stage: str, repo: str | Path = ".") -> list[Path]:
         wanted = re.compile(rf"\.{re.escape(name)}\.{_MKDTEMP_SUFFIX}")
         for folder in repo.glob(parent) if parent else [repo]:
             for path in folder.glob(f".{name}.*"):
-                if (wanted.fullmatch(path.name) and path.is_dir() and not path.is_symlink()
-                        and path.stat().st_mtime < started):
+                if (
+                    wanted.fullmatch(path.name)
+                    and path.is_dir()
+                    and not path.is_symlink()
+                    and path.stat().st_mtime < started
+                ):
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path)
     if removed:  # WARNING: the user should see what was cleaned up for them
-        logger.warning("removed %d temp folder(s) a killed run left: %s", len(removed),
-                       ", ".join(str(path) for path in removed))
+        logger.warning(
+            "removed %d temp folder(s) a killed run left: %s",
+            len(removed),
+            ", ".join(str(path) for path in removed),
+        )
     return removed
 
 
@@ -457,5 +492,8 @@ def _temp_patterns(stage: str, repo: Path) -> list[str]:
     for key in ("outs", "metrics", "plots"):
         for out in entry.get(key) or []:
             outs.append(next(iter(out)) if isinstance(out, dict) else str(out))
-    return [out.rstrip("/") for out in outs + _EXTRA_TEMP_GLOBS.get(stage, [])
-            if "${" not in out and ".." not in Path(out).parts]
+    return [
+        out.rstrip("/")
+        for out in outs + _EXTRA_TEMP_GLOBS.get(stage, [])
+        if "${" not in out and ".." not in Path(out).parts
+    ]

@@ -44,11 +44,31 @@ logger = logging.getLogger(__name__)
 # text column wins, so ISO comes first and month-first beats day-first (as in the US-made
 # tables seen in the wild); a column both fit is reported as ambiguous in the suite's notes.
 DATE_FORMATS = (
-    "%Y-%m-%d", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M",
-    "%Y/%m/%d", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M",
-    "%m/%d/%Y", "%d/%m/%Y", "%m/%d/%Y %H:%M:%S", "%d/%m/%Y %H:%M:%S", "%m/%d/%Y %H:%M",
-    "%d/%m/%Y %H:%M", "%m/%d/%y", "%d/%m/%y", "%d.%m.%Y", "%d.%m.%Y %H:%M:%S", "%d.%m.%Y %H:%M",
-    "%d-%m-%Y", "%b %d %Y", "%b %d, %Y", "%d %b %Y", "%d-%b-%Y", "%d-%b-%y",
+    "%Y-%m-%d",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%dT%H:%M",
+    "%Y/%m/%d",
+    "%Y/%m/%d %H:%M:%S",
+    "%Y/%m/%d %H:%M",
+    "%m/%d/%Y",
+    "%d/%m/%Y",
+    "%m/%d/%Y %H:%M:%S",
+    "%d/%m/%Y %H:%M:%S",
+    "%m/%d/%Y %H:%M",
+    "%d/%m/%Y %H:%M",
+    "%m/%d/%y",
+    "%d/%m/%y",
+    "%d.%m.%Y",
+    "%d.%m.%Y %H:%M:%S",
+    "%d.%m.%Y %H:%M",
+    "%d-%m-%Y",
+    "%b %d %Y",
+    "%b %d, %Y",
+    "%d %b %Y",
+    "%d-%b-%Y",
+    "%d-%b-%y",
 )  # Arrow's %b reads full month names too (as glibc's): no %B needed
 MIN_YEAR = 1000  # a 4-digit-year format that reads a smaller year does not fit
 
@@ -110,8 +130,10 @@ def load_suite(path: str | Path) -> Suite:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: suite file not found (params validate.suite_path; write "
-                          "one with `python -m stages.validate suite`)") from exc
+        raise ConfigError(
+            f"{path}: suite file not found (params validate.suite_path; write "
+            "one with `python -m stages.validate suite`)"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
     return parse_suite(raw, str(path))
@@ -124,22 +146,34 @@ def parse_suite(raw: Any, source: str = "suite") -> Suite:
     target = (raw.get("meta") or {}).get("target")
     if not isinstance(target, str):
         raise ConfigError(f"{source}: meta.target (the label column) is missing")
-    suite = Suite(name=str(raw.get("name") or Path(source).stem), columns={}, target=target,
-                  labels=[], raw=raw)
+    suite = Suite(
+        name=str(raw.get("name") or Path(source).stem),
+        columns={},
+        target=target,
+        labels=[],
+        raw=raw,
+    )
     entries = [_entry(item, index, source) for index, item in enumerate(raw["expectations"])]
     column_sets = [kwargs["column_set"] for kind, kwargs in entries if kind == COLUMNS]
     if len(column_sets) != 1 or not column_sets[0]:
         raise ConfigError(f"{source}: needs exactly one {COLUMNS} with the column list")
-    types = {item.get("kwargs", {}).get("column"): item for item in raw["expectations"]
-             if item["type"] == TYPE}
+    types = {
+        item.get("kwargs", {}).get("column"): item
+        for item in raw["expectations"]
+        if item["type"] == TYPE
+    }
     for name in column_sets[0]:
         expectation = types.get(name) or {}
         first = (expectation.get("kwargs", {}).get("type_list") or [None])[0]
         if first not in KINDS:
-            raise ConfigError(f"{source}: column {name!r} needs a {TYPE} whose type_list "
-                              f"starts with one of {', '.join(KINDS)} (found {first!r})")
-        suite.columns[name] = ColumnSpec(kind=KINDS[first], format=_date_format(
-            expectation.get("meta") or {}, KINDS[first], name, source))
+            raise ConfigError(
+                f"{source}: column {name!r} needs a {TYPE} whose type_list "
+                f"starts with one of {', '.join(KINDS)} (found {first!r})"
+            )
+        suite.columns[name] = ColumnSpec(
+            kind=KINDS[first],
+            format=_date_format(expectation.get("meta") or {}, KINDS[first], name, source),
+        )
     for kind, kwargs in entries:
         _apply(suite, kind, kwargs, source)
     if target not in suite.columns:
@@ -150,8 +184,11 @@ def parse_suite(raw: Any, source: str = "suite") -> Suite:
 
 
 def _entry(item: Any, index: int, source: str) -> tuple[str, dict[str, Any]]:
-    if not isinstance(item, dict) or not isinstance(item.get("type"), str) \
-            or not isinstance(item.get("kwargs", {}), dict):
+    if (
+        not isinstance(item, dict)
+        or not isinstance(item.get("type"), str)
+        or not isinstance(item.get("kwargs", {}), dict)
+    ):
         raise ConfigError(f"{source}: expectations[{index}] needs a 'type' and 'kwargs'")
     return item["type"], item.get("kwargs", {})
 
@@ -161,9 +198,11 @@ def _date_format(meta: dict[str, Any], kind: str, name: str, source: str) -> str
     if found is None:
         return None
     if kind != "datetime" or not isinstance(found, str) or "%" not in found:
-        raise ConfigError(f"{source}: column {name!r}: meta.format of its {TYPE} must be a "
-                          f"strftime format such as '%Y/%m/%d' on a datetime column "
-                          f"(found {found!r} on {kind})")
+        raise ConfigError(
+            f"{source}: column {name!r}: meta.format of its {TYPE} must be a "
+            f"strftime format such as '%Y/%m/%d' on a datetime column "
+            f"(found {found!r} on {kind})"
+        )
     return found
 
 
@@ -176,8 +215,7 @@ def _apply(suite: Suite, kind: str, kwargs: dict[str, Any], source: str) -> None
     name = kwargs.get("column")
     spec = suite.columns.get(name) if isinstance(name, str) else None
     if spec is None and kind in (NOT_NULL, BETWEEN, IN_SET, UNIQUE_COUNT):
-        raise ConfigError(f"{source}: {kind} names column {name!r}, which is not in the "
-                          "column set")
+        raise ConfigError(f"{source}: {kind} names column {name!r}, which is not in the column set")
     if kind == NOT_NULL:
         mostly = kwargs.get("mostly", 1.0)
         spec.not_null = mostly >= 1.0
@@ -219,14 +257,27 @@ def arrow_kind(arrow_type: Any) -> str | None:
 
     if t.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
-    checks = [(t.is_boolean, "bool"), (t.is_integer, "int"), (t.is_floating, "float"),
-              (t.is_decimal, "float"), (t.is_timestamp, "datetime"), (t.is_date, "datetime"),
-              (t.is_string, "category"), (t.is_large_string, "category")]
+    checks = [
+        (t.is_boolean, "bool"),
+        (t.is_integer, "int"),
+        (t.is_floating, "float"),
+        (t.is_decimal, "float"),
+        (t.is_timestamp, "datetime"),
+        (t.is_date, "datetime"),
+        (t.is_string, "category"),
+        (t.is_large_string, "category"),
+    ]
     return next((kind for check, kind in checks if check(arrow_type)), None)
 
 
-def profile_snapshot(batches: Iterable[Any], schema: Any, target: str, margin: float = 0.1,
-                     source: str = "snapshot", growing: str | None = None) -> dict[str, Any]:
+def profile_snapshot(
+    batches: Iterable[Any],
+    schema: Any,
+    target: str,
+    margin: float = 0.1,
+    source: str = "snapshot",
+    growing: str | None = None,
+) -> dict[str, Any]:
     """A suite mapping that the snapshot passes: ranges widened by ``margin`` x their span.
 
     Args:
@@ -236,24 +287,34 @@ def profile_snapshot(batches: Iterable[Any], schema: Any, target: str, margin: f
             its values and the row count only grow, so neither gets an upper bound.
     """
     if target not in schema.names:
-        raise DataError(f"cannot profile: target column {target!r} is not in the data",
-                        file=source, column=target, rule="target_present")
+        raise DataError(
+            f"cannot profile: target column {target!r} is not in the data",
+            file=source,
+            column=target,
+            rule="target_present",
+        )
     tallies = {}
     for arrow_field in schema:
         kind = arrow_kind(arrow_field.type)
         if kind is None:
-            raise DataError(f"cannot profile type {arrow_field.type}", file=source,
-                            column=arrow_field.name, rule="type")
+            raise DataError(
+                f"cannot profile type {arrow_field.type}",
+                file=source,
+                column=arrow_field.name,
+                rule="type",
+            )
         tracked = kind in ("category", "bool") or arrow_field.name == target
         text = kind == "category" and arrow_field.name != target
-        tallies[arrow_field.name] = _Tally(kind, values=set() if tracked else None,
-                                           formats=list(DATE_FORMATS) if text else [])
+        tallies[arrow_field.name] = _Tally(
+            kind, values=set() if tracked else None, formats=list(DATE_FORMATS) if text else []
+        )
     rows = 0
     for batch in batches:
         rows += batch.num_rows
         for name, tally in tallies.items():
-            _tally_column(tally, batch.column(name), cap=MAX_LABELS if name == target
-                          else MAX_PROFILED_VALUES)
+            _tally_column(
+                tally, batch.column(name), cap=MAX_LABELS if name == target else MAX_PROFILED_VALUES
+            )
     if rows == 0:
         raise DataError("cannot profile an empty snapshot", file=source, rule="not_empty")
     for name, tally in tallies.items():
@@ -271,7 +332,7 @@ def _tally_column(tally: _Tally, array: Any, cap: int) -> None:
         tally.low = low if tally.low is None else min(tally.low, low)
         tally.high = high if tally.high is None else max(tally.high, high)
     if tally.values is not None:
-        tally.values.update(pc.unique(array.drop_null()).to_pylist()[:cap + 1])
+        tally.values.update(pc.unique(array.drop_null()).to_pylist()[: cap + 1])
         if len(tally.values) > cap:
             tally.values = None
     if tally.formats:
@@ -292,8 +353,9 @@ def _fitting_formats(tally: _Tally, array: Any) -> list[str]:
     def fits(fmt: str, texts: Any) -> bool:
         parsed = pc.strptime(texts, format=fmt, unit="us", error_is_null=True)
         # Arrow's %Y also takes 1-3 digits: "01/02/03" is no %m/%d/%Y date of year 3
-        return parsed.null_count == 0 and ("%Y" not in fmt or pc.min(parsed).as_py().year
-                                           >= MIN_YEAR)
+        return parsed.null_count == 0 and (
+            "%Y" not in fmt or pc.min(parsed).as_py().year >= MIN_YEAR
+        )
 
     candidates = [fmt for fmt in tally.formats if fits(fmt, values[:1])]  # one value: cheap
     if candidates and tally.looks_like_date is None:
@@ -308,48 +370,71 @@ def _settle_date(name: str, tally: _Tally, rows: int) -> None:
         tally.kind, tally.format, tally.values = "datetime", chosen, None
         tally.notes = f"text dates parsed with format {chosen} (found by profiling)"
         if others:
-            tally.notes += (f"; every value also fits {', '.join(others)}: chose the first in "
-                            "suite.DATE_FORMATS (ISO, year-first, then month-first); if that "
-                            "is wrong, edit this format")
-            logger.warning("column %s: dates in format %s (ambiguous: every value also fits "
-                           "%s; chose the first in suite.DATE_FORMATS)", name, chosen,
-                           ", ".join(others))
+            tally.notes += (
+                f"; every value also fits {', '.join(others)}: chose the first in "
+                "suite.DATE_FORMATS (ISO, year-first, then month-first); if that "
+                "is wrong, edit this format"
+            )
+            logger.warning(
+                "column %s: dates in format %s (ambiguous: every value also fits "
+                "%s; chose the first in suite.DATE_FORMATS)",
+                name,
+                chosen,
+                ", ".join(others),
+            )
         else:
             logger.info("column %s: dates in format %s", name, chosen)
     elif tally.kind == "category" and tally.looks_like_date is not None:
-        logger.warning("column %s: text like a date (e.g. %r) but no one format of "
-                       "suite.DATE_FORMATS parses every value (mixed formats?): profiled as "
-                       "text", name, tally.looks_like_date)
+        logger.warning(
+            "column %s: text like a date (e.g. %r) but no one format of "
+            "suite.DATE_FORMATS parses every value (mixed formats?): profiled as "
+            "text",
+            name,
+            tally.looks_like_date,
+        )
 
 
-def build_suite(tallies: dict[str, _Tally], rows: int, target: str, margin: float,
-                source: str, growing: str | None = None) -> dict[str, Any]:
+def build_suite(
+    tallies: dict[str, _Tally],
+    rows: int,
+    target: str,
+    margin: float,
+    source: str,
+    growing: str | None = None,
+) -> dict[str, Any]:
     """The suite mapping from per-column aggregates (see ``profile_snapshot``)."""
     labels = tallies[target].values
     if not labels:
         problem = "no values" if labels is not None else f"over {MAX_LABELS} distinct values"
-        raise DataError(f"cannot profile: the target has {problem}", file=source,
-                        column=target, rule="labels")
+        raise DataError(
+            f"cannot profile: the target has {problem}", file=source, column=target, rule="labels"
+        )
     expectations = [
         _expect(COLUMNS, column_set=list(tallies), exact_match=True),
-        _expect(ROW_COUNT, min_value=max(1, rows // 2),
-                max_value=None if growing else rows * 10),
+        _expect(ROW_COUNT, min_value=max(1, rows // 2), max_value=None if growing else rows * 10),
     ]
     for name, tally in tallies.items():
-        expectations += _column_expectations(name, tally, rows, margin, name == target,
-                                             name == growing)
+        expectations += _column_expectations(
+            name, tally, rows, margin, name == target, name == growing
+        )
     expectations.append(_expect(IN_SET, column=target, value_set=_sorted(labels)))
     if len(labels) >= 2:
         expectations.append(_expect(UNIQUE_COUNT, column=target, min_value=2))
-    return {"name": Path(source).stem, "expectations": expectations,
-            "meta": {"target": target, "profiled_from": {"snapshot": source, "rows": rows,
-                                                         "margin": margin}},
-            "notes": "Written by `python -m stages.validate suite`; review it, then edit "
-                     "freely (see stages/common/suite.py for the expectations the gate reads)."}
+    return {
+        "name": Path(source).stem,
+        "expectations": expectations,
+        "meta": {
+            "target": target,
+            "profiled_from": {"snapshot": source, "rows": rows, "margin": margin},
+        },
+        "notes": "Written by `python -m stages.validate suite`; review it, then edit "
+        "freely (see stages/common/suite.py for the expectations the gate reads).",
+    }
 
 
-def _column_expectations(name: str, tally: _Tally, rows: int, margin: float,
-                         is_target: bool, grows: bool = False) -> list[dict[str, Any]]:
+def _column_expectations(
+    name: str, tally: _Tally, rows: int, margin: float, is_target: bool, grows: bool = False
+) -> list[dict[str, Any]]:
     meta = {"format": tally.format, "notes": tally.notes} if tally.format else None
     out = [_expect(TYPE, column=name, type_list=TYPE_LISTS[tally.kind], meta=meta)]
     share = tally.nulls / rows
@@ -357,15 +442,29 @@ def _column_expectations(name: str, tally: _Tally, rows: int, margin: float,
     if share == 0 or is_target:
         out.append(_expect(NOT_NULL, column=name))
     elif mostly > 0:
-        out.append(_expect(NOT_NULL, column=name, mostly=mostly,
-                           meta={"notes": f"{share:.2%} nulls in the snapshot; up to twice "
-                                          "that share is allowed"}))
+        out.append(
+            _expect(
+                NOT_NULL,
+                column=name,
+                mostly=mostly,
+                meta={
+                    "notes": f"{share:.2%} nulls in the snapshot; up to twice that share is allowed"
+                },
+            )
+        )
     if is_target:
         return out
     if tally.kind in ("float", "int") and tally.low is not None:
         low, high = _widen(float(tally.low), float(tally.high), margin, tally.kind == "int")
-        out.append(_expect(BETWEEN, column=name, min_value=low, max_value=None if grows else high,
-                           meta={"notes": "the watermark: no upper bound"} if grows else None))
+        out.append(
+            _expect(
+                BETWEEN,
+                column=name,
+                min_value=low,
+                max_value=None if grows else high,
+                meta={"notes": "the watermark: no upper bound"} if grows else None,
+            )
+        )
     if tally.kind == "category" and tally.values:
         out.append(_expect(IN_SET, column=name, value_set=_sorted(tally.values)))
     return out
@@ -404,6 +503,7 @@ def _sorted(values: Iterable[Any]) -> list[Any]:
 def render_suite(raw: dict[str, Any]) -> str:
     """Reviewable JSON: indented, one expectation per entry, in a fixed key order (name, meta,
     notes, expectations; each expectation: type, kwargs, meta; nested keys sorted)."""
+
     def ordered(value: Any) -> Any:
         if isinstance(value, dict):
             return {key: ordered(value[key]) for key in sorted(value)}
@@ -411,7 +511,20 @@ def render_suite(raw: dict[str, Any]) -> str:
 
     head = {key: ordered(raw[key]) for key in ("name", "meta", "notes") if key in raw}
     rest = {key: ordered(raw[key]) for key in sorted(raw) if key not in (*head, "expectations")}
-    expectations = [{"type": item["type"], "kwargs": ordered(item.get("kwargs", {})),
-                     "meta": ordered(item.get("meta", {}))} for item in raw["expectations"]]
-    return json.dumps({**head, **rest, "expectations": expectations}, indent=2,
-                      ensure_ascii=False, default=str) + "\n"
+    expectations = [
+        {
+            "type": item["type"],
+            "kwargs": ordered(item.get("kwargs", {})),
+            "meta": ordered(item.get("meta", {})),
+        }
+        for item in raw["expectations"]
+    ]
+    return (
+        json.dumps(
+            {**head, **rest, "expectations": expectations},
+            indent=2,
+            ensure_ascii=False,
+            default=str,
+        )
+        + "\n"
+    )

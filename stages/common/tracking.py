@@ -49,9 +49,11 @@ def tracking_uri(params: MlflowParams) -> str:
 
 # MLflow's HTTP limits (mlflow/environment_variables.py) <- params.mlflow fields. Its defaults
 # (7 retries, backoff 2, 120 s per request) made a stage wait ~4.5 min for a server that was down.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "request_timeout_s",
-               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "max_retries",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "backoff_s"}
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "request_timeout_s",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "max_retries",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "backoff_s",
+}
 # Which values apply_http_limits put in the environment; processes it starts inherit it, so
 # that a value the user set (which wins) is told from one inherited from params.
 HTTP_LIMITS_MARKER = "PIPELINE_MLFLOW_HTTP_LIMITS"
@@ -86,8 +88,9 @@ def check_tracking_store(params: MlflowParams, repo: str | Path = ".") -> None:
     fix = "start it or point MLFLOW_TRACKING_URI / params mlflow.tracking_uri at one that runs"
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health",
-                                        timeout=params.request_timeout_s):
+            with urllib.request.urlopen(
+                uri.rstrip("/") + "/health", timeout=params.request_timeout_s
+            ):
                 return
         except urllib.error.HTTPError as exc:
             if exc.code < 500:
@@ -96,9 +99,11 @@ def check_tracking_store(params: MlflowParams, repo: str | Path = ".") -> None:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             problem = f"is unreachable ({reason})"
-        raise PipelineError(f"the MLflow tracking server {uri} {problem}; {fix}; nothing ran "
-                            f"(checked within params mlflow.request_timeout_s = "
-                            f"{params.request_timeout_s} s)")
+        raise PipelineError(
+            f"the MLflow tracking server {uri} {problem}; {fix}; nothing ran "
+            f"(checked within params mlflow.request_timeout_s = "
+            f"{params.request_timeout_s} s)"
+        )
     if uri.startswith("sqlite:///"):
         target = Path(repo) / uri.removeprefix("sqlite:///")  # the database file
     elif uri.startswith("file:") or "://" not in uri:
@@ -109,9 +114,11 @@ def check_tracking_store(params: MlflowParams, repo: str | Path = ".") -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the folder a new store would be created in
     if problem := _cannot_write(target, folder):
-        raise PipelineError(f"the MLflow tracking store {uri} cannot be written: {problem}; "
-                            "make it writable or point MLFLOW_TRACKING_URI / params "
-                            "mlflow.tracking_uri at a writable store; nothing ran")
+        raise PipelineError(
+            f"the MLflow tracking store {uri} cannot be written: {problem}; "
+            "make it writable or point MLFLOW_TRACKING_URI / params "
+            "mlflow.tracking_uri at a writable store; nothing ran"
+        )
 
 
 def _cannot_write(target: Path, folder: Path) -> str | None:
@@ -184,8 +191,7 @@ def _enable_wal(db: Path) -> None:
 
 def _git(repo: str | Path, *args: str) -> str:
     # The output of a git command, "" when it fails (not a repo, no commit, unknown path).
-    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
@@ -198,8 +204,13 @@ def git_state(repo: str | Path = ".") -> dict[str, str]:
 
 def git_dirty_files(repo: str | Path = ".") -> list[str]:
     """The tracked files whose content differs from HEAD (empty when clean or not a repo)."""
-    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         return []
     return [line[3:].split(" -> ")[-1] for line in result.stdout.splitlines() if line.strip()]
@@ -271,20 +282,32 @@ def record_inputs(repo: str | Path = ".") -> tuple[dict[str, dict], list[str]]:
     record, to_log = {}, []
     for path, item in lock_inputs(lock).items():
         file = repo / path
-        entry = {"lock_md5": item["md5"], "stages": item["stages"], "md5": None,
-                 "in_git": False, "logged": False}
+        entry = {
+            "lock_md5": item["md5"],
+            "stages": item["stages"],
+            "md5": None,
+            "in_git": False,
+            "logged": False,
+        }
         if file.is_file():
             entry["md5"] = file_md5(file)
             committed = _in_git(repo, path)
             entry["in_git"] = bool(committed)
-            entry["logged"] = (not committed and entry["md5"] == item["md5"]
-                               and file.stat().st_size <= MAX_LOGGED_INPUT_BYTES)
+            entry["logged"] = (
+                not committed
+                and entry["md5"] == item["md5"]
+                and file.stat().st_size <= MAX_LOGGED_INPUT_BYTES
+            )
             if entry["logged"]:
                 to_log.append(path)
             elif committed is None:  # (a changed tracked file shows in git.dirty_files)
-                logger.warning("%s, which %s read, is not in git and not logged (changed since "
-                               "or over %d bytes): a reproduction cannot restore it", path,
-                               ", ".join(item["stages"]), MAX_LOGGED_INPUT_BYTES)
+                logger.warning(
+                    "%s, which %s read, is not in git and not logged (changed since "
+                    "or over %d bytes): a reproduction cannot restore it",
+                    path,
+                    ", ".join(item["stages"]),
+                    MAX_LOGGED_INPUT_BYTES,
+                )
         record[path] = entry
     return record, to_log
 
@@ -305,9 +328,11 @@ def lineage_tags(repo: str | Path = ".", stage: str | None = None) -> dict[str, 
     if stage is not None and hashes:
         lock = integrity.read_lock(repo)
         inputs = integrity.upstream_of(integrity.stage_graph(repo, lock), stage)
-        hashes = {f"dvc.{path}.md5": out["md5"]
-                  for path, (producer, out) in integrity.lock_outputs(lock).items()
-                  if producer in inputs}
+        hashes = {
+            f"dvc.{path}.md5": out["md5"]
+            for path, (producer, out) in integrity.lock_outputs(lock).items()
+            if producer in inputs
+        }
     tags = {**git_state(repo), **hashes}
     if tags["git.dirty"] == "true":
         # `dvc repro` rewrites dvc.lock before train runs, so the tree is dirty on every run
@@ -324,23 +349,32 @@ def produced_output_tags(model_dir: str | Path, repo: str | Path = ".") -> dict[
     {} outside a DVC pipeline). Register sets them on the run and its version."""
     from stages.common import integrity
 
-    return {f"dvc.{path}.md5": md5
-            for path, md5 in integrity.produced_outputs(model_dir, repo).items()}
+    return {
+        f"dvc.{path}.md5": md5 for path, md5 in integrity.produced_outputs(model_dir, repo).items()
+    }
 
 
 def _cut(text: str) -> str:
-    return text if len(text) <= MAX_TAG_CHARS else text[:MAX_TAG_CHARS - 3] + "..."
+    return text if len(text) <= MAX_TAG_CHARS else text[: MAX_TAG_CHARS - 3] + "..."
 
 
 def validation_tags(summary: dict) -> dict[str, str]:
     """``validation.<key>`` tags for the summary keys of ``VALIDATION_TAG_KEYS`` it has."""
-    return {f"validation.{key}": str(summary[key]).lower() if isinstance(summary[key], bool)
-            else str(summary[key]) for key in VALIDATION_TAG_KEYS if key in summary}
+    return {
+        f"validation.{key}": str(summary[key]).lower()
+        if isinstance(summary[key], bool)
+        else str(summary[key])
+        for key in VALIDATION_TAG_KEYS
+        if key in summary
+    }
 
 
-def log_lineage(repo: str | Path = ".", params_file: str | Path | None = "params.yaml",
-                validation_report: str | Path | None = None,
-                params_text: str | None = None) -> None:
+def log_lineage(
+    repo: str | Path = ".",
+    params_file: str | Path | None = "params.yaml",
+    validation_report: str | Path | None = None,
+    params_text: str | None = None,
+) -> None:
     """Log the run's inputs under ``lineage/`` and tag its validation result.
 
     ``params_text``: the params the stage read (``integrity.ParamsSnapshot.text``), else
@@ -441,15 +475,17 @@ def fail_pending_models(run_id: str, free_space: bool = False) -> list[str]:
 
     client = MlflowClient()
     experiment_id = client.get_run(run_id).info.experiment_id
-    models = client.search_logged_models(experiment_ids=[experiment_id],
-                                         filter_string=f"source_run_id = '{run_id}'")
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
     pending = [m for m in models if m.status == LoggedModelStatus.PENDING]
     for model in pending:
         if free_space:
             _remove_local_artifacts(model.artifact_location)
         client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
-        logger.info("logged model %s of run %s was left PENDING: marked FAILED",
-                       model.model_id, run_id)
+        logger.info(
+            "logged model %s of run %s was left PENDING: marked FAILED", model.model_id, run_id
+        )
     return [m.model_id for m in pending]
 
 
@@ -472,9 +508,13 @@ def _terminate_quietly(run_id: str, status: str, error: BaseException) -> None:
 
 
 def _warn_left(run_id: str, status: str, exc: BaseException) -> None:
-    logger.warning("MLflow run %s could not be marked %s (%s); once the store can be written "
-                   "again, running the stage again marks it", run_id, status,
-                   str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    logger.warning(
+        "MLflow run %s could not be marked %s (%s); once the store can be written "
+        "again, running the stage again marks it",
+        run_id,
+        status,
+        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+    )
 
 
 def _remove_local_artifacts(location: str | None) -> None:
@@ -512,8 +552,7 @@ class MetricBuffer:
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
-        self._pending += [Metric(key, float(value), now_ms, step)
-                          for key, value in metrics.items()]
+        self._pending += [Metric(key, float(value), now_ms, step) for key, value in metrics.items()]
         if time.monotonic() - self._last_flush >= self.every_s:
             self.flush()
 
@@ -523,7 +562,9 @@ class MetricBuffer:
 
         client = MlflowClient()
         while self._pending:
-            chunk, self._pending = (self._pending[:self.MAX_PER_CALL],
-                                    self._pending[self.MAX_PER_CALL:])
+            chunk, self._pending = (
+                self._pending[: self.MAX_PER_CALL],
+                self._pending[self.MAX_PER_CALL :],
+            )
             client.log_batch(self.run_id, metrics=chunk)
         self._last_flush = time.monotonic()

@@ -24,18 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.common import tracking
-from stages.common.cli import build_parser, run_main
-from stages.common.config import Params
-from stages.common.errors import DataError
 from model.metrics import (
-    BASELINE_PREFIX,
-    BASELINES,
-    METRIC_NAMES,
     check_scores,
     compute_metrics,
     flatten_baselines,
 )
+from stages.common import tracking
+from stages.common.cli import build_parser, run_main
+from stages.common.config import Params
+from stages.common.errors import DataError
 from stages.common.io import atomic_path, iter_batches, read_parquet, write_json
 
 if TYPE_CHECKING:
@@ -45,8 +42,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PLOT_FILES = ("roc.json", "pr.json", "confusion.json",
-              "roc_curve.png", "pr_curve.png", "confusion_matrix.png")
+PLOT_FILES = (
+    "roc.json",
+    "pr.json",
+    "confusion.json",
+    "roc_curve.png",
+    "pr_curve.png",
+    "confusion_matrix.png",
+)
 
 
 # --- pure core ----------------------------------------------------------------------------
@@ -66,26 +69,34 @@ def build_roc_records(y_true: np.ndarray, proba: np.ndarray) -> list[dict[str, f
     from sklearn.metrics import roc_curve
 
     fpr, tpr, _ = roc_curve(*_binary_scores(y_true, proba))
-    return [{"fpr": round(float(f), 6), "tpr": round(float(t), 6)}
-            for f, t in zip(fpr, tpr, strict=True)]
+    return [
+        {"fpr": round(float(f), 6), "tpr": round(float(t), 6)}
+        for f, t in zip(fpr, tpr, strict=True)
+    ]
 
 
 def build_pr_records(y_true: np.ndarray, proba: np.ndarray) -> list[dict[str, float]]:
     """Precision-recall points ``[{recall, precision}, ...]`` by increasing recall."""
     from sklearn.metrics import precision_recall_curve
 
-    precision, recall, _ = precision_recall_curve(*_binary_scores(y_true, proba),
-                                                  drop_intermediate=True)
-    return [{"recall": round(float(r), 6), "precision": round(float(p), 6)}
-            for r, p in zip(recall[::-1], precision[::-1], strict=True)]
+    precision, recall, _ = precision_recall_curve(
+        *_binary_scores(y_true, proba), drop_intermediate=True
+    )
+    return [
+        {"recall": round(float(r), 6), "precision": round(float(p), 6)}
+        for r, p in zip(recall[::-1], precision[::-1], strict=True)
+    ]
 
 
-def build_confusion_records(y_true: np.ndarray, proba: np.ndarray,
-                            classes: list[Any]) -> list[dict[str, Any]]:
+def build_confusion_records(
+    y_true: np.ndarray, proba: np.ndarray, classes: list[Any]
+) -> list[dict[str, Any]]:
     """One ``{actual, predicted}`` record per row, as label values (DVC's confusion template)."""
     y_true, proba = check_scores(y_true, proba)
-    return [{"actual": classes[a], "predicted": classes[p]}
-            for a, p in zip(y_true.tolist(), proba.argmax(axis=1).tolist(), strict=True)]
+    return [
+        {"actual": classes[a], "predicted": classes[p]}
+        for a, p in zip(y_true.tolist(), proba.argmax(axis=1).tolist(), strict=True)
+    ]
 
 
 def curve_title(kind: str, n_classes: int) -> str:
@@ -110,8 +121,9 @@ def curve_area(records: list[dict[str, float]], x: str, y: str) -> float:
     return float(np.trapezoid(ys, xs))
 
 
-def plot_curve(records: list[dict[str, float]], x: str, y: str, title: str,
-               label: str | None = None) -> Figure:
+def plot_curve(
+    records: list[dict[str, float]], x: str, y: str, title: str, label: str | None = None
+) -> Figure:
     """A line plot of curve records (ROC or PR) on the unit square, ``label`` in the legend.
 
     Without ``label`` the legend gives the area under the records (AUC or AP).
@@ -141,17 +153,30 @@ def plot_confusion(y_true: np.ndarray, proba: np.ndarray, classes: list[Any]) ->
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax)
     ticks = np.arange(len(classes))
-    ax.set(xticks=ticks, yticks=ticks, xticklabels=[str(c) for c in classes],
-           yticklabels=[str(c) for c in classes], xlabel="predicted", ylabel="actual",
-           title="Confusion matrix (test split)")
+    ax.set(
+        xticks=ticks,
+        yticks=ticks,
+        xticklabels=[str(c) for c in classes],
+        yticklabels=[str(c) for c in classes],
+        xlabel="predicted",
+        ylabel="actual",
+        title="Confusion matrix (test split)",
+    )
     for (row, col), count in np.ndenumerate(matrix):
-        ax.text(col, row, str(count), ha="center", va="center",
-                color="white" if count > matrix.max() / 2 else "black")
+        ax.text(
+            col,
+            row,
+            str(count),
+            ha="center",
+            va="center",
+            color="white" if count > matrix.max() / 2 else "black",
+        )
     return fig
 
 
-def baseline_probas(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray,
-                    n_classes: int, seed: int) -> dict[str, np.ndarray]:
+def baseline_probas(
+    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, n_classes: int, seed: int
+) -> dict[str, np.ndarray]:
     """Class probabilities of the baselines on ``X_test``, fitted on ``(X_train, y_train)``.
 
     ``majority``: the most frequent train class, the train class shares as probabilities.
@@ -166,8 +191,10 @@ def baseline_probas(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    models = {"majority": DummyClassifier(strategy="prior"),
-              "logistic": LogisticRegression(max_iter=1000, random_state=seed)}
+    models = {
+        "majority": DummyClassifier(strategy="prior"),
+        "logistic": LogisticRegression(max_iter=1000, random_state=seed),
+    }
     out = {}
     for name, model in models.items():
         with warnings.catch_warnings():  # a not-quite-converged baseline is still a baseline
@@ -182,33 +209,40 @@ def baseline_probas(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray
 # --- I/O ----------------------------------------------------------------------------------
 
 
-def score_test_split(features_dir: Path, model_dir: Path,
-                     params: Params) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+def score_test_split(
+    features_dir: Path, model_dir: Path, params: Params
+) -> tuple[np.ndarray, np.ndarray, list[Any]]:
     """Raw test rows -> preprocessor -> best checkpoint; returns (class ids, proba, classes)."""
     y_true, proba, classes, _ = _score(features_dir, model_dir, params)
     return y_true, proba, classes
 
 
-def _score(features_dir: Path, model_dir: Path,
-           params: Params) -> tuple[np.ndarray, np.ndarray, list[Any], np.ndarray]:
+def _score(
+    features_dir: Path, model_dir: Path, params: Params
+) -> tuple[np.ndarray, np.ndarray, list[Any], np.ndarray]:
     from model.nets import load_network, predict_proba, select_device
 
     preprocessor, X, y_true = load_split(features_dir, "test")
     module, checkpoint = load_network(model_dir / "model.pt")
-    if (checkpoint["n_features"], checkpoint["n_classes"]) != (X.shape[1],
-                                                                len(preprocessor.classes)):
+    if (checkpoint["n_features"], checkpoint["n_classes"]) != (
+        X.shape[1],
+        len(preprocessor.classes),
+    ):
         raise DataError(
             f"checkpoint expects {checkpoint['n_features']} features and "
             f"{checkpoint['n_classes']} classes, the preprocessor gives {X.shape[1]} and "
             f"{len(preprocessor.classes)}: retrain after the features change",
-            file=str(model_dir / "model.pt"), rule="model_matches_features")
+            file=str(model_dir / "model.pt"),
+            rule="model_matches_features",
+        )
     device = select_device(params.base.device)
     proba = predict_proba(module, X, device, params.evaluate.batch_size)
     return y_true, proba, list(preprocessor.classes), X
 
 
-def load_split(features_dir: Path, split: str,
-                max_rows: int | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
+def load_split(
+    features_dir: Path, split: str, max_rows: int | None = None
+) -> tuple[Any, np.ndarray, np.ndarray]:
     """(preprocessor, features, class ids) of a split; at most ``max_rows`` rows, sampled."""
     from model.preprocess import load_preprocessor
 
@@ -216,8 +250,12 @@ def load_split(features_dir: Path, split: str,
     preprocessor = load_preprocessor(features_dir / "preprocessor.joblib")
     frame = read_parquet(path) if max_rows is None else _sample_rows(path, max_rows)
     if preprocessor.target not in frame.columns:
-        raise DataError("target column not found", file=str(path),
-                        column=preprocessor.target, rule="column_present")
+        raise DataError(
+            "target column not found",
+            file=str(path),
+            column=preprocessor.target,
+            rule="column_present",
+        )
     try:
         X = preprocessor.transform(frame)
         y = preprocessor.encode_labels(frame[preprocessor.target])
@@ -235,32 +273,42 @@ def _sample_rows(path: Path, max_rows: int) -> Any:
     if total <= max_rows:
         return read_parquet(path)
     rng = np.random.default_rng(0)
-    kept = [batch.filter(pa.array(rng.random(batch.num_rows) < max_rows / total))
-            for batch in iter_batches(path, 65536)]
+    kept = [
+        batch.filter(pa.array(rng.random(batch.num_rows) < max_rows / total))
+        for batch in iter_batches(path, 65536)
+    ]
     return pa.Table.from_batches(kept).to_pandas()
 
 
-def score_baselines(features_dir: Path, X_test: np.ndarray, y_test: np.ndarray,
-                    params: Params) -> dict[str, dict[str, float]]:
+def score_baselines(
+    features_dir: Path, X_test: np.ndarray, y_test: np.ndarray, params: Params
+) -> dict[str, dict[str, float]]:
     """Fit the baselines on (a sample of) the train split; their metrics on the test split."""
-    preprocessor, X_train, y_train = load_split(features_dir, "train",
-                                                 params.evaluate.baseline_max_rows)
-    probas = baseline_probas(X_train, y_train, X_test, len(preprocessor.classes),
-                             params.base.seed)
+    preprocessor, X_train, y_train = load_split(
+        features_dir, "train", params.evaluate.baseline_max_rows
+    )
+    probas = baseline_probas(X_train, y_train, X_test, len(preprocessor.classes), params.base.seed)
     return {name: compute_metrics(y_test, proba) for name, proba in probas.items()}
 
 
 def _with_file(exc: DataError, path: Path) -> DataError:
     # The same error, now naming the file (DataError appends "[file=.., column=.., rule=..]").
-    where = ", ".join(f"{key}={value}" for key, value in
-                      (("file", exc.file), ("column", exc.column), ("rule", exc.rule))
-                      if value is not None)
+    where = ", ".join(
+        f"{key}={value}"
+        for key, value in (("file", exc.file), ("column", exc.column), ("rule", exc.rule))
+        if value is not None
+    )
     message = str(exc).removesuffix(f" [{where}]") if where else str(exc)
     return DataError(message, file=str(path), column=exc.column, rule=exc.rule)
 
 
-def write_plots(out_dir: Path, y_true: np.ndarray, proba: np.ndarray, classes: list[Any],
-                metrics: dict[str, float]) -> None:
+def write_plots(
+    out_dir: Path,
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    classes: list[Any],
+    metrics: dict[str, float],
+) -> None:
     """Write the DVC plot data (JSON) and the PNGs of ROC, PR and confusion into ``out_dir``.
 
     The ROC legend names and quotes the metrics.json value the curve's area is (``metrics``).
@@ -273,10 +321,12 @@ def write_plots(out_dir: Path, y_true: np.ndarray, proba: np.ndarray, classes: l
     write_json(out_dir / "pr.json", pr)
     write_json(out_dir / "confusion.json", build_confusion_records(y_true, proba, classes))
     figures = {
-        "roc_curve.png": plot_curve(roc, "fpr", "tpr", curve_title("ROC", len(classes)),
-                                    roc_legend(metrics, len(classes))),
-        "pr_curve.png": plot_curve(pr, "recall", "precision",
-                                   curve_title("Precision-recall", len(classes))),
+        "roc_curve.png": plot_curve(
+            roc, "fpr", "tpr", curve_title("ROC", len(classes)), roc_legend(metrics, len(classes))
+        ),
+        "pr_curve.png": plot_curve(
+            pr, "recall", "precision", curve_title("Precision-recall", len(classes))
+        ),
         "confusion_matrix.png": plot_confusion(y_true, proba, classes),
     }
     for name, fig in figures.items():
@@ -284,8 +334,13 @@ def write_plots(out_dir: Path, y_true: np.ndarray, proba: np.ndarray, classes: l
         fig.savefig(out_dir / name, dpi=100)
 
 
-def run(features_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
-        metrics_path: str | Path, params: Params) -> dict[str, float]:
+def run(
+    features_dir: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    params: Params,
+) -> dict[str, float]:
     """Score the test split, write metrics and plots, log both to the train stage's MLflow run.
 
     The metrics (``metrics_path``, and ``test_<name>`` in MLflow) are the network's plus the
@@ -310,8 +365,11 @@ def run(features_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
             mlflow.log_artifact(str(tmp_metrics), artifact_path="eval")
     logger.info("test metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in network.items()))
     for name, scores in baselines.items():
-        logger.info("baseline %s on the same test split: %s", name,
-                    ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        logger.info(
+            "baseline %s on the same test split: %s",
+            name,
+            ", ".join(f"{k}={v:.4f}" for k, v in scores.items()),
+        )
     return metrics
 
 

@@ -18,8 +18,11 @@ MIN_BLOCK = 100  # large blocks: the split inside a block is a true random sampl
 MAX_BLOCK = 1000  # sizes whose quotas are not whole within this: rounded per block
 
 _MASK64 = (1 << 64) - 1
-_GOLDEN, _MIX1, _MIX2 = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
-                         np.uint64(0x94D049BB133111EB))
+_GOLDEN, _MIX1, _MIX2 = (
+    np.uint64(0x9E3779B97F4A7C15),
+    np.uint64(0xBF58476D1CE4E5B9),
+    np.uint64(0x94D049BB133111EB),
+)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -46,8 +49,9 @@ def block_size(test_size: float, val_size: float) -> int:
     return MIN_BLOCK
 
 
-def _quotas(size: np.ndarray, test_size: float, val_size: float,
-            first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _quotas(
+    size: np.ndarray, test_size: float, val_size: float, first: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(test rows, val rows) per block of ``size`` rows; a class's first block gives each split
     at least one row (the caller checked every class has at least three)."""
     n_test = np.floor(size * test_size + 0.5).astype(np.int64)
@@ -101,9 +105,13 @@ class SplitAssigner:
         pair_block = np.arange(n_pairs.sum()) - pair_base[pair_class] + first[pair_class]
         slots = self._block_codes(pair_class, pair_block).ravel()
         # a class's rows of this batch are consecutive slots of its consecutive blocks
-        grouped = np.concatenate([np.empty(0, dtype=np.uint8)] + [
-            slots[(pair_base[c] - first[c]) * block + start[c]:][:batch_counts[c]]
-            for c in np.flatnonzero(batch_counts)])
+        grouped = np.concatenate(
+            [np.empty(0, dtype=np.uint8)]
+            + [
+                slots[(pair_base[c] - first[c]) * block + start[c] :][: batch_counts[c]]
+                for c in np.flatnonzero(batch_counts)
+            ]
+        )
         codes = np.empty(len(class_ids), dtype=np.uint8)
         codes[order] = grouped
         return codes
@@ -112,21 +120,20 @@ class SplitAssigner:
         # (pairs, block) split codes: slot i of a block is the row at offset i in it
         block, counts, plan = self.block, self.counts, self.plan
         last_block = (counts[pair_class] - 1) // block
-        size = np.where(pair_block == last_block, counts[pair_class] - last_block * block,
-                        block)
+        size = np.where(pair_block == last_block, counts[pair_class] - last_block * block, block)
         n_test, n_val = _quotas(size, plan.test_size, plan.val_size, pair_block == 0)
         # the seeded permutation: offsets ranked by hash; offsets past a short last block
         # sort after every real one
         offsets = np.arange(block)[None, :]
-        keys = (hash_keys(plan.seed, pair_class[:, None], pair_block[:, None], offsets)
-                >> np.uint64(2)).view(np.int64)
+        keys = (
+            hash_keys(plan.seed, pair_class[:, None], pair_block[:, None], offsets) >> np.uint64(2)
+        ).view(np.int64)
         keys[offsets >= size[:, None]] = np.iinfo(np.int64).max
         ordered = np.sort(keys, axis=1)
         rows = np.arange(len(size))
         # the key of each block's last test row and last val row (-1: no such row)
         test_cut = np.where(n_test > 0, ordered[rows, np.maximum(n_test - 1, 0)], -1)
-        val_cut = np.where(n_test + n_val > 0,
-                           ordered[rows, np.maximum(n_test + n_val - 1, 0)], -1)
+        val_cut = np.where(n_test + n_val > 0, ordered[rows, np.maximum(n_test + n_val - 1, 0)], -1)
         codes = np.full(keys.shape, TRAIN, dtype=np.uint8)
         codes[keys <= val_cut[:, None]] = VAL
         codes[keys <= test_cut[:, None]] = TEST

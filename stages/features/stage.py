@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from model.preprocess import FittedPreprocessor, save_preprocessor
 from stages.common.cli import build_parser, run_main
 from stages.common.config import FeaturesParams, Params
 from stages.common.errors import DataError
 from stages.common.io import atomic_path, iter_batches, open_dataset, write_json
 from stages.common.parquet_files import ParquetFiles, arrow_mask
-from model.preprocess import FittedPreprocessor, save_preprocessor
 from stages.features.splits import SplitAssigner, SplitPlan
 from stages.features.streamfit import TrainStats
 
@@ -54,8 +54,9 @@ class FeatureSet:
     meta: dict[str, Any]
 
 
-def check_class_counts(counts: dict[Any, int], n_missing: int, target: str,
-                       file: str | None = None) -> None:
+def check_class_counts(
+    counts: dict[Any, int], n_missing: int, target: str, file: str | None = None
+) -> None:
     """Fail with a clear DataError unless labels counted as ``counts`` can be split on.
 
     Raises:
@@ -65,30 +66,44 @@ def check_class_counts(counts: dict[Any, int], n_missing: int, target: str,
     if not counts and not n_missing:
         raise DataError("no rows to split", file=file, rule="not_empty")
     if n_missing:
-        raise DataError(f"{n_missing} row(s) have no label", file=file, column=target,
-                        rule="not_null")
+        raise DataError(
+            f"{n_missing} row(s) have no label", file=file, column=target, rule="not_null"
+        )
     if len(counts) < 2:
-        raise DataError(f"only one class ({next(iter(counts))!r}); need at least 2 to classify",
-                        file=file, column=target, rule="min_classes")
+        raise DataError(
+            f"only one class ({next(iter(counts))!r}); need at least 2 to classify",
+            file=file,
+            column=target,
+            rule="min_classes",
+        )
     rare = {label: n for label, n in counts.items() if n < MIN_ROWS_PER_CLASS}
     if rare:
-        raise DataError(f"class(es) {rare} have fewer than {MIN_ROWS_PER_CLASS} rows, "
-                        "too few to stratify into train/val/test", file=file, column=target,
-                        rule="min_rows_per_class")
+        raise DataError(
+            f"class(es) {rare} have fewer than {MIN_ROWS_PER_CLASS} rows, "
+            "too few to stratify into train/val/test",
+            file=file,
+            column=target,
+            rule="min_rows_per_class",
+        )
 
 
 def check_target(df: pd.DataFrame, target: str, file: str | None = None) -> None:
     """``check_class_counts`` for an in-memory frame; also fails when ``target`` is absent."""
     if target not in df.columns and not df.empty:
-        raise DataError(f"target column {target!r} not found (columns: {list(df.columns)[:10]})",
-                        file=file, column=target, rule="column_present")
+        raise DataError(
+            f"target column {target!r} not found (columns: {list(df.columns)[:10]})",
+            file=file,
+            column=target,
+            rule="column_present",
+        )
     labels = df[target] if target in df.columns else pd.Series([], dtype=object)
     counts = {_plain(k): int(v) for k, v in labels.value_counts().items()}
     check_class_counts(counts, int(labels.isna().sum()), target, file)
 
 
-def select_features(schema: Any, target: str, drop_columns: Sequence[str],
-                    file: str | None = None) -> tuple[list[str], list[str], list[str]]:
+def select_features(
+    schema: Any, target: str, drop_columns: Sequence[str], file: str | None = None
+) -> tuple[list[str], list[str], list[str]]:
     """(numeric, categorical, datetime) columns of a pyarrow schema, without the target and
     ``drop_columns``.
 
@@ -99,13 +114,21 @@ def select_features(schema: Any, target: str, drop_columns: Sequence[str],
     import pyarrow.types as pt
 
     if target not in schema.names:
-        raise DataError(f"target column {target!r} not found (columns: {schema.names[:10]})",
-                        file=file, column=target, rule="column_present")
+        raise DataError(
+            f"target column {target!r} not found (columns: {schema.names[:10]})",
+            file=file,
+            column=target,
+            rule="column_present",
+        )
     for name in drop_columns:
         if name not in schema.names or name == target:
-            raise DataError(f"features.drop_columns names {name!r}, which is "
-                            + ("the target" if name == target else "not a column"),
-                            file=file, column=name, rule="drop_columns")
+            raise DataError(
+                f"features.drop_columns names {name!r}, which is "
+                + ("the target" if name == target else "not a column"),
+                file=file,
+                column=name,
+                rule="drop_columns",
+            )
     numeric, categorical, datetimes = [], [], []
     for field in schema:
         kind = field.type
@@ -115,15 +138,24 @@ def select_features(schema: Any, target: str, drop_columns: Sequence[str],
             datetimes.append(field.name)
         elif pt.is_integer(kind) or pt.is_floating(kind):
             numeric.append(field.name)
-        elif pt.is_string(kind) or pt.is_large_string(kind) or pt.is_boolean(kind) or (
-                pt.is_dictionary(kind)):
+        elif (
+            pt.is_string(kind)
+            or pt.is_large_string(kind)
+            or pt.is_boolean(kind)
+            or (pt.is_dictionary(kind))
+        ):
             categorical.append(field.name)
         else:
-            raise DataError(f"unsupported type {kind}", file=file, column=field.name,
-                            rule="numeric_or_categorical")
+            raise DataError(
+                f"unsupported type {kind}",
+                file=file,
+                column=field.name,
+                rule="numeric_or_categorical",
+            )
     if not numeric and not categorical and not datetimes:
-        raise DataError("no feature columns besides the target", file=file, column=target,
-                        rule="has_features")
+        raise DataError(
+            "no feature columns besides the target", file=file, column=target, rule="has_features"
+        )
     return numeric, categorical, datetimes
 
 
@@ -142,17 +174,30 @@ def datetime_policy(datetimes: list[str], policy: str) -> tuple[list[str], list[
     if not datetimes:
         return [], []
     if policy == "calendar":
-        logger.info("datetime column(s) %s become calendar features (month, day of week, day "
-                    "of year, hour when times vary; sin/cos)", datetimes)
+        logger.info(
+            "datetime column(s) %s become calendar features (month, day of week, day "
+            "of year, hour when times vary; sin/cos)",
+            datetimes,
+        )
         return list(datetimes), []
-    logger.info("datetime column(s) %s are kept in the splits but not used as features "
-                "(features.datetime: drop)", datetimes)
-    return [], [{"column": name, "rule": "datetime", "reason": "a datetime column and "
-                 "features.datetime is drop"} for name in datetimes]
+    logger.info(
+        "datetime column(s) %s are kept in the splits but not used as features "
+        "(features.datetime: drop)",
+        datetimes,
+    )
+    return [], [
+        {
+            "column": name,
+            "rule": "datetime",
+            "reason": "a datetime column and features.datetime is drop",
+        }
+        for name in datetimes
+    ]
 
 
-def drop_high_cardinality(stats: TrainStats, params: FeaturesParams,
-                          file: str | None = None) -> list[dict]:
+def drop_high_cardinality(
+    stats: TrainStats, params: FeaturesParams, file: str | None = None
+) -> list[dict]:
     """Leave out of ``stats`` the text columns with more distinct train values than
     ``params.max_category_fraction`` of the train rows; return them and why.
 
@@ -163,19 +208,36 @@ def drop_high_cardinality(stats: TrainStats, params: FeaturesParams,
     for name, counts in list(zip(stats.categorical, stats.categories, strict=True)):
         if len(counts) <= limit:
             continue
-        what = (f"column {name!r} has {len(counts)} distinct values in {stats.rows} train rows, "
-                f"over features.max_category_fraction {params.max_category_fraction:g} of them "
-                "(an id or free text?): one-hot encoding it would give about a feature per row")
+        what = (
+            f"column {name!r} has {len(counts)} distinct values in {stats.rows} train rows, "
+            f"over features.max_category_fraction {params.max_category_fraction:g} of them "
+            "(an id or free text?): one-hot encoding it would give about a feature per row"
+        )
         if params.high_cardinality == "error":
-            raise DataError(f"{what}; list it in features.drop_columns, raise "
-                            "features.max_category_fraction, or set features.high_cardinality: "
-                            "drop", file=file, column=name, rule="high_cardinality")
-        logger.warning("%s; dropped it (list it in features.drop_columns to say so, raise "
-                       "features.max_category_fraction to keep it; features.high_cardinality: "
-                       "error stops instead)", what)
+            raise DataError(
+                f"{what}; list it in features.drop_columns, raise "
+                "features.max_category_fraction, or set features.high_cardinality: "
+                "drop",
+                file=file,
+                column=name,
+                rule="high_cardinality",
+            )
+        logger.warning(
+            "%s; dropped it (list it in features.drop_columns to say so, raise "
+            "features.max_category_fraction to keep it; features.high_cardinality: "
+            "error stops instead)",
+            what,
+        )
         stats.drop_categorical(name)
-        dropped.append({"column": name, "rule": "high_cardinality", "reason": what,
-                        "distinct": len(counts), "train_rows": stats.rows})
+        dropped.append(
+            {
+                "column": name,
+                "rule": "high_cardinality",
+                "reason": what,
+                "distinct": len(counts),
+                "train_rows": stats.rows,
+            }
+        )
     return dropped
 
 
@@ -203,19 +265,28 @@ def count_classes(source: Path, target: str, batch_rows: int) -> dict[Any, int]:
     return dict(sorted(counts.items()))
 
 
-def split_data(df: pd.DataFrame, target: str, params: FeaturesParams,
-               seed: int) -> dict[str, pd.DataFrame]:
+def split_data(
+    df: pd.DataFrame, target: str, params: FeaturesParams, seed: int
+) -> dict[str, pd.DataFrame]:
     """The stage's split of an in-memory frame: the same rows land in the same split."""
     check_target(df, target)
     counts = {_plain(k): int(v) for k, v in df[target].value_counts().sort_index().items()}
     plan = SplitPlan(seed, params.test_size, params.val_size, np.array(list(counts.values())))
-    codes = SplitAssigner(plan).assign(df[target].map(
-        {label: i for i, label in enumerate(counts)}).to_numpy())
+    codes = SplitAssigner(plan).assign(
+        df[target].map({label: i for i, label in enumerate(counts)}).to_numpy()
+    )
     return {name: df[codes == code].reset_index(drop=True) for code, name in enumerate(SPLITS)}
 
 
-def write_splits(source: Path, out: Path, plan: SplitPlan, target: str, classes: list[Any],
-                 stats: TrainStats, batch_rows: int) -> dict[str, int]:
+def write_splits(
+    source: Path,
+    out: Path,
+    plan: SplitPlan,
+    target: str,
+    classes: list[Any],
+    stats: TrainStats,
+    batch_rows: int,
+) -> dict[str, int]:
     """Stream ``source`` into ``out/{train,val,test}.parquet``, feeding train rows to ``stats``.
 
     ``classes``: the labels in the order of the plan's class counts.
@@ -251,17 +322,22 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
     source, out_dir = Path(validated_dir) / DATA_FILE, Path(out_dir)
     target, settings, seed = params.ingest.target, params.features, params.base.seed
     batch_rows, schema = params.base.batch_rows, open_dataset(source).schema
-    numeric, categorical, datetimes = select_features(schema, target, settings.drop_columns,
-                                                      file=str(source))
+    numeric, categorical, datetimes = select_features(
+        schema, target, settings.drop_columns, file=str(source)
+    )
     calendar, dropped = datetime_policy(datetimes, settings.datetime)
-    dropped = [{"column": name, "rule": "drop_columns", "reason": "listed in params "
-                "features.drop_columns"} for name in settings.drop_columns] + dropped
+    dropped = [
+        {"column": name, "rule": "drop_columns", "reason": "listed in params features.drop_columns"}
+        for name in settings.drop_columns
+    ] + dropped
     counts = count_classes(source, target, batch_rows)
-    plan = SplitPlan(seed, settings.test_size, settings.val_size,
-                     np.array(list(counts.values()), dtype=np.int64))
+    plan = SplitPlan(
+        seed, settings.test_size, settings.val_size, np.array(list(counts.values()), dtype=np.int64)
+    )
     formats = date_formats(schema, calendar)
-    stats = TrainStats(numeric, categorical, seed, file=str(source), datetimes=calendar,
-                       date_formats=formats)
+    stats = TrainStats(
+        numeric, categorical, seed, file=str(source), datetimes=calendar, date_formats=formats
+    )
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         n_rows = write_splits(source, tmp, plan, target, list(counts), stats, batch_rows)
@@ -269,9 +345,12 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
         used = set(numeric) | set(stats.categorical) | set(calendar)
         feature_columns = [name for name in schema.names if name in used]
         if not feature_columns:
-            raise DataError("no feature columns left besides the target (see the dropped "
-                            "columns above)", file=str(source), column=target,
-                            rule="has_features")
+            raise DataError(
+                "no feature columns left besides the target (see the dropped columns above)",
+                file=str(source),
+                column=target,
+                rule="has_features",
+            )
         preprocessor = stats.fit(target, feature_columns, list(counts))
         save_preprocessor(preprocessor, tmp / "preprocessor.joblib")
         meta = {
@@ -289,10 +368,14 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
             "split_block_rows": plan.block,
         }
         write_json(tmp / "meta.json", meta)
-    logger.info("wrote %s: %s rows, %d features after preprocessing, classes %s", out_dir,
-                n_rows, meta["n_features"], meta["classes"])
-    return FeatureSet({name: out_dir / f"{name}.parquet" for name in SPLITS}, preprocessor,
-                      meta)
+    logger.info(
+        "wrote %s: %s rows, %d features after preprocessing, classes %s",
+        out_dir,
+        n_rows,
+        meta["n_features"],
+        meta["classes"],
+    )
+    return FeatureSet({name: out_dir / f"{name}.parquet" for name in SPLITS}, preprocessor, meta)
 
 
 def _plain(value: Any) -> Any:

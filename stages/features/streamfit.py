@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from model.datetimes import DAY_US
-from stages.common.errors import DataError
 from model.preprocess import FittedPreprocessor, build_transformer
+from stages.common.errors import DataError
 from stages.features.splits import hash_keys
 
 SAMPLE_ROWS = 100_000  # train rows kept for the median imputer
@@ -24,10 +24,16 @@ SAMPLE_ROWS = 100_000  # train rows kept for the median imputer
 class TrainStats:
     """Running statistics of the train rows, batch by batch; ``fit`` builds the preprocessor."""
 
-    def __init__(self, numeric: list[str], categorical: list[str], seed: int,
-                 sample_rows: int = SAMPLE_ROWS, file: str | None = None,
-                 datetimes: list[str] = (), date_formats: dict[str, str | None] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        numeric: list[str],
+        categorical: list[str],
+        seed: int,
+        sample_rows: int = SAMPLE_ROWS,
+        file: str | None = None,
+        datetimes: list[str] = (),
+        date_formats: dict[str, str | None] | None = None,
+    ) -> None:
         self.numeric, self.categorical, self.file = numeric, categorical, file
         self.datetimes, self.date_formats = list(datetimes), date_formats or {}
         self.times_vary = dict.fromkeys(self.datetimes, False)  # calendar: add the hour?
@@ -39,8 +45,9 @@ class TrainStats:
         self.m2 = np.zeros(width)  # sum of squared deviations from the mean
         self.categories: list[dict[str, int]] = [{} for _ in categorical]
         # sample candidates: (numeric values (columns, rows) in float64, their keys)
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = [(np.empty((width, 0)),
-                                                              np.empty(0, dtype=np.int64))]
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = [
+            (np.empty((width, 0)), np.empty(0, dtype=np.int64))
+        ]
         self.pending_rows = 0
         self.cutoff: int | None = None  # rows with a key at or above this cannot be sampled
 
@@ -59,8 +66,8 @@ class TrainStats:
     def drop_categorical(self, name: str) -> None:
         """Leave the categorical column ``name`` out of the fit (e.g. too many distinct values)."""
         j = self.categorical.index(name)
-        self.categorical = self.categorical[:j] + self.categorical[j + 1:]
-        self.categories = self.categories[:j] + self.categories[j + 1:]
+        self.categorical = self.categorical[:j] + self.categorical[j + 1 :]
+        self.categories = self.categories[:j] + self.categories[j + 1 :]
 
     def _add_moments(self, j: int, name: str, values: np.ndarray) -> None:
         missing = np.isnan(values)
@@ -69,12 +76,12 @@ class TrainStats:
             return
         mean = present.mean()
         if not np.isfinite(mean) and np.isinf(present).any():
-            raise DataError("infinite value in a numeric column", file=self.file, column=name,
-                            rule="finite")
+            raise DataError(
+                "infinite value in a numeric column", file=self.file, column=name, rule="finite"
+            )
         deviation = present - mean
         m2 = float(np.square(deviation, out=deviation).sum())
-        merged = _merge_moments((self.count[j], self.mean[j], self.m2[j]),
-                                (len(present), mean, m2))
+        merged = _merge_moments((self.count[j], self.mean[j], self.m2[j]), (len(present), mean, m2))
         self.count[j], self.mean[j], self.m2[j] = merged
 
     def _add_counts(self, j: int, column: Any) -> None:
@@ -106,7 +113,7 @@ class TrainStats:
         values = np.concatenate([rows for rows, _ in self.pending], axis=1)
         keys = np.concatenate([keys for _, keys in self.pending])
         if len(keys) > self.sample_rows:
-            kept = np.sort(np.argpartition(keys, self.sample_rows - 1)[:self.sample_rows])
+            kept = np.sort(np.argpartition(keys, self.sample_rows - 1)[: self.sample_rows])
             values, keys = values[:, kept], keys[kept]
             self.cutoff = keys.max()
         self.pending, self.pending_rows = [(values, keys)], len(keys)
@@ -125,24 +132,37 @@ class TrainStats:
             frame[name] = pd.Series(pd.NaT, index=range(len(keys)), dtype="datetime64[us]")
         return pd.DataFrame(frame)[feature_columns]
 
-    def fit(self, target: str, feature_columns: list[str],
-            classes: list[Any]) -> FittedPreprocessor:
+    def fit(
+        self, target: str, feature_columns: list[str], classes: list[Any]
+    ) -> FittedPreprocessor:
         """The preprocessor: fitted on the sample, then given the full train statistics."""
         if self.rows == 0:
-            raise DataError("no train rows to fit the preprocessing on", file=self.file,
-                            column=target, rule="not_empty")
+            raise DataError(
+                "no train rows to fit the preprocessing on",
+                file=self.file,
+                column=target,
+                rule="not_empty",
+            )
         sample = self._sample_frame(feature_columns)
-        categories = {name: sorted(counts) for name, counts in
-                      zip(self.categorical, self.categories, strict=True)}
+        categories = {
+            name: sorted(counts)
+            for name, counts in zip(self.categorical, self.categories, strict=True)
+        }
         if not all(categories.values()):  # an all-missing column: its imputed value, as sklearn
             auto = build_transformer(self.numeric, self.categorical).fit(
-                sample[self.numeric + self.categorical])
+                sample[self.numeric + self.categorical]
+            )
             fitted = auto.named_transformers_["cat"].named_steps["onehot"].categories_
-            categories = {name: cats or list(fitted[i])
-                          for i, (name, cats) in enumerate(categories.items())}
-        transformer = build_transformer(self.numeric, self.categorical,
-                                        [categories[name] for name in self.categorical],
-                                        self.datetimes, self.date_formats)
+            categories = {
+                name: cats or list(fitted[i]) for i, (name, cats) in enumerate(categories.items())
+            }
+        transformer = build_transformer(
+            self.numeric,
+            self.categorical,
+            [categories[name] for name in self.categorical],
+            self.datetimes,
+            self.date_formats,
+        )
         transformer.fit(sample)
         if self.numeric:
             self._set_scaler(transformer.named_transformers_["num"])
@@ -155,8 +175,9 @@ class TrainStats:
     def _set_scaler(self, numeric_steps: Any) -> None:
         # the scaler sees imputed values: merge each column's missing ones in as the fill value
         fill = numeric_steps.named_steps["impute"].statistics_
-        _, mean, m2 = _merge_moments((self.count, self.mean, self.m2),
-                                     (self.rows - self.count, fill, 0.0))
+        _, mean, m2 = _merge_moments(
+            (self.count, self.mean, self.m2), (self.rows - self.count, fill, 0.0)
+        )
         scaler = numeric_steps.named_steps["scale"]
         n, var = self.rows, m2 / self.rows
         # near-constant features get scale 1, as StandardScaler decides it

@@ -31,8 +31,14 @@ from stages.common.redact import expand_env, has_credentials, redact_url, scrub,
 logger = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}  # suffix -> format
-DRIVERS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
-           "abfs": "adlfs"}  # fsspec protocol -> the package that provides it
+DRIVERS = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+}  # fsspec protocol -> the package that provides it
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,7 @@ class FileSet:
     hive_root: str | None = None
 
 
-def iter_file_batches(params: IngestParams, batch_rows: int,
-                      schema: Any = None) -> Iterator[Any]:
+def iter_file_batches(params: IngestParams, batch_rows: int, schema: Any = None) -> Iterator[Any]:
     """Record batches of a path or URL source, file after file in sorted order.
 
     ``schema`` (an existing dataset's) pins the CSV column types; otherwise the first file's
@@ -67,8 +72,9 @@ def iter_file_batches(params: IngestParams, batch_rows: int,
         yield from _iter_fileset(list_url_files(params), params, batch_rows, schema)
 
 
-def _iter_fileset(fileset: FileSet, params: IngestParams, batch_rows: int,
-                  schema: Any) -> Iterator[Any]:
+def _iter_fileset(
+    fileset: FileSet, params: IngestParams, batch_rows: int, schema: Any
+) -> Iterator[Any]:
     if fileset.hive_root is not None:
         for batch in iter_hive_batches(fileset, batch_rows):
             schema = schema if schema is not None else plain_schema(batch.schema)
@@ -87,12 +93,16 @@ def resolve_source_path(source: str, data_root: str) -> Path:
     """``source`` resolved (symlinks followed); it must lie inside ``data_root`` and exist."""
     root, path = Path(data_root).resolve(), Path(source).resolve()
     if not path.is_relative_to(root):
-        raise DataError(f"source path resolves to {path}, outside ingest.data_root ({root}): "
-                        f"put the data under {data_root}/", file=source,
-                        rule="inside_data_root")
+        raise DataError(
+            f"source path resolves to {path}, outside ingest.data_root ({root}): "
+            f"put the data under {data_root}/",
+            file=source,
+            rule="inside_data_root",
+        )
     if not path.exists():
-        raise DataError("source not found (set ingest.source in params.yaml)", file=source,
-                        rule="exists")
+        raise DataError(
+            "source not found (set ingest.source in params.yaml)", file=source, rule="exists"
+        )
     return path
 
 
@@ -100,8 +110,7 @@ def list_path_files(params: IngestParams) -> FileSet:
     """The files of a local source: the file itself, or the data files in a folder."""
     path = resolve_source_path(params.source, params.data_root)
     if path.is_file():
-        return FileSet([SourceFile(params.source, pick_format(params.source, params),
-                                   str(path))])
+        return FileSet([SourceFile(params.source, pick_format(params.source, params), str(path))])
     root = Path(params.data_root).resolve()
     found = sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p, path))
     files = []
@@ -110,8 +119,9 @@ def list_path_files(params: IngestParams) -> FileSet:
         resolve_source_path(str(file), str(root))  # a symlink inside may point outside
         if params.format != "auto" or file.suffix.lower() in FORMATS:
             files.append(SourceFile(name, pick_format(name, params), str(file.resolve())))
-    return _as_fileset(files, params.source, is_hive([f.relative_to(path) for f in found]),
-                       str(path))
+    return _as_fileset(
+        files, params.source, is_hive([f.relative_to(path) for f in found]), str(path)
+    )
 
 
 def _is_data_file(file: Path, folder: Path) -> bool:
@@ -126,11 +136,13 @@ def is_hive(relative: list[PurePosixPath] | list[Path]) -> bool:
 
 def _as_fileset(files: list[SourceFile], source: str, hive: bool, root: str) -> FileSet:
     if not files:
-        raise DataError(f"folder holds no {'/'.join(FORMATS)} files", file=source,
-                        rule="not_empty")
+        raise DataError(f"folder holds no {'/'.join(FORMATS)} files", file=source, rule="not_empty")
     if hive and any(file.format != "parquet" for file in files):
-        raise DataError("a partitioned (key=value) folder must hold Parquet files only",
-                        file=source, rule="format")
+        raise DataError(
+            "a partitioned (key=value) folder must hold Parquet files only",
+            file=source,
+            rule="format",
+        )
     return FileSet(files, root if hive else None)
 
 
@@ -140,9 +152,12 @@ def pick_format(name: str, params: IngestParams) -> str:
         return params.format
     suffix = PurePosixPath(name).suffix.lower()
     if suffix not in FORMATS:
-        raise DataError(f"unsupported file type {suffix or '(none)'!r} (use "
-                        f"{', '.join(FORMATS)}, or set ingest.format)", file=name,
-                        rule="extension")
+        raise DataError(
+            f"unsupported file type {suffix or '(none)'!r} (use "
+            f"{', '.join(FORMATS)}, or set ingest.format)",
+            file=name,
+            rule="extension",
+        )
     return FORMATS[suffix]
 
 
@@ -158,8 +173,12 @@ def open_url_filesystem(url: str) -> tuple[Any, str]:
         return fsspec.core.url_to_fs(url)
     except ImportError as exc:
         package = DRIVERS.get(protocol, f"the fsspec driver for {protocol}://")
-        raise DataError(f"reading {protocol}:// URLs needs the {package} package: "
-                        f"`.venv/bin/pip install {package}`", file=url, rule="driver") from exc
+        raise DataError(
+            f"reading {protocol}:// URLs needs the {package} package: "
+            f"`.venv/bin/pip install {package}`",
+            file=url,
+            rule="driver",
+        ) from exc
 
 
 def list_url_files(params: IngestParams) -> FileSet:
@@ -171,15 +190,17 @@ def list_url_files(params: IngestParams) -> FileSet:
         folder = protocol not in ("http", "https") and fs.isdir(path)
         if not folder:
             fs.info(path)  # FileNotFoundError (404) or a connection error, named below
-            return FileSet([SourceFile(shown, pick_format(url.split("?")[0], params), path,
-                                       fs)])
+            return FileSet([SourceFile(shown, pick_format(url.split("?")[0], params), path, fs)])
         found = sorted(p for p in fs.find(path) if not PurePosixPath(p).name.startswith((".", "_")))
     base = PurePosixPath(path)
     relative = [PurePosixPath(p).relative_to(base) for p in found]
-    files = [SourceFile(f"{shown.rstrip('/')}/{rel}", pick_format(f"{shown.rstrip('/')}/{rel}",
-                                                                   params), p, fs)
-             for p, rel in zip(found, relative, strict=True)
-             if params.format != "auto" or rel.suffix.lower() in FORMATS]
+    files = [
+        SourceFile(
+            f"{shown.rstrip('/')}/{rel}", pick_format(f"{shown.rstrip('/')}/{rel}", params), p, fs
+        )
+        for p, rel in zip(found, relative, strict=True)
+        if params.format != "auto" or rel.suffix.lower() in FORMATS
+    ]
     return _as_fileset(files, shown, is_hive(relative), path)
 
 
@@ -189,16 +210,22 @@ def opened_url(source: str) -> str:
     A secret written into params.yaml is warned about: redacted here, it is still in git.
     """
     if has_credentials(source):
-        logger.warning("ingest.source holds credentials (shown as ***): the manifest, logs and "
-                       "MLflow get %s, but params.yaml, git and dvc.lock keep them; write the "
-                       "secret as ${NAME} (e.g. ?X-Amz-Signature=${SALES_SIG}) and export "
-                       "NAME instead", redact_url(source))
+        logger.warning(
+            "ingest.source holds credentials (shown as ***): the manifest, logs and "
+            "MLflow get %s, but params.yaml, git and dvc.lock keep them; write the "
+            "secret as ${NAME} (e.g. ?X-Amz-Signature=${SALES_SIG}) and export "
+            "NAME instead",
+            redact_url(source),
+        )
     try:
         return expand_env(source)
     except KeyError as exc:
-        raise DataError(f"ingest.source uses ${{{exc.args[0]}}} but the environment variable "
-                        f"{exc.args[0]} is not set: export it before the run",
-                        file=redact_url(source), rule="env") from exc
+        raise DataError(
+            f"ingest.source uses ${{{exc.args[0]}}} but the environment variable "
+            f"{exc.args[0]} is not set: export it before the run",
+            file=redact_url(source),
+            rule="env",
+        ) from exc
 
 
 def expand_env_or_same(source: str) -> str:
@@ -227,12 +254,16 @@ def network_errors(url: str | None, secret: str | None = None) -> Iterator[None]
         origin = None if secret is not None and has_credentials(secret) else exc
         cause = exc.__cause__  # fsspec's HTTP reports a refused connection as "not found"
         if (status := _http_status(exc)) in (401, 403):  # fsspec: "not found" too
-            raise DataError(f"the server refused access (HTTP {status}): the credentials are "
-                            "wrong or expired (a presigned URL expires: sign a new one)",
-                            file=url, rule="access") from origin
+            raise DataError(
+                f"the server refused access (HTTP {status}): the credentials are "
+                "wrong or expired (a presigned URL expires: sign a new one)",
+                file=url,
+                rule="access",
+            ) from origin
         if isinstance(exc, FileNotFoundError) and not isinstance(cause, OSError):
-            raise DataError("nothing at this URL (HTTP 404 / no such object)", file=url,
-                            rule="exists") from origin
+            raise DataError(
+                "nothing at this URL (HTTP 404 / no such object)", file=url, rule="exists"
+            ) from origin
         shown = cause if isinstance(cause, OSError) else exc
         text = scrub(f"{type(shown).__name__}: {shown}", secret or url)
         raise DataError(f"cannot reach the URL: {text}", file=url, rule="reachable") from origin
@@ -251,13 +282,13 @@ def _http_status(exc: BaseException | None) -> int | None:
 # ----------------------------------------------------------------------------- readers
 
 
-def iter_one_file(file: SourceFile, delimiter: str, batch_rows: int,
-                  schema: Any = None) -> Iterator[Any]:
+def iter_one_file(
+    file: SourceFile, delimiter: str, batch_rows: int, schema: Any = None
+) -> Iterator[Any]:
     """Record batches of one CSV or Parquet file."""
     if file.format == "csv":
         types = dict(zip(schema.names, schema.types, strict=True)) if schema else None
-        yield from _guarded(file, iter_csv_batches(_csv_opener(file), file.name, delimiter,
-                                                   types))
+        yield from _guarded(file, iter_csv_batches(_csv_opener(file), file.name, delimiter, types))
     else:
         yield from iter_hive_batches(FileSet([file]), batch_rows)
 
@@ -288,16 +319,22 @@ def check_parquet_files(fileset: FileSet) -> Any:
                 raise DataError("file is empty (0 bytes)", file=file.name, rule="not_empty")
             found = pq.read_schema(file.path, filesystem=_arrow_fs(file))
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise DataError(f"not a readable Parquet file (truncated or corrupt?): {exc}",
-                            file=file.name, rule="parquet") from exc
+            raise DataError(
+                f"not a readable Parquet file (truncated or corrupt?): {exc}",
+                file=file.name,
+                rule="parquet",
+            ) from exc
         first = found if first is None else first
         check_schema(found, first, file.name, reference="the first file")
     return first
 
 
 def _size(file: SourceFile) -> int:
-    return Path(file.path).stat().st_size if file.filesystem is None else \
-        file.filesystem.size(file.path)
+    return (
+        Path(file.path).stat().st_size
+        if file.filesystem is None
+        else file.filesystem.size(file.path)
+    )
 
 
 def _arrow_fs(file: SourceFile) -> Any:
@@ -316,16 +353,23 @@ def iter_hive_batches(fileset: FileSet, batch_rows: int) -> Iterator[Any]:
     first = fileset.files[0]
     with network_errors(first.name if first.filesystem is not None else None, first.path):
         check_parquet_files(fileset)
-        dataset = ds.dataset([f.path for f in fileset.files], format="parquet",
-                             filesystem=_arrow_fs(fileset.files[0]),
-                             partitioning="hive" if fileset.hive_root else None,
-                             partition_base_dir=fileset.hive_root)
+        dataset = ds.dataset(
+            [f.path for f in fileset.files],
+            format="parquet",
+            filesystem=_arrow_fs(fileset.files[0]),
+            partitioning="hive" if fileset.hive_root else None,
+            partition_base_dir=fileset.hive_root,
+        )
         try:
-            yield from dataset.to_batches(batch_size=batch_rows, batch_readahead=2,
-                                          fragment_readahead=1)
+            yield from dataset.to_batches(
+                batch_size=batch_rows, batch_readahead=2, fragment_readahead=1
+            )
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"not a readable Parquet file (truncated or corrupt?): {exc}",
-                            file=fileset.files[0].name, rule="parquet") from exc
+            raise DataError(
+                f"not a readable Parquet file (truncated or corrupt?): {exc}",
+                file=fileset.files[0].name,
+                rule="parquet",
+            ) from exc
 
 
 def check_schema(found: Any, expected: Any, name: str, reference: str = "the dataset") -> None:
@@ -339,12 +383,20 @@ def check_schema(found: Any, expected: Any, name: str, reference: str = "the dat
     for column in list(expected.names) + [n for n in found.names if n not in expected.names]:
         if column not in found.names or column not in expected.names:
             where = "this file" if column in found.names else reference
-            raise DataError(f"columns differ from {reference}'s ({column!r} is only in "
-                            f"{where})", file=name, column=column, rule="same_schema")
+            raise DataError(
+                f"columns differ from {reference}'s ({column!r} is only in {where})",
+                file=name,
+                column=column,
+                rule="same_schema",
+            )
         ours, theirs = found.field(column).type, expected.field(column).type
         if not same_kind(ours, theirs):
-            raise DataError(f"type {ours} differs from {reference}'s {theirs}", file=name,
-                            column=column, rule="same_schema")
+            raise DataError(
+                f"type {ours} differs from {reference}'s {theirs}",
+                file=name,
+                column=column,
+                rule="same_schema",
+            )
 
 
 def plain_type(arrow_type: Any) -> Any:
@@ -353,8 +405,9 @@ def plain_type(arrow_type: Any) -> Any:
 
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
-    return {pa.large_string(): pa.string(), pa.large_binary(): pa.binary()}.get(arrow_type,
-                                                                                arrow_type)
+    return {pa.large_string(): pa.string(), pa.large_binary(): pa.binary()}.get(
+        arrow_type, arrow_type
+    )
 
 
 def same_kind(ours: Any, theirs: Any) -> bool:
@@ -380,8 +433,12 @@ def conform_batch(batch: Any, schema: Any, name: str) -> Any:
     check_schema(batch.schema, schema, name)
     columns = [batch.column(field.name) for field in schema]
     return pa.RecordBatch.from_arrays(
-        [col if col.type == field.type else _cast(col, field, name)
-         for col, field in zip(columns, schema, strict=True)], schema=schema)
+        [
+            col if col.type == field.type else _cast(col, field, name)
+            for col, field in zip(columns, schema, strict=True)
+        ],
+        schema=schema,
+    )
 
 
 def _cast(column: Any, field: Any, name: str) -> Any:
@@ -390,5 +447,9 @@ def _cast(column: Any, field: Any, name: str) -> Any:
     try:
         return column.cast(field.type)  # safe: a lossy cast (ns -> s with a fraction) fails
     except pa.ArrowInvalid as exc:
-        raise DataError(f"{column.type} values do not fit the dataset's {field.type}: {exc}",
-                        file=name, column=field.name, rule="same_schema") from exc
+        raise DataError(
+            f"{column.type} values do not fit the dataset's {field.type}: {exc}",
+            file=name,
+            column=field.name,
+            rule="same_schema",
+        ) from exc

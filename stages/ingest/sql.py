@@ -22,9 +22,23 @@ from stages.common.config import IngestParams
 from stages.common.errors import ConfigError, DataError
 
 # PostgreSQL type OIDs -> Arrow type names; anything else is read as text.
-PG_TYPES = {16: "bool", 20: "int64", 21: "int16", 23: "int32", 26: "int64", 700: "float32",
-            701: "float64", 1700: "float64", 25: "string", 1042: "string", 1043: "string",
-            19: "string", 1082: "date32", 1114: "timestamp", 1184: "timestamptz"}
+PG_TYPES = {
+    16: "bool",
+    20: "int64",
+    21: "int16",
+    23: "int32",
+    26: "int64",
+    700: "float32",
+    701: "float64",
+    1700: "float64",
+    25: "string",
+    1042: "string",
+    1043: "string",
+    19: "string",
+    1082: "date32",
+    1114: "timestamp",
+    1184: "timestamptz",
+}
 
 
 def source_url(source: str) -> Any:
@@ -33,8 +47,10 @@ def source_url(source: str) -> Any:
 
     url = make_url(source)
     if url.password is not None:
-        raise ConfigError("ingest.source: remove the password from the database URL; set "
-                          "PGPASSWORD or use ~/.pgpass (libpq reads both)")
+        raise ConfigError(
+            "ingest.source: remove the password from the database URL; set "
+            "PGPASSWORD or use ~/.pgpass (libpq reads both)"
+        )
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")  # psycopg 3, not the default psycopg2
     return url
@@ -55,13 +71,20 @@ def engine_url(params: IngestParams) -> Any:
         database = database.removeprefix("file:").split("?", 1)[0]
     root, path = Path(params.data_root).resolve(), Path(database).resolve()
     if not path.is_relative_to(root):
-        raise DataError(f"sqlite database {database} resolves to {path}, outside "
-                        f"ingest.data_root ({root}): move it under {params.data_root}/ and set "
-                        f"ingest.source: sqlite:///{params.data_root}/{path.name}",
-                        file=shown_url(params.source), rule="inside_data_root")
+        raise DataError(
+            f"sqlite database {database} resolves to {path}, outside "
+            f"ingest.data_root ({root}): move it under {params.data_root}/ and set "
+            f"ingest.source: sqlite:///{params.data_root}/{path.name}",
+            file=shown_url(params.source),
+            rule="inside_data_root",
+        )
     if not path.is_file():
-        raise DataError(f"sqlite database {path} not found (sqlite would create an empty one):"
-                        f" check ingest.source", file=shown_url(params.source), rule="exists")
+        raise DataError(
+            f"sqlite database {path} not found (sqlite would create an empty one):"
+            f" check ingest.source",
+            file=shown_url(params.source),
+            rule="exists",
+        )
     return url
 
 
@@ -82,14 +105,17 @@ def sql_errors(params: IngestParams) -> Iterator[None]:
     try:
         yield
     except sa_exc.NoSuchModuleError as exc:
-        raise DataError(f"no SQLAlchemy driver for this URL: {exc}", file=name,
-                        rule="driver") from exc
+        raise DataError(
+            f"no SQLAlchemy driver for this URL: {exc}", file=name, rule="driver"
+        ) from exc
     except sa_exc.OperationalError as exc:
-        raise DataError(f"cannot connect or read {what}: {_first_line(exc)}", file=name,
-                        rule="connect") from exc
+        raise DataError(
+            f"cannot connect or read {what}: {_first_line(exc)}", file=name, rule="connect"
+        ) from exc
     except sa_exc.DBAPIError as exc:
-        raise DataError(f"the database refused {what}: {_first_line(exc)}", file=name,
-                        rule="sql") from exc
+        raise DataError(
+            f"the database refused {what}: {_first_line(exc)}", file=name, rule="sql"
+        ) from exc
 
 
 def _first_line(exc: Any) -> str:
@@ -128,12 +154,17 @@ def read_sql_schema(conn: Any, params: IngestParams) -> tuple[list[str], list[An
     names = list(result.keys())
     types = arrow_types(result.cursor.description, conn.dialect.name)
     result.close()
-    for column, rule in ((params.target, "target_present"),
-                         (params.watermark, "watermark_present")):
+    for column, rule in (
+        (params.target, "target_present"),
+        (params.watermark, "watermark_present"),
+    ):
         if column is not None and column not in names:
-            raise DataError(f"column {column!r} not in the source; columns are: "
-                            f"{', '.join(names[:20])}", file=shown_url(params.source),
-                            column=column, rule=rule)
+            raise DataError(
+                f"column {column!r} not in the source; columns are: {', '.join(names[:20])}",
+                file=shown_url(params.source),
+                column=column,
+                rule=rule,
+            )
     return names, types
 
 
@@ -144,8 +175,11 @@ def arrow_types(description: Any, dialect: str) -> list[Any] | None:
     if dialect != "postgresql" or description is None:
         return None
     named = {"timestamp": pa.timestamp("us"), "timestamptz": pa.timestamp("us", tz="UTC")}
-    return [named.get(PG_TYPES.get(col.type_code, "string"))
-            or pa.type_for_alias(PG_TYPES.get(col.type_code, "string")) for col in description]
+    return [
+        named.get(PG_TYPES.get(col.type_code, "string"))
+        or pa.type_for_alias(PG_TYPES.get(col.type_code, "string"))
+        for col in description
+    ]
 
 
 def rows_to_batch(rows: list[tuple], names: list[str], types: list[Any] | None) -> Any:
@@ -153,8 +187,9 @@ def rows_to_batch(rows: list[tuple], names: list[str], types: list[Any] | None) 
     import pyarrow as pa
 
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
-    arrays = [_to_array(list(values), types[i] if types else None)
-              for i, values in enumerate(columns)]
+    arrays = [
+        _to_array(list(values), types[i] if types else None) for i, values in enumerate(columns)
+    ]
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
 

@@ -89,8 +89,11 @@ def load_sklearn_dataset(name: str, target: str = "target") -> pd.DataFrame:
     from sklearn import datasets
 
     if name not in SKLEARN_SOURCES:
-        raise DataError(f"unknown sklearn dataset {name!r} (known: {', '.join(SKLEARN_SOURCES)})",
-                        file=f"sklearn:{name}", rule="source")
+        raise DataError(
+            f"unknown sklearn dataset {name!r} (known: {', '.join(SKLEARN_SOURCES)})",
+            file=f"sklearn:{name}",
+            rule="source",
+        )
     bunch = getattr(datasets, f"load_{name}")()
     columns = [str(feature).replace(" ", "_") for feature in bunch.feature_names]
     df = pd.DataFrame(bunch.data, columns=columns).astype("float64")
@@ -120,8 +123,9 @@ def describe_source(params: IngestParams) -> str:
     return f"{shown_url(params.source)} {what}"
 
 
-def iter_source_batches(params: IngestParams, batch_rows: int, schema: Any = None,
-                        after: Any = None) -> Iterator[Any]:
+def iter_source_batches(
+    params: IngestParams, batch_rows: int, schema: Any = None, after: Any = None
+) -> Iterator[Any]:
     """Record batches of the source, each with the dataset's schema (``schema`` or the first
     batch's). SQL sources apply the watermark (``> after``) in the database."""
     if params.kind == "sklearn":
@@ -142,12 +146,18 @@ def iter_source_batches(params: IngestParams, batch_rows: int, schema: Any = Non
 
 def check_columns_present(schema: Any, params: IngestParams, name: str) -> None:
     """Raise DataError if the target (or the watermark) column is not in ``schema``."""
-    for column, what, rule in ((params.target, "target", "target_present"),
-                               (params.watermark, "watermark", "watermark_present")):
+    for column, what, rule in (
+        (params.target, "target", "target_present"),
+        (params.watermark, "watermark", "watermark_present"),
+    ):
         if column is not None and column not in schema.names:
             shown = ", ".join(schema.names[:20]) + (" ..." if len(schema.names) > 20 else "")
-            raise DataError(f"{what} column {column!r} not found; columns are: {shown}",
-                            file=name, column=column, rule=rule)
+            raise DataError(
+                f"{what} column {column!r} not found; columns are: {shown}",
+                file=name,
+                column=column,
+                rule=rule,
+            )
 
 
 # ----------------------------------------------------------------------------- watermark
@@ -167,8 +177,10 @@ def manifest_to_append(params: IngestParams, previous: dict | None) -> dict | No
         logger.info("source changed (was %s): ingesting everything", previous["source"])
         return None
     if previous["watermark"]["column"] != params.watermark:
-        logger.info("watermark column changed (was %s): ingesting everything",
-                    previous["watermark"]["column"])
+        logger.info(
+            "watermark column changed (was %s): ingesting everything",
+            previous["watermark"]["column"],
+        )
         return None
     return previous
 
@@ -176,8 +188,14 @@ def manifest_to_append(params: IngestParams, previous: dict | None) -> dict | No
 # ----------------------------------------------------------------------------- writing
 
 
-def write_part(folder: Path, name: str, schema: Any, batches: Iterator[Any], batch_rows: int,
-               watermark: str | None) -> tuple[int, Any]:
+def write_part(
+    folder: Path,
+    name: str,
+    schema: Any,
+    batches: Iterator[Any],
+    batch_rows: int,
+    watermark: str | None,
+) -> tuple[int, Any]:
     """Write the batches as the Parquet part ``folder/<name>.parquet`` (row groups of
     ``batch_rows``; encoding runs on a background thread while the next batch is read).
 
@@ -203,8 +221,14 @@ def link_parts(previous: dict, old_dir: Path, new_dir: Path) -> list[dict]:
     return list(previous["parts"])
 
 
-def write_dataset(out_dir: Path, params: IngestParams, batches: Iterator[Any], schema: Any,
-                  batch_rows: int, previous: dict | None) -> dict:
+def write_dataset(
+    out_dir: Path,
+    params: IngestParams,
+    batches: Iterator[Any],
+    schema: Any,
+    batch_rows: int,
+    previous: dict | None,
+) -> dict:
     """Write the new folder (earlier parts + one new part + manifest) and swap it in.
 
     Returns the manifest written. On any error ``out_dir`` is left as it was, and so it is
@@ -214,14 +238,17 @@ def write_dataset(out_dir: Path, params: IngestParams, batches: Iterator[Any], s
         tmp.mkdir()
         parts = link_parts(previous, out_dir, tmp) if previous else []
         name = PART.format(len(parts))
-        rows, largest = write_part(tmp, Path(name).stem, schema, batches, batch_rows,
-                                   params.watermark)
+        rows, largest = write_part(
+            tmp, Path(name).stem, schema, batches, batch_rows, params.watermark
+        )
         top = None if largest is None else to_json_value(largest)
         parts.append({"file": name, "rows": rows, "watermark_max": top})
-        manifest = {"source": describe_source(params),
-                    "rows": sum(part["rows"] for part in parts), "parts": parts,
-                    "watermark": None if top is None else {"column": params.watermark,
-                                                           "max": top}}
+        manifest = {
+            "source": describe_source(params),
+            "rows": sum(part["rows"] for part in parts),
+            "parts": parts,
+            "watermark": None if top is None else {"column": params.watermark, "max": top},
+        }
         write_json(tmp / MANIFEST, manifest)
     return manifest
 
@@ -236,8 +263,9 @@ def previous_schema(out_dir: Path, previous: dict) -> Any:
     return plain_schema(pq.read_schema(out_dir / previous["parts"][0]["file"]))
 
 
-def run(params: IngestParams, out_dir: str | Path,
-        batch_rows: int = DEFAULT_BATCH_ROWS) -> IngestResult:
+def run(
+    params: IngestParams, out_dir: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> IngestResult:
     """Ingest the source into ``out_dir`` (replaced atomically, or appended to); see module doc."""
     out_dir = Path(out_dir)
     previous = manifest_to_append(params, read_manifest(out_dir))
@@ -246,42 +274,62 @@ def run(params: IngestParams, out_dir: str | Path,
         schema = previous_schema(out_dir, previous)
         after = from_json_value(previous["watermark"]["max"], schema.field(params.watermark).type)
     batches = iter_source_batches(params, batch_rows, schema, after)
-    rows = filter_new_rows(batches, params, after, previous["rows"] if previous else 0,
-                           describe_source(params))
+    rows = filter_new_rows(
+        batches, params, after, previous["rows"] if previous else 0, describe_source(params)
+    )
     first = next(rows, None)
     if first is None:
         return report_no_rows(params, previous)
-    manifest = write_dataset(out_dir, params, chain([first], rows), first.schema, batch_rows,
-                             previous)
+    manifest = write_dataset(
+        out_dir, params, chain([first], rows), first.schema, batch_rows, previous
+    )
     added = manifest["parts"][-1]["rows"]
-    logger.info("ingested %s: %d %srows x %d columns -> %s (%d rows in %d parts)",
-                manifest["source"], added, "new " if previous else "", len(first.schema),
-                out_dir, manifest["rows"], len(manifest["parts"]))
+    logger.info(
+        "ingested %s: %d %srows x %d columns -> %s (%d rows in %d parts)",
+        manifest["source"],
+        added,
+        "new " if previous else "",
+        len(first.schema),
+        out_dir,
+        manifest["rows"],
+        len(manifest["parts"]),
+    )
     return IngestResult(added, manifest["rows"], manifest["watermark"])
 
 
 def report_no_rows(params: IngestParams, previous: dict | None) -> IngestResult:
     """Log that nothing is new (incremental) or raise: a source without rows is a DataError."""
     if previous is None:
-        raise DataError("the source has no data rows", file=describe_source(params),
-                        rule="not_empty")
+        raise DataError(
+            "the source has no data rows", file=describe_source(params), rule="not_empty"
+        )
     watermark = previous["watermark"]
-    logger.info("no rows newer than %s = %s: data/raw unchanged, nothing to retrain",
-                watermark["column"], watermark["max"])
+    logger.info(
+        "no rows newer than %s = %s: data/raw unchanged, nothing to retrain",
+        watermark["column"],
+        watermark["max"],
+    )
     return IngestResult(0, previous["rows"], watermark)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m stages.ingest --out data/raw [--params params.yaml]``."""
-    parser = build_parser("ingest", (
-        "Stream the source named in params (ingest.source: sklearn:<name>, a CSV/Parquet file "
-        "or (hive-partitioned) folder under ingest.data_root, an https/s3/gs URL, or a "
-        "SQLAlchemy URL with ingest.table or ingest.query) into OUT/part-NNNNN.parquet + "
-        "OUT/manifest.json. With ingest.watermark set, only rows newer than the last run's are "
-        "read and appended as a new part; none new leaves OUT unchanged. Database passwords "
-        "come from PGPASSWORD or ~/.pgpass."))
-    parser.add_argument("--out", required=True,
-                        help="output folder (Parquet parts and manifest.json, replaced atomically)")
+    parser = build_parser(
+        "ingest",
+        (
+            "Stream the source named in params (ingest.source: sklearn:<name>, a CSV/Parquet file "
+            "or (hive-partitioned) folder under ingest.data_root, an https/s3/gs URL, or a "
+            "SQLAlchemy URL with ingest.table or ingest.query) into OUT/part-NNNNN.parquet + "
+            "OUT/manifest.json. With ingest.watermark set, only rows newer than the last run's are "
+            "read and appended as a new part; none new leaves OUT unchanged. Database passwords "
+            "come from PGPASSWORD or ~/.pgpass."
+        ),
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder (Parquet parts and manifest.json, replaced atomically)",
+    )
 
     def body(args: argparse.Namespace, params: Params) -> None:
         run(params.ingest, args.out, params.base.batch_rows)

@@ -15,8 +15,9 @@ from stages.common.config import IngestParams
 from stages.common.errors import DataError
 
 
-def filter_new_rows(batches: Iterator[Any], params: IngestParams, after: Any,
-                    ingested_rows: int, name: str) -> Iterator[Any]:
+def filter_new_rows(
+    batches: Iterator[Any], params: IngestParams, after: Any, ingested_rows: int, name: str
+) -> Iterator[Any]:
     """The non-empty batches, keeping only rows with watermark > ``after`` when given.
 
     Raises DataError: a null watermark (rule watermark_not_null); a row that is not newer
@@ -28,16 +29,27 @@ def filter_new_rows(batches: Iterator[Any], params: IngestParams, after: Any,
     column, old_rows = params.watermark, 0
     for batch in batches:
         if column is not None and batch.column(column).null_count:
-            raise DataError("the watermark column has missing values", file=name,
-                            column=column, rule="watermark_not_null")
+            raise DataError(
+                "the watermark column has missing values",
+                file=name,
+                column=column,
+                rule="watermark_not_null",
+            )
         if after is not None and params.kind != "sql":
             newer = pc.greater(batch.column(column), after)
             old_rows += batch.num_rows - newer.true_count
             batch = batch.filter(newer)
-        if after is not None and batch.num_rows and not pc.all(
-                pc.greater(batch.column(column), after)).as_py():
-            raise DataError(f"rows are not newer than the last ingested {column} = "
-                            f"{after}", file=name, column=column, rule="watermark_order")
+        if (
+            after is not None
+            and batch.num_rows
+            and not pc.all(pc.greater(batch.column(column), after)).as_py()
+        ):
+            raise DataError(
+                f"rows are not newer than the last ingested {column} = {after}",
+                file=name,
+                column=column,
+                rule="watermark_order",
+            )
         if batch.num_rows:
             yield batch
     if after is not None:
@@ -48,15 +60,20 @@ def filter_new_rows(batches: Iterator[Any], params: IngestParams, after: Any,
         check_no_late_rows(old_rows, ingested_rows, column, after, name)
 
 
-def check_no_late_rows(old_rows: int, ingested_rows: int, column: str, after: Any,
-                       name: str) -> None:
+def check_no_late_rows(
+    old_rows: int, ingested_rows: int, column: str, after: Any, name: str
+) -> None:
     """Raise DataError (rule watermark_order) if rows arrived with an old watermark."""
     if old_rows > ingested_rows:
-        raise DataError(f"{old_rows} source rows have {column} <= {after} but only "
-                        f"{ingested_rows} were ingested: {old_rows - ingested_rows} rows arrived "
-                        f"late (not newer than the watermark) and would be lost; fix the source "
-                        f"or delete data/raw to re-ingest everything", file=name, column=column,
-                        rule="watermark_order")
+        raise DataError(
+            f"{old_rows} source rows have {column} <= {after} but only "
+            f"{ingested_rows} were ingested: {old_rows - ingested_rows} rows arrived "
+            f"late (not newer than the watermark) and would be lost; fix the source "
+            f"or delete data/raw to re-ingest everything",
+            file=name,
+            column=column,
+            rule="watermark_order",
+        )
 
 
 def to_json_value(scalar: Any) -> Any:
@@ -64,8 +81,12 @@ def to_json_value(scalar: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if pa.types.is_integer(scalar.type) or pa.types.is_floating(scalar.type) or \
-            pa.types.is_string(scalar.type) or pa.types.is_boolean(scalar.type):
+    if (
+        pa.types.is_integer(scalar.type)
+        or pa.types.is_floating(scalar.type)
+        or pa.types.is_string(scalar.type)
+        or pa.types.is_boolean(scalar.type)
+    ):
         return scalar.as_py()
     return pc.cast(scalar, pa.string()).as_py()
 

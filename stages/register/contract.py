@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from stages.common.suite import Suite
 
 
-def build_contract(suite: Suite, rules: dict[str, ColumnRuleParams],
-                   feature_columns: Iterable[str]) -> dict[str, Any]:
+def build_contract(
+    suite: Suite, rules: dict[str, ColumnRuleParams], feature_columns: Iterable[str]
+) -> dict[str, Any]:
     """The contract for a model trained on data that passed ``suite`` and ``rules``.
 
     Args:
@@ -32,13 +33,22 @@ def build_contract(suite: Suite, rules: dict[str, ColumnRuleParams],
     used = list(feature_columns)
     unknown = [name for name in used if name not in suite.columns or name == suite.target]
     if unknown:
-        raise ConfigError(f"feature column(s) {unknown} are not columns of suite "
-                          f"{suite.name!r} (or are its target): the model and the suite "
-                          "disagree; re-run features with params validate.suite_path's suite")
-    columns = [_column(name, spec, rules.get(name), name in used)
-               for name, spec in suite.columns.items() if name != suite.target]
-    return {"version": CONTRACT_VERSION, "target": suite.target,
-            "labels": list(suite.labels), "columns": columns}
+        raise ConfigError(
+            f"feature column(s) {unknown} are not columns of suite "
+            f"{suite.name!r} (or are its target): the model and the suite "
+            "disagree; re-run features with params validate.suite_path's suite"
+        )
+    columns = [
+        _column(name, spec, rules.get(name), name in used)
+        for name, spec in suite.columns.items()
+        if name != suite.target
+    ]
+    return {
+        "version": CONTRACT_VERSION,
+        "target": suite.target,
+        "labels": list(suite.labels),
+        "columns": columns,
+    }
 
 
 def _column(name: str, spec: Any, rule: ColumnRuleParams | None, used: bool) -> dict[str, Any]:
@@ -49,9 +59,17 @@ def _column(name: str, spec: Any, rule: ColumnRuleParams | None, used: bool) -> 
         high = _tighter(high, rule.max, min)
         values = _intersect(values, rule.values)
         not_null, positive = not_null or rule.not_null, rule.positive
-    return {"name": name, "kind": spec.kind, "nullable": not not_null, "min": low, "max": high,
-            "positive": positive, "values": values,
-            "format": getattr(spec, "format", None), "used": used}
+    return {
+        "name": name,
+        "kind": spec.kind,
+        "nullable": not not_null,
+        "min": low,
+        "max": high,
+        "positive": positive,
+        "values": values,
+        "format": getattr(spec, "format", None),
+        "used": used,
+    }
 
 
 def _tighter(current: float | None, extra: float | None, pick: Any) -> float | None:

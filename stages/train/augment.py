@@ -13,8 +13,15 @@ import torch.nn.functional as F
 class ImageAugmenter:
     """Augment a batch of flat image rows; ``generator`` holds the (checkpointed) RNG state."""
 
-    def __init__(self, image_shape: list[int], crop_pad: int, flip: bool, noise: float,
-                 seed: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        image_shape: list[int],
+        crop_pad: int,
+        flip: bool,
+        noise: float,
+        seed: int,
+        device: torch.device,
+    ) -> None:
         self.image_shape = tuple(image_shape)
         self.crop_pad, self.flip, self.noise = crop_pad, flip, noise
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -29,15 +36,17 @@ class ImageAugmenter:
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.noise:
             images = images + self.noise * torch.randn(
-                images.shape, generator=self.generator, device=self.device, dtype=images.dtype)
+                images.shape, generator=self.generator, device=self.device, dtype=images.dtype
+            )
         return images.reshape(rows.shape)
 
     def _random_crop(self, images: torch.Tensor) -> torch.Tensor:
         n, channels, height, width = images.shape
         pad = self.crop_pad
         padded = F.pad(images, (pad, pad, pad, pad))
-        top, left = torch.randint(0, 2 * pad + 1, (2, n), generator=self.generator,
-                                  device=self.device)
+        top, left = torch.randint(
+            0, 2 * pad + 1, (2, n), generator=self.generator, device=self.device
+        )
         # One gather for the whole batch: per-image row/column indices into the padded map.
         rows = (top[:, None] + torch.arange(height, device=self.device))[:, None, :, None]
         cols = (left[:, None] + torch.arange(width, device=self.device))[:, None, None, :]

@@ -15,20 +15,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import IterableDataset
 
-from stages.train import distributed
-from stages.common.config import TrainParams
-from stages.train.distributed import DistInfo
-from stages.common.io import read_parquet
 from model.preprocess import FittedPreprocessor
+from stages.common.config import TrainParams
+from stages.common.io import read_parquet
+from stages.train import distributed
+from stages.train.distributed import DistInfo
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,14 @@ class ParquetBatches(IterableDataset):
     Call ``set_epoch`` before iterating; the order depends only on the epoch seed.
     """
 
-    def __init__(self, path: str | Path, preprocessor: FittedPreprocessor, batch_size: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        preprocessor: FittedPreprocessor,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         import pyarrow.parquet as pq
 
         self.path, self.preprocessor, self.batch_size = Path(path), preprocessor, batch_size
@@ -118,8 +124,7 @@ class ParquetBatches(IterableDataset):
 
     def _to_tensors(self, df: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.preprocessor
-        return (torch.from_numpy(p.transform(df)),
-                torch.from_numpy(p.encode_labels(df[p.target])))
+        return (torch.from_numpy(p.transform(df)), torch.from_numpy(p.encode_labels(df[p.target])))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pending: list[pd.DataFrame] = []
@@ -129,7 +134,7 @@ class ParquetBatches(IterableDataset):
             have += len(chunk)
             while have >= self.batch_size:
                 rows = pd.concat(pending)
-                batch, rest = rows.iloc[:self.batch_size], rows.iloc[self.batch_size:]
+                batch, rest = rows.iloc[: self.batch_size], rows.iloc[self.batch_size :]
                 pending, have = [rest], len(rest)
                 if index >= self.start_batch:  # skipped batches are never transformed
                     yield self._to_tensors(batch)
@@ -153,18 +158,23 @@ class DeviceBatches:
         order = torch.randperm(len(self.X), generator=shuffle)  # CPU generator: any device
         order = distributed.shard_indices(order, self.dist).to(self.X.device)
         for first in range(start * self.batch_size, len(order), self.batch_size):
-            idx = order[first:first + self.batch_size]
+            idx = order[first : first + self.batch_size]
             yield self.X[idx], self.y[idx]
 
 
 class StreamedBatches:
     """Streaming path: Parquet row groups -> transformed, pinned batches -> the device."""
 
-    def __init__(self, data: StreamedTrainData, batch_size: int, device: torch.device,
-                 dist: DistInfo):
-        self.dataset = ParquetBatches(data.train_path, data.preprocessor,
-                                      distributed.local_batch_size(batch_size, dist),
-                                      dist.rank, dist.world_size)
+    def __init__(
+        self, data: StreamedTrainData, batch_size: int, device: torch.device, dist: DistInfo
+    ):
+        self.dataset = ParquetBatches(
+            data.train_path,
+            data.preprocessor,
+            distributed.local_batch_size(batch_size, dist),
+            dist.rank,
+            dist.world_size,
+        )
         self.steps_per_epoch = self.dataset.batches_per_epoch
         self.device = device
 
@@ -180,30 +190,39 @@ class StreamedBatches:
             yield X.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def make_batches(data: TrainData | StreamedTrainData, batch_size: int, device: torch.device,
-                 dist: DistInfo) -> DeviceBatches | StreamedBatches:
+def make_batches(
+    data: TrainData | StreamedTrainData, batch_size: int, device: torch.device, dist: DistInfo
+) -> DeviceBatches | StreamedBatches:
     """The batch source for ``data``; ``batch_size`` is the global batch (split over ranks).
 
     A batch larger than the training split is allowed (each step then takes the whole split,
     one step per epoch), but warned about: it is usually a default left over from more data.
     """
     if isinstance(data, TrainData):
-        batches: DeviceBatches | StreamedBatches = DeviceBatches(data.X_train, data.y_train,
-                                                                 batch_size, dist)
+        batches: DeviceBatches | StreamedBatches = DeviceBatches(
+            data.X_train, data.y_train, batch_size, dist
+        )
         n_rows = len(data.X_train)
     else:
         batches = StreamedBatches(data, batch_size, device, dist)
         n_rows = batches.dataset.n_rows
     if batch_size > n_rows and dist.rank == 0:
-        logger.warning("train.batch_size %d is larger than the %d training rows: every step "
-                       "takes the whole split (one step per epoch); set train.batch_size to %d "
-                       "or less", batch_size, n_rows, n_rows)
+        logger.warning(
+            "train.batch_size %d is larger than the %d training rows: every step "
+            "takes the whole split (one step per epoch); set train.batch_size to %d "
+            "or less",
+            batch_size,
+            n_rows,
+            n_rows,
+        )
     return batches
 
 
-def make_train_data(splits: dict[str, pd.DataFrame], preprocessor: FittedPreprocessor,
-                    device: torch.device) -> TrainData:
+def make_train_data(
+    splits: dict[str, pd.DataFrame], preprocessor: FittedPreprocessor, device: torch.device
+) -> TrainData:
     """Transform the train/val splits and move them to ``device`` once."""
+
     def _tensors(df: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
         X = torch.from_numpy(preprocessor.transform(df)).to(device)
         y = torch.from_numpy(preprocessor.encode_labels(df[preprocessor.target])).to(device)
@@ -216,8 +235,9 @@ def _read_splits(features_dir: Path, names: Sequence[str]) -> dict[str, pd.DataF
     return {name: read_parquet(features_dir / f"{name}.parquet") for name in names}
 
 
-def load_train_data(features_dir: Path, preprocessor: FittedPreprocessor, params: TrainParams,
-                    device: torch.device) -> tuple[TrainData | StreamedTrainData, dict]:
+def load_train_data(
+    features_dir: Path, preprocessor: FittedPreprocessor, params: TrainParams, device: torch.device
+) -> tuple[TrainData | StreamedTrainData, dict]:
     """The training data, on the device when it fits (or as asked), else streamed.
 
     Returns the data and the splits read whole (all three in memory; val and test streamed).
@@ -229,12 +249,12 @@ def load_train_data(features_dir: Path, preprocessor: FittedPreprocessor, params
     n_bytes = n_rows * (preprocessor.n_features * 4 + 8)  # float32 features + int64 label
     on_device = params.data_on_device == "always" or (
         params.data_on_device == "auto"
-        and fits_on_device(n_bytes, device, params.device_memory_fraction))
+        and fits_on_device(n_bytes, device, params.device_memory_fraction)
+    )
     if on_device:
         splits = _read_splits(features_dir, ("train", "val", "test"))
         return make_train_data(splits, preprocessor, device), splits
-    logger.info("streaming %d training rows (%.1f MB) from %s", n_rows, n_bytes / 1e6,
-                train_path)
+    logger.info("streaming %d training rows (%.1f MB) from %s", n_rows, n_bytes / 1e6, train_path)
     splits = _read_splits(features_dir, ("val", "test"))
     X_val = torch.from_numpy(preprocessor.transform(splits["val"]))
     y_val = torch.from_numpy(preprocessor.encode_labels(splits["val"][preprocessor.target]))

@@ -19,19 +19,20 @@ import re
 import shutil
 import signal
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from stages.train import distributed
-from stages.train.distributed import DistInfo
 from stages.common.errors import PipelineError
 from stages.common.io import atomic_path
+from stages.train import distributed
+from stages.train.distributed import DistInfo
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,10 @@ class ResumeStore:
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged file (it is written atomically, so: by hand)
-            raise PipelineError(f"{self.path}: unreadable resume checkpoint ({exc}); delete it "
-                                "or run with --no-resume") from exc
+            raise PipelineError(
+                f"{self.path}: unreadable resume checkpoint ({exc}); delete it "
+                "or run with --no-resume"
+            ) from exc
 
     def save(self, state: dict[str, Any]) -> None:
         """Write ``state`` atomically: a kill mid-write leaves the previous checkpoint."""
@@ -98,8 +101,11 @@ class ResumeStore:
         if not self.root.is_dir():
             return
         for folder in self.root.iterdir():
-            if folder.name != self.key and _KEY_PATTERN.fullmatch(folder.name) \
-                    and (folder / RESUME_FILE).is_file():
+            if (
+                folder.name != self.key
+                and _KEY_PATTERN.fullmatch(folder.name)
+                and (folder / RESUME_FILE).is_file()
+            ):
                 logger.info("removing stale resume state %s", folder)
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -121,10 +127,19 @@ class LoopState:
     rows: int = 0  # rows behind ``loss_sum``
 
 
-def save_checkpoint(store: ResumeStore, state: LoopState, network: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                    shuffle_state: torch.Tensor, augment: torch.Generator | None,
-                    device: torch.device, dist: DistInfo, extra: dict[str, Any]) -> None:
+def save_checkpoint(
+    store: ResumeStore,
+    state: LoopState,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    shuffle_state: torch.Tensor,
+    augment: torch.Generator | None,
+    device: torch.device,
+    dist: DistInfo,
+    extra: dict[str, Any],
+) -> None:
     """Write the loop's full state to ``store`` (rank 0; a collective, so every rank calls it).
 
     ``shuffle_state`` is the batch-order generator as it was at the start of the epoch in
@@ -135,18 +150,33 @@ def save_checkpoint(store: ResumeStore, state: LoopState, network: nn.Module,
     if not dist.is_main:
         return
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    store.save({**fields, **extra, "format": 1, "loss_sum": loss_sums.cpu(),
-                "model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "shuffle": shuffle_state,
-                "rng": capture_rng(device, augment)})
+    store.save(
+        {
+            **fields,
+            **extra,
+            "format": 1,
+            "loss_sum": loss_sums.cpu(),
+            "model": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "shuffle": shuffle_state,
+            "rng": capture_rng(device, augment),
+        }
+    )
 
 
-def restore_checkpoint(ckpt: dict[str, Any], network: nn.Module,
-                       optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                       shuffle: torch.Generator, augment: torch.Generator | None,
-                       device: torch.device, dist: DistInfo) -> LoopState:
+def restore_checkpoint(
+    ckpt: dict[str, Any],
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    shuffle: torch.Generator,
+    augment: torch.Generator | None,
+    device: torch.device,
+    dist: DistInfo,
+) -> LoopState:
     """Load ``ckpt`` into the freshly built parts; return where the loop continues."""
     network.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -159,8 +189,9 @@ def restore_checkpoint(ckpt: dict[str, Any], network: nn.Module,
     state = LoopState(**{f.name: ckpt[f.name] for f in dataclasses.fields(LoopState)})
     state.loss_sum = ckpt["loss_sum"][dist.rank].to(device)
     if dist.is_main:
-        logger.info("resuming at epoch %d, batch %d (step %d)", state.epoch, state.batch,
-                    state.step)
+        logger.info(
+            "resuming at epoch %d, batch %d (step %d)", state.epoch, state.batch, state.step
+        )
     return state
 
 
@@ -174,8 +205,9 @@ def capture_rng(device: torch.device, augment: torch.Generator | None) -> dict[s
     return states
 
 
-def restore_rng(states: dict[str, Any], device: torch.device,
-                augment: torch.Generator | None) -> None:
+def restore_rng(
+    states: dict[str, Any], device: torch.device, augment: torch.Generator | None
+) -> None:
     """Put back what ``capture_rng`` saved."""
     torch.set_rng_state(states["torch"])
     if device.type == "cuda" and "cuda" in states:
@@ -227,8 +259,9 @@ class GracefulStop:
             self._defer = False
 
 
-def stop_requested(stop: GracefulStop | None, step: int, dist: DistInfo,
-                   device: torch.device) -> bool:
+def stop_requested(
+    stop: GracefulStop | None, step: int, dist: DistInfo, device: torch.device
+) -> bool:
     """Whether the loop should checkpoint and stop now (in DDP: all ranks agree, same step)."""
     if stop is None:
         return False

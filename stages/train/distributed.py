@@ -13,9 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -46,8 +46,9 @@ class DistInfo:
 def current() -> DistInfo:
     """Read the rank and world size torchrun put in the environment."""
     env = os.environ
-    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                    int(env.get("LOCAL_RANK", 0)))
+    return DistInfo(
+        int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    )
 
 
 def resolve_nproc(nproc: int | None, device_name: str) -> int:
@@ -60,8 +61,10 @@ def resolve_nproc(nproc: int | None, device_name: str) -> int:
     if nproc is None:
         return torch.cuda.device_count() if cuda else 1
     if cuda and nproc > torch.cuda.device_count():
-        raise ConfigError(f"train.nproc: {nproc} processes but only {torch.cuda.device_count()} "
-                          "GPU(s) visible (one process per GPU; set base.device: cpu for CPU DDP)")
+        raise ConfigError(
+            f"train.nproc: {nproc} processes but only {torch.cuda.device_count()} "
+            "GPU(s) visible (one process per GPU; set base.device: cpu for CPU DDP)"
+        )
     return nproc
 
 
@@ -74,12 +77,19 @@ def launch_torchrun(nproc: int, module: str, argv: Sequence[str]) -> None:
     Raises:
         PipelineError: a rank failed (its own error is in the log above).
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", module, *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *argv,
+    ]
     env = dict(os.environ)
     # The ranks import the stage as a module: make the project importable from any cwd.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH"))
-                                        if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     logger.info("launching %d training processes: %s", nproc, " ".join(cmd))
     child = subprocess.Popen(cmd, env=env)
     forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
@@ -90,8 +100,10 @@ def launch_torchrun(nproc: int, module: str, argv: Sequence[str]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if code != 0:
-        raise PipelineError(f"distributed training failed: torchrun with {nproc} processes "
-                            f"exited with code {code} (see the rank logs above)")
+        raise PipelineError(
+            f"distributed training failed: torchrun with {nproc} processes "
+            f"exited with code {code} (see the rank logs above)"
+        )
 
 
 def setup(info: DistInfo, device: torch.device) -> torch.device:
@@ -104,8 +116,10 @@ def setup(info: DistInfo, device: torch.device) -> torch.device:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+        )
     return device
 
 
@@ -127,8 +141,8 @@ def shard_indices(order: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if not info.enabled:
         return order
     total = math.ceil(len(order) / info.world_size) * info.world_size
-    padded = torch.cat([order, order[:total - len(order)]])
-    return padded[info.rank::info.world_size]
+    padded = torch.cat([order, order[: total - len(order)]])
+    return padded[info.rank :: info.world_size]
 
 
 def sum_all(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -160,7 +174,9 @@ def local_batch_size(batch_size: int, info: DistInfo) -> int:
         ConfigError: the batch does not split evenly over the processes.
     """
     if batch_size % info.world_size:
-        raise ConfigError(f"train.batch_size {batch_size} does not split over "
-                          f"{info.world_size} processes (train.nproc): use a multiple of "
-                          f"{info.world_size}")
+        raise ConfigError(
+            f"train.batch_size {batch_size} does not split over "
+            f"{info.world_size} processes (train.nproc): use a multiple of "
+            f"{info.world_size}"
+        )
     return batch_size // info.world_size

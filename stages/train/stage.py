@@ -20,10 +20,11 @@ import logging
 import math
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -31,8 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.train import distributed
+from model.nets import build_network, select_device
+from model.preprocess import FittedPreprocessor, load_preprocessor
 from stages.common import integrity, tracking
+from stages.common.cli import build_parser, run_main
+from stages.common.config import Params, TrainParams
+from stages.common.errors import PipelineError
+from stages.common.io import atomic_path, write_text
+from stages.train import distributed
 from stages.train.augment import ImageAugmenter
 from stages.train.batches import (  # noqa: F401
     StreamedTrainData,
@@ -52,13 +59,7 @@ from stages.train.checkpoint import (
     save_checkpoint,
     stop_requested,
 )
-from stages.common.cli import build_parser, run_main
-from stages.common.config import Params, TrainParams
 from stages.train.distributed import DistInfo
-from stages.common.errors import PipelineError
-from stages.common.io import atomic_path, write_text
-from model.nets import build_network, select_device
-from model.preprocess import FittedPreprocessor, load_preprocessor
 from stages.train.training import (
     build_optimizer,
     build_scheduler,
@@ -97,8 +98,13 @@ def seed_torch(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def evaluate_split(network: nn.Module, X: torch.Tensor, y: torch.Tensor,
-                   device: torch.device, precision: str = "auto") -> tuple[float, float]:
+def evaluate_split(
+    network: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    precision: str = "auto",
+) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``network`` on one split, in eval mode."""
     network.eval()
     autocast = resolve_precision(precision, device).autocast(device)
@@ -106,8 +112,8 @@ def evaluate_split(network: nn.Module, X: torch.Tensor, y: torch.Tensor,
     correct = torch.zeros((), device=device, dtype=torch.long)
     with torch.inference_mode():
         for start in range(0, len(X), EVAL_BATCH):
-            xb = X[start:start + EVAL_BATCH].to(device, non_blocking=True)
-            yb = y[start:start + EVAL_BATCH].to(device, non_blocking=True)
+            xb = X[start : start + EVAL_BATCH].to(device, non_blocking=True)
+            yb = y[start : start + EVAL_BATCH].to(device, non_blocking=True)
             with autocast:
                 logits = network(xb)
             loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
@@ -119,15 +125,24 @@ def _check_finite(value: float, what: str, epoch: int, params: TrainParams) -> N
     if not math.isfinite(value):
         raise PipelineError(
             f"{what} is {value} at epoch {epoch}: training diverged (train.lr={params.lr}); "
-            "lower train.lr or check the features for NaN/inf values")
+            "lower train.lr or check the features for NaN/inf values"
+        )
 
 
-def train_model(network: nn.Module, data: TrainData | StreamedTrainData, params: TrainParams,
-                device: torch.device, seed: int,
-                on_epoch: Callable[[dict[str, float]], None] | None = None, *,
-                dist: DistInfo | None = None, store: ResumeStore | None = None,
-                resume: dict[str, Any] | None = None, stop: GracefulStop | None = None,
-                checkpoint_extra: dict[str, Any] | None = None) -> TrainResult:
+def train_model(
+    network: nn.Module,
+    data: TrainData | StreamedTrainData,
+    params: TrainParams,
+    device: torch.device,
+    seed: int,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    *,
+    dist: DistInfo | None = None,
+    store: ResumeStore | None = None,
+    resume: dict[str, Any] | None = None,
+    stop: GracefulStop | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+) -> TrainResult:
     """Fit ``network`` with early stopping on validation loss.
 
     Args:
@@ -155,26 +170,63 @@ def train_model(network: nn.Module, data: TrainData | StreamedTrainData, params:
     batches = make_batches(data, params.batch_size, device, dist)
     scheduler = build_scheduler(optimizer, params, batches.steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
-    augment = (ImageAugmenter(params.image_shape, params.augment_crop_pad, params.augment_flip,
-                              params.augment_noise, params.augment_seed, device)
-               if params.augments else None)
+    augment = (
+        ImageAugmenter(
+            params.image_shape,
+            params.augment_crop_pad,
+            params.augment_flip,
+            params.augment_noise,
+            params.augment_seed,
+            device,
+        )
+        if params.augments
+        else None
+    )
     shuffle = torch.Generator().manual_seed(seed)
     state = LoopState()
     if resume is not None:
-        state = restore_checkpoint(resume, network, optimizer, scheduler, scaler, shuffle,
-                                   augment.generator if augment else None, device, dist)
+        state = restore_checkpoint(
+            resume,
+            network,
+            optimizer,
+            scheduler,
+            scaler,
+            shuffle,
+            augment.generator if augment else None,
+            device,
+            dist,
+        )
 
     def save(shuffle_state: torch.Tensor) -> None:
         if store is not None:  # a collective in DDP: every rank gets here, rank 0 writes
-            save_checkpoint(store, state, network, optimizer, scheduler, scaler, shuffle_state,
-                            augment.generator if augment else None, device, dist,
-                            checkpoint_extra or {})
+            save_checkpoint(
+                store,
+                state,
+                network,
+                optimizer,
+                scheduler,
+                scaler,
+                shuffle_state,
+                augment.generator if augment else None,
+                device,
+                dist,
+                checkpoint_extra or {},
+            )
 
     every = params.checkpoint_every_steps
     # disable=None: a live bar in a terminal (`dvc repro`), a log line every 10 epochs otherwise
-    with tqdm(total=params.max_epochs, initial=len(state.history), desc="train", unit="epoch",
-              file=sys.stderr, dynamic_ncols=True, disable=None if dist.is_main else True) as bar, \
-            (stop.deferred() if stop is not None else nullcontext()):
+    with (
+        tqdm(
+            total=params.max_epochs,
+            initial=len(state.history),
+            desc="train",
+            unit="epoch",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=None if dist.is_main else True,
+        ) as bar,
+        stop.deferred() if stop is not None else nullcontext(),
+    ):
         try:
             while not state.done:
                 epoch_shuffle = shuffle.get_state()  # a mid-epoch resume redraws this order
@@ -202,7 +254,9 @@ def train_model(network: nn.Module, data: TrainData | StreamedTrainData, params:
                         optimizer.step()
                     if scheduler is not None:
                         scheduler.step()
-                    state.loss_sum.add_(loss.detach(), alpha=len(yb))  # no .item(): no sync per step
+                    state.loss_sum.add_(
+                        loss.detach(), alpha=len(yb)
+                    )  # no .item(): no sync per step
                     state.rows += len(yb)
                     state.batch += 1
                     state.step += 1
@@ -213,48 +267,69 @@ def train_model(network: nn.Module, data: TrainData | StreamedTrainData, params:
                         raise TrainingInterrupted(
                             f"training stopped by {stop.signal_name} at epoch {state.epoch}, "
                             f"step {state.step}; run the stage again to resume from the "
-                            f"checkpoint{f' in {store.path}' if store else ''}")
+                            f"checkpoint{f' in {store.path}' if store else ''}"
+                        )
 
                 # .item() syncs with the device once per epoch, not once per batch.
-                train_loss = (distributed.sum_all(state.loss_sum, dist).item()
-                              / (state.rows * dist.world_size))
+                train_loss = distributed.sum_all(state.loss_sum, dist).item() / (
+                    state.rows * dist.world_size
+                )
                 _check_finite(train_loss, "train loss", state.epoch, params)
-                val_loss, val_acc = evaluate_split(eval_net, data.X_val, data.y_val, device,
-                                                   params.precision)
+                val_loss, val_acc = evaluate_split(
+                    eval_net, data.X_val, data.y_val, device, params.precision
+                )
                 _check_finite(val_loss, "validation loss", state.epoch, params)
 
-                row = {"epoch": state.epoch, "train_loss": train_loss, "val_loss": val_loss,
-                       "val_accuracy": val_acc}
+                row = {
+                    "epoch": state.epoch,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_accuracy": val_acc,
+                }
                 state.history.append(row)
                 if on_epoch is not None:
                     on_epoch(row)
                 if val_loss < state.best_val:
                     # Copy to CPU: the next optimizer step would otherwise overwrite the best.
-                    state.best_state = {k: v.detach().to("cpu", copy=True)
-                                        for k, v in network.state_dict().items()}
+                    state.best_state = {
+                        k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()
+                    }
                     state.best_epoch, state.best_val, state.since_best = state.epoch, val_loss, 0
                 else:
                     state.since_best += 1
-                state.done = (state.since_best >= params.patience
-                              or state.epoch == params.max_epochs)
+                state.done = state.since_best >= params.patience or state.epoch == params.max_epochs
                 state.epoch, state.batch = state.epoch + 1, 0
                 save(shuffle.get_state())
 
-                bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
-                                val_acc=f"{val_acc:.3f}", best=state.best_epoch, refresh=False)
+                bar.set_postfix(
+                    train_loss=f"{train_loss:.4f}",
+                    val_loss=f"{val_loss:.4f}",
+                    val_acc=f"{val_acc:.3f}",
+                    best=state.best_epoch,
+                    refresh=False,
+                )
                 bar.update()
                 if bar.disable and dist.is_main and (row["epoch"] == 1 or row["epoch"] % 10 == 0):
-                    logger.info("epoch %d: train_loss %.4f val_loss %.4f val_accuracy %.3f",
-                                row["epoch"], train_loss, val_loss, val_acc)
+                    logger.info(
+                        "epoch %d: train_loss %.4f val_loss %.4f val_accuracy %.3f",
+                        row["epoch"],
+                        train_loss,
+                        val_loss,
+                        val_acc,
+                    )
         except torch.OutOfMemoryError as exc:
             raise PipelineError(oom_message(params.batch_size, device)) from exc
 
     stopped_early = len(state.history) < params.max_epochs
     if stopped_early and dist.is_main:
-        logger.info("early stop at epoch %d: no val-loss improvement for %d epochs",
-                    len(state.history), params.patience)
-    return TrainResult(state.best_state, state.history, state.best_epoch, state.best_val,
-                       stopped_early)
+        logger.info(
+            "early stop at epoch %d: no val-loss improvement for %d epochs",
+            len(state.history),
+            params.patience,
+        )
+    return TrainResult(
+        state.best_state, state.history, state.best_epoch, state.best_val, stopped_early
+    )
 
 
 def history_csv(history: list[dict[str, float]]) -> str:
@@ -267,15 +342,18 @@ def flatten_params(params: Params, sections: Sequence[str]) -> dict[str, Any]:
     flat = {}
     for name in sections:
         for key, value in getattr(params, name).model_dump(mode="json").items():
-            flat[f"{name}.{key}"] = value if isinstance(value, (int, float, str, bool)) \
-                else str(value)
+            flat[f"{name}.{key}"] = (
+                value if isinstance(value, (int, float, str, bool)) else str(value)
+            )
     return flat
 
 
 def params_dict(params: Params) -> dict[str, Any]:
     """The whole resolved config as plain JSON-able data."""
-    return {field.name: getattr(params, field.name).model_dump(mode="json")
-            for field in dataclasses.fields(params)}
+    return {
+        field.name: getattr(params, field.name).model_dump(mode="json")
+        for field in dataclasses.fields(params)
+    }
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -289,23 +367,32 @@ def _log_inputs(splits: dict[str, pd.DataFrame], features_dir: Path, target: str
     with warnings.catch_warnings():
         # Harmless MLflow notes: a local path matches two equivalent source types, and the
         # integer target column triggers a schema hint meant for model signatures.
-        warnings.filterwarnings("ignore", category=UserWarning,
-                                message="(The specified dataset source|Hint: Inferred schema)")
+        warnings.filterwarnings(
+            "ignore",
+            category=UserWarning,
+            message="(The specified dataset source|Hint: Inferred schema)",
+        )
         for name, context in INPUT_CONTEXTS.items():
             path = features_dir / f"{name}.parquet"
             if name in splits:
-                dataset = mlflow.data.from_pandas(splits[name], source=str(path.resolve()),
-                                                  targets=target,
-                                                  name=f"{features_dir.name}-{name}")
+                dataset = mlflow.data.from_pandas(
+                    splits[name],
+                    source=str(path.resolve()),
+                    targets=target,
+                    name=f"{features_dir.name}-{name}",
+                )
             else:  # streamed: never loaded whole, so describe it by its file hash
-                dataset = MetaDataset(resolve_dataset_source(str(path.resolve())),
-                                      name=f"{features_dir.name}-{name}",
-                                      digest=hash_files([path])[:8])
+                dataset = MetaDataset(
+                    resolve_dataset_source(str(path.resolve())),
+                    name=f"{features_dir.name}-{name}",
+                    digest=hash_files([path])[:8],
+                )
             mlflow.log_input(dataset, context=context)
 
 
-def _save_models(out_dir: Path, checkpoint: dict[str, Any], run_id: str,
-                 experiment_id: str) -> None:
+def _save_models(
+    out_dir: Path, checkpoint: dict[str, Any], run_id: str, experiment_id: str
+) -> None:
     # One atomic swap of the whole folder: model.pt and run.json always belong together.
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -329,18 +416,38 @@ def _open_mlflow_run(params: Params, resume: dict[str, Any] | None) -> tuple[Any
     return mlflow.start_run(run_name=f"train-{params.train.model}"), experiment_id, False
 
 
-def _resume_store(resume_dir: str | Path, params: Params, features_dir: Path,
-                  device: torch.device, streamed: bool, dist: DistInfo) -> ResumeStore:
-    config = {"train": params.train.model_dump(mode="json"), "seed": params.base.seed,
-              "device": device.type, "world_size": dist.world_size, "streamed": streamed}
-    data_hash = hash_files([features_dir / name for name in
-                            ("train.parquet", "val.parquet", "preprocessor.joblib")])
+def _resume_store(
+    resume_dir: str | Path,
+    params: Params,
+    features_dir: Path,
+    device: torch.device,
+    streamed: bool,
+    dist: DistInfo,
+) -> ResumeStore:
+    config = {
+        "train": params.train.model_dump(mode="json"),
+        "seed": params.base.seed,
+        "device": device.type,
+        "world_size": dist.world_size,
+        "streamed": streamed,
+    }
+    data_hash = hash_files(
+        [features_dir / name for name in ("train.parquet", "val.parquet", "preprocessor.joblib")]
+    )
     return ResumeStore(Path(resume_dir), resume_key(config, data_hash))
 
 
-def run(features_dir: str | Path, validation_report: str | Path, out_dir: str | Path,
-        history_path: str | Path, params: Params, *, resume_dir: str | Path = DEFAULT_RESUME_DIR,
-        resume: bool = True, params_file: str | Path | None = None) -> TrainResult:
+def run(
+    features_dir: str | Path,
+    validation_report: str | Path,
+    out_dir: str | Path,
+    history_path: str | Path,
+    params: Params,
+    *,
+    resume_dir: str | Path = DEFAULT_RESUME_DIR,
+    resume: bool = True,
+    params_file: str | Path | None = None,
+) -> TrainResult:
     """Train on ``features_dir``; write ``out_dir/model.pt`` + ``run.json`` and the history.
 
     Everything is logged to one MLflow run (params, config, per-epoch metrics, dataset inputs,
@@ -366,32 +473,73 @@ def run(features_dir: str | Path, validation_report: str | Path, out_dir: str | 
             # model
             network = build_network(params.train, n_features, n_classes).to(device)
             # resume state
-            store = _resume_store(resume_dir, params, features_dir, device,
-                                  isinstance(data, StreamedTrainData), dist)
+            store = _resume_store(
+                resume_dir, params, features_dir, device, isinstance(data, StreamedTrainData), dist
+            )
             if not resume and dist.is_main:
                 store.clear()
             state = store.load() if resume else None
             if state is None and dist.is_main:
                 store.clear_others()
             if not dist.is_main:
-                return train_model(network, data, params.train, device, params.base.seed,
-                                   dist=dist, store=store, resume=state, stop=stop)
-            logger.info("training %s (%d features -> %d classes) on %s x%d, %d val rows",
-                        params.train.model, n_features, n_classes, device, dist.world_size,
-                        len(data.X_val))
-            return _train_tracked(network, data, splits, preprocessor, params, device, dist,
-                                  store, state, stop, features_dir, Path(validation_report),
-                                  out_dir, Path(history_path), params_file)
+                return train_model(
+                    network,
+                    data,
+                    params.train,
+                    device,
+                    params.base.seed,
+                    dist=dist,
+                    store=store,
+                    resume=state,
+                    stop=stop,
+                )
+            logger.info(
+                "training %s (%d features -> %d classes) on %s x%d, %d val rows",
+                params.train.model,
+                n_features,
+                n_classes,
+                device,
+                dist.world_size,
+                len(data.X_val),
+            )
+            return _train_tracked(
+                network,
+                data,
+                splits,
+                preprocessor,
+                params,
+                device,
+                dist,
+                store,
+                state,
+                stop,
+                features_dir,
+                Path(validation_report),
+                out_dir,
+                Path(history_path),
+                params_file,
+            )
         finally:
             distributed.teardown(dist)
 
 
-def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
-                   splits: dict[str, pd.DataFrame], preprocessor: FittedPreprocessor,
-                   params: Params, device: torch.device, dist: DistInfo, store: ResumeStore,
-                   state: dict[str, Any] | None, stop: GracefulStop, features_dir: Path,
-                   validation_report: Path, out_dir: Path, history_path: Path,
-                   params_file: str | Path | None) -> TrainResult:
+def _train_tracked(
+    network: nn.Module,
+    data: TrainData | StreamedTrainData,
+    splits: dict[str, pd.DataFrame],
+    preprocessor: FittedPreprocessor,
+    params: Params,
+    device: torch.device,
+    dist: DistInfo,
+    store: ResumeStore,
+    state: dict[str, Any] | None,
+    stop: GracefulStop,
+    features_dir: Path,
+    validation_report: Path,
+    out_dir: Path,
+    history_path: Path,
+    params_file: str | Path | None,
+) -> TrainResult:
     """Rank 0: the loop inside one MLflow run that never stays RUNNING, then the outputs."""
     import mlflow
 
@@ -407,30 +555,54 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
         else:
             # the data versions train reads; its own outputs are tagged by register, which
             # hashes the files once DVC has locked them
-            mlflow.set_tags({**tracking.lineage_tags(stage="train"), "device": str(device),
-                             "world_size": dist.world_size})
-            mlflow.log_params({**flatten_params(params, ("base", "ingest", "features", "train")),
-                               "data.n_features": n_features, "data.n_classes": n_classes,
-                               "data.classes": str(preprocessor.classes)})
+            mlflow.set_tags(
+                {
+                    **tracking.lineage_tags(stage="train"),
+                    "device": str(device),
+                    "world_size": dist.world_size,
+                }
+            )
+            mlflow.log_params(
+                {
+                    **flatten_params(params, ("base", "ingest", "features", "train")),
+                    "data.n_features": n_features,
+                    "data.n_classes": n_classes,
+                    "data.classes": str(preprocessor.classes),
+                }
+            )
             mlflow.log_dict(params_dict(params), "config/params.json")
-            tracking.log_lineage(".", params_file, validation_report,
-                                 params_text=snapshot.text if snapshot is not None else None)
+            tracking.log_lineage(
+                ".",
+                params_file,
+                validation_report,
+                params_text=snapshot.text if snapshot is not None else None,
+            )
             _log_inputs(splits, features_dir, preprocessor.target)
 
         # optimizer + loop (per-epoch metrics go out in batches: logging never stalls training)
         metrics = tracking.MetricBuffer(active.info.run_id)
         result = train_model(
-            network, data, params.train, device, params.base.seed,
+            network,
+            data,
+            params.train,
+            device,
+            params.base.seed,
             on_epoch=lambda row: metrics.add(
-                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
-            dist=dist, store=store, resume=state, stop=stop,
-            checkpoint_extra={"run_id": active.info.run_id})
+                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+            ),
+            dist=dist,
+            store=store,
+            resume=state,
+            stop=stop,
+            checkpoint_extra={"run_id": active.info.run_id},
+        )
         if stop.requested:  # a signal during the last epoch's scoring: its checkpoint is saved
-            raise TrainingInterrupted(f"training stopped by {stop.signal_name} after the last "
-                                      "epoch; run the stage again to write the outputs")
+            raise TrainingInterrupted(
+                f"training stopped by {stop.signal_name} after the last "
+                "epoch; run the stage again to write the outputs"
+            )
         metrics.flush()
-        mlflow.log_metrics({"best_epoch": result.best_epoch,
-                            "best_val_loss": result.best_val_loss})
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss})
 
         # checkpoint + history (logged first, written last: a failure above writes nothing)
         history = history_csv(result.history)
@@ -439,10 +611,14 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
             mlflow.log_artifacts(str(validation_report), artifact_path="validation")
         else:
             logger.warning("no validation report at %s; not logged", validation_report)
-        checkpoint = {"state_dict": result.state_dict,
-                      "train_params": params.train.model_dump(mode="json"),
-                      "n_features": n_features, "n_classes": n_classes,
-                      "epoch": result.best_epoch, "val_loss": result.best_val_loss}
+        checkpoint = {
+            "state_dict": result.state_dict,
+            "train_params": params.train.model_dump(mode="json"),
+            "n_features": n_features,
+            "n_classes": n_classes,
+            "epoch": result.best_epoch,
+            "val_loss": result.best_val_loss,
+        }
         if snapshot is not None:  # params.yaml edited while training: no output, run FAILED
             snapshot.check_unchanged("train")
         _save_models(out_dir, checkpoint, active.info.run_id, experiment_id)
@@ -455,13 +631,20 @@ def _train_tracked(network: nn.Module, data: TrainData | StreamedTrainData,
         raise
     _end_run("FINISHED", metrics)
     store.clear()  # done: a new run with these params and data starts fresh
-    logger.info("best epoch %d (val_loss %.4f) of %d; wrote %s and %s", result.best_epoch,
-                result.best_val_loss, len(result.history), out_dir / MODEL_FILE, history_path)
+    logger.info(
+        "best epoch %d (val_loss %.4f) of %d; wrote %s and %s",
+        result.best_epoch,
+        result.best_val_loss,
+        len(result.history),
+        out_dir / MODEL_FILE,
+        history_path,
+    )
     return result
 
 
-def _end_run(status: str, metrics: tracking.MetricBuffer | None,
-             error: BaseException | None = None) -> None:
+def _end_run(
+    status: str, metrics: tracking.MetricBuffer | None, error: BaseException | None = None
+) -> None:
     # The run never stays RUNNING: a failed flush (a full disk) ends it FAILED, and while
     # ``error`` is handled nothing here raises over it (tracking.end_run).
     try:
@@ -480,22 +663,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser("train", "Train the network with early stopping; log to MLflow.")
     parser.add_argument("--features", required=True, help="features folder (features stage)")
-    parser.add_argument("--validation-report", required=True,
-                        help="validation report folder, logged to MLflow under validation/")
+    parser.add_argument(
+        "--validation-report",
+        required=True,
+        help="validation report folder, logged to MLflow under validation/",
+    )
     parser.add_argument("--out", required=True, help="model folder: model.pt + run.json")
     parser.add_argument("--history", required=True, help="per-epoch history CSV")
-    parser.add_argument("--resume-dir", default=DEFAULT_RESUME_DIR,
-                        help="resume checkpoints (kept out of DVC outputs; removed on success)")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="discard this training's resume checkpoint and start over")
+    parser.add_argument(
+        "--resume-dir",
+        default=DEFAULT_RESUME_DIR,
+        help="resume checkpoints (kept out of DVC outputs; removed on success)",
+    )
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="discard this training's resume checkpoint and start over",
+    )
 
     def body(args: argparse.Namespace, params: Params) -> None:
         nproc = distributed.resolve_nproc(params.train.nproc, params.base.device)
         if nproc > 1 and not distributed.current().enabled:
             distributed.launch_torchrun(nproc, "stages.train", argv)
             return
-        run(args.features, args.validation_report, args.out, args.history, params,
-            resume_dir=args.resume_dir, resume=not args.no_resume, params_file=args.params)
+        run(
+            args.features,
+            args.validation_report,
+            args.out,
+            args.history,
+            params,
+            resume_dir=args.resume_dir,
+            resume=not args.no_resume,
+            params_file=args.params,
+        )
 
     return run_main("train", parser, body, argv)
 

@@ -29,14 +29,16 @@ if TYPE_CHECKING:
 MAX_LISTED_FAILURES = 10  # in the GateError message; summary.json has all of them
 
 
-def gx_expectations(suite: Suite, rules: dict[str, ColumnRuleParams],
-                    sampled: bool) -> tuple[list[dict[str, Any]], list[str]]:
+def gx_expectations(
+    suite: Suite, rules: dict[str, ColumnRuleParams], sampled: bool
+) -> tuple[list[dict[str, Any]], list[str]]:
     """(the expectations GX runs, a note for each one left out of the run)."""
     kept, left_out = [], []
     for item in suite.raw["expectations"]:
         kind, kwargs = item["type"], item.get("kwargs", {})
-        whole_data = kind == ROW_COUNT or (sampled and (
-            kind == UNIQUE_COUNT or (kind == NOT_NULL and kwargs.get("mostly", 1) < 1)))
+        whole_data = kind == ROW_COUNT or (
+            sampled and (kind == UNIQUE_COUNT or (kind == NOT_NULL and kwargs.get("mostly", 1) < 1))
+        )
         if whole_data:
             where = f" on {kwargs['column']}" if "column" in kwargs else ""
             left_out.append(f"{kind}{where}: checked on every row by the streaming pass")
@@ -53,14 +55,29 @@ def _params_expectations(name: str, rule: ColumnRuleParams) -> list[dict[str, An
     if rule.not_null:
         out.append({"type": NOT_NULL, "kwargs": {"column": name}, "meta": meta})
     if rule.min is not None or rule.max is not None:
-        out.append({"type": "expect_column_values_to_be_between", "meta": meta, "kwargs": {
-            "column": name, "min_value": rule.min, "max_value": rule.max}})
+        out.append(
+            {
+                "type": "expect_column_values_to_be_between",
+                "meta": meta,
+                "kwargs": {"column": name, "min_value": rule.min, "max_value": rule.max},
+            }
+        )
     if rule.positive:
-        out.append({"type": "expect_column_values_to_be_between", "meta": meta, "kwargs": {
-            "column": name, "min_value": 0, "strict_min": True}})
+        out.append(
+            {
+                "type": "expect_column_values_to_be_between",
+                "meta": meta,
+                "kwargs": {"column": name, "min_value": 0, "strict_min": True},
+            }
+        )
     if rule.values is not None:
-        out.append({"type": "expect_column_values_to_be_in_set", "meta": meta,
-                    "kwargs": {"column": name, "value_set": rule.values}})
+        out.append(
+            {
+                "type": "expect_column_values_to_be_in_set",
+                "meta": meta,
+                "kwargs": {"column": name, "value_set": rule.values},
+            }
+        )
     return out
 
 
@@ -69,8 +86,9 @@ def as_gx_frame(table: Any) -> Any:
     import pandas as pd
     import pyarrow as pa
 
-    df = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(),
-                                       pa.bool_(): pd.BooleanDtype()}.get)
+    df = table.to_pandas(
+        types_mapper={pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}.get
+    )
     for name, arrow_field in zip(table.column_names, table.schema, strict=True):
         if pa.types.is_string(arrow_field.type):
             df[name] = df[name].astype(object)  # GX 1.24 cannot name pandas 3's str dtype
@@ -101,8 +119,9 @@ def _import_gx() -> None:
         pass
 
 
-def run_gx(df: Any, suite: Suite, expectations: list[dict[str, Any]], docs_dir: Path,
-           source: str) -> ExpectationSuiteValidationResult:
+def run_gx(
+    df: Any, suite: Suite, expectations: list[dict[str, Any]], docs_dir: Path, source: str
+) -> ExpectationSuiteValidationResult:
     """Run ``expectations`` on ``df`` in an ephemeral GX context; write Data Docs to docs_dir."""
     os.environ["GX_ANALYTICS_ENABLED"] = "false"  # read by GX at import and context creation
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # INFO floods at import
@@ -110,20 +129,31 @@ def run_gx(df: Any, suite: Suite, expectations: list[dict[str, Any]], docs_dir: 
     from great_expectations.checkpoint import UpdateDataDocsAction
 
     context = gx.get_context(mode="ephemeral", project_config=_gx_config(docs_dir))
-    batch = (context.data_sources.add_pandas("pipeline").add_dataframe_asset("validated")
-             .add_batch_definition_whole_dataframe("rows"))
+    batch = (
+        context.data_sources.add_pandas("pipeline")
+        .add_dataframe_asset("validated")
+        .add_batch_definition_whole_dataframe("rows")
+    )
     try:
         gx_suite = gx.ExpectationSuite(  # copies: GX writes into the mappings it is given
-            name=suite.name, expectations=copy.deepcopy(expectations),
-            meta=copy.deepcopy(suite.raw.get("meta")))
+            name=suite.name,
+            expectations=copy.deepcopy(expectations),
+            meta=copy.deepcopy(suite.raw.get("meta")),
+        )
     except Exception as exc:  # GX raises many kinds for a bad expectation
         raise ConfigError(f"{source}: great_expectations cannot load the suite: {exc}") from exc
     gx_suite = context.suites.add(gx_suite)
     definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{suite.name}_gate", data=batch, suite=gx_suite))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="validate", validation_definitions=[definition],
-        actions=[UpdateDataDocsAction(name="data_docs")], result_format="SUMMARY"))
+        gx.ValidationDefinition(name=f"{suite.name}_gate", data=batch, suite=gx_suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="validate",
+            validation_definitions=[definition],
+            actions=[UpdateDataDocsAction(name="data_docs")],
+            result_format="SUMMARY",
+        )
+    )
     result = checkpoint.run(batch_parameters={"dataframe": df})
     return next(iter(result.run_results.values()))
 
@@ -137,15 +167,22 @@ def _gx_config(docs_dir: Path) -> Any:
 
     # Stores in memory (no gx/ folder) and one docs site, ours: get_context's default
     # ephemeral config would also register a docs site in a fresh temporary folder.
-    sites = {"local": {
-        "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                          "base_directory": str(Path(docs_dir).resolve())},
-    }}
-    return DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(),
-                             data_docs_sites=sites, analytics_enabled=False,
-                             progress_bars=ProgressBarsConfig(globally=False))
+    sites = {
+        "local": {
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(Path(docs_dir).resolve()),
+            },
+        }
+    }
+    return DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        data_docs_sites=sites,
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
 
 
 def summarize_result(result: ExpectationSuiteValidationResult) -> list[dict[str, Any]]:
@@ -157,11 +194,14 @@ def summarize_result(result: ExpectationSuiteValidationResult) -> list[dict[str,
 
 def _describe(item: ExpectationValidationResult) -> dict[str, Any]:
     found = item.result or {}
-    entry = {"column": item.expectation_config.kwargs.get("column"),
-             "expectation": item.expectation_config.type}
+    entry = {
+        "column": item.expectation_config.kwargs.get("column"),
+        "expectation": item.expectation_config.type,
+    }
     if mismatched := (found.get("details") or {}).get("mismatched"):
-        entry.update({key: mismatched[key] for key in ("missing", "unexpected")
-                      if mismatched.get(key)})
+        entry.update(
+            {key: mismatched[key] for key in ("missing", "unexpected") if mismatched.get(key)}
+        )
     elif "observed_value" in found:
         entry["observed"] = found["observed_value"]
     if found.get("unexpected_count"):
@@ -191,9 +231,18 @@ def describe_failures(failed: list[dict[str, Any]], data_file: str) -> str:
     lines = []
     for entry in failed[:MAX_LISTED_FAILURES]:
         where = f"column {entry['column']}" if entry["column"] is not None else "table"
-        details = ", ".join(f"{key}={entry[key]}" for key in (
-            "missing", "unexpected", "observed", "unexpected_count", "unexpected_examples",
-            "error") if key in entry)
+        details = ", ".join(
+            f"{key}={entry[key]}"
+            for key in (
+                "missing",
+                "unexpected",
+                "observed",
+                "unexpected_count",
+                "unexpected_examples",
+                "error",
+            )
+            if key in entry
+        )
         lines.append(f"{data_file}: {where} failed {entry['expectation']} ({details})")
     if (more := len(failed) - MAX_LISTED_FAILURES) > 0:
         lines.append(f"... and {more} more")

@@ -25,11 +25,15 @@ from stages.common.suite import Suite
 NUMBER_PATTERN = r"^\s*[-+]?((\d+\.?\d*)|(\.\d+))([eE][-+]?\d+)?\s*$|^\s*[-+]?(nan|inf)\s*$"
 
 
-def gate_error(message: str, *, file: str | None = None, column: str | None = None,
-               rule: str | None = None) -> GateError:
+def gate_error(
+    message: str, *, file: str | None = None, column: str | None = None, rule: str | None = None
+) -> GateError:
     """A GateError rendered like DataError (``msg [file=..., column=..., rule=...]``)."""
-    where = ", ".join(f"{key}={value}" for key, value in
-                      (("file", file), ("column", column), ("rule", rule)) if value is not None)
+    where = ", ".join(
+        f"{key}={value}"
+        for key, value in (("file", file), ("column", column), ("rule", rule))
+        if value is not None
+    )
     error = GateError(f"{message} [{where}]" if where else message)
     error.file, error.column, error.rule = file, column, rule
     return error
@@ -62,8 +66,9 @@ def output_type(kind: str, raw_type: Any) -> Any:
 
     if kind == "datetime":
         return pa.timestamp("us", tz=getattr(raw_type, "tz", None))
-    return {"float": pa.float64(), "int": pa.int64(), "category": pa.string(),
-            "bool": pa.bool_()}[kind]
+    return {"float": pa.float64(), "int": pa.int64(), "category": pa.string(), "bool": pa.bool_()}[
+        kind
+    ]
 
 
 def type_fits(kind: str, raw_type: Any) -> bool:
@@ -83,9 +88,15 @@ def type_fits(kind: str, raw_type: Any) -> bool:
     return fits or t.is_null(raw_type)
 
 
-def cast_column(array: Any, kind: str, out_type: Any, file: str, name: str,
-                known_date: str | None = None,
-                date_format: str | None = None) -> tuple[Any, Any | None]:
+def cast_column(
+    array: Any,
+    kind: str,
+    out_type: Any,
+    file: str,
+    name: str,
+    known_date: str | None = None,
+    date_format: str | None = None,
+) -> tuple[Any, Any | None]:
     """``array`` as ``out_type`` plus, for an int column held as floats, its NaN/inf rows.
 
     Raises GateError for data that cannot be that type at all: a fraction in an int column
@@ -104,11 +115,16 @@ def cast_column(array: Any, kind: str, out_type: Any, file: str, name: str,
         fraction = pc.not_equal(finite, pc.floor(finite)).fill_null(False)
         if pc.any(fraction).as_py():
             examples = pc.filter(finite, fraction)[:3].to_pylist()
-            raise gate_error(f"column {name!r} holds fractions where the suite expects int, "
-                             f"e.g. {examples}", file=file, column=name, rule="type")
+            raise gate_error(
+                f"column {name!r} holds fractions where the suite expects int, e.g. {examples}",
+                file=file,
+                column=name,
+                rule="type",
+            )
         return finite.cast(out_type), nonfinite
-    if kind == "datetime" and (pa.types.is_string(array.type)
-                               or pa.types.is_large_string(array.type)):
+    if kind == "datetime" and (
+        pa.types.is_string(array.type) or pa.types.is_large_string(array.type)
+    ):
         if date_format is not None:
             return _parse_dates(array, date_format, out_type, file, name), None
         try:
@@ -125,15 +141,20 @@ def _parse_dates(array: Any, date_format: str, out_type: Any, file: str, name: s
     if parsed.null_count > array.null_count:
         failed = pc.and_(parsed.is_null(), array.is_valid())
         example = pc.filter(array, failed)[0].as_py()
-        raise gate_error(f"column {name!r} holds text that does not match the suite's date "
-                         f"format {date_format!r}, e.g. {example!r} (fix the data, or the "
-                         "format in the suite's type expectation meta)", file=file,
-                         column=name, rule="date_format")
+        raise gate_error(
+            f"column {name!r} holds text that does not match the suite's date "
+            f"format {date_format!r}, e.g. {example!r} (fix the data, or the "
+            "format in the suite's type expectation meta)",
+            file=file,
+            column=name,
+            rule="date_format",
+        )
     return parsed.cast(out_type)
 
 
-def _date_error(array: Any, out_type: Any, file: str, name: str,
-                known_date: str | None) -> GateError:
+def _date_error(
+    array: Any, out_type: Any, file: str, name: str, known_date: str | None
+) -> GateError:
     import re
 
     import pyarrow as pa
@@ -148,20 +169,33 @@ def _date_error(array: Any, out_type: Any, file: str, name: str,
 
     values = array.drop_null()
     shapes = pc.replace_substring_regex(values, r"[0-9]", "9")
-    examples = {shape: values[pc.index(shapes, shape).as_py()].as_py()
-                for shape in pc.unique(shapes)[:20].to_pylist()}
+    examples = {
+        shape: values[pc.index(shapes, shape).as_py()].as_py()
+        for shape in pc.unique(shapes)[:20].to_pylist()
+    }
     if known_date is not None:
         examples.setdefault(re.sub(r"[0-9]", "9", known_date), known_date)
     good = [text for text in examples.values() if parses(text)]
-    bad = [text for text in examples.values() if not parses(text)] or \
-        [text for text in values[:1000].to_pylist() if not parses(text)][:1] or ["?"]
+    bad = (
+        [text for text in examples.values() if not parses(text)]
+        or [text for text in values[:1000].to_pylist() if not parses(text)][:1]
+        or ["?"]
+    )
     if len(examples) > 1:
         shown = (good[:1] + bad)[:2]
-        return gate_error(f"column {name!r} mixes date formats, e.g. {shown[0]!r} and "
-                          f"{shown[1]!r}; write one format (ISO 8601: 2024-01-31)",
-                          file=file, column=name, rule="date_format")
-    return gate_error(f"column {name!r} holds text that is not an ISO 8601 date, e.g. "
-                      f"{bad[0]!r}", file=file, column=name, rule="date_format")
+        return gate_error(
+            f"column {name!r} mixes date formats, e.g. {shown[0]!r} and "
+            f"{shown[1]!r}; write one format (ISO 8601: 2024-01-31)",
+            file=file,
+            column=name,
+            rule="date_format",
+        )
+    return gate_error(
+        f"column {name!r} holds text that is not an ISO 8601 date, e.g. {bad[0]!r}",
+        file=file,
+        column=name,
+        rule="date_format",
+    )
 
 
 def not_numbers(array: Any) -> Any:
@@ -175,8 +209,9 @@ def not_numbers(array: Any) -> Any:
 # ----------------------------------------------------------------------------- checks
 
 
-def build_checks(suite: Suite, rules: dict[str, ColumnRuleParams], schema: Any,
-                 source: str) -> dict[str, list[Check]]:
+def build_checks(
+    suite: Suite, rules: dict[str, ColumnRuleParams], schema: Any, source: str
+) -> dict[str, list[Check]]:
     """Each column's row-level checks, in the order they are tried: suite rules, then params.
 
     Raises:
@@ -184,12 +219,13 @@ def build_checks(suite: Suite, rules: dict[str, ColumnRuleParams], schema: Any,
     """
     unknown = sorted(set(rules) - set(suite.columns))
     if unknown:
-        raise ConfigError(f"params validate.rules names {unknown}, not columns of {source} "
-                          f"({', '.join(suite.columns)})")
+        raise ConfigError(
+            f"params validate.rules names {unknown}, not columns of {source} "
+            f"({', '.join(suite.columns)})"
+        )
     checks: dict[str, list[Check]] = {}
     for name, spec in suite.columns.items():
-        out_type = output_type(spec.kind, schema.field(name).type if name in schema.names
-                               else None)
+        out_type = output_type(spec.kind, schema.field(name).type if name in schema.names else None)
         found = []
         if spec.not_null:
             found.append(Check(name, "not_null", _is_null))
@@ -210,8 +246,10 @@ def build_checks(suite: Suite, rules: dict[str, ColumnRuleParams], schema: Any,
 def _params_checks(name: str, rule: ColumnRuleParams, kind: str, out_type: Any) -> list[Check]:
     numeric = kind in ("float", "int")
     if not numeric and (rule.min is not None or rule.max is not None or rule.positive):
-        raise ConfigError(f"params validate.rules.{name}: min/max/positive need a numeric "
-                          f"column; the suite says {kind}")
+        raise ConfigError(
+            f"params validate.rules.{name}: min/max/positive need a numeric "
+            f"column; the suite says {kind}"
+        )
     found = []
     if rule.not_null:
         found.append(Check(name, "not_null", _is_null))
@@ -222,8 +260,9 @@ def _params_checks(name: str, rule: ColumnRuleParams, kind: str, out_type: Any) 
     if rule.positive:
         found.append(Check(name, "positive", _not_positive))
     if rule.values is not None:
-        found.append(Check(name, "in_set", _not_in(rule.values, out_type,
-                                                   "params validate.rules", name)))
+        found.append(
+            Check(name, "in_set", _not_in(rule.values, out_type, "params validate.rules", name))
+        )
     return found
 
 
@@ -251,6 +290,7 @@ def _outside(low: float | None, high: float | None) -> Callable[[Any], Any]:
         above = pc.greater(array, high) if high is not None else None
         both = below if above is None else above if below is None else pc.or_(below, above)
         return both.fill_null(False)
+
     return bad
 
 
@@ -261,11 +301,13 @@ def _not_in(values: list[Any], out_type: Any, source: str, name: str) -> Callabl
     try:
         allowed = pa.array(values).cast(out_type)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-        raise ConfigError(f"{source}: the value set of column {name!r} does not fit its type "
-                          f"{out_type}: {exc}") from exc
+        raise ConfigError(
+            f"{source}: the value set of column {name!r} does not fit its type {out_type}: {exc}"
+        ) from exc
 
     def bad(array: Any) -> Any:
         return pc.and_(pc.invert(pc.is_in(array, value_set=allowed)), pc.is_valid(array))
+
     return bad
 
 
@@ -302,19 +344,26 @@ def _column_bits(array: Any) -> Any:
         bits = words[encoded.indices.fill_null(0).to_numpy(zero_copy_only=False)]
     elif pa.types.is_floating(kind):
         plain = array.cast(pa.float64())
-        bits = (plain.fill_null(0) if plain.null_count else plain).to_numpy(
-            zero_copy_only=False).view(np.uint64)
+        bits = (
+            (plain.fill_null(0) if plain.null_count else plain)
+            .to_numpy(zero_copy_only=False)
+            .view(np.uint64)
+        )
     elif pa.types.is_integer(kind) or pa.types.is_temporal(kind) or pa.types.is_boolean(kind):
         if pa.types.is_temporal(kind):  # its raw integer: no calendar conversion
             array = array.view(pa.int64() if kind.bit_width == 64 else pa.int32())
         plain = array.cast(pa.int64())
-        bits = (plain.fill_null(0) if plain.null_count else plain).to_numpy(
-            zero_copy_only=False).view(np.uint64)
+        bits = (
+            (plain.fill_null(0) if plain.null_count else plain)
+            .to_numpy(zero_copy_only=False)
+            .view(np.uint64)
+        )
     else:
         bits = pd.util.hash_array(array.cast(pa.string()).to_numpy(zero_copy_only=False))
     if array.null_count:
-        bits = np.where(array.is_null().to_numpy(zero_copy_only=False),
-                        np.uint64(0x5851F42D4C957F2D), bits)
+        bits = np.where(
+            array.is_null().to_numpy(zero_copy_only=False), np.uint64(0x5851F42D4C957F2D), bits
+        )
     return bits
 
 

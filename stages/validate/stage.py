@@ -30,6 +30,9 @@ from stages.common.cli import build_parser, run_main
 from stages.common.config import MlflowParams, Params
 from stages.common.csvfiles import iter_csv_batches
 from stages.common.errors import ConfigError, DataError, GateError
+from stages.common.io import atomic_path, iter_batches, open_dataset, write_json, write_text
+from stages.common.parquet_files import ParquetFiles
+from stages.common.suite import Suite, load_suite, profile_snapshot, render_suite
 from stages.validate.gx_check import (
     as_gx_frame,
     describe_failures,
@@ -39,11 +42,8 @@ from stages.validate.gx_check import (
     run_gx,
     summarize_result,
 )
-from stages.common.io import atomic_path, iter_batches, open_dataset, write_json, write_text
-from stages.common.parquet_files import ParquetFiles
 from stages.validate.rules import build_checks, gate_error
 from stages.validate.stream import StreamingGate, check_dataset
-from stages.common.suite import Suite, load_suite, profile_snapshot, render_suite
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,13 @@ CLEAN, BAD = Path(DATA_FILE).stem, Path(QUARANTINE_FILE).stem  # ParquetFiles' n
 FAILED_RUN_NAME = "validation-failed"
 
 
-def run(raw_dir: str | Path, out_dir: str | Path, quarantine_dir: str | Path,
-        report_dir: str | Path, params: Params) -> dict[str, Any]:
+def run(
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    quarantine_dir: str | Path,
+    report_dir: str | Path,
+    params: Params,
+) -> dict[str, Any]:
     """Gate ``raw_dir``; write the report, then the validated and quarantined rows, or fail.
 
     Raises:
@@ -65,23 +70,44 @@ def run(raw_dir: str | Path, out_dir: str | Path, quarantine_dir: str | Path,
     suite_path = params.validate.suite_path
     suite = load_suite(suite_path)
     if suite.target != params.ingest.target:
-        raise ConfigError(f"{suite_path}: meta.target {suite.target!r} differs from params "
-                          f"ingest.target {params.ingest.target!r}")
+        raise ConfigError(
+            f"{suite_path}: meta.target {suite.target!r} differs from params "
+            f"ingest.target {params.ingest.target!r}"
+        )
     dataset = open_dataset(raw_dir)  # a missing/corrupt part or differing schemas: DataError
     checks = build_checks(suite, params.validate.rules, dataset.schema, suite_path)
     preload_gx()  # overlaps the streaming pass; GX runs after it
-    summary: dict[str, Any] = {"success": False, "data": str(raw_dir), "suite": suite_path,
-                               "rows": dataset.count_rows(), "bad_rows": 0}
+    summary: dict[str, Any] = {
+        "success": False,
+        "data": str(raw_dir),
+        "suite": suite_path,
+        "rows": dataset.count_rows(),
+        "bad_rows": 0,
+    }
     error: GateError | None = None
     with atomic_path(report_dir) as report:  # the report folder is replaced as a whole
         report.mkdir()
         try:
-            _gate(dataset, suite, checks, Path(raw_dir), Path(out_dir), Path(quarantine_dir),
-                  report, params, summary)
+            _gate(
+                dataset,
+                suite,
+                checks,
+                Path(raw_dir),
+                Path(out_dir),
+                Path(quarantine_dir),
+                report,
+                params,
+                summary,
+            )
         except GateError as exc:
             error = exc
-            summary["failed"] = [{"column": getattr(exc, "column", None),
-                                  "rule": getattr(exc, "rule", None), "message": str(exc)}]
+            summary["failed"] = [
+                {
+                    "column": getattr(exc, "column", None),
+                    "rule": getattr(exc, "rule", None),
+                    "message": str(exc),
+                }
+            ]
         write_json(report / "summary.json", json_safe(summary))
     if error is not None:
         try:
@@ -92,19 +118,29 @@ def run(raw_dir: str | Path, out_dir: str | Path, quarantine_dir: str | Path,
     return summary
 
 
-def _gate(dataset: Any, suite: Suite, checks: dict, raw_dir: Path, out_dir: Path,
-          quarantine_dir: Path, report: Path, params: Params, summary: dict[str, Any]) -> None:
+def _gate(
+    dataset: Any,
+    suite: Suite,
+    checks: dict,
+    raw_dir: Path,
+    out_dir: Path,
+    quarantine_dir: Path,
+    report: Path,
+    params: Params,
+    summary: dict[str, Any],
+) -> None:
     files = [Path(file) for file in dataset.files]  # open_dataset listed and checked them
     batch_rows, source = params.base.batch_rows, str(raw_dir)
     check_dataset(files, dataset.schema, summary["rows"], suite, source, batch_rows)
-    gate = StreamingGate(suite, checks, dataset.schema, summary["rows"], params.validate,
-                         source)
+    gate = StreamingGate(suite, checks, dataset.schema, summary["rows"], params.validate, source)
     with atomic_path(out_dir) as out, atomic_path(quarantine_dir) as quarantine:
         out.mkdir()
         quarantine.mkdir()
         try:
-            with ParquetFiles(out, [CLEAN], gate.out_schema, batch_rows) as clean_rows, \
-                    ParquetFiles(quarantine, [BAD], gate.bad_schema, batch_rows) as bad_rows:
+            with (
+                ParquetFiles(out, [CLEAN], gate.out_schema, batch_rows) as clean_rows,
+                ParquetFiles(quarantine, [BAD], gate.bad_schema, batch_rows) as bad_rows,
+            ):
                 for file in files:
                     for batch in iter_batches(file, batch_rows):
                         clean, bad = gate.feed(batch, str(file))
@@ -113,52 +149,82 @@ def _gate(dataset: Any, suite: Suite, checks: dict, raw_dir: Path, out_dir: Path
                             bad_rows.add(BAD, bad)
             gate.finish()
         finally:
-            summary.update(gate.summary(), max_bad_fraction=params.validate.max_bad_fraction,
-                           max_duplicate_fraction=params.validate.max_duplicate_fraction)
+            summary.update(
+                gate.summary(),
+                max_bad_fraction=params.validate.max_bad_fraction,
+                max_duplicate_fraction=params.validate.max_duplicate_fraction,
+            )
         _log_bad_fraction(summary, source)
         summary["gx"] = _run_gx(gate, suite, params, report, source)
-        write_json(quarantine / "summary.json", {key: summary[key] for key in (
-            "data", "rows", "bad_rows", "bad_fraction", "rules")})
+        write_json(
+            quarantine / "summary.json",
+            {key: summary[key] for key in ("data", "rows", "bad_rows", "bad_fraction", "rules")},
+        )
         summary["success"] = True
 
 
-def _run_gx(gate: StreamingGate, suite: Suite, params: Params, report: Path,
-            source: str) -> dict[str, Any]:
+def _run_gx(
+    gate: StreamingGate, suite: Suite, params: Params, report: Path, source: str
+) -> dict[str, Any]:
     import pyarrow as pa
 
     sample = pa.Table.from_batches(gate.sample, schema=gate.out_schema)
     sampled = gate.sample_every > 1
     expectations, left_out = gx_expectations(suite, params.validate.rules, sampled)
-    result = run_gx(as_gx_frame(sample), suite, expectations, report / "docs",
-                    params.validate.suite_path)
+    result = run_gx(
+        as_gx_frame(sample), suite, expectations, report / "docs", params.validate.suite_path
+    )
     write_json(report / "result.json", json_safe(result.to_json_dict()))
     failed = summarize_result(result)
     if failed:
-        raise gate_error("Great Expectations failed on the validated rows:\n"
-                         + describe_failures(failed, source), file=source,
-                         column=failed[0]["column"], rule=failed[0]["expectation"])
-    logger.info("GX passed %d expectations on %d validated rows",
-                result.statistics["evaluated_expectations"], sample.num_rows)
-    return {"success": True, "rows": sample.num_rows, "sampled": sampled,
-            "sample_every": gate.sample_every, "evaluated_expectations":
-            result.statistics["evaluated_expectations"], "left_out": left_out}
+        raise gate_error(
+            "Great Expectations failed on the validated rows:\n"
+            + describe_failures(failed, source),
+            file=source,
+            column=failed[0]["column"],
+            rule=failed[0]["expectation"],
+        )
+    logger.info(
+        "GX passed %d expectations on %d validated rows",
+        result.statistics["evaluated_expectations"],
+        sample.num_rows,
+    )
+    return {
+        "success": True,
+        "rows": sample.num_rows,
+        "sampled": sampled,
+        "sample_every": gate.sample_every,
+        "evaluated_expectations": result.statistics["evaluated_expectations"],
+        "left_out": left_out,
+    }
 
 
 def _log_bad_fraction(summary: dict[str, Any], source: str) -> None:
     log = logger.warning if summary["bad_rows"] else logger.info
-    log("%s: quarantined %d of %d rows (%.4f%%, limit %.4f%%)%s", source, summary["bad_rows"],
-        summary["rows"], 100 * summary["bad_fraction"], 100 * summary["max_bad_fraction"],
-        "".join(f"; {r['column']}/{r['rule']}: {r['rows']}" for r in summary["rules"][:5]))
+    log(
+        "%s: quarantined %d of %d rows (%.4f%%, limit %.4f%%)%s",
+        source,
+        summary["bad_rows"],
+        summary["rows"],
+        100 * summary["bad_fraction"],
+        100 * summary["max_bad_fraction"],
+        "".join(f"; {r['column']}/{r['rule']}: {r['rows']}" for r in summary["rules"][:5]),
+    )
 
 
-def _log_failure_to_mlflow(report_dir: Path, params: MlflowParams, data: str,
-                           suite_path: str) -> None:
+def _log_failure_to_mlflow(
+    report_dir: Path, params: MlflowParams, data: str, suite_path: str
+) -> None:
     from mlflow import MlflowClient
 
     experiment_id = tracking.configure_mlflow(params)
     client = MlflowClient()
-    tags = {**tracking.lineage_tags(), "stage": "validate", "validation.data": data,
-            "validation.suite": suite_path}
+    tags = {
+        **tracking.lineage_tags(),
+        "stage": "validate",
+        "validation.data": data,
+        "validation.suite": suite_path,
+    }
     run_id = client.create_run(experiment_id, run_name=FAILED_RUN_NAME, tags=tags).info.run_id
     try:
         client.log_artifacts(run_id, str(report_dir), artifact_path="validation")
@@ -167,24 +233,34 @@ def _log_failure_to_mlflow(report_dir: Path, params: MlflowParams, data: str,
     logger.info("logged the failed validation to MLflow run %s", run_id)
 
 
-def write_suite(snapshot: str | Path, out: str | Path, target: str, margin: float,
-                batch_rows: int, watermark: str | None = None,
-                delimiter: str = ",") -> dict[str, Any]:
+def write_suite(
+    snapshot: str | Path,
+    out: str | Path,
+    target: str,
+    margin: float,
+    batch_rows: int,
+    watermark: str | None = None,
+    delimiter: str = ",",
+) -> dict[str, Any]:
     """Profile the trusted ``snapshot`` (Parquet file/folder or CSV) into a suite at ``out``.
 
     ``watermark`` (params ``ingest.watermark``) only grows: it and the row count get no upper
     bound. ``delimiter`` (params ``ingest.delimiter``) separates a CSV snapshot's fields.
     """
     schema, batches = _snapshot_batches(Path(snapshot), batch_rows, delimiter)
-    raw = profile_snapshot(batches, schema, target, margin, source=str(snapshot),
-                           growing=watermark)
+    raw = profile_snapshot(batches, schema, target, margin, source=str(snapshot), growing=watermark)
     raw["name"] = Path(out).stem
     raw["meta"]["profiled_from"]["command"] = (
         f"python -m stages.validate suite --snapshot {snapshot} --out {out} --target {target} "
-        f"--margin {margin}")
+        f"--margin {margin}"
+    )
     write_text(out, render_suite(raw))
-    logger.info("wrote a suite of %d expectations for %d columns to %s",
-                len(raw["expectations"]), len(schema), out)
+    logger.info(
+        "wrote a suite of %d expectations for %d columns to %s",
+        len(raw["expectations"]),
+        len(schema),
+        out,
+    )
     return raw
 
 
@@ -217,37 +293,69 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m stages.validate gate ...`` or ``python -m stages.validate suite ...``."""
-    parser = build_parser("validate", "Gate data/raw with a Great Expectations suite kept in "
-                          "the repo (gate), or write\nsuch a suite from a trusted snapshot "
-                          "(suite).")
+    parser = build_parser(
+        "validate",
+        "Gate data/raw with a Great Expectations suite kept in "
+        "the repo (gate), or write\nsuch a suite from a trusted snapshot "
+        "(suite).",
+    )
     parser.formatter_class, parser.epilog = _HelpFormatter, EXAMPLES
     commands = parser.add_subparsers(dest="command", required=True, metavar="{gate,suite}")
-    gate = commands.add_parser("gate", formatter_class=_HelpFormatter, epilog=EXAMPLES,
-                               help="validate data/raw (the pipeline stage)")
+    gate = commands.add_parser(
+        "gate",
+        formatter_class=_HelpFormatter,
+        epilog=EXAMPLES,
+        help="validate data/raw (the pipeline stage)",
+    )
     gate.add_argument("--raw", required=True, help="ingested Parquet part files")
     gate.add_argument("--out", required=True, help="folder for the validated data.parquet")
-    gate.add_argument("--quarantine", required=True,
-                      help="folder for rows.parquet (the bad rows) and summary.json")
-    gate.add_argument("--report", required=True,
-                      help="folder for summary.json, result.json and docs/ (GX Data Docs)")
-    suite = commands.add_parser("suite", formatter_class=_HelpFormatter, epilog=EXAMPLES,
-                                help="write a suite from a trusted snapshot")
-    suite.add_argument("--snapshot", required=True,
-                       help="Parquet file or folder (e.g. data/raw), or a CSV file")
+    gate.add_argument(
+        "--quarantine",
+        required=True,
+        help="folder for rows.parquet (the bad rows) and summary.json",
+    )
+    gate.add_argument(
+        "--report",
+        required=True,
+        help="folder for summary.json, result.json and docs/ (GX Data Docs)",
+    )
+    suite = commands.add_parser(
+        "suite",
+        formatter_class=_HelpFormatter,
+        epilog=EXAMPLES,
+        help="write a suite from a trusted snapshot",
+    )
+    suite.add_argument(
+        "--snapshot", required=True, help="Parquet file or folder (e.g. data/raw), or a CSV file"
+    )
     suite.add_argument("--out", required=True, help="suite JSON to write, e.g. suites/mine.json")
-    suite.add_argument("--target", default=argparse.SUPPRESS,
-                       help="label column (default: params ingest.target)")
-    suite.add_argument("--margin", type=float, default=0.1,
-                       help="widen each numeric range by this fraction of its span")
+    suite.add_argument(
+        "--target", default=argparse.SUPPRESS, help="label column (default: params ingest.target)"
+    )
+    suite.add_argument(
+        "--margin",
+        type=float,
+        default=0.1,
+        help="widen each numeric range by this fraction of its span",
+    )
     for sub in (gate, suite):
-        sub.add_argument("--params", default=argparse.SUPPRESS,
-                         help="pipeline parameters file (default: params.yaml)")
+        sub.add_argument(
+            "--params",
+            default=argparse.SUPPRESS,
+            help="pipeline parameters file (default: params.yaml)",
+        )
 
     def body(args: argparse.Namespace, params: Params) -> None:
         if args.command == "suite":
-            write_suite(args.snapshot, args.out, getattr(args, "target", params.ingest.target),
-                        args.margin, params.base.batch_rows, params.ingest.watermark,
-                        params.ingest.delimiter)
+            write_suite(
+                args.snapshot,
+                args.out,
+                getattr(args, "target", params.ingest.target),
+                args.margin,
+                params.base.batch_rows,
+                params.ingest.watermark,
+                params.ingest.delimiter,
+            )
         else:
             run(args.raw, args.out, args.quarantine, args.report, params)
 

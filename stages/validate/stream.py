@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.config import ValidateParams
+from stages.common.suite import Suite
 from stages.validate.rules import (
     Check,
     cast_column,
@@ -27,13 +28,13 @@ from stages.validate.rules import (
     output_field,
     type_fits,
 )
-from stages.common.suite import Suite
 
 MAX_HASHES = 2_000_000  # duplicates are counted exactly up to this many rows, sampled above
 
 
-def check_dataset(files: list[Path], schema: Any, rows: int, suite: Suite, source: str,
-                  batch_rows: int) -> None:
+def check_dataset(
+    files: list[Path], schema: Any, rows: int, suite: Suite, source: str, batch_rows: int
+) -> None:
     """Raise GateError for the wrong column set, no rows, a repeated header, a wrong type or a
     row count outside the suite's bounds."""
     import pyarrow as pa
@@ -41,12 +42,20 @@ def check_dataset(files: list[Path], schema: Any, rows: int, suite: Suite, sourc
     missing = [name for name in suite.columns if name not in schema.names]
     extra = [name for name in schema.names if name not in suite.columns]
     if len(missing) == 1 and len(extra) == 1:
-        raise gate_error(f"column {missing[0]!r} is missing and {extra[0]!r} is not in the "
-                         "suite: was it renamed?", file=source, column=missing[0],
-                         rule="columns")
+        raise gate_error(
+            f"column {missing[0]!r} is missing and {extra[0]!r} is not in the "
+            "suite: was it renamed?",
+            file=source,
+            column=missing[0],
+            rule="columns",
+        )
     if missing or extra:
-        raise gate_error(f"columns differ from the suite: missing {missing}, unexpected "
-                         f"{extra}", file=source, column=(missing or extra)[0], rule="columns")
+        raise gate_error(
+            f"columns differ from the suite: missing {missing}, unexpected {extra}",
+            file=source,
+            column=(missing or extra)[0],
+            rule="columns",
+        )
     if rows == 0:
         raise gate_error("no data rows", file=source, rule="not_empty")
     text = [pa.types.is_string(f.type) or pa.types.is_large_string(f.type) for f in schema]
@@ -55,13 +64,21 @@ def check_dataset(files: list[Path], schema: Any, rows: int, suite: Suite, sourc
     for name, spec in suite.columns.items():
         found = schema.field(name).type
         if not type_fits(spec.kind, found):
-            raise gate_error(f"column {name!r} is {found}, which does not fit the suite's "
-                             f"{spec.kind}{_type_examples(files, name, found, batch_rows)}",
-                             file=source, column=name, rule="type")
-    if (suite.min_rows is not None and rows < suite.min_rows) or \
-            (suite.max_rows is not None and rows > suite.max_rows):
-        raise gate_error(f"{rows} rows, outside the suite's bounds [{suite.min_rows}, "
-                         f"{suite.max_rows}]", file=source, rule="row_count")
+            raise gate_error(
+                f"column {name!r} is {found}, which does not fit the suite's "
+                f"{spec.kind}{_type_examples(files, name, found, batch_rows)}",
+                file=source,
+                column=name,
+                rule="type",
+            )
+    if (suite.min_rows is not None and rows < suite.min_rows) or (
+        suite.max_rows is not None and rows > suite.max_rows
+    ):
+        raise gate_error(
+            f"{rows} rows, outside the suite's bounds [{suite.min_rows}, {suite.max_rows}]",
+            file=source,
+            rule="row_count",
+        )
 
 
 def _check_no_header(files: list[Path], batch_rows: int) -> None:
@@ -75,9 +92,12 @@ def _check_no_header(files: list[Path], batch_rows: int) -> None:
             mask = header_rows(batch)
             if pc.any(mask).as_py():
                 row = seen + pc.index(mask, True).as_py()
-                raise gate_error(f"row {row} repeats the header (the column names): "
-                                 "files concatenated with their headers?", file=str(file),
-                                 rule="duplicated_header")
+                raise gate_error(
+                    f"row {row} repeats the header (the column names): "
+                    "files concatenated with their headers?",
+                    file=str(file),
+                    rule="duplicated_header",
+                )
             seen += batch.num_rows
 
 
@@ -100,16 +120,27 @@ def _type_examples(files: list[Path], name: str, found: Any, batch_rows: int) ->
 class StreamingGate:
     """Row-level rules and dataset-level tallies over a stream of record batches."""
 
-    def __init__(self, suite: Suite, checks: dict[str, list[Check]], raw_schema: Any,
-                 total_rows: int, params: ValidateParams, source: str) -> None:
+    def __init__(
+        self,
+        suite: Suite,
+        checks: dict[str, list[Check]],
+        raw_schema: Any,
+        total_rows: int,
+        params: ValidateParams,
+        source: str,
+    ) -> None:
         import pyarrow as pa
 
         self.suite, self.checks, self.params, self.source = suite, checks, params, source
-        self.out_schema = pa.schema([output_field(name, spec.kind, raw_schema.field(name).type,
-                                                  spec.format)
-                                     for name, spec in suite.columns.items()])
+        self.out_schema = pa.schema(
+            [
+                output_field(name, spec.kind, raw_schema.field(name).type, spec.format)
+                for name, spec in suite.columns.items()
+            ]
+        )
         self.bad_schema = raw_schema.append(pa.field("_rule", pa.string())).append(
-            pa.field("_column", pa.string()))
+            pa.field("_column", pa.string())
+        )
         self.keys: list[tuple[str, str]] = []  # (column, rule), the index is the rule's code
         self.counts: Counter[tuple[str, str]] = Counter()
         self.rows = self.bad_rows = self.target_values = 0
@@ -134,8 +165,15 @@ class StreamingGate:
         columns = []
         for name, spec in self.suite.columns.items():
             raw = batch.column(name)
-            cast, nonfinite = cast_column(raw, spec.kind, self.out_schema.field(name).type,
-                                          file, name, self.date_examples.get(name), spec.format)
+            cast, nonfinite = cast_column(
+                raw,
+                spec.kind,
+                self.out_schema.field(name).type,
+                file,
+                name,
+                self.date_examples.get(name),
+                spec.format,
+            )
             if nonfinite is not None:
                 self._mark(first, name, "finite", nonfinite)
             for check in self.checks[name]:
@@ -161,9 +199,11 @@ class StreamingGate:
         codes = pa.array(codes)
         rejected = batch.filter(pa.array(bad))
         rejected = rejected.append_column(
-            "_rule", pa.array([rule for _, rule in self.keys], pa.string()).take(codes))
+            "_rule", pa.array([rule for _, rule in self.keys], pa.string()).take(codes)
+        )
         rejected = rejected.append_column(
-            "_column", pa.array([column for column, _ in self.keys], pa.string()).take(codes))
+            "_column", pa.array([column for column, _ in self.keys], pa.string()).take(codes)
+        )
         return clean, rejected
 
     def _mark(self, first: Any, column: str, rule: str, mask: Any) -> None:
@@ -180,8 +220,12 @@ class StreamingGate:
     def _remember_date(self, name: str, raw: Any, cast: Any) -> None:
         import pyarrow as pa
 
-        if name not in self.date_examples and pa.types.is_string(raw.type) \
-                and self.suite.columns[name].kind == "datetime" and raw.null_count < len(raw):
+        if (
+            name not in self.date_examples
+            and pa.types.is_string(raw.type)
+            and self.suite.columns[name].kind == "datetime"
+            and raw.null_count < len(raw)
+        ):
             self.date_examples[name] = raw.drop_null()[0].as_py()
 
     def _tally_clean(self, clean: Any) -> None:
@@ -191,15 +235,20 @@ class StreamingGate:
             if spec.max_null_fraction is not None:
                 self.clean_nulls[name] += clean.column(name).null_count
             if name in self.distinct and len(self.distinct[name]) < spec.min_unique:
-                self.distinct[name].update(pc.unique(clean.column(name).drop_null())
-                                           [:spec.min_unique].to_pylist())
+                self.distinct[name].update(
+                    pc.unique(clean.column(name).drop_null())[: spec.min_unique].to_pylist()
+                )
 
     def finish(self) -> None:
         """Raise GateError for what only every row can tell (see the module docstring)."""
         suite, source, clean_rows = self.suite, self.source, self.rows - self.bad_rows
         if self.target_values == 0:
-            raise gate_error("the target column is null in every row", file=source,
-                             column=suite.target, rule="all_null")
+            raise gate_error(
+                "the target column is null in every row",
+                file=source,
+                column=suite.target,
+                rule="all_null",
+            )
         # First: with too many rows quarantined, the statistics of the few left (null shares,
         # distinct counts) would blame a column that is not the cause.
         if self.bad_fraction() > self.params.max_bad_fraction:
@@ -208,28 +257,47 @@ class StreamingGate:
                 f"{self.bad_rows} of {self.rows} rows ({self.bad_fraction():.2%}) broke "
                 f"row-level rules, above validate.max_bad_fraction "
                 f"{self.params.max_bad_fraction:.2%}; worst: column {column!r} rule {rule} "
-                f"({count} rows)", file=source, column=column, rule=rule)
+                f"({count} rows)",
+                file=source,
+                column=column,
+                rule=rule,
+            )
         for name, spec in suite.columns.items():
-            if spec.max_null_fraction is not None and clean_rows and \
-                    self.clean_nulls[name] / clean_rows > spec.max_null_fraction:
+            if (
+                spec.max_null_fraction is not None
+                and clean_rows
+                and self.clean_nulls[name] / clean_rows > spec.max_null_fraction
+            ):
                 raise gate_error(
                     f"column {name!r} is {self.clean_nulls[name] / clean_rows:.2%} null, above "
                     f"the {spec.max_null_fraction:.2%} the suite allows (mostly "
-                    f"{1 - spec.max_null_fraction:g})", file=source, column=name,
-                    rule="null_fraction")
+                    f"{1 - spec.max_null_fraction:g})",
+                    file=source,
+                    column=name,
+                    rule="null_fraction",
+                )
             if name in self.distinct and len(self.distinct[name]) < spec.min_unique:
                 found = sorted(self.distinct[name], key=str)
-                what = "one class only" if name == suite.target and len(found) == 1 \
+                what = (
+                    "one class only"
+                    if name == suite.target and len(found) == 1
                     else f"{len(found)} distinct values"
-                raise gate_error(f"column {name!r} has {what} {found} in the valid rows; the "
-                                 f"suite wants at least {spec.min_unique}", file=source,
-                                 column=name, rule="one_class" if name == suite.target
-                                 else "unique_count")
+                )
+                raise gate_error(
+                    f"column {name!r} has {what} {found} in the valid rows; the "
+                    f"suite wants at least {spec.min_unique}",
+                    file=source,
+                    column=name,
+                    rule="one_class" if name == suite.target else "unique_count",
+                )
         if self.duplicate_fraction() > self.params.max_duplicate_fraction:
-            raise gate_error(f"{self.duplicate_fraction():.2%} of rows are duplicates, above "
-                             f"validate.max_duplicate_fraction "
-                             f"{self.params.max_duplicate_fraction:.2%}", file=source,
-                             rule="duplicates")
+            raise gate_error(
+                f"{self.duplicate_fraction():.2%} of rows are duplicates, above "
+                f"validate.max_duplicate_fraction "
+                f"{self.params.max_duplicate_fraction:.2%}",
+                file=source,
+                rule="duplicates",
+            )
 
     def bad_fraction(self) -> float:
         return self.bad_rows / self.rows if self.rows else 0.0
@@ -248,10 +316,18 @@ class StreamingGate:
 
     def summary(self) -> dict[str, Any]:
         """Counts so far: rows, bad rows and fractions, rows per (column, rule)."""
-        rules = [{"column": column, "rule": rule, "rows": count}
-                 for (column, rule), count in sorted(self.counts.items(),
-                                                     key=lambda item: (-item[1], item[0]))]
-        return {"rows": self.rows, "bad_rows": self.bad_rows, "valid_rows":
-                self.rows - self.bad_rows, "bad_fraction": round(self.bad_fraction(), 6),
-                "duplicate_fraction": round(self.duplicate_fraction(), 6),
-                "duplicates_exact": self.hash_every == 1, "rules": rules}
+        rules = [
+            {"column": column, "rule": rule, "rows": count}
+            for (column, rule), count in sorted(
+                self.counts.items(), key=lambda item: (-item[1], item[0])
+            )
+        ]
+        return {
+            "rows": self.rows,
+            "bad_rows": self.bad_rows,
+            "valid_rows": self.rows - self.bad_rows,
+            "bad_fraction": round(self.bad_fraction(), 6),
+            "duplicate_fraction": round(self.duplicate_fraction(), 6),
+            "duplicates_exact": self.hash_every == 1,
+            "rules": rules,
+        }

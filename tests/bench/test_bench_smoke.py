@@ -14,10 +14,20 @@ from bench import train_loop, train_mlflow
 from bench.common import peak_bf16_flops
 from stages.common.io import read_json
 
-TINY = ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--batch-size", "16",
-        "--epochs", "1"]
-TINY_LOOP = [*TINY, "--rows", "64", "--features", "4", "--cnn-rows", "32", "--image-size", "4",
-             "--classes", "2"]
+TINY = ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--batch-size", "16", "--epochs", "1"]
+TINY_LOOP = [
+    *TINY,
+    "--rows",
+    "64",
+    "--features",
+    "4",
+    "--cnn-rows",
+    "32",
+    "--image-size",
+    "4",
+    "--classes",
+    "2",
+]
 
 
 def test_train_loop_writes_samples_per_s_and_ratios(tmp_path: Path) -> None:
@@ -43,8 +53,7 @@ def test_train_loop_against_lightning(tmp_path: Path) -> None:
 
 def test_train_mlflow_logs_into_a_temporary_store_only(tmp_path: Path) -> None:
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    argv = [*TINY, "--cases", "pipeline", "--pipeline-epochs", "2",
-            "--results-dir", str(tmp_path)]
+    argv = [*TINY, "--cases", "pipeline", "--pipeline-epochs", "2", "--results-dir", str(tmp_path)]
     assert train_mlflow.main(argv) == 0
 
     result = read_json(tmp_path / "train_mlflow.json")

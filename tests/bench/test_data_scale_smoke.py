@@ -29,9 +29,25 @@ def test_synth_tables_are_repeatable_whatever_the_file_format(tmp_path: Path) ->
 
 
 def test_data_scale_reports_rates_ratios_and_peak_rss(tmp_path: Path) -> None:
-    assert data_scale.main(["--rows", "2000", "--rows", "4000", "--snapshot-rows", "2000",
-                            "--batch-rows", "1000", "--work", str(tmp_path / "work"),
-                            "--results-dir", str(tmp_path)]) == 0
+    assert (
+        data_scale.main(
+            [
+                "--rows",
+                "2000",
+                "--rows",
+                "4000",
+                "--snapshot-rows",
+                "2000",
+                "--batch-rows",
+                "1000",
+                "--work",
+                str(tmp_path / "work"),
+                "--results-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
 
     result = read_json(tmp_path / "data_scale.json")
     assert [r["rows"] for r in result["results"]] == [2000, 4000]

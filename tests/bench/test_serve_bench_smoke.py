@@ -15,16 +15,36 @@ import pytest
 from stages.common.io import read_json
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--servers", "mlflow,ours", "--batches", "1,4", "--concurrency", "2",
-        "--duration", "0.3", "--warmup", "0.1", "--rounds", "1", "--client", "python",
-        "--epochs", "2"]
+TINY = [
+    "--servers",
+    "mlflow,ours",
+    "--batches",
+    "1,4",
+    "--concurrency",
+    "2",
+    "--duration",
+    "0.3",
+    "--warmup",
+    "0.1",
+    "--rounds",
+    "1",
+    "--client",
+    "python",
+    "--epochs",
+    "2",
+]
 
 
 @pytest.mark.slow
 def test_serve_bench_drives_both_servers_and_writes_the_table(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "bench.serve", *TINY,
-                           "--results-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.serve", *TINY, "--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x mlflow req/s" in done.stdout  # the table was printed

@@ -22,8 +22,11 @@ from tests.serving.test_artifact_integrity import (
 
 
 def test_the_batch_flow_refuses_a_tampered_champion_without_retrying(
-        prefect_api: str, store: Store, tmp_path: Path,  # noqa: F811
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    prefect_api: str,
+    store: Store,
+    tmp_path: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -39,15 +42,19 @@ def test_the_batch_flow_refuses_a_tampered_champion_without_retrying(
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"register": {"model_name": NAME}}))
 
-    state = batch_score(str(tmp_path / "in"), str(tmp_path / "out"), params_path=str(params),
-                        return_state=True)
+    state = batch_score(
+        str(tmp_path / "in"), str(tmp_path / "out"), params_path=str(params), return_state=True
+    )
 
     assert state.is_failed()
     assert f"{NAME} v{version}: artifact files differ" in state.message
     assert "model/artifacts/model.pt expected sha256" in state.message
     assert not (tmp_path / "out").exists() and not marker.exists()
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
     loads = [run for run in runs if run.name.startswith("load-model")]
     assert [run.run_count for run in loads] == [1]  # a refusal is not retried

@@ -19,8 +19,11 @@ from stages.common.config import load_params
 from tests.builders import TEST_PARAMS
 
 LIMITS = {"request_timeout_s": 7, "max_retries": 0, "backoff_s": 1}
-EXPECTED = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "7", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+EXPECTED = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "7",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
 
 
 @pytest.fixture
@@ -45,7 +48,8 @@ def _applied() -> dict[str, str | None]:
 
 
 def test_rollback_and_lineage_apply_the_limits_and_fail_against_a_dead_server(
-        dead_server: Path, tmp_path: Path) -> None:
+    dead_server: Path, tmp_path: Path
+) -> None:
     uri = lineage.resolve_tracking_uri(tmp_path, dead_server)
     assert _applied() == EXPECTED
     # with MLflow's defaults (7 retries, backoff 2) this took minutes; now one refused request

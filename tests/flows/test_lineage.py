@@ -31,8 +31,9 @@ def _no_progress_bars(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _write_csv(path: Path, drop_every: int | None = None) -> None:
@@ -53,20 +54,22 @@ def _train_version(repo: Path, message: str) -> dict:
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", message)
     dvc(repo, "push")
-    return {"metrics": json.loads((repo / "reports/metrics.json").read_text()),
-            "lock": yaml.safe_load((repo / "dvc.lock").read_text()),
-            "registration": json.loads((repo / "reports/registration.json").read_text())}
+    return {
+        "metrics": json.loads((repo / "reports/metrics.json").read_text()),
+        "lock": yaml.safe_load((repo / "dvc.lock").read_text()),
+        "registration": json.loads((repo / "reports/registration.json").read_text()),
+    }
 
 
 def _raw_md5(lock: dict) -> str:
-    return next(out["md5"] for out in lock["stages"]["ingest"]["outs"]
-                if out["path"] == "data/raw")
+    return next(out["md5"] for out in lock["stages"]["ingest"]["outs"] if out["path"] == "data/raw")
 
 
 @pytest.mark.slow
 @pytest.mark.stack
 def test_reproduce_an_old_version_after_the_data_changed(
-        tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     repo = make_pipeline_repo(tmp_path / "repo", {"ingest": {"source": CSV}})
     _write_csv(repo / CSV)
     v1 = _train_version(repo, "data v1")
@@ -120,19 +123,23 @@ OWN_CSV, OWN_SUITE = "data/source/own.csv", "suites/own.json"
 @pytest.mark.slow
 @pytest.mark.stack
 def test_reproduce_own_data_with_an_untracked_suite_and_dirty_outputs(
-        tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Issue 9 item 7: the own-data path, as `make run` / the schedule leave the tree."""
-    repo = make_pipeline_repo(tmp_path / "repo", {
-        "ingest": {"source": OWN_CSV}, "validate": {"suite_path": OWN_SUITE}})
+    repo = make_pipeline_repo(
+        tmp_path / "repo", {"ingest": {"source": OWN_CSV}, "validate": {"suite_path": OWN_SUITE}}
+    )
     # the user's table and the suite profiled from it stay untracked (never committed)
     (repo / ".git/info/exclude").write_text(f"{OWN_CSV}\n{OWN_SUITE}\n")
     _write_csv(repo / OWN_CSV)
-    for args in (["stages.ingest", "--out", "data/raw"],
-                 ["stages.validate", "suite", "--snapshot", "data/raw", "--out", OWN_SUITE]):
+    for args in (
+        ["stages.ingest", "--out", "data/raw"],
+        ["stages.validate", "suite", "--snapshot", "data/raw", "--out", OWN_SUITE],
+    ):
         subprocess.run([sys.executable, "-m", *args], cwd=repo, check=True, capture_output=True)
     suite = (repo / OWN_SUITE).read_bytes()
     _train_version(repo, "v1 and its outputs")  # reports/*.json, dvc.lock now tracked
-    for version, drop_every in ((2, 10), (3, 7)):  # new data, runs without a commit between
+    for _version, drop_every in ((2, 10), (3, 7)):  # new data, runs without a commit between
         _write_csv(repo / OWN_CSV, drop_every=drop_every)
         result = dvc(repo, "repro", check=False)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -163,8 +170,14 @@ def test_declared_outputs_come_from_dvc_yaml() -> None:
     from tests.conftest import ROOT
 
     outputs = reproduce.declared_outputs(yaml.safe_load((ROOT / "dvc.yaml").read_text()), {})
-    assert {"reports/metrics.json", "reports/registration.json", "reports/train/history.csv",
-            "data/raw", "models", "reports/eval"} <= set(outputs)
+    assert {
+        "reports/metrics.json",
+        "reports/registration.json",
+        "reports/train/history.csv",
+        "data/raw",
+        "models",
+        "reports/eval",
+    } <= set(outputs)
     assert not {"dvc.lock", "params.yaml", "stages/train/stage.py"} & set(outputs)
     interpolated = {"stages": {"s": {"outs": [{"${out.dir}/x": {"cache": False}}]}}}
     assert reproduce.declared_outputs(interpolated, {"out": {"dir": "o"}}) == ["o/x"]
@@ -177,7 +190,9 @@ def test_outputs_and_logged_inputs_are_not_code_changes() -> None:
     with pytest.raises(reproduce.ReproduceError, match="suites/own.json"):
         reproduce.check_clean(dirty, False, outputs)
     with pytest.raises(reproduce.ReproduceError, match="stages/train/stage.py"):
-        reproduce.check_clean([*dirty, "stages/train/stage.py"], False, [*outputs, "suites/own.json"])
+        reproduce.check_clean(
+            [*dirty, "stages/train/stage.py"], False, [*outputs, "suites/own.json"]
+        )
 
 
 def test_train_time_record_of_the_inputs(tmp_path: Path) -> None:
@@ -192,22 +207,39 @@ def test_train_time_record_of_the_inputs(tmp_path: Path) -> None:
     _git(tmp_path, "add", "stages/validate/stage.py")
     _git(tmp_path, "commit", "-q", "-m", "code")
     (tmp_path / "suites/old.json").write_text('{"edited": true}')  # after validate read it
-    deps = [{"path": name, "md5": file_md5(tmp_path / name) if "old" not in name else "0" * 32}
-            for name in files]
-    lock = {"stages": {
-        "ingest": {"deps": [{"path": "data/source", "md5": "a.dir"}],
-                   "outs": [{"path": "data/raw", "md5": "b.dir"}]},
-        "validate": {"deps": [{"path": "data/raw", "md5": "b.dir"}, *deps],
-                     "outs": [{"path": "data/validated", "md5": "c.dir"}]}}}
+    deps = [
+        {"path": name, "md5": file_md5(tmp_path / name) if "old" not in name else "0" * 32}
+        for name in files
+    ]
+    lock = {
+        "stages": {
+            "ingest": {
+                "deps": [{"path": "data/source", "md5": "a.dir"}],
+                "outs": [{"path": "data/raw", "md5": "b.dir"}],
+            },
+            "validate": {
+                "deps": [{"path": "data/raw", "md5": "b.dir"}, *deps],
+                "outs": [{"path": "data/validated", "md5": "c.dir"}],
+            },
+        }
+    }
     assert set(lock_inputs(lock)) == {"data/source", *files}  # data/raw: an output
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     record, to_log = record_inputs(tmp_path)
     assert to_log == ["suites/own.json"]  # not in the commit; the bytes validate read
-    assert record["stages/validate/stage.py"]["in_git"] and not record["stages/validate/stage.py"]["logged"]
+    assert (
+        record["stages/validate/stage.py"]["in_git"]
+        and not record["stages/validate/stage.py"]["logged"]
+    )
     assert record["suites/own.json"]["md5"] == file_md5(tmp_path / "suites/own.json")
     assert not record["suites/old.json"]["logged"]  # changed since: these are not its input
-    assert record["data/source"] == {"lock_md5": "a.dir", "stages": ["ingest"], "md5": None,
-                                     "in_git": False, "logged": False}
+    assert record["data/source"] == {
+        "lock_md5": "a.dir",
+        "stages": ["ingest"],
+        "md5": None,
+        "in_git": False,
+        "logged": False,
+    }
 
 
 def test_inputs_must_have_the_recorded_hash(tmp_path: Path) -> None:
@@ -216,16 +248,23 @@ def test_inputs_must_have_the_recorded_hash(tmp_path: Path) -> None:
     (tmp_path / "suites").mkdir()
     suite = tmp_path / "suites/own.json"
     suite.write_text('{"name": "own"}')
-    inputs = {"suites/own.json": {"md5": file_md5(suite), "stages": ["validate"],
-                                  "in_git": False, "logged": True},
-              "data/source": {"md5": None, "stages": ["ingest"], "in_git": False},
-              "big.csv": {"md5": "0" * 32, "stages": ["ingest"], "in_git": False}}
+    inputs = {
+        "suites/own.json": {
+            "md5": file_md5(suite),
+            "stages": ["validate"],
+            "in_git": False,
+            "logged": True,
+        },
+        "data/source": {"md5": None, "stages": ["ingest"], "in_git": False},
+        "big.csv": {"md5": "0" * 32, "stages": ["ingest"], "in_git": False},
+    }
     assert reproduce.check_inputs(tmp_path, inputs, ["validate", "train"], False) == []
     suite.write_text('{"name": "edited"}')
     with pytest.raises(reproduce.ReproduceError, match="suites/own.json, read by validate"):
         reproduce.check_inputs(tmp_path, inputs, ["validate", "train"], False)
     assert reproduce.restore_inputs(tmp_path, {"suites/own.json": b'{"name": "own"}'}) == [
-        "suites/own.json"]
+        "suites/own.json"
+    ]
     assert reproduce.check_inputs(tmp_path, inputs, ["validate"], False) == []
     suite.unlink()
     with pytest.raises(reproduce.ReproduceError, match="has missing"):
@@ -245,20 +284,25 @@ def registered(mlflow_uri: str) -> str:
     return mlflow_uri
 
 
-@pytest.mark.parametrize(("ref", "expected"), [
-    (f"{MODEL}@nope", "has no alias 'nope' (aliases: champion -> v1)"),
-    (f"{MODEL}/7", "has no version 7 (versions: 1)"),
-    ("other@champion", "no registered model 'other' (registered: classifier)"),
-    ("classifier", "expected <model>@<alias>"),
-])
-def test_lineage_names_what_is_unknown(registered: str, tmp_path: Path, ref: str,
-                                       expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        (f"{MODEL}@nope", "has no alias 'nope' (aliases: champion -> v1)"),
+        (f"{MODEL}/7", "has no version 7 (versions: 1)"),
+        ("other@champion", "no registered model 'other' (registered: classifier)"),
+        ("classifier", "expected <model>@<alias>"),
+    ],
+)
+def test_lineage_names_what_is_unknown(
+    registered: str, tmp_path: Path, ref: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert lineage.main([ref, "--repo", str(tmp_path)]) == 1
     assert expected in capsys.readouterr().err
 
 
-def test_lineage_of_a_run_without_lineage_artifacts(registered: str, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_lineage_of_a_run_without_lineage_artifacts(
+    registered: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert lineage.main([f"{MODEL}@champion", "--repo", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "version 1 (aliases: champion)" in out and "not logged for this run" in out
@@ -266,8 +310,9 @@ def test_lineage_of_a_run_without_lineage_artifacts(registered: str, tmp_path: P
     assert "no lineage/params.yaml artifact" in capsys.readouterr().err
 
 
-def test_missing_store_is_an_error_not_an_empty_store(tmp_path: Path, monkeypatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_store_is_an_error_not_an_empty_store(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow/none.db")
     assert lineage.main([f"{MODEL}@champion", "--repo", str(tmp_path)]) == 1
     assert "no MLflow store at" in capsys.readouterr().err
@@ -275,8 +320,9 @@ def test_missing_store_is_an_error_not_an_empty_store(tmp_path: Path, monkeypatc
 
 
 def test_relative_remote_becomes_absolute_and_urls_stay(tmp_path: Path) -> None:
-    assert reproduce.resolve_remote_url("../.dvcstore", tmp_path / ".dvc") == \
-        str(tmp_path / ".dvcstore")
+    assert reproduce.resolve_remote_url("../.dvcstore", tmp_path / ".dvc") == str(
+        tmp_path / ".dvcstore"
+    )
     assert reproduce.resolve_remote_url("s3://bucket/dvc", tmp_path) == "s3://bucket/dvc"
     assert reproduce.resolve_remote_url("/abs/store", tmp_path) == "/abs/store"
 
@@ -293,33 +339,41 @@ def test_dirty_code_is_refused_unless_allowed() -> None:
 
 
 def test_metrics_must_match_exactly() -> None:
-    rows = reproduce.compare_metrics({"accuracy": 0.95, "log_loss": 0.1},
-                                     {"accuracy": 0.95, "log_loss": 0.1 + 1e-12})
+    rows = reproduce.compare_metrics(
+        {"accuracy": 0.95, "log_loss": 0.1}, {"accuracy": 0.95, "log_loss": 0.1 + 1e-12}
+    )
     assert [row["match"] for row in rows] == [True, False]
     table = reproduce.render_table(rows, 1)
     assert "0.10000000000100000" not in table and "0.100000000001" in table and "NO" in table
 
 
 def test_stage_order_from_dvc_dag_skips_the_restored_stage() -> None:
-    dot = ('strict digraph {\n"ingest";\n"validate";\n"features";\n"train";\n"evaluate";\n'
-           '"ingest" -> "validate";\n"validate" -> "features";\n"validate" -> "train";\n'
-           '"features" -> "train";\n"features" -> "evaluate";\n"train" -> "evaluate";\n}\n')
+    dot = (
+        'strict digraph {\n"ingest";\n"validate";\n"features";\n"train";\n"evaluate";\n'
+        '"ingest" -> "validate";\n"validate" -> "features";\n"validate" -> "train";\n'
+        '"features" -> "train";\n"features" -> "evaluate";\n"train" -> "evaluate";\n}\n'
+    )
     assert reproduce.order_stages_between(dot, "ingest") == [
-        "validate", "features", "train", "evaluate"]
+        "validate",
+        "features",
+        "train",
+        "evaluate",
+    ]
 
 
 def test_model_refs() -> None:
     assert lineage.parse_model_ref("classifier@champion") == lineage.ModelRef(
-        "classifier", alias="champion")
-    assert lineage.parse_model_ref("classifier/12") == lineage.ModelRef("classifier",
-                                                                        version="12")
+        "classifier", alias="champion"
+    )
+    assert lineage.parse_model_ref("classifier/12") == lineage.ModelRef("classifier", version="12")
     for bad in ("classifier", "classifier/x", "@champion", "a@b@c"):
         with pytest.raises(lineage.LineageError):
             lineage.parse_model_ref(bad)
 
 
-def test_train_time_record_reads_the_summary_defensively(tmp_path: Path, mlflow_uri: str,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_time_record_reads_the_summary_defensively(
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
     from mlflow import MlflowClient
 
@@ -327,7 +381,10 @@ def test_train_time_record_reads_the_summary_defensively(tmp_path: Path, mlflow_
     from stages.common.tracking import configure_mlflow, log_lineage, validation_tags
 
     assert validation_tags({"success": True, "rows": 9, "bad_fraction": 0.0, "failed": []}) == {
-        "validation.success": "true", "validation.rows": "9", "validation.bad_fraction": "0.0"}
+        "validation.success": "true",
+        "validation.rows": "9",
+        "validation.bad_fraction": "0.0",
+    }
     assert validation_tags({"rows": 3}) == {"validation.rows": "3"}  # other keys: no tags
     (tmp_path / "params.yaml").write_text("base: {seed: 1}\n")
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
@@ -340,7 +397,11 @@ def test_train_time_record_reads_the_summary_defensively(tmp_path: Path, mlflow_
         log_lineage(".", "params.yaml", "no-report")  # no summary: nothing to tag, no error
     client = MlflowClient(tracking_uri=mlflow_uri)
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "lineage")}
-    assert logged == {"lineage/params.yaml", "lineage/dvc.lock", "lineage/inputs.json",
-                      "lineage/validation_summary.json"}
+    assert logged == {
+        "lineage/params.yaml",
+        "lineage/dvc.lock",
+        "lineage/inputs.json",
+        "lineage/validation_summary.json",
+    }
     tags = client.get_run(run.info.run_id).data.tags
     assert tags["validation.success"] == "false" and "validation.bad_fraction" not in tags

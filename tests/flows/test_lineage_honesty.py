@@ -8,7 +8,7 @@ found:
 * a corrupt object in the DVC remote: ``flows.reproduce`` stops right after ``dvc pull``;
 * a flipped byte in a DVC cache object of ``data/features``, checked out into the workspace
   (``dvc status`` stays clean): the next stage that reads it stops naming the file and both
-  hashes; ``python -m stages.common.integrity --repair`` and ``dvc repro`` repair it;
+  hashes; ``python -m flows.verify --repair`` and ``dvc repro`` repair it;
 * ``params.yaml`` edited while train runs: the stage fails, no output, ``dvc status`` still
   shows train changed.
 """
@@ -36,8 +36,9 @@ MODEL = "classifier"
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _md5(path: Path) -> str:
@@ -61,8 +62,13 @@ def _dir_hash(folder: Path) -> str:
 
 
 def _integrity(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.common.integrity", "--repo", str(repo),
-                           *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.verify", "--repo", str(repo), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def _lock_out(repo: Path, stage: str, path: str) -> str:
@@ -105,14 +111,16 @@ def test_version_tags_name_the_model_that_run_produced(pipeline) -> None:
     assert version.tags["dvc.models.md5"] == models
     assert _dir_hash(repo / "models") == models
     assert version.tags["dvc.reports/metrics.json.md5"] == _lock_out(
-        repo, "evaluate", "reports/metrics.json")
+        repo, "evaluate", "reports/metrics.json"
+    )
     assert version.tags["dvc.data/features.md5"] == _lock_out(repo, "features", "data/features")
     run = client.get_run(version.run_id)
     assert run.data.tags["dvc.models.md5"] == models
 
 
 def test_reproduce_refuses_a_corrupt_object_pulled_from_the_remote(
-        pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from flows import reproduce
 
     repo, _ = pipeline
@@ -123,8 +131,9 @@ def test_reproduce_refuses_a_corrupt_object_pulled_from_the_remote(
     _flip_byte(remote_object)
     bad_md5 = _md5(remote_object)
     try:
-        code = reproduce.main([f"{MODEL}@champion", "--repo", str(repo),
-                               "--workdir", str(tmp_path / "ws")])
+        code = reproduce.main(
+            [f"{MODEL}@champion", "--repo", str(repo), "--workdir", str(tmp_path / "ws")]
+        )
     finally:
         remote_object.chmod(0o644)
         remote_object.write_bytes(good)
@@ -135,8 +144,7 @@ def test_reproduce_refuses_a_corrupt_object_pulled_from_the_remote(
     assert "stage 1/" not in err  # stopped before any stage ran on the bad data
 
 
-def test_flipped_byte_in_a_cache_object_stops_the_next_stage_and_repair_works(
-        pipeline) -> None:
+def test_flipped_byte_in_a_cache_object_stops_the_next_stage_and_repair_works(pipeline) -> None:
     repo, _ = pipeline
     features = _lock_out(repo, "features", "data/features")
     expected = _dir_entries(repo, features)["train.parquet"]
@@ -201,9 +209,13 @@ def test_params_edited_while_train_runs_fail_the_stage(pipeline) -> None:
     db = Path(uri.removeprefix("sqlite:///"))
     blocker = sqlite3.connect(db, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "train"],
-                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", "train"],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not _has_open(proc, db):  # the stage has read params and waits for the lock
@@ -231,11 +243,11 @@ def test_params_edited_while_train_runs_fail_the_stage(pipeline) -> None:
         # the run used and logged the params it read at start, and ended FAILED
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name("pipeline")
-        run = client.search_runs([experiment.experiment_id],
-                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
+        run = client.search_runs(
+            [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+        )[0]
         assert run.info.status == "FAILED" and run.data.params["train.lr"] == "0.002"
-        local = client.download_artifacts(run.info.run_id, "lineage/params.yaml",
-                                          str(repo.parent))
+        local = client.download_artifacts(run.info.run_id, "lineage/params.yaml", str(repo.parent))
         assert yaml.safe_load(Path(local).read_text())["train"]["lr"] == 0.002
     finally:
         params_file.write_text(original)  # (a copy: for a rerun by hand)

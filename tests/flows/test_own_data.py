@@ -54,15 +54,33 @@ def _package_file(package: str, *parts: str) -> Path:
 
 
 TABLES = {
-    table.name: table for table in (
-        Table("penguins", _package_file("palmerpenguins", "data", "penguins.csv"), "species",
-              {"island": "Atlantis"}, ("3 classes", "flipper_length_mm")),
-        Table("penguins-raw", _package_file("palmerpenguins", "data", "penguins-raw.csv"),
-              "Species", {"Island": "Atlantis"},
-              ("dropped   Individual ID", "rule=high_cardinality",
-               "Date Egg: format ISO 8601, calendar features")),
-        Table("seattle-weather", _package_file("vega_datasets", "_data", "seattle-weather.csv"),
-              "weather", None, ("5 classes", "date: format %Y/%m/%d, calendar features")),
+    table.name: table
+    for table in (
+        Table(
+            "penguins",
+            _package_file("palmerpenguins", "data", "penguins.csv"),
+            "species",
+            {"island": "Atlantis"},
+            ("3 classes", "flipper_length_mm"),
+        ),
+        Table(
+            "penguins-raw",
+            _package_file("palmerpenguins", "data", "penguins-raw.csv"),
+            "Species",
+            {"Island": "Atlantis"},
+            (
+                "dropped   Individual ID",
+                "rule=high_cardinality",
+                "Date Egg: format ISO 8601, calendar features",
+            ),
+        ),
+        Table(
+            "seattle-weather",
+            _package_file("vega_datasets", "_data", "seattle-weather.csv"),
+            "weather",
+            None,
+            ("5 classes", "date: format %Y/%m/%d, calendar features"),
+        ),
     )
 }
 MAKE_DATA_WRITES = ("params.yaml", "suites", "data/source")
@@ -82,8 +100,9 @@ def _edit(repo: Path, values: dict[str, Any]) -> None:
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout
 
 
 def _versions(uri: str, name: str) -> list[str]:
@@ -135,8 +154,7 @@ def _build(table: Table, repo: Path, uri: str) -> Built:
         after_first = _versions(uri, table.name)
         second = _run_flow(repo) if "failed" not in first else {"failed": "first run failed"}
         after_second = _versions(uri, table.name)
-    return Built(table, repo, uri, report, params_before, first, second, after_first,
-                 after_second)
+    return Built(table, repo, uri, report, params_before, first, second, after_first, after_second)
 
 
 def _run_flow(repo: Path) -> dict:
@@ -155,8 +173,9 @@ def project_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module", params=sorted(TABLES))
-def built(request: pytest.FixtureRequest, prefect_api: str,
-          project_repo: tuple[Path, str]) -> Built:
+def built(
+    request: pytest.FixtureRequest, prefect_api: str, project_repo: tuple[Path, str]
+) -> Built:
     """``make data`` + two flow runs on one real table, in the repo the table before it used
     (as a user switches tables): once per table for this module.
 
@@ -165,8 +184,9 @@ def built(request: pytest.FixtureRequest, prefect_api: str,
     subprocesses registered (a fresh process saw it); the cause is not found yet.
     """
     repo, uri = project_repo
-    return _build(TABLES[request.param], repo, uri.replace("mlflow.db",
-                                                           f"mlflow-{request.param}.db"))
+    return _build(
+        TABLES[request.param], repo, uri.replace("mlflow.db", f"mlflow-{request.param}.db")
+    )
 
 
 # --- end to end (slow) ---------------------------------------------------------------------
@@ -189,8 +209,15 @@ def test_make_data_points_params_at_the_table_and_keeps_comments(built: Built) -
     assert (repo / "data/source" / table.path.name).read_bytes() == table.path.read_bytes()
     suite = json.loads((repo / "suites" / f"{table.name}.json").read_text())
     assert suite["meta"]["target"] == table.target
-    for fragment in ("baselines", "majority", "logistic", "f1_macro", "git add", "make run",
-                     *table.says):
+    for fragment in (
+        "baselines",
+        "majority",
+        "logistic",
+        "f1_macro",
+        "git add",
+        "make run",
+        *table.says,
+    ):
         assert fragment in built.report, built.report
 
 
@@ -215,8 +242,11 @@ def test_a_second_run_on_the_same_data_adds_no_version(built: Built) -> None:
     assert "failed" not in built.second, built.second["failed"]
     assert built.versions_after_first, "the first run registered nothing"
     assert built.versions_after_second == built.versions_after_first
-    ran = [stage for stage, status in built.second["stages"].items()
-           if status == "ran" and stage != "ingest"]
+    ran = [
+        stage
+        for stage, status in built.second["stages"].items()
+        if status == "ran" and stage != "ingest"
+    ]
     assert ran == [], f"the second run re-ran {ran}: {built.second['stages']}"
 
 
@@ -228,7 +258,8 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 @pytest.mark.slow
 @pytest.mark.stack
 def test_the_service_scores_real_rows_of_the_table(
-        built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
     from fastapi.testclient import TestClient
 
@@ -247,8 +278,9 @@ def test_the_service_scores_real_rows_of_the_table(
     picked = rows.loc[list(dict.fromkeys(index))]
     classes = set(source[table.target].dropna())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", built.uri)
-    config = ServiceConfig(model_name=table.name, tracking_uri=built.uri,
-                           log_dir=str(tmp_path / "predictions"))
+    config = ServiceConfig(
+        model_name=table.name, tracking_uri=built.uri, log_dir=str(tmp_path / "predictions")
+    )
     with TestClient(create_app(config)) as client:
         _wait_ready(client)
         answer = client.post("/predict", json={"dataframe_records": _records(picked)})
@@ -265,8 +297,8 @@ def test_the_service_scores_real_rows_of_the_table(
             body = answer.json()
             assert column in body["columns"], body
             assert {"row": 0, "column": column, "rule": "in_set"} in [
-                {key: v[key] for key in ("row", "column", "rule")}
-                for v in body["violations"]], body
+                {key: v[key] for key in ("row", "column", "rule")} for v in body["violations"]
+            ], body
     mlflow.set_tracking_uri(None)  # the app set it process-wide: leave no trace
 
 
@@ -295,7 +327,8 @@ def _unchanged(repo: Path) -> None:
 
 
 def test_a_missing_file_is_named_and_nothing_changes(
-        project: Path, capsys: pytest.CaptureFixture) -> None:
+    project: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert main(["nowhere/table.csv", "--target", "species"]) == 1
     err = capsys.readouterr().err
     assert "nowhere/table.csv" in err and "rule=exists" in err, err
@@ -303,7 +336,8 @@ def test_a_missing_file_is_named_and_nothing_changes(
 
 
 def test_an_unknown_target_column_is_named_and_nothing_changes(
-        project: Path, capsys: pytest.CaptureFixture) -> None:
+    project: Path, capsys: pytest.CaptureFixture
+) -> None:
     table = TABLES["penguins"]
     assert main([str(table.path), "--target", "Species"]) == 1
     err = capsys.readouterr().err
@@ -312,7 +346,8 @@ def test_an_unknown_target_column_is_named_and_nothing_changes(
 
 
 def test_an_unknown_suffix_asks_for_the_format(
-        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     odd = tmp_path / "penguins.txt"
     shutil.copy2(TABLES["penguins"].path, odd)
     assert main([str(odd), "--target", "species"]) == 1
@@ -321,7 +356,8 @@ def test_an_unknown_suffix_asks_for_the_format(
 
 
 def test_a_parquet_table_is_brought_in_as_parquet(
-        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     table = tmp_path / "weather.parquet"
     pd.read_csv(TABLES["seattle-weather"].path).to_parquet(table, index=False)
     assert main([str(table), "--target", "weather"]) == 0, capsys.readouterr().err
@@ -331,29 +367,41 @@ def test_a_parquet_table_is_brought_in_as_parquet(
 
 
 def test_edit_params_keeps_comments_and_clears_settings_naming_old_columns() -> None:
-    text = ("ingest:\n  source: sklearn:breast_cancer  # where\n  target: target\n"
-            "  table: null\n  query: null\n  watermark: updated_at  # grows\n"
-            "validate:\n  suite_path: suites/a.json\n  rules: {mean_radius: {positive: true},"
-            " wind: {min: 0}}\nfeatures:\n  drop_columns: [id, date]   # not fed\n"
-            "register:\n  model_name: classifier\n")
-    new, changed = edit_params(text, {"ingest.source": "data/source/w.csv",
-                                      "register.model_name": "w"}, ["date", "wind", "weather"])
-    for line in (r"  source: data/source/w.csv +# where", r"  watermark: null +# grows",
-                 r"  rules: \{wind: \{min: 0\}\}", r"  drop_columns: \[date\] +# not fed",
-                 r"  model_name: w"):
+    text = (
+        "ingest:\n  source: sklearn:breast_cancer  # where\n  target: target\n"
+        "  table: null\n  query: null\n  watermark: updated_at  # grows\n"
+        "validate:\n  suite_path: suites/a.json\n  rules: {mean_radius: {positive: true},"
+        " wind: {min: 0}}\nfeatures:\n  drop_columns: [id, date]   # not fed\n"
+        "register:\n  model_name: classifier\n"
+    )
+    new, changed = edit_params(
+        text,
+        {"ingest.source": "data/source/w.csv", "register.model_name": "w"},
+        ["date", "wind", "weather"],
+    )
+    for line in (
+        r"  source: data/source/w.csv +# where",
+        r"  watermark: null +# grows",
+        r"  rules: \{wind: \{min: 0\}\}",
+        r"  drop_columns: \[date\] +# not fed",
+        r"  model_name: w",
+    ):
         assert re.search(f"^{line}$", new, re.MULTILINE), new
     assert changed == {
         "ingest.source": ("sklearn:breast_cancer", "data/source/w.csv"),
         "register.model_name": ("classifier", "w"),
         "ingest.watermark": ("updated_at", None),
         "features.drop_columns": (["id", "date"], ["date"]),
-        "validate.rules": ({"mean_radius": {"positive": True}, "wind": {"min": 0}},
-                           {"wind": {"min": 0}}),
+        "validate.rules": (
+            {"mean_radius": {"positive": True}, "wind": {"min": 0}},
+            {"wind": {"min": 0}},
+        ),
     }
 
 
 def test_a_table_its_own_gate_refuses_puts_everything_back(
-        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     # penguins with 20 rows pasted twice: its fresh suite passes every value, but duplicated
     # rows above validate.max_duplicate_fraction stop the gate in the rehearsal, after the
     # copy and the suite were written: both must go again, params.yaml untouched.
@@ -367,10 +415,11 @@ def test_a_table_its_own_gate_refuses_puts_everything_back(
 
 
 def test_a_semicolon_table_is_read_with_delimiter_and_params_say_so(
-        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from stages.ingest import stage as ingest
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from stages.common.config import load_params
     from stages.common.suite import load_suite
+    from stages.ingest import stage as ingest
 
     _edit(project, {"ingest.delimiter": ";"})  # an earlier table's separator
     rows = pd.read_csv(TABLES["penguins"].path)
@@ -393,7 +442,8 @@ def test_a_semicolon_table_is_read_with_delimiter_and_params_say_so(
 
 
 def test_a_second_make_data_keeps_the_reviewed_suite_unless_reprofile(
-        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     table, suite = TABLES["penguins"], project / "suites/penguins.json"
     assert main([str(table.path), "--target", "species"]) == 0
     reviewed = json.loads(suite.read_text())
@@ -414,9 +464,13 @@ def test_a_second_make_data_keeps_the_reviewed_suite_unless_reprofile(
 
 
 def test_null_sections_and_a_data_root_outside_the_project_are_named(
-        project: Path, capsys: pytest.CaptureFixture) -> None:
-    new, _ = edit_params("ingest:\n  source: a.csv\nregister:\n",
-                         {"ingest.source": "b.csv", "register.model_name": "b"}, ["x"])
+    project: Path, capsys: pytest.CaptureFixture
+) -> None:
+    new, _ = edit_params(
+        "ingest:\n  source: a.csv\nregister:\n",
+        {"ingest.source": "b.csv", "register.model_name": "b"},
+        ["x"],
+    )
     assert "model_name: b" in new
     with pytest.raises(ConfigError, match=r"params.yaml: register is \[1\]"):
         edit_params("ingest: {}\nregister: [1]\n", {"register.model_name": "b"}, ["x"])
@@ -431,20 +485,30 @@ def test_null_sections_and_a_data_root_outside_the_project_are_named(
 
 
 def test_make_data_passes_delim_and_reprofile_on() -> None:
-    shown = subprocess.run(["make", "-n", "data", "SRC=t.csv", "TARGET=y", "DELIM=;",
-                            "REPROFILE=1"], cwd=ROOT, check=True, capture_output=True,
-                           text=True).stdout
+    shown = subprocess.run(
+        ["make", "-n", "data", "SRC=t.csv", "TARGET=y", "DELIM=;", "REPROFILE=1"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "--delimiter ';'" in shown and "--reprofile" in shown, shown
 
 
 def test_make_data_refuses_while_a_pipeline_run_holds_the_workspace(
-        project: Path, capsys: pytest.CaptureFixture) -> None:
+    project: Path, capsys: pytest.CaptureFixture
+) -> None:
     # make run (or make repro, a scheduled run) in progress reads params.yaml and data/source:
     # make data must not rewrite them under it.
     from tests.flows.test_runlock import ENV, HOLD, PY
 
-    run = subprocess.Popen([PY, "-c", HOLD, str(project)], env=ENV, stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [PY, "-c", HOLD, str(project)],
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert run.stdout.readline().strip() == "locked"
         assert main([str(TABLES["penguins"].path), "--target", "species"]) == 1
@@ -453,6 +517,8 @@ def test_make_data_refuses_while_a_pipeline_run_holds_the_workspace(
         run.wait()
     err = capsys.readouterr().err
     assert "make data failed: another pipeline run holds this workspace" in err, err
-    assert f"pid {run.pid} " in err and "params.yaml, suites/ and the data root are as " \
-        "they were" in err
+    assert (
+        f"pid {run.pid} " in err
+        and "params.yaml, suites/ and the data root are as they were" in err
+    )
     _unchanged(project)

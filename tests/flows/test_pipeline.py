@@ -18,17 +18,32 @@ import pytest
 import yaml
 from prefect import flow
 
-from flows.pipeline import (SUMMARY_KEY, describe_failure, order_stages, parse_stage_status,
-                            pipeline, read_stage_order, run_stage, where_to_look)
+from flows.pipeline import (
+    SUMMARY_KEY,
+    describe_failure,
+    order_stages,
+    parse_stage_status,
+    pipeline,
+    read_stage_order,
+    run_stage,
+    where_to_look,
+)
 from flows.summary import NO_NEW_ROWS, read_reports, render_markdown, summarize_run
 from stages.common.io import open_dataset
 from tests.conftest import ROOT, TINY_PARAMS, deep_merge, dvc, make_pipeline_repo, write_params
 
 STAGES = ["ingest", "validate", "features", "train", "evaluate", "register"]
-OUTPUTS = ["data/raw", "data/validated", "data/quarantine", "data/features", "models",
-           "reports/validation",
-           "reports/eval", "reports/metrics.json",
-           "reports/registration.json"]
+OUTPUTS = [
+    "data/raw",
+    "data/validated",
+    "data/quarantine",
+    "data/features",
+    "models",
+    "reports/validation",
+    "reports/eval",
+    "reports/metrics.json",
+    "reports/registration.json",
+]
 
 # --- stage order and DVC output ------------------------------------------------------------
 
@@ -61,25 +76,35 @@ def test_read_stage_order_asks_dvc_for_the_project_graph(tmp_path: Path) -> None
 
 def test_parse_stage_status_reads_dvc_3_messages() -> None:
     assert parse_stage_status("train", ["Running stage 'train':", "> python -m ..."]) == "ran"
-    assert parse_stage_status("train", ["Stage 'train' didn't change, skipping",
-                                        "Data and pipelines are up to date."]) == "skipped"
+    assert (
+        parse_stage_status(
+            "train", ["Stage 'train' didn't change, skipping", "Data and pipelines are up to date."]
+        )
+        == "skipped"
+    )
     cached = "Stage 'train' is cached - skipping run, checking out outputs"
     assert parse_stage_status("train", [cached]) == "restored from run cache"
     assert parse_stage_status("train", ["Running stage 'evaluate':"]) == "unknown"
 
 
 def test_describe_failure_prefers_the_stage_message_over_dvc_noise() -> None:
-    lines = ["Running stage 'validate':",
-             "2026-01-01 10:00:00,000 INFO stages.validate.stage: checking data/raw",
-             "2026-01-01 10:00:01,000 ERROR stages.common.cli: stage validate failed: "
-             "validation failed",
-             "data.parquet: column target failed expect_column_values_to_be_in_set",
-             "ERROR: failed to reproduce 'validate': failed to run: python -m ..., exited with 1"]
+    lines = [
+        "Running stage 'validate':",
+        "2026-01-01 10:00:00,000 INFO stages.validate.stage: checking data/raw",
+        "2026-01-01 10:00:01,000 ERROR stages.common.cli: stage validate failed: validation failed",
+        "data.parquet: column target failed expect_column_values_to_be_in_set",
+        "ERROR: failed to reproduce 'validate': failed to run: python -m ..., exited with 1",
+    ]
     assert describe_failure(lines) == (
-        "validation failed\ndata.parquet: column target failed "
-        "expect_column_values_to_be_in_set", True)
-    crash = ["Running stage 'train':", "Traceback (most recent call last):",
-             "OSError: disk full", "ERROR: failed to reproduce 'train': exited with 1"]
+        "validation failed\ndata.parquet: column target failed expect_column_values_to_be_in_set",
+        True,
+    )
+    crash = [
+        "Running stage 'train':",
+        "Traceback (most recent call last):",
+        "OSError: disk full",
+        "ERROR: failed to reproduce 'train': exited with 1",
+    ]
     message, deliberate = describe_failure(crash)
     assert not deliberate
     assert "OSError: disk full" in message and message.startswith("ERROR: failed to reproduce")
@@ -113,13 +138,16 @@ def _run_one_stage(stage: str, repo: str) -> str:
 
 
 def test_run_stage_retries_crashes_but_not_refusals(
-        prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the refusing stage uses the real stage CLI
     (tmp_path / "flaky.py").write_text(FLAKY)
     (tmp_path / "refuses.py").write_text(REFUSES)
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
-    stages = {"flaky": {"cmd": "python flaky.py", "outs": ["flaky.txt"]},
-              "refuses": {"cmd": "python refuses.py", "outs": ["refuses.txt"]}}
+    stages = {
+        "flaky": {"cmd": "python flaky.py", "outs": ["flaky.txt"]},
+        "refuses": {"cmd": "python refuses.py", "outs": ["refuses.txt"]},
+    }
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     dvc(tmp_path, "init", "--no-scm", "-q")
 
@@ -136,10 +164,16 @@ def test_run_stage_retries_crashes_but_not_refusals(
 # --- the summary ---------------------------------------------------------------------------
 
 METRICS = {"accuracy": 0.97368, "f1_macro": 0.9717, "roc_auc_macro": 0.9954, "log_loss": 0.0812}
-REGISTRATION = {"model_name": "classifier", "version": "3", "run_id": "abc",
-                "decision": "challenger", "reason": "f1_macro 0.9717 < champion 0.9800",
-                "metrics": METRICS, "champion_metrics": {"f1_macro": 0.98},
-                "previous_champion_version": "2"}
+REGISTRATION = {
+    "model_name": "classifier",
+    "version": "3",
+    "run_id": "abc",
+    "decision": "challenger",
+    "reason": "f1_macro 0.9717 < champion 0.9800",
+    "metrics": METRICS,
+    "champion_metrics": {"f1_macro": 0.98},
+    "previous_champion_version": "2",
+}
 RUN = {"run_id": "abc", "experiment_id": "1"}
 
 
@@ -161,17 +195,26 @@ def test_summary_markdown_shows_stages_metrics_decision_and_link() -> None:
 
 
 def test_summary_of_a_failed_run_ignores_reports_of_stages_that_did_not_finish(
-        tmp_path: Path) -> None:
-    for path, content in [("reports/metrics.json", METRICS), ("models/run.json", RUN),
-                          ("reports/registration.json", REGISTRATION)]:
+    tmp_path: Path,
+) -> None:
+    for path, content in [
+        ("reports/metrics.json", METRICS),
+        ("models/run.json", RUN),
+        ("reports/registration.json", REGISTRATION),
+    ]:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(json.dumps(content))  # left by an earlier run
     statuses = {"ingest": "ran", "validate": "failed"}
     reports = read_reports(tmp_path, statuses)
     assert reports == {"metrics": None, "registration": None, "run": None}
 
-    summary = summarize_run(STAGES, statuses, reports, "http://127.0.0.1:5000",
-                            error="stage validate failed: bad label [column=target]")
+    summary = summarize_run(
+        STAGES,
+        statuses,
+        reports,
+        "http://127.0.0.1:5000",
+        error="stage validate failed: bad label [column=target]",
+    )
     markdown = render_markdown(summary)
     assert summary["status"] == "failed" and summary["stages"]["train"] == "not run"
     assert "stage validate failed: bad label [column=target]" in markdown
@@ -194,7 +237,8 @@ def _read_summary_artifact(flow_run_id: str) -> str:
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY])))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY]))
+        )
     mine = [a for a in artifacts if str(a.flow_run_id) == flow_run_id]
     assert mine, f"no {SUMMARY_KEY} artifact for flow run {flow_run_id}"
     return mine[0].data
@@ -202,7 +246,8 @@ def _read_summary_artifact(flow_run_id: str) -> str:
 
 @pytest.mark.slow
 def test_flow_runs_every_stage_then_dvc_has_nothing_to_do(
-        prefect_api: str, pipeline_repo: Path, mlflow_uri: str) -> None:
+    prefect_api: str, pipeline_repo: Path, mlflow_uri: str
+) -> None:
     state = pipeline(repo=str(pipeline_repo), return_state=True)
 
     assert state.is_completed(), state.message
@@ -212,7 +257,8 @@ def test_flow_runs_every_stage_then_dvc_has_nothing_to_do(
     # DVC agrees: nothing left to reproduce, and the data versions reached the remote.
     # (ingest always asks its source again, so DVC lists it as always changed)
     assert json.loads(dvc(pipeline_repo, "status", "--json").stdout) == {
-        "ingest": ["always changed"]}
+        "ingest": ["always changed"]
+    }
     assert any(p.is_file() for p in (pipeline_repo / ".dvcstore").rglob("*"))
     assert "in sync" in dvc(pipeline_repo, "status", "--cloud").stdout
     # MLflow: a champion, trained in a run tagged with this flow run.
@@ -264,14 +310,16 @@ def test_flow_after_dvc_repro_runs_no_stage(prefect_api: str, reproduced_repo) -
     # Nothing ran, yet the summary reports the current model and metrics.
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert summary["metrics"] == metrics
-    assert summary["model"]["version"] == client.get_model_version_by_alias(
-        "classifier", "champion").version
+    assert (
+        summary["model"]["version"]
+        == client.get_model_version_by_alias("classifier", "champion").version
+    )
 
 
 @pytest.mark.slow
 def test_bad_label_fails_the_flow_at_validate_and_changes_nothing(
-        prefect_api: str, reproduced_repo, tmp_path: Path) -> None:
-    import pandas as pd
+    prefect_api: str, reproduced_repo, tmp_path: Path
+) -> None:
 
     source, uri = reproduced_repo
     repo = tmp_path / "repo"
@@ -299,22 +347,26 @@ def test_bad_label_fails_the_flow_at_validate_and_changes_nothing(
 @pytest.mark.slow
 @pytest.mark.stack
 def test_incremental_run_without_new_rows_skips_training_and_says_so(
-        prefect_api: str, tmp_path: Path, mlflow_uri: str, caplog: pytest.LogCaptureFixture
+    prefect_api: str, tmp_path: Path, mlflow_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import pandas as pd
     from sklearn.datasets import load_breast_cancer
 
     frame = load_breast_cancer(as_frame=True).frame
     frame.columns = [str(c).replace(" ", "_") for c in frame.columns]
     frame.insert(0, "row_id", range(len(frame)))  # the watermark: an increasing id
-    repo = make_pipeline_repo(tmp_path / "repo", {
-        "ingest": {"source": "data/source/rows.csv", "watermark": "row_id"},
-        "validate": {"suite_path": "suites/rows.json"},
-        "features": {"drop_columns": ["row_id"]}})
+    repo = make_pipeline_repo(
+        tmp_path / "repo",
+        {
+            "ingest": {"source": "data/source/rows.csv", "watermark": "row_id"},
+            "validate": {"suite_path": "suites/rows.json"},
+            "features": {"drop_columns": ["row_id"]},
+        },
+    )
     frame.iloc[:400].to_csv(repo / "data/source/rows.csv", index=False)
-    for args in (["stages.ingest", "--out", "data/raw"],  # the README's steps for own data
-                 ["stages.validate", "suite", "--snapshot", "data/raw", "--out",
-                  "suites/rows.json"]):
+    for args in (
+        ["stages.ingest", "--out", "data/raw"],  # the README's steps for own data
+        ["stages.validate", "suite", "--snapshot", "data/raw", "--out", "suites/rows.json"],
+    ):
         subprocess.run([sys.executable, "-m", *args], cwd=repo, check=True, capture_output=True)
     assert pipeline(repo=str(repo), return_state=True).is_completed()
     frame.to_csv(repo / "data/source/rows.csv", index=False)  # 169 newer rows arrive
@@ -333,15 +385,20 @@ def test_incremental_run_without_new_rows_skips_training_and_says_so(
     assert "no new rows since the last run" in caplog.text
 
 
-@pytest.mark.parametrize(("register", "said"), [
-    ("ran", "classifier version 3: promoted (better)"),
-    ("skipped", "classifier version 3: unchanged, nothing registered in this run; recorded "
-                "earlier: promoted (better)")])
-def test_the_summary_says_when_the_model_is_from_an_earlier_run(register: str,
-                                                                 said: str) -> None:
+@pytest.mark.parametrize(
+    ("register", "said"),
+    [
+        ("ran", "classifier version 3: promoted (better)"),
+        (
+            "skipped",
+            "classifier version 3: unchanged, nothing registered in this run; recorded "
+            "earlier: promoted (better)",
+        ),
+    ],
+)
+def test_the_summary_says_when_the_model_is_from_an_earlier_run(register: str, said: str) -> None:
     # A run that skipped register must not read like a fresh promotion.
-    model = {"model_name": "classifier", "version": 3, "decision": "promoted",
-             "reason": "better"}
+    model = {"model_name": "classifier", "version": 3, "decision": "promoted", "reason": "better"}
     summary = {"stages": {"ingest": "ran", "register": register}, "model": model}
 
     assert f"  Model:      {said}" in where_to_look(ROOT, summary)

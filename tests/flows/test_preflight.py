@@ -113,8 +113,10 @@ def _flow_repo(repo: Path) -> Path:
     """A DVC repo (no git) with the project's params and one stage that writes out.txt."""
     repo.mkdir(parents=True)
     subprocess.run([PY, "-m", "dvc", "init", "-q", "--no-scm"], cwd=repo, check=True)
-    (repo / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: python -c \"open('out.txt','w')"
-                                   ".write('x')\"\n    outs:\n      - out.txt\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  ingest:\n    cmd: python -c \"open('out.txt','w')"
+        ".write('x')\"\n    outs:\n      - out.txt\n"
+    )
     (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     return repo
 
@@ -122,19 +124,26 @@ def _flow_repo(repo: Path) -> Path:
 def test_make_run_with_a_dead_tracking_server_runs_no_stage(tmp_path: Path) -> None:
     repo = _flow_repo(tmp_path / "repo")
     uri = f"http://127.0.0.1:{_closed_port()}"
-    run = subprocess.run([PY, "-m", "flows.pipeline", "--repo", str(repo)],
-                         env={**ENV, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
-                         timeout=120, check=False)
+    run = subprocess.run(
+        [PY, "-m", "flows.pipeline", "--repo", str(repo)],
+        env={**ENV, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 1
     lines = (run.stdout + run.stderr).strip().splitlines()
     assert len(lines) == 1, lines  # no Prefect server, no traceback
-    assert lines[0].startswith(f"Pipeline not started: the MLflow tracking server {uri} is "
-                               "unreachable")
+    assert lines[0].startswith(
+        f"Pipeline not started: the MLflow tracking server {uri} is unreachable"
+    )
     assert not (repo / "out.txt").exists()
 
 
 def test_the_flow_run_by_a_deployment_checks_the_store_before_ingest(
-        tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flows.pipeline import pipeline
 
     repo = _flow_repo(tmp_path / "repo")
@@ -150,8 +159,13 @@ def test_the_flow_run_by_a_deployment_checks_the_store_before_ingest(
 def test_make_repro_with_a_dead_tracking_server_runs_no_stage(tmp_path: Path) -> None:
     repo = _flow_repo(tmp_path / "repo")
     uri = f"http://127.0.0.1:{_closed_port()}"
-    run = subprocess.run([PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
-                         env={**ENV, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
-                         timeout=120, check=False)
+    run = subprocess.run(
+        [PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
+        env={**ENV, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 1 and f"tracking server {uri} is unreachable" in run.stderr
     assert not (repo / "out.txt").exists()

@@ -16,19 +16,23 @@ from pathlib import Path
 
 import pytest
 
+from flows import verify
 from stages.common import integrity
 from tests.conftest import ROOT
 
 PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-WRITE = ("import pathlib; pathlib.Path('data').mkdir(exist_ok=True); "
-         "pathlib.Path('data/a.txt').write_text('a' * 1000); "
-         "pathlib.Path('data/b.txt').write_text('b' * 1000)")
+WRITE = (
+    "import pathlib; pathlib.Path('data').mkdir(exist_ok=True); "
+    "pathlib.Path('data/a.txt').write_text('a' * 1000); "
+    "pathlib.Path('data/b.txt').write_text('b' * 1000)"
+)
 
 
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "dvc", *args], cwd=repo, env=ENV, capture_output=True,
-                          text=True, check=True)
+    return subprocess.run(
+        [PY, "-m", "dvc", *args], cwd=repo, env=ENV, capture_output=True, text=True, check=True
+    )
 
 
 @pytest.fixture
@@ -40,8 +44,10 @@ def repo(tmp_path: Path) -> Path:
     _dvc(repo, "init", "-q", "--no-scm")
     _dvc(repo, "remote", "add", "-d", "local", str(tmp_path / "remote"))
     (repo / "write.py").write_text(WRITE)
-    (repo / "dvc.yaml").write_text("stages:\n  make:\n    cmd: python write.py\n    deps:\n"
-                                   "      - write.py\n    outs:\n      - data\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: python write.py\n    deps:\n"
+        "      - write.py\n    outs:\n      - data\n"
+    )
     _dvc(repo, "repro")
     return repo
 
@@ -66,8 +72,14 @@ def _remote_files(tmp_path: Path) -> list[Path]:
 
 def test_make_repro_refuses_to_push_a_corrupt_cache_object(repo: Path, tmp_path: Path) -> None:
     obj = _flip_cached(repo, "b" * 1000)
-    run = subprocess.run([PY, "-m", "flows.repro", "--repo", str(repo)], env=ENV,
-                         capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [PY, "-m", "flows.repro", "--repo", str(repo)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 1, run.stdout + run.stderr
     refused = [line for line in run.stderr.splitlines() if "dvc push refused" in line]
     assert len(refused) == 1 and "Traceback" not in run.stderr, run.stderr
@@ -77,15 +89,22 @@ def test_make_repro_refuses_to_push_a_corrupt_cache_object(repo: Path, tmp_path:
     assert _remote_files(tmp_path) == []  # nothing uploaded, the good objects neither
 
     # once repaired (the object rewritten from the good workspace copy), the push goes through
-    assert integrity.main(["--repo", str(repo), "--repair"]) == 0
-    run = subprocess.run([PY, "-m", "flows.repro", "--repo", str(repo)], env=ENV,
-                         capture_output=True, text=True, timeout=120, check=False)
+    assert verify.main(["--repo", str(repo), "--repair"]) == 0
+    run = subprocess.run(
+        [PY, "-m", "flows.repro", "--repo", str(repo)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert len(_remote_files(tmp_path)) == 3  # data's .dir object and its two files
 
 
 def test_the_flow_push_task_refuses_a_corrupt_object_without_retrying(
-        repo: Path, tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo: Path, tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from prefect import flow
 
     from flows.pipeline import push_data

@@ -17,9 +17,9 @@ import pytest
 
 from flows import lineage, rollback
 from serving.model import ModelHolder, RegistryFollower
-from stages.register import stage as register
 from stages.common import registry
 from stages.common.errors import GateError
+from stages.register import stage as register
 from tests.builders import TEST_PARAMS, breast_cancer_frame, build_trained, make_params
 from tests.stages.register.test_stage import LOOSE, prepare
 
@@ -28,8 +28,13 @@ NAME = TEST_PARAMS["register"]["model_name"]
 
 
 def _register(work: Path, params: object) -> None:
-    register.run(work / "features", work / "models", work / "reports" / "metrics.json",
-                 work / "reports" / "registration.json", params)
+    register.run(
+        work / "features",
+        work / "models",
+        work / "reports" / "metrics.json",
+        work / "reports" / "registration.json",
+        params,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _register(prepare(root / "v1", trained, loose, degrade=True), loose)
         _register(prepare(root / "v2", trained, loose), loose)
         with pytest.raises(GateError):
-            _register(prepare(root / "v3", trained, make_params(), degrade=True, bias=0.1),
-                      make_params())
+            _register(
+                prepare(root / "v3", trained, make_params(), degrade=True, bias=0.1), make_params()
+            )
         mlflow.set_tracking_uri(None)  # the stages set it globally: leave no trace
     return root / "mlflow.db"
 
@@ -68,8 +74,10 @@ def _client(uri: str) -> mlflow.MlflowClient:
 
 
 def _moves(uri: str) -> list[tuple[str, str | None, str, str, str]]:
-    return [(m.alias, m.from_version, m.to_version, m.kind, m.status)
-            for m in registry.alias_history(_client(uri), NAME)]
+    return [
+        (m.alias, m.from_version, m.to_version, m.kind, m.status)
+        for m in registry.alias_history(_client(uri), NAME)
+    ]
 
 
 def _champion(uri: str) -> str | None:
@@ -79,10 +87,22 @@ def _champion(uri: str) -> str | None:
 # ----------------------------------------------------------------------------- pure core
 
 
-def _move(source: str | None, to: str, kind: str = "register",
-          status: str = "done") -> registry.AliasMove:
-    return registry.AliasMove(NAME, "champion", source, to, "why", None, "me@here",
-                              "2026-01-01T00:00:00+00:00", kind, status, "entry")
+def _move(
+    source: str | None, to: str, kind: str = "register", status: str = "done"
+) -> registry.AliasMove:
+    return registry.AliasMove(
+        NAME,
+        "champion",
+        source,
+        to,
+        "why",
+        None,
+        "me@here",
+        "2026-01-01T00:00:00+00:00",
+        kind,
+        status,
+        "entry",
+    )
 
 
 def test_the_previous_holder_undoes_moves_and_a_second_rollback_goes_further_back() -> None:
@@ -101,8 +121,13 @@ def test_the_previous_holder_undoes_moves_and_a_second_rollback_goes_further_bac
 
 def test_the_previous_holder_survives_moves_missing_from_the_log() -> None:
     # 2 -> 3 failed to be marked (a killed process), 4 was set by hand outside the module
-    moves = [_move(None, "1"), _move("1", "2"), _move("2", "3", status="unfinished"),
-             _move("3", "4"), _move("2", "9", status="failed")]
+    moves = [
+        _move(None, "1"),
+        _move("1", "2"),
+        _move("2", "3", status="unfinished"),
+        _move("3", "4"),
+        _move("2", "9", status="failed"),
+    ]
 
     assert registry.holders(moves, "5") == ["1", "2", "3", "4", "5"]
     assert registry.previous_holder(moves, "5") == "4"
@@ -117,8 +142,10 @@ def test_register_recorded_every_alias_move_with_its_reason_and_run(store: str) 
     history = registry.alias_history(client, NAME)
 
     assert [(m.alias, m.from_version, m.to_version, m.kind, m.status) for m in history] == [
-        ("champion", None, "1", "register", "done"), ("champion", "1", "2", "register", "done"),
-        ("challenger", None, "3", "register", "done")]
+        ("champion", None, "1", "register", "done"),
+        ("champion", "1", "2", "register", "done"),
+        ("challenger", None, "3", "register", "done"),
+    ]
     for move in history:
         version = client.get_model_version(NAME, move.to_version)
         assert move.reason == version.tags["promotion.reason"]  # recorded before the move
@@ -138,8 +165,7 @@ def test_a_failed_move_is_recorded_as_failed_and_a_repeat_records_nothing(store:
 
     assert _champion(store) == "2"
     [failed] = [m for m in registry.alias_history(client, NAME) if m.to_version == "99"]
-    assert (failed.status, failed.from_version, failed.reason) == ("failed", "2",
-                                                                   "no such version")
+    assert (failed.status, failed.from_version, failed.reason) == ("failed", "2", "no such version")
     assert "not found" in failed.error
     assert _moves(store) == [*before, ("champion", "2", "99", "manual", "failed")]
     # params are the entry: MLflow refuses to change a logged param
@@ -147,16 +173,18 @@ def test_a_failed_move_is_recorded_as_failed_and_a_repeat_records_nothing(store:
         client.log_param(failed.entry_id, "to_version", "2")
 
 
-def test_an_entry_a_killed_process_left_running_is_settled_by_the_next_move(
-        store: str) -> None:
+def test_an_entry_a_killed_process_left_running_is_settled_by_the_next_move(store: str) -> None:
     import time
 
     client = _client(store)
     experiment_id = registry.audit_experiment_id(client)
     # what a kill between writing the entry and setting the alias leaves: RUNNING, no params
     fields = {"model": NAME, "alias": "champion", "from_version": "2", "to_version": "1"}
-    left = client.create_run(experiment_id, start_time=int(time.time() * 1000) - 120_000,
-                             tags={f"audit.{k}": v for k, v in fields.items()}).info.run_id
+    left = client.create_run(
+        experiment_id,
+        start_time=int(time.time() * 1000) - 120_000,
+        tags={f"audit.{k}": v for k, v in fields.items()},
+    ).info.run_id
 
     registry.move_alias(client, NAME, "champion", "1", "now for real", kind="manual")
 
@@ -181,7 +209,8 @@ def test_lineage_shows_the_alias_history(store: str, capsys: pytest.CaptureFixtu
 
 
 def test_rollback_moves_champion_back_and_a_following_service_swaps_to_it(
-        store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     holder = ModelHolder()
     follower = RegistryFollower(holder, NAME, "champion")
     assert follower.check_once() and holder.current.version == "2"
@@ -194,25 +223,38 @@ def test_rollback_moves_champion_back_and_a_following_service_swaps_to_it(
     assert _champion(store) == "1"
     last = registry.alias_history(_client(store), NAME)[-1]
     assert (last.from_version, last.to_version, last.kind, last.status, last.reason) == (
-        "2", "1", "rollback", "done", "v2 misreads the night shift")
+        "2",
+        "1",
+        "rollback",
+        "done",
+        "v2 misreads the night shift",
+    )
     assert follower.check_once() is True  # the real follower polls the alias
     assert holder.current.version == "1" and follower.last_error is None
     # v1 was the first champion: nothing earlier to go back to (not forth to v2)
     assert rollback.main([f"{NAME}@champion", "--reason", "again"]) == 1
-    assert "test-clf@champion (v1) has no earlier holder in the alias history; name the " \
-           "version" in capsys.readouterr().err
+    assert (
+        "test-clf@champion (v1) has no earlier holder in the alias history; name the "
+        "version" in capsys.readouterr().err
+    )
     assert lineage.main([f"{NAME}@champion", "--json"]) == 0
     assert '"kind": "rollback"' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--version", "3"], ("rollback: refused: test-clf v3 failed the model gate "
-                          "(promotion.gate=failed: ")),
-    (["--version", "99"], "rollback: model 'test-clf' has no version 99 (versions: 1, 2, 3)"),
-    (["--version", "1", "--reason", " "], "rollback: a reason is required"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--version", "3"],
+            ("rollback: refused: test-clf v3 failed the model gate (promotion.gate=failed: "),
+        ),
+        (["--version", "99"], "rollback: model 'test-clf' has no version 99 (versions: 1, 2, 3)"),
+        (["--version", "1", "--reason", " "], "rollback: a reason is required"),
+    ],
+)
 def test_rollback_refuses_with_one_line_and_moves_nothing(
-        store: str, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    store: str, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
     before = _moves(store)
 
     assert rollback.main([NAME, "--reason", "why", *args]) == 1
@@ -223,16 +265,15 @@ def test_rollback_refuses_with_one_line_and_moves_nothing(
 
 
 def test_rollback_to_a_failed_version_needs_force_and_to_the_holder_moves_nothing(
-        store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert rollback.main(["nope", "--reason", "x"]) == 1
-    assert "rollback: no registered model 'nope' (registered: test-clf)" in \
-        capsys.readouterr().err
+    assert "rollback: no registered model 'nope' (registered: test-clf)" in capsys.readouterr().err
     assert rollback.main([NAME, "--reason", "x", "--version", "2"]) == 0
     assert "test-clf@champion is already v2: nothing moved" in capsys.readouterr().out
     assert len(_moves(store)) == 3
 
-    assert rollback.main([NAME, "--reason", "the gate was wrong", "--version", "3",
-                          "--force"]) == 0
+    assert rollback.main([NAME, "--reason", "the gate was wrong", "--version", "3", "--force"]) == 0
 
     assert _champion(store) == "3"
     assert _moves(store)[-1] == ("champion", "2", "3", "rollback", "done")
@@ -242,10 +283,14 @@ def test_make_rollback_needs_a_reason_and_moves_champion(store: str, tmp_path: P
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
 
     def make(*args: str) -> subprocess.CompletedProcess:  # (-o install: .venv is there)
-        return subprocess.run(["make", "-s", "-o", "install", "-C", str(ROOT), "rollback",
-                               f"MODEL={NAME}",
-                               *args], check=False, env=env, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(
+            ["make", "-s", "-o", "install", "-C", str(ROOT), "rollback", f"MODEL={NAME}", *args],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     missing = make()
     assert missing.returncode == 2 and "usage: make rollback REASON=" in missing.stderr
@@ -260,10 +305,25 @@ def test_make_rollback_passes_any_reason_through_as_text(store: str) -> None:
     # A double quote used to break the recipe's `test -n "..."` (usage error, nothing moved);
     # $ and backticks would have been expanded by the shell.
     reason = 'the "fix" broke it; it\'s `date` $HOME $(shell echo x) \\'
-    done = subprocess.run(["make", "-s", "-o", "install", "-C", str(ROOT), "rollback",
-                           f"MODEL={NAME}", f"REASON={reason}", "VERSION=1"], check=False,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": store},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            "make",
+            "-s",
+            "-o",
+            "install",
+            "-C",
+            str(ROOT),
+            "rollback",
+            f"MODEL={NAME}",
+            f"REASON={reason}",
+            "VERSION=1",
+        ],
+        check=False,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert _moves(store)[-1] == ("champion", "2", "1", "rollback", "done")
     assert registry.alias_history(_client(store), NAME)[-1].reason == reason
@@ -295,7 +355,8 @@ def tampered_v1(store: str):
 
 
 def test_rollback_refuses_a_version_whose_stored_files_were_tampered_with(
-        store: str, tampered_v1: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    store: str, tampered_v1: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     # The fault: `make rollback` moved champion v2 -> v1 although v1's preprocessor.joblib had
     # been overwritten in the artifact store (the service then refused to load it).
     before, after = tampered_v1
@@ -305,31 +366,38 @@ def test_rollback_refuses_a_version_whose_stored_files_were_tampered_with(
 
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert err.startswith("rollback: refused: test-clf v1: artifact files differ from the "
-                          "hashes recorded at registration")
-    assert (f"model/artifacts/preprocessor.joblib expected sha256 {before} got {after}; "
-            "champion stays on v2, nothing moved. Fix: move it to a good version instead "
-            "(make rollback REASON=... VERSION=<n>), or restore v1's files in the artifact "
-            "store from a backup and check them: python -m flows.artifacts verify "
-            "models:/test-clf/1; to move anyway add FORCE=1 (--force)") in err
+    assert err.startswith(
+        "rollback: refused: test-clf v1: artifact files differ from the "
+        "hashes recorded at registration"
+    )
+    assert (
+        f"model/artifacts/preprocessor.joblib expected sha256 {before} got {after}; "
+        "champion stays on v2, nothing moved. Fix: move it to a good version instead "
+        "(make rollback REASON=... VERSION=<n>), or restore v1's files in the artifact "
+        "store from a backup and check them: python -m flows.artifacts verify "
+        "models:/test-clf/1; to move anyway add FORCE=1 (--force)"
+    ) in err
     assert _champion(store) == "2" and _moves(store) == moves  # nothing moved, nothing logged
 
     assert rollback.main([NAME, "--reason", "v2 is worse", "--force"]) == 0
 
     out, err = capsys.readouterr()
-    assert err.startswith("rollback: WARNING: FORCED (--force): test-clf v1: artifact files "
-                          "differ") and "the service refuses to load a version that fails" in err
+    assert (
+        err.startswith("rollback: WARNING: FORCED (--force): test-clf v1: artifact files differ")
+        and "the service refuses to load a version that fails" in err
+    )
     assert out.startswith("test-clf@champion: v2 -> v1 (rollback by ")
     assert _champion(store) == "1"
     last = registry.alias_history(_client(store), NAME)[-1]
-    assert last.reason.startswith("v2 is worse [forced past a failed artifact check: test-clf "
-                                  "v1: artifact files differ")
+    assert last.reason.startswith(
+        "v2 is worse [forced past a failed artifact check: test-clf v1: artifact files differ"
+    )
     assert f"got {after}" in last.reason
 
 
 def test_rollback_checks_the_signature_with_the_key_env_params_names(
-        store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     params = tmp_path / "params.yaml"
     params.write_text("register:\n  signing_key_env: ROLLBACK_TEST_KEY\n")
     monkeypatch.setenv("ROLLBACK_TEST_KEY", "s3cret")  # the versions were registered unsigned
@@ -337,8 +405,10 @@ def test_rollback_checks_the_signature_with_the_key_env_params_names(
     assert rollback.main([NAME, "--reason", "x", "--params", str(params)]) == 1
 
     err = capsys.readouterr().err
-    assert err.startswith("rollback: refused: test-clf v1 is not signed (no "
-                          "model.artifacts_hmac tag) and ROLLBACK_TEST_KEY is set"), err
+    assert err.startswith(
+        "rollback: refused: test-clf v1 is not signed (no "
+        "model.artifacts_hmac tag) and ROLLBACK_TEST_KEY is set"
+    ), err
     assert _champion(store) == "2"
     monkeypatch.delenv("ROLLBACK_TEST_KEY")
     assert rollback.main([NAME, "--reason", "x", "--params", str(params)]) == 0
@@ -346,7 +416,8 @@ def test_rollback_checks_the_signature_with_the_key_env_params_names(
 
 
 def test_rollback_refuses_a_version_whose_stored_files_are_gone(
-        store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = _stored(store, "1", "")
     hidden = folder.with_name(folder.name + ".hidden")
     folder.rename(hidden)  # the module's artifacts are shared: put back after
@@ -355,9 +426,12 @@ def test_rollback_refuses_a_version_whose_stored_files_are_gone(
     finally:
         hidden.rename(folder)
 
-    [refusal] = [line for line in capsys.readouterr().err.splitlines()
-                 if line.startswith("rollback:")]  # (MLflow logs "No artifacts found" too)
-    assert refusal.startswith("rollback: refused: test-clf v1: artifact files differ from the "
-                              "hashes recorded at registration"), refusal
+    [refusal] = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("rollback:")
+    ]  # (MLflow logs "No artifacts found" too)
+    assert refusal.startswith(
+        "rollback: refused: test-clf v1: artifact files differ from the "
+        "hashes recorded at registration"
+    ), refusal
     assert "model/MLmodel missing (expected sha256 " in refusal and "; and " in refusal
     assert _champion(store) == "2"

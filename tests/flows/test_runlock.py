@@ -45,6 +45,7 @@ STAGE = textwrap.dedent("""\
 
 # --- helpers ----------------------------------------------------------------------------------
 
+
 def _wait_for(what: str, check: Callable[[], object], timeout_s: float = 30) -> object:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -69,8 +70,10 @@ def reap():
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            if any(mark in " ".join(proc.cmdline()) for mark in (
-                    "stage.py", "rank.py", "dvc", "flows.pipeline", "prefect.server.api")):
+            if any(
+                mark in " ".join(proc.cmdline())
+                for mark in ("stage.py", "rank.py", "dvc", "flows.pipeline", "prefect.server.api")
+            ):
                 proc.kill()
         except psutil.Error:
             pass
@@ -80,8 +83,9 @@ def _dvc_repo(repo: Path, cmd: str = "python stage.py") -> Path:
     """A DVC repo (no git) with one stage ``work`` running ``cmd``, which writes out.txt."""
     repo.mkdir(parents=True)
     subprocess.run([PY, "-m", "dvc", "init", "-q", "--no-scm"], cwd=repo, check=True)
-    (repo / "dvc.yaml").write_text(f"stages:\n  work:\n    cmd: {cmd}\n    outs:\n"
-                                   "      - out.txt\n")
+    (repo / "dvc.yaml").write_text(
+        f"stages:\n  work:\n    cmd: {cmd}\n    outs:\n      - out.txt\n"
+    )
     (repo / "stage.py").write_text(STAGE)
     return repo
 
@@ -97,8 +101,13 @@ def holder(tmp_path: Path):
     started: list[subprocess.Popen] = []
 
     def start(repo: Path) -> subprocess.Popen:
-        proc = subprocess.Popen([PY, "-c", HOLD, str(repo)], env=ENV, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [PY, "-c", HOLD, str(repo)],
+            env=ENV,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         started.append(proc)
         assert proc.stdout.readline().strip() == "locked"
         return proc
@@ -111,12 +120,18 @@ def holder(tmp_path: Path):
 
 # --- the run lock -----------------------------------------------------------------------------
 
-def test_a_second_run_refuses_naming_the_holder_and_runs_nothing(tmp_path: Path,
-                                                                  holder) -> None:
+
+def test_a_second_run_refuses_naming_the_holder_and_runs_nothing(tmp_path: Path, holder) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
     first = holder(repo)
-    second = subprocess.run([PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
-                            env=ENV, capture_output=True, text=True, timeout=60, check=False)
+    second = subprocess.run(
+        [PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert second.returncode == 1
     assert f"pid {first.pid} " in second.stderr and "started 20" in second.stderr
     assert "WAIT=1" in second.stderr and "Traceback" not in second.stderr
@@ -126,9 +141,22 @@ def test_a_second_run_refuses_naming_the_holder_and_runs_nothing(tmp_path: Path,
 def test_a_waiting_run_goes_on_once_the_holder_is_done(tmp_path: Path, holder) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
     first = holder(repo)
-    second = subprocess.Popen([PY, "-m", "flows.repro", "--repo", str(repo), "--no-push",
-                               "--wait", "--wait-timeout", "60"], env=ENV,
-                              stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "flows.repro",
+            "--repo",
+            str(repo),
+            "--no-push",
+            "--wait",
+            "--wait-timeout",
+            "60",
+        ],
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     waiting = second.stderr.readline()
     assert "waiting up to 60 s" in waiting and f"pid {first.pid} " in waiting
     assert second.poll() is None and not (repo / "out.txt").exists()
@@ -141,13 +169,16 @@ def test_a_waiting_run_goes_on_once_the_holder_is_done(tmp_path: Path, holder) -
 def test_wait_gives_up_after_its_timeout(tmp_path: Path, holder) -> None:
     repo = _plain_repo(tmp_path / "repo")
     first = holder(repo)
-    with pytest.raises(runlock.RunLockBusy, match=rf"pid {first.pid} .*waited 0.5 s"), \
-            runlock.run_lock(repo, wait_s=0.5):
+    with (
+        pytest.raises(runlock.RunLockBusy, match=rf"pid {first.pid} .*waited 0.5 s"),
+        runlock.run_lock(repo, wait_s=0.5),
+    ):
         pass
 
 
 def test_the_lock_of_a_holder_killed_with_sigkill_is_taken_at_once(
-        tmp_path: Path, holder, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, holder, caplog: pytest.LogCaptureFixture
+) -> None:
     repo = _plain_repo(tmp_path / "repo")
     first = holder(repo)
     assert runlock.holder(repo)["pid"] == first.pid
@@ -159,12 +190,19 @@ def test_the_lock_of_a_holder_killed_with_sigkill_is_taken_at_once(
     assert f"pid {first.pid} " in caplog.text and "ended without releasing" in caplog.text
 
 
-def test_a_second_make_run_refuses_in_one_line_before_prefect_starts(tmp_path: Path,
-                                                                      holder) -> None:
+def test_a_second_make_run_refuses_in_one_line_before_prefect_starts(
+    tmp_path: Path, holder
+) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
     first = holder(repo)
-    second = subprocess.run([PY, "-m", "flows.pipeline", "--repo", str(repo)], env=ENV,
-                            capture_output=True, text=True, timeout=120, check=False)
+    second = subprocess.run(
+        [PY, "-m", "flows.pipeline", "--repo", str(repo)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert second.returncode == 1
     lines = (second.stdout + second.stderr).strip().splitlines()
     assert len(lines) == 1, lines  # no Prefect server, no flow run, no traceback
@@ -176,9 +214,14 @@ def test_a_second_make_run_refuses_in_one_line_before_prefect_starts(tmp_path: P
 def test_a_waiting_make_run_says_once_whom_it_waits_for(tmp_path: Path, holder) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
     first = holder(repo)
-    second = subprocess.run([PY, "-m", "flows.pipeline", "--repo", str(repo), "--wait",
-                             "--wait-timeout", "1"], env=ENV, capture_output=True, text=True,
-                            timeout=120, check=False)
+    second = subprocess.run(
+        [PY, "-m", "flows.pipeline", "--repo", str(repo), "--wait", "--wait-timeout", "1"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert second.returncode == 1
     waiting = [line for line in second.stderr.splitlines() if "waiting up to 1 s" in line]
     assert len(waiting) == 1 and f"pid {first.pid} " in waiting[0], second.stderr
@@ -186,7 +229,8 @@ def test_a_waiting_make_run_says_once_whom_it_waits_for(tmp_path: Path, holder) 
 
 
 def test_the_flow_refuses_before_ingest_while_another_run_holds_the_workspace(
-        tmp_path: Path, holder, prefect_api: str) -> None:
+    tmp_path: Path, holder, prefect_api: str
+) -> None:
     from flows.pipeline import pipeline
 
     repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
@@ -201,8 +245,12 @@ def test_the_flow_refuses_before_ingest_while_another_run_holds_the_workspace(
 def test_a_killed_run_leaves_no_prefect_server(tmp_path: Path, reap: list) -> None:
     repo = _dvc_repo(tmp_path / "repo")
     (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    run = subprocess.Popen([PY, "-m", "flows.pipeline", "--repo", str(repo)], env=ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        [PY, "-m", "flows.pipeline", "--repo", str(repo)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     reap.append(run.pid)
     pid_file = repo / "stage.pid"
     stage = int(_wait_for("the stage", lambda: pid_file.exists() and pid_file.read_text(), 120))
@@ -210,7 +258,7 @@ def test_a_killed_run_leaves_no_prefect_server(tmp_path: Path, reap: list) -> No
     info = runlock.holder(repo)  # main() took the lock; the flow under it did not refuse itself
     assert info["pid"] == run.pid and "-m flows.pipeline" in info["command"]
     assert "(Prefect flow run " in info["command"]
-    (server_pid, _, what), = info["helpers"]
+    ((server_pid, _, what),) = info["helpers"]
     reap.append(server_pid)
     assert PREFECT_SERVER_APP in psutil.Process(server_pid).cmdline()
     assert what == "temporary Prefect server"
@@ -234,10 +282,16 @@ HOLD_WITH_HELPER = textwrap.dedent("""\
 
 
 def test_the_next_run_stops_the_helpers_a_killed_holder_left(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     repo = _plain_repo(tmp_path / "repo")
-    first = subprocess.Popen([PY, "-c", HOLD_WITH_HELPER, str(repo)], env=ENV,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [PY, "-c", HOLD_WITH_HELPER, str(repo)],
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     helper = int(first.stdout.readline())
     try:
         assert runlock.holder(repo)["helpers"][0][0] == helper
@@ -269,12 +323,21 @@ def test_stop_helpers_leaves_a_reused_pid_alone() -> None:
 
 # --- stage processes die with their parent ----------------------------------------------------
 
-@pytest.mark.parametrize("cmd", ["python stage.py", "python stage.py; true"],
-                         ids=["shell-execs-the-stage", "shell-stays-between"])
+
+@pytest.mark.parametrize(
+    "cmd",
+    ["python stage.py", "python stage.py; true"],
+    ids=["shell-execs-the-stage", "shell-stays-between"],
+)
 def test_killing_dvc_repro_stops_its_stage(tmp_path: Path, cmd: str, reap: list) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd=cmd)
-    dvc = subprocess.Popen([PY, "-m", "dvc", "repro"], cwd=repo, env=ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dvc = subprocess.Popen(
+        [PY, "-m", "dvc", "repro"],
+        cwd=repo,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pid_file = repo / "stage.pid"
     stage = int(_wait_for("the stage", lambda: pid_file.exists() and pid_file.read_text()))
     reap += [stage, dvc.pid]
@@ -285,10 +348,15 @@ def test_killing_dvc_repro_stops_its_stage(tmp_path: Path, cmd: str, reap: list)
 
 
 def test_killing_the_run_stops_dvc_and_stage_and_the_next_run_waits_for_them(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, reap: list) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, reap: list
+) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd="python stage.py; true")
-    run = subprocess.Popen([PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
-                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        [PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pid_file = repo / "stage.pid"
     stage = int(_wait_for("the stage", lambda: pid_file.exists() and pid_file.read_text()))
     dvc = [p.pid for p in psutil.Process(run.pid).children() if "dvc" in p.cmdline()]
@@ -304,10 +372,12 @@ def test_killing_the_run_stops_dvc_and_stage_and_the_next_run_waits_for_them(
 
 
 def test_a_plain_dvc_repro_and_its_stage_outlive_the_shell_that_started_it(
-        tmp_path: Path, reap: list) -> None:
+    tmp_path: Path, reap: list
+) -> None:
     # `nohup dvc repro &`, then logout: the shell ends, dvc goes on, and so must its stage.
     repo = _dvc_repo(tmp_path / "repo", cmd="python stage.py")
-    (repo / "stage.py").write_text(textwrap.dedent("""\
+    (repo / "stage.py").write_text(
+        textwrap.dedent("""\
         import json, os, pathlib, time
         from stages.common import parent_watch
         parent_watch.die_with_parent()
@@ -316,9 +386,15 @@ def test_a_plain_dvc_repro_and_its_stage_outlive_the_shell_that_started_it(
         while not pathlib.Path("go").exists():
             time.sleep(0.02)
         open("out.txt", "w").write("done")
-        """))
-    shell = subprocess.Popen(["sh", "-c", f"{PY} -m dvc repro; true"], cwd=repo, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """)
+    )
+    shell = subprocess.Popen(
+        ["sh", "-c", f"{PY} -m dvc repro; true"],
+        cwd=repo,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pid_file = repo / "stage.pid"
     stage = int(_wait_for("the stage", lambda: pid_file.exists() and pid_file.read_text()))
     dvc = next(p for p in psutil.Process(shell.pid).children() if "dvc" in p.cmdline())
@@ -333,10 +409,10 @@ def test_a_plain_dvc_repro_and_its_stage_outlive_the_shell_that_started_it(
     assert "out.txt" in (repo / "dvc.lock").read_text()  # dvc recorded the stage's output
 
 
-def test_a_stage_under_the_run_watches_the_run_holding_the_lock(tmp_path: Path,
-                                                                 reap: list) -> None:
+def test_a_stage_under_the_run_watches_the_run_holding_the_lock(tmp_path: Path, reap: list) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd="python stage.py; true")
-    (repo / "stage.py").write_text(textwrap.dedent("""\
+    (repo / "stage.py").write_text(
+        textwrap.dedent("""\
         import json, pathlib, time
         from stages.common import parent_watch
         parent_watch.die_with_parent()
@@ -344,9 +420,14 @@ def test_a_stage_under_the_run_watches_the_run_holding_the_lock(tmp_path: Path,
         while not pathlib.Path("go").exists():
             time.sleep(0.02)
         pathlib.Path("out.txt").write_text("done")
-        """))
-    run = subprocess.Popen([PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
-                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """)
+    )
+    run = subprocess.Popen(
+        [PY, "-m", "flows.repro", "--repo", str(repo), "--no-push"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     reap.append(run.pid)
     file = repo / "watched.json"
     watched = json.loads(str(_wait_for("the stage", lambda: file.exists() and file.read_text())))
@@ -355,8 +436,9 @@ def test_a_stage_under_the_run_watches_the_run_holding_the_lock(tmp_path: Path,
     assert watched[-1] == run.pid and len(watched) == 3  # sh -c, dvc, the run
 
 
-def test_a_stage_whose_parent_died_before_the_hook_refuses_to_run(tmp_path: Path,
-                                                                  reap: list) -> None:
+def test_a_stage_whose_parent_died_before_the_hook_refuses_to_run(
+    tmp_path: Path, reap: list
+) -> None:
     child = textwrap.dedent("""\
         import pathlib, time
         from stages.common import parent_watch  # notes the parent's pid (as run_main's)
@@ -369,23 +451,35 @@ def test_a_stage_whose_parent_died_before_the_hook_refuses_to_run(tmp_path: Path
         except parent_watch.PipelineError as exc:
             pathlib.Path("result").write_text(str(exc))
         """)
-    parent = subprocess.Popen([PY, "-c", ("import subprocess, sys, time; "
-                               "subprocess.Popen([sys.executable, '-c', sys.argv[1]]); "
-                               "time.sleep(60)"), child], cwd=tmp_path,
-                              env={**ENV, "DVC_STAGE": "work"})
+    parent = subprocess.Popen(
+        [
+            PY,
+            "-c",
+            (
+                "import subprocess, sys, time; "
+                "subprocess.Popen([sys.executable, '-c', sys.argv[1]]); "
+                "time.sleep(60)"
+            ),
+            child,
+        ],
+        cwd=tmp_path,
+        env={**ENV, "DVC_STAGE": "work"},
+    )
     _wait_for("the child", (tmp_path / "ready").exists)
     reap += [p.pid for p in psutil.Process(parent.pid).children()]
     parent.kill()
     parent.wait()
     (tmp_path / "go").touch()
-    result = _wait_for("the child's verdict",
-                       lambda: (tmp_path / "result").exists() and (tmp_path / "result").read_text())
-    assert result == (f"the process that started this one (pid {parent.pid}) has ended; "
-                      "not running orphaned")
+    result = _wait_for(
+        "the child's verdict",
+        lambda: (tmp_path / "result").exists() and (tmp_path / "result").read_text(),
+    )
+    assert result == (
+        f"the process that started this one (pid {parent.pid}) has ended; not running orphaned"
+    )
 
 
-def test_torchrun_ranks_stop_when_the_launching_stage_is_killed(tmp_path: Path,
-                                                                reap: list) -> None:
+def test_torchrun_ranks_stop_when_the_launching_stage_is_killed(tmp_path: Path, reap: list) -> None:
     rank = textwrap.dedent("""\
         import os, time
         from stages.common import parent_watch
@@ -396,10 +490,20 @@ def test_torchrun_ranks_stop_when_the_launching_stage_is_killed(tmp_path: Path,
     (tmp_path / "rank.py").write_text(rank)
     # The train stage's launcher (distributed.launch_torchrun), as DVC runs it (DVC_STAGE set).
     launcher = subprocess.Popen(
-        [PY, "-c", ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-m', "
-         "'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'rank.py']); "
-         "time.sleep(120)")], cwd=tmp_path, env={**ENV, "DVC_STAGE": "train"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            PY,
+            "-c",
+            (
+                "import subprocess, sys, time; subprocess.Popen([sys.executable, '-m', "
+                "'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'rank.py']); "
+                "time.sleep(120)"
+            ),
+        ],
+        cwd=tmp_path,
+        env={**ENV, "DVC_STAGE": "train"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     files = [tmp_path / f"rank{r}.pid" for r in (0, 1)]
     _wait_for("both ranks", lambda: all(f.exists() and f.read_text() for f in files), 60)
     ranks = [int(f.read_text()) for f in files]
@@ -413,6 +517,7 @@ def test_torchrun_ranks_stop_when_the_launching_stage_is_killed(tmp_path: Path,
 
 # --- leftovers of a killed run ----------------------------------------------------------------
 
+
 def _project_layout(repo: Path) -> Path:
     (repo / ".dvc" / "tmp").mkdir(parents=True)
     (repo / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
@@ -420,7 +525,8 @@ def _project_layout(repo: Path) -> Path:
 
 
 def test_temp_folders_a_killed_stage_left_are_removed_at_its_next_start(
-        tmp_path: Path, holder) -> None:
+    tmp_path: Path, holder
+) -> None:
     repo = _project_layout(tmp_path / "repo")
     writer = textwrap.dedent("""\
         import sys
@@ -431,8 +537,13 @@ def test_temp_folders_a_killed_stage_left_are_removed_at_its_next_start(
             print(tmp.parent, flush=True)
             sys.stdin.read()
         """)
-    killed = subprocess.Popen([PY, "-c", writer, str(repo / "data" / "validated")], env=ENV,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(
+        [PY, "-c", writer, str(repo / "data" / "validated")],
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     left = Path(killed.stdout.readline().strip())
     killed.kill()
     killed.wait()
@@ -446,17 +557,21 @@ def test_temp_folders_a_killed_stage_left_are_removed_at_its_next_start(
         os.utime(path, (a_while_ago, a_while_ago))
     # No logging configured (as under Prefect's console handler, WARNING and up): the user
     # still sees what was removed.
-    clean = ("import sys; from stages.common.runlock import remove_stale_temp_dirs; "
-             "print(len(remove_stale_temp_dirs('validate', sys.argv[1])))")
+    clean = (
+        "import sys; from stages.common.runlock import remove_stale_temp_dirs; "
+        "print(len(remove_stale_temp_dirs('validate', sys.argv[1])))"
+    )
     # While another run holds the workspace, its stage may be writing there: nothing goes.
     first = holder(repo)
-    out = subprocess.run([PY, "-c", clean, str(repo)], env=ENV, capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [PY, "-c", clean, str(repo)], env=ENV, capture_output=True, text=True, check=False
+    )
     assert out.stdout.strip() == "0" and left.exists()
     first.kill()
     first.wait()
-    out = subprocess.run([PY, "-c", clean, str(repo)], env=ENV, capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [PY, "-c", clean, str(repo)], env=ENV, capture_output=True, text=True, check=False
+    )
     assert out.stdout.strip() == "1", out.stderr
     assert not left.exists() and other_stage.exists() and not_ours.exists()
     assert "removed 1 temp folder(s) a killed run left" in out.stderr
@@ -477,7 +592,8 @@ def test_temp_folders_newer_than_the_stage_process_are_kept(tmp_path: Path) -> N
 
 
 def test_a_stage_main_called_in_process_leaves_temp_folders_and_forgets_its_params(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stages.common import cli, integrity, params_snapshot
 
     repo = _project_layout(tmp_path / "repo")
@@ -518,20 +634,36 @@ def test_a_stale_dvc_rwlock_entry_is_cleared_by_the_next_run(tmp_path: Path) -> 
     reused = subprocess.Popen(["sleep", "60"])
     try:
         rwlock = repo / ".dvc" / "tmp" / "rwlock"
-        rwlock.write_text(json.dumps({
-            "write": {out: {"pid": reused.pid, "cmd": "dvc repro"}},
-            "read": {code: [{"pid": _dead_pid(), "cmd": "dvc repro"},
+        rwlock.write_text(
+            json.dumps(
+                {
+                    "write": {out: {"pid": reused.pid, "cmd": "dvc repro"}},
+                    "read": {
+                        code: [
+                            {"pid": _dead_pid(), "cmd": "dvc repro"},
                             {"pid": unrelated.pid, "cmd": "dvc repro"},
-                            {"pid": live_dvc.pid, "cmd": "dvc status"}]}}))
+                            {"pid": live_dvc.pid, "cmd": "dvc status"},
+                        ]
+                    },
+                }
+            )
+        )
         written = psutil.Process(live_dvc.pid).create_time() + 0.1
         os.utime(rwlock, (written, written))
-        before = subprocess.run([PY, "-m", "dvc", "repro"], cwd=repo, capture_output=True, check=False,
-                                text=True)
+        before = subprocess.run(
+            [PY, "-m", "dvc", "repro"], cwd=repo, capture_output=True, check=False, text=True
+        )
         assert before.returncode != 0 and "is busy" in before.stderr + before.stdout
         with runlock.run_lock(repo):
             kept = json.loads(rwlock.read_text())
-            after = subprocess.run([PY, "-m", "dvc", "repro"], cwd=repo, capture_output=True, check=False,
-                                   text=True, pass_fds=runlock.inherited_fds())
+            after = subprocess.run(
+                [PY, "-m", "dvc", "repro"],
+                cwd=repo,
+                capture_output=True,
+                check=False,
+                text=True,
+                pass_fds=runlock.inherited_fds(),
+            )
         assert kept == {"read": {code: [{"pid": live_dvc.pid, "cmd": "dvc status"}]}}
         assert after.returncode == 0, after.stderr
         assert (repo / "out.txt").read_text() == "x"

@@ -49,8 +49,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for(what: str, probe, server: subprocess.Popen, logs: list[Path],
-              timeout_s: float = WAIT_TIMEOUT_S):
+def _wait_for(
+    what: str, probe, server: subprocess.Popen, logs: list[Path], timeout_s: float = WAIT_TIMEOUT_S
+):
     """Poll ``probe()`` until it returns something truthy; fail if the command exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -62,8 +63,11 @@ def _wait_for(what: str, probe, server: subprocess.Popen, logs: list[Path],
 
 
 def _tails(logs: list[Path], chars: int = 4000) -> str:
-    return "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-chars:]}"
-                     for log in logs if log.exists())
+    return "\n".join(
+        f"--- {log.name}:\n{log.read_text(errors='replace')[-chars:]}"
+        for log in logs
+        if log.exists()
+    )
 
 
 def _stop(server: subprocess.Popen) -> None:
@@ -89,17 +93,27 @@ def _ingest_only_repo(dest: Path) -> Path:
 
 def _start_schedule_command(repo: Path, port: int, home: Path, log: Path) -> subprocess.Popen:
     """``python -m flows.schedule``, run in the checkout as documented, with no Prefect API set."""
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false",
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }
     env.pop("PREFECT_API_URL", None)  # so the command starts (and stops) its own server
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "flows.schedule", "--port", str(port)],
-                                cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.schedule", "--port", str(port)],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.mark.slow
 def test_schedule_command_serves_the_cron_deployment_and_runs_it(
-        tmp_path: Path, mlflow_uri: str) -> None:
+    tmp_path: Path, mlflow_uri: str
+) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.deployments import run_deployment
@@ -111,19 +125,30 @@ def test_schedule_command_serves_the_cron_deployment_and_runs_it(
     logs = [tmp_path / "schedule.log", tmp_path / "prefect-home" / "server.log"]
     server = _start_schedule_command(repo, port, tmp_path / "prefect-home", logs[0])
     try:
-        with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}), \
-                get_client(sync_client=True) as client:
-            deployment = _wait_for("the deployment", lambda: _read_deployment(client, name),
-                                   server, logs)
+        with (
+            temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}),
+            get_client(sync_client=True) as client,
+        ):
+            deployment = _wait_for(
+                "the deployment", lambda: _read_deployment(client, name), server, logs
+            )
             [schedule] = deployment.schedules
             assert schedule.active
-            assert (schedule.schedule.cron, schedule.schedule.timezone) == (params.cron,
-                                                                           params.timezone)
+            assert (schedule.schedule.cron, schedule.schedule.timezone) == (
+                params.cron,
+                params.timezone,
+            )
             assert deployment.parameters == {"repo": str(repo), "wait_s": DEFAULT_WAIT_S}
             # The server's scheduler (off in Prefect's temporary servers) books the next runs.
-            upcoming = _wait_for("a scheduled run", lambda: client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-            ), server, logs, SCHEDULER_TIMEOUT_S)
+            upcoming = _wait_for(
+                "a scheduled run",
+                lambda: client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                ),
+                server,
+                logs,
+                SCHEDULER_TIMEOUT_S,
+            )
             assert all(run.state.is_scheduled() for run in upcoming)
             assert min(run.expected_start_time for run in upcoming) == _next_cron_time(params)
 

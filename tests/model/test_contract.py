@@ -11,7 +11,6 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from stages.common.config import ColumnRuleParams
 from model.contract import (
     ALL_COLUMNS,
     check_rows,
@@ -21,12 +20,13 @@ from model.contract import (
     rule_differences,
     save_contract,
 )
-from stages.common.csvfiles import iter_csv_batches
-from stages.register.contract import build_contract
 from model.datetimes import to_datetimes
+from stages.common.config import ColumnRuleParams
+from stages.common.csvfiles import iter_csv_batches
 from stages.common.errors import ConfigError, DataError
-from stages.validate.rules import cast_column
 from stages.common.suite import load_suite, parse_suite
+from stages.register.contract import build_contract
+from stages.validate.rules import cast_column
 from stages.validate.stage import write_suite
 from tests.builders import SUITE
 
@@ -68,7 +68,12 @@ def test_every_source_column_but_the_target_is_in_the_contract_with_the_suites_r
     cols = columns(contract)
     assert list(cols) == ["x", "n", "color", "flag", "when"]
     assert {name: col["used"] for name, col in cols.items()} == {
-        "x": True, "n": True, "color": True, "flag": False, "when": False}
+        "x": True,
+        "n": True,
+        "color": True,
+        "flag": False,
+        "when": False,
+    }
     assert cols["x"]["nullable"] is False  # not_null without mostly
     assert cols["n"]["nullable"] is True  # mostly 0.8: validate lets nulls through
     assert (cols["n"]["kind"], cols["n"]["min"], cols["n"]["max"]) == ("int", 0, 100)
@@ -77,8 +82,11 @@ def test_every_source_column_but_the_target_is_in_the_contract_with_the_suites_r
 
 
 def test_params_rules_tighten_the_suites() -> None:
-    rules = {"x": ColumnRuleParams(min=1, max=20, positive=True),
-             "n": ColumnRuleParams(not_null=True), "color": ColumnRuleParams(values=["red"])}
+    rules = {
+        "x": ColumnRuleParams(min=1, max=20, positive=True),
+        "n": ColumnRuleParams(not_null=True),
+        "color": ColumnRuleParams(values=["red"]),
+    }
 
     cols = columns(tiny_contract(rules))
 
@@ -130,15 +138,20 @@ def test_the_same_contract_has_no_differences_and_row_rules_are_not_schema() -> 
     assert contract_differences(old, new) == []
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    (lambda c: c.update(labels=[0, 1, 2]), "labels ['0', '1'] -> ['0', '1', '2']"),
-    (lambda c: c.update(target="other"), "target 'label' -> 'other'"),
-    (lambda c: c["columns"].pop(0), "columns no longer taken: ['x']"),
-    (lambda c: c["columns"].append(dict(c["columns"][0], name="y")), "new columns: ['y']"),
-    (lambda c: c["columns"][1].update(kind="float"), "column 'n': kind 'int' -> 'float'"),
-    (lambda c: c["columns"][4].update(format="%Y/%m/%d"),
-     "column 'when': format None -> '%Y/%m/%d'"),
-])
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda c: c.update(labels=[0, 1, 2]), "labels ['0', '1'] -> ['0', '1', '2']"),
+        (lambda c: c.update(target="other"), "target 'label' -> 'other'"),
+        (lambda c: c["columns"].pop(0), "columns no longer taken: ['x']"),
+        (lambda c: c["columns"].append(dict(c["columns"][0], name="y")), "new columns: ['y']"),
+        (lambda c: c["columns"][1].update(kind="float"), "column 'n': kind 'int' -> 'float'"),
+        (
+            lambda c: c["columns"][4].update(format="%Y/%m/%d"),
+            "column 'when': format None -> '%Y/%m/%d'",
+        ),
+    ],
+)
 def test_another_schema_or_label_set_is_named(change, expected: str) -> None:
     old = tiny_contract()
     new = copy.deepcopy(old)
@@ -160,8 +173,10 @@ def test_which_columns_the_model_uses_is_not_a_schema_change() -> None:
 def test_a_signature_contract_lacks_ids_and_dates_and_types_an_int_as_double() -> None:
     # an own-data champion logged before contracts: its signature has the columns it took, an
     # int column read as double; the new contract has every source column, n as int
-    legacy = contract_from_signature([("x", "double", True), ("n", "double", False),
-                                      ("color", "string", False)], ["proba_0", "proba_1"])
+    legacy = contract_from_signature(
+        [("x", "double", True), ("n", "double", False), ("color", "string", False)],
+        ["proba_0", "proba_1"],
+    )
     new = tiny_contract()
     columns(new)["when"]["format"] = "%Y/%m/%d"
 
@@ -170,7 +185,9 @@ def test_a_signature_contract_lacks_ids_and_dates_and_types_an_int_as_double() -
     columns(new)["color"]["kind"] = "float"
     new["columns"] = [col for col in new["columns"] if col["name"] != "x"]
     assert contract_differences(legacy, new) == [
-        "columns no longer taken: ['x']", "column 'color': kind 'category' -> 'float'"]
+        "columns no longer taken: ['x']",
+        "column 'color': kind 'category' -> 'float'",
+    ]
 
 
 def test_rule_differences_name_each_changed_row_rule() -> None:
@@ -182,19 +199,22 @@ def test_rule_differences_name_each_changed_row_rule() -> None:
     assert rule_differences(old, old) == []
     assert rule_differences(old, new) == [
         "column 'x': max 10 -> 12",
-        "column 'color': values ['blue', 'red'] -> ['blue', 'green', 'red']"]
+        "column 'color': values ['blue', 'red'] -> ['blue', 'green', 'red']",
+    ]
 
 
 def test_a_contract_derived_from_an_old_models_signature_compares_by_label_text() -> None:
     new = build_contract(parse_suite(copy.deepcopy(SUITE)), {}, ["x", "n", "color"])
     new["columns"] = [col for col in new["columns"] if col["used"]]
-    legacy = contract_from_signature([("x", "double", True), ("n", "long", False),
-                                      ("color", "string", False)], ["prediction", "proba_0",
-                                                                    "proba_1"])
+    legacy = contract_from_signature(
+        [("x", "double", True), ("n", "long", False), ("color", "string", False)],
+        ["prediction", "proba_0", "proba_1"],
+    )
 
     assert contract_differences(legacy, new) == []
     assert contract_differences(None, new) == [
-        "the old model has no contract (and no signature to derive one from)"]
+        "the old model has no contract (and no signature to derive one from)"
+    ]
 
 
 # --- checking rows ----------------------------------------------------------------------------
@@ -202,19 +222,25 @@ def test_a_contract_derived_from_an_old_models_signature_compares_by_label_text(
 
 def test_unseen_category_absurd_value_and_all_null_rows_are_named() -> None:
     contract = tiny_contract({"x": ColumnRuleParams(positive=True)})
-    frame = pd.DataFrame({
-        "x": [1.0, 5.0, 1e30, None, -0.0, 2.0],
-        "n": pd.array([1, None, 3, None, 4, 5], dtype="Int64"),
-        "color": ["red", "purple", "blue", None, "blue", "red"],
-        "flag": [True, None, None, None, None, None],  # unused: never checked
-        "when": ["not a date"] * 6,  # unused: never checked
-    })
+    frame = pd.DataFrame(
+        {
+            "x": [1.0, 5.0, 1e30, None, -0.0, 2.0],
+            "n": pd.array([1, None, 3, None, 4, 5], dtype="Int64"),
+            "color": ["red", "purple", "blue", None, "blue", "red"],
+            "flag": [True, None, None, None, None, None],  # unused: never checked
+            "when": ["not a date"] * 6,  # unused: never checked
+        }
+    )
 
     found = [(v.row, v.column, v.rule, v.value) for v in check_rows(frame, contract)]
 
-    assert found == [(1, "color", "in_set", "purple"), (2, "x", "between", 1e30),
-                     (3, "x", "not_null", None), (3, ALL_COLUMNS, "all_null", None),
-                     (4, "x", "positive", -0.0)]
+    assert found == [
+        (1, "color", "in_set", "purple"),
+        (2, "x", "between", 1e30),
+        (3, "x", "not_null", None),
+        (3, ALL_COLUMNS, "all_null", None),
+        (4, "x", "positive", -0.0),
+    ]
 
 
 def test_an_absent_column_is_missing_and_a_bad_text_date_breaks_date_format() -> None:
@@ -224,8 +250,12 @@ def test_an_absent_column_is_missing_and_a_bad_text_date_breaks_date_format() ->
 
     found = [(v.row, v.column, v.rule) for v in check_rows(frame, contract)]
 
-    assert found == [(0, "x", "not_null"), (1, "x", "not_null"), (2, "x", "not_null"),
-                     (2, "when", "date_format")]
+    assert found == [
+        (0, "x", "not_null"),
+        (1, "x", "not_null"),
+        (2, "x", "not_null"),
+        (2, "when", "date_format"),
+    ]
 
 
 def test_a_text_date_is_judged_by_the_parser_validate_and_the_preprocessor_use() -> None:
@@ -239,8 +269,14 @@ def test_a_text_date_is_judged_by_the_parser_validate_and_the_preprocessor_use()
     found = [(v.row, v.column, v.rule) for v in check_rows(frame, contract)]
 
     assert found == [(4, "when", "date_format")]
-    validated, _ = cast_column(pa.array(texts[:3]), "datetime", pa.timestamp("us"),
-                               "data.csv", "when", date_format="%b %d %Y")  # raises if not
+    validated, _ = cast_column(
+        pa.array(texts[:3]),
+        "datetime",
+        pa.timestamp("us"),
+        "data.csv",
+        "when",
+        date_format="%b %d %Y",
+    )  # raises if not
     assert validated.to_pylist()[0] == datetime(2012, 1, 5)
     assert to_datetimes(pd.Series(texts[:4]), "%b %d %Y", "when").notna().all()
     with pytest.raises(DataError, match="Foo 05 2012"):
@@ -256,12 +292,17 @@ def test_a_saved_contract_loads_back_the_same(tmp_path: Path) -> None:
     assert load_contract(save_contract(contract, tmp_path / "contract.json")) == contract
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    (None, "contract file not found"), ("{", "not valid JSON"),
-    ('{"columns": 3}', "not a model input contract"),
-])
-def test_a_bad_contract_file_is_a_config_error_naming_it(tmp_path: Path, text: str | None,
-                                                         message: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "contract file not found"),
+        ("{", "not valid JSON"),
+        ('{"columns": 3}', "not a model input contract"),
+    ],
+)
+def test_a_bad_contract_file_is_a_config_error_naming_it(
+    tmp_path: Path, text: str | None, message: str
+) -> None:
     path = tmp_path / "contract.json"
     if text is not None:
         path.write_text(text)

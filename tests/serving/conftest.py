@@ -71,8 +71,9 @@ def register_version(features: Path, network: Path, example: pd.DataFrame) -> st
     hashes as the register stage does (a version without them is refused); tag it with
     lineage."""
     with mlflow.start_run():
-        info = log_servable(features / "preprocessor.joblib", network, example,
-                            registered_model_name=NAME)
+        info = log_servable(
+            features / "preprocessor.joblib", network, example, registered_model_name=NAME
+        )
     version = str(info.registered_model_version)
     record_version(mlflow.MlflowClient(), NAME, version)
     for key, value in LINEAGE.items():
@@ -178,8 +179,12 @@ def copy_features(registry: Registry, dest: Path) -> Path:
 
 TABLES = {  # name -> (file, target, columns the features stage drops, package folder)
     "penguins": ("penguins.csv", "species", [], "palmerpenguins/data"),
-    "penguins-raw": ("penguins-raw.csv", "Species",
-                     ["Sample Number", "Individual ID", "Comments"], "palmerpenguins/data"),
+    "penguins-raw": (
+        "penguins-raw.csv",
+        "Species",
+        ["Sample Number", "Individual ID", "Comments"],
+        "palmerpenguins/data",
+    ),
     "seattle-weather": ("seattle-weather.csv", "weather", [], "vega_datasets/_data"),
 }
 CONTRACT_NAME = "penguins-clf"  # v1: penguins, v2: penguins-raw (another input contract)
@@ -205,8 +210,13 @@ def source_rows(name: str) -> list[dict[str, Any]]:
     path, target = table_path(name), TABLES[name][1]
     table = pa.Table.from_batches(list(iter_csv_batches(lambda: str(path), str(path), ",")))
     rows = table.drop_columns([target]).to_pylist()
-    return [{key: (value.isoformat() if hasattr(value, "isoformat") else value)
-             for key, value in row.items()} for row in rows]
+    return [
+        {
+            key: (value.isoformat() if hasattr(value, "isoformat") else value)
+            for key, value in row.items()
+        }
+        for row in rows
+    ]
 
 
 def as_validated(table: Any, suite: Any) -> Any:
@@ -221,8 +231,7 @@ def as_validated(table: Any, suite: Any) -> Any:
     for name, spec in suite.columns.items():
         raw = table.column(name).combine_chunks()
         field = output_field(name, spec.kind, raw.type, spec.format)
-        cast, _ = cast_column(raw, spec.kind, field.type, "source", name,
-                              date_format=spec.format)
+        cast, _ = cast_column(raw, spec.kind, field.type, "source", name, date_format=spec.format)
         fields.append(field)
         columns.append(cast)
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
@@ -242,11 +251,11 @@ def train_on_table(root: Path, name: str) -> TableModel:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.features import stage as features
-    from stages.train import stage as train
-    from stages.register.contract import build_contract
     from stages.common.csvfiles import iter_csv_batches
     from stages.common.suite import load_suite
+    from stages.features import stage as features
+    from stages.register.contract import build_contract
+    from stages.train import stage as train
     from stages.validate.stage import write_suite
 
     path, (_, target, drop, _) = table_path(name), TABLES[name]
@@ -257,10 +266,12 @@ def train_on_table(root: Path, name: str) -> TableModel:
     pq.write_table(table, root / "validated" / "data.parquet")
     params = make_params({"ingest": {"target": target}, "features": {"drop_columns": drop}})
     feature_set = features.run(root / "validated", root / "features", params)
-    train.run(root / "features", root / "no-report", root / "models", root / "history.csv",
-              params)
-    contract = build_contract(load_suite(root / "suite.json"), params.validate.rules,
-                              feature_set.preprocessor.feature_columns)
+    train.run(root / "features", root / "no-report", root / "models", root / "history.csv", params)
+    contract = build_contract(
+        load_suite(root / "suite.json"),
+        params.validate.rules,
+        feature_set.preprocessor.feature_columns,
+    )
     return TableModel(root / "features", root / "models" / "model.pt", contract)
 
 
@@ -269,8 +280,13 @@ def register_table_model(model: TableModel, name: str) -> str:
     is test-split rows with all their source columns."""
     example = pd.read_parquet(model.features / "test.parquet").head(5)
     with mlflow.start_run():
-        info = log_servable(model.features / "preprocessor.joblib", model.network, example,
-                            registered_model_name=name, contract=model.contract)
+        info = log_servable(
+            model.features / "preprocessor.joblib",
+            model.network,
+            example,
+            registered_model_name=name,
+            contract=model.contract,
+        )
     version = str(info.registered_model_version)
     record_version(mlflow.MlflowClient(), name, version)  # as register does
     return version
@@ -289,8 +305,9 @@ def tables_once(tmp_path_factory: pytest.TempPathFactory, registry: Registry) ->
         mlflow.set_tracking_uri(registry.uri)  # train set it globally: back to the store
         configure_mlflow(make_params().mlflow)  # ...and its experiment, artifacts beside it
         for table in TABLES:
-            register_table_model(models[table], WEATHER_NAME if table == "seattle-weather"
-                                 else CONTRACT_NAME)
+            register_table_model(
+                models[table], WEATHER_NAME if table == "seattle-weather" else CONTRACT_NAME
+            )
         _SESSION["tables"] = models
     return _SESSION["tables"]
 

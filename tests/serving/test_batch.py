@@ -22,7 +22,8 @@ def model(registry: Registry) -> LoadedModel:
 
 
 def test_score_frame_appends_predictions_and_version_row_for_row(
-        model: LoadedModel, registry: Registry) -> None:
+    model: LoadedModel, registry: Registry
+) -> None:
     rows = registry.rows.head(6).assign(patient="p").set_index(pd.Index(range(10, 16)))
 
     scored = batch.score_frame(model, rows)
@@ -43,9 +44,11 @@ def test_plan_outputs_maps_files_and_folders(tmp_path: Path) -> None:
 
     assert batch.plan_outputs(tmp_path / "in", tmp_path / "out") == [
         (tmp_path / "in/a.parquet", tmp_path / "out/a.parquet"),
-        (tmp_path / "in/sub/b.parquet", tmp_path / "out/sub/b.parquet")]
+        (tmp_path / "in/sub/b.parquet", tmp_path / "out/sub/b.parquet"),
+    ]
     assert batch.plan_outputs(tmp_path / "in/a.parquet", tmp_path / "x.parquet") == [
-        (tmp_path / "in/a.parquet", tmp_path / "x.parquet")]
+        (tmp_path / "in/a.parquet", tmp_path / "x.parquet")
+    ]
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match=r"no \*\.parquet files in the folder"):
         batch.plan_outputs(tmp_path / "nothing", tmp_path / "out")
@@ -54,7 +57,8 @@ def test_plan_outputs_maps_files_and_folders(tmp_path: Path) -> None:
 
 
 def test_score_file_in_batches_equals_scoring_it_whole(
-        model: LoadedModel, registry: Registry, tmp_path: Path) -> None:
+    model: LoadedModel, registry: Registry, tmp_path: Path
+) -> None:
     src = tmp_path / "rows.parquet"
     registry.rows.head(50).to_parquet(src, index=False)
 
@@ -62,8 +66,9 @@ def test_score_file_in_batches_equals_scoring_it_whole(
 
     scored = pd.read_parquet(tmp_path / "out" / "scored.parquet")
     assert n == 50 and len(scored) == 50
-    pd.testing.assert_frame_equal(scored, batch.score_frame(model, registry.rows.head(50)),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        scored, batch.score_frame(model, registry.rows.head(50)), check_dtype=False
+    )
     empty = tmp_path / "empty.parquet"
     registry.rows.head(0).to_parquet(empty, index=False)
     assert batch.score_file(model, empty, tmp_path / "out" / "empty.parquet") == 0
@@ -71,14 +76,18 @@ def test_score_file_in_batches_equals_scoring_it_whole(
 
 
 def test_a_file_missing_a_column_fails_naming_it_and_writes_nothing(
-        model: LoadedModel, registry: Registry, tmp_path: Path) -> None:
+    model: LoadedModel, registry: Registry, tmp_path: Path
+) -> None:
     src = tmp_path / "rows.parquet"
     registry.rows.head(20).drop(columns=["worst_area"]).to_parquet(src, index=False)
     dest = tmp_path / "scored.parquet"
     dest.write_text("previous")
 
-    with pytest.raises(DataError, match=r"missing column\(s\) \['worst_area'\] .*rows\.parquet, "
-                                        r"column=worst_area, rule=model_signature"):
+    with pytest.raises(
+        DataError,
+        match=r"missing column\(s\) \['worst_area'\] .*rows\.parquet, "
+        r"column=worst_area, rule=model_signature",
+    ):
         batch.score_file(model, src, dest, batch_size=7)
 
     assert dest.read_text() == "previous"

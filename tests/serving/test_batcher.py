@@ -15,9 +15,11 @@ from serving.payloads import ColumnSpec, InputSpec
 SPEC = InputSpec((ColumnSpec("x", "float"),))
 
 
-def doubling_model(calls: list[int], gate: threading.Event | None = None,
-                   version: str = "1") -> LoadedModel:
+def doubling_model(
+    calls: list[int], gate: threading.Event | None = None, version: str = "1"
+) -> LoadedModel:
     """``prediction`` = 2x; refuses x < 0; records each call's row count; waits on ``gate``."""
+
     def predict(frame: pd.DataFrame) -> pd.DataFrame:
         if gate is not None:
             gate.wait(10)
@@ -26,15 +28,22 @@ def doubling_model(calls: list[int], gate: threading.Event | None = None,
             raise ValueError("negative x")
         return pd.DataFrame({"prediction": frame["x"] * 2})
 
-    return LoadedModel(uri="memory", variant="test", spec=SPEC, output_columns=("prediction",),
-                       predictor=predict, version=version)
+    return LoadedModel(
+        uri="memory",
+        variant="test",
+        spec=SPEC,
+        output_columns=("prediction",),
+        predictor=predict,
+        version=version,
+    )
 
 
 async def score_concurrently(batcher: MicroBatcher, jobs: list) -> list:
     await batcher.start()
     try:
-        return await asyncio.gather(*(batcher.score(model, rows) for model, rows in jobs),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(batcher.score(model, rows) for model, rows in jobs), return_exceptions=True
+        )
     finally:
         await batcher.stop()
 
@@ -43,14 +52,23 @@ def test_queued_requests_share_one_call_and_each_gets_its_own_rows() -> None:
     calls: list[int] = []
     model = doubling_model(calls)
     batcher = MicroBatcher(max_rows=4)
-    jobs = [(model, [[1.0]]), (model, [[2.0], [3.0]]), (model, [[4.0]]), (model, [[5.0]]),
-            (model, [[6.0], [7.0], [8.0]])]
+    jobs = [
+        (model, [[1.0]]),
+        (model, [[2.0], [3.0]]),
+        (model, [[4.0]]),
+        (model, [[5.0]]),
+        (model, [[6.0], [7.0], [8.0]]),
+    ]
 
     results = asyncio.run(score_concurrently(batcher, jobs))
 
-    assert results == [[{"prediction": 2.0}], [{"prediction": 4.0}, {"prediction": 6.0}],
-                       [{"prediction": 8.0}], [{"prediction": 10.0}],
-                       [{"prediction": 12.0}, {"prediction": 14.0}, {"prediction": 16.0}]]
+    assert results == [
+        [{"prediction": 2.0}],
+        [{"prediction": 4.0}, {"prediction": 6.0}],
+        [{"prediction": 8.0}],
+        [{"prediction": 10.0}],
+        [{"prediction": 12.0}, {"prediction": 14.0}, {"prediction": 16.0}],
+    ]
     assert calls == [4, 4]  # all five queued: 1+2+1 rows (max_rows 4), then 1+3
 
 
@@ -72,8 +90,11 @@ def test_a_request_that_queues_while_the_model_is_busy_joins_the_next_call() -> 
         finally:
             await batcher.stop()
 
-    assert asyncio.run(run()) == [[{"prediction": 2.0}], [{"prediction": 4.0}],
-                                  [{"prediction": 6.0}]]
+    assert asyncio.run(run()) == [
+        [{"prediction": 2.0}],
+        [{"prediction": 4.0}],
+        [{"prediction": 6.0}],
+    ]
     assert calls == [1, 2]  # alone at once (no waiting to fill a batch), then together
 
 
@@ -82,8 +103,11 @@ def test_a_bad_request_fails_alone_and_versions_are_never_mixed() -> None:
     old, new = doubling_model(calls, version="1"), doubling_model(calls, version="2")
     batcher = MicroBatcher(max_rows=100)
 
-    results = asyncio.run(score_concurrently(batcher, [
-        (old, [[1.0]]), (old, [[-1.0]]), (old, [[3.0]]), (new, [[4.0]])]))
+    results = asyncio.run(
+        score_concurrently(
+            batcher, [(old, [[1.0]]), (old, [[-1.0]]), (old, [[3.0]]), (new, [[4.0]])]
+        )
+    )
 
     assert results[0] == [{"prediction": 2.0}] and results[2] == [{"prediction": 6.0}]
     assert isinstance(results[1], ValueError) and "negative x" in str(results[1])

@@ -13,18 +13,23 @@ def test_answers_are_checked_for_rows_columns_and_probabilities() -> None:
     assert check_answer(GOOD, 1, COLUMNS) == []
     assert check_answer(GOOD, 2, COLUMNS) == ["answered 1 rows for 2"]
     assert check_answer([{"prediction": 0, "proba_0": 1.0}], 1, COLUMNS) == [
-        ("answered columns ['prediction', 'proba_0'], the signature says "
-         "['prediction', 'proba_0', 'proba_1']")]
+        (
+            "answered columns ['prediction', 'proba_0'], the signature says "
+            "['prediction', 'proba_0', 'proba_1']"
+        )
+    ]
     assert check_answer([{**GOOD[0], "proba_1": float("nan")}], 1, COLUMNS) == [
-        "probabilities outside [0, 1] or not finite in ['proba_1']"]
+        "probabilities outside [0, 1] or not finite in ['proba_1']"
+    ]
 
 
 def test_a_servable_version_passes_with_its_latency(registry: Registry) -> None:
     check = check_servable(f"models:/{NAME}/2", max_latency_ms=10_000, repeats=3)
 
     assert check.passed and check.latency_ms > 0
-    assert check.describe().startswith("the service loads it and answers its input example "
-                                       "(median ")
+    assert check.describe().startswith(
+        "the service loads it and answers its input example (median "
+    )
 
 
 def test_too_slow_or_unloadable_versions_fail_with_the_reason(registry: Registry) -> None:

@@ -28,8 +28,11 @@ MOVE_AFTER = 100  # answers received before the alias moves
 def server(champion_v1: Registry) -> Iterator[int]:
     """The service on 127.0.0.1 (a free port), polling the alias every 50 ms; yields the port."""
     config = ServiceConfig(model_name=NAME, tracking_uri=champion_v1.uri, poll_interval_s=0.05)
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0,
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config), host="127.0.0.1", port=0, log_level="warning", access_log=False
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -71,17 +74,21 @@ def run_client(port: int, bodies: list[bytes], answers: list, seen_v2: threading
     conn.close()
 
 
-def test_champion_moves_mid_load_with_zero_failed_requests(server: int,
-                                                           champion_v1: Registry) -> None:
+def test_champion_moves_mid_load_with_zero_failed_requests(
+    server: int, champion_v1: Registry
+) -> None:
     rows = champion_v1.rows.head(20)
-    bodies = [json.dumps({"dataframe_split": {"columns": list(rows.columns),
-                                              "data": [row]}}).encode()
-              for row in rows.to_numpy().tolist()]
+    bodies = [
+        json.dumps({"dataframe_split": {"columns": list(rows.columns), "data": [row]}}).encode()
+        for row in rows.to_numpy().tolist()
+    ]
     v1_proba = load_model(f"models:/{NAME}/1").predict(rows)["proba_1"].to_numpy()
     answers: list[list] = [[] for _ in range(CLIENTS)]
     seen_v2 = threading.Event()
-    clients = [threading.Thread(target=run_client, args=(server, bodies, answers[i], seen_v2))
-               for i in range(CLIENTS)]
+    clients = [
+        threading.Thread(target=run_client, args=(server, bodies, answers[i], seen_v2))
+        for i in range(CLIENTS)
+    ]
     for client in clients:
         client.start()
 

@@ -21,7 +21,11 @@ def test_alias_resolves_to_one_version_with_its_lineage(champion_v1: Registry) -
     model = load_model(f"models:/{NAME}@champion")
 
     assert (model.name, model.version, model.alias, model.uri) == (
-        NAME, "1", "champion", f"models:/{NAME}/1")
+        NAME,
+        "1",
+        "champion",
+        f"models:/{NAME}/1",
+    )
     version = mlflow.MlflowClient().get_model_version(NAME, "1")
     assert model.run_id == version.run_id
     assert LINEAGE.items() <= model.tags.items()
@@ -56,8 +60,9 @@ def test_variants_are_pluggable_and_unknown_ones_are_refused(champion_v1: Regist
 
 def test_follower_swaps_only_when_the_alias_moves(champion_v1: Registry) -> None:
     holder, swaps = ModelHolder(), []
-    follower = RegistryFollower(holder, NAME, "champion",
-                                on_swap=lambda new, old: swaps.append((new.version, old)))
+    follower = RegistryFollower(
+        holder, NAME, "champion", on_swap=lambda new, old: swaps.append((new.version, old))
+    )
 
     assert follower.check_once() is True and holder.current.version == "1"
     first = holder.current

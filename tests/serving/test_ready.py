@@ -15,11 +15,11 @@ import mlflow
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import ServiceConfig, create_app
-from serving.model import ModelHolder, ModelIntegrityError, RegistryFollower, load_model
 from flows import artifacts as artifacts_cli
 from model import artifacts
 from model.servable import log_servable
+from serving.app import ServiceConfig, create_app
+from serving.model import ModelHolder, ModelIntegrityError, RegistryFollower, load_model
 from tests.serving.conftest import Store
 
 NAME = "ready-clf"  # this module's own model in the session's integrity store
@@ -28,8 +28,12 @@ NAME = "ready-clf"  # this module's own model in the session's integrity store
 def register(store: Store, network: Path | None = None) -> str:
     """Log + register a version as register does: its hashes recorded."""
     with mlflow.start_run():
-        info = log_servable(store.features / "preprocessor.joblib", network or store.network,
-                            store.rows.head(5), registered_model_name=NAME)
+        info = log_servable(
+            store.features / "preprocessor.joblib",
+            network or store.network,
+            store.rows.head(5),
+            registered_model_name=NAME,
+        )
     version = str(info.registered_model_version)
     artifacts.record_version(mlflow.MlflowClient(), NAME, version)
     return version
@@ -51,15 +55,16 @@ def wait_for(check: Any, timeout: float = 60.0) -> Any:
 
 
 def test_a_registry_outage_keeps_the_service_ready_and_says_since_when(
-        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     # An MLflow server restarting made every replica 503 in the same poll: all dropped by the
     # load balancer at once, although each could serve the alias's version.
     caplog.set_level(logging.INFO, logger="serving.model")
     version = register(store)
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", version)
-    config = ServiceConfig(model_name=NAME, tracking_uri=store.uri, poll_interval_s=0.05,
-                           log_dir=str(tmp_path / "log"))
+    config = ServiceConfig(
+        model_name=NAME, tracking_uri=store.uri, poll_interval_s=0.05, log_dir=str(tmp_path / "log")
+    )
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with socket.socket() as sock:  # a registry address where nobody answers
         sock.bind(("127.0.0.1", 0))
@@ -69,8 +74,9 @@ def test_a_registry_outage_keeps_the_service_ready_and_says_since_when(
 
         mlflow.set_tracking_uri(dead)  # the follower's next polls cannot read the registry
         try:
-            down = wait_for(lambda: (v := service.get("/version").json())["follower"]
-                            ["registry_error"] and v)
+            down = wait_for(
+                lambda: (v := service.get("/version").json())["follower"]["registry_error"] and v
+            )
             ready = service.get("/ready")
         finally:
             mlflow.set_tracking_uri(store.uri)
@@ -87,19 +93,24 @@ def test_a_registry_outage_keeps_the_service_ready_and_says_since_when(
 
 
 def test_deleting_the_hash_tags_does_not_downgrade_a_version_to_unverified(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(artifacts.DEFAULT_KEY_ENV, raising=False)  # no key: the old bypass
     version = register(store)
     strip_hash_tags(version)
 
-    with pytest.raises(ModelIntegrityError, match=rf"{NAME} v{version} has no recorded "
-                       r"artifact hashes .*MLmodel carries artifact_sha256.*tags were removed; "
-                       rf"refused.*flows\.artifacts record models:/{NAME}/{version}"):
+    with pytest.raises(
+        ModelIntegrityError,
+        match=rf"{NAME} v{version} has no recorded "
+        r"artifact hashes .*MLmodel carries artifact_sha256.*tags were removed; "
+        rf"refused.*flows\.artifacts record models:/{NAME}/{version}",
+    ):
         load_model(f"models:/{NAME}/{version}")
 
 
 def test_a_refused_version_is_tried_again_once_its_hashes_are_recorded(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(artifacts.DEFAULT_KEY_ENV, raising=False)
     client = mlflow.MlflowClient()
     good = register(store)

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import ServiceConfig, create_app
 from flows.serve import build_config, build_parser
+from serving.app import ServiceConfig, create_app
 from serving.model import load_pyfunc_predictor
 from stages.common.config import parse_params
 from tests.serving.conftest import NAME, Registry
@@ -49,8 +49,9 @@ VARIANT = f"{__name__}:wrapped_loader"
 
 
 def serve(registry: Registry, **options: Any) -> Iterator[TestClient]:
-    config = ServiceConfig(model_uri=f"models:/{NAME}/1", variant=VARIANT,
-                           tracking_uri=registry.uri, **options)
+    config = ServiceConfig(
+        model_uri=f"models:/{NAME}/1", variant=VARIANT, tracking_uri=registry.uri, **options
+    )
     with TestClient(create_app(config)) as client:
         headers = {"Authorization": f"Bearer {options['token']}"} if "token" in options else {}
         deadline = time.monotonic() + 120
@@ -74,7 +75,8 @@ def one_row(registry: Registry) -> dict:
 
 
 def test_a_model_failure_answers_500_with_the_request_id_not_the_exception_text(
-        registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
     for client in serve(registry):
         FAIL.set()
         with caplog.at_level("ERROR", logger="serving.app"):
@@ -82,9 +84,10 @@ def test_a_model_failure_answers_500_with_the_request_id_not_the_exception_text(
 
     request_id = answer.headers["X-Request-Id"]
     assert answer.status_code == 500
-    assert answer.json() == {"error_code": "INTERNAL_ERROR",
-                             "message": f"internal error, request id {request_id} (the service "
-                                        "log has the details)"}
+    assert answer.json() == {
+        "error_code": "INTERNAL_ERROR",
+        "message": f"internal error, request id {request_id} (the service log has the details)",
+    }
     assert "hunter2" not in answer.text and "RuntimeError" not in answer.text
     logged = [r for r in caplog.records if request_id in r.getMessage()]
     assert logged and SECRET_TEXT in (logged[0].exc_text or "")  # the operator still sees it
@@ -104,13 +107,15 @@ def test_version_needs_the_token_when_one_is_set(registry: Registry) -> None:
 
 
 def test_a_flood_beyond_max_queue_rows_gets_503_with_retry_after_and_is_counted(
-        registry: Registry) -> None:
+    registry: Registry,
+) -> None:
     n = 12
     for client in serve(registry, max_queue_rows=2):
         GATE.clear()  # the first call holds the model; the next requests queue behind it
         with ThreadPoolExecutor(n) as pool:
-            futures = [pool.submit(client.post, "/predict", json=one_row(registry))
-                       for _ in range(n)]
+            futures = [
+                pool.submit(client.post, "/predict", json=one_row(registry)) for _ in range(n)
+            ]
             deadline = time.monotonic() + 60
             # at most 2 rows in the held model call + 2 queued: the others come back at once
             while sum(f.done() for f in futures) < n - 4 and time.monotonic() < deadline:
@@ -129,8 +134,10 @@ def test_a_flood_beyond_max_queue_rows_gets_503_with_retry_after_and_is_counted(
         assert "serve.max_queue_rows" in answer.json()["message"]
         assert answer.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
     assert f"serving_queue_full_total {float(len(refused))}" in metrics
-    assert (f'serving_requests_total{{endpoint="predict",model_version="1",status="503"}} '
-            f"{float(len(refused))}") in metrics
+    assert (
+        f'serving_requests_total{{endpoint="predict",model_version="1",status="503"}} '
+        f"{float(len(refused))}"
+    ) in metrics
 
 
 def test_max_queue_rows_comes_from_params() -> None:

@@ -13,12 +13,12 @@ import mlflow
 import pytest
 from fastapi.testclient import TestClient
 
+from flows.serve import build_config, build_parser
+from model import artifacts
 from serving.app import ServiceConfig, create_app
 from serving.check import check_servable
-from flows.serve import build_config, build_parser
-from stages.register import stage as register
-from model import artifacts
 from stages.common.config import RegisterParams
+from stages.register import stage as register
 from tests.builders import make_params
 from tests.serving.test_artifact_integrity import NAME, Store, register_version, store
 
@@ -49,15 +49,21 @@ def test_serve_takes_the_key_env_from_register_params() -> None:
 
 
 def test_the_service_and_the_serving_check_use_the_key_register_signs_with(
-        store: Store, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    store: Store, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     client = mlflow.MlflowClient()
     unsigned = register_version(store)  # hashes recorded, no key set: not signed
     signed = register_version(store, record=False)
     monkeypatch.setenv(OTHER, "the-key")
     artifacts.record_version(client, NAME, signed, OTHER)  # as register does with the key
     client.set_registered_model_alias(NAME, "champion", signed)
-    config = ServiceConfig(model_name=NAME, tracking_uri=store.uri, poll_interval_s=0.05,
-                           log_dir=str(tmp_path / "log"), signing_key_env=OTHER)
+    config = ServiceConfig(
+        model_name=NAME,
+        tracking_uri=store.uri,
+        poll_interval_s=0.05,
+        log_dir=str(tmp_path / "log"),
+        signing_key_env=OTHER,
+    )
 
     with TestClient(create_app(config)) as service:  # follows the alias
         assert _ready(service, 200)["model_version"] == signed
@@ -69,8 +75,12 @@ def test_the_service_and_the_serving_check_use_the_key_register_signs_with(
     assert f"{NAME} v{unsigned} is not signed" in refused["reason"]
     assert f"{OTHER} is set" in refused["reason"]
 
-    fixed = ServiceConfig(model_uri=f"models:/{NAME}/{unsigned}", tracking_uri=store.uri,
-                          log_dir=str(tmp_path / "log"), signing_key_env=OTHER)
+    fixed = ServiceConfig(
+        model_uri=f"models:/{NAME}/{unsigned}",
+        tracking_uri=store.uri,
+        log_dir=str(tmp_path / "log"),
+        signing_key_env=OTHER,
+    )
     with TestClient(create_app(fixed)) as service:  # one fixed URI
         deadline = time.monotonic() + 120
         while (answer := service.get("/ready").json())["reason"] == "loading":
@@ -81,7 +91,9 @@ def test_the_service_and_the_serving_check_use_the_key_register_signs_with(
     # register's check before the alias moves loads it as the service will
     check = check_servable(f"models:/{NAME}/{unsigned}", 60_000, repeats=1, key_env=OTHER)
     assert not check.passed and f"{OTHER} is set" in check.describe()
-    decision = register._check_serving(f"models:/{NAME}/{unsigned}",
-                                       RegisterParams(signing_key_env=OTHER),
-                                       register.Decision(True, "better", False))
+    decision = register._check_serving(
+        f"models:/{NAME}/{unsigned}",
+        RegisterParams(signing_key_env=OTHER),
+        register.Decision(True, "better", False),
+    )
     assert decision.gate_failed and f"{OTHER} is set" in decision.reason

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from stages.common.config import load_params, parse_params
 from stages.common.errors import ConfigError
@@ -57,5 +58,5 @@ def test_missing_or_malformed_file_is_named(tmp_path: Path) -> None:
 
 def test_params_are_frozen() -> None:
     params = parse_params({})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         params.train.lr = 1.0  # type: ignore[misc]

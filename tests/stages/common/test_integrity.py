@@ -12,19 +12,33 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows import verify
 from stages.common import dvc_hashes, integrity, params_snapshot, tracking
 from stages.common.dvc_hashes import IntegrityError
 from stages.common.params_snapshot import ParamsSnapshot
 
-DVC_YAML = {"stages": {
-    "features": {"cmd": "f", "deps": ["data/validated"], "params": ["features"],
-                 "outs": ["data/features"]},
-    "train": {"cmd": "t", "deps": ["stages/train/stage.py", "data/features", "reports/v/summary.json"],
-              "params": ["train", "base.seed"], "outs": ["models"]},
-    "evaluate": {"cmd": "e", "deps": ["data/features", "models"],
-                 "metrics": [{"reports/metrics.json": {"cache": False}}]},
-    "register": {"cmd": "r", "deps": ["models", "reports/metrics.json"]},
-}}
+DVC_YAML = {
+    "stages": {
+        "features": {
+            "cmd": "f",
+            "deps": ["data/validated"],
+            "params": ["features"],
+            "outs": ["data/features"],
+        },
+        "train": {
+            "cmd": "t",
+            "deps": ["stages/train/stage.py", "data/features", "reports/v/summary.json"],
+            "params": ["train", "base.seed"],
+            "outs": ["models"],
+        },
+        "evaluate": {
+            "cmd": "e",
+            "deps": ["data/features", "models"],
+            "metrics": [{"reports/metrics.json": {"cache": False}}],
+        },
+        "register": {"cmd": "r", "deps": ["models", "reports/metrics.json"]},
+    }
+}
 
 
 def _md5(data: bytes) -> str:
@@ -59,15 +73,34 @@ def repo(tmp_path: Path) -> Path:
     """features -> train -> evaluate -> register, with dvc.lock and cache as DVC leaves them."""
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
     (tmp_path / ".dvcignore").write_text("__pycache__/\n*.pyc\n")
-    lock = {"schema": "2.0", "stages": {
-        "features": {"outs": [_add(tmp_path, "data/features",
-                                   {"train.parquet": b"train rows" * 100, "sub/test.bin": b"t"})]},
-        "validate": {"outs": [_add(tmp_path, "reports/v", {"summary.json": b'{"ok": 1}',
-                                                             "docs.html": b"<html>"})]},
-        "train": {"deps": [{"path": "data/features"}],
-                  "outs": [_add(tmp_path, "models", {"model.pt": b"weights"})]},
-        "evaluate": {"outs": [_add_file(tmp_path, "reports/metrics.json", b'{"f1": 1}')]},
-    }}
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "features": {
+                "outs": [
+                    _add(
+                        tmp_path,
+                        "data/features",
+                        {"train.parquet": b"train rows" * 100, "sub/test.bin": b"t"},
+                    )
+                ]
+            },
+            "validate": {
+                "outs": [
+                    _add(
+                        tmp_path,
+                        "reports/v",
+                        {"summary.json": b'{"ok": 1}', "docs.html": b"<html>"},
+                    )
+                ]
+            },
+            "train": {
+                "deps": [{"path": "data/features"}],
+                "outs": [_add(tmp_path, "models", {"model.pt": b"weights"})],
+            },
+            "evaluate": {"outs": [_add_file(tmp_path, "reports/metrics.json", b'{"f1": 1}')]},
+        },
+    }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     return tmp_path
 
@@ -95,8 +128,13 @@ def test_folder_hash_is_dvcs(tmp_path: Path) -> None:
     from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.tree import Tree
 
-    for rel, data in {"a.parquet": b"x" * 5000, "sub/b.json": b"{}", "sub/c/d": b"",
-                      "__pycache__/m.pyc": b"ignored", "e.pyc": b"ignored"}.items():
+    for rel, data in {
+        "a.parquet": b"x" * 5000,
+        "sub/b.json": b"{}",
+        "sub/c/d": b"",
+        "__pycache__/m.pyc": b"ignored",
+        "e.pyc": b"ignored",
+    }.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(data)
     entries = dvc_hashes.hash_folder(tmp_path, ["__pycache__/", "*.pyc"])
@@ -109,7 +147,8 @@ def test_folder_hash_is_dvcs(tmp_path: Path) -> None:
 
 
 def test_params_are_parsed_from_the_snapshot_and_a_change_refuses(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
@@ -146,8 +185,9 @@ def test_a_change_without_dvc_yaml_refuses(tmp_path: Path, monkeypatch) -> None:
         snapshot.check_unchanged("ingest")
 
 
-def test_lineage_logs_the_params_the_stage_read(tmp_path: Path, mlflow_uri: str,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lineage_logs_the_params_the_stage_read(
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
 
     monkeypatch.chdir(tmp_path)
@@ -224,9 +264,11 @@ def test_check_and_repair_the_cache_and_the_workspace(repo: Path) -> None:
     metrics.write_bytes(b'{"f1": 0}')  # a corrupt output with no cache copy
     problems = integrity.check_repo(repo)
     assert {(p.path, p.cache) for p in problems} == {
-        (cached.relative_to(repo).as_posix(), True), ("reports/metrics.json", False)}
-    assert integrity.main(["--repo", str(repo)]) == 1
-    assert integrity.main(["--repo", str(repo), "--repair"]) == 0
+        (cached.relative_to(repo).as_posix(), True),
+        ("reports/metrics.json", False),
+    }
+    assert verify.main(["--repo", str(repo)]) == 1
+    assert verify.main(["--repo", str(repo), "--repair"]) == 0
     assert cached.read_bytes() == good  # rewritten from the good workspace copy
     assert not metrics.exists()  # removed: `dvc repro` re-creates it
     assert integrity.check_repo(repo) == []
@@ -234,7 +276,7 @@ def test_check_and_repair_the_cache_and_the_workspace(repo: Path) -> None:
     # workspace and cache both corrupt: both removed, so `dvc repro` rebuilds the output
     _corrupt(cached)
     _corrupt(repo / "data/features/train.parquet")
-    assert integrity.main(["--repo", str(repo), "--repair"]) == 0
+    assert verify.main(["--repo", str(repo), "--repair"]) == 0
     assert not cached.exists() and not (repo / "data/features/train.parquet").exists()
 
 
@@ -245,13 +287,16 @@ def test_lineage_tags_of_a_stage_leave_out_its_own_and_later_outputs(repo: Path)
     assert "dvc.models.md5" in tracking.lineage_tags(repo)  # no stage: the whole lock
 
 
-def test_produced_outputs_are_hashed_from_disk_and_checked(repo: Path, under_dvc,
-                                                          monkeypatch) -> None:
+def test_produced_outputs_are_hashed_from_disk_and_checked(
+    repo: Path, under_dvc, monkeypatch
+) -> None:
     under_dvc("register")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     produced = tracking.produced_output_tags(repo / "models", repo)
-    assert produced == {"dvc.models.md5": lock["stages"]["train"]["outs"][0]["md5"],
-                        "dvc.reports/metrics.json.md5": _md5(b'{"f1": 1}')}
+    assert produced == {
+        "dvc.models.md5": lock["stages"]["train"]["outs"][0]["md5"],
+        "dvc.reports/metrics.json.md5": _md5(b'{"f1": 1}'),
+    }
     assert tracking.produced_output_tags(repo / "elsewhere", repo) == {}  # not a DVC output
     monkeypatch.delenv("DVC_STAGE")
     assert tracking.produced_output_tags(repo / "models", repo) == {}  # run by hand
@@ -262,7 +307,8 @@ def test_produced_outputs_are_hashed_from_disk_and_checked(repo: Path, under_dvc
 
 
 def test_repair_restores_a_corrupt_workspace_file_from_its_good_cache_object(
-        repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The fault: `make repair` deleted a corrupt workspace file whose DVC cache object was good,
     # then `make verify` called it missing and advised `make repair ... then dvc repro` again.
     good = b"train rows" * 100
@@ -271,20 +317,25 @@ def test_repair_restores_a_corrupt_workspace_file_from_its_good_cache_object(
     (repo / "data/features/sub/test.bin").unlink()  # missing from its folder: restored too
     obj = dvc_hashes.cache_path(repo, _md5(good)).relative_to(repo).as_posix()
 
-    assert integrity.main(["--repo", str(repo)]) == 1
+    assert verify.main(["--repo", str(repo)]) == 1
     err = capsys.readouterr().err
     assert f"cache object {obj} is good" in err
     assert "then `make run` or `make repro` (" in err and "dvc repro" not in err
 
-    assert integrity.main(["--repo", str(repo), "--repair"]) == 0
+    assert verify.main(["--repo", str(repo), "--repair"]) == 0
 
     out = capsys.readouterr().out.splitlines()
     small = dvc_hashes.cache_path(repo, _md5(b"t")).relative_to(repo).as_posix()
     assert sorted(out[:2]) == [
-        (f"restored corrupt data/features/train.parquet from its good DVC cache object {obj} "
-         f"(md5 {_md5(good)})"),
-        (f"restored missing data/features/sub/test.bin from its good DVC cache object {small} "
-         f"(md5 {_md5(b't')})")]
+        (
+            f"restored corrupt data/features/train.parquet from its good DVC cache object {obj} "
+            f"(md5 {_md5(good)})"
+        ),
+        (
+            f"restored missing data/features/sub/test.bin from its good DVC cache object {small} "
+            f"(md5 {_md5(b't')})"
+        ),
+    ]
     assert out[2] == "every file repaired in place: nothing to re-run (`make verify` checks again)"
     assert train.read_bytes() == good
     assert (repo / "data/features/sub/test.bin").read_bytes() == b"t"
@@ -295,12 +346,17 @@ def test_repair_restores_a_corrupt_workspace_file_from_its_good_cache_object(
 
 
 def test_repair_points_at_make_run_for_what_it_removed(
-        repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (repo / "reports/metrics.json").write_bytes(b'{"f1": 0}')  # no cache copy (cache: false)
 
-    assert integrity.main(["--repo", str(repo), "--repair"]) == 0
+    assert verify.main(["--repo", str(repo), "--repair"]) == 0
 
     out = capsys.readouterr().out.splitlines()
-    assert out == ["removed reports/metrics.json (not the bytes dvc.lock records)",
-                   ("now run `make run` or `make repro` (re-runs or restores evaluate); "
-                    "`dvc pull` first if the DVC remote holds good copies")]
+    assert out == [
+        "removed reports/metrics.json (not the bytes dvc.lock records)",
+        (
+            "now run `make run` or `make repro` (re-runs or restores evaluate); "
+            "`dvc pull` first if the DVC remote holds good copies"
+        ),
+    ]

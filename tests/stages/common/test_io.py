@@ -14,10 +14,9 @@ from stages.common.io import atomic_path, read_json, read_parquet, write_json, w
 def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
     target = tmp_path / "out.json"
     write_json(target, {"version": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
     assert read_json(target) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp files left behind
 
@@ -42,7 +41,9 @@ def test_parquet_roundtrip_and_clear_errors(tmp_path: Path) -> None:
 
     truncated = tmp_path / "truncated.parquet"
     truncated.write_bytes(path.read_bytes()[:40])
-    with pytest.raises(DataError, match=r"truncated or corrupt.*file=.*truncated.parquet.*rule=parquet"):
+    with pytest.raises(
+        DataError, match=r"truncated or corrupt.*file=.*truncated.parquet.*rule=parquet"
+    ):
         read_parquet(truncated)
     empty = tmp_path / "empty.parquet"
     empty.write_bytes(b"")

@@ -8,14 +8,22 @@ from pathlib import Path
 import pytest
 
 from stages.common.config import MlflowParams
-from stages.common.tracking import (FLOW_RUN_ENV, configure_mlflow, dvc_lock_hashes, git_state,
-                                    lineage_tags)
+from stages.common.tracking import (
+    FLOW_RUN_ENV,
+    configure_mlflow,
+    dvc_lock_hashes,
+    git_state,
+    lineage_tags,
+)
 
 
 def test_git_state_reports_commit_and_dirty_flag(tmp_path: Path) -> None:
     assert git_state(tmp_path) == {"git.commit": "unknown", "git.dirty": "false"}
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@e.st"],
-                ["git", "config", "user.name", "t"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@e.st"],
+        ["git", "config", "user.name", "t"],
+    ):
         subprocess.run(cmd, cwd=tmp_path, check=True)
     (tmp_path / "a.txt").write_text("1")
     subprocess.run(["git", "add", "a.txt"], cwd=tmp_path, check=True)

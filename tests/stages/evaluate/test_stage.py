@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from model import metrics as model_metrics
-from stages.evaluate import stage as evaluate
-from stages.features import stage as features
 from stages.common.errors import DataError
 from stages.common.io import write_parquet
+from stages.evaluate import stage as evaluate
+from stages.features import stage as features
 from tests.builders import TEST_PARAMS, breast_cancer_frame, fresh_run, make_params
 
 
@@ -40,26 +40,30 @@ MULTI_P = np.array([[0.6, 0.3, 0.1], [0.3, 0.4, 0.3], [0.2, 0.2, 0.6], [0.3, 0.5
 def test_binary_metrics_on_known_values() -> None:
     metrics = evaluate.compute_metrics(BINARY_Y, BINARY_P)
 
-    assert metrics == pytest.approx({
-        "accuracy": 0.75,  # row 1 is wrong
-        "f1_macro": (2 / 3 + 0.8) / 2,  # class 0: P 1, R 1/2; class 1: P 2/3, R 1
-        "roc_auc_macro": 1.0,  # every positive outranks every negative
-        # 8 (row, class) pairs: of the 4 x 4 (positive, negative) pairs only 0.4 < 0.6 is wrong
-        "roc_auc_micro": 15 / 16,
-        "log_loss": -np.mean(np.log([0.9, 0.4, 0.65, 0.8])),
-    })
+    assert metrics == pytest.approx(
+        {
+            "accuracy": 0.75,  # row 1 is wrong
+            "f1_macro": (2 / 3 + 0.8) / 2,  # class 0: P 1, R 1/2; class 1: P 2/3, R 1
+            "roc_auc_macro": 1.0,  # every positive outranks every negative
+            # 8 (row, class) pairs: of the 4 x 4 (positive, negative) pairs only 0.4 < 0.6 is wrong
+            "roc_auc_micro": 15 / 16,
+            "log_loss": -np.mean(np.log([0.9, 0.4, 0.65, 0.8])),
+        }
+    )
 
 
 def test_multiclass_metrics_on_known_values() -> None:
     metrics = evaluate.compute_metrics(MULTI_Y, MULTI_P)
 
-    assert metrics == pytest.approx({
-        "accuracy": 0.75,  # row 3 is predicted 1
-        "f1_macro": (2 / 3 + 2 / 3 + 1) / 3,
-        "roc_auc_macro": (3.5 / 4 + 2 / 3 + 1) / 3,  # one-vs-rest per class (a tie: 1/2), macro
-        "roc_auc_micro": _micro_auc(MULTI_Y, MULTI_P),
-        "log_loss": -np.mean(np.log([0.6, 0.4, 0.6, 0.3])),
-    })
+    assert metrics == pytest.approx(
+        {
+            "accuracy": 0.75,  # row 3 is predicted 1
+            "f1_macro": (2 / 3 + 2 / 3 + 1) / 3,
+            "roc_auc_macro": (3.5 / 4 + 2 / 3 + 1) / 3,  # one-vs-rest per class (a tie: 1/2), macro
+            "roc_auc_micro": _micro_auc(MULTI_Y, MULTI_P),
+            "log_loss": -np.mean(np.log([0.6, 0.4, 0.6, 0.3])),
+        }
+    )
 
 
 def _micro_auc(y: np.ndarray, proba: np.ndarray) -> float:
@@ -70,20 +74,28 @@ def _micro_auc(y: np.ndarray, proba: np.ndarray) -> float:
     return float(np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs]))
 
 
-@pytest.mark.parametrize(("y_true", "proba", "shown"), [
-    (BINARY_Y, BINARY_P, "roc_auc_macro"),  # the positive class's curve: the macro AUC
-    (MULTI_Y, MULTI_P, "roc_auc_micro"),  # the micro-averaged curve
-])
-def test_roc_image_names_the_auc_it_shows_as_metrics_json_does(y_true: np.ndarray,
-                                                                proba: np.ndarray,
-                                                                shown: str) -> None:
+@pytest.mark.parametrize(
+    ("y_true", "proba", "shown"),
+    [
+        (BINARY_Y, BINARY_P, "roc_auc_macro"),  # the positive class's curve: the macro AUC
+        (MULTI_Y, MULTI_P, "roc_auc_micro"),  # the micro-averaged curve
+    ],
+)
+def test_roc_image_names_the_auc_it_shows_as_metrics_json_does(
+    y_true: np.ndarray, proba: np.ndarray, shown: str
+) -> None:
     metrics = evaluate.compute_metrics(y_true, proba)
     roc = evaluate.build_roc_records(y_true, proba)
 
     # the curve drawn has the area of the metric its legend names, under the same name
     assert evaluate.curve_area(roc, "fpr", "tpr") == pytest.approx(metrics[shown], abs=1e-5)
-    fig = evaluate.plot_curve(roc, "fpr", "tpr", evaluate.curve_title("ROC", proba.shape[1]),
-                              evaluate.roc_legend(metrics, proba.shape[1]))
+    fig = evaluate.plot_curve(
+        roc,
+        "fpr",
+        "tpr",
+        evaluate.curve_title("ROC", proba.shape[1]),
+        evaluate.roc_legend(metrics, proba.shape[1]),
+    )
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend[0] == f"{shown} = {metrics[shown]:.4f}"
     assert "roc_auc" not in metrics  # no unqualified name left to mislead
@@ -109,17 +121,20 @@ def test_metrics_renormalise_float32_softmax_rows() -> None:
 
     metrics = evaluate.compute_metrics(BINARY_Y, proba32)
 
-    assert metrics["log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.65, 0.8])),
-                                                rel=1e-6)
+    assert metrics["log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.65, 0.8])), rel=1e-6)
 
 
-@pytest.mark.parametrize(("y_true", "proba", "rule"), [
-    (np.array([0, 0, 0]), np.full((3, 2), 0.5), "every_class_present"),
-    (np.array([0, 1]), np.full((3, 2), 0.5), "scores_shape"),
-    (np.array([0, 2]), np.full((2, 2), 0.5), "class_id_range"),
-])
-def test_metrics_refuse_scores_they_cannot_define(y_true: np.ndarray, proba: np.ndarray,
-                                                  rule: str) -> None:
+@pytest.mark.parametrize(
+    ("y_true", "proba", "rule"),
+    [
+        (np.array([0, 0, 0]), np.full((3, 2), 0.5), "every_class_present"),
+        (np.array([0, 1]), np.full((3, 2), 0.5), "scores_shape"),
+        (np.array([0, 2]), np.full((2, 2), 0.5), "class_id_range"),
+    ],
+)
+def test_metrics_refuse_scores_they_cannot_define(
+    y_true: np.ndarray, proba: np.ndarray, rule: str
+) -> None:
     with pytest.raises(DataError, match=rf"rule={rule}"):
         evaluate.compute_metrics(y_true, proba)
 
@@ -142,8 +157,9 @@ def test_multiclass_curves_are_micro_averaged_one_vs_rest() -> None:
 
     # micro-average: 4 rows x 3 classes = 12 binary cases, 4 of them positive
     micro_auc = auc([r["fpr"] for r in roc], [r["tpr"] for r in roc])
-    pairs = [(p, n) for p in MULTI_P[np.arange(4), MULTI_Y]
-             for n in MULTI_P[np.eye(3)[MULTI_Y] == 0]]
+    pairs = [
+        (p, n) for p in MULTI_P[np.arange(4), MULTI_Y] for n in MULTI_P[np.eye(3)[MULTI_Y] == 0]
+    ]
     expected = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
     assert micro_auc == pytest.approx(expected, abs=1e-5)
     assert "micro-average one-vs-rest" in evaluate.curve_title("ROC", 3)
@@ -153,23 +169,33 @@ def test_multiclass_curves_are_micro_averaged_one_vs_rest() -> None:
 def test_confusion_records_use_label_values() -> None:
     records = evaluate.build_confusion_records(MULTI_Y, MULTI_P, ["cat", "dog", "eel"])
 
-    assert records == [{"actual": "cat", "predicted": "cat"},
-                       {"actual": "dog", "predicted": "dog"},
-                       {"actual": "eel", "predicted": "eel"},
-                       {"actual": "cat", "predicted": "dog"}]
+    assert records == [
+        {"actual": "cat", "predicted": "cat"},
+        {"actual": "dog", "predicted": "dog"},
+        {"actual": "eel", "predicted": "eel"},
+        {"actual": "cat", "predicted": "dog"},
+    ]
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
 def _args(root: Path) -> list[str]:
-    return ["--features", str(root / "features"), "--model", str(root / "models"),
-            "--out", str(root / "reports" / "eval"), "--metrics",
-            str(root / "reports" / "metrics.json")]
+    return [
+        "--features",
+        str(root / "features"),
+        "--model",
+        str(root / "models"),
+        "--out",
+        str(root / "reports" / "eval"),
+        "--metrics",
+        str(root / "reports" / "metrics.json"),
+    ]
 
 
-def test_main_writes_metrics_and_plots_and_logs_them_to_the_train_run(workdir: Path,
-                                                                       tmp_path: Path) -> None:
+def test_main_writes_metrics_and_plots_and_logs_them_to_the_train_run(
+    workdir: Path, tmp_path: Path
+) -> None:
     params_file = tmp_path / "params.yaml"
     params_file.write_text(json.dumps(TEST_PARAMS))  # JSON is YAML
 
@@ -184,11 +210,14 @@ def test_main_writes_metrics_and_plots_and_logs_them_to_the_train_run(workdir: P
     test = pd.read_parquet(workdir / "features" / "test.parquet")
     majority = pd.read_parquet(workdir / "features" / "train.parquet")["target"].mode()[0]
     assert metrics["baseline_majority_accuracy"] == pytest.approx(
-        (test["target"] == majority).mean())
+        (test["target"] == majority).mean()
+    )
     assert metrics["baseline_majority_roc_auc_macro"] == 0.5  # one score for every row
     assert metrics["baseline_logistic_accuracy"] > 0.9  # breast cancer is nearly linear
-    assert model_metrics.read_baselines(metrics)["logistic"]["f1_macro"] == \
-        metrics["baseline_logistic_f1_macro"]
+    assert (
+        model_metrics.read_baselines(metrics)["logistic"]["f1_macro"]
+        == metrics["baseline_logistic_f1_macro"]
+    )
     out = workdir / "reports" / "eval"
     assert sorted(p.name for p in out.iterdir()) == sorted(evaluate.PLOT_FILES)
     n_test = len(pd.read_parquet(workdir / "features" / "test.parquet"))
@@ -205,23 +234,30 @@ def test_main_writes_metrics_and_plots_and_logs_them_to_the_train_run(workdir: P
     assert logged == {f"eval/{name}" for name in (*evaluate.PLOT_FILES, "metrics.json")}
 
 
-def test_main_fails_on_a_model_that_does_not_fit_the_features(workdir: Path,
-                                                              tmp_path: Path) -> None:
+def test_main_fails_on_a_model_that_does_not_fit_the_features(
+    workdir: Path, tmp_path: Path
+) -> None:
     # previous outputs, which a failed run must leave exactly as they were
     (workdir / "reports" / "eval").mkdir(parents=True)
     (workdir / "reports" / "eval" / "roc.json").write_text("[]")
     (workdir / "reports" / "metrics.json").write_text('{"accuracy": 0.5}')
     # features with fewer columns than the checkpoint was trained on
-    other = features.run(_write_validated(tmp_path / "other", breast_cancer_frame(drop=5)),
-                         tmp_path / "other" / "features", make_params())
+    other = features.run(
+        _write_validated(tmp_path / "other", breast_cancer_frame(drop=5)),
+        tmp_path / "other" / "features",
+        make_params(),
+    )
     assert other.meta["n_features"] == 25
     shutil.rmtree(workdir / "features")
     shutil.copytree(tmp_path / "other" / "features", workdir / "features")
 
     params_file = tmp_path / "params.yaml"
     params_file.write_text(json.dumps(TEST_PARAMS))
-    with pytest.raises(DataError, match=r"checkpoint expects 30 features .* gives 25.*"
-                                        r"model\.pt, rule=model_matches_features"):
+    with pytest.raises(
+        DataError,
+        match=r"checkpoint expects 30 features .* gives 25.*"
+        r"model\.pt, rule=model_matches_features",
+    ):
         evaluate.run(*_args(workdir)[1::2], make_params())
     assert evaluate.main([*_args(workdir), "--params", str(params_file)]) == 1
 
@@ -241,7 +277,10 @@ def test_unknown_label_in_the_test_split_names_file_and_column(workdir: Path) ->
     test.loc[test.index[0], "target"] = 7
     write_parquet(test_file, test)
 
-    with pytest.raises(DataError, match=r"label\(s\) \['7'\] not among the trained classes "
-                                        r".*test\.parquet, column=target, rule=label_in_classes"):
+    with pytest.raises(
+        DataError,
+        match=r"label\(s\) \['7'\] not among the trained classes "
+        r".*test\.parquet, column=target, rule=label_in_classes",
+    ):
         evaluate.run(*_args(workdir)[1::2], make_params())
     assert not (workdir / "reports").exists()

@@ -12,8 +12,12 @@ def shuffled_labels(counts: list[int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
 
 
-def assign(labels: np.ndarray, seed: int = 1, chunk: int | None = None,
-           sizes: tuple[float, float] = (0.2, 0.2)) -> np.ndarray:
+def assign(
+    labels: np.ndarray,
+    seed: int = 1,
+    chunk: int | None = None,
+    sizes: tuple[float, float] = (0.2, 0.2),
+) -> np.ndarray:
     plan = SplitPlan(seed, *sizes, np.bincount(labels))
     assigner = SplitAssigner(plan)
     chunks = [labels] if chunk is None else np.array_split(labels, -(-len(labels) // chunk))
@@ -22,8 +26,7 @@ def assign(labels: np.ndarray, seed: int = 1, chunk: int | None = None,
 
 def per_class(labels: np.ndarray, codes: np.ndarray) -> list[list[int]]:
     """[train, val, test] rows per class."""
-    return [np.bincount(codes[labels == c], minlength=3).tolist()
-            for c in range(labels.max() + 1)]
+    return [np.bincount(codes[labels == c], minlength=3).tolist() for c in range(labels.max() + 1)]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 100, 999, 4096])
@@ -54,7 +57,7 @@ def test_every_full_block_is_exactly_stratified() -> None:
     for c in (0, 1):
         in_class = codes[labels == c]
         for start in range(0, len(in_class) - block + 1, block):
-            counts = np.bincount(in_class[start:start + block], minlength=3)
+            counts = np.bincount(in_class[start : start + block], minlength=3)
             assert counts.tolist() == [60, 20, 20]
 
 
@@ -63,7 +66,7 @@ def test_rows_inside_a_block_are_permuted_not_taken_in_order() -> None:
     labels[:3] = 1  # two classes are needed for a plan; class 0 has ten full blocks
     codes = assign(labels)[labels == 0]
 
-    test_offsets = [tuple(np.flatnonzero(codes[i:i + 100] == TEST)) for i in range(0, 1000, 100)]
+    test_offsets = [tuple(np.flatnonzero(codes[i : i + 100] == TEST)) for i in range(0, 1000, 100)]
     assert len(set(test_offsets)) == 10  # each block draws its own rows
 
 
@@ -82,9 +85,16 @@ def test_sizes_are_rounded_when_blocks_cannot_be_exact() -> None:
     assert abs(test - 1885) <= 30 and abs(val - 1500) <= 30 and train == 6000 - val - test
 
 
-@pytest.mark.parametrize(("sizes", "block"), [((0.2, 0.2), 100), ((0.15, 0.2), 100),
-                                              ((0.125, 0.25), 104), ((1 / 3, 0.2), 105),
-                                              ((0.3141, 0.2), 100)])
+@pytest.mark.parametrize(
+    ("sizes", "block"),
+    [
+        ((0.2, 0.2), 100),
+        ((0.15, 0.2), 100),
+        ((0.125, 0.25), 104),
+        ((1 / 3, 0.2), 105),
+        ((0.3141, 0.2), 100),
+    ],
+)
 def test_block_size_makes_quotas_whole(sizes: tuple[float, float], block: int) -> None:
     assert block_size(*sizes) == block
 

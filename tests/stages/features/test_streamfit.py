@@ -7,8 +7,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from stages.common.errors import DataError
 from model.preprocess import fit_preprocessor, load_preprocessor, save_preprocessor
+from stages.common.errors import DataError
 from stages.features.streamfit import TrainStats
 
 NUMERIC, CATEGORICAL = ["x", "n", "empty"], ["color", "flag", "blank"]
@@ -22,16 +22,25 @@ def train_frame(n: int = 300, seed: int = 0) -> pd.DataFrame:
     x[rng.random(n) < 0.1] = np.nan
     color = rng.choice(["red", "green", "blue", "teal"], n).astype(object)
     color[rng.random(n) < 0.1] = None
-    return pd.DataFrame({
-        "x": x, "color": pd.array(color, dtype="string"), "n": rng.integers(0, 9, n),
-        "flag": rng.random(n) < 0.3, "empty": np.full(n, np.nan),
-        "blank": pd.array([None] * n, dtype="string"), "y": rng.integers(0, 2, n)})
+    return pd.DataFrame(
+        {
+            "x": x,
+            "color": pd.array(color, dtype="string"),
+            "n": rng.integers(0, 9, n),
+            "flag": rng.random(n) < 0.3,
+            "empty": np.full(n, np.nan),
+            "blank": pd.array([None] * n, dtype="string"),
+            "y": rng.integers(0, 2, n),
+        }
+    )
 
 
 def stream_fit(df: pd.DataFrame, batch: int, sample_rows: int = 100_000):
     table = pa.Table.from_pandas(df, preserve_index=False)
     stats = TrainStats(NUMERIC, CATEGORICAL, seed=5, sample_rows=sample_rows)
-    for start, part in zip(range(0, len(df), batch), table.to_batches(max_chunksize=batch)):
+    for start, part in zip(
+        range(0, len(df), batch), table.to_batches(max_chunksize=batch), strict=False
+    ):
         stats.update(part, np.arange(start, start + part.num_rows))
     return stats.fit("y", FEATURES, [0, 1])
 
@@ -49,18 +58,24 @@ def test_streaming_fit_equals_a_plain_sklearn_fit(batch: int) -> None:
 
     assert streamed.feature_columns == plain.feature_columns == FEATURES
     assert list(streamed.transformer.get_feature_names_out()) == list(
-        plain.transformer.get_feature_names_out())
+        plain.transformer.get_feature_names_out()
+    )
     for step in ("impute",):
-        np.testing.assert_array_equal(steps(streamed, "num", step).statistics_,
-                                      steps(plain, "num", step).statistics_)
+        np.testing.assert_array_equal(
+            steps(streamed, "num", step).statistics_, steps(plain, "num", step).statistics_
+        )
         assert list(steps(streamed, "cat", step).statistics_) == list(
-            steps(plain, "cat", step).statistics_)
+            steps(plain, "cat", step).statistics_
+        )
     ours, theirs = steps(streamed, "num", "scale"), steps(plain, "num", "scale")
     for attr in ("mean_", "var_", "scale_"):
         np.testing.assert_allclose(getattr(ours, attr), getattr(theirs, attr), rtol=1e-12)
     assert ours.n_samples_seen_ == theirs.n_samples_seen_ == len(df)
-    for a, b in zip(steps(streamed, "cat", "onehot").categories_,
-                    steps(plain, "cat", "onehot").categories_, strict=True):
+    for a, b in zip(
+        steps(streamed, "cat", "onehot").categories_,
+        steps(plain, "cat", "onehot").categories_,
+        strict=True,
+    ):
         assert list(a) == list(b)
     rows = train_frame(seed=1)
     np.testing.assert_allclose(streamed.transform(rows), plain.transform(rows), atol=1e-6)
@@ -81,7 +96,8 @@ def test_scaler_stays_exact_when_only_a_sample_is_kept() -> None:
     assert abs(fill[0] - np.nanmedian(df["x"])) < 3  # a sample median, near the true one
     assert scaler.scale_[2] == 1.0  # a constant column is not divided by zero
     assert list(steps(streamed, "cat", "onehot").categories_[0]) == list(
-        steps(plain, "cat", "onehot").categories_[0])
+        steps(plain, "cat", "onehot").categories_[0]
+    )
 
 
 def test_sample_does_not_depend_on_the_batch_size() -> None:
@@ -89,8 +105,9 @@ def test_sample_does_not_depend_on_the_batch_size() -> None:
 
     small, large = stream_fit(df, batch=7, sample_rows=64), stream_fit(df, 500, sample_rows=64)
 
-    np.testing.assert_array_equal(steps(small, "num", "impute").statistics_,
-                                  steps(large, "num", "impute").statistics_)
+    np.testing.assert_array_equal(
+        steps(small, "num", "impute").statistics_, steps(large, "num", "impute").statistics_
+    )
 
 
 def test_streamed_preprocessor_keeps_the_numeric_fast_path_and_roundtrips(tmp_path) -> None:

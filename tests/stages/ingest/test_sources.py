@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.ingest import stage as ingest
 from stages.common.config import IngestParams
 from stages.common.errors import DataError
+from stages.ingest import stage as ingest
 from tests.postgres import free_port
 
 
@@ -39,8 +39,11 @@ def read_raw(out: Path) -> pd.DataFrame:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (names relative) with its bytes."""
-    return {str(path.relative_to(folder)): path.read_bytes()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture
@@ -72,8 +75,11 @@ def test_csv_file_becomes_one_part_and_a_manifest(tmp_path: Path, root: Path) ->
     assert sorted(path.name for path in out.iterdir()) == ["manifest.json", "part-00000.parquet"]
     assert read_raw(out).to_dict("list") == tiny_frame().to_dict("list")
     assert ingest.read_manifest(out) == {
-        "source": str(root / "mine.csv"), "rows": 3, "watermark": None,
-        "parts": [{"file": "part-00000.parquet", "rows": 3, "watermark_max": None}]}
+        "source": str(root / "mine.csv"),
+        "rows": 3,
+        "watermark": None,
+        "parts": [{"file": "part-00000.parquet", "rows": 3, "watermark_max": None}],
+    }
     assert (result.rows_added, result.total_rows, result.watermark) == (3, 3, None)
 
 
@@ -88,8 +94,9 @@ def test_parquet_file_keeps_its_types(tmp_path: Path, root: Path) -> None:
     assert read_raw(tmp_path / "raw").equals(frame)
 
 
-def test_folder_reads_files_in_name_order_whatever_their_column_order(tmp_path: Path,
-                                                                     root: Path) -> None:
+def test_folder_reads_files_in_name_order_whatever_their_column_order(
+    tmp_path: Path, root: Path
+) -> None:
     folder = root / "exports"
     folder.mkdir()
     tiny_frame().to_csv(folder / "a.csv", index=False)
@@ -136,12 +143,12 @@ def test_same_input_gives_byte_identical_output(tmp_path: Path, root: Path) -> N
     assert snapshot(tmp_path / "first") == snapshot(tmp_path / "second")
 
 
-def test_row_groups_are_bounded_by_batch_rows_not_by_file_size(tmp_path: Path,
-                                                                root: Path) -> None:
+def test_row_groups_are_bounded_by_batch_rows_not_by_file_size(tmp_path: Path, root: Path) -> None:
     # What bounds memory: the writer holds one row group (batch_rows rows) at a time.
     n = 10_000
     pd.DataFrame({"x": range(n), "label": [i % 2 for i in range(n)]}).to_csv(
-        root / "big.csv", index=False)
+        root / "big.csv", index=False
+    )
 
     ingest.run(params_for(root / "big.csv", root), tmp_path / "raw", batch_rows=1024)
 
@@ -172,15 +179,14 @@ class RangeHandler(SimpleHTTPRequestHandler):
         self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
-        self.wfile.write(data[start:end + 1])
+        self.wfile.write(data[start : end + 1])
 
 
 @pytest.fixture(scope="module")
 def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """``(base URL, folder)``: a real HTTP server on 127.0.0.1 serving the folder."""
     folder = tmp_path_factory.mktemp("http")
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 partial(RangeHandler, directory=str(folder)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", folder
@@ -189,12 +195,14 @@ def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
 
 
 @pytest.mark.parametrize("name", ["remote.csv", "remote.parquet"])
-def test_http_source_streams_csv_and_parquet(tmp_path: Path, http_root: tuple[str, Path],
-                                            name: str) -> None:
+def test_http_source_streams_csv_and_parquet(
+    tmp_path: Path, http_root: tuple[str, Path], name: str
+) -> None:
     base, folder = http_root
     path = folder / name
-    tiny_frame().to_csv(path, index=False) if name.endswith(".csv") else \
-        tiny_frame().to_parquet(path)
+    tiny_frame().to_csv(path, index=False) if name.endswith(".csv") else tiny_frame().to_parquet(
+        path
+    )
 
     result = ingest.run(IngestParams(source=f"{base}/{name}", target="label"), tmp_path / "raw")
 
@@ -203,8 +211,9 @@ def test_http_source_streams_csv_and_parquet(tmp_path: Path, http_root: tuple[st
     assert ingest.read_manifest(tmp_path / "raw")["source"] == f"{base}/{name}"
 
 
-def test_http_404_and_unreachable_host_name_the_url(tmp_path: Path, raw: Path,
-                                                    http_root: tuple[str, Path]) -> None:
+def test_http_404_and_unreachable_host_name_the_url(
+    tmp_path: Path, raw: Path, http_root: tuple[str, Path]
+) -> None:
     before = snapshot(raw)
     missing = f"{http_root[0]}/nothing-here.csv"
     unreachable = f"http://127.0.0.1:{free_port()}/data.csv"  # nothing listens there
@@ -255,35 +264,76 @@ BAD_FILES: dict[str, tuple[str, Callable[[Path], None], str | None, str, str]] =
     "zero-byte csv": ("empty.csv", _write(b""), None, "not_empty", "0 bytes"),
     "zero-byte parquet": ("empty.parquet", _write(b""), None, "not_empty", "0 bytes"),
     "header-only csv": ("header.csv", _write(b"x,color,label\n"), None, "not_empty", "header"),
-    "whitespace-only csv": ("blank.csv", _write(b"  \n\t\n   "), None, "not_empty",
-                            "whitespace"),
+    "whitespace-only csv": ("blank.csv", _write(b"  \n\t\n   "), None, "not_empty", "whitespace"),
     "blank-lines csv": ("lines.csv", _write(b"\n\n\n"), None, "not_empty", "no header"),
-    "latin-1 csv": ("latin.csv", _write("x,color,label\n1,caf\xe9,0\n".encode("latin-1")),
-                    "color", "utf8", "latin-1"),
-    "windows-1252 csv": ("cp.csv", _write("x,color,label\n1,\u201cred\u201d,0\n".encode("cp1252")),
-                         "color", "utf8", "windows-1252"),
-    "utf-16 csv": ("wide.csv", _write("x,label\n1,0\n".encode("utf-16")), None, "utf8",
-                   "UTF-16"),
-    "semicolon-separated": ("eu.csv", _write(b"x;color;label\n1;red;0\n"), "x;color;label",
-                            "delimiter", "';'-separated: set ingest.delimiter"),
-    "tab-separated": ("tabs.csv", _write(b"x\tcolor\tlabel\n1\tred\t0\n"), "x\tcolor\tlabel",
-                      "delimiter", "'\\t'-separated"),
-    "pipe-separated": ("pipes.csv", _write(b"x|color|label\n1|red|0\n"), "x|color|label",
-                       "delimiter", "'|'-separated"),
-    "duplicated header": ("twice.csv", _write(b"x,color,label\n1,red,0\nx,color,label\n2,b,1\n"),
-                          None, "duplicate_header", "repeats the header"),
+    "latin-1 csv": (
+        "latin.csv",
+        _write("x,color,label\n1,caf\xe9,0\n".encode("latin-1")),
+        "color",
+        "utf8",
+        "latin-1",
+    ),
+    "windows-1252 csv": (
+        "cp.csv",
+        _write("x,color,label\n1,\u201cred\u201d,0\n".encode("cp1252")),
+        "color",
+        "utf8",
+        "windows-1252",
+    ),
+    "utf-16 csv": ("wide.csv", _write("x,label\n1,0\n".encode("utf-16")), None, "utf8", "UTF-16"),
+    "semicolon-separated": (
+        "eu.csv",
+        _write(b"x;color;label\n1;red;0\n"),
+        "x;color;label",
+        "delimiter",
+        "';'-separated: set ingest.delimiter",
+    ),
+    "tab-separated": (
+        "tabs.csv",
+        _write(b"x\tcolor\tlabel\n1\tred\t0\n"),
+        "x\tcolor\tlabel",
+        "delimiter",
+        "'\\t'-separated",
+    ),
+    "pipe-separated": (
+        "pipes.csv",
+        _write(b"x|color|label\n1|red|0\n"),
+        "x|color|label",
+        "delimiter",
+        "'|'-separated",
+    ),
+    "duplicated header": (
+        "twice.csv",
+        _write(b"x,color,label\n1,red,0\nx,color,label\n2,b,1\n"),
+        None,
+        "duplicate_header",
+        "repeats the header",
+    ),
     "duplicated header in a later block": (
-        "twice_late.csv", lambda path: _later_block_value(path, "x"), "x", "duplicate_header",
-        "repeats the header"),
+        "twice_late.csv",
+        lambda path: _later_block_value(path, "x"),
+        "x",
+        "duplicate_header",
+        "repeats the header",
+    ),
     "text in a numeric column, later block": (
-        "late.csv", lambda path: _later_block_value(path, "abc"), "x", "type",
-        "'abc' does not convert to double"),
+        "late.csv",
+        lambda path: _later_block_value(path, "abc"),
+        "x",
+        "type",
+        "'abc' does not convert to double",
+    ),
     "ragged csv": ("ragged.csv", _write(b"x,label\n1,0\n1,2,3,4\n"), None, "csv", "columns"),
     "truncated parquet": ("cut.parquet", _truncated_parquet, None, "parquet", "corrupt"),
     "unsupported extension": ("data.json", _write(b"{}"), None, "extension", ".json"),
     "missing file": ("gone.csv", lambda path: None, None, "exists", "not found"),
-    "missing target column": ("mine.csv", _write(b"x,color,diagnosis\n1,red,0\n"), "label",
-                              "target_present", "'label' not found"),
+    "missing target column": (
+        "mine.csv",
+        _write(b"x,color,diagnosis\n1,red,0\n"),
+        "label",
+        "target_present",
+        "'label' not found",
+    ),
 }
 
 
@@ -313,7 +363,10 @@ def test_partition_with_another_schema_names_file_and_column(root: Path, raw: Pa
 
     err = info.value
     assert (err.file, err.column, err.rule) == (
-        str(root / "sales" / "year=2024" / "data.parquet"), "x", "same_schema")
+        str(root / "sales" / "year=2024" / "data.parquet"),
+        "x",
+        "same_schema",
+    )
     assert "differs from the first file's double" in str(err) and snapshot(raw) == before
 
 
@@ -326,19 +379,21 @@ def test_folder_file_with_unconvertible_value_names_that_file(root: Path, raw: P
         ingest.run(params_for(root / "exports", root), raw)
 
     assert (info.value.file, info.value.column, info.value.rule) == (
-        str(root / "exports" / "b.csv"), "x", "type")
+        str(root / "exports" / "b.csv"),
+        "x",
+        "type",
+    )
 
 
 @pytest.mark.parametrize("escape", ["relative", "absolute", "symlink"])
-def test_source_outside_the_data_root_is_refused(tmp_path: Path, root: Path, raw: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 escape: str) -> None:
+def test_source_outside_the_data_root_is_refused(
+    tmp_path: Path, root: Path, raw: Path, monkeypatch: pytest.MonkeyPatch, escape: str
+) -> None:
     outside = tmp_path / "secret.csv"
     tiny_frame().to_csv(outside, index=False)
     os.symlink(outside, root / "link.csv")
     monkeypatch.chdir(root)
-    source = {"relative": "../secret.csv", "absolute": str(outside),
-              "symlink": "link.csv"}[escape]
+    source = {"relative": "../secret.csv", "absolute": str(outside), "symlink": "link.csv"}[escape]
     before = snapshot(raw)
 
     with pytest.raises(DataError) as info:

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 
 from flows import rollback
-from stages.register import stage as register
 from stages.common import registry
+from stages.register import stage as register
 from tests.builders import TEST_PARAMS, make_params
 from tests.stages.register.test_stage import LOOSE, params_file, prepare, register_args
 
@@ -18,14 +18,22 @@ NAME = TEST_PARAMS["register"]["model_name"]
 
 
 def test_a_rollback_during_register_is_not_undone_and_the_version_stays_pending(
-        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path,
+    mlflow_uri: str,
+    trained: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # champion history v1 -> v2 (v2: a copy of v1's files, moved by hand), then a better
     # model's register (v3) reads champion v2 and judges against it; while it does, the
     # operator rolls champion back to v1. The old register moved champion v1 -> v3 anyway.
     loose = params_file(tmp_path / "loose.yaml", LOOSE)
-    assert register.main(register_args(
-        prepare(tmp_path / "bad", trained, make_params(), degrade=True), loose)) == 0
+    assert (
+        register.main(
+            register_args(prepare(tmp_path / "bad", trained, make_params(), degrade=True), loose)
+        )
+        == 0
+    )
     client = mlflow.MlflowClient()
     v1 = client.get_model_version(NAME, "1")
     client.create_model_version(NAME, v1.source, run_id=v1.run_id, tags=dict(v1.tags))
@@ -41,8 +49,10 @@ def test_a_rollback_during_register_is_not_undone_and_the_version_stays_pending(
         patch.setattr(register, "_record_on_version", record_then_rollback)
         assert register.main(register_args(good, loose)) == 1
 
-    assert f"stage register failed: {NAME}@champion moved from v2 to v1 during this run " \
-           "(by rollback by " in caplog.text
+    assert (
+        f"stage register failed: {NAME}@champion moved from v2 to v1 during this run "
+        "(by rollback by " in caplog.text
+    )
     assert "v2 mislabels night shifts); this run decided against v2" in caplog.text
     assert "left promotion.gate=pending, not champion" in caplog.text
     assert str(client.get_registered_model(NAME).aliases["champion"]) == "1"
@@ -69,10 +79,12 @@ def test_move_alias_with_a_stale_expected_holder_moves_nothing(mlflow_uri: str) 
     registry.move_alias(client, "m", "champion", "1", "first")
     registry.move_alias(client, "m", "champion", "2", "second", kind="rollback")
 
-    with pytest.raises(registry.AliasMovedError, match=r"m@champion moved from v1 to v2 during "
-                       r"this run \(by rollback by .*: second\)"):
-        registry.move_alias(client, "m", "champion", "3", "decided against v1",
-                            expect_from="1")
+    with pytest.raises(
+        registry.AliasMovedError,
+        match=r"m@champion moved from v1 to v2 during "
+        r"this run \(by rollback by .*: second\)",
+    ):
+        registry.move_alias(client, "m", "champion", "3", "decided against v1", expect_from="1")
     with pytest.raises(registry.AliasMovedError, match="moved from nothing to v2"):
         registry.move_alias(client, "m", "champion", "3", "first model", expect_from=None)
     assert str(client.get_registered_model("m").aliases["champion"]) == "2"
@@ -81,8 +93,12 @@ def test_move_alias_with_a_stale_expected_holder_moves_nothing(mlflow_uri: str) 
 
 
 def test_a_file_changed_in_the_store_after_upload_is_refused_not_recorded(
-        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path],
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path,
+    mlflow_uri: str,
+    trained: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Someone with write access to the artifact store adds a line to the uploaded model code
     # before register hashes the version: the old register recorded (and, with a key, signed)
     # the changed files, and the version then loaded as "verified".
@@ -92,8 +108,11 @@ def test_a_file_changed_in_the_store_after_upload_is_refused_not_recorded(
 
     def upload_then_tamper(rp: object, model_uri: str, cand: object) -> str:
         client = mlflow.MlflowClient()
-        stored = Path(client.get_logged_model(model_uri.rsplit("/", 1)[-1]).artifact_location
-                      .removeprefix("file://"))
+        stored = Path(
+            client.get_logged_model(model_uri.rsplit("/", 1)[-1]).artifact_location.removeprefix(
+                "file://"
+            )
+        )
         code = stored / "code" / "model" / "errors.py"
         code.write_text(code.read_text() + "\nprint('injected')\n")
         return register_version(rp, model_uri, cand)
@@ -102,8 +121,10 @@ def test_a_file_changed_in_the_store_after_upload_is_refused_not_recorded(
         patch.setattr(register, "_register_version", upload_then_tamper)
         assert register.main(register_args(workdir, strict)) == 1
 
-    assert f"stage register failed: {NAME} v1: the stored files are not the ones this run " \
-           "produced" in caplog.text
+    assert (
+        f"stage register failed: {NAME} v1: the stored files are not the ones this run "
+        "produced" in caplog.text
+    )
     assert "model/code/model/errors.py expected sha256 " in caplog.text
     version = mlflow.MlflowClient().get_model_version(NAME, "1")
     assert "model.artifacts_sha256" not in version.tags  # nothing recorded or signed

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.register import stage as register
-from stages.common import tracking
 from model import variants
-from stages.common.config import TrainParams
-from stages.common.errors import DataError, PipelineError
 from model.nets import build_network
 from model.servable import log_servable
+from stages.common import tracking
+from stages.common.config import TrainParams
+from stages.common.errors import DataError, PipelineError
+from stages.register import stage as register
 from tests.builders import make_params
 from tests.stages.register.test_stage import NAME, params_file, prepare, register_args
 
@@ -33,8 +33,9 @@ def test_compare_variants_reports_the_drop_against_the_reference() -> None:
     one_wrong = exact.copy()
     one_wrong[3] = [0.4, 0.6]
 
-    metrics = variants.compare_variants({"torch": lambda _: exact, "int8": lambda _: one_wrong},
-                                        X, labels, repeats=(1, 1))
+    metrics = variants.compare_variants(
+        {"torch": lambda _: exact, "int8": lambda _: one_wrong}, X, labels, repeats=(1, 1)
+    )
 
     assert metrics["variant.torch.accuracy"] == 1.0
     assert metrics["variant.int8.accuracy"] == 0.75
@@ -43,11 +44,11 @@ def test_compare_variants_reports_the_drop_against_the_reference() -> None:
     assert metrics["variant.torch.latency_ms_row"] >= 0
 
 
-def test_onnx_matches_torch_and_int8_is_smaller(tmp_path: Path,
-                                                trained: tuple[Path, Path]) -> None:
+def test_onnx_matches_torch_and_int8_is_smaller(tmp_path: Path, trained: tuple[Path, Path]) -> None:
     features, models = trained
-    folder = variants.build_variants(features / "preprocessor.joblib", models / "model.pt",
-                                     tmp_path / "variants")
+    folder = variants.build_variants(
+        features / "preprocessor.joblib", models / "model.pt", tmp_path / "variants"
+    )
     test = pd.read_parquet(features / "test.parquet")
 
     metrics = variants.evaluate_variants(folder, models / "model.pt", test, repeats=FEW)
@@ -80,7 +81,8 @@ def test_cnn_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
 
 
 def test_register_logs_the_variants_and_the_loader_serves_them(
-        tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]) -> None:
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
+) -> None:
     work = prepare(tmp_path / "v1", trained, make_params())
     assert register.main(register_args(work, params_file(tmp_path / "p.yaml"))) == 0
 
@@ -88,18 +90,29 @@ def test_register_logs_the_variants_and_the_loader_serves_them(
     run_id = mlflow.models.get_model_info(uri).run_id
     metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
     for name in ("onnx", "int8"):
-        for metric in ("accuracy", "accuracy_drop", "size_bytes", "latency_ms_row",
-                       "latency_ms_batch64"):
+        for metric in (
+            "accuracy",
+            "accuracy_drop",
+            "size_bytes",
+            "latency_ms_row",
+            "latency_ms_batch64",
+        ):
             assert f"variant.{name}.{metric}" in metrics
     assert metrics["variant.onnx.accuracy_drop"] == 0.0
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "variants")}
-    assert logged == {"variants/model.onnx", "variants/model.int8.onnx",
-                      "variants/preprocessor.joblib"}
+    assert logged == {
+        "variants/model.onnx",
+        "variants/model.int8.onnx",
+        "variants/preprocessor.joblib",
+    }
 
     rows = pd.read_parquet(work / "features" / "test.parquet").drop(columns=["target"])
     served = {name: variants.load_variant(uri, name).predict(rows) for name in variants.VARIANTS}
-    assert list(served["onnx"].columns) == list(served["pyfunc"].columns) == \
-        ["prediction", "proba_0", "proba_1"]
+    assert (
+        list(served["onnx"].columns)
+        == list(served["pyfunc"].columns)
+        == ["prediction", "proba_0", "proba_1"]
+    )
     assert list(served["int8"].columns) == list(served["pyfunc"].columns)
     pd.testing.assert_frame_equal(served["onnx"], served["pyfunc"], atol=ONNX_TOLERANCE)
     agree = (served["int8"]["prediction"] == served["pyfunc"]["prediction"]).mean()
@@ -112,20 +125,30 @@ def test_register_logs_the_variants_and_the_loader_serves_them(
     pd.testing.assert_frame_equal(loaded.predict(rows), served["int8"])
 
 
-def test_loader_names_the_problem(tmp_path: Path, mlflow_uri: str,
-                                  trained: tuple[Path, Path]) -> None:
+def test_loader_names_the_problem(
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
+) -> None:
     features, models = trained
     tracking.configure_mlflow(make_params().mlflow)
     with mlflow.start_run():  # a version logged the old way: the pyfunc without variants
-        log_servable(features / "preprocessor.joblib", models / "model.pt",
-                     pd.read_parquet(features / "test.parquet").head(5),
-                     registered_model_name="plain")
+        log_servable(
+            features / "preprocessor.joblib",
+            models / "model.pt",
+            pd.read_parquet(features / "test.parquet").head(5),
+            registered_model_name="plain",
+        )
 
-    with pytest.raises(PipelineError, match=r"models:/plain/1: run \w+ has no variants/ "
-                                            r"artifacts .*serve it with variant 'pyfunc'"):
+    with pytest.raises(
+        PipelineError,
+        match=r"models:/plain/1: run \w+ has no variants/ "
+        r"artifacts .*serve it with variant 'pyfunc'",
+    ):
         variants.load_variant("models:/plain/1", "onnx")
-    with pytest.raises(PipelineError, match=r"unknown model variant 'fp16' \(one of pyfunc, "
-                                            r"onnx, int8\)"):
+    with pytest.raises(
+        PipelineError,
+        match=r"unknown model variant 'fp16' \(one of pyfunc, "
+        r"onnx, int8\)",
+    ):
         variants.load_variant("models:/plain/1", "fp16")  # type: ignore[arg-type]
     empty = tmp_path / "empty"
     empty.mkdir()

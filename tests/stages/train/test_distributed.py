@@ -13,16 +13,23 @@ import pytest
 import torch
 import yaml
 
-from stages.train import stage as train
-from stages.train.distributed import DistInfo, local_batch_size, resolve_nproc
 from stages.common.errors import ConfigError
 from stages.common.io import read_json
+from stages.train import stage as train
+from stages.train.distributed import DistInfo, local_batch_size, resolve_nproc
 from tests.stages.train.test_stage import write_train_inputs
 
 ROOT = Path(__file__).resolve().parents[3]
 # No dropout: with it the ranks would draw other masks than one process does (see below).
-TRAIN = {"hidden_sizes": [16], "dropout": 0.0, "lr": 0.01, "batch_size": 16, "max_epochs": 5,
-         "patience": 5, "checkpoint_every_steps": 0}
+TRAIN = {
+    "hidden_sizes": [16],
+    "dropout": 0.0,
+    "lr": 0.01,
+    "batch_size": 16,
+    "max_epochs": 5,
+    "patience": 5,
+    "checkpoint_every_steps": 0,
+}
 
 
 def test_nproc_and_global_batch_size_are_checked() -> None:
@@ -37,16 +44,27 @@ def project(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.chdir(tmp_path)
     write_train_inputs(tmp_path, rows=400)
     for name, nproc in (("single", 1), ("ddp", 2)):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
-            {"base": {"device": "cpu"}, "train": {**TRAIN, "nproc": nproc}}))
+        (tmp_path / f"{name}.yaml").write_text(
+            yaml.safe_dump({"base": {"device": "cpu"}, "train": {**TRAIN, "nproc": nproc}})
+        )
     return tmp_path
 
 
 def _args(root: Path, name: str) -> list[str]:
-    return ["--params", str(root / f"{name}.yaml"), "--features", str(root / "data/features"),
-            "--validation-report", str(root / "reports/validation"),
-            "--out", str(root / name / "models"), "--history", str(root / name / "history.csv"),
-            "--resume-dir", str(root / name / "resume")]
+    return [
+        "--params",
+        str(root / f"{name}.yaml"),
+        "--features",
+        str(root / "data/features"),
+        "--validation-report",
+        str(root / "reports/validation"),
+        "--out",
+        str(root / name / "models"),
+        "--history",
+        str(root / name / "history.csv"),
+        "--resume-dir",
+        str(root / name / "resume"),
+    ]
 
 
 def test_two_cpu_processes_match_one_process_and_log_one_run(project: Path) -> None:
@@ -54,8 +72,14 @@ def test_two_cpu_processes_match_one_process_and_log_one_run(project: Path) -> N
 
     # OMP_NUM_THREADS=1: torchrun's default for several processes; one process gets the same.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "stages.train", *_args(project, "ddp")],
-                         cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "stages.train", *_args(project, "ddp")],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -75,8 +99,10 @@ def test_two_cpu_processes_match_one_process_and_log_one_run(project: Path) -> N
     assert (single["val_accuracy"] - multi["val_accuracy"]).abs().max() <= 0.02
     assert (single["val_loss"] - multi["val_loss"]).abs().max() <= 1e-3
     assert (single["train_loss"] - multi["train_loss"]).abs().max() <= 1e-3
-    weights = [torch.load(project / name / "models/model.pt", weights_only=True)["state_dict"]
-               for name in ("single", "ddp")]
+    weights = [
+        torch.load(project / name / "models/model.pt", weights_only=True)["state_dict"]
+        for name in ("single", "ddp")
+    ]
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, atol=1e-3, rtol=0)
 

@@ -16,18 +16,24 @@ import pytest
 import torch
 import yaml
 
-from stages.train import stage as train
-from stages.train.checkpoint import GracefulStop, ResumeStore, TrainingInterrupted
+from model.nets import build_network
 from stages.common.config import TrainParams
 from stages.common.io import read_json
-from model.nets import build_network
+from stages.train import stage as train
+from stages.train.checkpoint import GracefulStop, ResumeStore, TrainingInterrupted
 from tests.stages.train.test_stage import CPU, fit, make_tensors, write_train_inputs
 
 ROOT = Path(__file__).resolve().parents[3]
 # Big enough that one epoch is hundreds of steps (a kill lands mid-epoch), small enough to be
 # seconds: 3000 rows -> 1920 train rows -> 240 steps of 8 per epoch.
-TRAIN = {"hidden_sizes": [64, 64], "lr": 0.003, "batch_size": 8, "max_epochs": 3,
-         "patience": 3, "checkpoint_every_steps": 5}
+TRAIN = {
+    "hidden_sizes": [64, 64],
+    "lr": 0.003,
+    "batch_size": 8,
+    "max_epochs": 3,
+    "patience": 3,
+    "checkpoint_every_steps": 5,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +53,22 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
 def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     # Everything that carries state: SGD momentum, one-cycle LR, clipping, augmentation RNG,
     # dropout RNG, the shuffle generator and a partial epoch's loss sum.
-    params = TrainParams(model="cnn", image_shape=[1, 4, 4], channels=[2, 4], dropout=0.2,
-                         batch_size=8, max_epochs=4, patience=4, optimizer="sgd", lr=0.05,
-                         lr_schedule="onecycle", max_grad_norm=1.0, augment_crop_pad=1,
-                         augment_noise=0.05, checkpoint_every_steps=4)
+    params = TrainParams(
+        model="cnn",
+        image_shape=[1, 4, 4],
+        channels=[2, 4],
+        dropout=0.2,
+        batch_size=8,
+        max_epochs=4,
+        patience=4,
+        optimizer="sgd",
+        lr=0.05,
+        lr_schedule="onecycle",
+        max_grad_norm=1.0,
+        augment_crop_pad=1,
+        augment_noise=0.05,
+        checkpoint_every_steps=4,
+    )
     data = make_tensors(n=64, n_features=16)  # 48 train rows: 6 steps per epoch
     reference = fit(params, data)
     store, stop = ResumeStore(tmp_path, "0" * 16), GracefulStop()
@@ -62,8 +80,17 @@ def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path)
     train.seed_torch(0, CPU)
     network = build_network(params, 16, 2)
     with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at epoch 3, step 13"):
-        train.train_model(network, data, params, CPU, 0, stop_after_epoch_2, store=store,
-                          stop=stop, checkpoint_extra={"run_id": "abc"})
+        train.train_model(
+            network,
+            data,
+            params,
+            CPU,
+            0,
+            stop_after_epoch_2,
+            store=store,
+            stop=stop,
+            checkpoint_extra={"run_id": "abc"},
+        )
     checkpoint = store.load()
     assert (checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]) == (3, 1, 13)
     assert checkpoint["run_id"] == "abc" and len(checkpoint["history"]) == 2
@@ -74,8 +101,9 @@ def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path)
 
     assert resumed.history == reference.history
     assert resumed.best_epoch == reference.best_epoch
-    assert all(torch.equal(resumed.state_dict[k], reference.state_dict[k])
-               for k in reference.state_dict)
+    assert all(
+        torch.equal(resumed.state_dict[k], reference.state_dict[k]) for k in reference.state_dict
+    )
 
 
 def test_checkpoint_is_keyed_by_params_and_data(tmp_path: Path) -> None:
@@ -110,18 +138,33 @@ def project(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _args(root: Path, name: str) -> list[str]:
-    return ["--params", str(root / "params.yaml"), "--features", str(root / "data/features"),
-            "--validation-report", str(root / "reports/validation"),
-            "--out", str(root / name / "models"), "--history", str(root / name / "history.csv"),
-            "--resume-dir", str(root / name / "resume")]
+    return [
+        "--params",
+        str(root / "params.yaml"),
+        "--features",
+        str(root / "data/features"),
+        "--validation-report",
+        str(root / "reports/validation"),
+        "--out",
+        str(root / name / "models"),
+        "--history",
+        str(root / name / "history.csv"),
+        "--resume-dir",
+        str(root / name / "resume"),
+    ]
 
 
 def _start(root: Path, name: str) -> tuple[subprocess.Popen, Path]:
     """``python -m stages.train`` in a subprocess; returns it and its resume folder."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train", *_args(root, name)],
-                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", *_args(root, name)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return proc, root / name / "resume"
 
 
@@ -168,8 +211,9 @@ def test_sigkill_mid_epoch_then_rerun_gives_identical_weights_and_metrics(projec
     reference, resumed = _weights(project, "reference"), _weights(project, "killed")
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
-    assert ((project / "reference/history.csv").read_text()
-            == (project / "killed/history.csv").read_text())
+    assert (project / "reference/history.csv").read_text() == (
+        project / "killed/history.csv"
+    ).read_text()
     run_id = read_json(project / "killed/models/run.json")["run_id"]
     assert run_id == stuck.info.run_id  # the same MLflow run, continued
     assert {r.info.status for r in _runs()} == {"FINISHED"} and len(_runs()) == 2

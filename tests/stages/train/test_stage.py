@@ -12,19 +12,20 @@ import pytest
 import torch
 import yaml
 
-from stages.features import stage as features
-from stages.train import stage as train
+from model.nets import build_network, load_network, predict_proba, select_device
 from stages.common.config import TrainParams, parse_params
 from stages.common.errors import ConfigError, PipelineError
 from stages.common.io import read_json
-from model.nets import build_network, load_network, predict_proba, select_device
+from stages.features import stage as features
+from stages.train import stage as train
 
 CPU = torch.device("cpu")
 TINY = TrainParams(hidden_sizes=[8], lr=0.01, batch_size=16, max_epochs=10, patience=3)
 
 
-def make_tensors(n: int = 96, n_features: int = 4, noise: float = 0.0,
-                 seed: int = 0) -> train.TrainData:
+def make_tensors(
+    n: int = 96, n_features: int = 4, noise: float = 0.0, seed: int = 0
+) -> train.TrainData:
     """A linearly separable 2-class task; ``noise`` = share of flipped labels."""
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(n, n_features, generator=gen)
@@ -46,8 +47,11 @@ def fit(params: TrainParams, data: train.TrainData, seed: int = 0) -> train.Trai
 
 def test_mlp_and_cnn_map_flat_rows_to_class_logits() -> None:
     mlp = build_network(TrainParams(hidden_sizes=[6, 5]), n_features=7, n_classes=3)
-    cnn = build_network(TrainParams(model="cnn", image_shape=[1, 4, 4], channels=[4, 8]),
-                        n_features=16, n_classes=10)
+    cnn = build_network(
+        TrainParams(model="cnn", image_shape=[1, 4, 4], channels=[4, 8]),
+        n_features=16,
+        n_classes=10,
+    )
 
     assert mlp(torch.randn(5, 7)).shape == (5, 3)
     assert cnn(torch.randn(5, 16)).shape == (5, 10)
@@ -105,8 +109,9 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
 
 
 def test_cnn_trains_deterministically_on_cpu() -> None:
-    params = TrainParams(model="cnn", image_shape=[1, 4, 4], channels=[2, 4], batch_size=16,
-                         max_epochs=2, patience=2)
+    params = TrainParams(
+        model="cnn", image_shape=[1, 4, 4], channels=[2, 4], batch_size=16, max_epochs=2, patience=2
+    )
     data = make_tensors(n=48, n_features=16)
 
     first, again = fit(params, data), fit(params, data)
@@ -143,18 +148,32 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("update", [{"precision": "fp16", "max_grad_norm": 1.0},
-                                    {"precision": "bf16", "compile": True,
-                                     "lr_schedule": "onecycle"},
-                                    {"precision": "fp32", "optimizer": "sgd", "lr": 0.05}])
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"precision": "fp16", "max_grad_norm": 1.0},
+        {"precision": "bf16", "compile": True, "lr_schedule": "onecycle"},
+        {"precision": "fp32", "optimizer": "sgd", "lr": 0.05},
+    ],
+)
 def test_cnn_on_cuda_with_each_precision_compile_channels_last_and_augmentation(
-        update: dict) -> None:
+    update: dict,
+) -> None:
     cuda = torch.device("cuda")
-    params = TrainParams(model="cnn", image_shape=[1, 4, 4], channels=[8, 16], batch_size=16,
-                         max_epochs=3, patience=3, augment_crop_pad=1, augment_noise=0.05,
-                         **update)
-    data = train.TrainData(*(t.to(cuda) for t in dataclasses.astuple(
-        make_tensors(n=96, n_features=16))))
+    params = TrainParams(
+        model="cnn",
+        image_shape=[1, 4, 4],
+        channels=[8, 16],
+        batch_size=16,
+        max_epochs=3,
+        patience=3,
+        augment_crop_pad=1,
+        augment_noise=0.05,
+        **update,
+    )
+    data = train.TrainData(
+        *(t.to(cuda) for t in dataclasses.astuple(make_tensors(n=96, n_features=16)))
+    )
     torch.manual_seed(0)
     network = build_network(params, 16, 2).to(cuda)
 
@@ -175,8 +194,11 @@ def test_cuda_out_of_memory_names_the_batch_size() -> None:
     X, y = torch.randn(2**16, 4, device=cuda), torch.zeros(2**16, dtype=torch.long, device=cuda)
     network = build_network(params, 4, 2).to(cuda)
 
-    with pytest.raises(PipelineError, match=r"train.batch_size=65536: lower train.batch_size "
-                                            r"\(e.g. to 32768\)"):
+    with pytest.raises(
+        PipelineError,
+        match=r"train.batch_size=65536: lower train.batch_size "
+        r"\(e.g. to 32768\)",
+    ):
         train.train_model(network, train.TrainData(X, y, X[:8], y[:8]), params, cuda, seed=0)
     del network
     torch.cuda.empty_cache()
@@ -189,9 +211,15 @@ def make_validated(n: int = 120, seed: int = 0) -> pd.DataFrame:
     """A small validated table: 3 numeric columns, 1 categorical, a learnable 0/1 target."""
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, 3))
-    return pd.DataFrame({"f0": X[:, 0], "f1": X[:, 1], "f2": X[:, 2],
-                         "kind": rng.choice(["x", "y"], n),
-                         "target": (X[:, 0] - X[:, 1] > 0).astype("int64")})
+    return pd.DataFrame(
+        {
+            "f0": X[:, 0],
+            "f1": X[:, 1],
+            "f2": X[:, 2],
+            "kind": rng.choice(["x", "y"], n),
+            "target": (X[:, 0] - X[:, 1] > 0).astype("int64"),
+        }
+    )
 
 
 def write_train_inputs(root: Path, rows: int = 120) -> Path:
@@ -212,15 +240,25 @@ def write_train_inputs(root: Path, rows: int = 120) -> Path:
 def project(tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     """tmp_path holding data/features (made by the features stage) and a validation report."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"train": {"hidden_sizes": [8], "lr": 0.01, "max_epochs": 6, "patience": 3}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"train": {"hidden_sizes": [8], "lr": 0.01, "max_epochs": 6, "patience": 3}})
+    )
     return write_train_inputs(tmp_path)
 
 
 def _args(root: Path) -> list[str]:
-    return ["--params", str(root / "params.yaml"), "--features", str(root / "data/features"),
-            "--validation-report", str(root / "reports/validation"), "--out", str(root / "models"),
-            "--history", str(root / "reports/train/history.csv")]
+    return [
+        "--params",
+        str(root / "params.yaml"),
+        "--features",
+        str(root / "data/features"),
+        "--validation-report",
+        str(root / "reports/validation"),
+        "--out",
+        str(root / "models"),
+        "--history",
+        str(root / "reports/train/history.csv"),
+    ]
 
 
 def test_main_trains_saves_and_logs_a_finished_mlflow_run(project: Path) -> None:
@@ -249,8 +287,12 @@ def test_main_trains_saves_and_logs_a_finished_mlflow_run(project: Path) -> None
     assert {"training", "validation", "test"} <= inputs
     assert all(ds.dataset.digest for ds in run.inputs.dataset_inputs)
     artifacts = _artifact_paths(MlflowClient(), run.info.run_id)
-    assert {"config/params.json", "train/history.csv", "validation/summary.json",
-            "validation/docs/index.html"} <= artifacts
+    assert {
+        "config/params.json",
+        "train/history.csv",
+        "validation/summary.json",
+        "validation/docs/index.html",
+    } <= artifacts
 
 
 def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
@@ -267,12 +309,18 @@ def test_diverging_run_fails_clearly_ends_failed_and_writes_nothing(project: Pat
     (project / "models" / "model.pt").write_text("previous model")
     # Decoupled weight decay with lr * weight_decay > 2 multiplies the weights by
     # (1 - lr * wd) every step: they blow up to inf within a few epochs.
-    params = parse_params({"train": {"lr": 10, "weight_decay": 10, "batch_size": 8,
-                                     "max_epochs": 20}})
+    params = parse_params(
+        {"train": {"lr": 10, "weight_decay": 10, "batch_size": 8, "max_epochs": 20}}
+    )
 
     with pytest.raises(PipelineError, match=r"loss is (nan|inf) at epoch \d+: training diverged"):
-        train.run(project / "data/features", project / "reports/validation", project / "models",
-                  project / "reports/train/history.csv", params)
+        train.run(
+            project / "data/features",
+            project / "reports/validation",
+            project / "models",
+            project / "reports/train/history.csv",
+            params,
+        )
 
     assert [p.name for p in (project / "models").iterdir()] == ["model.pt"]
     assert (project / "models" / "model.pt").read_text() == "previous model"
@@ -287,9 +335,10 @@ def test_diverging_run_fails_clearly_ends_failed_and_writes_nothing(project: Pat
 
 def test_optimizers_schedules_and_clipping_train_deterministically() -> None:
     data = make_tensors()
-    for update in ({"optimizer": "sgd", "lr": 0.1, "lr_schedule": "onecycle",
-                    "max_grad_norm": 0.5},
-                   {"optimizer": "adamw", "lr_schedule": "cosine", "max_grad_norm": 1.0}):
+    for update in (
+        {"optimizer": "sgd", "lr": 0.1, "lr_schedule": "onecycle", "max_grad_norm": 0.5},
+        {"optimizer": "adamw", "lr_schedule": "cosine", "max_grad_norm": 1.0},
+    ):
         params = TINY.model_copy(update=update)
 
         first, again = fit(params, data), fit(params, data)
@@ -304,7 +353,8 @@ def test_schedules_follow_the_steps() -> None:
     for schedule, first_lr in (("cosine", 0.01), ("onecycle", 0.01 / 25)):
         optimizer = train.build_optimizer(TINY, net.parameters())
         scheduler = train.build_scheduler(
-            optimizer, TINY.model_copy(update={"lr_schedule": schedule}), steps_per_epoch=5)
+            optimizer, TINY.model_copy(update={"lr_schedule": schedule}), steps_per_epoch=5
+        )
         lrs = []
         for _ in range(TINY.max_epochs * 5):
             lrs.append(optimizer.param_groups[0]["lr"])
@@ -319,33 +369,47 @@ def test_augmentation_is_seeded_on_device_and_keeps_shapes() -> None:
     from stages.train.augment import ImageAugmenter
 
     rows = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 16)
-    make = lambda **kw: ImageAugmenter([1, 4, 4], **{"crop_pad": 0, "flip": False,  # noqa: E731
-                                                     "noise": 0.0, "seed": 3, "device": CPU,
-                                                     **kw})
+
+    def make(**kw: object) -> ImageAugmenter:
+        settings = {"crop_pad": 0, "flip": False, "noise": 0.0, "seed": 3, "device": CPU}
+        return ImageAugmenter([1, 4, 4], **(settings | kw))
+
     crop, again = make(crop_pad=1)(rows), make(crop_pad=1)(rows)
     flipped = make(flip=True)(rows)
     noisy = make(noise=0.1)(rows)
 
     assert crop.shape == rows.shape and torch.equal(crop, again)
     images = rows.reshape(2, 4, 4)
-    for out, image in zip(flipped.reshape(2, 4, 4), images):
+    for out, image in zip(flipped.reshape(2, 4, 4), images, strict=False):
         assert torch.equal(out, image) or torch.equal(out, image.flip(-1))
     assert 0 < (noisy - rows).abs().max() < 1
     # a crop is a shift by at most the padding, zero-filled at the border
     padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
-    for out, pad in zip(crop.reshape(2, 4, 4), padded):
-        assert any(torch.equal(out, pad[i:i + 4, j:j + 4]) for i in range(3) for j in range(3))
+    for out, pad in zip(crop.reshape(2, 4, 4), padded, strict=False):
+        assert any(torch.equal(out, pad[i : i + 4, j : j + 4]) for i in range(3) for j in range(3))
 
 
 def test_cnn_with_augmentation_trains_deterministically() -> None:
-    params = TrainParams(model="cnn", image_shape=[1, 4, 4], channels=[2, 4], batch_size=16,
-                         max_epochs=2, patience=2, augment_crop_pad=1, augment_flip=True,
-                         augment_noise=0.05)
+    params = TrainParams(
+        model="cnn",
+        image_shape=[1, 4, 4],
+        channels=[2, 4],
+        batch_size=16,
+        max_epochs=2,
+        patience=2,
+        augment_crop_pad=1,
+        augment_flip=True,
+        augment_noise=0.05,
+    )
     data = make_tensors(n=48, n_features=16)
 
     first, again = fit(params, data), fit(params, data)
-    plain = fit(params.model_copy(update={"augment_crop_pad": 0, "augment_flip": False,
-                                          "augment_noise": 0.0}), data)
+    plain = fit(
+        params.model_copy(
+            update={"augment_crop_pad": 0, "augment_flip": False, "augment_noise": 0.0}
+        ),
+        data,
+    )
 
     assert all(torch.equal(first.state_dict[k], again.state_dict[k]) for k in first.state_dict)
     assert first.history != plain.history
@@ -409,7 +473,9 @@ def test_parquet_stream_covers_each_row_once_per_rank_with_padding(tmp_path: Pat
         assert [len(y) for _, y in batches] == [4, 4, 4]
         seen += [int(v) for X, _ in batches for v in X[:, 0]]
         stream.set_epoch(7, start_batch=1)
-        assert [torch.equal(a[0], b[0]) for a, b in zip(list(stream), batches[1:])] == [True] * 2
+        assert [
+            torch.equal(a[0], b[0]) for a, b in zip(list(stream), batches[1:], strict=False)
+        ] == [True] * 2
     assert sorted(set(seen)) == list(range(23)) and len(seen) == 24
 
 
@@ -418,12 +484,25 @@ def test_streamed_training_data_gives_a_model_as_good_as_in_memory(project: Path
 
     results = {}
     for mode in ("always", "never"):
-        params = parse_params({"train": {"hidden_sizes": [8], "lr": 0.01, "batch_size": 8,
-                                         "max_epochs": 10, "patience": 10,
-                                         "data_on_device": mode}})
-        results[mode] = train.run(project / "data/features", project / "reports/validation",
-                                  project / f"models-{mode}", project / f"history-{mode}.csv",
-                                  params)
+        params = parse_params(
+            {
+                "train": {
+                    "hidden_sizes": [8],
+                    "lr": 0.01,
+                    "batch_size": 8,
+                    "max_epochs": 10,
+                    "patience": 10,
+                    "data_on_device": mode,
+                }
+            }
+        )
+        results[mode] = train.run(
+            project / "data/features",
+            project / "reports/validation",
+            project / f"models-{mode}",
+            project / f"history-{mode}.csv",
+            params,
+        )
 
     memory, streamed = results["always"], results["never"]
     assert len(streamed.history) == len(memory.history)  # same number of steps and epochs
@@ -440,11 +519,25 @@ def test_streamed_training_data_gives_a_model_as_good_as_in_memory(project: Path
 @pytest.mark.gpu
 @needs_cuda
 def test_streamed_training_on_cuda_pins_batches_and_trains(project: Path) -> None:
-    params = parse_params({"base": {"device": "cuda"},
-                           "train": {"hidden_sizes": [8], "lr": 0.01, "batch_size": 8,
-                                     "max_epochs": 5, "data_on_device": "never"}})
+    params = parse_params(
+        {
+            "base": {"device": "cuda"},
+            "train": {
+                "hidden_sizes": [8],
+                "lr": 0.01,
+                "batch_size": 8,
+                "max_epochs": 5,
+                "data_on_device": "never",
+            },
+        }
+    )
 
-    result = train.run(project / "data/features", project / "reports/validation",
-                       project / "models", project / "history.csv", params)
+    result = train.run(
+        project / "data/features",
+        project / "reports/validation",
+        project / "models",
+        project / "history.csv",
+        params,
+    )
 
     assert result.history[-1]["val_accuracy"] >= 0.8

@@ -25,8 +25,11 @@ from tests.stages.validate.test_stage import (
     write_suite_file,
 )
 
-PARAMS_RULES = {"n": {"min": 1, "max": 90}, "x": {"positive": True},
-                "color": {"values": ["red", "blue"], "not_null": True}}
+PARAMS_RULES = {
+    "n": {"min": 1, "max": 90},
+    "x": {"positive": True},
+    "color": {"values": ["red", "blue"], "not_null": True},
+}
 
 # row: (column, value, rule expected in _rule); every other row is clean
 BAD_ROWS = {
@@ -64,8 +67,12 @@ def quarantined(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, l
     handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("stages.validate.stage").addHandler(handler)
     try:
-        summary = run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json"),
-                                             max_bad_fraction=0.5, rules=PARAMS_RULES))
+        summary = run_gate(
+            dirs,
+            make_params(
+                write_suite_file(tmp_path / "s.json"), max_bad_fraction=0.5, rules=PARAMS_RULES
+            ),
+        )
     finally:
         logging.getLogger("stages.validate.stage").removeHandler(handler)
     return summary, dirs, records
@@ -78,7 +85,8 @@ def test_each_rule_quarantines_its_rows(quarantined: tuple) -> None:
 
     # raw values plus the first rule each row broke; row order kept
     assert [(r["_column"], r["_rule"]) for r in rows] == [
-        (column, rule) for _, (column, _, rule) in sorted(BAD_ROWS.items())]
+        (column, rule) for _, (column, _, rule) in sorted(BAD_ROWS.items())
+    ]
     assert rows[4]["color"] == "green" and rows[5]["label"] == 7
     assert summary["bad_rows"] == len(BAD_ROWS) and summary["rows"] == 40
 
@@ -90,8 +98,13 @@ def test_clean_rows_are_cast_to_the_suite_types(quarantined: tuple) -> None:
 
     assert validated.num_rows == 40 - len(BAD_ROWS)
     assert {f.name: str(f.type) for f in validated.schema} == {
-        "x": "double", "n": "int64", "color": "string", "flag": "bool",
-        "when": "timestamp[us]", "label": "int64"}
+        "x": "double",
+        "n": "int64",
+        "color": "string",
+        "flag": "bool",
+        "when": "timestamp[us]",
+        "label": "int64",
+    }
 
 
 def test_summary_and_log_record_the_fraction(quarantined: tuple) -> None:
@@ -113,8 +126,7 @@ def test_over_the_threshold_stops_naming_the_worst_rule(tmp_path: Path, mlflow_u
     before = {name: snapshot(dirs[name]) for name in ("validated", "quarantine")}
 
     with pytest.raises(GateError) as info:
-        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json"),
-                                   max_bad_fraction=0.05))
+        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json"), max_bad_fraction=0.05))
 
     assert (info.value.column, info.value.rule) == ("x", "between")
     assert "4 of 40 rows (10.00%)" in str(info.value)
@@ -123,18 +135,17 @@ def test_over_the_threshold_stops_naming_the_worst_rule(tmp_path: Path, mlflow_u
 
 
 def test_too_many_bad_rows_is_named_before_the_statistics_of_the_few_left(
-        tmp_path: Path, mlflow_uri: str) -> None:
+    tmp_path: Path, mlflow_uri: str
+) -> None:
     # Every row with a value in n breaks x's range (a unit change upstream): the only clean
     # rows left are those with n missing, so n looks "100% null". The cause is the bad rows.
     n = good_table().column("n").to_pylist()
-    table = with_column(good_table(), "x", [1.0 if v is None else 500.0 for v in n],
-                        pa.float64())
+    table = with_column(good_table(), "x", [1.0 if v is None else 500.0 for v in n], pa.float64())
     dirs = stage_dirs(tmp_path)
     write_raw(dirs["raw"], table)
 
     with pytest.raises(GateError) as info:
-        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json"),
-                                   max_bad_fraction=0.05))
+        run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json"), max_bad_fraction=0.05))
 
     assert (info.value.column, info.value.rule) == ("x", "between")
     assert "36 of 40 rows (90.00%) broke row-level rules" in str(info.value)
@@ -145,8 +156,9 @@ def test_int_column_stored_as_floats_quarantines_nan(tmp_path: Path) -> None:
     dirs = stage_dirs(tmp_path)
     write_raw(dirs["raw"], with_column(good_table(), "n", values, pa.float64()))
 
-    summary = run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json"),
-                                         max_bad_fraction=0.1))
+    summary = run_gate(
+        dirs, make_params(write_suite_file(tmp_path / "s.json"), max_bad_fraction=0.1)
+    )
 
     assert summary["rules"] == [{"column": "n", "rule": "finite", "rows": 1}]
     assert pq.read_table(dirs["validated"] / "data.parquet").schema.field("n").type == pa.int64()
@@ -157,8 +169,9 @@ def test_duplicates_under_the_limit_are_reported(tmp_path: Path) -> None:
     dirs = stage_dirs(tmp_path)
     write_raw(dirs["raw"], table)
 
-    summary = run_gate(dirs, make_params(write_suite_file(tmp_path / "s.json"),
-                                         max_duplicate_fraction=0.05))
+    summary = run_gate(
+        dirs, make_params(write_suite_file(tmp_path / "s.json"), max_duplicate_fraction=0.05)
+    )
 
     assert summary["duplicate_fraction"] == round(1 / 41, 6) and summary["duplicates_exact"]
 
