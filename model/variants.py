@@ -30,6 +30,7 @@ import numpy as np
 
 from model.artifacts import DEFAULT_KEY_ENV
 from model.errors import DataError, PipelineError
+from model.files import PREPROCESSOR_FILE
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 Variant = Literal["pyfunc", "onnx", "int8"]
 VARIANTS: tuple[str, ...] = ("pyfunc", "onnx", "int8")
 ONNX_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}  # file per ONNX variant
-PREPROCESSOR_FILE = "preprocessor.joblib"
 ARTIFACT_DIR = "variants"  # folder in the MLflow run holding the files above
 INPUT_NAME, OUTPUT_NAME = "features", "proba"  # the ONNX graph's input and output
 OPSET = 18  # the torch.export-based exporter's default opset; onnxruntime 1.31 runs it

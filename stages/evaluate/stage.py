@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model.files import NETWORK_FILE, PREPROCESSOR_FILE
 from model.metrics import (
     check_scores,
     compute_metrics,
@@ -223,7 +224,7 @@ def _score(
     from model.nets import load_network, predict_proba, select_device
 
     preprocessor, X, y_true = load_split(features_dir, "test")
-    module, checkpoint = load_network(model_dir / "model.pt")
+    module, checkpoint = load_network(model_dir / NETWORK_FILE)
     if (checkpoint["n_features"], checkpoint["n_classes"]) != (
         X.shape[1],
         len(preprocessor.classes),
@@ -232,7 +233,7 @@ def _score(
             f"checkpoint expects {checkpoint['n_features']} features and "
             f"{checkpoint['n_classes']} classes, the preprocessor gives {X.shape[1]} and "
             f"{len(preprocessor.classes)}: retrain after the features change",
-            file=str(model_dir / "model.pt"),
+            file=str(model_dir / NETWORK_FILE),
             rule="model_matches_features",
         )
     device = select_device(params.base.device)
@@ -247,7 +248,7 @@ def load_split(
     from model.preprocess import load_preprocessor
 
     path = features_dir / f"{split}.parquet"
-    preprocessor = load_preprocessor(features_dir / "preprocessor.joblib")
+    preprocessor = load_preprocessor(features_dir / PREPROCESSOR_FILE)
     frame = read_parquet(path) if max_rows is None else _sample_rows(path, max_rows)
     if preprocessor.target not in frame.columns:
         raise DataError(

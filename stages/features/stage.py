@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from model.files import PREPROCESSOR_FILE
 from model.preprocess import FittedPreprocessor, save_preprocessor
 from stages.common.cli import build_parser, run_main
 from stages.common.config import FeaturesParams, Params
@@ -352,7 +353,7 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
                 rule="has_features",
             )
         preprocessor = stats.fit(target, feature_columns, list(counts))
-        save_preprocessor(preprocessor, tmp / "preprocessor.joblib")
+        save_preprocessor(preprocessor, tmp / PREPROCESSOR_FILE)
         meta = {
             "target": target,
             "classes": preprocessor.classes,

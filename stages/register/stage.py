@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model.artifacts import ArtifactIntegrityError
+from model.files import NETWORK_FILE, PREPROCESSOR_FILE
 from model.metrics import (
     BASELINES,
     LOWER_IS_BETTER,
@@ -492,7 +493,7 @@ def _read_inputs(
                     column=f"baseline_{name}_{params.register.compare_metric}",
                     rule="metric_present",
                 )
-    preprocessor_path = features_dir / "preprocessor.joblib"
+    preprocessor_path = features_dir / PREPROCESSOR_FILE
     preprocessor = load_preprocessor(preprocessor_path)
     test_path = features_dir / "test.parquet"
     test = read_parquet(test_path)
@@ -506,7 +507,7 @@ def _read_inputs(
     contract = build_contract(
         load_suite(params.validate.suite_path), params.validate.rules, preprocessor.feature_columns
     )
-    _, checkpoint = load_network(model_dir / "model.pt")
+    _, checkpoint = load_network(model_dir / NETWORK_FILE)
     fitted, code = preprocessor_path.read_bytes(), _model_code()
     return Candidate(
         features_dir,
@@ -813,17 +814,19 @@ def run(
         if existing is not None:  # the same model failed the gate (or a stopped run left it
             version = str(existing.version)  # undecided): judge it again; no new version
         else:
-            preprocessor_path = cand.features_dir / "preprocessor.joblib"
+            preprocessor_path = cand.features_dir / PREPROCESSOR_FILE
             # What is uploaded, hashed here first: the store's copy must match it (below).
-            uploaded = produced_files(preprocessor_path, cand.model_dir / "model.pt", cand.contract)
+            uploaded = produced_files(
+                preprocessor_path, cand.model_dir / NETWORK_FILE, cand.contract
+            )
             info = log_servable(
                 preprocessor_path,
-                cand.model_dir / "model.pt",
+                cand.model_dir / NETWORK_FILE,
                 cand.test.head(5),
                 contract=cand.contract,
             )
             # ONNX + int8 copies beside it, scored on the same test rows (variants/ in the run).
-            log_variants(preprocessor_path, cand.model_dir / "model.pt", cand.test)
+            log_variants(preprocessor_path, cand.model_dir / NETWORK_FILE, cand.test)
             version = _register_version(rp, info.model_uri, cand)
         # Every stored file's sha256 (signed when a key is set) on the version, before anything
         # of it is loaded; a version this run registered before it stopped is recorded now,

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from model.files import NETWORK_FILE, PREPROCESSOR_FILE
 from model.nets import build_network, select_device
 from model.preprocess import FittedPreprocessor, load_preprocessor
 from stages.common import integrity, tracking
@@ -70,7 +71,6 @@ from stages.train.training import (
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")
 INPUT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}  # MLflow inputs
 EVAL_BATCH = 4096  # rows per forward pass when scoring the validation split
@@ -396,7 +396,7 @@ def _save_models(
     # One atomic swap of the whole folder: model.pt and run.json always belong together.
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        torch.save(checkpoint, tmp / MODEL_FILE)
+        torch.save(checkpoint, tmp / NETWORK_FILE)
         tracking.save_run_info(tmp, run_id, experiment_id)
 
 
@@ -432,7 +432,7 @@ def _resume_store(
         "streamed": streamed,
     }
     data_hash = hash_files(
-        [features_dir / name for name in ("train.parquet", "val.parquet", "preprocessor.joblib")]
+        [features_dir / name for name in ("train.parquet", "val.parquet", PREPROCESSOR_FILE)]
     )
     return ResumeStore(Path(resume_dir), resume_key(config, data_hash))
 
@@ -461,7 +461,7 @@ def run(
     dist = distributed.current()
     with GracefulStop() as stop:
         # config (the params arrive resolved; the preprocessor defines the inputs and classes)
-        preprocessor = load_preprocessor(features_dir / "preprocessor.joblib")
+        preprocessor = load_preprocessor(features_dir / PREPROCESSOR_FILE)
         # device / dtype / seed
         device = distributed.setup(dist, select_device(params.base.device))
         try:
@@ -636,7 +636,7 @@ def _train_tracked(
         result.best_epoch,
         result.best_val_loss,
         len(result.history),
-        out_dir / MODEL_FILE,
+        out_dir / NETWORK_FILE,
         history_path,
     )
     return result
