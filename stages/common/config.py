@@ -253,6 +253,20 @@ class EvaluateParams(StrictModel):
     baseline_max_rows: int = Field(100_000, gt=0)
 
 
+class ExportParams(StrictModel):
+    # false: no ONNX/int8 variants are built (the service then serves the pyfunc only)
+    enabled: bool = True
+    # ONNX opset of the exported graph: 18 is the torch.export-based exporter's own (lower ones
+    # are converted down and may fail); onnxruntime must run it
+    opset: int = Field(18, ge=18)
+    # int8: one weight scale per output unit, not per tensor (small layers lose much less)
+    per_channel: bool = True
+    # latency numbers logged per variant: the median over this many single-row calls...
+    row_repeats: int = Field(200, gt=0)
+    # ...and over this many batch-of-64 calls (more: steadier numbers, a slower stage)
+    batch_repeats: int = Field(50, gt=0)
+
+
 class RegisterParams(StrictModel):
     model_name: str = Field("classifier", min_length=1)  # registered model in MLflow
     alias: str = "champion"  # the alias that serving follows
@@ -310,6 +324,7 @@ SECTIONS: dict[str, type[StrictModel]] = {
     "features": FeaturesParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "export": ExportParams,
     "register": RegisterParams,
     "schedule": ScheduleParams,
     "serve": ServeParams,
@@ -327,6 +342,7 @@ class Params:
     features: FeaturesParams
     train: TrainParams
     evaluate: EvaluateParams
+    export: ExportParams
     register: RegisterParams
     schedule: ScheduleParams
     serve: ServeParams
