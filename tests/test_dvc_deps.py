@@ -1,0 +1,145 @@
+"""dvc.yaml's dependencies match the code each stage runs: editing one stage's package re-runs
+that stage alone (issue 11).
+
+Real DVC in a temporary git + DVC repo holding a copy of the project. Nothing runs: every output
+gets a placeholder file and ``dvc commit -f`` records the current hashes of the code in dvc.lock,
+as a finished ``dvc repro`` would. Each test then edits one file, asks ``dvc status`` which stages
+have changed dependencies, and restores the file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, dvc, make_pipeline_repo
+
+STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+# Stages that run before the model exists: they use model/ only for its errors and atomic writes.
+BEFORE_MODEL = {"ingest", "validate"}
+
+
+def _placeholders(repo: Path) -> None:
+    """A small file for every output and dependency the pipeline would have produced."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        paths = [
+            entry.def_path
+            for stage in dvc_repo.index.stages
+            for entry in [*stage.outs, *stage.deps]
+        ]
+    for name in paths:
+        path = repo / name
+        if path.exists():
+            continue
+        if path.suffix:  # a file output (reports/metrics.json) or a file inside one
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"placeholder for {name}\n")
+        else:  # a folder output (data/raw, models)
+            path.mkdir(parents=True)
+            (path / "placeholder.txt").write_text(f"placeholder for {name}\n")
+
+
+@pytest.fixture(scope="module")
+def locked_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project in a temp git + DVC repo whose dvc.lock records the code as it is now."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("dvc-deps") / "repo")
+    _placeholders(repo)
+    dvc(repo, "commit", "--force", "--quiet")
+    assert _changed_stages(repo) == set(), "a fresh dvc.lock should leave nothing changed"
+    return repo
+
+
+def _changed_stages(repo: Path) -> set[str]:
+    """Stages ``dvc status`` reports with changed dependencies (ingest is always changed: it
+    asks its source for new rows; that alone does not count)."""
+    status = json.loads(dvc(repo, "status", "--json").stdout)
+    return {
+        stage
+        for stage, changes in status.items()
+        if any(isinstance(change, dict) and "changed deps" in change for change in changes)
+    }
+
+
+@pytest.fixture
+def edit(locked_repo: Path) -> Iterator:
+    """Append a comment line to a file of the repo; the file is restored after the test."""
+    originals: dict[Path, str] = {}
+
+    def _edit(name: str) -> None:
+        path = locked_repo / name
+        originals[path] = path.read_text()
+        path.write_text(originals[path] + "\n# an edit\n")
+
+    yield _edit
+    for path, text in originals.items():
+        path.write_text(text)
+    assert _changed_stages(locked_repo) == set()
+
+
+def test_every_stage_has_its_own_package() -> None:
+    packages = {p.parent.name for p in (ROOT / "stages").glob("*/stage.py")}
+    assert packages == set(STAGES), "one stages/<name>/ package per dvc.yaml stage"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_editing_a_stage_package_reruns_that_stage_alone(
+    locked_repo: Path, edit, stage: str
+) -> None:
+    edit(f"stages/{stage}/stage.py")
+    assert _changed_stages(locked_repo) == {stage}
+
+
+def test_editing_shared_stage_code_reruns_every_stage(locked_repo: Path, edit) -> None:
+    edit("stages/common/config.py")
+    assert _changed_stages(locked_repo) == set(STAGES)
+
+
+def test_editing_the_network_reruns_the_stages_that_use_the_model(locked_repo: Path, edit) -> None:
+    edit("model/nets.py")
+    changed = _changed_stages(locked_repo)
+    assert {"train", "evaluate", "register"} <= changed
+    assert changed == set(STAGES) - BEFORE_MODEL
+
+
+def test_editing_the_service_reruns_no_stage_before_register(locked_repo: Path, edit) -> None:
+    # register's pre-promotion check calls the model as the service does
+    edit("serving/payloads.py")
+    changed = _changed_stages(locked_repo)
+    assert "register" in changed
+    assert not changed & {"ingest", "validate", "features", "train", "evaluate"}
+
+
+def test_editing_a_flow_reruns_no_stage(locked_repo: Path, edit) -> None:
+    edit("flows/pipeline.py")  # orchestration: it decides what runs, not what a stage computes
+    assert _changed_stages(locked_repo) == set()
+
+
+def test_bytecode_changes_nothing_dvc_hashes(locked_repo: Path) -> None:
+    compiled = subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "stages", "model", "serving", "flows"],
+        cwd=locked_repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    assert list((locked_repo / "stages" / "common").glob("__pycache__/*.pyc"))
+    assert _changed_stages(locked_repo) == set()
+
+    # Without .dvcignore the same bytecode would re-run every stage: the check above can fail.
+    dvcignore = locked_repo / ".dvcignore"
+    kept = dvcignore.read_text()
+    dvcignore.write_text("")
+    try:
+        assert _changed_stages(locked_repo) == set(STAGES)
+    finally:
+        dvcignore.write_text(kept)
+    assert _changed_stages(locked_repo) == set()
