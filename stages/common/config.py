@@ -6,6 +6,7 @@ A bad value fails at start with the section and field named, e.g.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -27,6 +29,8 @@ from stages.common.redact import redact_url
 SKLEARN_SOURCES = ("breast_cancer", "digits")
 URL_SCHEMES = ("http", "https", "s3", "gs", "gcs", "az", "abfs")  # read through fsspec
 SQL_DIALECTS = ("postgresql", "mysql", "mariadb", "sqlite", "mssql", "oracle")  # SQLAlchemy
+MLFLOW_ALIAS = re.compile(r"[\w-]+")  # MLflow's alias rules (mlflow.utils.validation)
+MLFLOW_VERSION_ALIAS = re.compile(r"[vV]\d+")  # reserved: it would read as a version
 
 
 class StrictModel(BaseModel):
@@ -49,9 +53,16 @@ def describe_errors(exc: ValidationError, prefix: str = "") -> list[str]:
     """``section.field: message`` for each problem pydantic found."""
     return [
         f"{'.'.join([p for p in [prefix] if p] + [str(part) for part in err['loc']]) or '(top)'}"
-        f": {err['msg']}"
+        f": {_message(err)}"
         for err in exc.errors()
     ]
+
+
+def _message(err: Any) -> str:
+    # our validators' ValueError text as written, without pydantic's "Value error, " in front
+    if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+        return str(err["ctx"]["error"])
+    return err["msg"]
 
 
 class BaseParams(StrictModel):
@@ -270,7 +281,8 @@ class ExportParams(StrictModel):
 class RegisterParams(StrictModel):
     model_name: str = Field("classifier", min_length=1)  # registered model in MLflow
     alias: str = "champion"  # the alias that serving follows
-    challenger_alias: str = "challenger"  # set on versions that were not promoted
+    # set on versions that were not promoted (never alias: checked even when left at default)
+    challenger_alias: str = Field("challenger", validate_default=True)
     # the default gate, relative to the baselines evaluate scores on the same test split: beat
     # the majority class on compare_metric, and trail the best baseline by at most this much
     # (in compare_metric's units; null = no baseline gate)
@@ -286,6 +298,41 @@ class RegisterParams(StrictModel):
     # env var holding the key that signs each version's artifact hashes (HMAC-SHA256); when it
     # is set, only versions signed with that key load (serving, batch scoring, register)
     signing_key_env: str = Field("MODEL_SIGNING_KEY", min_length=1)
+
+    @field_validator("alias", "challenger_alias")
+    @classmethod
+    def _mlflow_alias(cls, value: str, info: ValidationInfo) -> str:
+        # MLflow's own rules, so a bad alias fails here and not after training and scoring
+        if not MLFLOW_ALIAS.fullmatch(value) or len(value) > 255:
+            raise ValueError(f"{value!r} is not an MLflow alias: 1-255 letters, digits, _ and -")
+        if value.lower() == "latest" or MLFLOW_VERSION_ALIAS.fullmatch(value):
+            raise ValueError(f"{value!r} is reserved by MLflow ('latest' and v<number>)")
+        if info.field_name == "challenger_alias" and value == info.data.get("alias"):
+            # a rejected version would take the alias that serving follows
+            raise ValueError(f"{value!r} must differ from register.alias")
+        return value
+
+    @field_validator("compare_metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        check_metric_name(value)
+        return value
+
+    @field_validator("min_metrics", "max_metrics")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        for name in value:
+            check_metric_name(name)
+        return value
+
+
+def check_metric_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is a metric evaluate computes (model.metrics)."""
+    from model.metrics import METRIC_NAMES, RENAMED  # it imports numpy: only when checking
+
+    if name not in METRIC_NAMES:
+        renamed = f"; renamed to {RENAMED[name]}" if name in RENAMED else ""
+        raise ValueError(f"unknown metric {name!r} (one of {', '.join(METRIC_NAMES)}){renamed}")
 
 
 class ScheduleParams(StrictModel):

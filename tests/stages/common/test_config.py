@@ -60,3 +60,45 @@ def test_params_are_frozen() -> None:
     params = parse_params({})
     with pytest.raises(ValidationError):
         params.train.lr = 1.0  # type: ignore[misc]
+
+
+METRICS = "(one of accuracy, f1_macro, roc_auc_macro, roc_auc_micro, log_loss)"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"min_metrics": {"roc_auc": 0.9}},
+            f"register.min_metrics: unknown metric 'roc_auc' {METRICS}; "
+            "renamed to roc_auc_macro or roc_auc_micro",
+        ),
+        ({"max_metrics": {"loss": 0.5}}, f"register.max_metrics: unknown metric 'loss' {METRICS}"),
+        ({"compare_metric": "f1"}, f"register.compare_metric: unknown metric 'f1' {METRICS}"),
+        (
+            {"alias": "my champion"},
+            "register.alias: 'my champion' is not an MLflow alias: 1-255 letters, digits, _ and -",
+        ),
+        (
+            {"challenger_alias": "V2"},
+            "register.challenger_alias: 'V2' is reserved by MLflow ('latest' and v<number>)",
+        ),
+        ({"alias": "Latest"}, "register.alias: 'Latest' is reserved by MLflow"),
+        (
+            {"alias": "challenger"},  # challenger_alias left at its default
+            "register.challenger_alias: 'challenger' must differ from register.alias",
+        ),
+    ],
+)
+def test_register_metric_names_and_aliases_are_checked_at_load(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_params({"register": raw})
+    assert f"params.yaml: invalid value: {message}" in str(info.value)
+
+
+def test_register_accepts_every_metric_it_can_gate_on() -> None:
+    names = ("accuracy", "f1_macro", "roc_auc_macro", "roc_auc_micro", "log_loss")
+    params = parse_params(
+        {"register": {"compare_metric": "log_loss", "min_metrics": dict.fromkeys(names, 0.1)}}
+    )
+    assert set(params.register.min_metrics) == set(names)
