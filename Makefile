@@ -5,6 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat bench/requirements.txt requirements.lock | cksum | cut -d' ' -f1)
 # Tests run with bytecode writing on, as users' Python does (__pycache__/ must not change what
 # DVC hashes: .dvcignore), even where the environment turns it off.
 PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest
@@ -19,7 +20,7 @@ export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install data run repro test test-deps test-fast test-stack ui schedule clean serve bench-setup bench-train bench-serve bench-data bench-feedback
+.PHONY: help install data run repro lint test test-deps test-fast test-stack ui schedule clean serve bench-setup bench-train bench-serve bench-data bench-feedback
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,7 +49,14 @@ run: install ## Run the whole pipeline through the Prefect flow on the default d
 repro: install ## Run the same stages with `dvc repro`, then push the data versions (WAIT=1 as for run)
 	$(BIN)/python -m flows.repro --repo .$(if $(WAIT), --wait)
 
-test: install test-deps ## Run the test suite (real MLflow, DVC, GX, Prefect, PostgreSQL in temp dirs)
+# ruff (format + check) and the import rules (pyproject.toml [tool.importlinter], ARCHITECTURE.md).
+lint: install ## Check formatting, lint findings and what may import what (ruff, import-linter)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
+
+# bench-setup first: the Lightning benchmark smoke test runs instead of skipping.
+test: install test-deps lint bench-setup ## Lint, then the test suite (real MLflow, DVC, GX, Prefect, PostgreSQL in temp dirs)
 	$(PYTEST) -m "not stack"
 
 # The longest end-to-end runs (make data + make run on three real tables, reproduce from the DVC
@@ -65,8 +73,10 @@ test-deps: ## Install the PostgreSQL server the SQL tests start (apt-get, when r
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; } || \
 	  echo "PostgreSQL not installed (need root for apt-get): the SQL ingest tests will skip"
 
-test-fast: install ## Run the tests without the slow end-to-end ones
-	$(PYTEST) -m "not slow"
+# The edit-run loop: under 3 minutes on 2 cores (`slow`: torchrun, SIGKILL resume, hot swap,
+# whole-pipeline runs; `make test` still runs them).
+test-fast: install lint bench-setup ## Lint, then the tests without the slow end-to-end ones (< 3 min)
+	$(PYTEST) -m "not slow and not stack"
 
 ui: install ## Open the MLflow UI on 127.0.0.1 (runs, metrics, plots, registry)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db \
@@ -85,9 +95,12 @@ clean: ## Remove generated data, reports, models and the local stores (keeps .ve
 # Benchmarks (bench/): ratios measured side by side in one run; results in bench/results/.
 # --no-deps: only the pinned wheels in bench/requirements.txt are added (their dependencies are
 # already in requirements.lock), so no pin moves and torch stays the CPU build.
-bench-setup: install ## Add the benchmark-only packages (Lightning) to .venv, no pin changed
+bench-setup: $(BENCH_STAMP) ## Add the benchmark-only packages (Lightning) to .venv, no pin changed
+
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps \
 	  -r bench/requirements.txt -c requirements.lock
+	rm -f $(VENV)/.bench-installed-* && touch $@
 
 bench-train: bench-setup ## Training benchmarks: stage vs bare loop vs Lightning; MLflow cost
 	$(BIN)/python -m bench.train_loop
