@@ -6,6 +6,8 @@ A bad value fails at start with the section and field named, e.g.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ SKLEARN_SOURCES = ("breast_cancer", "digits")
 URL_SCHEMES = ("http", "https", "s3", "gs", "gcs", "az", "abfs")  # read through fsspec
 SQL_DIALECTS = ("postgresql", "mysql", "mariadb", "sqlite", "mssql", "oracle")  # SQLAlchemy
 MLFLOW_ALIAS = re.compile(r"[\w-]+")  # MLflow's alias rules (mlflow.utils.validation)
+PREFECT_BANNED = "/%&><"  # characters a Prefect name may not hold (prefect.types.names)
 MLFLOW_VERSION_ALIAS = re.compile(r"[vV]\d+")  # reserved: it would read as a version
 
 
@@ -338,7 +341,64 @@ def check_metric_name(name: str) -> None:
 class ScheduleParams(StrictModel):
     deployment: str = "daily"  # Prefect deployment name
     cron: str = "0 6 * * *"  # when the pipeline runs (cron syntax)
-    timezone: str = "UTC"  # time zone the cron is read in
+    timezone: str = "UTC"  # time zone the cron is read in (an IANA name)
+
+    @field_validator("deployment")
+    @classmethod
+    def _prefect_name(cls, value: str) -> str:
+        if not value or any(char in value for char in PREFECT_BANNED):
+            raise ValueError(
+                f"{value!r} is not a Prefect deployment name: not empty, none of {PREFECT_BANNED}"
+            )
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        # what Prefect's CronSchedule accepts: croniter's syntax without random/hashed fields
+        if not _croniter().is_valid(value) or any(
+            part.casefold() in ("r", "h") for part in value.split()
+        ):
+            raise ValueError(
+                f"{value!r} is not a cron expression: minute hour day-of-month month "
+                "day-of-week, e.g. '0 6 * * *' (daily at 06:00)"
+            )
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except (KeyError, ValueError, OSError):  # not found (a KeyError), not a key, too long
+            raise ValueError(
+                f"unknown time zone {value!r}: use an IANA name, e.g. UTC or Europe/Berlin"
+            ) from None
+        # loadable, but not a zone name: zoneinfo.available_timezones() (Prefect's list) leaves
+        # these out; testing its rule costs nothing, listing every zone ~25 ms a load
+        if value == "posixrules" or value.split("/", 1)[0] in ("posix", "right"):
+            raise ValueError(f"{value!r} is a tz database file, not a time zone name: use e.g. UTC")
+        return value
+
+
+@functools.cache
+def _croniter() -> Any:
+    """The croniter class Prefect checks cron expressions with (croniter is not installed on
+    its own: Prefect vendors it). Loaded from its file: ``import prefect._vendor.croniter``
+    would import all of Prefect (~1 s) into every process that reads params.yaml."""
+    spec = importlib.util.find_spec("prefect")
+    origin = spec.submodule_search_locations if spec else None
+    path = Path(origin[0]) / "_vendor" / "croniter" / "croniter.py" if origin else None
+    if path is None or not path.is_file():  # another Prefect layout: the slow way
+        from prefect._vendor.croniter import croniter
+
+        return croniter
+    file_spec = importlib.util.spec_from_file_location("_prefect_vendored_croniter", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module.croniter
 
 
 class ServeParams(StrictModel):

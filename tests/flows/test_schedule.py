@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from flows.schedule import build_schedule, deployment_name
+from flows.schedule import main as schedule_main
 from stages.common.config import ScheduleParams, load_params
-from stages.common.errors import ConfigError
 from stages.common.runlock import DEFAULT_WAIT_S
 from tests.conftest import ROOT, make_pipeline_repo
 
@@ -38,9 +39,14 @@ def test_schedule_is_the_cron_of_params() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("cron", "0 6 * *"), ("timezone", "Mars/Base")])
-def test_bad_cron_or_timezone_is_a_config_error(field: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=f"schedule.{field}"):
-        build_schedule(ScheduleParams(**{field: value}))
+def test_bad_cron_or_timezone_fails_before_any_server_starts(
+    tmp_path: Path, field: str, value: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"schedule": {field: value}}))
+    with pytest.raises(ValidationError, match=field):  # checked when params load
+        ScheduleParams(**{field: value})
+    assert schedule_main(["--repo", str(tmp_path)]) == 1  # returns before _connect_api
+    assert f"schedule.{field}: " in caplog.text
 
 
 def _free_port() -> int:

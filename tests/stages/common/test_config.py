@@ -102,3 +102,76 @@ def test_register_accepts_every_metric_it_can_gate_on() -> None:
         {"register": {"compare_metric": "log_loss", "min_metrics": dict.fromkeys(names, 0.1)}}
     )
     assert set(params.register.min_metrics) == set(names)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"cron": "0 6 * *"},
+            "schedule.cron: '0 6 * *' is not a cron expression: minute hour day-of-month "
+            "month day-of-week, e.g. '0 6 * * *' (daily at 06:00)",
+        ),
+        ({"cron": "61 * * * *"}, "schedule.cron: '61 * * * *' is not a cron expression"),
+        ({"cron": "H 6 * * *"}, "schedule.cron: 'H 6 * * *' is not a cron expression"),
+        (
+            {"timezone": "Mars/Base"},
+            "schedule.timezone: unknown time zone 'Mars/Base': use an IANA name, "
+            "e.g. UTC or Europe/Berlin",
+        ),
+        ({"timezone": "../etc"}, "schedule.timezone: unknown time zone '../etc'"),
+        (
+            {"timezone": "posix/UTC"},
+            "schedule.timezone: 'posix/UTC' is a tz database file, not a time zone name",
+        ),
+        (
+            {"deployment": "daily/6am"},
+            "schedule.deployment: 'daily/6am' is not a Prefect deployment name: not empty, "
+            "none of /%&><",
+        ),
+        ({"deployment": ""}, "schedule.deployment: '' is not a Prefect deployment name"),
+    ],
+)
+def test_schedule_cron_timezone_and_name_are_checked_at_load(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_params({"schedule": raw})
+    assert f"params.yaml: invalid value: {message}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "cron",
+    [
+        "0 6 * * *",
+        "*/15 9-17 * * mon-fri",
+        "@daily",
+        "0 0 L * *",
+        "0 0 * * 1#2",
+        "0 6 * *",
+        "R * * * *",
+    ],
+)
+@pytest.mark.parametrize(
+    "timezone", ["UTC", "Europe/Berlin", "Mars/Base", "posixrules", "posix/UTC"]
+)
+def test_schedule_check_agrees_with_prefect(cron: str, timezone: str) -> None:
+    """What loads is what flows.schedule's Prefect CronSchedule accepts, and nothing else."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+        prefect_accepts = True
+    except ValidationError:
+        prefect_accepts = False
+    try:
+        parse_params({"schedule": {"cron": cron, "timezone": timezone}})
+        we_accept = True
+    except ConfigError:
+        we_accept = False
+    assert we_accept == prefect_accepts
+
+
+def test_every_listed_time_zone_loads() -> None:
+    from zoneinfo import available_timezones
+
+    for name in available_timezones():
+        assert parse_params({"schedule": {"timezone": name}}).schedule.timezone == name
