@@ -195,18 +195,23 @@ class FeaturesParams(StrictModel):
     max_category_fraction: float = Field(0.5, gt=0, le=1)
     high_cardinality: Literal["drop", "error"] = "drop"  # drop it with a warning, or stop
 
-    @model_validator(mode="after")
-    def _sizes_leave_train(self) -> FeaturesParams:
-        if self.test_size + self.val_size >= 0.9:
-            raise ValueError("test_size + val_size must leave at least 10% for training")
-        return self
+    @field_validator("val_size")
+    @classmethod
+    def _sizes_leave_train(cls, value: float, info: ValidationInfo) -> float:
+        test_size = info.data.get("test_size")
+        if test_size is not None and test_size + value >= 0.9:
+            raise ValueError(
+                f"test_size {test_size} + val_size {value} must leave at least 10% for training"
+            )
+        return value
 
 
 class TrainParams(StrictModel):
     model: Literal["mlp", "cnn"] = "mlp"  # mlp for tables, cnn for images
     hidden_sizes: list[int] = Field(default_factory=lambda: [64, 32])  # MLP layer widths
     channels: list[int] = Field(default_factory=lambda: [16, 32])  # CNN conv channels
-    image_shape: list[int] | None = None  # CNN input as [C, H, W], e.g. [1, 8, 8]
+    # CNN input as [C, H, W], e.g. [1, 8, 8] (checked even when left out: a CNN needs it)
+    image_shape: list[int] | None = Field(None, validate_default=True)
     dropout: float = Field(0.1, ge=0, lt=1)  # regularisation between layers
     lr: float = Field(1e-3, gt=0, le=10)  # AdamW learning rate
     weight_decay: float = Field(1e-4, ge=0)  # AdamW weight decay
@@ -241,11 +246,26 @@ class TrainParams(StrictModel):
             raise ValueError("must be a non-empty list of positive integers")
         return value
 
-    @model_validator(mode="after")
-    def _cnn_needs_shape(self) -> TrainParams:
-        if self.model == "cnn" and (self.image_shape is None or len(self.image_shape) != 3):
+    @field_validator("image_shape")
+    @classmethod
+    def _cnn_needs_shape(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if info.data.get("model") == "cnn" and (value is None or len(value) != 3):
             raise ValueError("model 'cnn' needs image_shape: [channels, height, width]")
-        return self
+        if value is not None and any(size <= 0 for size in value):
+            raise ValueError(f"{value}: every size must be a positive integer")
+        return value
+
+    @field_validator("nproc")
+    @classmethod
+    def _batch_splits(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # batch_size is the global batch: each of the nproc DDP processes takes an equal share
+        batch_size = info.data.get("batch_size")
+        if value is not None and batch_size is not None and batch_size % value:
+            raise ValueError(
+                f"train.batch_size {batch_size} does not split over {value} processes: "
+                f"use a multiple of {value}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _augment_needs_cnn(self) -> TrainParams:
@@ -476,6 +496,19 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
             sections[name] = model.model_validate(raw.get(name) or {})
         except ValidationError as exc:
             problems += describe_errors(exc, prefix=name)
+    if not problems:
+        problems = check_across_sections(Params(**sections))
     if problems:
         raise ConfigError(f"{source}: invalid value: " + "; ".join(problems))
     return Params(**sections)
+
+
+def check_across_sections(params: Params) -> list[str]:
+    """``section.field: message`` for each value that does not fit another section's."""
+    problems = []
+    if params.train.precision == "fp16" and params.base.device == "cpu":
+        problems.append(
+            "train.precision: fp16 needs CUDA (its grad scaler), and base.device is cpu; "
+            "use bf16 or fp32 on CPU"
+        )
+    return problems

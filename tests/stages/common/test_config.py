@@ -175,3 +175,60 @@ def test_every_listed_time_zone_loads() -> None:
 
     for name in available_timezones():
         assert parse_params({"schedule": {"timezone": name}}).schedule.timezone == name
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"train": {"model": "cnn"}},
+            "train.image_shape: model 'cnn' needs image_shape: [channels, height, width]",
+        ),
+        (
+            {"train": {"model": "cnn", "image_shape": [1, 8]}},
+            "train.image_shape: model 'cnn' needs image_shape",
+        ),
+        (
+            {"train": {"image_shape": [1, 0, 8]}},
+            "train.image_shape: [1, 0, 8]: every size must be a positive integer",
+        ),
+        (
+            {"train": {"batch_size": 64, "nproc": 3}},
+            "train.nproc: train.batch_size 64 does not split over 3 processes: use a multiple of 3",
+        ),
+        (
+            {"features": {"test_size": 0.5, "val_size": 0.45}},
+            "features.val_size: test_size 0.5 + val_size 0.45 must leave at least 10% for training",
+        ),
+        (
+            {"base": {"device": "cpu"}, "train": {"precision": "fp16"}},
+            "train.precision: fp16 needs CUDA (its grad scaler), and base.device is cpu; "
+            "use bf16 or fp32 on CPU",
+        ),
+    ],
+)
+def test_values_that_need_another_field_are_checked_at_load(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert f"params.yaml: invalid value: {message}" in str(info.value)
+
+
+def test_values_that_fit_together_load() -> None:
+    params = parse_params(
+        {
+            "base": {"device": "auto"},  # fp16 on auto: CUDA or not is known at run time
+            "train": {"model": "cnn", "image_shape": [1, 8, 8], "batch_size": 64, "nproc": 4},
+        }
+    )
+    assert params.train.nproc == 4
+    assert parse_params({"train": {"precision": "fp16"}}).train.precision == "fp16"
+
+
+def test_the_message_names_the_file_read_and_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 0\nschedule:\n  cron: every day\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(info.value).startswith(f"{path}: invalid value: ")
+    assert "train.lr: Input should be greater than 0" in str(info.value)
+    assert "schedule.cron: 'every day' is not a cron expression" in str(info.value)
