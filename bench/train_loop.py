@@ -30,7 +30,7 @@ from bench import common
 NAME = "train_loop"
 TARGETS = {"stage/bare": 0.95, "stage/lightning": 1.0}  # minimum samples/s ratios
 VARIANTS = {  # what each variant is (also the --variants choices)
-    "stage": "stages.train.stage.train_model as the stage runs it (resume checkpoints, SIGTERM)",
+    "stage": "stages.train.loop.train_model as the stage runs it (resume checkpoints, SIGTERM)",
     "stage-nockpt": "the same without resume checkpoints (diagnosis)",
     "bare": "a minimal PyTorch loop: same steps and per-epoch validation, nothing else",
     "lightning": "pytorch_lightning.Trainer.fit, no logger/checkpoints/progress bar",
@@ -94,7 +94,7 @@ def make_data(case: Case, device: Any, seed: int) -> Any:
     """Synthetic float32 rows with labels from a random linear map, on ``device``."""
     import torch
 
-    from stages.train.stage import TrainData
+    from stages.train.batches import TrainData
 
     gen = torch.Generator().manual_seed(seed)
     n = case.n_train + case.n_val
@@ -107,7 +107,7 @@ def make_data(case: Case, device: Any, seed: int) -> Any:
 def fresh_network(case: Case, device: Any, seed: int) -> Any:
     """The stage's network with the stage's seeding (same initial weights every call)."""
     from model.nets import build_network
-    from stages.train.stage import seed_torch
+    from stages.train.loop import seed_torch
 
     seed_torch(seed, device)
     return build_network(case.params, case.n_features, case.n_classes).to(device)
@@ -234,7 +234,7 @@ def prepare_stage(
     under ``resume_root`` (every ``checkpoint_every_steps`` and each epoch) and SIGTERM
     handled; ``resume_root=None`` leaves checkpoints out (to measure what they cost)."""
     from stages.train.checkpoint import GracefulStop, ResumeStore
-    from stages.train.stage import train_model
+    from stages.train.loop import train_model
 
     network = fresh_network(case, device, seed)
     store = ResumeStore(resume_root, f"{case.name}{seed:011d}"[-16:]) if resume_root else None

@@ -27,12 +27,14 @@ from types import FrameType
 from typing import Any
 
 import torch
-from torch import nn
 
+from model.files import PREPROCESSOR_FILE
+from stages.common.config import Params
 from stages.common.errors import PipelineError
 from stages.common.io import atomic_path
 from stages.train import distributed
 from stages.train.distributed import DistInfo
+from stages.train.training import LoopParts
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +112,40 @@ class ResumeStore:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def open_resume(
+    resume_dir: str | Path,
+    params: Params,
+    features_dir: Path,
+    device: torch.device,
+    streamed: bool,
+    dist: DistInfo,
+    resume: bool = True,
+) -> tuple[ResumeStore, dict[str, Any] | None]:
+    """This training's resume store and its last checkpoint (None: start fresh).
+
+    The key hashes what makes two trainings the same (the ``train`` params, seed, device,
+    world size, streamed or not) and the data files. ``resume=False`` discards the
+    checkpoint; a fresh start removes other trainings' stale ones (rank 0 does both).
+    """
+    config = {
+        "train": params.train.model_dump(mode="json"),
+        "seed": params.base.seed,
+        "device": device.type,
+        "world_size": dist.world_size,
+        "streamed": streamed,
+    }
+    data_hash = hash_files(
+        [features_dir / name for name in ("train.parquet", "val.parquet", PREPROCESSOR_FILE)]
+    )
+    store = ResumeStore(Path(resume_dir), resume_key(config, data_hash))
+    if not resume and dist.is_main:
+        store.clear()
+    ckpt = store.load() if resume else None
+    if ckpt is None and dist.is_main:
+        store.clear_others()
+    return store, ckpt
+
+
 @dataclass
 class LoopState:
     """Where the loop is; a resume checkpoint is this plus weights, optimizer and RNG state."""
@@ -130,12 +166,8 @@ class LoopState:
 def save_checkpoint(
     store: ResumeStore,
     state: LoopState,
-    network: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
+    parts: LoopParts,
     shuffle_state: torch.Tensor,
-    augment: torch.Generator | None,
     device: torch.device,
     dist: DistInfo,
     extra: dict[str, Any],
@@ -156,36 +188,28 @@ def save_checkpoint(
             **extra,
             "format": 1,
             "loss_sum": loss_sums.cpu(),
-            "model": network.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "model": parts.network.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
+            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
             "shuffle": shuffle_state,
-            "rng": capture_rng(device, augment),
+            "rng": capture_rng(device, parts.augment_generator),
         }
     )
 
 
 def restore_checkpoint(
-    ckpt: dict[str, Any],
-    network: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    shuffle: torch.Generator,
-    augment: torch.Generator | None,
-    device: torch.device,
-    dist: DistInfo,
+    ckpt: dict[str, Any], parts: LoopParts, device: torch.device, dist: DistInfo
 ) -> LoopState:
     """Load ``ckpt`` into the freshly built parts; return where the loop continues."""
-    network.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    shuffle.set_state(ckpt["shuffle"])
-    restore_rng(ckpt["rng"], device, augment)
+    parts.network.load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    if parts.scheduler is not None:
+        parts.scheduler.load_state_dict(ckpt["scheduler"])
+    if parts.scaler is not None:
+        parts.scaler.load_state_dict(ckpt["scaler"])
+    parts.shuffle.set_state(ckpt["shuffle"])
+    restore_rng(ckpt["rng"], device, parts.augment_generator)
     state = LoopState(**{f.name: ckpt[f.name] for f in dataclasses.fields(LoopState)})
     state.loss_sum = ckpt["loss_sum"][dist.rank].to(device)
     if dist.is_main:

@@ -19,8 +19,9 @@ import yaml
 from model.nets import build_network
 from stages.common.config import TrainParams
 from stages.common.io import read_json
+from stages.train import loop
 from stages.train import stage as train
-from stages.train.checkpoint import GracefulStop, ResumeStore, TrainingInterrupted
+from stages.train.checkpoint import GracefulStop, ResumeStore, TrainingInterrupted, hash_files
 from tests.stages.train.test_stage import CPU, fit, make_tensors, write_train_inputs
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -77,10 +78,10 @@ def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path)
         if row["epoch"] == 2:
             stop.signal_name = "SIGTERM"  # what the handler records when the signal arrives
 
-    train.seed_torch(0, CPU)
+    loop.seed_torch(0, CPU)
     network = build_network(params, 16, 2)
     with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at epoch 3, step 13"):
-        train.train_model(
+        loop.train_model(
             network,
             data,
             params,
@@ -97,7 +98,7 @@ def test_stop_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path)
 
     torch.manual_seed(999)  # a new process: other RNG state, other initial weights
     network = build_network(params, 16, 2)
-    resumed = train.train_model(network, data, params, CPU, 0, store=store, resume=store.load())
+    resumed = loop.train_model(network, data, params, CPU, 0, store=store, resume=store.load())
 
     assert resumed.history == reference.history
     assert resumed.best_epoch == reference.best_epoch
@@ -110,13 +111,13 @@ def test_checkpoint_is_keyed_by_params_and_data(tmp_path: Path) -> None:
     from stages.train.checkpoint import resume_key
 
     (tmp_path / "a").write_bytes(b"rows")
-    data_hash = train.hash_files([tmp_path / "a"])
+    data_hash = hash_files([tmp_path / "a"])
     key = resume_key({"lr": 0.1}, data_hash)
     (tmp_path / "a").write_bytes(b"other rows")
 
     assert key == resume_key({"lr": 0.1}, data_hash)
     assert key != resume_key({"lr": 0.2}, data_hash)
-    assert key != resume_key({"lr": 0.1}, train.hash_files([tmp_path / "a"]))
+    assert key != resume_key({"lr": 0.1}, hash_files([tmp_path / "a"]))
     stale = ResumeStore(tmp_path / "resume", resume_key({"lr": 0.2}, data_hash))
     stale.save({"epoch": 1})
     (tmp_path / "resume" / "notes").mkdir()

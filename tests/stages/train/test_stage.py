@@ -17,15 +17,15 @@ from stages.common.config import TrainParams, parse_params
 from stages.common.errors import ConfigError, PipelineError
 from stages.common.io import read_json
 from stages.features import stage as features
+from stages.train import loop, training
 from stages.train import stage as train
+from stages.train.batches import TrainData
 
 CPU = torch.device("cpu")
 TINY = TrainParams(hidden_sizes=[8], lr=0.01, batch_size=16, max_epochs=10, patience=3)
 
 
-def make_tensors(
-    n: int = 96, n_features: int = 4, noise: float = 0.0, seed: int = 0
-) -> train.TrainData:
+def make_tensors(n: int = 96, n_features: int = 4, noise: float = 0.0, seed: int = 0) -> TrainData:
     """A linearly separable 2-class task; ``noise`` = share of flipped labels."""
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(n, n_features, generator=gen)
@@ -33,13 +33,13 @@ def make_tensors(
     flip = torch.rand(n, generator=gen) < noise
     y = torch.where(flip, 1 - y, y)
     cut = n * 3 // 4
-    return train.TrainData(X[:cut], y[:cut], X[cut:], y[cut:])
+    return TrainData(X[:cut], y[:cut], X[cut:], y[cut:])
 
 
-def fit(params: TrainParams, data: train.TrainData, seed: int = 0) -> train.TrainResult:
-    train.seed_torch(seed, CPU)
+def fit(params: TrainParams, data: TrainData, seed: int = 0) -> loop.TrainResult:
+    loop.seed_torch(seed, CPU)
     network = build_network(params, data.X_train.shape[1], 2)
-    return train.train_model(network, data, params, CPU, seed)
+    return loop.train_model(network, data, params, CPU, seed)
 
 
 # ----------------------------------------------------------------------------- networks
@@ -133,11 +133,11 @@ def test_nan_feature_stops_training_with_a_clear_error() -> None:
 def test_trains_on_cuda_with_bf16_autocast() -> None:
     cuda = torch.device("cuda")
     cpu_data = make_tensors()
-    data = train.TrainData(*(t.to(cuda) for t in dataclasses.astuple(cpu_data)))
+    data = TrainData(*(t.to(cuda) for t in dataclasses.astuple(cpu_data)))
     torch.manual_seed(0)
     network = build_network(TINY, 4, 2).to(cuda)
 
-    result = train.train_model(network, data, TINY, cuda, seed=0)
+    result = loop.train_model(network, data, TINY, cuda, seed=0)
 
     assert all(math.isfinite(row["train_loss"]) for row in result.history)
     assert all(t.device.type == "cpu" for t in result.state_dict.values())
@@ -171,13 +171,11 @@ def test_cnn_on_cuda_with_each_precision_compile_channels_last_and_augmentation(
         augment_noise=0.05,
         **update,
     )
-    data = train.TrainData(
-        *(t.to(cuda) for t in dataclasses.astuple(make_tensors(n=96, n_features=16)))
-    )
+    data = TrainData(*(t.to(cuda) for t in dataclasses.astuple(make_tensors(n=96, n_features=16))))
     torch.manual_seed(0)
     network = build_network(params, 16, 2).to(cuda)
 
-    result = train.train_model(network, data, params, cuda, seed=0)
+    result = loop.train_model(network, data, params, cuda, seed=0)
 
     assert network.channels_last  # NHWC on CUDA
     assert all(math.isfinite(row["train_loss"]) for row in result.history)
@@ -199,7 +197,7 @@ def test_cuda_out_of_memory_names_the_batch_size() -> None:
         match=r"train.batch_size=65536: lower train.batch_size "
         r"\(e.g. to 32768\)",
     ):
-        train.train_model(network, train.TrainData(X, y, X[:8], y[:8]), params, cuda, seed=0)
+        loop.train_model(network, TrainData(X, y, X[:8], y[:8]), params, cuda, seed=0)
     del network
     torch.cuda.empty_cache()
 
@@ -351,8 +349,8 @@ def test_optimizers_schedules_and_clipping_train_deterministically() -> None:
 def test_schedules_follow_the_steps() -> None:
     net = build_network(TINY, 4, 2)
     for schedule, first_lr in (("cosine", 0.01), ("onecycle", 0.01 / 25)):
-        optimizer = train.build_optimizer(TINY, net.parameters())
-        scheduler = train.build_scheduler(
+        optimizer = training.build_optimizer(TINY, net.parameters())
+        scheduler = training.build_scheduler(
             optimizer, TINY.model_copy(update={"lr_schedule": schedule}), steps_per_epoch=5
         )
         lrs = []
@@ -362,7 +360,7 @@ def test_schedules_follow_the_steps() -> None:
             scheduler.step()
         assert lrs[0] == pytest.approx(first_lr) and max(lrs) == pytest.approx(0.01)
         assert lrs[-1] < 0.001  # annealed to ~0 by the last step of the last epoch
-    assert train.build_scheduler(optimizer, TINY, 5) is None
+    assert training.build_scheduler(optimizer, TINY, 5) is None
 
 
 def test_augmentation_is_seeded_on_device_and_keeps_shapes() -> None:
@@ -416,10 +414,10 @@ def test_cnn_with_augmentation_trains_deterministically() -> None:
 
 
 def test_precision_and_new_params_are_checked() -> None:
-    assert train.resolve_precision("auto", CPU).dtype is None
-    assert train.resolve_precision("bf16", CPU).dtype is torch.bfloat16
+    assert training.resolve_precision("auto", CPU).dtype is None
+    assert training.resolve_precision("bf16", CPU).dtype is torch.bfloat16
     with pytest.raises(ConfigError, match="train.precision: fp16 needs CUDA"):
-        train.resolve_precision("fp16", CPU)
+        training.resolve_precision("fp16", CPU)
     with pytest.raises(ConfigError, match="train: .*augment.* set model: cnn"):
         parse_params({"train": {"augment_flip": True}})
     with pytest.raises(ConfigError, match="train.optimizer"):
@@ -435,7 +433,7 @@ def test_bf16_autocast_on_cpu_trains() -> None:
 
 
 def test_out_of_memory_message_names_the_batch_size() -> None:
-    message = train.oom_message(256, torch.device("cuda", 0))
+    message = training.oom_message(256, torch.device("cuda", 0))
 
     assert "train.batch_size=256" in message and "lower train.batch_size (e.g. to 128)" in message
     assert "cuda:0 ran out of memory" in message
