@@ -7,11 +7,12 @@ model it is about to promote, with this same code.
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from model.errors import DataError
+
+if TYPE_CHECKING:  # numpy is imported where scores are computed: params.yaml's checks
+    import numpy as np  # read the metric names above without it
 
 METRIC_NAMES = ("accuracy", "f1_macro", "roc_auc_macro", "roc_auc_micro", "log_loss")
 LOWER_IS_BETTER = frozenset({"log_loss"})  # every other metric: higher is better
@@ -37,6 +38,7 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
         DataError: shapes disagree, ids are out of range, or a class is absent from
             ``y_true`` (ROC-AUC is undefined then).
     """
+    import numpy as np
     from sklearn import metrics as skm
 
     y_true, proba = check_scores(y_true, proba)
@@ -64,6 +66,8 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
 
 
 def check_scores(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
     y_true = np.asarray(y_true).astype(np.int64, copy=False)
     proba = np.asarray(proba, dtype=np.float64)
     if proba.ndim != 2 or proba.shape[1] < 2 or len(proba) != len(y_true) or not len(y_true):
