@@ -38,7 +38,7 @@ MULTI_P = np.array([[0.6, 0.3, 0.1], [0.3, 0.4, 0.3], [0.2, 0.2, 0.6], [0.3, 0.5
 
 
 def test_binary_metrics_on_known_values() -> None:
-    metrics = evaluate.compute_metrics(BINARY_Y, BINARY_P)
+    metrics = model_metrics.compute_metrics(BINARY_Y, BINARY_P)
 
     assert metrics == pytest.approx(
         {
@@ -53,7 +53,7 @@ def test_binary_metrics_on_known_values() -> None:
 
 
 def test_multiclass_metrics_on_known_values() -> None:
-    metrics = evaluate.compute_metrics(MULTI_Y, MULTI_P)
+    metrics = model_metrics.compute_metrics(MULTI_Y, MULTI_P)
 
     assert metrics == pytest.approx(
         {
@@ -84,7 +84,7 @@ def _micro_auc(y: np.ndarray, proba: np.ndarray) -> float:
 def test_roc_image_names_the_auc_it_shows_as_metrics_json_does(
     y_true: np.ndarray, proba: np.ndarray, shown: str
 ) -> None:
-    metrics = evaluate.compute_metrics(y_true, proba)
+    metrics = model_metrics.compute_metrics(y_true, proba)
     roc = evaluate.build_roc_records(y_true, proba)
 
     # the curve drawn has the area of the metric its legend names, under the same name
@@ -110,7 +110,7 @@ def test_baselines_majority_class_and_logistic_regression() -> None:
     probas = evaluate.baseline_probas(X_train, y_train, X_test, 3, seed=0)
 
     share = np.bincount(y_train, minlength=3) / len(y_train)
-    assert set(probas) == set(evaluate.BASELINES)
+    assert set(probas) == set(model_metrics.BASELINES)
     assert probas["majority"] == pytest.approx(np.tile(share, (3, 1)))  # class 2 unseen: 0
     assert probas["logistic"].argmax(axis=1).tolist() == [1, 0, 1]
     assert probas["logistic"][:, 2].tolist() == [0, 0, 0]
@@ -119,7 +119,7 @@ def test_baselines_majority_class_and_logistic_regression() -> None:
 def test_metrics_renormalise_float32_softmax_rows() -> None:
     proba32 = (BINARY_P * (1 + 1e-7)).astype(np.float32)  # rows sum to 1 +- float32 noise
 
-    metrics = evaluate.compute_metrics(BINARY_Y, proba32)
+    metrics = model_metrics.compute_metrics(BINARY_Y, proba32)
 
     assert metrics["log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.65, 0.8])), rel=1e-6)
 
@@ -136,7 +136,7 @@ def test_metrics_refuse_scores_they_cannot_define(
     y_true: np.ndarray, proba: np.ndarray, rule: str
 ) -> None:
     with pytest.raises(DataError, match=rf"rule={rule}"):
-        evaluate.compute_metrics(y_true, proba)
+        model_metrics.compute_metrics(y_true, proba)
 
 
 def test_curve_records_binary() -> None:
@@ -202,8 +202,10 @@ def test_main_writes_metrics_and_plots_and_logs_them_to_the_train_run(
     assert evaluate.main([*_args(workdir), "--params", str(params_file)]) == 0
 
     metrics = json.loads((workdir / "reports" / "metrics.json").read_text())
-    baselines = {f"baseline_{b}_{m}" for b in evaluate.BASELINES for m in evaluate.METRIC_NAMES}
-    assert set(metrics) == set(evaluate.METRIC_NAMES) | baselines
+    baselines = {
+        f"baseline_{b}_{m}" for b in model_metrics.BASELINES for m in model_metrics.METRIC_NAMES
+    }
+    assert set(metrics) == set(model_metrics.METRIC_NAMES) | baselines
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["accuracy"] > 0.8 and metrics["roc_auc_macro"] > 0.9  # a real, trained model
     # the baselines, scored on the same test split
