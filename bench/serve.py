@@ -393,6 +393,7 @@ def register_model(work: Path, epochs: int) -> tuple[str, Any]:
     from stages.common.config import parse_params
     from stages.common.io import write_parquet
     from stages.evaluate import stage as evaluate
+    from stages.export import stage as export
     from stages.features import stage as features
     from stages.ingest import stage as ingest
     from stages.register import stage as register
@@ -423,12 +424,14 @@ def register_model(work: Path, epochs: int) -> tuple[str, Any]:
         resume_dir=work / "resume",
     )
     evaluate.run(work / "features", work / "models", work / "eval", work / "metrics.json", params)
+    export.run(work / "features", work / "models", work / "export.json", params)  # ours-onnx/int8
     register.run(
         work / "features",
         work / "models",
         work / "metrics.json",
         work / "registration.json",
         params,
+        export_path=work / "export.json",
     )
     test = pd.read_parquet(work / "features" / "test.parquet")
     return f"models:/{MODEL_NAME}@champion", test.drop(columns=["target"])

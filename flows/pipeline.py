@@ -300,7 +300,7 @@ def publish_summary(
 
 @flow(
     name="pipeline",
-    description="ingest -> validate -> features -> train -> evaluate -> "
+    description="ingest -> validate -> features -> train -> evaluate -> export -> "
     "register, as the DVC stages of dvc.yaml; then dvc push and a summary artifact.",
 )
 def pipeline(repo: str = ".", wait_s: float = 0.0) -> dict[str, Any]:

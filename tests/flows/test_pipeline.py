@@ -32,7 +32,7 @@ from flows.summary import NO_NEW_ROWS, read_reports, render_markdown, summarize_
 from stages.common.io import open_dataset
 from tests.conftest import ROOT, TINY_PARAMS, deep_merge, dvc, make_pipeline_repo, write_params
 
-STAGES = ["ingest", "validate", "features", "train", "evaluate", "register"]
+STAGES = ["ingest", "validate", "features", "train", "evaluate", "export", "register"]
 OUTPUTS = [
     "data/raw",
     "data/validated",
@@ -42,6 +42,7 @@ OUTPUTS = [
     "reports/validation",
     "reports/eval",
     "reports/metrics.json",
+    "reports/export.json",
     "reports/registration.json",
 ]
 

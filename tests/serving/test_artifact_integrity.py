@@ -30,9 +30,11 @@ from model.servable import (
     copy_model_code,
     log_servable,
 )
-from model.variants import ARTIFACT_DIR, build_variants, load_variant
+from model.variants import ARTIFACT_DIR, load_variant
 from serving.model import ModelHolder, ModelIntegrityError, RegistryFollower, load_model
+from stages.export.onnx import build_variants
 from stages.register import stage as register
+from stages.register.candidate import score_model
 from tests.builders import make_params
 from tests.serving import conftest
 from tests.serving.conftest import Store, trained_once
@@ -82,7 +84,7 @@ def register_version(
             store.rows.head(5),
             registered_model_name=NAME,
         )
-        if variants:  # the ONNX files register logs beside the pyfunc
+        if variants:  # the ONNX files the export stage logs beside the pyfunc
             folder = build_variants(
                 store.features / "preprocessor.joblib",
                 network or store.network,
@@ -172,7 +174,7 @@ def test_a_replaced_artifact_is_refused_everywhere_and_never_runs(
     with pytest.raises(ModelIntegrityError, match=refusal):
         open_model(make_params(), uri)  # batch scoring
     with pytest.raises(ArtifactIntegrityError, match=refusal):
-        register.score_model(uri, store.rows.assign(target=0), "target", [0, 1])  # register
+        score_model(uri, store.rows.assign(target=0), "target", [0, 1])  # register
     with pytest.raises(ArtifactIntegrityError, match=refusal):
         load_variant(uri, "pyfunc")  # the variant loader, called directly
     assert not marker.exists()
@@ -403,7 +405,10 @@ def test_register_records_signed_hashes_and_refuses_a_tampered_champion(
         tmp_path / "p.yaml", {"register": {**LOOSE["register"], "model_name": NAME}}
     )
     assert (
-        register.main(register_args(prepare(tmp_path / "v1", trained, make_params()), loose)) == 0
+        register.main(
+            register_args(prepare(tmp_path / "v1", trained, make_params(), export=True), loose)
+        )
+        == 0
     )
     tags = mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").tags
     assert tags[artifacts.SIGNATURE_TAG] == artifacts.sign(

@@ -18,7 +18,7 @@ from model import artifacts
 from serving.app import ServiceConfig, create_app
 from serving.check import check_servable
 from stages.common.config import RegisterParams
-from stages.register import stage as register
+from stages.register import gate, judge
 from tests.builders import make_params
 from tests.serving.test_artifact_integrity import NAME, Store, register_version, store
 
@@ -91,9 +91,9 @@ def test_the_service_and_the_serving_check_use_the_key_register_signs_with(
     # register's check before the alias moves loads it as the service will
     check = check_servable(f"models:/{NAME}/{unsigned}", 60_000, repeats=1, key_env=OTHER)
     assert not check.passed and f"{OTHER} is set" in check.describe()
-    decision = register._check_serving(
+    decision = judge.check_serving(
         f"models:/{NAME}/{unsigned}",
         RegisterParams(signing_key_env=OTHER),
-        register.Decision(True, "better", False),
+        gate.Decision(True, "better", False),
     )
     assert decision.gate_failed and f"{OTHER} is set" in decision.reason

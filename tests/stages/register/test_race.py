@@ -39,14 +39,14 @@ def test_a_rollback_during_register_is_not_undone_and_the_version_stays_pending(
     client.create_model_version(NAME, v1.source, run_id=v1.run_id, tags=dict(v1.tags))
     registry.move_alias(client, NAME, "champion", "2", "hand deploy", kind="manual")
     good = prepare(tmp_path / "good", trained, make_params())
-    record_on_version = register._record_on_version
+    record_on_version = register.record_on_version
 
     def record_then_rollback(*args: object, **kwargs: object) -> None:
         record_on_version(*args, **kwargs)  # decided against v2; now someone rolls back
         rollback.rollback(client, NAME, "champion", "v2 mislabels night shifts")
 
     with monkeypatch.context() as patch:
-        patch.setattr(register, "_record_on_version", record_then_rollback)
+        patch.setattr(register, "record_on_version", record_then_rollback)
         assert register.main(register_args(good, loose)) == 1
 
     assert (
@@ -104,7 +104,7 @@ def test_a_file_changed_in_the_store_after_upload_is_refused_not_recorded(
     # the changed files, and the version then loaded as "verified".
     strict = params_file(tmp_path / "strict.yaml")
     workdir = prepare(tmp_path / "v1", trained, make_params())
-    register_version = register._register_version
+    register_version = register.register_version
 
     def upload_then_tamper(rp: object, model_uri: str, cand: object) -> str:
         client = mlflow.MlflowClient()
@@ -118,7 +118,7 @@ def test_a_file_changed_in_the_store_after_upload_is_refused_not_recorded(
         return register_version(rp, model_uri, cand)
 
     with monkeypatch.context() as patch:
-        patch.setattr(register, "_register_version", upload_then_tamper)
+        patch.setattr(register, "register_version", upload_then_tamper)
         assert register.main(register_args(workdir, strict)) == 1
 
     assert (

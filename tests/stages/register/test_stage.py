@@ -20,6 +20,8 @@ from stages.common import registry
 from stages.common.config import Params, RegisterParams
 from stages.common.errors import ConfigError, DataError, GateError
 from stages.evaluate import stage as evaluate
+from stages.export import stage as export_stage
+from stages.register import candidate, gate, versions
 from stages.register import stage as register
 from tests.builders import (
     TEST_PARAMS,
@@ -54,7 +56,7 @@ BASELINES = {
 
 
 def test_first_model_needs_only_the_thresholds() -> None:
-    decision = register.decide_promotion(GOOD, None, GATE)
+    decision = gate.decide_promotion(GOOD, None, GATE)
 
     assert decision.promote and not decision.gate_failed
     assert "no champion" in decision.reason
@@ -73,7 +75,7 @@ def test_first_model_needs_only_the_thresholds() -> None:
 def test_candidate_is_compared_with_the_champion(
     champion_f1: float, promote: bool, verdict: str
 ) -> None:
-    decision = register.decide_promotion(GOOD, {**GOOD, "f1_macro": champion_f1}, GATE)
+    decision = gate.decide_promotion(GOOD, {**GOOD, "f1_macro": champion_f1}, GATE)
 
     assert decision.promote is promote and not decision.gate_failed
     assert f"f1_macro 0.9000 {verdict}" in decision.reason
@@ -83,7 +85,7 @@ def test_a_tie_never_moves_the_alias_whatever_the_metric() -> None:
     for metric in ("f1_macro", "log_loss", "accuracy"):
         params = GATE.model_copy(update={"compare_metric": metric})
 
-        decision = register.decide_promotion(GOOD, dict(GOOD), params)
+        decision = gate.decide_promotion(GOOD, dict(GOOD), params)
 
         assert not decision.promote and not decision.gate_failed
         assert decision.reason.startswith(f"tie: {metric} ")
@@ -102,7 +104,7 @@ def test_default_gate_is_relative_to_the_baselines() -> None:
         "log_loss": 0.6,
     }
 
-    decision = register.decide_promotion(fair, None, default, BASELINES)
+    decision = gate.decide_promotion(fair, None, default, BASELINES)
 
     assert decision.promote and not decision.gate_failed
     assert (
@@ -125,9 +127,7 @@ def test_default_gate_is_relative_to_the_baselines() -> None:
     ],
 )
 def test_below_the_baselines_fails_the_gate(f1: float, failure: str) -> None:
-    decision = register.decide_promotion(
-        {**GOOD, "f1_macro": f1}, None, RegisterParams(), BASELINES
-    )
+    decision = gate.decide_promotion({**GOOD, "f1_macro": f1}, None, RegisterParams(), BASELINES)
 
     assert not decision.promote and decision.gate_failed
     assert decision.reason.startswith("below the baselines: ") and failure in decision.reason
@@ -136,9 +136,9 @@ def test_below_the_baselines_fails_the_gate(f1: float, failure: str) -> None:
 def test_baseline_gate_on_a_lower_is_better_metric_and_switched_off() -> None:
     by_loss = RegisterParams(compare_metric="log_loss", max_gap_to_baseline=0.1)
 
-    close = register.decide_promotion({**GOOD, "log_loss": 0.6}, None, by_loss, BASELINES)
-    far = register.decide_promotion({**GOOD, "log_loss": 0.7}, None, by_loss, BASELINES)
-    off = register.decide_promotion(
+    close = gate.decide_promotion({**GOOD, "log_loss": 0.6}, None, by_loss, BASELINES)
+    far = gate.decide_promotion({**GOOD, "log_loss": 0.7}, None, by_loss, BASELINES)
+    off = gate.decide_promotion(
         {**GOOD, "f1_macro": 0.1}, None, RegisterParams(max_gap_to_baseline=None), BASELINES
     )
 
@@ -150,8 +150,8 @@ def test_baseline_gate_on_a_lower_is_better_metric_and_switched_off() -> None:
 def test_lower_is_better_for_log_loss() -> None:
     params = GATE.model_copy(update={"compare_metric": "log_loss"})
 
-    worse = register.decide_promotion(GOOD, {**GOOD, "log_loss": 0.2}, params)
-    better = register.decide_promotion(GOOD, {**GOOD, "log_loss": 0.4}, params)
+    worse = gate.decide_promotion(GOOD, {**GOOD, "log_loss": 0.2}, params)
+    better = gate.decide_promotion(GOOD, {**GOOD, "log_loss": 0.4}, params)
 
     assert not worse.promote and "(lower is better)" in worse.reason
     assert better.promote
@@ -170,7 +170,7 @@ def test_below_the_thresholds_fails_the_gate_whatever_the_champion(
 ) -> None:
     weak_champion = {k: 0.0 for k in GOOD}
 
-    decision = register.decide_promotion(candidate, weak_champion, GATE)
+    decision = gate.decide_promotion(candidate, weak_champion, GATE)
 
     assert not decision.promote and decision.gate_failed
     assert decision.reason == f"below the absolute thresholds: {failure}"
@@ -178,15 +178,15 @@ def test_below_the_thresholds_fails_the_gate_whatever_the_champion(
 
 def test_unknown_metric_in_params_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"register\.compare_metric: unknown metric 'f1'"):
-        register.decide_promotion(GOOD, None, GATE.model_copy(update={"compare_metric": "f1"}))
+        gate.decide_promotion(GOOD, None, GATE.model_copy(update={"compare_metric": "f1"}))
     with pytest.raises(ConfigError, match=r"register\.min_metrics: unknown metric 'acc'"):
-        register.check_register_params(GATE.model_copy(update={"min_metrics": {"acc": 0.5}}))
+        gate.check_register_params(GATE.model_copy(update={"min_metrics": {"acc": 0.5}}))
     with pytest.raises(
         ConfigError,
         match=r"unknown metric 'roc_auc' .*; renamed to "
         r"roc_auc_macro or roc_auc_micro",
     ):
-        register.check_register_params(GATE.model_copy(update={"min_metrics": {"roc_auc": 1}}))
+        gate.check_register_params(GATE.model_copy(update={"min_metrics": {"roc_auc": 1}}))
 
 
 def test_a_reason_is_one_bounded_line_even_from_a_dataframe() -> None:
@@ -194,9 +194,9 @@ def test_a_reason_is_one_bounded_line_even_from_a_dataframe() -> None:
 
     frame = pd.DataFrame({"a": range(1000), "b": ["x" * 50] * 1000})
 
-    text = register.one_line(f"champion could not score ({frame})")
+    text = gate.one_line(f"champion could not score ({frame})")
 
-    assert "\n" not in text and len(text) <= register.MAX_REASON and text.endswith("...")
+    assert "\n" not in text and len(text) <= gate.MAX_REASON and text.endswith("...")
 
 
 def _checkpoint(seed: int, epoch: int = 3) -> dict:
@@ -222,19 +222,19 @@ def test_content_hash_is_what_the_model_is_not_how_its_file_was_written(tmp_path
     assert (tmp_path / "a.pt").read_bytes() != (tmp_path / "b.pt").read_bytes()
     loaded = [torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("a", "b")]
 
-    same = {register.content_hash(c, b"prep", contract, code) for c in loaded}
+    same = {candidate.content_hash(c, b"prep", contract, code) for c in loaded}
     assert len(same) == 1
     digest = same.pop()
     other_lr = {**_checkpoint(0), "train_params": {**_checkpoint(0)["train_params"], "lr": 1}}
-    assert register.content_hash(other_lr, b"prep", contract, code) == digest
-    network = register.content_hash(loaded[0], b"prep", None, code)  # without the contract
+    assert candidate.content_hash(other_lr, b"prep", contract, code) == digest
+    network = candidate.content_hash(loaded[0], b"prep", None, code)  # without the contract
     assert network != digest
-    assert register.content_hash(loaded[1], b"prep", None, code) == network
+    assert candidate.content_hash(loaded[1], b"prep", None, code) == network
     for changed in (
-        register.content_hash(_checkpoint(1), b"prep", contract, code),
-        register.content_hash(loaded[0], b"prep2", contract, code),
-        register.content_hash(loaded[0], b"prep", {**contract, "labels": [1, 2]}, code),
-        register.content_hash(loaded[0], b"prep", contract, {"x.py": b""}),
+        candidate.content_hash(_checkpoint(1), b"prep", contract, code),
+        candidate.content_hash(loaded[0], b"prep2", contract, code),
+        candidate.content_hash(loaded[0], b"prep", {**contract, "labels": [1, 2]}, code),
+        candidate.content_hash(loaded[0], b"prep", contract, {"x.py": b""}),
     ):
         assert changed != digest
 
@@ -248,7 +248,7 @@ def test_lineage_tags_are_copied_from_the_run() -> None:
         "device": "cpu",
     }
 
-    assert register.lineage_from_run(tags, "r1") == {
+    assert versions.lineage_from_run(tags, "r1") == {
         "git.commit": "abc",
         "dvc.data/features.md5": "d41d",
         "prefect.flow_run_id": "f1",
@@ -269,12 +269,19 @@ LOOSE = {"register": {"min_metrics": {}, "max_metrics": {}, "max_gap_to_baseline
 
 
 def prepare(
-    root: Path, source: tuple[Path, Path], params: Params, degrade: bool = False, bias: float = 0.0
+    root: Path,
+    source: tuple[Path, Path],
+    params: Params,
+    degrade: bool = False,
+    bias: float = 0.0,
+    export: bool = False,
 ) -> Path:
     """A pipeline workspace at ``root``: features + model, a train run, evaluate's metrics.
 
     ``degrade`` zeroes the output layer: every row gets the same probabilities (p = 0.5 with
     ``bias`` 0), a much worse model; another ``bias`` gives another (equally bad) model.
+    ``export``: the export stage logs the ONNX variants to the run (``reports/export.json``,
+    which :func:`register_args` then passes to register), as ``dvc repro`` runs it.
     """
     shutil.copytree(source[0], root / "features")
     shutil.copytree(source[1], root / "models")
@@ -294,10 +301,15 @@ def prepare(
         root / "reports" / "metrics.json",
         params,
     )
+    if export:
+        export_stage.run(
+            root / "features", root / "models", root / "reports" / "export.json", params
+        )
     return root
 
 
 def register_args(root: Path, params_file: Path) -> list[str]:
+    exported = root / "reports" / "export.json"  # when prepare(export=True) wrote it
     return [
         "--features",
         str(root / "features"),
@@ -305,6 +317,7 @@ def register_args(root: Path, params_file: Path) -> list[str]:
         str(root / "models"),
         "--metrics",
         str(root / "reports" / "metrics.json"),
+        *(["--export", str(exported)] if exported.is_file() else []),
         "--out",
         str(root / "reports" / "registration.json"),
         "--params",
@@ -519,7 +532,7 @@ def test_another_table_is_not_compared_with_the_champion_unless_allowed(
     assert "register.allow_schema_change: true" in message and "\n" not in message
     record = json.loads((v2 / "reports" / "registration.json").read_text())
     assert record["decision"] == "challenger" and record["champion_metrics"] is None
-    assert len(record["reason"]) <= register.MAX_REASON and "\n" not in record["reason"]
+    assert len(record["reason"]) <= gate.MAX_REASON and "\n" not in record["reason"]
     assert int(version_by_alias("champion").version) == 1
 
     # told to: promoted without comparing (no new version: the same model, judged again)
@@ -698,7 +711,7 @@ def test_a_retry_after_a_crash_resumes_the_version_instead_of_adding_one(
     strict = params_file(tmp_path / "strict.yaml")
     workdir = prepare(tmp_path / "v1", trained, make_params())
 
-    _register_dying_in("_judge_version", monkeypatch, workdir, strict)
+    _register_dying_in("judge_version", monkeypatch, workdir, strict)
     client = mlflow.MlflowClient()
     assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "pending"
 
@@ -722,7 +735,7 @@ def test_a_crash_after_the_alias_moved_finishes_as_champion_not_compared_with_it
     strict = params_file(tmp_path / "strict.yaml")
     workdir = prepare(tmp_path / "v1", trained, make_params())
 
-    _register_dying_in("_close_gate", monkeypatch, workdir, strict)
+    _register_dying_in("close_gate", monkeypatch, workdir, strict)
     client = mlflow.MlflowClient()
     assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "pending"
     assert int(version_by_alias("champion").version) == 1
@@ -766,7 +779,7 @@ def test_a_failed_version_made_champion_by_a_forced_rollback_is_still_judged_by_
 @pytest.mark.parametrize(
     ("function", "where"),
     [
-        ("_record_on_version", register),  # deciding done, nothing written on the version yet
+        ("record_on_version", register),  # deciding done, nothing written on the version yet
         ("move_alias", registry),  # everything written on the version, the alias not moved
     ],
 )
@@ -965,14 +978,14 @@ def test_a_params_edit_during_register_refuses_before_the_alias_moves(
     # so the stage failed with a champion promoted under params DVC would never lock.
     strict = params_file(tmp_path / "strict.yaml")
     workdir = prepare(tmp_path / "v1", trained, make_params())
-    record_on_version = register._record_on_version
+    record_on_version = register.record_on_version
 
     def record_then_edit(*args: object, **kwargs: object) -> None:
         record_on_version(*args, **kwargs)
         params_file(strict, {"register": {"max_latency_ms": 1234.0}})  # someone edits it now
 
     with monkeypatch.context() as patch:
-        patch.setattr(register, "_record_on_version", record_then_edit)
+        patch.setattr(register, "record_on_version", record_then_edit)
         assert register.main(register_args(workdir, strict)) == 1
 
     assert f"stage register failed: {strict} changed while stage register ran" in caplog.text

@@ -1,0 +1,3 @@
+from stages.export.stage import main
+
+raise SystemExit(main())
