@@ -18,20 +18,35 @@ server this process starts never outlives it: a small watcher stops it when the 
 Before ingest, the MLflow tracking store is checked (``tracking.check_tracking_store``):
 a server that is down or a store that cannot be written stops the run before any stage.
 
+Nothing changed, no flow run: under the lock, before importing Prefect, ``main()`` runs ingest
+(``dvc repro --single-item ingest``, as the flow's first task would) and one ``dvc status``.
+When every other stage is up to date and the last flow run's ``dvc push`` had this
+``dvc.lock``, it prints the summary and exits (about 3 s instead of 14 s); otherwise the flow
+runs and records that ingest run as its ``ingest`` task instead of running it again
+(``--always-flow``: always a flow run, ingest inside it). A scheduled deployment runs the flow
+itself: always a flow run.
+
+The Prefect API: ``PREFECT_API_URL`` when set, else a persistent local server answering on
+127.0.0.1:4200 (``make prefect``, or the one ``make schedule`` starts), else Prefect's
+temporary server for this process. The flow and its tasks are in ``flows/pipeline_flow.py``
+(imported on first use: ``from flows.pipeline import pipeline`` works).
+
 Run it from the project root (``make run`` does)::
 
-    python -m flows.pipeline [--repo PATH] [--wait [--wait-timeout S]]
+    python -m flows.pipeline [--repo PATH] [--wait [--wait-timeout S]] [--always-flow]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -39,30 +54,25 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run as current_flow_run
 
 from flows.summary import (
-    FAILED,
     NO_NEW_ROWS,
     RAN,
     RESTORED,
     SKIPPED,
     mlflow_ui_url,
     read_reports,
-    render_markdown,
     summarize_run,
 )
-from stages.common import integrity, runlock
+from stages.common import runlock
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
 from stages.common.tracking import FLOW_RUN_ENV, check_tracking_store, tracking_uri
 
 SUMMARY_KEY = "pipeline-summary"
 RAW_MANIFEST = "data/raw/manifest.json"  # ingest's record of what data/raw holds
-RETRIES = {"ingest": 2, "register": 2}  # I/O and registry writes can fail transiently
+INGEST = "ingest"  # always changed (it asks the source for new rows): run first, by main()
+RETRIES = {INGEST: 2, "register": 2}  # I/O and registry writes can fail transiently
 RETRY_DELAY_S = 5
 OUTPUT_TAIL = 15  # lines of output quoted when a stage crashes without its own message
 
@@ -89,7 +99,14 @@ _DOT_EDGE = re.compile(r'^"(?P<src>[^"]+)"\s*->\s*"(?P<dst>[^"]+)";?$')
 # How the temporary Prefect API server started for this process shows in its command line
 # (prefect/server/api/server.py, SubprocessASGIServer._run_uvicorn_command, Prefect 3.8).
 PREFECT_SERVER_APP = "prefect.server.api.server:create_app"
-_watched_servers: set[int] = set()  # the servers a watcher already stops with this process
+# A persistent local Prefect server (`make prefect`, `make schedule`): used when one answers.
+PREFECT_PORT = 4200
+PUSHED = ".dvc/tmp/pipeline-pushed.json"  # what dvc.lock and remote config the last push had
+# The flow and its tasks (flows/pipeline_flow.py): Prefect is imported on their first use.
+_FLOW_NAMES = frozenset(
+    {"pipeline", "run_stage", "record_stage", "push_data", "publish_summary", "run_pipeline"}
+)
+logger = logging.getLogger("flows.pipeline")
 
 
 class StageFailedError(RuntimeError):
@@ -217,8 +234,14 @@ def run_dvc(
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n").split("\r")[-1].rstrip()
             if line:
                 lines.append(line)
-                logger.log(_line_level(line), line)
+                log_lines([line], logger)
     return proc.returncode, lines
+
+
+def log_lines(lines: Sequence[str], logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Log DVC output lines: errors as errors, DVC's git/push advice at DEBUG."""
+    for line in lines:
+        logger.log(_line_level(line), line)
 
 
 def _line_level(line: str) -> int:
@@ -229,121 +252,11 @@ def _line_level(line: str) -> int:
     return logging.WARNING if re.search(r"\bWARNING\b", line) else logging.INFO
 
 
-def _retry_unless_deliberate(task: Any, task_run: Any, state: Any) -> bool:
-    # Retry crashes (I/O, a locked store); a stage refusing bad input would only fail again.
-    return not (isinstance(state.data, StageFailedError) and state.data.deliberate)
-
-
-@task(cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_deliberate)
-def run_stage(stage: str, repo: str, flow_run_id: str | None = None) -> str:
-    """Run one DVC stage with ``dvc repro --single-item``; DVC skips it if nothing changed.
-
-    Returns:
-        ``ran``, ``skipped`` or ``restored from run cache``.
-
-    Raises:
-        StageFailedError: the stage exited non-zero; the message is the stage's own.
-    """
-    logger = get_run_logger()
-    code, lines = run_dvc(
-        ["repro", "--single-item", stage], Path(repo), stage_env(flow_run_id), logger
-    )
-    if code != 0:
-        message, deliberate = describe_failure(lines)
-        raise StageFailedError(stage, message, deliberate=deliberate)
-    status = parse_stage_status(stage, lines)
-    logger.info("stage %s: %s", stage, status)
-    return status
-
-
-def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
-    # A refused push (a corrupt cache object) would only be refused again.
-    return not isinstance(state.data, PipelineError)
-
-
-@task(
-    name="dvc-push",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=RETRY_DELAY_S,
-    retry_condition_fn=_retry_unless_refused,
-)
-def push_data(repo: str) -> None:
-    """Push this run's data versions to the default DVC remote.
-
-    Raises:
-        IntegrityError: a cache object about to be pushed is corrupt; nothing was uploaded.
-    """
-    integrity.check_before_push(repo)  # never upload a corrupt object under its good name
-    code, lines = run_dvc(["push"], Path(repo), stage_env(), get_run_logger())
-    if code != 0:
-        raise RuntimeError("dvc push failed: " + "\n".join(lines[-OUTPUT_TAIL:]))
-
-
-def publish_summary(
-    repo: Path,
-    stages: list[str],
-    statuses: dict[str, str],
-    flow_run_id: str | None,
-    error: str | None = None,
-) -> dict[str, Any]:
-    """Publish the ``pipeline-summary`` Markdown artifact; return the summary dict."""
-    reports = read_reports(repo, statuses)
-    summary = summarize_run(stages, statuses, reports, mlflow_ui_url(repo), flow_run_id, error)
-    create_markdown_artifact(
-        markdown=render_markdown(summary),
-        key=SUMMARY_KEY,
-        description="Stages, test metrics, registered model, MLflow run",
-    )
-    return summary
-
-
-@flow(
-    name="pipeline",
-    description="ingest -> validate -> features -> train -> evaluate -> export -> "
-    "register, as the DVC stages of dvc.yaml; then dvc push and a summary artifact.",
-)
-def pipeline(repo: str = ".", wait_s: float = 0.0) -> dict[str, Any]:
-    """Hold the workspace's run lock, then run the stages; see ``run_pipeline``.
-
-    When this process holds the lock already (``main()`` took it before Prefect started), the
-    flow runs under it: a second ``flock`` from the same process would conflict with the first.
-
-    Args:
-        repo: the project checkout holding ``dvc.yaml`` and ``params.yaml``.
-        wait_s: how long to wait for another run holding the workspace (0: refuse at once).
-
-    Raises:
-        runlock.RunLockBusy: another run holds the workspace (names its pid and start).
-    """
-    command = f"{_command_line()} (Prefect flow run {current_flow_run.name})"
-    if runlock.held_here(repo):  # main() took it before Prefect started, and checked MLflow
-        _note_run(repo, command)
-        return run_pipeline(repo, check_store=False)
-    with runlock.run_lock(repo, wait_s=wait_s, command=command):
-        _note_run(repo, command)
-        return run_pipeline(repo)
-
-
-def _command_line() -> str:
+def command_line() -> str:
     """How this process was started: ``python -m flows.pipeline --repo .``."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     start = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
     return " ".join([Path(sys.executable).name, *start, *sys.argv[1:]])
-
-
-def _note_run(repo: str, command: str) -> None:
-    """Record the flow run and this process's temporary Prefect server with the run lock.
-
-    The server must not outlive this process: a watcher stops it once this process ends, a
-    ``kill -9`` included (else Prefect's own atexit does); should the watcher be gone too, the
-    next run that takes the workspace over stops it (``runlock.stop_helpers``).
-    """
-    servers = prefect_servers()
-    runlock.update_holder(repo, command=command, helpers=servers)
-    if servers and not _watched_servers.issuperset(pid for pid, *_ in servers):
-        runlock.stop_helpers_with_me(servers)
-        _watched_servers.update(pid for pid, *_ in servers)
 
 
 def prefect_servers() -> list[list[Any]]:
@@ -373,56 +286,6 @@ def preflight(repo: Path) -> None:
     check_tracking_store(params.mlflow, repo)
 
 
-def run_pipeline(repo: str, check_store: bool = True) -> dict[str, Any]:
-    """Run the DVC stages of ``repo`` in order, push the data, publish the summary.
-
-    Call it inside the ``pipeline`` flow, holding the run lock. ``check_store``: check the
-    MLflow tracking store first (``main()`` did it already, before Prefect started).
-
-    Returns:
-        The run summary (``flows.summary.summarize_run``): stage statuses, metrics, model.
-    """
-    root = Path(repo).resolve()
-    logger = get_run_logger()
-    flow_run_id = current_flow_run.id
-    stages: list[str] = []
-    statuses: dict[str, str] = {}
-    try:
-        if check_store:
-            preflight(root)
-        stages = read_stage_order(root)
-        logger.info("stages, in dvc.yaml's order: %s", " -> ".join(stages))
-        incremental = load_params(root / "params.yaml").ingest.watermark is not None
-        manifest_before = read_manifest(root)
-        for stage in stages:
-            if (
-                incremental
-                and stage != "ingest"
-                and read_manifest(root) == manifest_before
-                and only_ingest_changed(root)
-            ):
-                logger.info(
-                    "no new rows since the last run (ingest.watermark): data/raw is "
-                    "unchanged, so %s and the stages after it are skipped",
-                    stage,
-                )
-                statuses.update(dict.fromkeys(stages[stages.index(stage) :], NO_NEW_ROWS))
-                break
-            statuses[stage] = FAILED  # until it returns
-            stage_task = run_stage.with_options(
-                name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S
-            )
-            statuses[stage] = stage_task(stage, str(root), flow_run_id)
-        push_data(str(root))
-    except Exception as exc:
-        try:
-            publish_summary(root, stages, statuses, flow_run_id, error=str(exc))
-        except Exception:  # never hide the stage's error behind a reporting one
-            logger.exception("could not publish the run summary")
-        raise
-    return publish_summary(root, stages, statuses, flow_run_id)
-
-
 def read_manifest(repo: Path) -> str | None:
     """The text of ingest's ``data/raw/manifest.json`` (None before the first ingest)."""
     try:
@@ -433,6 +296,12 @@ def read_manifest(repo: Path) -> str | None:
 
 def only_ingest_changed(repo: Path) -> bool:
     """Whether ``dvc status`` finds every stage but ingest (which always runs) up to date."""
+    changed = changed_stages(repo)
+    return changed is not None and changed <= {INGEST}
+
+
+def changed_stages(repo: Path) -> set[str] | None:
+    """The stages ``dvc status`` finds changed (ingest always is); None if it failed."""
     result = subprocess.run(
         [sys.executable, "-m", "dvc", "status", "--json"],
         cwd=repo,
@@ -444,8 +313,8 @@ def only_ingest_changed(repo: Path) -> bool:
     try:
         changed = json.loads(result.stdout or "{}")
     except ValueError:
-        return False
-    return result.returncode == 0 and set(changed) <= {"ingest"}
+        return None
+    return set(changed) if result.returncode == 0 and isinstance(changed, dict) else None
 
 
 def where_to_look(repo: Path, summary: dict[str, Any] | None) -> str:
@@ -491,12 +360,141 @@ def where_to_look(repo: Path, summary: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def note_push(repo: Path) -> None:
+    """Record that ``dvc push`` succeeded for this ``dvc.lock`` and remote configuration."""
+    path = repo / PUSHED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_push_state(repo)), encoding="utf-8")
+
+
+def pushed_already(repo: Path) -> bool:
+    """Whether the last successful ``dvc push`` (by a flow run) had this ``dvc.lock`` and
+    remote configuration: the data versions it names are on the remote then."""
+    try:
+        noted = json.loads((repo / PUSHED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return noted == _push_state(repo)
+
+
+def _push_state(repo: Path) -> dict[str, str | None]:
+    def digest(name: str) -> str | None:
+        try:
+            return hashlib.sha256((repo / name).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
+
+    return {name: digest(name) for name in ("dvc.lock", ".dvc/config", ".dvc/config.local")}
+
+
+def run_ingest_first(repo: Path) -> dict[str, Any] | None:
+    """Run ingest as the flow's first task would (``dvc repro --single-item ingest``).
+
+    Returns:
+        What the flow needs to record it instead of running it again (``stage``, exit
+        ``code``, DVC ``output``, ``manifest_before``); None when ``dvc.yaml`` has no ingest
+        stage, or it crashed (the flow then runs it, with its retries).
+    """
+    if INGEST not in _dvc_yaml_stages(repo):
+        return None
+    manifest_before = read_manifest(repo)
+    logger.info("stage %s: asking the source for new rows before starting Prefect", INGEST)
+    code, lines = run_dvc(["repro", "--single-item", INGEST], repo, stage_env(), logger)
+    prerun = {"stage": INGEST, "code": code, "output": lines, "manifest_before": manifest_before}
+    if code != 0 and not describe_failure(lines)[1]:
+        logger.warning("stage %s crashed; the flow runs it again, with retries", INGEST)
+        return None
+    return prerun
+
+
+def _dvc_yaml_stages(repo: Path) -> list[str]:
+    try:
+        spec = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # the flow's `dvc dag` says what is wrong
+    return list(spec.get("stages") or {}) if isinstance(spec, dict) else []
+
+
+def summarize_unchanged(repo: Path, prerun: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's summary when nothing but ingest would run, else None (the flow must run).
+
+    Nothing would run when ingest succeeded, ``dvc status`` finds every other stage up to
+    date, and the last ``dvc push`` of a flow run had this ``dvc.lock`` (nothing to push).
+    """
+    if prerun["code"] != 0 or not pushed_already(repo):  # the cheap checks first
+        return None
+    changed = changed_stages(repo)
+    if changed is None or not changed <= {INGEST}:
+        return None
+    stages = _dvc_yaml_stages(repo)
+    params = load_params(repo / "params.yaml")
+    new_rows = params.ingest.watermark is None or read_manifest(repo) != prerun["manifest_before"]
+    statuses = dict.fromkeys(stages, SKIPPED if new_rows else NO_NEW_ROWS)
+    statuses[INGEST] = parse_stage_status(INGEST, prerun["output"])
+    reports = read_reports(repo.resolve(), statuses)
+    return summarize_run(stages, statuses, reports, mlflow_ui_url(repo))
+
+
+def use_prefect_api(port: int, stack: ExitStack) -> None:
+    """Point this process at a persistent local Prefect server when one answers.
+
+    ``PREFECT_API_URL`` (environment or Prefect profile) wins; else a server answering on
+    127.0.0.1:``port`` (``make prefect``, ``make schedule``) is used while ``stack`` is open,
+    so the run shows in its UI and no temporary server starts; else Prefect starts its
+    temporary one. One line says which.
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if url := get_current_settings().api.url:
+        logger.info("Prefect API: %s (PREFECT_API_URL)", url)
+        return
+    url = f"http://127.0.0.1:{port}/api"
+    if not is_api_healthy(url):
+        logger.info(
+            "Prefect API: a temporary server (none answers on %s; `make prefect` keeps one)", url
+        )
+        return
+    logger.info("Prefect API: the local server at %s", url)
+    stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+
+
+def is_api_healthy(api_url: str, timeout_s: float = 2) -> bool:
+    """Whether a Prefect API answers its health check at ``api_url``."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def _setup_logging() -> None:
+    # The command's own lines before Prefect starts (Prefect's console format).
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s",
+                datefmt="%H:%M:%S",
+            )
+        )
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the pipeline flow once and print where to look; exit code 1 if it failed."""
+    """Run the pipeline once and print where to look; exit code 1 if it failed.
+
+    Before Prefect starts: the run lock, the MLflow check, then ingest (which always runs) and
+    one ``dvc status``. When nothing else would run and nothing is left to push, it prints the
+    summary and exits without a Prefect flow run (``--always-flow`` records one anyway); else
+    the flow runs the rest, recording ingest's run as its first task.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m flows.pipeline",
         description="Run the whole pipeline once as a Prefect flow: the DVC stages of dvc.yaml "
-        "(unchanged ones are skipped), dvc push, and a summary artifact.",
+        "(unchanged ones are skipped), dvc push, and a summary artifact. When ingest finds "
+        "the same rows and every other stage is up to date, no flow run is started.",
         epilog="To run it on a schedule instead: python -m flows.schedule",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -514,27 +512,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=runlock.DEFAULT_WAIT_S,
         help="seconds --wait waits at most",
     )
+    parser.add_argument(
+        "--always-flow",
+        action="store_true",
+        help="start a Prefect flow run (and its summary artifact) also when nothing changed",
+    )
+    parser.add_argument(
+        "--prefect-port",
+        type=int,
+        default=PREFECT_PORT,
+        help="port of a persistent local Prefect server to use when PREFECT_API_URL is unset",
+    )
     args = parser.parse_args(argv)
     wait_s = args.wait_timeout if args.wait else 0.0
+    repo = Path(args.repo)
+    _setup_logging()
     # The lock and the MLflow check come before Prefect starts its server and a flow run: a
     # busy workspace or a dead tracking server is refused in seconds, as one line.
     with ExitStack() as held:
         try:
-            held.enter_context(runlock.run_lock(args.repo, wait_s=wait_s, command=_command_line()))
-            preflight(Path(args.repo))
+            held.enter_context(runlock.run_lock(args.repo, wait_s=wait_s, command=command_line()))
+            preflight(repo)
         except PipelineError as exc:  # nothing ran: no pointers to results
             print(f"Pipeline not started: {exc}", file=sys.stderr)
             return 1
-        try:
-            summary = pipeline(repo=args.repo, wait_s=wait_s)
-        except Exception as exc:  # the flow run is Failed and Prefect logged the details
+        prerun = None if args.always_flow else run_ingest_first(repo)
+        if prerun and (summary := summarize_unchanged(repo, prerun)):
             print(
-                f"\nPipeline failed: {exc}\n{where_to_look(Path(args.repo), None)}", file=sys.stderr
+                f"\nNothing changed: {INGEST} {summary['stages'][INGEST]} and left data/raw as "
+                "it was, every other stage is up to date (dvc status), the data versions are "
+                "pushed: no Prefect flow run started (--always-flow records one).\n"
+                f"{where_to_look(repo, summary)}"
             )
+            return 0
+        use_prefect_api(args.prefect_port, held)
+        from flows.pipeline_flow import pipeline
+
+        try:
+            summary = pipeline(repo=args.repo, wait_s=wait_s, prerun=prerun)
+        except Exception as exc:  # the flow run is Failed and Prefect logged the details
+            print(f"\nPipeline failed: {exc}\n{where_to_look(repo, None)}", file=sys.stderr)
             return 1
-    print(f"\n{where_to_look(Path(args.repo), summary)}")
+    print(f"\n{where_to_look(repo, summary)}")
     return 0
 
 
+def __getattr__(name: str) -> Any:
+    # The flow and its tasks: `from flows.pipeline import pipeline` imports Prefect then.
+    if name in _FLOW_NAMES:
+        from flows import pipeline_flow
+
+        return getattr(pipeline_flow, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # One copy of this module: flows.pipeline_flow imports it by its name.
+    from flows.pipeline import main as _main
+
+    raise SystemExit(_main())
