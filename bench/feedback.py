@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -67,6 +68,7 @@ TARGETS = {
 }
 DIAGNOSTIC_RATIOS = {"make_repro_lr_over_plain": ("make_repro_lr", "plain")}
 LR_FACTORS = {"dvc_repro_lr": 2.0, "make_repro_lr": 3.0}
+PLAIN_RUNS = 2  # the plain script per round; the faster run counts (it varies most under load)
 
 PLAIN_SCRIPT = r'''"""The pipeline's work on the default data as one plain script (bench.feedback).
 
@@ -146,10 +148,16 @@ print(json.dumps({"f1_macro": float(f1_score(y_test.numpy(), predicted, average=
                   "rows": {"train": len(y_train), "val": len(y_val), "test": len(y_test)}}))
 '''
 
-# Lines of the flow's console log that mark its phases (Prefect 3's own words).
-_SERVER_STARTING = "Starting temporary server"
-_FLOW_BEGINS = re.compile(r"Flow run '[^']+' - Beginning flow run")
-_FLOW_ENDS = re.compile(r"Flow run '[^']+' - Finished in state")
+# Lines of `make run`'s console log that start its phases (flows/pipeline.py's and Prefect 3's
+# own words), in the order they come.
+_PHASES = (
+    (r"stage ingest: asking the source", "ingest + dvc status, before Prefect"),
+    (r"Prefect API: ", "Prefect import"),
+    (r"Starting temporary server", "Prefect server start"),
+    (r"Flow run '[^']+' - Beginning flow run", "flow run"),
+    (r"Flow run '[^']+' - Finished in state", "after the flow (summary, server stop)"),
+    (r"^Nothing changed: ", "summary"),
+)
 # DVC's own words (as flows/pipeline.py reads them) marking where each stage starts.
 _DVC_STAGE = re.compile(
     r"(?:Running stage '(?P<ran>[^']+)':|"
@@ -181,13 +189,15 @@ def pipeline_env(repo: Path) -> dict[str, str]:
 
 def run_step(
     cmd: Sequence[str], cwd: Path, env: dict[str, str], log: Path
-) -> tuple[float, list[tuple[float, str]]]:
-    """Run ``cmd``; its wall seconds and its output lines, each with the second it arrived.
+) -> tuple[float, list[tuple[float, str]], float]:
+    """Run ``cmd``; its wall seconds, its output lines (each with the second it arrived) and
+    the CPU seconds (user + system) of it and every process it waited for.
 
     The output (stdout and stderr together) is also written to ``log``. A failing command
     stops the benchmark (SystemExit with the end of its output).
     """
     lines: list[tuple[float, str]] = []
+    cpu_before = _children_cpu()
     start = time.perf_counter()
     with (
         subprocess.Popen(
@@ -201,12 +211,19 @@ def run_step(
             lines.append((time.perf_counter() - start, text))
             out.write(text + "\n")
     seconds = time.perf_counter() - start
+    cpu = _children_cpu() - cpu_before
     if proc.returncode != 0:
         tail = "\n".join(text for _, text in lines[-40:])
         raise SystemExit(
             f"{' '.join(cmd)} failed (exit {proc.returncode}) in {cwd}; log: {log}\n{tail}"
         )
-    return seconds, lines
+    return seconds, lines, cpu
+
+
+def _children_cpu() -> float:
+    # Waited-for descendants only: a step's processes count once each has exited.
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def clone_workspace(dest: Path) -> str:
@@ -236,11 +253,11 @@ def run_plain(params_file: Path, folder: Path, env: dict[str, str] | None = None
     """Run the plain script once on ``params_file``'s values, in a process of this interpreter.
 
     Returns:
-        ``seconds`` (wall, the process start and imports included) and what the script
-        printed: ``f1_macro`` on the test split, ``epochs``, ``best_epoch``, ``rows``.
+        ``seconds`` (wall, the process start and imports included), ``cpu_seconds`` and what
+        the script printed: ``f1_macro`` on the test split, ``epochs``, ``best_epoch``, ``rows``.
     """
     script = write_plain_script(folder)
-    seconds, lines = run_step(
+    seconds, lines, cpu = run_step(
         [
             sys.executable,
             str(script),
@@ -252,40 +269,38 @@ def run_plain(params_file: Path, folder: Path, env: dict[str, str] | None = None
         folder / "plain.log",
     )
     result = json.loads(next(text for _, text in reversed(lines) if text.startswith("{")))
-    return {"seconds": seconds, **result}
+    return {"seconds": seconds, "cpu_seconds": cpu, **result}
 
 
 def flow_breakdown(
     seconds: float, lines: list[tuple[float, str]], prefect_home: Path
 ) -> dict[str, float]:
-    """Where a flow run's wall time went: start-up, the Prefect server, each task, the rest.
+    """Where a ``make run``'s wall time went: start-up, ingest and ``dvc status`` before
+    Prefect, Prefect's import and server, each task, the rest.
 
-    Task and flow durations come from the flow's Prefect store (``prefect_home/prefect.db``,
-    its latest flow run); the phases outside the flow from when Prefect's log lines arrived.
+    Phases run from the first log line that marks them (``_PHASES``) to the next one found.
+    When a flow ran, its task durations come from its Prefect store (``prefect_home/prefect.db``,
+    the latest flow run), and the flow's phase is split into them.
     """
-
-    def first(match: Any) -> float | None:
-        return next((t for t, text in lines if match(text)), None)
-
-    parts: dict[str, float] = {}
-    server = first(lambda text: _SERVER_STARTING in text)
-    begins = first(lambda text: bool(_FLOW_BEGINS.search(text)))
-    ends = first(lambda text: bool(_FLOW_ENDS.search(text)))
-    if server is not None:
-        parts["start-up (imports)"] = server
-        if begins is not None:
-            parts["Prefect server start"] = begins - server
+    marks = [("start-up (imports, lock, MLflow check)", 0.0)]
+    for mark, phase in _PHASES:
+        found = next((t for t, text in lines if re.search(mark, text)), None)
+        if found is not None:
+            marks.append((phase, found))
+    marks.sort(key=lambda item: item[1])
+    ends = [t for _, t in marks[1:]] + [seconds]
+    parts = {phase: end - start for (phase, start), end in zip(marks, ends, strict=True)}
+    if "flow run" not in parts:  # no flow run (nothing changed): nothing in the store is ours
+        return parts
     try:
         tasks, flow_seconds = _prefect_durations(prefect_home / "prefect.db")
     except (sqlite3.Error, LookupError) as exc:
         print(f"(no task durations from the Prefect store: {exc})", file=sys.stderr)
-        tasks, flow_seconds = {}, None
+        return parts
+    flow_phase = parts.pop("flow run")
     parts.update({f"task {name}": value for name, value in tasks.items()})
-    if flow_seconds is not None:
-        parts["flow, between tasks"] = flow_seconds - sum(tasks.values())
-    if ends is not None:
-        parts["after the flow (summary, server stop)"] = seconds - ends
-    parts["other"] = seconds - sum(parts.values())
+    parts["flow, between tasks"] = flow_seconds - sum(tasks.values())
+    parts["other"] = flow_phase - flow_seconds
     return parts
 
 
@@ -340,6 +355,7 @@ def bench_round(work: Path, index: int) -> dict[str, Any]:
         "commit": commit,
         "source": params["ingest"]["source"],
         "seconds": {},
+        "cpu_seconds": {},
         "breakdown": {},
         "lr": {"base": base_lr},
     }
@@ -348,14 +364,20 @@ def bench_round(work: Path, index: int) -> dict[str, Any]:
     params_file = shutil.copy(repo / "params.yaml", folder / "params.yaml")
 
     def plain() -> None:
-        result["plain"] = run_plain(Path(params_file), folder, pipeline_env(folder))
+        # The most load-sensitive step: the faster of PLAIN_RUNS runs.
+        runs = [
+            run_plain(Path(params_file), folder, pipeline_env(folder)) for _ in range(PLAIN_RUNS)
+        ]
+        result["plain"] = min(runs, key=lambda run: run["seconds"])
+        result["plain"]["all_seconds"] = [run["seconds"] for run in runs]
         result["seconds"]["plain"] = result["plain"]["seconds"]
+        result["cpu_seconds"]["plain"] = result["plain"]["cpu_seconds"]
 
     if index % 2 == 0:  # alternate: the plain script before, then after the pipeline steps
         plain()
     for step, cmd in (("full_run", flow), ("noop_run", flow)):
-        seconds, lines = run_step(cmd, repo, env, folder / f"{step}.log")
-        result["seconds"][step] = seconds
+        seconds, lines, cpu = run_step(cmd, repo, env, folder / f"{step}.log")
+        result["seconds"][step], result["cpu_seconds"][step] = seconds, cpu
         result["breakdown"][step] = flow_breakdown(seconds, lines, repo / ".prefect")
     for step, cmd in (
         ("dvc_repro_lr", [sys.executable, "-m", "dvc", "repro"]),
@@ -363,8 +385,8 @@ def bench_round(work: Path, index: int) -> dict[str, Any]:
     ):
         result["lr"][step] = base_lr * LR_FACTORS[step]
         set_lr(repo, result["lr"][step])
-        seconds, lines = run_step(cmd, repo, env, folder / f"{step}.log")
-        result["seconds"][step] = seconds
+        seconds, lines, cpu = run_step(cmd, repo, env, folder / f"{step}.log")
+        result["seconds"][step], result["cpu_seconds"][step] = seconds, cpu
         result["breakdown"][step] = repro_breakdown(seconds, lines)
     if index % 2 == 1:
         plain()
@@ -387,13 +409,21 @@ def check_targets(seconds: dict[str, list[float]]) -> dict[str, Any]:
 
 
 def print_report(
-    seconds: dict[str, list[float]], checks: dict[str, Any], breakdowns: dict[str, dict[str, float]]
+    seconds: dict[str, list[float]],
+    checks: dict[str, Any],
+    breakdowns: dict[str, dict[str, float]],
+    cpu: dict[str, list[float]],
 ) -> None:
     rows = [
-        [step, summarize(values)["median"], f"{min(values):.1f}..{max(values):.1f}"]
+        [
+            step,
+            summarize(values)["median"],
+            f"{min(values):.1f}..{max(values):.1f}",
+            summarize(cpu[step])["median"],
+        ]
         for step, values in seconds.items()
     ]
-    print("\n" + format_table(["step", "seconds (median)", "min..max"], rows))
+    print("\n" + format_table(["step", "seconds (median)", "min..max", "CPU s (median)"], rows))
     rows = [
         [
             name,
@@ -455,8 +485,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     seconds = {step: [r["seconds"][step] for r in rounds] for step in STEPS}
+    cpu = {step: [r["cpu_seconds"][step] for r in rounds] for step in STEPS}
     checks = check_targets(seconds)
-    print_report(seconds, checks, rounds[-1]["breakdown"])
+    print_report(seconds, checks, rounds[-1]["breakdown"], cpu)
     path = write_result(
         NAME,
         {
@@ -477,6 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": {
                 step: {**summarize(values), "values": values} for step, values in seconds.items()
             },
+            "cpu_seconds": {
+                step: {**summarize(values), "values": values} for step, values in cpu.items()
+            },
+            "plain_all_seconds": [r["plain"]["all_seconds"] for r in rounds],
             "targets": checks,
             "breakdown": [r["breakdown"] for r in rounds],
         },

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bench import feedback
@@ -51,3 +52,22 @@ def test_repro_breakdown_splits_dvc_output_by_stage() -> None:
         "validate (skipped)": 0.5,
         "train (ran)": 1.5,
     }
+
+
+def test_flow_breakdown_of_a_run_that_started_no_flow(tmp_path: Path) -> None:
+    lines = [
+        (0.4, "12:00:00.400 | INFO    | flows.pipeline - stage ingest: asking the source ..."),
+        (0.9, "12:00:00.900 | INFO    | flows.pipeline - Running stage 'ingest':"),
+        (3.0, ""),
+        (3.0, "Nothing changed: ingest ran and left data/raw as it was, ..."),
+    ]
+
+    parts = feedback.flow_breakdown(3.2, lines, tmp_path / "no-store")
+
+    assert parts == pytest.approx(
+        {
+            "start-up (imports, lock, MLflow check)": 0.4,
+            "ingest + dvc status, before Prefect": 2.6,
+            "summary": 0.2,
+        }
+    )
