@@ -205,6 +205,7 @@ def closed_port() -> int:
         return sock.getsockname()[1]  # closed again on exit: connecting is refused
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_fails_the_stage_in_seconds_with_one_line(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -246,6 +247,7 @@ def test_an_unreachable_tracking_server_fails_the_stage_in_seconds_with_one_line
 # --- the store is read-only ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["existing", "new"])
 def test_a_read_only_store_names_the_database_and_the_fix(
     store: str,
@@ -296,6 +298,7 @@ def test_a_read_only_store_names_the_database_and_the_fix(
 # --- the disk is full --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_store_leaves_no_running_run_or_pending_model(
     tmp_path: Path,
     trained: tuple[Path, Path],
@@ -402,6 +405,7 @@ def test_unknown_errors_are_left_to_the_traceback_and_a_locked_store_to_the_retr
 # --- the service: /ready while the champion cannot be loaded ----------------------------------
 
 
+@pytest.mark.slow
 def test_ready_is_503_with_the_reason_while_the_champion_cannot_load_and_200_after(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:

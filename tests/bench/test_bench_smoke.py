@@ -54,6 +54,7 @@ def test_train_loop_against_lightning(tmp_path: Path) -> None:
     assert set(case["ratios"]) == {"stage/bare", "stage/lightning"}
 
 
+@pytest.mark.slow
 def test_train_mlflow_logs_into_a_temporary_store_only(tmp_path: Path) -> None:
     before = os.environ.get("MLFLOW_TRACKING_URI")
     argv = [*TINY, "--cases", "pipeline", "--pipeline-epochs", "2", "--results-dir", str(tmp_path)]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.csv as csv
 import pyarrow.parquet as pq
+import pytest
 
 from bench import data_scale, synth
 from stages.common.io import read_json
@@ -28,6 +29,7 @@ def test_synth_tables_are_repeatable_whatever_the_file_format(tmp_path: Path) ->
     assert table.column("x3").null_count > 0  # missing values
 
 
+@pytest.mark.slow
 def test_data_scale_reports_rates_ratios_and_peak_rss(tmp_path: Path) -> None:
     assert (
         data_scale.main(

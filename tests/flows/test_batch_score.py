@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from flows.batch_score import batch_score, render_summary
 from tests.serving.conftest import NAME, Registry, registry  # noqa: F401 - the fixture
@@ -20,6 +21,7 @@ def params_file(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_flow_scores_every_file_of_a_folder_with_the_champion(
     prefect_api: str, registry: Registry, tmp_path: Path
 ) -> None:  # noqa: F811
@@ -48,6 +50,7 @@ def test_flow_scores_every_file_of_a_folder_with_the_champion(
     assert "| 20 |" in render_summary(summary) and f"{NAME} v1" in render_summary(summary)
 
 
+@pytest.mark.slow
 def test_a_file_the_model_cannot_score_fails_the_flow_naming_the_column(
     prefect_api: str, registry: Registry, tmp_path: Path
 ) -> None:  # noqa: F811

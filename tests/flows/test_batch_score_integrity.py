@@ -21,6 +21,7 @@ from tests.serving.test_artifact_integrity import (
 )
 
 
+@pytest.mark.slow
 def test_the_batch_flow_refuses_a_tampered_champion_without_retrying(
     prefect_api: str,
     store: Store,

@@ -284,6 +284,7 @@ def registered(mlflow_uri: str) -> str:
     return mlflow_uri
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("ref", "expected"),
     [

@@ -355,6 +355,7 @@ def test_an_unknown_suffix_asks_for_the_format(
     _unchanged(project)
 
 
+@pytest.mark.slow
 def test_a_parquet_table_is_brought_in_as_parquet(
     project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -399,6 +400,7 @@ def test_edit_params_keeps_comments_and_clears_settings_naming_old_columns() -> 
     }
 
 
+@pytest.mark.slow
 def test_a_table_its_own_gate_refuses_puts_everything_back(
     project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -414,6 +416,7 @@ def test_a_table_its_own_gate_refuses_puts_everything_back(
     _unchanged(project)
 
 
+@pytest.mark.slow
 def test_a_semicolon_table_is_read_with_delimiter_and_params_say_so(
     project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -441,6 +444,7 @@ def test_a_semicolon_table_is_read_with_delimiter_and_params_say_so(
         assert set(load_suite(project / params.validate.suite_path).columns) == set(frame)
 
 
+@pytest.mark.slow
 def test_a_second_make_data_keeps_the_reviewed_suite_unless_reprofile(
     project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -463,6 +467,7 @@ def test_a_second_make_data_keeps_the_reviewed_suite_unless_reprofile(
     assert "notes" not in json.loads(suite.read_text())["meta"]
 
 
+@pytest.mark.slow
 def test_null_sections_and_a_data_root_outside_the_project_are_named(
     project: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -495,6 +500,7 @@ def test_make_data_passes_delim_and_reprofile_on() -> None:
     assert "--delimiter ';'" in shown and "--reprofile" in shown, shown
 
 
+@pytest.mark.slow
 def test_make_data_refuses_while_a_pipeline_run_holds_the_workspace(
     project: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -70,6 +70,7 @@ def test_order_stages_rejects_a_cycle() -> None:
         order_stages(dot, ["a", "b"])
 
 
+@pytest.mark.slow
 def test_read_stage_order_asks_dvc_for_the_project_graph(tmp_path: Path) -> None:
     repo = make_pipeline_repo(tmp_path / "repo")
     assert read_stage_order(repo) == STAGES
@@ -138,6 +139,7 @@ def _run_one_stage(stage: str, repo: str) -> str:
     return run_stage.with_options(retries=2, retry_delay_seconds=0)(stage, repo)
 
 
+@pytest.mark.slow
 def test_run_stage_retries_crashes_but_not_refusals(
     prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -121,6 +121,7 @@ def _flow_repo(repo: Path) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_make_run_with_a_dead_tracking_server_runs_no_stage(tmp_path: Path) -> None:
     repo = _flow_repo(tmp_path / "repo")
     uri = f"http://127.0.0.1:{_closed_port()}"
@@ -141,6 +142,7 @@ def test_make_run_with_a_dead_tracking_server_runs_no_stage(tmp_path: Path) -> N
     assert not (repo / "out.txt").exists()
 
 
+@pytest.mark.slow
 def test_the_flow_run_by_a_deployment_checks_the_store_before_ingest(
     tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,6 +70,7 @@ def _remote_files(tmp_path: Path) -> list[Path]:
     return [path for path in remote.rglob("*") if path.is_file()] if remote.exists() else []
 
 
+@pytest.mark.slow
 def test_make_repro_refuses_to_push_a_corrupt_cache_object(repo: Path, tmp_path: Path) -> None:
     obj = _flip_cached(repo, "b" * 1000)
     run = subprocess.run(
@@ -102,6 +103,7 @@ def test_make_repro_refuses_to_push_a_corrupt_cache_object(repo: Path, tmp_path:
     assert len(_remote_files(tmp_path)) == 3  # data's .dir object and its two files
 
 
+@pytest.mark.slow
 def test_the_flow_push_task_refuses_a_corrupt_object_without_retrying(
     repo: Path, tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

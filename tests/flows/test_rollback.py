@@ -137,6 +137,7 @@ def test_the_previous_holder_survives_moves_missing_from_the_log() -> None:
 # ----------------------------------------------------------------------------- the history
 
 
+@pytest.mark.slow
 def test_register_recorded_every_alias_move_with_its_reason_and_run(store: str) -> None:
     client = _client(store)
     history = registry.alias_history(client, NAME)
@@ -155,6 +156,7 @@ def test_register_recorded_every_alias_move_with_its_reason_and_run(store: str) 
     assert {r.info.status for r in client.search_runs([audit.experiment_id])} == {"FINISHED"}
 
 
+@pytest.mark.slow
 def test_a_failed_move_is_recorded_as_failed_and_a_repeat_records_nothing(store: str) -> None:
     client = _client(store)
     before = _moves(store)
@@ -173,6 +175,7 @@ def test_a_failed_move_is_recorded_as_failed_and_a_repeat_records_nothing(store:
         client.log_param(failed.entry_id, "to_version", "2")
 
 
+@pytest.mark.slow
 def test_an_entry_a_killed_process_left_running_is_settled_by_the_next_move(store: str) -> None:
     import time
 
@@ -196,6 +199,7 @@ def test_an_entry_a_killed_process_left_running_is_settled_by_the_next_move(stor
     assert history[-1].reason == "now for real" and history[-1].status == "done"
 
 
+@pytest.mark.slow
 def test_lineage_shows_the_alias_history(store: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert lineage.main([f"{NAME}@champion"]) == 0
 
@@ -208,6 +212,7 @@ def test_lineage_shows_the_alias_history(store: str, capsys: pytest.CaptureFixtu
 # ----------------------------------------------------------------------------- rollback
 
 
+@pytest.mark.slow
 def test_rollback_moves_champion_back_and_a_following_service_swaps_to_it(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -241,6 +246,7 @@ def test_rollback_moves_champion_back_and_a_following_service_swaps_to_it(
     assert '"kind": "rollback"' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -264,6 +270,7 @@ def test_rollback_refuses_with_one_line_and_moves_nothing(
     assert _champion(store) == "2" and _moves(store) == before
 
 
+@pytest.mark.slow
 def test_rollback_to_a_failed_version_needs_force_and_to_the_holder_moves_nothing(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -279,6 +286,7 @@ def test_rollback_to_a_failed_version_needs_force_and_to_the_holder_moves_nothin
     assert _moves(store)[-1] == ("champion", "2", "3", "rollback", "done")
 
 
+@pytest.mark.slow
 def test_make_rollback_needs_a_reason_and_moves_champion(store: str, tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
 
@@ -301,6 +309,7 @@ def test_make_rollback_needs_a_reason_and_moves_champion(store: str, tmp_path: P
     assert registry.alias_history(_client(store), NAME)[-1].reason == "it's the wrong one"
 
 
+@pytest.mark.slow
 def test_make_rollback_passes_any_reason_through_as_text(store: str) -> None:
     # A double quote used to break the recipe's `test -n "..."` (usage error, nothing moved);
     # $ and backticks would have been expanded by the shell.
@@ -354,6 +363,7 @@ def tampered_v1(store: str):
         path.write_bytes(original)
 
 
+@pytest.mark.slow
 def test_rollback_refuses_a_version_whose_stored_files_were_tampered_with(
     store: str, tampered_v1: tuple[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -395,6 +405,7 @@ def test_rollback_refuses_a_version_whose_stored_files_were_tampered_with(
     assert f"got {after}" in last.reason
 
 
+@pytest.mark.slow
 def test_rollback_checks_the_signature_with_the_key_env_params_names(
     store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -415,6 +426,7 @@ def test_rollback_checks_the_signature_with_the_key_env_params_names(
     assert _champion(store) == "1"
 
 
+@pytest.mark.slow
 def test_rollback_refuses_a_version_whose_stored_files_are_gone(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -138,6 +138,7 @@ def test_a_second_run_refuses_naming_the_holder_and_runs_nothing(tmp_path: Path,
     assert not (repo / "out.txt").exists()  # dvc repro never ran
 
 
+@pytest.mark.slow
 def test_a_waiting_run_goes_on_once_the_holder_is_done(tmp_path: Path, holder) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
     first = holder(repo)
@@ -190,6 +191,7 @@ def test_the_lock_of_a_holder_killed_with_sigkill_is_taken_at_once(
     assert f"pid {first.pid} " in caplog.text and "ended without releasing" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_second_make_run_refuses_in_one_line_before_prefect_starts(
     tmp_path: Path, holder
 ) -> None:
@@ -211,6 +213,7 @@ def test_a_second_make_run_refuses_in_one_line_before_prefect_starts(
     assert not (repo / "out.txt").exists()
 
 
+@pytest.mark.slow
 def test_a_waiting_make_run_says_once_whom_it_waits_for(tmp_path: Path, holder) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
     first = holder(repo)
@@ -228,6 +231,7 @@ def test_a_waiting_make_run_says_once_whom_it_waits_for(tmp_path: Path, holder) 
     assert second.stderr.count("Pipeline not started:") == 1 and "waited 1 s" in second.stderr
 
 
+@pytest.mark.slow
 def test_the_flow_refuses_before_ingest_while_another_run_holds_the_workspace(
     tmp_path: Path, holder, prefect_api: str
 ) -> None:
@@ -242,6 +246,7 @@ def test_the_flow_refuses_before_ingest_while_another_run_holds_the_workspace(
     assert not (repo / "out.txt").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_prefect_server(tmp_path: Path, reap: list) -> None:
     repo = _dvc_repo(tmp_path / "repo")
     (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
@@ -620,6 +625,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_a_stale_dvc_rwlock_entry_is_cleared_by_the_next_run(tmp_path: Path) -> None:
     repo = _dvc_repo(tmp_path / "repo", cmd="python -c \"open('out.txt','w').write('x')\"")
     out, code = str(repo / "out.txt"), str(repo / "stage.py")

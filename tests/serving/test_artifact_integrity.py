@@ -180,6 +180,7 @@ def test_a_replaced_artifact_is_refused_everywhere_and_never_runs(
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_tampered_pickled_model_of_before_models_from_code_is_refused(
     store: Store, tmp_path: Path
 ) -> None:
@@ -390,6 +391,7 @@ def test_a_damaged_preprocessor_is_not_unpickled_even_by_plain_mlflow(
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_register_records_signed_hashes_and_refuses_a_tampered_champion(
     tmp_path: Path,
     mlflow_uri: str,

@@ -74,6 +74,7 @@ def run_client(port: int, bodies: list[bytes], answers: list, seen_v2: threading
     conn.close()
 
 
+@pytest.mark.slow
 def test_champion_moves_mid_load_with_zero_failed_requests(
     server: int, champion_v1: Registry
 ) -> None:

@@ -129,6 +129,7 @@ def _no_nan(name: str) -> float:
     raise AssertionError(f"not JSON: {name}")
 
 
+@pytest.mark.slow
 def test_readme_request_example_works_for_any_target(
     project: Path, served: str, tmp_path: Path
 ) -> None:

@@ -108,6 +108,7 @@ def test_cnn_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
         np.testing.assert_allclose(proba, expected, atol=ONNX_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_export_logs_the_variants_register_records_them_and_the_loader_serves_them(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -155,6 +156,7 @@ def test_export_logs_the_variants_register_records_them_and_the_loader_serves_th
     pd.testing.assert_frame_equal(loaded.predict(rows), served["int8"])
 
 
+@pytest.mark.slow
 def test_export_again_after_registration_keeps_the_recorded_variants(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -199,6 +201,7 @@ def test_export_disabled_logs_no_variants_and_register_takes_none(
         variants.load_variant(f"models:/{NAME}/1", "onnx")
 
 
+@pytest.mark.slow
 def test_register_refuses_an_export_report_of_another_run(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -17,6 +17,7 @@ from tests.stages.register.test_stage import LOOSE, params_file, prepare, regist
 NAME = TEST_PARAMS["register"]["model_name"]
 
 
+@pytest.mark.slow
 def test_a_rollback_during_register_is_not_undone_and_the_version_stays_pending(
     tmp_path: Path,
     mlflow_uri: str,

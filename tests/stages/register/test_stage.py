@@ -405,6 +405,7 @@ def test_first_model_becomes_champion_and_serves_from_a_fresh_process(
     assert not served["model_from"].startswith(str(ROOT))  # the code travelled with the model
 
 
+@pytest.mark.slow
 def test_worse_model_is_challenger_and_below_thresholds_fails_the_gate(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -458,6 +459,7 @@ def test_worse_model_is_challenger_and_below_thresholds_fails_the_gate(
     assert len(mlflow.MlflowClient().search_model_versions(f"name = '{NAME}'")) == 3
 
 
+@pytest.mark.slow
 def test_identical_model_registers_no_new_version_and_moves_no_alias(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -492,6 +494,7 @@ def _penguins() -> pd.DataFrame:
     return pd.read_csv(files("palmerpenguins") / "data" / "penguins.csv")
 
 
+@pytest.mark.slow
 def test_another_table_is_not_compared_with_the_champion_unless_allowed(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -569,6 +572,7 @@ def test_bad_metrics_file_stops_before_anything_is_registered(
     assert mlflow.MlflowClient().search_registered_models() == []
 
 
+@pytest.mark.slow
 def test_a_version_the_service_cannot_answer_in_time_is_blocked_and_says_why(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -703,6 +707,7 @@ def _moves() -> list[tuple[str, str | None, str, str]]:
     ]
 
 
+@pytest.mark.slow
 def test_a_retry_after_a_crash_resumes_the_version_instead_of_adding_one(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -727,6 +732,7 @@ def test_a_retry_after_a_crash_resumes_the_version_instead_of_adding_one(
     }
 
 
+@pytest.mark.slow
 def test_a_crash_after_the_alias_moved_finishes_as_champion_not_compared_with_itself(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -754,6 +760,7 @@ def test_a_crash_after_the_alias_moved_finishes_as_champion_not_compared_with_it
     assert _moves() == [("champion", None, "1", "done")]  # the retry moved nothing again
 
 
+@pytest.mark.slow
 def test_a_failed_version_made_champion_by_a_forced_rollback_is_still_judged_by_the_gate(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -776,6 +783,7 @@ def test_a_failed_version_made_champion_by_a_forced_rollback_is_still_judged_by_
     assert _versions() == ["1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("function", "where"),
     [
@@ -824,6 +832,7 @@ def test_a_stop_before_the_alias_moves_leaves_no_champion_and_the_retry_moves_it
     assert client.get_model_version(NAME, "1").tags["promotion.gate"] == "passed"
 
 
+@pytest.mark.slow
 def test_one_run_registers_one_version_even_when_a_stop_left_it_untagged(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -855,6 +864,7 @@ def test_one_run_registers_one_version_even_when_a_stop_left_it_untagged(
     assert tags["promotion.gate"] == "passed"
 
 
+@pytest.mark.slow
 def test_register_twice_on_the_same_inputs_adds_no_version_and_moves_nothing(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -871,6 +881,7 @@ def test_register_twice_on_the_same_inputs_adds_no_version_and_moves_nothing(
     assert _moves() == [("champion", None, "1", "done")]
 
 
+@pytest.mark.slow
 def test_a_gate_failure_is_not_registered_again_by_a_later_identical_run(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -893,6 +904,7 @@ def test_a_gate_failure_is_not_registered_again_by_a_later_identical_run(
     assert _moves() == [("challenger", None, "1", "done")]  # moved once, on day 1
 
 
+@pytest.mark.slow
 def test_a_reviewed_suite_edit_reaches_the_service_with_the_same_network(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -943,6 +955,7 @@ def test_a_reviewed_suite_edit_reaches_the_service_with_the_same_network(
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 2
 
 
+@pytest.mark.slow
 def test_using_fewer_columns_of_the_same_table_is_compared_not_refused(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
@@ -967,6 +980,7 @@ def test_using_fewer_columns_of_the_same_table_is_compared_not_refused(
     assert f"the champion's {record['champion_metrics']['f1_macro']:.4f}" in record["reason"]
 
 
+@pytest.mark.slow
 def test_a_params_edit_during_register_refuses_before_the_alias_moves(
     tmp_path: Path,
     mlflow_uri: str,
@@ -995,6 +1009,7 @@ def test_a_params_edit_during_register_refuses_before_the_alias_moves(
     assert _aliases() == {"champion": "1"} and _moves() == [("champion", None, "1", "done")]
 
 
+@pytest.mark.slow
 def test_a_later_identical_run_keeps_the_versions_lineage_and_is_recorded_as_its_judge(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:

@@ -195,6 +195,7 @@ def _weights(root: Path, name: str) -> dict[str, torch.Tensor]:
     return torch.load(root / name / "models" / "model.pt", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_gives_identical_weights_and_metrics(project: Path) -> None:
     assert train.main(_args(project, "reference")) == 0
 
@@ -221,6 +222,7 @@ def test_sigkill_mid_epoch_then_rerun_gives_identical_weights_and_metrics(projec
     assert not list(resume.iterdir())  # a finished run leaves no resume state behind
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_ends_the_run_killed_and_a_rerun_finishes_it(project: Path) -> None:
     proc, resume = _start(project, "term")
     checkpoint_file = _wait_for_checkpoint(proc, resume)
