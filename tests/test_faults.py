@@ -339,6 +339,7 @@ def test_a_full_disk_under_the_store_leaves_no_running_run_or_pending_model(
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_a_full_output_disk_names_the_output_folder(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,6 +15,7 @@ from bench import feedback
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_plain_script_trains_the_params_mlp_and_scores_the_test_split(tmp_path: Path) -> None:
     result = feedback.run_plain(ROOT / "params.yaml", tmp_path)
 

@@ -32,6 +32,9 @@ from serving.payloads import parse_payload
 from serving.rowcheck import find_violations
 from tests.serving.conftest import CONTRACT_NAME, NAME, WEATHER_NAME, Registry, source_rows
 
+# Every test here shares the registry of the two models built once per module (seconds).
+pytestmark = pytest.mark.slow
+
 PENGUIN = 0  # a complete row of penguins.csv
 MISSING_INTS = 3  # "Adelie,Torgersen,NA,NA,NA,NA,NA,2007": flipper_length_mm etc. missing
 

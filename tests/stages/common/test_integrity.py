@@ -185,6 +185,7 @@ def test_a_change_without_dvc_yaml_refuses(tmp_path: Path, monkeypatch) -> None:
         snapshot.check_unchanged("ingest")
 
 
+@pytest.mark.slow
 def test_lineage_logs_the_params_the_stage_read(
     tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -193,6 +193,7 @@ def _args(root: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_main_writes_metrics_and_plots_and_logs_them_to_the_train_run(
     workdir: Path, tmp_path: Path
 ) -> None:

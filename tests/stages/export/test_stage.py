@@ -183,6 +183,7 @@ def test_export_again_after_registration_keeps_the_recorded_variants(
     assert record["decision"] == "identical"
 
 
+@pytest.mark.slow
 def test_export_disabled_logs_no_variants_and_register_takes_none(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:

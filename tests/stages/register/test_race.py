@@ -93,6 +93,7 @@ def test_move_alias_with_a_stale_expected_holder_moves_nothing(mlflow_uri: str) 
     assert str(client.get_registered_model("m").aliases["champion"]) == "3"
 
 
+@pytest.mark.slow
 def test_a_file_changed_in_the_store_after_upload_is_refused_not_recorded(
     tmp_path: Path,
     mlflow_uri: str,

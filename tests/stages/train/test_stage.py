@@ -477,6 +477,7 @@ def test_parquet_stream_covers_each_row_once_per_rank_with_padding(tmp_path: Pat
     assert sorted(set(seen)) == list(range(23)) and len(seen) == 24
 
 
+@pytest.mark.slow
 def test_streamed_training_data_gives_a_model_as_good_as_in_memory(project: Path) -> None:
     from mlflow.tracking import MlflowClient
 
