@@ -3,13 +3,13 @@ that stage alone (issue 11).
 
 Real DVC in a temporary git + DVC repo holding a copy of the project. Nothing runs: every output
 gets a placeholder file and ``dvc commit -f`` records the current hashes of the code in dvc.lock,
-as a finished ``dvc repro`` would. Each test then edits one file, asks ``dvc status`` which stages
-have changed dependencies, and restores the file.
+as a finished ``dvc repro`` would. Each test then edits one file, asks DVC which stages have
+changed dependencies (``Repo.status()``, what ``dvc status --json`` prints, in this process to
+skip DVC's start-up) and restores the file.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -60,9 +60,12 @@ def locked_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _changed_stages(repo: Path) -> set[str]:
     """Stages ``dvc status`` reports with changed dependencies (ingest is always changed: it
     asks its source for new rows; that alone does not count)."""
-    status = json.loads(dvc(repo, "status", "--json").stdout)
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:  # what `dvc status --json` prints, without a new process
+        status = dvc_repo.status()
     return {
-        stage
+        stage.rsplit(":", 1)[-1]  # "<path to>/dvc.yaml:train" seen from another folder
         for stage, changes in status.items()
         if any(isinstance(change, dict) and "changed deps" in change for change in changes)
     }
@@ -79,9 +82,8 @@ def edit(locked_repo: Path) -> Iterator:
         path.write_text(originals[path] + "\n# an edit\n")
 
     yield _edit
-    for path, text in originals.items():
+    for path, text in originals.items():  # a file left edited would show in the next test's set
         path.write_text(text)
-    assert _changed_stages(locked_repo) == set()
 
 
 def test_every_stage_has_its_own_package() -> None:
