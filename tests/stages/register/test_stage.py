@@ -337,6 +337,7 @@ def version_by_alias(alias: str) -> mlflow.entities.model_registry.ModelVersion:
     return mlflow.MlflowClient().get_model_version_by_alias(NAME, alias)
 
 
+@pytest.mark.slow
 def test_first_model_becomes_champion_and_serves_from_a_fresh_process(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
 ) -> None:
