@@ -119,13 +119,13 @@ def score_model(
     """
     import tempfile
 
-    import mlflow
-
     from model.artifacts import ensure_verified
+    from model.loading import load_pyfunc
     from model.servable import proba_matrix
 
     with tempfile.TemporaryDirectory(prefix="register-score-") as tmp:
-        model = mlflow.pyfunc.load_model(ensure_verified(model_uri, tmp, key_env))
+        # With the code the version shipped: a champion registered by older code has its own.
+        model = load_pyfunc(ensure_verified(model_uri, tmp, key_env))
     predictions = model.predict(test.drop(columns=[target]))
     proba = proba_matrix(predictions, classes)
     return compute_metrics(encode_with_classes(test[target], classes), proba)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from model.metrics import LOWER_IS_BETTER, METRIC_NAMES, RENAMED
+from model.metrics import LOWER_IS_BETTER
 from stages.common.config import RegisterParams
-from stages.common.errors import ConfigError
 
 TIE_TOLERANCE = 1e-9  # float noise below this counts as "equal", i.e. not worse
 MAX_REASON = 600  # characters: a reason is one bounded line, never a dumped object
@@ -26,26 +25,6 @@ class Decision:
     promote: bool
     reason: str
     gate_failed: bool
-
-
-def check_register_params(params: RegisterParams) -> None:
-    """Every metric named in the thresholds and the comparison must be one the pipeline computes.
-
-    Raises:
-        ConfigError: naming the field and the unknown metric.
-    """
-    named = [
-        ("compare_metric", params.compare_metric),
-        *(("min_metrics", k) for k in params.min_metrics),
-        *(("max_metrics", k) for k in params.max_metrics),
-    ]
-    for field, metric in named:
-        if metric not in METRIC_NAMES:
-            renamed = f"; renamed to {RENAMED[metric]}" if metric in RENAMED else ""
-            raise ConfigError(
-                f"register.{field}: unknown metric {metric!r} "
-                f"(one of {', '.join(METRIC_NAMES)}){renamed}"
-            )
 
 
 def check_thresholds(metrics: dict[str, float], params: RegisterParams) -> list[str]:
@@ -124,11 +103,7 @@ def decide_promotion(
         params: the gate (baseline gap, absolute thresholds), the metric to compare on.
         baselines: ``{baseline: metrics}`` on the same test data (evaluate's); None: the
             baseline gate is not applied.
-
-    Raises:
-        ConfigError: a threshold or the compare metric names an unknown metric.
     """
-    check_register_params(params)
     metric = params.compare_metric
     failures = []
     if below := check_thresholds(candidate_metrics, params):

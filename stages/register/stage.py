@@ -56,7 +56,7 @@ from stages.common.errors import GateError
 from stages.common.io import write_json
 from stages.register.candidate import Candidate, read_inputs
 from stages.register.exported import check_exported, read_export_report
-from stages.register.gate import Decision, check_register_params, one_line
+from stages.register.gate import Decision, one_line
 from stages.register.judge import judge_version
 from stages.register.versions import (
     CONTENT_TAG,
@@ -153,7 +153,6 @@ def run(
     from model import artifacts
 
     rp = params.register
-    check_register_params(rp)
     cand = read_inputs(Path(features_dir), Path(model_dir), Path(metrics_path), params)
     exported = read_export_report(export_path, cand.model_dir)
     # The outputs this run produced, hashed from disk now that DVC has locked train, evaluate
