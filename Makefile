@@ -95,7 +95,7 @@ serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.y
 
 clean: ## Remove generated data, reports, models and the local stores (keeps .venv)
 	rm -rf data/raw data/validated data/quarantine data/features models reports mlflow/mlflow.db* \
-	  mlflow/artifacts .prefect .dvcstore
+	  mlflow/artifacts .prefect .dvcstore .dvc/tmp/pipeline-pushed.json
 
 # Benchmarks (bench/): ratios measured side by side in one run; results in bench/results/.
 # --no-deps: only the pinned wheels in bench/requirements.txt are added (their dependencies are
