@@ -427,7 +427,10 @@ def summarize_unchanged(repo: Path, prerun: dict[str, Any]) -> dict[str, Any] | 
     if changed is None or not changed <= {INGEST}:
         return None
     stages = _dvc_yaml_stages(repo)
-    params = load_params(repo / "params.yaml")
+    try:
+        params = load_params(repo / "params.yaml")
+    except PipelineError:
+        return None  # the flow's stages say what is wrong, naming the field
     new_rows = params.ingest.watermark is None or read_manifest(repo) != prerun["manifest_before"]
     statuses = dict.fromkeys(stages, SKIPPED if new_rows else NO_NEW_ROWS)
     statuses[INGEST] = parse_stage_status(INGEST, prerun["output"])
