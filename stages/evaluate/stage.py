@@ -386,7 +386,3 @@ def main(argv: list[str] | None = None) -> int:
         run(args.features, args.model, args.out, args.metrics, params)
 
     return run_main("evaluate", parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -394,7 +394,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args.validated, args.out, params)
 
     return run_main("features", parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -335,7 +335,3 @@ def main(argv: list[str] | None = None) -> int:
         run(params.ingest, args.out, params.base.batch_rows)
 
     return run_main("ingest", parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

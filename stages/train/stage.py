@@ -250,7 +250,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     return run_main("train", parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

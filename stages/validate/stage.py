@@ -360,7 +360,3 @@ def main(argv: list[str] | None = None) -> int:
             run(args.raw, args.out, args.quarantine, args.report, params)
 
     return run_main("validate", parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
