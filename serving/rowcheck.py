@@ -23,7 +23,6 @@ from serving.payloads import PayloadError
 if TYPE_CHECKING:
     from serving.model import LoadedModel
 
-POLICIES = ("reject", "flag")
 SHOWN = 5  # violations quoted in one message at most
 UNSCORABLE = ("date_format",)  # rules whose value the preprocessor cannot take (scored missing)
 

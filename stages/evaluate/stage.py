@@ -210,14 +210,6 @@ def baseline_probas(
 # --- I/O ----------------------------------------------------------------------------------
 
 
-def score_test_split(
-    features_dir: Path, model_dir: Path, params: Params
-) -> tuple[np.ndarray, np.ndarray, list[Any]]:
-    """Raw test rows -> preprocessor -> best checkpoint; returns (class ids, proba, classes)."""
-    y_true, proba, classes, _ = _score(features_dir, model_dir, params)
-    return y_true, proba, classes
-
-
 def _score(
     features_dir: Path, model_dir: Path, params: Params
 ) -> tuple[np.ndarray, np.ndarray, list[Any], np.ndarray]:
