@@ -14,7 +14,6 @@ from pathlib import Path
 # The file names of what the pipeline hands from stage to stage and the model ships, defined once.
 PREPROCESSOR_FILE = "preprocessor.joblib"  # the fitted preprocessor: features -> data/features/
 NETWORK_FILE = "model.pt"  # the best checkpoint: train -> models/
-SPLIT_FILES = {"train": "train.parquet", "val": "val.parquet", "test": "test.parquet"}
 
 
 @contextmanager
