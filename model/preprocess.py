@@ -272,6 +272,13 @@ def load_preprocessor(path: str | Path, sha256: str | None = None) -> FittedPrep
             )
     try:
         preprocessor = joblib.load(path)
+    except (ModuleNotFoundError, AttributeError) as exc:  # a class no longer where it was
+        raise DataError(
+            f"written by an older version of the code ({exc}); re-run the features stage "
+            "(`dvc repro features`, or `make run`) to write it again",
+            file=str(path),
+            rule="code_version",
+        ) from exc
     except Exception as exc:  # joblib/pickle raise many types for a damaged file
         raise DataError(
             f"not a readable joblib file: {exc}", file=str(path), rule="joblib"

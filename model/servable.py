@@ -5,8 +5,9 @@ any others, are ignored). Output: a DataFrame with ``prediction`` (the label val
 ``proba_<label>`` column per class, in class order. A model logged with an input contract
 (:mod:`model.contract`) ships it as the ``contract`` artifact (``contract.json``) and
 its MLflow signature is derived from it, not from whichever rows the example holds.
-The ``stages`` package travels with the model (``code_paths``), so ``mlflow.pyfunc.load_model``
-and ``mlflow models serve`` work in any process that has the pinned requirements installed.
+The ``model`` package travels with the model (``code_paths``), so ``mlflow.pyfunc.load_model``
+and ``mlflow models serve`` work in any process that has the pinned requirements installed
+(versions registered before ``model/`` existed ship ``stages``: see :mod:`model.loading`).
 The pyfunc is logged as code (MLflow models-from-code, ``model/servable_model.py``):
 no ``python_model.pkl``. The sha256 of the preprocessor and the network is recorded in the
 model's config (``MLmodel``) and checked before either file is loaded; the registry holds the
@@ -270,7 +271,7 @@ def produced_files(
     """``model/<stored path> -> sha256`` of the files :func:`log_servable` uploads from local
     copies (the artifacts, the model code, the models-from-code file), hashed here before
     the upload: register refuses to record hashes of stored files that differ from these
-    (``model.artifacts.record_version(produced=...)``)."""
+    (``stages.register.manifest.record_version(produced=...)``)."""
     from model.artifacts import MODEL_PREFIX, file_sha256, hash_folder
     from model.contract import CONTRACT_FILE, save_contract
 

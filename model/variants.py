@@ -129,12 +129,13 @@ def load_variant(
     import mlflow
 
     from model.artifacts import ensure_verified, verify_run_variants
+    from model.loading import SERVING_KEEP, load_pyfunc
 
     if variant not in VARIANTS:
         raise PipelineError(f"unknown model variant {variant!r} (one of {', '.join(VARIANTS)})")
     if variant == "pyfunc":
         with tempfile.TemporaryDirectory(prefix="variant-model-") as tmp:
-            return mlflow.pyfunc.load_model(ensure_verified(model_uri, tmp, key_env))
+            return load_pyfunc(ensure_verified(model_uri, tmp, key_env), keep=SERVING_KEEP)
     run_id = mlflow.models.get_model_info(model_uri).run_id
     folder = Path(tempfile.mkdtemp(prefix="variants-"))
     try:

@@ -199,12 +199,12 @@ def load_pyfunc_predictor(
     A ``models:/`` URI is downloaded and checked against its recorded hashes first; a local
     folder is taken as checked (:func:`load_model` passes its verified copy).
     """
-    import mlflow
-
+    from model.loading import SERVING_KEEP, load_pyfunc
     from model.servable import ClassifierModel
 
     with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
-        pyfunc = mlflow.pyfunc.load_model(ensure_verified(model_uri, tmp, key_env))
+        # With the code it shipped: a version from before model/ ships its own `stages`.
+        pyfunc = load_pyfunc(ensure_verified(model_uri, tmp, key_env), keep=SERVING_KEEP)
     inner = pyfunc.unwrap_python_model() if pyfunc.loader_module in _PYTHON_MODEL_LOADERS else None
     if isinstance(inner, ClassifierModel):
         return _DirectPredictor(inner)
