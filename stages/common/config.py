@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -443,21 +444,6 @@ class ServeParams(StrictModel):
     allow_contract_change: bool = False
 
 
-SECTIONS: dict[str, type[StrictModel]] = {
-    "base": BaseParams,
-    "mlflow": MlflowParams,
-    "ingest": IngestParams,
-    "validate": ValidateParams,
-    "features": FeaturesParams,
-    "train": TrainParams,
-    "evaluate": EvaluateParams,
-    "export": ExportParams,
-    "register": RegisterParams,
-    "schedule": ScheduleParams,
-    "serve": ServeParams,
-}
-
-
 @dataclass(frozen=True)
 class Params:
     """All of ``params.yaml``: ``base`` plus one section per stage (and the schedule)."""
@@ -475,6 +461,10 @@ class Params:
     serve: ServeParams
 
 
+# One entry per field of Params: a new section is its model above plus one field there.
+SECTIONS: dict[str, type[StrictModel]] = typing.get_type_hints(Params)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load and check ``params.yaml``; any bad value raises ConfigError naming the field."""
     raw = read_yaml(path, "params file") or {}
@@ -486,7 +476,8 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     problems = [
-        f"{key}: unknown section (known: {', '.join(SECTIONS)})"
+        f"{key}: unknown section (known: {', '.join(SECTIONS)}; a new one is a field of "
+        "Params in stages/common/config.py)"
         for key in raw
         if key not in SECTIONS
     ]
