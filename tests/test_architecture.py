@@ -100,6 +100,15 @@ def test_a_new_stage_folder_must_be_declared(code_copy: Path) -> None:
     assert "tune" in result.stdout, result.stdout
 
 
+def test_a_stage_named_in_the_contract_must_exist(code_copy: Path) -> None:
+    # No layer is optional: a stage package that went missing (export included) breaks the
+    # contract rather than leaving it checking one stage fewer.
+    shutil.rmtree(code_copy / "stages" / "export")
+    result = _lint_imports(code_copy)
+    assert result.returncode != 0, result.stdout
+    assert "stages.export does not exist" in result.stdout + result.stderr, result.stdout
+
+
 def _imported_roots(tree: ast.AST) -> set[str]:
     roots: set[str] = set()
     for node in ast.walk(tree):  # module level and inside functions alike

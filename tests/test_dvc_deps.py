@@ -10,6 +10,7 @@ skip DVC's start-up) and restores the file.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,9 +21,10 @@ import yaml
 
 from tests.conftest import ROOT, dvc, make_pipeline_repo
 
-STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
-# Stages that run before the model exists: they use model/ only for its errors and atomic writes.
-BEFORE_MODEL = {"ingest", "validate"}
+DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+STAGES = list(DVC_STAGES)
+# Packages whose code a stage can run; flows/ orchestrate and no stage imports them.
+CODE_ROOTS = ("stages", "model", "serving")
 
 
 def _placeholders(repo: Path) -> None:
@@ -104,11 +106,15 @@ def test_editing_shared_stage_code_reruns_every_stage(locked_repo: Path, edit) -
     assert _changed_stages(locked_repo) == set(STAGES)
 
 
-def test_editing_the_network_reruns_the_stages_that_use_the_model(locked_repo: Path, edit) -> None:
-    edit("model/nets.py")
-    changed = _changed_stages(locked_repo)
-    assert {"train", "evaluate", "register"} <= changed
-    assert changed == set(STAGES) - BEFORE_MODEL
+def test_editing_the_network_reruns_the_stages_that_use_it(locked_repo: Path, edit) -> None:
+    edit("model/nets.py")  # features fits the preprocessor only: it never imports the network
+    assert _changed_stages(locked_repo) == {"train", "evaluate", "export", "register"}
+
+
+def test_editing_the_pyfunc_retrains_nothing(locked_repo: Path, edit) -> None:
+    # Serving-side model code: register ships it; export reaches it through model.variants.
+    edit("model/servable.py")
+    assert _changed_stages(locked_repo) == {"export", "register"}
 
 
 def test_editing_the_service_reruns_no_stage_before_register(locked_repo: Path, edit) -> None:
@@ -145,3 +151,88 @@ def test_bytecode_changes_nothing_dvc_hashes(locked_repo: Path) -> None:
     finally:
         dvcignore.write_text(kept)
     assert _changed_stages(locked_repo) == set()
+
+
+# --- dvc.yaml's code deps against the code each stage imports (AST, nothing is imported) ---
+
+
+def _module_file(name: str) -> Path | None:
+    """The file Python runs for module ``name`` of this project, or None (third-party, a name)."""
+    path = ROOT.joinpath(*name.split("."))
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_files(path: Path) -> set[Path]:
+    """Project files that importing ``path`` can run: every import in it (module level and inside
+    functions), each with its parent packages' ``__init__.py``."""
+    module = path.relative_to(ROOT).with_suffix("").parts
+    package = module[:-1]  # stages/train/x.py and stages/train/__init__.py: stages.train
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from .x import y: relative to this file's package
+                parts = package[: len(package) - node.level + 1]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}  # a submodule, or a name
+    files: set[Path] = set()
+    for name in names:
+        parts = name.split(".")
+        if parts[0] not in CODE_ROOTS:
+            continue
+        for end in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__, ...
+            found = _module_file(".".join(parts[:end]))
+            if found:
+                files.add(found)
+    return files
+
+
+def _code_closure(stage: str) -> set[str]:
+    """Every project file the stage's process can import: its package and stages/common, and
+    what they import under model/ and serving/, transitively."""
+    todo = [
+        f for folder in (f"stages/{stage}", "stages/common") for f in (ROOT / folder).rglob("*.py")
+    ]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(_imported_files(path))
+    seen.discard(ROOT / "stages" / "__init__.py")  # a docstring only (checked below)
+    return {path.relative_to(ROOT).as_posix() for path in seen}
+
+
+def _code_deps(stage: str) -> list[str]:
+    return [dep.rstrip("/") for dep in DVC_STAGES[stage]["deps"] if dep.split("/")[0] in CODE_ROOTS]
+
+
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == dep or path.startswith(f"{dep}/") for dep in deps)
+
+
+def test_the_stages_package_init_runs_no_code() -> None:
+    # No stage lists stages/__init__.py although every stage imports it: it must stay a docstring.
+    body = ast.parse((ROOT / "stages" / "__init__.py").read_text()).body
+    assert len(body) == 1 and isinstance(body[0], ast.Expr), "stages/__init__.py: a docstring only"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_depends_on_every_file_it_imports(stage: str) -> None:
+    deps = _code_deps(stage)
+    missing = sorted(path for path in _code_closure(stage) if not _covered(path, deps))
+    assert not missing, f"dvc.yaml stage {stage}: add to deps (the stage imports them): {missing}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_lists_no_model_file_it_does_not_import(stage: str) -> None:
+    # A listed file the stage never imports would re-run it for nothing when edited.
+    closure = _code_closure(stage)
+    extra = [dep for dep in _code_deps(stage) if dep.endswith(".py") and dep not in closure]
+    assert not extra, f"dvc.yaml stage {stage}: the stage does not import {extra}"
