@@ -1,8 +1,8 @@
 """``python -m flows.artifacts {verify,record} MODEL_URI``: check a registered version's files
 against the hashes recorded at registration, or record (and sign, when the key is set) them.
 
-The checks themselves are ``model.artifacts``; this is the command line, with the MLflow store
-and the signing key's env var from ``params.yaml``.
+The checks are ``model.artifacts``, the recording ``stages.register.manifest``; this is the
+command line, with the MLflow store and the signing key's env var from ``params.yaml``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from typing import TYPE_CHECKING
 
 import mlflow
 
 from model.artifacts import (
+    MANIFEST_TAG,
     VARIANTS_DIR,
     VARIANTS_PREFIX,
     has_variants,
-    record_version,
     resolve,
     verified_copy,
     verify_files,
@@ -25,8 +26,22 @@ from model.artifacts import (
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
 from stages.common.tracking import tracking_uri
+from stages.register.manifest import record_version
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 logger = logging.getLogger(__name__)
+
+
+def _checks_variants(mv: ModelVersion) -> bool:
+    # The run's variants/ are part of the version when it recorded them; one that recorded
+    # hashes but no variants/ (export disabled) is the pyfunc alone, and loading a variant of
+    # it is refused. Without recorded hashes the unrecorded policy applies to them too.
+    if not mv.run_id:
+        return False
+    manifest = (mv.tags or {}).get(MANIFEST_TAG)
+    return manifest is None or VARIANTS_PREFIX in manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="pipeline parameters file")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
-    mlflow.set_tracking_uri(tracking_uri(params.mlflow))
-    key_env = params.register.signing_key_env
     try:
+        params = load_params(args.params)
+        mlflow.set_tracking_uri(tracking_uri(params.mlflow))
+        key_env = params.register.signing_key_env
         mv = resolve(args.model_uri)
         if mv is None:
             raise PipelineError(
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 _, result = verified_copy(f"models:/{mv.name}/{mv.version}", tmp, key_env)
-                if mv.run_id and has_variants(mv.run_id):
+                if _checks_variants(mv) and has_variants(mv.run_id):
                     folder = mlflow.artifacts.download_artifacts(
                         run_id=mv.run_id, artifact_path=VARIANTS_DIR, dst_path=tmp + "/run"
                     )

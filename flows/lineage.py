@@ -10,7 +10,7 @@ by ``stages.common.tracking.log_lineage``), every input file the stages read by 
 suite, the code; a copy of those the commit lacks), the data versions (``data/*`` outputs of
 ``dvc.lock``: md5, size, files), the validation result, the Prefect flow run and the test
 metrics; and the model's alias history (every move of its aliases: from which version to
-which, why, which run or who, when; ``stages.common.registry``). ``flows.reproduce`` rebuilds
+which, why, which run or who, when; ``stages.register.registry``). ``flows.reproduce`` rebuilds
 the same inputs in a clean workspace; ``flows.rollback`` moves ``champion`` back.
 """
 
@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from stages.common import registry, tracking
+from stages.common import tracking
 from stages.common.config import MlflowParams, describe_errors, read_yaml
 from stages.common.errors import PipelineError
+from stages.register import registry
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -4,7 +4,7 @@
     python -m flows.rollback classifier@champion --version 5 --reason "back to the audited one"
     make rollback REASON="..." [VERSION=n] [MODEL=name] [FORCE=1]
 
-The previous holder comes from the alias history (``stages.common.registry``: one MLflow run per
+The previous holder comes from the alias history (``stages.register.registry``: one MLflow run per
 move in the ``registry-audit`` experiment of the same store); a second rollback goes further
 back, not forth. The move goes through ``registry.move_alias`` like register's, so it is
 recorded (kind ``rollback``, the reason, who, when). A version that does not exist, or whose
@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 
 from flows.lineage import open_client, resolve_tracking_uri
 from model import artifacts
-from stages.common import registry
 from stages.common.config import read_yaml
 from stages.common.errors import PipelineError
+from stages.register import registry
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -1,10 +1,11 @@
 """What a registered model version is made of, by hash: recorded at registration, checked
 before anything of it is loaded.
 
-At registration (:func:`record_version`) every file of the version is hashed (sha256): the
-logged model folder (``MLmodel``, the model code, ``artifacts/preprocessor.joblib``,
-``artifacts/model.pt``, ``artifacts/contract.json``...) as ``model/<path>``, and the ONNX
-variants in its run's ``variants/`` folder as ``variants/<path>``. The sorted manifest
+At registration (``stages.register.manifest``, not shipped with the model) every file of the
+version is hashed (sha256): the logged model folder (``MLmodel``, the model code,
+``artifacts/preprocessor.joblib``, ``artifacts/model.pt``, ``artifacts/contract.json``...) as
+``model/<path>``, and, when the export stage's report vouches for them, the ONNX variants in
+its run's ``variants/`` folder as ``variants/<path>``. The sorted manifest
 (path -> sha256) goes on the version as tag ``model.artifacts_manifest``, one sha256 over it as
 ``model.artifacts_sha256``, and, when the env var named by ``register.signing_key_env`` holds a
 key, an HMAC-SHA256 of that digest as ``model.artifacts_hmac``.
@@ -29,7 +30,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,11 +147,18 @@ class Verification:
         return f"sha256 {self.digest[:16]} verified" + (", signed" if self.signed else "")
 
 
-def _who(name: str | None, version: str | None) -> str:
+def version_label(name: str | None, version: str | None) -> str:
+    """``<name> v<version>`` for messages (``this model`` outside the registry)."""
     return f"{name} v{version}" if name else "this model"
 
 
-def _fix(name: str | None, version: str | None, what: str = "files") -> str:
+def join_problems(problems: list[str]) -> str:
+    """The first :data:`SHOWN_FILES` problems joined for one line; the rest are counted."""
+    more = len(problems) - SHOWN_FILES
+    return "; ".join(problems[:SHOWN_FILES]) + (f"; and {more} more" if more > 0 else "")
+
+
+def repair_hint(name: str | None, version: str | None, what: str = "files") -> str:
     """The repair of a version whose stored ``what`` are not what its registration recorded.
 
     Not "re-register it": register registers the workspace's current model, which need not
@@ -175,7 +182,7 @@ def recorded_manifest(
             the signature is missing or does not match.
     """
     tags = dict(mv.tags or {})
-    who, digest = _who(mv.name, mv.version), tags.get(DIGEST_TAG)
+    who, digest = version_label(mv.name, mv.version), tags.get(DIGEST_TAG)
     if digest is None:
         return None
     try:
@@ -186,7 +193,7 @@ def recorded_manifest(
         raise ArtifactIntegrityError(
             f"{who}: tag {MANIFEST_TAG} is missing or does not hash to {DIGEST_TAG} "
             f"{digest[:16]} (the registry tags were edited); refused. "
-            + _fix(mv.name, mv.version, "registry tags")
+            + repair_hint(mv.name, mv.version, "registry tags")
         )
     if key is None:
         return manifest, digest, False
@@ -202,7 +209,7 @@ def recorded_manifest(
         raise ArtifactIntegrityError(
             f"{who}: signature {SIGNATURE_TAG} does not match the key in {key_env} (signed with "
             f"another key, or its tags were edited); refused. Fix: set the key it was signed "
-            f"with, or " + _fix(mv.name, mv.version, "registry tags").removeprefix("Fix: ")
+            f"with, or " + repair_hint(mv.name, mv.version, "registry tags").removeprefix("Fix: ")
         )
     return manifest, digest, True
 
@@ -237,7 +244,7 @@ def unrecorded(
     Raises:
         ArtifactIntegrityError: a key is set.
     """
-    who = _who(name, version)
+    who = version_label(name, version)
     where = f"models:/{name}/{version}" if name else "<model uri>"
     if key is not None:
         raise ArtifactIntegrityError(
@@ -279,30 +286,37 @@ def verify_files(
             # removed (a downgrade to "unverified" by deleting tags). With a key set, every
             # unrecorded version is refused anyway (unrecorded).
             raise ArtifactIntegrityError(
-                f"{_who(mv.name, mv.version)} has no recorded artifact hashes ({DIGEST_TAG}) "
-                f"although its MLmodel carries {HASHES_CONFIG}: it was registered by code that "
-                f"always records them, so its registry tags were removed; refused, nothing of "
-                f"it was loaded. Fix: check its files, then record them again: python -m "
-                f"flows.artifacts record models:/{mv.name}/{mv.version} (or "
-                + _fix(mv.name, mv.version, "registry tags").removeprefix("Fix: ")
+                f"{version_label(mv.name, mv.version)} has no recorded artifact hashes "
+                f"({DIGEST_TAG}) although its MLmodel carries {HASHES_CONFIG}: it was registered "
+                f"by code that always records them, so its registry tags were removed; refused, "
+                f"nothing of it was loaded. Fix: check its files, then record them again: "
+                f"python -m flows.artifacts record models:/{mv.name}/{mv.version} (or "
+                + repair_hint(mv.name, mv.version, "registry tags").removeprefix("Fix: ")
                 + ")"
             )
         return unrecorded(mv.name, mv.version, key, key_env)
     manifest, digest, signed = recorded
     expected = {k: v for k, v in manifest.items() if k.startswith(prefix)}
-    problems = compare(expected, hash_folder(folder, prefix))
-    if problems:
-        shown = "; ".join(problems[:SHOWN_FILES])
-        more = f"; and {len(problems) - SHOWN_FILES} more" if len(problems) > SHOWN_FILES else ""
+    actual = hash_folder(folder, prefix)
+    if prefix == VARIANTS_PREFIX and not expected and actual:
         raise ArtifactIntegrityError(
-            f"{_who(mv.name, mv.version)}: artifact files differ from the hashes recorded at "
-            f"registration ({DIGEST_TAG} {digest[:16]}): {shown}{more}; refused, nothing of it "
-            f"was loaded. " + _fix(mv.name, mv.version)
+            f"{version_label(mv.name, mv.version)} recorded no {VARIANTS_DIR}/ at registration "
+            f"(export was disabled, or its report did not vouch for the run's {VARIANTS_DIR}/), "
+            f"so its run's {VARIANTS_DIR}/ files are not part of it: "
+            f"{join_problems(sorted(actual))}; refused, nothing of them was loaded. Fix: serve "
+            f"it with variant 'pyfunc'; variants come with a version registered from a train "
+            f"run exported with export.enabled: true"
+        )
+    if problems := compare(expected, actual):
+        raise ArtifactIntegrityError(
+            f"{version_label(mv.name, mv.version)}: artifact files differ from the hashes "
+            f"recorded at registration ({DIGEST_TAG} {digest[:16]}): {join_problems(problems)}; "
+            "refused, nothing of it was loaded. " + repair_hint(mv.name, mv.version)
         )
     return Verification(str(mv.name), str(mv.version), digest, signed)
 
 
-# --- the registry side ------------------------------------------------------------------------
+# --- the registry side (reading) ------------------------------------------------------------
 
 
 def resolve(model_uri: str, client: MlflowClient | None = None) -> ModelVersion | None:
@@ -361,7 +375,8 @@ def verify_run_variants(
     client: MlflowClient | None = None,
 ) -> Verification:
     """Check a run's downloaded ``variants/`` folder against every version registered from
-    that run (each recorded the same files).
+    that run: each must have recorded the same files (a version that recorded none, export
+    being disabled when it registered, refuses them).
 
     Raises:
         ArtifactIntegrityError: see :func:`verify_files`.
@@ -375,135 +390,8 @@ def verify_run_variants(
     return next((c for c in checks if c.verified), checks[0])
 
 
-def check_produced(
-    name: str,
-    version: str,
-    manifest: dict[str, str],
-    logged: dict[str, str] | None,
-    produced: dict[str, str] | None,
-) -> None:
-    """The stored files are the ones produced locally before upload: the artifacts hash as
-    the ``MLmodel`` config says (computed before upload), and every file of ``produced`` (the
-    local copy: :func:`model.servable.produced_files`) is stored unchanged, with no
-    other model code beside it.
-
-    Raises:
-        ArtifactIntegrityError: naming each file that differs; nothing is recorded.
-    """
-    problems = compare(logged, {k: v for k, v in manifest.items() if k in logged}) if logged else []
-    if problems and not produced:  # (python -m flows.artifacts record)
-        raise ArtifactIntegrityError(
-            f"{name} v{version}: stored artifact(s) differ from the sha256 its MLmodel recorded "
-            f"before upload ({HASHES_CONFIG}): {'; '.join(problems[:SHOWN_FILES])}; nothing "
-            "recorded or signed. " + _fix(name, version)
-        )
-    if produced:
-        code = (f"{MODEL_PREFIX}code/",)
-        stored = {
-            k: v
-            for k, v in manifest.items()
-            if k in produced or (k.startswith(code) and "/__pycache__/" not in k)
-        }
-        problems += [p for p in compare(produced, stored) if p not in problems]
-    if problems:
-        shown = "; ".join(problems[:SHOWN_FILES])
-        more = f"; and {len(problems) - SHOWN_FILES} more" if len(problems) > SHOWN_FILES else ""
-        raise ArtifactIntegrityError(
-            f"{name} v{version}: the stored files are not the ones this run produced (changed "
-            f"in the artifact store between upload and recording their hashes): {shown}{more}; "
-            "nothing recorded or signed. Fix: find who writes to the artifact store, then "
-            "re-run register (the version stays pending, not champion)"
-        )
-
-
-def collect_manifest(
-    name: str,
-    version: str,
-    run_id: str | None,
-    produced: dict[str, str] | None = None,
-    check: bool = True,
-) -> dict[str, str]:
-    """Hash every stored file of the version: its model folder and its run's ``variants/``,
-    checked (``check``) against what was produced locally (:func:`check_produced`)."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory(prefix="artifact-hashes-") as tmp:
-        model = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(Path(tmp) / "model")
-        )
-        manifest = hash_folder(model, MODEL_PREFIX)
-        if check:
-            check_produced(name, version, manifest, logged_hashes(model), produced)
-        if run_id and has_variants(run_id):
-            variants = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=VARIANTS_DIR, dst_path=str(Path(tmp) / "run")
-            )
-            manifest |= hash_folder(variants, VARIANTS_PREFIX)
-    return manifest
-
-
 def has_variants(run_id: str) -> bool:
+    """Whether the MLflow run holds a ``variants/`` folder (the export stage's)."""
     from mlflow import MlflowClient
 
     return any(f.path == VARIANTS_DIR for f in MlflowClient().list_artifacts(run_id))
-
-
-def record_version(
-    client: MlflowClient,
-    name: str,
-    version: str,
-    key_env: str | None = DEFAULT_KEY_ENV,
-    only_run: str | None = None,
-    produced: dict[str, str] | None = None,
-) -> Verification:
-    """Hash the version's stored files and tag it (manifest, digest, signature when a key is
-    set). Idempotent: a version that already recorded hashes is checked against them instead
-    (and signed if a key is set and it is not yet), never re-recorded.
-
-    Args:
-        only_run: record only a version registered from this run (the register stage's own);
-            another run's version without hashes is left as it is (the policy for unrecorded
-            versions applies when it is loaded).
-        produced: ``model/<path> -> sha256`` of the files as produced locally before upload
-            (:func:`model.servable.produced_files`): a stored file that differs is
-            refused, never recorded or signed.
-
-    Raises:
-        ArtifactIntegrityError: the version already recorded other hashes than its files have;
-            the stored files are not the ones produced (``produced``, the MLmodel's config).
-    """
-    key_env = key_env or DEFAULT_KEY_ENV
-    key = signing_key(key_env)
-    mv = client.get_model_version(name, str(version))
-    tags = dict(mv.tags or {})
-    if only_run is not None and mv.run_id != only_run and DIGEST_TAG not in tags:
-        return Verification(name, str(version), None)
-    manifest = collect_manifest(
-        name, str(version), mv.run_id, produced, check=DIGEST_TAG not in tags
-    )  # else: compared below
-    digest = manifest_digest(manifest)
-    if DIGEST_TAG in tags:
-        recorded = recorded_manifest(mv, None, key_env)  # the tags agree with each other
-        problems = compare(recorded[0] if recorded else {}, manifest)
-        if problems:
-            raise ArtifactIntegrityError(
-                f"{_who(name, version)}: its files differ from the hashes it recorded: "
-                f"{'; '.join(problems[:SHOWN_FILES])}; not re-recorded. " + _fix(name, str(version))
-            )
-    else:
-        client.set_model_version_tag(name, str(version), MANIFEST_TAG, canonical(manifest))
-        client.set_model_version_tag(name, str(version), DIGEST_TAG, digest)
-    signed = key is not None
-    if signed and SIGNATURE_TAG not in tags:
-        client.set_model_version_tag(name, str(version), SIGNATURE_TAG, sign(key, digest))
-    elif signed:  # already signed: it must be with this key
-        recorded_manifest(client.get_model_version(name, str(version)), key, key_env)
-    logger.info(
-        "%s v%s: %d artifact file(s) recorded, sha256 %s%s",
-        name,
-        version,
-        len(manifest),
-        digest[:16],
-        ", signed" if signed else "",
-    )
-    return Verification(name, str(version), digest, signed)

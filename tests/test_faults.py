@@ -28,11 +28,11 @@ from fastapi.testclient import TestClient
 from mlflow.entities import LoggedModelStatus
 
 from flows.pipeline import describe_failure
-from model import artifacts
 from serving.app import ServiceConfig, create_app
 from stages.common import tracking
 from stages.common.faults import describe_fault
 from stages.evaluate import stage as evaluate
+from stages.register import manifest
 from stages.register import stage as register
 from stages.train import stage as train
 from tests.builders import (
@@ -420,7 +420,7 @@ def test_ready_is_503_with_the_reason_while_the_champion_cannot_load_and_200_aft
     register_version(features, models / "model.pt", rows.head(5))  # v2: its files go
     client = mlflow.MlflowClient()
     for version in ("1", "2"):  # as the register stage does
-        artifacts.record_version(client, SERVED, version)
+        manifest.record_version(client, SERVED, version)
     client.set_registered_model_alias(SERVED, "champion", "1")
     source = client.get_model_version(SERVED, "2").source  # models:/<logged model id>
     broken = client.get_logged_model(source.rsplit("/", 1)[-1])

@@ -1,6 +1,8 @@
-"""What register takes from the export stage: its report (the variants it logged to the
-model's MLflow run, with their hashes), checked against the run's stored ``variants/`` before
-register records them with a new version."""
+"""What register takes from the export stage: its report (``reports/export.json``), which
+vouches for the variants in the model's MLflow run. Register records the run's ``variants/``
+with a new version only as the report names them (``manifest.record_version``): status
+``exported`` or ``kept`` with each file's sha256; ``disabled`` (or no report) vouches for none,
+whatever an earlier export left in the run."""
 
 from __future__ import annotations
 
@@ -10,13 +12,18 @@ from stages.common import tracking
 from stages.common.errors import DataError
 from stages.common.io import read_json
 
+VOUCHING = ("exported", "kept")  # report statuses whose files register records
+STATUSES = (*VOUCHING, "disabled")  # what stages.export writes
+
 
 def read_export_report(path: str | Path | None, model_dir: Path) -> dict[str, str]:
-    """``variants/<file> -> sha256`` the export stage logged for this model's run ({} when it
-    logged none, or no report is given): the store's copies must match them when recorded.
+    """``variants/<file> -> sha256`` the export stage vouches for in this model's run: the
+    files it logged (``exported``) or kept as an earlier version recorded them (``kept``); {}
+    when it vouches for none (``disabled``, or no report is given).
 
     Raises:
-        DataError: the report is about another MLflow run than the model's (export is stale).
+        DataError: the report is about another MLflow run than the model's (export is stale),
+            or its status is unknown.
     """
     if path is None:
         return {}
@@ -29,35 +36,12 @@ def read_export_report(path: str | Path | None, model_dir: Path) -> dict[str, st
             file=str(path),
             rule="same_run",
         )
-    return dict(exported.get("files") or {}) if exported.get("status") == "exported" else {}
-
-
-def check_exported(name: str, version: str, run_id: str, exported: dict[str, str]) -> None:
-    """The run's stored ``variants/`` are the files the export stage logged (its report's
-    hashes), checked before their hashes are recorded with the version.
-
-    Raises:
-        ArtifactIntegrityError: naming each file that differs; nothing is recorded.
-    """
-    import tempfile
-
-    import mlflow
-
-    from model import artifacts
-
-    if not exported:
-        return
-    with tempfile.TemporaryDirectory(prefix="register-variants-") as tmp:
-        stored = {}
-        if artifacts.has_variants(run_id):
-            folder = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=artifacts.VARIANTS_DIR, dst_path=tmp
-            )
-            stored = artifacts.hash_folder(folder, artifacts.VARIANTS_PREFIX)
-    if problems := artifacts.compare(exported, stored):
-        raise artifacts.ArtifactIntegrityError(
-            f"{name} v{version}: the run's variants are not the ones the export stage logged "
-            f"(changed in the artifact store since): {'; '.join(problems[:3])}; nothing "
-            "recorded or signed. Fix: find who writes to the artifact store, then re-run "
-            "export and register (the version stays pending, not champion)"
+    status = exported.get("status")
+    if status not in STATUSES:
+        raise DataError(
+            f"the export report's status is {status!r}, not one of {', '.join(STATUSES)}; "
+            "re-run export",
+            file=str(path),
+            rule="known_status",
         )
+    return dict(exported.get("files") or {}) if status in VOUCHING else {}

@@ -2,10 +2,13 @@
 
 Register decides and records, nothing else: the ONNX/int8 variants are built by the export
 stage, which runs before it and logs them to the same MLflow run; their hashes join the
-version's artifact manifest here. The modules: ``gate`` (the decision, pure), ``judge``
-(scoring the candidate and the champion, the serving check), ``versions`` (finding, creating,
-tagging versions; the alias), ``candidate`` (what is judged, its content hash), ``contract``
-(the input contract from the reviewed suite); this one wires them.
+version's artifact manifest here when export's report vouches for them. The modules: ``gate``
+(the decision, pure), ``judge`` (scoring the candidate and the champion, the serving check),
+``versions`` (finding, creating, tagging versions; the alias), ``candidate`` (what is judged,
+its content hash), ``contract`` (the input contract from the reviewed suite), ``exported``
+(export's report), ``manifest`` (recording and signing the version's artifact hashes),
+``registry`` (alias moves and their history, also used by ``flows.rollback``); this one wires
+them.
 
 The gate, in order (both models scored through their own pyfunc on the same raw test split):
 
@@ -37,7 +40,7 @@ Idempotent: a version is created with its content hash and ``promotion.gate: pen
 call, and found again by that hash (or, untagged, by its MLflow run) before anything is logged,
 so a retry, a re-run or a later identical run resumes it instead of adding one. The whole
 decision is recorded on the version first; then the alias moves, once, through
-``stages.common.registry`` (which logs the move in the alias history); then the gate tag
+``stages.register.registry`` (which logs the move in the alias history); then the gate tag
 becomes ``passed`` (or ``failed``). A run stopped anywhere before that leaves the version
 ``pending`` (or ``failed``) and, unless the alias had already moved, not champion.
 """
@@ -49,15 +52,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.files import NETWORK_FILE, PREPROCESSOR_FILE
-from stages.common import integrity, registry, tracking
+from stages.common import integrity, tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params, RegisterParams
 from stages.common.errors import GateError
 from stages.common.io import write_json
+from stages.register import registry
 from stages.register.candidate import Candidate, read_inputs
-from stages.register.exported import check_exported, read_export_report
+from stages.register.exported import read_export_report
 from stages.register.gate import Decision, one_line
 from stages.register.judge import judge_version
+from stages.register.manifest import record_version
 from stages.register.versions import (
     CONTENT_TAG,
     GATE_TAG,
@@ -150,8 +155,6 @@ def run(
     import mlflow
     from mlflow import MlflowClient
 
-    from model import artifacts
-
     rp = params.register
     cand = read_inputs(Path(features_dir), Path(model_dir), Path(metrics_path), params)
     exported = read_export_report(export_path, cand.model_dir)
@@ -171,12 +174,18 @@ def run(
             version = str(existing.version)  # undecided): judge it again; no new version
         else:
             version, uploaded = _log_and_register(rp, cand)
-            check_exported(rp.model_name, version, run_id, exported)
         # Every stored file's sha256 (signed when a key is set) on the version, before anything
-        # of it is loaded: the model and the run's variants/; a version this run registered
-        # before it stopped is recorded now, one that recorded hashes is checked against them.
-        artifacts.record_version(
-            client, rp.model_name, version, rp.signing_key_env, only_run=run_id, produced=uploaded
+        # of it is loaded: the model, and the run's variants/ when export's report vouches for
+        # them (the same hashes); a version this run registered before it stopped is recorded
+        # now, one that recorded hashes is checked against them.
+        record_version(
+            client,
+            rp.model_name,
+            version,
+            rp.signing_key_env,
+            only_run=run_id,
+            produced=uploaded,
+            variants=exported,
         )
         decision, record = judge_version(client, rp, version, previous, cand)
         if existing is not None:

@@ -5,7 +5,7 @@ Idempotent: a version is created with its content hash and ``promotion.gate: pen
 call (:func:`register_version`) and found again by that hash, or, untagged, by its MLflow run
 (:func:`find_identical`), so a retry resumes it instead of adding one. The decision is written
 on the version first (:func:`record_on_version`), then the alias moves once
-(:func:`move_alias`, through ``stages.common.registry``), then the gate closes
+(:func:`move_alias`, through ``stages.register.registry``), then the gate closes
 (:func:`close_gate`).
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from model.metrics import METRIC_NAMES
-from stages.common import registry
 from stages.common.config import RegisterParams
+from stages.register import registry
 from stages.register.candidate import Candidate
 from stages.register.gate import Decision, one_line
 

@@ -17,8 +17,8 @@ import pytest
 
 from flows import lineage, rollback
 from serving.model import ModelHolder, RegistryFollower
-from stages.common import registry
 from stages.common.errors import GateError
+from stages.register import registry
 from stages.register import stage as register
 from tests.builders import TEST_PARAMS, breast_cancer_frame, build_trained, make_params
 from tests.stages.register.test_stage import LOOSE, prepare

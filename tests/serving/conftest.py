@@ -20,9 +20,10 @@ import pandas as pd
 import pytest
 import torch
 
-from model.artifacts import DEFAULT_KEY_ENV, record_version
+from model.artifacts import DEFAULT_KEY_ENV
 from model.servable import log_servable
 from stages.common.tracking import configure_mlflow
+from stages.register.manifest import record_version
 from tests.builders import breast_cancer_frame, build_trained, make_params
 
 NAME = "serve-clf"

@@ -2,8 +2,8 @@
 item 6).
 
 A real model is registered in a temporary MLflow sqlite store and its hashes recorded
-(``model.artifacts.record_version``, as the register stage does); then the stored bytes
-are replaced, in the store's own artifact folder, by a crafted pickle (or model code) whose
+(``stages.register.manifest.record_version``, as the register stage does); then the stored
+bytes are replaced, in the store's own artifact folder, by a crafted pickle (or model code) whose
 payload would create a marker file. Every loader refuses with one line naming the model, the
 version, the file, the expected and actual sha256 and the fix, and the marker never appears.
 (The batch-scoring flow's refusal: tests/flows/test_batch_score_integrity.py.)
@@ -33,6 +33,7 @@ from model.servable import (
 from model.variants import ARTIFACT_DIR, load_variant
 from serving.model import ModelHolder, ModelIntegrityError, RegistryFollower, load_model
 from stages.export.onnx import build_variants
+from stages.register import manifest
 from stages.register import stage as register
 from stages.register.candidate import score_model
 from tests.builders import make_params
@@ -93,7 +94,7 @@ def register_version(
             mlflow.log_artifacts(str(folder), ARTIFACT_DIR)
     version = str(info.registered_model_version)
     if record:
-        artifacts.record_version(mlflow.MlflowClient(), NAME, version)
+        manifest.record_version(mlflow.MlflowClient(), NAME, version)
     return version
 
 
@@ -198,7 +199,7 @@ def test_a_tampered_pickled_model_of_before_models_from_code_is_refused(
             input_example=store.rows.head(2),
         )
     version = str(info.registered_model_version)
-    artifacts.record_version(mlflow.MlflowClient(), NAME, version)
+    manifest.record_version(mlflow.MlflowClient(), NAME, version)
     assert load_model(f"models:/{NAME}/{version}").integrity.endswith("verified")
     marker = tmp_path / "pwned"
     tamper(stored(version, "python_model.pkl"), crafted_pickle(marker))
@@ -360,13 +361,13 @@ def test_a_version_without_hashes_loads_unverified_unless_a_key_is_set(
 def test_recording_again_never_launders_a_tampered_version(store: Store, tmp_path: Path) -> None:
     version = register_version(store)
     first = mlflow.MlflowClient().get_model_version(NAME, version).tags[artifacts.DIGEST_TAG]
-    assert artifacts.record_version(mlflow.MlflowClient(), NAME, version).digest == first
+    assert manifest.record_version(mlflow.MlflowClient(), NAME, version).digest == first
     tamper(stored(version, "artifacts/preprocessor.joblib"), crafted_pickle(tmp_path / "x"))
 
     with pytest.raises(
         ArtifactIntegrityError, match="its files differ from the hashes it recorded"
     ):
-        artifacts.record_version(mlflow.MlflowClient(), NAME, version)
+        manifest.record_version(mlflow.MlflowClient(), NAME, version)
     assert (
         mlflow.MlflowClient().get_model_version(NAME, version).tags[artifacts.DIGEST_TAG] == first
     )

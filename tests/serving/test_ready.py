@@ -20,6 +20,7 @@ from model import artifacts
 from model.servable import log_servable
 from serving.app import ServiceConfig, create_app
 from serving.model import ModelHolder, ModelIntegrityError, RegistryFollower, load_model
+from stages.register import manifest
 from tests.serving.conftest import Store
 
 NAME = "ready-clf"  # this module's own model in the session's integrity store
@@ -35,7 +36,7 @@ def register(store: Store, network: Path | None = None) -> str:
             registered_model_name=NAME,
         )
     version = str(info.registered_model_version)
-    artifacts.record_version(mlflow.MlflowClient(), NAME, version)
+    manifest.record_version(mlflow.MlflowClient(), NAME, version)
     return version
 
 

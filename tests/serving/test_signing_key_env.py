@@ -18,7 +18,7 @@ from model import artifacts
 from serving.app import ServiceConfig, create_app
 from serving.check import check_servable
 from stages.common.config import RegisterParams
-from stages.register import gate, judge
+from stages.register import gate, judge, manifest
 from tests.builders import make_params
 from tests.serving.test_artifact_integrity import NAME, Store, register_version, store
 
@@ -55,7 +55,7 @@ def test_the_service_and_the_serving_check_use_the_key_register_signs_with(
     unsigned = register_version(store)  # hashes recorded, no key set: not signed
     signed = register_version(store, record=False)
     monkeypatch.setenv(OTHER, "the-key")
-    artifacts.record_version(client, NAME, signed, OTHER)  # as register does with the key
+    manifest.record_version(client, NAME, signed, OTHER)  # as register does with the key
     client.set_registered_model_alias(NAME, "champion", signed)
     config = ServiceConfig(
         model_name=NAME,

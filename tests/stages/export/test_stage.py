@@ -31,7 +31,8 @@ FEW = (5, 3)  # latency repeats: the numbers are logged, never asserted
 QUICK = {"export": {"row_repeats": FEW[0], "batch_repeats": FEW[1]}}
 ONNX_TOLERANCE = 1e-5  # float32 ONNX vs torch: same arithmetic, different kernels
 INT8_MAX_DROP = 0.05  # int8 may cost a little accuracy, never much on this data
-FILES = {"variants/model.onnx", "variants/model.int8.onnx", "variants/preprocessor.joblib"}
+FILES_INT8 = "variants/model.int8.onnx"
+FILES = {"variants/model.onnx", FILES_INT8, "variants/preprocessor.joblib"}
 METRICS = ("accuracy", "accuracy_drop", "size_bytes", "latency_ms_row", "latency_ms_batch64")
 
 
@@ -247,3 +248,72 @@ def test_loader_names_the_problem(
     shutil.copy2(features / "preprocessor.joblib", empty / variants.PREPROCESSOR_FILE)
     with pytest.raises(DataError, match=r"no int8 variant here.*model\.int8\.onnx"):
         variants.load_onnx_scorer(empty, "int8")
+
+
+@pytest.mark.slow
+def test_variants_an_earlier_export_left_are_not_recorded_once_export_is_disabled(
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # export ran enabled for this train run, then export.enabled became false and export ran
+    # again (train did not): its report says disabled, yet the run still holds variants/
+    work = prepare(tmp_path / "v1", trained, make_params(QUICK), export=True)
+    off = params_file(tmp_path / "off.yaml", {**LOOSE, "export": {"enabled": False}})
+    assert export.main(export_args(work, off)) == 0
+    report = json.loads((work / "reports" / "export.json").read_text())
+    assert report["status"] == "disabled" and artifacts.has_variants(report["run_id"])
+
+    with caplog.at_level(logging.WARNING):
+        assert register.main(register_args(work, off)) == 0
+
+    tags = mlflow.MlflowClient().get_model_version(NAME, "1").tags
+    assert not [k for k in json.loads(tags[artifacts.MANIFEST_TAG]) if k.startswith("variants/")]
+    assert "variants/ not recorded: export's report does not vouch for them" in caplog.text
+    with pytest.raises(
+        artifacts.ArtifactIntegrityError,
+        match=rf"{NAME} v1 recorded no variants/ at registration \(export was disabled.*"
+        r"variants/model\.int8\.onnx.*refused.*serve it with variant 'pyfunc'",
+    ):
+        variants.load_variant(f"models:/{NAME}/1", "int8")
+    from flows import artifacts as artifacts_cli  # the version itself verifies: pyfunc alone
+
+    assert artifacts_cli.main(["verify", f"models:/{NAME}/1"]) == 0
+
+
+@pytest.mark.slow
+def test_register_compares_the_run_variants_with_a_kept_report_before_recording_them(
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # v1 recorded the run's variants; export runs again (kept, with v1's hashes) and another
+    # registered model takes a version from the same run: it records the variants only when
+    # the stored files are still the ones the kept report names
+    work = prepare(tmp_path / "v1", trained, make_params(QUICK), export=True)
+    assert register.main(register_args(work, params_file(tmp_path / "p.yaml", QUICK))) == 0
+    changed = params_file(tmp_path / "changed.yaml", {"export": {"row_repeats": 4}})
+    assert export.main(export_args(work, changed)) == 0
+    report = json.loads((work / "reports" / "export.json").read_text())
+    assert report["status"] == "kept" and set(report["files"]) == FILES
+    other = params_file(
+        tmp_path / "other.yaml", {**QUICK, "register": {**LOOSE["register"], "model_name": "other"}}
+    )
+    location = mlflow.get_run(report["run_id"]).info.artifact_uri.removeprefix("file://")
+    int8 = Path(location) / variants.ARTIFACT_DIR / variants.ONNX_FILES["int8"]
+    original = int8.read_bytes()
+    int8.write_bytes(original + b"\0")  # replaced in the artifact store since export
+
+    with caplog.at_level(logging.ERROR):
+        assert register.main(register_args(work, other)) == 1
+
+    assert "other v1: the run's variants/ are not the files the export stage's report" in (
+        caplog.text
+    )
+    assert f"variants/model.int8.onnx expected sha256 {report['files'][FILES_INT8]}" in caplog.text
+    pending = mlflow.MlflowClient().get_model_version("other", "1")
+    assert artifacts.DIGEST_TAG not in pending.tags  # nothing recorded or signed
+    assert not mlflow.MlflowClient().get_registered_model("other").aliases
+
+    int8.write_bytes(original)  # restored: the retry resumes v1 and records the variants
+    assert register.main(register_args(work, other)) == 0
+    tags = mlflow.MlflowClient().get_model_version("other", "1").tags
+    manifest = json.loads(tags[artifacts.MANIFEST_TAG])
+    assert {k: v for k, v in manifest.items() if k.startswith("variants/")} == report["files"]
+    assert variants.load_variant("models:/other/1", "int8") is not None

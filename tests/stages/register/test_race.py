@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from flows import rollback
-from stages.common import registry
+from stages.register import registry
 from stages.register import stage as register
 from tests.builders import TEST_PARAMS, make_params
 from tests.stages.register.test_stage import LOOSE, params_file, prepare, register_args

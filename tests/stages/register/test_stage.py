@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from model import metrics as model_metrics
-from stages.common import registry
 from stages.common.config import Params, RegisterParams
 from stages.common.errors import DataError, GateError
 from stages.evaluate import stage as evaluate
 from stages.export import stage as export_stage
-from stages.register import candidate, gate, versions
+from stages.register import candidate, gate, registry, versions
 from stages.register import stage as register
 from tests.builders import (
     TEST_PARAMS,

@@ -40,17 +40,6 @@ GATE_TAG = (
     "promotion.gate"  # on each version: passed | failed | pending (see stages.register.stage)
 )
 KINDS = ("register", "rollback", "manual")  # who moved it: the register stage, flows.rollback
-FIELDS = (
-    "model",
-    "alias",
-    "from_version",
-    "to_version",
-    "reason",
-    "caused_by_run",
-    "actor",
-    "time",
-    "kind",
-)
 NONE = "none"  # a param cannot be null: the alias had no holder / no run caused the move
 MAX_REASON = 1000  # characters kept of a reason (one line)
 _UNREAD = object()  # move_alias/check_holder: no expected holder given / holder not read yet
