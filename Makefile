@@ -134,7 +134,7 @@ lineage: install ## Trace MODEL (<register.model_name>@champion) to its data, va
 reproduce: install ## Re-run MODEL on its exact data in a clean workspace (WORKDIR=); compare metrics
 	$(BIN)/python -m flows.reproduce $(MODEL) $(if $(WORKDIR),--workdir $(WORKDIR))
 
-# Alias history (stages/common/registry.py: every move, in the MLflow store's registry-audit
+# Alias history (stages/register/registry.py: every move, in the MLflow store's registry-audit
 # experiment; `make lineage` shows it). MODEL: <name> or <name>@champion (default, as above).
 ROLLBACK_USAGE := usage: make rollback REASON="why" [VERSION=n] [MODEL=name] [FORCE=1]
 .PHONY: rollback

@@ -186,7 +186,3 @@ def main(argv: list[str] | None = None) -> int:
         run(args.features, args.model, args.out, params)
 
     return run_main("export", parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

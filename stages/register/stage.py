@@ -254,7 +254,3 @@ def main(argv: list[str] | None = None) -> int:
         run(args.features, args.model, args.metrics, args.out, params, args.params, args.export)
 
     return run_main("register", parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
