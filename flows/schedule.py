@@ -163,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     # SIGTERM exits through the `with` below, so a server this command started is stopped too.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # One Ctrl-C stops serve: asyncio's own handler only cancels the runner's task, which
+    # Prefect's runner can absorb while it finishes a run (then nothing happened until a
+    # second Ctrl-C); a KeyboardInterrupt reaches serve, which shuts down on it.
+    signal.signal(signal.SIGINT, _interrupt_on_sigint)
     try:
         with ExitStack() as stack:
             api_url = _connect_api(args.port, stack)
@@ -181,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _interrupt_on_sigint(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _connect_api(port: int, stack: ExitStack) -> str:

@@ -78,12 +78,10 @@ def _tails(logs: list[Path], chars: int = 4000) -> str:
 
 def _stop(server: subprocess.Popen) -> None:
     # Ctrl-C, as a user would: serve pauses the schedule, the command stops its Prefect server.
-    # The bound is generous: on a loaded 2-core machine serve's shutdown and then the Prefect
-    # server's (stop_process: up to 30 s) once took over 60 s together (CI, full suite).
     if server.poll() is None:
         server.send_signal(signal.SIGINT)
         try:
-            server.wait(timeout=150)
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
