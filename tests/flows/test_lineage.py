@@ -155,7 +155,7 @@ def test_reproduce_own_data_with_an_untracked_suite_and_dirty_outputs(
     suite_dep = next(d for d in lock["stages"]["validate"]["deps"] if d["path"] == OWN_SUITE)
     assert recorded["md5"] == recorded["lock_md5"] == suite_dep["md5"]
     assert recorded["logged"] and not recorded["in_git"]
-    assert chain["inputs"]["stages/train/stage.py"]["in_git"]
+    assert chain["inputs"]["model/nets.py"]["in_git"]  # a code file train depends on
 
     workdir = tmp_path / "reproduced"
     code = reproduce.main([f"{MODEL}/3", "--repo", str(repo), "--workdir", str(workdir)])
