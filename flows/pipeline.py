@@ -504,17 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--repo", default=".", help="project checkout holding dvc.yaml and params.yaml"
     )
-    parser.add_argument(
-        "--wait",
-        action="store_true",
-        help="wait for a run that holds the workspace instead of refusing",
-    )
-    parser.add_argument(
-        "--wait-timeout",
-        type=float,
-        default=runlock.DEFAULT_WAIT_S,
-        help="seconds --wait waits at most",
-    )
+    runlock.add_wait_arguments(parser)
     parser.add_argument(
         "--always-flow",
         action="store_true",

@@ -58,17 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--repo", default=".", help="project checkout holding dvc.yaml")
-    parser.add_argument(
-        "--wait",
-        action="store_true",
-        help="wait for a run that holds the workspace instead of refusing",
-    )
-    parser.add_argument(
-        "--wait-timeout",
-        type=float,
-        default=runlock.DEFAULT_WAIT_S,
-        help="seconds --wait waits at most",
-    )
+    runlock.add_wait_arguments(parser)
     parser.add_argument("--no-push", action="store_true", help="skip `dvc push`")
     parser.add_argument("dvc_args", nargs="*", help="extra `dvc repro` arguments (after --)")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ stage removes the temporary folders its killed predecessor left (``data/.validat
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -56,6 +57,21 @@ class RunLockBusy(PipelineError):
 
 
 # --- the run lock --------------------------------------------------------------------------
+
+
+def add_wait_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--wait`` and ``--wait-timeout``: the run-lock options of make run and make repro."""
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for a run that holds the workspace instead of refusing",
+    )
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=DEFAULT_WAIT_S,
+        help="seconds --wait waits at most",
+    )
 
 
 def _fcntl() -> Any:
