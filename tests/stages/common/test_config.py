@@ -24,7 +24,10 @@ def test_project_params_load_with_their_documented_defaults() -> None:
     ("raw", "fragment"),
     [
         ({"train": {"lr": -0.01}}, "train.lr: Input should be greater than 0"),
-        ({"train": {"model": "rnn"}}, "train.model"),
+        ({"train": {"model": "xgboost"}}, "train.model"),
+        ({"train": {"model": "rnn"}}, "rnn.sequence_length"),
+        ({"tune": {"space": {"mlp": {"lrr": {"low": 0.1, "high": 1}}}}}, "mlp.lrr: not a field"),
+        ({"tune": {"sampler": "grid"}}, "tune.space.mlp.lr: the grid sampler needs"),
         ({"train": {"model": "cnn"}}, "image_shape"),
         ({"train": {"hidden_sizes": [64, 0]}}, "train.hidden_sizes"),
         ({"train": {"batch_size": 0}}, "train.batch_size"),
