@@ -1,4 +1,5 @@
-"""The networks (an MLP for tables, a small CNN for images) and how to run them.
+"""The networks and how to run them: an MLP or an FT-Transformer for tables, a small CNN for
+images, a sequence net (GRU, LSTM or attention) for rows that are windows of a series.
 
 Shared by train (builds and fits), evaluate and the served model (load and predict).
 """
@@ -6,7 +7,8 @@ Shared by train (builds and fits), evaluate and the served model (load and predi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ class MLP(nn.Module):
         self, n_features: int, n_classes: int, hidden_sizes: list[int], dropout: float
     ) -> None:
         super().__init__()
+        self.n_classes = n_classes
         layers: list[nn.Module] = []
         width = n_features
         for hidden in hidden_sizes:
@@ -47,6 +50,7 @@ class CNN(nn.Module):
         self, image_shape: list[int], n_classes: int, channels: list[int], dropout: float
     ) -> None:
         super().__init__()
+        self.n_classes = n_classes
         self.image_shape = tuple(image_shape)
         in_ch, height, width = self.image_shape
         blocks: list[nn.Module] = []
@@ -74,28 +78,195 @@ class CNN(nn.Module):
         return self.head(self.features(images))
 
 
+class FTTransformer(nn.Module):
+    """FT-Transformer for tables: one token per feature, a [CLS] token, pre-norm attention
+    blocks, and the class logits read from the [CLS] token.
+
+    Each feature ``j`` becomes the token ``x_j * W_j + b_j`` (a weight and a bias vector of
+    width ``d_token`` per feature), so attention mixes features, not positions.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        d_token: int,
+        n_blocks: int,
+        n_heads: int,
+        ffn_factor: float,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.weight = nn.Parameter(torch.empty(n_features, d_token))
+        self.bias = nn.Parameter(torch.empty(n_features, d_token))
+        self.cls = nn.Parameter(torch.empty(1, 1, d_token))
+        bound = 1 / math.sqrt(d_token)  # the FT-Transformer paper's tokenizer init
+        for tensor in (self.weight, self.bias, self.cls):
+            nn.init.uniform_(tensor, -bound, bound)
+        self.blocks = _encoder(d_token, n_heads, round(ffn_factor * d_token), dropout, n_blocks)
+        self.head = nn.Sequential(nn.LayerNorm(d_token), nn.ReLU(), nn.Linear(d_token, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.unsqueeze(-1) * self.weight + self.bias  # (n, F, d_token)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.head(self.blocks(tokens)[:, 0])
+
+
+class SequenceNet(nn.Module):
+    """A sequence encoder for rows that are windows of a series.
+
+    A flat row ``(T*F,)`` holds ``T`` steps of ``F`` values, step 0's columns first; it is read
+    as ``(T, F)``. ``cell`` gru/lstm: a recurrent net, logits from its state after the last
+    step. ``cell`` transformer: each step projected to ``hidden_size`` plus a learned position
+    embedding, pre-norm attention blocks, logits from the mean over the steps.
+    """
+
+    def __init__(
+        self,
+        sequence_length: int,
+        step_features: int,
+        n_classes: int,
+        cell: str,
+        hidden_size: int,
+        num_layers: int,
+        n_heads: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.sequence_length, self.step_features, self.cell = sequence_length, step_features, cell
+        if cell == "transformer":
+            self.embed = nn.Linear(step_features, hidden_size)
+            self.position = nn.Parameter(torch.zeros(1, sequence_length, hidden_size))
+            nn.init.normal_(self.position, std=0.02)
+            self.encoder = _encoder(hidden_size, n_heads, 2 * hidden_size, dropout, num_layers)
+            self.norm = nn.LayerNorm(hidden_size)
+        else:
+            rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
+            self.encoder = rnn(
+                step_features,
+                hidden_size,
+                num_layers=num_layers,
+                batch_first=True,
+                dropout=dropout if num_layers > 1 else 0.0,  # between stacked layers only
+            )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = x.reshape(-1, self.sequence_length, self.step_features)
+        if self.cell == "transformer":
+            states = self.encoder(self.embed(steps) + self.position)
+            return self.head(self.norm(states.mean(dim=1)))
+        outputs, _ = self.encoder(steps)
+        return self.head(outputs[:, -1])
+
+
+def _encoder(width: int, n_heads: int, ffn: int, dropout: float, n_blocks: int) -> nn.Module:
+    """``n_blocks`` pre-norm self-attention blocks over ``(n, tokens, width)``."""
+    block = nn.TransformerEncoderLayer(
+        width, n_heads, ffn, dropout, activation="gelu", batch_first=True, norm_first=True
+    )
+    # no nested tensors: every row has the same number of tokens, and no padding mask
+    return nn.TransformerEncoder(block, n_blocks, enable_nested_tensor=False)
+
+
 def build_network(spec: Mapping[str, Any] | Any, n_features: int, n_classes: int) -> nn.Module:
     """A fresh network for ``spec`` (weights from torch's current RNG state).
 
     Args:
-        spec: the architecture fields of params ``train`` (``model``, ``hidden_sizes``,
-            ``channels``, ``image_shape``, ``dropout``) as a mapping (train saves them in the
-            checkpoint) or as the params object itself (anything with ``model_dump()``).
+        spec: params ``train`` (``model``, ``dropout`` and the chosen family's fields:
+            ``hidden_sizes``; ``channels`` + ``image_shape``; the ``transformer`` or ``rnn``
+            section) as a mapping (train saves it in the checkpoint; one written before the
+            transformer/rnn families has no such sections, and needs none) or as the params
+            object itself (anything with ``model_dump()``).
 
     Raises:
-        ConfigError: the CNN's ``image_shape`` does not hold ``n_features`` values.
+        ConfigError: the CNN's ``image_shape`` does not hold ``n_features`` values, the
+            features do not split into ``rnn.sequence_length`` equal steps, the family's
+            section is missing, or ``model`` names no network (gbdt).
     """
     if hasattr(spec, "model_dump"):
         spec = spec.model_dump()
-    if spec["model"] == "mlp":
-        return MLP(n_features, n_classes, spec["hidden_sizes"], spec["dropout"])
-    shape = list(spec.get("image_shape") or [])
-    if math.prod(shape) != n_features:
-        raise ConfigError(
-            f"train.image_shape {shape} holds {math.prod(shape)} values but the "
-            f"features have {n_features} columns"
+    family, dropout = spec["model"], spec["dropout"]
+    if family == "mlp":
+        return MLP(n_features, n_classes, spec["hidden_sizes"], dropout)
+    if family == "cnn":
+        shape = list(spec.get("image_shape") or [])
+        if math.prod(shape) != n_features:
+            raise ConfigError(
+                f"train.image_shape {shape} holds {math.prod(shape)} values but the "
+                f"features have {n_features} columns"
+            )
+        return CNN(shape, n_classes, spec["channels"], dropout)
+    if family == "transformer":
+        t = _section(spec, "transformer")
+        return FTTransformer(
+            n_features,
+            n_classes,
+            t["d_token"],
+            t["n_blocks"],
+            t["n_heads"],
+            t["ffn_factor"],
+            dropout,
         )
-    return CNN(shape, n_classes, spec["channels"], spec["dropout"])
+    if family == "rnn":
+        r = _section(spec, "rnn")
+        steps = r["sequence_length"]
+        if not steps or n_features % steps:
+            raise ConfigError(
+                f"rnn.sequence_length {steps}: the features' {n_features} columns do not split "
+                "into that many steps of equal width"
+            )
+        return SequenceNet(
+            steps,
+            n_features // steps,
+            n_classes,
+            r["cell"],
+            r["hidden_size"],
+            r["num_layers"],
+            r["n_heads"],
+            dropout,
+        )
+    raise ConfigError(f"train.model {family!r} is no network (mlp | cnn | transformer | rnn)")
+
+
+def _section(spec: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    section = spec.get(name)
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"train.model {name!r} needs the train.{name} section; it is missing")
+    return section
+
+
+def sequence_steps(columns: Sequence[str], sequence_length: int | None) -> list[list[str]]:
+    """The feature columns as the sequence net reads them: ``sequence_length`` steps of equal
+    width, in column order (step 0's columns first).
+
+    Raises:
+        ConfigError: no ``sequence_length``, or the columns do not split evenly (the message
+            names the columns).
+    """
+    n = len(columns)
+    if not sequence_length:
+        raise ConfigError("model 'rnn' needs rnn.sequence_length: the steps in each row's window")
+    if n % sequence_length:
+        shown = ", ".join(columns[:12]) + (", ..." if n > 12 else "")
+        raise ConfigError(
+            f"rnn.sequence_length {sequence_length}: the {n} feature columns ({shown}) do not "
+            f"split into {sequence_length} steps of equal width ({n} % {sequence_length} = "
+            f"{n % sequence_length}); a window row holds the same columns for every step, "
+            "step 0's first"
+        )
+    width = n // sequence_length
+    return [list(columns[i * width : (i + 1) * width]) for i in range(sequence_length)]
+
+
+def unlike_steps(steps: Sequence[Sequence[str]]) -> list[int]:
+    """Steps whose column names, digits aside, differ from step 0's, position by position
+    (``rain_t0, temp_t0 | rain_t1, temp_t1`` match): a hint that the columns are not in
+    step-major order, e.g. one-hot columns moved behind the numeric ones."""
+    masked = [[re.sub(r"\d+", "#", name) for name in step] for step in steps]
+    return [i for i, step in enumerate(masked) if step != masked[0]]
 
 
 def load_network(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -152,5 +323,7 @@ def predict_proba(
 
 
 def _n_outputs(module: nn.Module) -> int:
+    if hasattr(module, "n_classes"):
+        return module.n_classes
     last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
     return last.out_features
