@@ -17,9 +17,10 @@ from typing import Any
 import pandas as pd
 import torch
 
+from model import nets
 from model.preprocess import FittedPreprocessor
 from stages.common import tracking
-from stages.common.config import Params
+from stages.common.config import Params, TrainParams
 from stages.train.checkpoint import TrainingInterrupted, hash_files
 
 logger = logging.getLogger(__name__)
@@ -28,14 +29,64 @@ INPUT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}  # M
 
 
 def flatten_params(params: Params, sections: Sequence[str]) -> dict[str, Any]:
-    """``{"train.lr": 0.001, ...}`` for the named sections (lists become strings)."""
-    flat = {}
+    """``{"train.lr": 0.001, "train.transformer.d_token": 32, ...}`` for the named sections:
+    nested sections become dotted keys, lists and nulls become strings."""
+    flat: dict[str, Any] = {}
     for name in sections:
-        for key, value in getattr(params, name).model_dump(mode="json").items():
-            flat[f"{name}.{key}"] = (
+        flat.update(_flatten(getattr(params, name).model_dump(mode="json"), name))
+    return flat
+
+
+def _flatten(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = (
                 value if isinstance(value, (int, float, str, bool)) else str(value)
             )
     return flat
+
+
+def sequence_steps(preprocessor: FittedPreprocessor, params: TrainParams) -> list[list[str]]:
+    """For ``model: rnn``: the model's input columns grouped per step, as the sequence net
+    reads them; [] for the other families. Train calls it before it builds the network.
+
+    Raises:
+        ConfigError: the columns do not split into ``rnn.sequence_length`` equal steps (the
+            message names them).
+    """
+    if params.model != "rnn":
+        return []
+    names = [
+        str(name).split("__", 1)[-1]  # "num__rain_d0" -> "rain_d0"
+        for name in preprocessor.transformer.get_feature_names_out()
+    ]
+    return nets.sequence_steps(names, params.rnn.sequence_length)
+
+
+def _log_sequence_steps(steps: list[list[str]]) -> None:
+    """The step grouping into the log and the run; a warning when steps hold unlike columns."""
+    import mlflow
+
+    logger.info(
+        "rnn: %d steps of %d columns; step 0: %s; step %d: %s",
+        len(steps),
+        len(steps[0]),
+        ", ".join(steps[0]),
+        len(steps) - 1,
+        ", ".join(steps[-1]),
+    )
+    if unlike := nets.unlike_steps(steps):
+        logger.warning(
+            "rnn: step %d holds columns %s, step 0 holds %s (digits aside they should match): "
+            "are the window's columns in step-major order, step 0's first?",
+            unlike[0],
+            steps[unlike[0]],
+            steps[0],
+        )
+    mlflow.log_dict({"steps": steps}, "data/sequence_steps.json")
 
 
 def params_dict(params: Params) -> dict[str, Any]:
@@ -115,6 +166,8 @@ def training_run(
                 }
             )
             mlflow.log_dict(params_dict(params), "config/params.json")
+            if steps := sequence_steps(preprocessor, params.train):
+                _log_sequence_steps(steps)
             tracking.log_lineage(".", params_file, validation_report, params_text=params_text)
             _log_inputs(splits, features_dir, preprocessor.target)
         metrics = tracking.MetricBuffer(active.info.run_id)
