@@ -1,4 +1,5 @@
-"""The servable model: the fitted preprocessor and the network as one MLflow pyfunc.
+"""The servable model: the fitted preprocessor and the trained model (a network, or a gbdt
+through :mod:`model.predictors`) as one MLflow pyfunc.
 
 Input: a DataFrame of source rows (the contract's columns; columns the model does not use, and
 any others, are ignored). Output: a DataFrame with ``prediction`` (the label value) and one
@@ -29,10 +30,10 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    import torch
     from mlflow.models import ModelSignature
     from mlflow.models.model import ModelInfo
 
+    from model.predictors import Predictor
     from model.preprocess import FittedPreprocessor
 
 
@@ -61,6 +62,7 @@ REQUIREMENTS = (
     "cloudpickle",
     "pydantic",
     "pyyaml",
+    "skops",  # loads a gbdt model file (model/gbdt.py)
 )
 
 
@@ -96,19 +98,16 @@ def proba_matrix(predictions: pd.DataFrame, classes: list[Any]) -> np.ndarray:
 
 @dataclass
 class Scorer:
-    """The loaded preprocessor and network, ready to score raw rows."""
+    """The loaded preprocessor and model (a network or a gbdt), ready to score raw rows."""
 
     preprocessor: FittedPreprocessor
-    module: torch.nn.Module
-    device: torch.device
+    predictor: Predictor
     batch_size: int = 1024
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Raw feature rows -> ``prediction`` + ``proba_<label>`` columns."""
-        from model.nets import predict_proba
-
         X = self.preprocessor.transform(frame)
-        proba = predict_proba(self.module, X, self.device, self.batch_size)
+        proba = self.predictor.predict_proba(X, self.batch_size)
         return format_predictions(proba, self.preprocessor.classes)
 
 
@@ -118,22 +117,25 @@ def load_scorer(
     device: str = "auto",
     sha256: dict[str, str] | None = None,
 ) -> Scorer:
-    """Load the preprocessor and the checkpoint from their files.
+    """Load the preprocessor and the trained model from their files.
 
     Args:
+        network_path: the model file train wrote: ``model.pt`` (a network) or ``model.skops``
+            (gbdt); :func:`model.predictors.load_predictor` loads either.
         sha256: ``{PREPROCESSOR: hash, NETWORK: hash}``: each file is checked before it is
             loaded (ArtifactIntegrityError on a difference).
     """
-    from model.nets import load_network, select_device
+    from model.nets import select_device
+    from model.predictors import load_predictor
     from model.preprocess import load_preprocessor
 
     expected = sha256 or {}
     _check_hash(network_path, expected.get(NETWORK))
-    module, _ = load_network(network_path)
+    predictor = load_predictor(network_path)
+    if predictor.is_network:
+        predictor.to(select_device(device))
     return Scorer(
-        load_preprocessor(preprocessor_path, sha256=expected.get(PREPROCESSOR)),
-        module,
-        select_device(device),
+        load_preprocessor(preprocessor_path, sha256=expected.get(PREPROCESSOR)), predictor
     )
 
 
@@ -302,7 +304,8 @@ def log_servable(
 
     Args:
         preprocessor_path: the fitted ``preprocessor.joblib``.
-        network_path: the best checkpoint ``model.pt``.
+        network_path: the trained model file: ``model.pt`` (a network's best checkpoint) or
+            ``model.skops`` (gbdt).
         input_example: a few rows of the test split with all their source columns.
         registered_model_name: register a new version of this model.
         name: the logged model's name within the run.

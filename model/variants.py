@@ -146,8 +146,9 @@ def load_variant(
         shutil.rmtree(folder, ignore_errors=True)
         raise PipelineError(
             f"{model_uri}: run {run_id} has no {ARTIFACT_DIR}/ artifacts "
-            f"(registered before variants existed, or with export.enabled false?); serve it "
-            f"with variant 'pyfunc' or export and register it again ({type(exc).__name__})"
+            "(registered before variants existed, with export.enabled false, or a model family "
+            "export skips, like gbdt?); serve it with variant 'pyfunc' or export and register "
+            f"it again ({type(exc).__name__})"
         ) from exc
     try:
         verify_run_variants(run_id, folder / ARTIFACT_DIR, key_env)  # before the unpickling

@@ -15,7 +15,9 @@ Recorded files are never rewritten: once a version registered from this run has 
 artifact hashes (``model.artifacts``), the run's ``variants/`` (or their absence) is part of
 what it recorded, and a new copy would fail its checks. A re-run for the same train run (export's
 code or params changed) then keeps them, says so and reports ``kept``; a new train run exports
-afresh. ``export.enabled: false`` builds nothing (``disabled``).
+afresh. ``export.enabled: false`` builds nothing (``disabled``); a model family export cannot
+convert (gbdt: no ONNX converter for scikit-learn's trees is installed) builds nothing either
+and says why (``skipped``): the pyfunc serves alone, as with ``disabled``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.artifacts import DIGEST_TAG, MANIFEST_TAG, VARIANTS_PREFIX, hash_folder
-from model.files import NETWORK_FILE, PREPROCESSOR_FILE
+from model.files import PREPROCESSOR_FILE
+from model.gbdt import GBDT_FILE
+from model.predictors import model_file
 from model.variants import ARTIFACT_DIR
 from stages.common import tracking
 from stages.common.cli import build_parser, run_main
@@ -41,7 +45,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EXPORTED, KEPT, DISABLED = "exported", "kept", "disabled"  # the report's status
+EXPORTED, KEPT, DISABLED, SKIPPED = "exported", "kept", "disabled", "skipped"  # report status
+# Model files export cannot convert, and why (the network checkpoint, model.pt, it can).
+UNEXPORTABLE = {
+    GBDT_FILE: (
+        "model family gbdt (HistGradientBoosting trees) has no ONNX export here (no "
+        "scikit-learn-to-ONNX converter is installed): no variants built, the pyfunc serves alone"
+    )
+}
 METRIC_PREFIX = "variant."  # the run's metrics this stage logs
 
 
@@ -138,7 +149,7 @@ def _export(features_dir: Path, model_dir: Path, run_id: str, ep: ExportParams) 
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         folder = Path(tmp) / ARTIFACT_DIR
         metrics = build_and_compare(
-            features_dir / PREPROCESSOR_FILE, model_dir / NETWORK_FILE, test, ep, folder
+            features_dir / PREPROCESSOR_FILE, model_file(model_dir), test, ep, folder
         )
         files = hash_folder(folder, VARIANTS_PREFIX)  # what register's manifest must find
         mlflow.log_artifacts(str(folder), ARTIFACT_DIR)
@@ -154,7 +165,8 @@ def run(
 
     Returns:
         The report (also written to ``out_path``): ``status`` is ``exported``, ``kept`` (a
-        version registered from this run recorded the files already) or ``disabled``.
+        version registered from this run recorded the files already), ``disabled`` or
+        ``skipped`` (a model family export cannot convert; ``reason`` says which).
     """
     import mlflow
 
@@ -164,6 +176,9 @@ def run(
         reason = "export.enabled is false: no variants built (the pyfunc serves alone)"
         logger.info("export: %s", reason)
         record = report(run_id, DISABLED, reason, {}, {})
+    elif (reason := UNEXPORTABLE.get(model_file(model_dir).name)) is not None:
+        logger.info("export: skipped: %s", reason)
+        record = report(run_id, SKIPPED, reason, {}, {})
     else:
         with tracking.resume_run(model_dir, params.mlflow):
             versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
@@ -179,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m stages.export --features DIR --model DIR --out FILE``."""
     parser = build_parser("export", "Export the model to ONNX and int8; compare; log them.")
     parser.add_argument("--features", required=True, help="features dir (preprocessor, test)")
-    parser.add_argument("--model", required=True, help="model dir (model.pt, run.json)")
+    parser.add_argument(
+        "--model", required=True, help="model dir (model.pt or model.skops, run.json)"
+    )
     parser.add_argument("--out", required=True, help="export report JSON")
 
     def body(args: argparse.Namespace, params: Params) -> None:

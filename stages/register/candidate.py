@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model.files import NETWORK_FILE, PREPROCESSOR_FILE
+from model.files import PREPROCESSOR_FILE
 from model.metrics import BASELINES, METRIC_NAMES, compute_metrics, read_baselines
 from stages.common.config import Params
 from stages.common.errors import DataError
@@ -47,7 +47,10 @@ def content_hash(
     """What the model is, as a sha256: two models with the same hash answer alike.
 
     Hashed: the network's architecture and weights (not the checkpoint file: ``torch.save``
-    embeds the file name, and the epoch/val-loss records do not change the model), the
+    embeds the file name, and the epoch/val-loss records do not change the model) or, for a
+    gbdt (``checkpoint["estimator"]``: the metadata with the loaded estimator), the fitted
+    estimator's pickle bytes (the skops file is not byte-stable: it names its arrays by
+    object id), the
     fitted preprocessor's bytes (joblib output, stable for the same fit), the input contract
     (None: left out, the network hash) and the model code that ships with it (``code``:
     relative path -> bytes).
@@ -74,7 +77,11 @@ def content_hash(
             sort_keys=True,
         ).encode(),
     )
-    for name, tensor in sorted(checkpoint["state_dict"].items()):
+    if "estimator" in checkpoint:
+        from model.gbdt import estimator_bytes
+
+        add("estimator", estimator_bytes(checkpoint["estimator"]))
+    for name, tensor in sorted(checkpoint.get("state_dict", {}).items()):
         values = tensor.detach().cpu().contiguous()
         add(
             f"tensor {name} {values.dtype} {tuple(values.shape)}",
@@ -163,12 +170,12 @@ def read_metrics(metrics_path: Path, params: Params) -> tuple[dict, dict[str, di
 def read_inputs(
     features_dir: Path, model_dir: Path, metrics_path: Path, params: Params
 ) -> Candidate:
-    """The candidate: features (preprocessor, test split), network, metrics, input contract.
+    """The candidate: features (preprocessor, test split), model, metrics, input contract.
 
     Raises:
         DataError: a metric or the test split's target column is missing.
     """
-    from model.nets import load_network
+    from model.predictors import load_predictor, model_file
     from model.preprocess import load_preprocessor
     from stages.common.suite import load_suite
     from stages.register.contract import build_contract
@@ -188,7 +195,7 @@ def read_inputs(
     contract = build_contract(
         load_suite(params.validate.suite_path), params.validate.rules, preprocessor.feature_columns
     )
-    _, checkpoint = load_network(model_dir / NETWORK_FILE)
+    checkpoint = _checkpoint(load_predictor(model_file(model_dir)))
     fitted, code = preprocessor_path.read_bytes(), model_code()
     return Candidate(
         features_dir,
@@ -201,6 +208,13 @@ def read_inputs(
         content_hash(checkpoint, fitted, contract, code),
         content_hash(checkpoint, fitted, None, code),
     )
+
+
+def _checkpoint(predictor: Any) -> dict[str, Any]:
+    """What :func:`content_hash` reads of a loaded model: its metadata and weights/trees."""
+    if predictor.is_network:
+        return {**predictor.meta, "state_dict": predictor.module.state_dict()}
+    return {**predictor.meta, "estimator": predictor.estimator}
 
 
 def model_code() -> dict[str, bytes]:

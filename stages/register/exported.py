@@ -1,8 +1,9 @@
 """What register takes from the export stage: its report (``reports/export.json``), which
 vouches for the variants in the model's MLflow run. Register records the run's ``variants/``
 with a new version only as the report names them (``manifest.record_version``): status
-``exported`` or ``kept`` with each file's sha256; ``disabled`` (or no report) vouches for none,
-whatever an earlier export left in the run."""
+``exported`` or ``kept`` with each file's sha256; ``disabled``, ``skipped`` (a model family
+export cannot convert, e.g. gbdt) or no report vouches for none, whatever an earlier export
+left in the run."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from stages.common.errors import DataError
 from stages.common.io import read_json
 
 VOUCHING = ("exported", "kept")  # report statuses whose files register records
-STATUSES = (*VOUCHING, "disabled")  # what stages.export writes
+STATUSES = (*VOUCHING, "disabled", "skipped")  # what stages.export writes
 
 
 def read_export_report(path: str | Path | None, model_dir: Path) -> dict[str, str]:
     """``variants/<file> -> sha256`` the export stage vouches for in this model's run: the
     files it logged (``exported``) or kept as an earlier version recorded them (``kept``); {}
-    when it vouches for none (``disabled``, or no report is given).
+    when it vouches for none (``disabled``, ``skipped``, or no report is given).
 
     Raises:
         DataError: the report is about another MLflow run than the model's (export is stale),

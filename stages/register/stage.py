@@ -51,7 +51,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.files import NETWORK_FILE, PREPROCESSOR_FILE
+from model.files import PREPROCESSOR_FILE
+from model.predictors import model_file
 from stages.common import integrity, tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params, RegisterParams
@@ -90,10 +91,9 @@ def _log_and_register(rp: RegisterParams, cand: Candidate) -> tuple[str, dict[st
     from model.servable import log_servable, produced_files
 
     preprocessor_path = cand.features_dir / PREPROCESSOR_FILE
-    uploaded = produced_files(preprocessor_path, cand.model_dir / NETWORK_FILE, cand.contract)
-    info = log_servable(
-        preprocessor_path, cand.model_dir / NETWORK_FILE, cand.test.head(5), contract=cand.contract
-    )
+    trained = model_file(cand.model_dir)  # model.pt (a network) or model.skops (gbdt)
+    uploaded = produced_files(preprocessor_path, trained, cand.contract)
+    info = log_servable(preprocessor_path, trained, cand.test.head(5), contract=cand.contract)
     return register_version(rp, info.model_uri, cand), uploaded
 
 

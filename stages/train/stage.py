@@ -1,4 +1,10 @@
-"""Train: fit the MLP (tables) or CNN (images) with early stopping, log it all to MLflow.
+"""Train: fit the model family ``train.model`` names with early stopping, log it all to MLflow.
+
+The networks (mlp, transformer for tables, cnn for images, rnn for windows of a series) train
+in ``loop.train_model`` and are saved as ``models/model.pt``; gbdt (scikit-learn's
+HistGradientBoosting, ``gbdt.fit_gbdt``) boosts on the same preprocessed rows, one history row
+per ``train.gbdt.rounds_per_epoch`` rounds, and is saved as ``models/model.skops``. Either way
+the history CSV, the MLflow run and ``run.json`` look the same to the later stages.
 
 ``run`` reads top to bottom: config -> device/dtype/seed -> data -> model -> resume ->
 optimizer + loop -> checkpoint. The loop (``loop.train_model``) is pure: tensors in, best
@@ -28,18 +34,20 @@ import pandas as pd
 import torch
 
 from model.files import NETWORK_FILE, PREPROCESSOR_FILE
+from model.gbdt import GBDT_FILE, save_gbdt
 from model.nets import build_network, select_device
 from model.preprocess import FittedPreprocessor, load_preprocessor
 from stages.common import integrity, tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params
-from stages.common.io import atomic_path, write_text
+from stages.common.io import atomic_path, read_parquet, write_text
 from stages.train import distributed
 from stages.train.batches import StreamedTrainData, load_train_data
 from stages.train.checkpoint import GracefulStop, ResumeStore, TrainingInterrupted, open_resume
 from stages.train.distributed import DistInfo
+from stages.train.gbdt import GbdtResult, fit_gbdt
 from stages.train.loop import TrainResult, seed_torch, train_model
-from stages.train.mlflow_run import TrainingRun, training_run
+from stages.train.mlflow_run import TrainingRun, sequence_steps, training_run
 from stages.train.training import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -72,8 +80,9 @@ def run(
     resume_dir: str | Path = DEFAULT_RESUME_DIR,
     resume: bool = True,
     params_file: str | Path | None = None,
-) -> TrainResult:
-    """Train on ``features_dir``; write ``out_dir/model.pt`` + ``run.json`` and the history.
+) -> TrainResult | GbdtResult:
+    """Train on ``features_dir``; write ``out_dir/model.pt`` (``model.skops`` for gbdt) +
+    ``run.json`` and the history.
 
     Everything is logged to one MLflow run (params, config, per-epoch metrics, dataset inputs,
     the validation report). A failure ends that run FAILED and writes no output; SIGTERM ends
@@ -85,6 +94,8 @@ def run(
     paths = _Paths(
         Path(features_dir), Path(validation_report), Path(out_dir), Path(history_path), params_file
     )
+    if params.train.model == "gbdt":
+        return _run_gbdt(params, paths)
     dist = distributed.current()
     with GracefulStop() as stop:
         # config (the params arrive resolved; the preprocessor defines the inputs and classes)
@@ -96,7 +107,8 @@ def run(
             resolve_precision(params.train.precision, device)  # a bad choice fails before I/O
             # data
             data, splits = load_train_data(paths.features, preprocessor, params.train, device)
-            # model
+            # model (rnn: the columns must split into equal steps; the error names them)
+            sequence_steps(preprocessor, params.train)
             n_features, n_classes = preprocessor.n_features, len(preprocessor.classes)
             network = build_network(params.train, n_features, n_classes).to(device)
             # resume state
@@ -210,6 +222,85 @@ def _save_model(out_dir: Path, checkpoint: dict[str, Any], mlrun: TrainingRun) -
         tracking.save_run_info(tmp, mlrun.run_id, mlrun.experiment_id)
 
 
+def _run_gbdt(params: Params, paths: _Paths) -> GbdtResult:
+    """gbdt: the same inputs, MLflow run and outputs as a network, fitted by ``fit_gbdt``.
+
+    It reads the train and val splits only (test is described in MLflow by its file hash).
+    No resume checkpoints: a killed run starts over (boosting the default data takes seconds).
+    """
+    with GracefulStop():  # SIGTERM/SIGINT: the MLflow run ends KILLED, nothing is written
+        # config: the preprocessor defines the inputs and classes
+        preprocessor = load_preprocessor(paths.features / PREPROCESSOR_FILE)
+        # data: the preprocessed rows, as the networks get them (float32, class ids)
+        splits = {
+            name: read_parquet(paths.features / f"{name}.parquet") for name in ("train", "val")
+        }
+        X_train, X_val = (preprocessor.transform(splits[name]) for name in ("train", "val"))
+        y_train, y_val = (
+            preprocessor.encode_labels(splits[name][preprocessor.target])
+            for name in ("train", "val")
+        )
+        n_classes = len(preprocessor.classes)
+        logger.info(
+            "training gbdt (%d features -> %d classes) on %d rows, %d val rows",
+            preprocessor.n_features,
+            n_classes,
+            len(X_train),
+            len(X_val),
+        )
+        snapshot = integrity.snapshot_for(paths.params_file) if paths.params_file else None
+        with training_run(
+            params,
+            None,
+            preprocessor=preprocessor,
+            splits=splits,
+            features_dir=paths.features,
+            validation_report=paths.validation_report,
+            params_file=paths.params_file,
+            params_text=snapshot.text if snapshot is not None else None,
+            device=torch.device("cpu"),
+            world_size=1,
+        ) as mlrun:
+            result = fit_gbdt(
+                X_train,
+                y_train,
+                X_val,
+                y_val,
+                params.train,
+                params.base.seed,
+                on_epoch=mlrun.log_epoch,
+                n_classes=n_classes,
+            )
+            history = history_csv(result.history)
+            mlrun.log_results(
+                result.best_epoch, result.best_val_loss, history, paths.validation_report
+            )
+            if snapshot is not None:  # params.yaml edited while training: no output, run FAILED
+                snapshot.check_unchanged("train")
+            meta = {
+                "train_params": params.train.model_dump(mode="json"),
+                "n_features": preprocessor.n_features,
+                "n_classes": n_classes,
+                "epoch": result.best_epoch,
+                "val_loss": result.best_val_loss,
+            }
+            with atomic_path(paths.out) as tmp:  # one swap: model.skops and run.json together
+                tmp.mkdir()
+                save_gbdt(result.estimator, meta, tmp / GBDT_FILE)
+                tracking.save_run_info(tmp, mlrun.run_id, mlrun.experiment_id)
+            write_text(paths.history, history)
+    logger.info(
+        "gbdt: best epoch %d (val_loss %.4f, %d rounds) of %d; wrote %s and %s",
+        result.best_epoch,
+        result.best_val_loss,
+        result.estimator.n_iter_,
+        len(result.history),
+        paths.out / GBDT_FILE,
+        paths.history,
+    )
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stages.train --features DIR --validation-report DIR --out DIR --history F``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -220,7 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="validation report folder, logged to MLflow under validation/",
     )
-    parser.add_argument("--out", required=True, help="model folder: model.pt + run.json")
+    parser.add_argument(
+        "--out", required=True, help="model folder: model.pt (or model.skops) + run.json"
+    )
     parser.add_argument("--history", required=True, help="per-epoch history CSV")
     parser.add_argument(
         "--resume-dir",

@@ -206,7 +206,10 @@ def test_main_writes_metrics_and_plots_and_logs_them_to_the_train_run(
     baselines = {
         f"baseline_{b}_{m}" for b in model_metrics.BASELINES for m in model_metrics.METRIC_NAMES
     }
-    assert set(metrics) == set(model_metrics.METRIC_NAMES) | baselines
+    strong = {f"{evaluate.STRONG_PREFIX}{m}" for m in model_metrics.METRIC_NAMES}
+    assert set(metrics) == set(model_metrics.METRIC_NAMES) | baselines | strong
+    assert metrics["strong_gbdt_accuracy"] > 0.9  # the strong baseline: reported, not gated
+    assert "gbdt" not in model_metrics.read_baselines(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["accuracy"] > 0.8 and metrics["roc_auc_macro"] > 0.9  # a real, trained model
     # the baselines, scored on the same test split
@@ -258,7 +261,7 @@ def test_main_fails_on_a_model_that_does_not_fit_the_features(
     params_file.write_text(json.dumps(TEST_PARAMS))
     with pytest.raises(
         DataError,
-        match=r"checkpoint expects 30 features .* gives 25.*"
+        match=r"model expects 30 features .* gives 25.*"
         r"model\.pt, rule=model_matches_features",
     ):
         evaluate.run(*_args(workdir)[1::2], make_params())
