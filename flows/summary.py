@@ -27,6 +27,9 @@ REPORTS = {
     "run": ("train", "models/run.json"),
 }
 METRIC_DIGITS = 4
+# evaluate's strong baseline (stages.evaluate.stage.STRONG_PREFIX): gbdt on the same test
+# split, a reference beside the model's metrics, never part of the gate
+STRONG_PREFIX = "strong_gbdt_"
 
 
 def read_reports(repo: Path, statuses: dict[str, str]) -> dict[str, dict | None]:
@@ -86,10 +89,27 @@ def summarize_run(
         "flow_run_id": flow_run_id,
         "stages": {stage: statuses.get(stage, NOT_RUN) for stage in stages},
         "metrics": reports.get("metrics"),
+        "versus_gbdt": versus_gbdt(reports.get("metrics")),
         "model": model,
         "mlflow_run_url": link,
         "error": error,
     }
+
+
+def versus_gbdt(metrics: dict[str, Any] | None) -> dict[str, dict[str, float]] | None:
+    """``{metric: {"model": v, "gbdt": v}}``: the model against evaluate's strong baseline
+    on the same test split (None when evaluate did not finish or reported none)."""
+    if not metrics:
+        return None
+    pairs = {
+        name.removeprefix(STRONG_PREFIX): {
+            "model": metrics.get(name.removeprefix(STRONG_PREFIX)),
+            "gbdt": value,
+        }
+        for name, value in metrics.items()
+        if name.startswith(STRONG_PREFIX)
+    }
+    return {name: pair for name, pair in pairs.items() if pair["model"] is not None} or None
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
@@ -104,9 +124,26 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## Test metrics", ""]
     if metrics := summary.get("metrics"):
         lines += ["| Metric | Value |", "|---|---|"]
-        lines += [f"| {name} | {_format_value(value)} |" for name, value in metrics.items()]
+        lines += [
+            f"| {name} | {_format_value(value)} |"
+            for name, value in metrics.items()
+            if not name.startswith(STRONG_PREFIX)
+        ]
     else:
         lines.append("Not available: the evaluate stage did not finish in this run.")
+    if versus := summary.get("versus_gbdt"):
+        lines += ["", "## Model vs gbdt on the same test split", ""]
+        lines += [
+            "A strong baseline: HistGradientBoosting with scikit-learn's defaults on the same "
+            "train rows (a reference; the gate compares with logistic regression).",
+            "",
+            "| Metric | Model | gbdt |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {_format_value(pair['model'])} | {_format_value(pair['gbdt'])} |"
+            for name, pair in versus.items()
+        ]
     lines += ["", "## Model registry", ""]
     lines += _model_lines(summary.get("model"))
     lines += ["", "## MLflow", ""]
