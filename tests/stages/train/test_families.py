@@ -3,17 +3,23 @@ params in MLflow, and the step grouping train checks for ``model: rnn``."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
 
 from model.nets import build_network
 from model.preprocess import fit_preprocessor
+from stages.common import tracking
 from stages.common.config import TrainParams
 from stages.common.errors import ConfigError
+from stages.common.io import write_parquet
+from stages.features import stage as features
 from stages.train import loop
 from stages.train.batches import TrainData
-from stages.train.mlflow_run import flatten_params, sequence_steps
+from stages.train.mlflow_run import _log_sequence_steps, flatten_params, sequence_steps
 from tests.builders import make_params
 
 CPU = torch.device("cpu")
@@ -105,3 +111,40 @@ def test_rnn_step_grouping_names_the_columns_per_step() -> None:
     uneven = rnn.model_copy(update={"rnn": rnn.rnn.model_copy(update={"sequence_length": 4})})
     with pytest.raises(ConfigError, match=r"6 feature columns \(rain_d0, temp_d0, .*temp_d2\)"):
         sequence_steps(preprocessor, uneven)
+
+
+def test_uneven_rnn_columns_fail_the_train_stage_naming_them(
+    tmp_path: Path, mlflow_uri: str
+) -> None:
+    from stages.train import stage as train
+
+    columns = ["rain_d0", "temp_d0", "rain_d1", "temp_d1", "rain_d2"]  # day 2 lacks temp
+    frame = pd.concat([_window_frame(columns)] * 6, ignore_index=True)
+    params = make_params(
+        {"ingest": {"target": "label"}, "train": {"model": "rnn", "rnn": {"sequence_length": 3}}}
+    )
+    write_parquet(tmp_path / "validated" / "data.parquet", frame)
+    features.run(tmp_path / "validated", tmp_path / "features", params)
+
+    with pytest.raises(ConfigError, match=r"5 feature columns \(rain_d0, .*rain_d2\) do not split"):
+        train.run(
+            tmp_path / "features", tmp_path / "r", tmp_path / "models", tmp_path / "h.csv", params
+        )
+    assert not (tmp_path / "models").exists()
+
+
+def test_steps_with_unlike_columns_are_logged_with_a_warning(
+    mlflow_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import mlflow
+
+    # the one-hot columns of a text column land behind the numeric ones
+    moved = [["rain_d0", "rain_d1"], ["sky_d0_sun", "sky_d1_sun"]]
+    tracking.configure_mlflow(make_params().mlflow)  # artifacts beside the test's store
+    with caplog.at_level(logging.INFO), mlflow.start_run() as run:
+        _log_sequence_steps(moved)
+
+    assert "rnn: 2 steps of 2 columns; step 0: rain_d0, rain_d1" in caplog.text
+    assert "step 1 holds columns ['sky_d0_sun', 'sky_d1_sun']" in caplog.text
+    logged = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/data/sequence_steps.json")
+    assert logged == {"steps": moved}
