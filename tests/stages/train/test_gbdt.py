@@ -98,3 +98,26 @@ def test_refuses_other_families_and_empty_splits():
         fit_gbdt(X_tr, y_tr, X_val, y_val, TrainParams(model="mlp"), seed=0)
     with pytest.raises(PipelineError, match="validation rows"):
         fit_gbdt(X_tr, y_tr, X_val[:0], y_val[:0], _params(), seed=0)
+
+
+@pytest.mark.slow
+def test_stage_logs_each_epoch_and_the_family_params_to_mlflow(tmp_path, mlflow_uri: str) -> None:
+    import mlflow
+
+    from model.predictors import load_predictor, model_file
+    from stages.common.io import read_json
+    from tests.builders import breast_cancer_frame, build_trained, make_params
+
+    params = make_params({"train": {"model": "gbdt", "max_epochs": 6, "patience": 2}})
+    _, models = build_trained(tmp_path, params, breast_cancer_frame())
+
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    run = mlflow.MlflowClient().get_run(read_json(models / "run.json")["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.model"] == "gbdt"
+    assert run.data.params["train.gbdt.rounds_per_epoch"] == "10"
+    logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in logged] == list(range(1, len(history)))  # one per history row
+    predictor = load_predictor(model_file(models))
+    assert predictor.family == "gbdt" and predictor.meta["epoch"] == run.data.metrics["best_epoch"]
+    assert predictor.estimator.n_iter_ == 10 * predictor.meta["epoch"]
