@@ -3,7 +3,9 @@ params in MLflow, and the step grouping train checks for ``model: rnn``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -148,3 +150,21 @@ def test_steps_with_unlike_columns_are_logged_with_a_warning(
     assert "step 1 holds columns ['sky_d0_sun', 'sky_d1_sun']" in caplog.text
     logged = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/data/sequence_steps.json")
     assert logged == {"steps": moved}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_family_trains_on_cuda_with_autocast(family: str, precision: str) -> None:
+    # cuDNN's GRU/LSTM and the attention kernels under autocast (not checked on CPU)
+    cuda = torch.device("cuda")
+    data = TrainData(*(t.to(cuda) for t in dataclasses.astuple(windows())))
+    params = FAMILIES[family].model_copy(update={"precision": precision, "max_grad_norm": 1.0})
+    torch.manual_seed(0)
+    network = build_network(params, data.X_train.shape[1], 2).to(cuda)
+
+    result = loop.train_model(network, data, params, cuda, seed=0)
+
+    assert all(math.isfinite(row["val_loss"]) for row in result.history)
+    assert all(t.device.type == "cpu" for t in result.state_dict.values())
