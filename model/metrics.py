@@ -35,8 +35,9 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
         (row, class) pair.
 
     Raises:
-        DataError: shapes disagree, ids are out of range, or a class is absent from
-            ``y_true`` (ROC-AUC is undefined then).
+        DataError: shapes disagree, ids are out of range, or fewer than two classes
+            occur in ``y_true`` (ROC-AUC is undefined then). With three or more classes, a
+            class absent from ``y_true`` is left out of the macro averages.
     """
     import numpy as np
     from sklearn import metrics as skm
@@ -44,8 +45,16 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     y_true, proba = check_scores(y_true, proba)
     labels = np.arange(proba.shape[1])
     y_pred = proba.argmax(axis=1)
+    present = np.unique(y_true)
+    f1_labels = labels
     if proba.shape[1] == 2:
         roc_auc_macro = skm.roc_auc_score(y_true, proba[:, 1])
+    elif len(present) < proba.shape[1]:
+        # A class no row holds (a season missing from a time-ordered test split): its AUC
+        # is undefined and its F1 would count as 0 though nothing was wrong. Both average
+        # over the classes that occur, in the labels or the predictions.
+        roc_auc_macro = np.mean([skm.roc_auc_score(y_true == c, proba[:, c]) for c in present])
+        f1_labels = np.union1d(present, y_pred)
     else:
         roc_auc_macro = skm.roc_auc_score(
             y_true, proba, multi_class="ovr", average="macro", labels=labels
@@ -54,7 +63,7 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     return {
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "f1_macro": float(
-            skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+            skm.f1_score(y_true, y_pred, labels=f1_labels, average="macro", zero_division=0)
         ),
         "roc_auc_macro": float(roc_auc_macro),
         "roc_auc_micro": float(skm.roc_auc_score(one_hot.ravel(), proba.ravel())),
@@ -79,9 +88,9 @@ def check_scores(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.
     if y_true.min() < 0 or y_true.max() >= proba.shape[1]:
         raise DataError(f"class ids must lie in [0, {proba.shape[1]})", rule="class_id_range")
     absent = sorted(set(range(proba.shape[1])) - set(np.unique(y_true).tolist()))
-    if absent:
+    if len(absent) > proba.shape[1] - 2:
         raise DataError(
-            f"class id(s) {absent} absent from the labels: ROC-AUC is undefined",
+            f"class id(s) {absent} absent from the labels: ROC-AUC needs two classes present",
             rule="every_class_present",
         )
     return y_true, proba

@@ -195,6 +195,12 @@ class FeaturesParams(StrictModel):
     # id or free text, not a category: one-hot encoding it would give a feature per row
     max_category_fraction: float = Field(0.5, gt=0, le=1)
     high_cardinality: Literal["drop", "error"] = "drop"  # drop it with a warning, or stop
+    # stratified = seeded and stratified by class; ordered = data order kept (first rows
+    # train, then val, then test): series, and rows that are windows of one (model: rnn)
+    split: Literal["stratified", "ordered"] = "stratified"
+    # ordered: rows dropped before val and before test, so that no window spans two splits
+    # (windows of T steps: T - 1)
+    gap_rows: int = Field(0, ge=0)
 
     @field_validator("val_size")
     @classmethod
@@ -418,6 +424,12 @@ def _default_spaces() -> dict[str, dict[str, SearchRange]]:
             "dropout": r(low=0.0, high=0.3),
             "transformer.d_token": r(choices=[16, 32, 64]),
             "transformer.n_blocks": r(low=1, high=3, integer=True),
+        },
+        "rnn": {
+            "lr": r(low=1e-4, high=1e-2, log=True),
+            "dropout": r(low=0.0, high=0.3),
+            "rnn.cell": r(choices=["gru", "lstm"]),
+            "rnn.hidden_size": r(choices=[32, 64, 128]),
         },
         "gbdt": {
             "gbdt.learning_rate": r(low=0.02, high=0.3, log=True),

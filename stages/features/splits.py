@@ -1,4 +1,12 @@
-"""A seeded, stratified train/val/test assignment that streams: no row is held to decide it.
+"""The train/val/test assignment, streamed: no row is held to decide it.
+
+``stratified`` (the default, :class:`SplitAssigner`) is seeded and stratified, below.
+``ordered`` (:class:`OrderedAssigner`) keeps data order: the first rows train, the next
+validate, the last test, with ``gap_rows`` dropped before val and before test. It is the
+honest split for series and for rows that are windows of one (``train.model: rnn``): a random
+split puts overlapping windows, the same days, on both sides.
+
+Stratified:
 
 Each class's rows, in data order, are cut into blocks of ``block`` rows. Within a block a
 seeded permutation (the ranks of a splitmix64 hash of seed, class, block and offset) picks
@@ -14,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 TRAIN, VAL, TEST = 0, 1, 2  # split codes, one per row
+GAP = 3  # ordered split: a row between two splits, written to none
 MIN_BLOCK = 100  # large blocks: the split inside a block is a true random sample
 MAX_BLOCK = 1000  # sizes whose quotas are not whole within this: rounded per block
 
@@ -71,6 +80,8 @@ class SplitPlan:
     test_size: float
     val_size: float
     class_counts: np.ndarray  # rows per class id (int64)
+    ordered: bool = False  # keep data order (OrderedAssigner) instead of stratifying
+    gap_rows: int = 0  # ordered: rows dropped before val and before test
 
     @property
     def block(self) -> int:
@@ -138,3 +149,34 @@ class SplitAssigner:
         codes[keys <= val_cut[:, None]] = VAL
         codes[keys <= test_cut[:, None]] = TEST
         return codes
+
+
+class OrderedAssigner:
+    """Data order kept: train, gap, val, gap, test, by each row's position in the data."""
+
+    def __init__(self, plan: SplitPlan) -> None:
+        n_rows = int(plan.class_counts.sum())
+        n_test = int(np.floor(n_rows * plan.test_size + 0.5))
+        n_val = int(np.floor(n_rows * plan.val_size + 0.5))
+        n_train = n_rows - n_test - n_val
+        gap = plan.gap_rows
+        if min(n_train, n_val - gap, n_test - gap) < 1:
+            raise ValueError(
+                f"{n_rows} rows leave no rows in a split after features.gap_rows {gap} "
+                "(fewer gap rows, or more data)"
+            )
+        # the first position of: the gap before val, val, the gap before test, test
+        self.cuts = np.cumsum([n_train, gap, n_val - gap, gap])
+        self.seen = 0
+
+    def assign(self, class_ids: np.ndarray) -> np.ndarray:
+        """Split codes (TRAIN/VAL/TEST, GAP between them) for the next rows."""
+        position = self.seen + np.arange(len(class_ids))
+        self.seen += len(class_ids)
+        codes = np.searchsorted(self.cuts, position, side="right")
+        return np.array([TRAIN, GAP, VAL, GAP, TEST], dtype=np.uint8)[codes]
+
+
+def assigner_for(plan: SplitPlan) -> SplitAssigner | OrderedAssigner:
+    """The assigner ``plan`` asks for (``features.split``)."""
+    return OrderedAssigner(plan) if plan.ordered else SplitAssigner(plan)

@@ -36,7 +36,7 @@ from stages.common.config import FeaturesParams, Params
 from stages.common.errors import DataError
 from stages.common.io import atomic_path, iter_batches, open_dataset, write_json
 from stages.common.parquet_files import ParquetFiles, arrow_mask
-from stages.features.splits import SplitAssigner, SplitPlan
+from stages.features.splits import SplitPlan, assigner_for
 from stages.features.streamfit import TrainStats
 
 logger = logging.getLogger(__name__)
@@ -272,8 +272,8 @@ def split_data(
     """The stage's split of an in-memory frame: the same rows land in the same split."""
     check_target(df, target)
     counts = {_plain(k): int(v) for k, v in df[target].value_counts().sort_index().items()}
-    plan = SplitPlan(seed, params.test_size, params.val_size, np.array(list(counts.values())))
-    codes = SplitAssigner(plan).assign(
+    plan = _plan(params, seed, counts)
+    codes = assigner_for(plan).assign(
         df[target].map({label: i for i, label in enumerate(counts)}).to_numpy()
     )
     return {name: df[codes == code].reset_index(drop=True) for code, name in enumerate(SPLITS)}
@@ -299,7 +299,7 @@ def write_splits(
 
     schema = open_dataset(source).schema
     labels = pa.array(classes, type=schema.field(target).type)
-    assigner = SplitAssigner(plan)
+    assigner = assigner_for(plan)
     with ParquetFiles(out, list(SPLITS), schema, batch_rows) as files:
         first_row = 0
         for batch in iter_batches(source, batch_rows):
@@ -332,9 +332,11 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
         for name in settings.drop_columns
     ] + dropped
     counts = count_classes(source, target, batch_rows)
-    plan = SplitPlan(
-        seed, settings.test_size, settings.val_size, np.array(list(counts.values()), dtype=np.int64)
-    )
+    plan = _plan(settings, seed, counts)
+    try:
+        assigner_for(plan)  # the ordered split's sizes are checked before anything is written
+    except ValueError as exc:
+        raise DataError(str(exc), file=str(source), rule="split_sizes") from exc
     formats = date_formats(schema, calendar)
     stats = TrainStats(
         numeric, categorical, seed, file=str(source), datetimes=calendar, date_formats=formats
@@ -366,6 +368,7 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
             "datetime": settings.datetime,
             "date_formats": formats,
             "dropped": dropped,  # every column not fed to the model: column, rule, reason
+            "split": settings.split,
             "split_block_rows": plan.block,
         }
         write_json(tmp / "meta.json", meta)
@@ -377,6 +380,17 @@ def run(validated_dir: str | Path, out_dir: str | Path, params: Params) -> Featu
         meta["classes"],
     )
     return FeatureSet({name: out_dir / f"{name}.parquet" for name in SPLITS}, preprocessor, meta)
+
+
+def _plan(settings: FeaturesParams, seed: int, counts: dict[Any, int]) -> SplitPlan:
+    return SplitPlan(
+        seed,
+        settings.test_size,
+        settings.val_size,
+        np.array(list(counts.values()), dtype=np.int64),
+        ordered=settings.split == "ordered",
+        gap_rows=settings.gap_rows,
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -290,3 +290,19 @@ def test_unknown_label_in_the_test_split_names_file_and_column(workdir: Path) ->
     ):
         evaluate.run(*_args(workdir)[1::2], make_params())
     assert not (workdir / "reports").exists()
+
+
+def test_a_class_absent_from_the_test_split_is_left_out_of_the_macro_averages() -> None:
+    # a time-ordered split of a seasonal series: no "snow" (class 2) in the test rows
+    y_true = np.array([0, 0, 1, 1, 0])
+    proba = np.array(
+        [[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.4, 0.5, 0.1], [0.3, 0.6, 0.1]]
+    )
+
+    metrics = model_metrics.compute_metrics(y_true, proba)
+
+    # predicted [0, 0, 1, 1, 1]: F1 0.8 for both present classes; snow, never in the labels
+    # nor predicted, does not pull the average down to 0.53
+    assert metrics["f1_macro"] == pytest.approx(0.8)
+    # one misranked pair of six for each present class; snow's AUC is undefined, left out
+    assert metrics["roc_auc_macro"] == pytest.approx(5 / 6)

@@ -109,3 +109,34 @@ def test_more_rows_than_counted_is_an_error() -> None:
 
 def test_codes_are_train_val_test() -> None:
     assert (TRAIN, VAL, TEST) == (0, 1, 2)
+
+
+def test_ordered_split_keeps_data_order_and_drops_the_gaps():
+    from stages.features.splits import GAP, OrderedAssigner
+
+    plan = SplitPlan(0, 0.2, 0.2, np.array([60, 40]), ordered=True, gap_rows=3)
+    assigner = OrderedAssigner(plan)
+    labels = np.tile([0, 1, 0, 0, 1], 20)
+    codes = np.concatenate([assigner.assign(labels[i : i + 7]) for i in range(0, 100, 7)])
+    expected = [TRAIN] * 60 + [GAP] * 3 + [VAL] * 17 + [GAP] * 3 + [TEST] * 17
+    assert codes.tolist() == expected  # in data order, however the rows are batched
+
+
+def test_ordered_split_refuses_a_gap_that_empties_a_split():
+    from stages.features.splits import OrderedAssigner
+
+    with pytest.raises(ValueError, match="gap_rows 5"):
+        OrderedAssigner(SplitPlan(0, 0.2, 0.2, np.array([10, 10]), ordered=True, gap_rows=5))
+
+
+def test_the_stage_splits_a_series_in_order():
+    import pandas as pd
+
+    from stages.common.config import FeaturesParams
+    from stages.features.stage import split_data
+
+    df = pd.DataFrame({"t": range(200), "target": [i % 3 for i in range(200)]})
+    splits = split_data(df, "target", FeaturesParams(split="ordered", gap_rows=6), seed=1)
+    assert splits["train"]["t"].max() < splits["val"]["t"].min() - 6
+    assert splits["val"]["t"].max() < splits["test"]["t"].min() - 6
+    assert [len(splits[n]) for n in ("train", "val", "test")] == [120, 34, 34]

@@ -521,3 +521,28 @@ def test_high_cardinality_error_policy_stops_naming_the_params_fix(tmp_path: Pat
         _real_params("Species", high_cardinality="error", drop_columns=["Individual ID"]),
     )
     assert "Individual ID" not in kept.meta["feature_columns"]
+
+
+def test_an_ordered_split_whose_gap_empties_a_split_fails_naming_the_file(tmp_path: Path) -> None:
+    validated, _ = _write_project(tmp_path, make_frame(n=30))
+    out = tmp_path / "data" / "features"
+
+    with pytest.raises(DataError, match="gap_rows 10") as err:
+        features.run(validated, out, _params(split="ordered", gap_rows=10))
+
+    assert f"file={validated / 'data.parquet'}" in str(err.value)
+    assert "rule=split_sizes" in str(err.value)
+    assert not out.exists()
+
+
+def test_an_ordered_split_writes_the_rows_in_data_order(tmp_path: Path) -> None:
+    df = make_frame(n=100).assign(t=range(100))
+    validated, _ = _write_project(tmp_path, df)
+    result = features.run(
+        validated, tmp_path / "features", _params(batch_rows=16, split="ordered", gap_rows=2)
+    )
+    splits = {name: pd.read_parquet(path)["t"].tolist() for name, path in result.paths.items()}
+    assert splits["train"] == list(range(60))
+    assert splits["val"] == list(range(62, 80))
+    assert splits["test"] == list(range(82, 100))
+    assert result.meta["split"] == "ordered"

@@ -80,6 +80,9 @@ def test_rnn_on_weather_windows_trains_evaluates_exports_and_serves(
     frame = weather_windows()
     overrides = {
         "ingest": {"target": "weather"},
+        # a series: split in time order, with a window's length between the splits, so that
+        # no day is both in a training window and a scored one
+        "features": {"split": "ordered", "gap_rows": DAYS},
         "train": {
             "model": "rnn",
             "rnn": {"sequence_length": DAYS, "cell": "gru", "hidden_size": 32},
@@ -97,7 +100,9 @@ def test_rnn_on_weather_windows_trains_evaluates_exports_and_serves(
     assert set(predictions["prediction"]) <= set(classes)
     assert predictions[[f"proba_{c}" for c in classes]].sum(axis=1).round(5).eq(1).all()
     # tomorrow's weather from the last week: better than always answering the commonest
-    majority = frame["weather"].value_counts(normalize=True).max()
+    test_rows = pd.read_parquet(tmp_path / "features" / "test.parquet")
+    majority = test_rows["weather"].value_counts(normalize=True).max()
+    assert test_rows["d0_temp_max"].iloc[0] == frame["d0_temp_max"].iloc[-len(test_rows)]
     assert out["metrics"]["accuracy"] > majority
     assert out["served_accuracy"] == pytest.approx(out["metrics"]["accuracy"])
     run = out["run"]
