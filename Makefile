@@ -20,7 +20,7 @@ export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install data run repro lint test test-deps test-fast test-stack ui prefect schedule clean serve bench-setup bench-train bench-serve bench-data bench-feedback
+.PHONY: help install data run repro lint test test-deps test-fast test-stack ui prefect schedule clean serve bench-setup bench-train bench-serve bench-data bench-feedback tune
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,12 @@ run: install ## Run the whole pipeline through the Prefect flow on the default d
 
 repro: install ## Run the same stages with `dvc repro`, then push the data versions (WAIT=1 as for run)
 	$(BIN)/python -m flows.repro --repo .$(if $(WAIT), --wait)
+
+# Optuna search over train values (params.yaml tune section; flows/tune.py): TRIALS=N is the
+# number of finished trials the study (one per data version and model family) should hold, so a
+# killed `make tune` resumes; the best trial's values are written into params.yaml (comments kept).
+tune: install ## Tune train params with Optuna, write the best into params.yaml (TRIALS=N)
+	$(BIN)/python -m flows.tune --repo .$(if $(TRIALS), --trials $(TRIALS))$(if $(WAIT), --wait)
 
 # ruff (format + check) and the import rules (pyproject.toml [tool.importlinter], ARCHITECTURE.md).
 lint: install ## Check formatting, lint findings and what may import what (ruff, import-linter)

@@ -1,7 +1,7 @@
 """One tuning trial in its own process: ask the study, train as the stage does, tell.
 
     python -m stages.train.trial --study NAME --storage URL --features data/features \
-        --parent-run-id ID --tracking-uri URI [--model FAMILY] [--sampler-seed N] \
+        --parent-run-id ID --tracking-uri URI [--model FAMILY] [--trial-index N] \
         [--trials N] [--threads N] [--params params.yaml]
 
 Reads params.yaml, asks the study (``stages.train.tuning``) for values, sets them on
@@ -56,7 +56,7 @@ class TrialSetup:
     parent_run_id: str
     tracking_uri: str
     model: str | None = None
-    sampler_seed: int = 0
+    trial_index: int = 0  # offsets the sampler's seed (tuning.make_sampler)
     trials: int = 20
     threads: int | None = None
 
@@ -167,7 +167,9 @@ def run_trial(setup: TrialSetup, params: Params) -> dict[str, Any]:
     study = optuna.load_study(
         study_name=setup.study,
         storage=storage,
-        sampler=tuning.make_sampler(params.tune.sampler, space, setup.sampler_seed),
+        sampler=tuning.make_sampler(
+            params.tune.sampler, space, params.base.seed, setup.trial_index
+        ),
         pruner=tuning.make_pruner(
             params.tune.pruner, min(params.train.max_epochs, cap or 10**9), setup.trials
         ),
@@ -182,6 +184,7 @@ def run_trial(setup: TrialSetup, params: Params) -> dict[str, Any]:
         train, values = tuning.apply_values(base, tuning.suggest(trial, space), cap)
         trial.set_user_attr(tuning.VALUES_ATTR, values)
         run_id = _child_run(setup, trial.number, train, values)
+        trial.set_user_attr(tuning.RUN_ATTR, run_id)  # a killed trial's run is ended later
         metrics = MetricBuffer(run_id, every_s=2.0)
         logger.info("trial %d: %s", trial.number, json.dumps(values))
         try:
@@ -230,7 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent-run-id", required=True, help="the study's MLflow run")
     parser.add_argument("--tracking-uri", required=True, help="MLflow tracking URI")
     parser.add_argument("--model", help="family to tune (default: train.model)")
-    parser.add_argument("--sampler-seed", type=int, default=0, help="this trial's sampler seed")
+    parser.add_argument(
+        "--trial-index", type=int, default=0, help="offsets the sampler's seed per trial"
+    )
     parser.add_argument("--trials", type=int, default=20, help="the study's target trial count")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
 
@@ -248,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.parent_run_id,
             args.tracking_uri,
             args.model,
-            args.sampler_seed,
+            args.trial_index,
             args.trials,
             args.threads,
         )

@@ -7,9 +7,10 @@ study and ``make tune`` again on the same data resumes the old one. Trials run o
 (``stages.train.trial``); the orchestration is ``flows/tune.py``. This module has no torch.
 
 Processes share the study through the storage only: each one builds the sampler and pruner
-itself (``make_sampler``, ``make_pruner``), the sampler seeded per trial (one seed in every
-process would draw the same "random" values in each). A trial records its host and pid and a
-heartbeat; ``fail_dead_trials`` marks the RUNNING trials of a killed run FAIL.
+itself (``make_sampler``, ``make_pruner``): TPE and random seeded per trial (one seed in every
+process would draw the same "random" values), the grid with one seed (it fixes its order). A
+trial records its host and pid and a heartbeat; ``fail_dead_trials`` marks the RUNNING trials
+of a killed run FAIL.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ STORAGE_ENV = "TUNE_STORAGE"  # overrides params tune.storage
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow run of the study
 VALUES_ATTR = "train_values"  # trial user attr: the values the trial trained with (rounded)
 PROCESS_ATTR = "process"  # trial user attr: [host, pid, process start time]
+RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow (child) run
 READ_FILES = ("train.parquet", "val.parquet", PREPROCESSOR_FILE)  # what a trial reads
 HEARTBEAT_S, STALE_AFTER_S = 10, 60  # a trial not heard from for a minute is dead
 SIGNIFICANT = 4  # float values are rounded to this many digits: params.yaml stays readable
@@ -150,16 +152,21 @@ def grid_size(space: Mapping[str, SearchRange]) -> int:
 
 
 def make_sampler(
-    kind: str, space: Mapping[str, SearchRange], seed: int
+    kind: str, space: Mapping[str, SearchRange], seed: int, trial_index: int = 0
 ) -> optuna.samplers.BaseSampler:
-    """``tpe`` | ``grid`` | ``random``, seeded with ``seed`` (give each trial its own)."""
+    """``tpe`` | ``grid`` | ``random`` for the process that runs trial ``trial_index``.
+
+    The grid's order is a shuffle by ``seed`` and trial n takes point n: every process needs
+    the same seed. TPE and random draw from ``seed + trial_index``: with one seed, each new
+    process would draw the same "random" values.
+    """
     if kind == "grid":
         return _AskTellGridSampler(grid_space(space), seed=seed)
     if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed + trial_index)
     # constant_liar: trials running in parallel count as bad so far, so they spread out
     with _known_warnings():
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        return optuna.samplers.TPESampler(seed=seed + trial_index, constant_liar=True)
 
 
 def make_pruner(kind: str, max_epochs: int, trials: int) -> optuna.pruners.BasePruner:
@@ -274,7 +281,12 @@ def _gone(identity: Any) -> bool:
         host, pid, started = identity
         if host != socket.gethostname():
             return False  # another machine's trial: its heartbeat tells
-        return abs(psutil.Process(int(pid)).create_time() - float(started)) > 0.01
+        process = psutil.Process(int(pid))
+        # a zombie is gone too: a killed run's trial whose new parent does not reap it
+        return (
+            abs(process.create_time() - float(started)) > 0.01
+            or process.status() == psutil.STATUS_ZOMBIE
+        )
     except (psutil.Error, TypeError, ValueError):
         return True
 
@@ -285,9 +297,9 @@ def ask(study: optuna.Study) -> optuna.Trial:
         return study.ask()
 
 
-def fail_dead_trials(study: optuna.Study) -> list[int]:
+def fail_dead_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Mark FAIL the RUNNING trials whose process is gone (this host) or whose heartbeat
-    stopped (any host); return their numbers. Call it holding the workspace run lock."""
+    stopped (any host); return them. Call it holding the workspace run lock."""
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     with _known_warnings():
         optuna.storages.fail_stale_trials(study)
@@ -295,9 +307,11 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
         if _gone(trial.user_attrs.get(PROCESS_ATTR)):
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    failed = sorted(before - still)
+    failed = [t for t in study.get_trials(deepcopy=False) if t.number in before - still]
     if failed:
-        logger.warning("trials %s were left RUNNING by a killed run: marked FAIL", failed)
+        logger.warning(
+            "trials %s were left RUNNING by a killed run: marked FAIL", [t.number for t in failed]
+        )
     return failed
 
 

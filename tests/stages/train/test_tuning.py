@@ -108,7 +108,7 @@ def test_trials_of_a_killed_process_are_marked_fail(tmp_path: Path) -> None:
     killed.set_user_attr(tuning.PROCESS_ATTR, [host, int(dead.stdout), 0.0])
     alive.set_user_attr(tuning.PROCESS_ATTR, tuning.process_identity())
 
-    assert tuning.fail_dead_trials(study) == [killed.number]
+    assert [t.number for t in tuning.fail_dead_trials(study)] == [killed.number]
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {killed.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
 
