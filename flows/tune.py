@@ -231,6 +231,11 @@ def _run_rounds(plan: dict, study: Any, parent_run_id: str) -> list[dict]:
     return results
 
 
+def _train(plan: dict) -> TrainParams:
+    train = load_params(Path(plan["repo"]) / "params.yaml").train
+    return train.model_copy(update={"model": plan["family"]})
+
+
 def _write_back(plan: dict, study: Any) -> dict[str, list[Any]]:
     best = tuning.best_trial(study)
     if best is None:
@@ -257,6 +262,8 @@ def tune(plan: dict) -> dict[str, Any]:
         tuning.make_sampler(plan["sampler"], space, plan["seed"]),
         tuning.make_pruner(plan["pruner"], plan["max_epochs"], plan["target"]),
     )
+    if plan["sampler"] != "grid" and tuning.enqueue_current(study, _train(plan), space):
+        get_run_logger().info("trial 0 trains params.yaml's current values: the baseline")
     rerun = _end_dead_trials(plan, study)
     parent_run_id = _parent_run(plan, study)
     results, error, changed = [], None, {}
@@ -305,6 +312,7 @@ def _summarize(
         "best_trial": best.number if best else None,
         "best_val_loss": best.value if best else None,
         "best_values": best.user_attrs.get(tuning.VALUES_ATTR) if best else None,
+        "best_is_baseline": bool(best and best.user_attrs.get("baseline")),
         "params_changed": changed,
         "mlflow_run": f"http://127.0.0.1:{plan['ui_port']}/#/experiments/{experiment}/runs/{parent_run_id}",
         "wall_s": round(time.monotonic() - started, 1),
@@ -322,6 +330,7 @@ def render(summary: dict[str, Any], markdown: bool = False) -> str:
     """The summary as text (printed) or Markdown (the Prefect artifact)."""
     best = (
         f"trial {summary['best_trial']}, val_loss {summary['best_val_loss']:.4f}"
+        + (" (params.yaml's own values: no trial beat them)" if summary["best_is_baseline"] else "")
         if summary["best_trial"] is not None
         else "none (no trial completed)"
     )

@@ -49,7 +49,9 @@ RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow (child) run
 READ_FILES = ("train.parquet", "val.parquet", PREPROCESSOR_FILE)  # what a trial reads
 HEARTBEAT_S, STALE_AFTER_S = 10, 60  # a trial not heard from for a minute is dead
 SIGNIFICANT = 4  # float values are rounded to this many digits: params.yaml stays readable
-PRUNE_FROM_EPOCH = 2  # epoch 1's loss says little about the end: never pruned
+# the median pruner compares curves from a tenth of the epochs on (at least epoch 2): a slow
+# starter (a small learning rate) is not judged on its first epochs
+WARMUP_FRACTION, MIN_WARMUP_EPOCHS = 0.1, 2
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -171,12 +173,11 @@ def make_sampler(
 
 def make_pruner(kind: str, max_epochs: int, trials: int) -> optuna.pruners.BasePruner:
     """``median`` | ``hyperband`` | ``none``; the median waits for a quarter of the trials
-    (at most 5) to finish before it compares curves."""
+    (at most 5) to finish, and compares from a tenth of ``max_epochs`` on."""
     if kind == "median":
         startup = min(5, max(1, trials // 4))
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=startup, n_warmup_steps=PRUNE_FROM_EPOCH
-        )
+        warmup = max(MIN_WARMUP_EPOCHS, int(max_epochs * WARMUP_FRACTION))
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(max_epochs, 1))
     return optuna.pruners.NopPruner()
@@ -200,6 +201,38 @@ def open_study(
 
 
 # --- one trial's values ------------------------------------------------------------------
+
+
+def current_values(train: TrainParams, space: Mapping[str, SearchRange]) -> dict[str, Any] | None:
+    """The values ``train`` has for the keys of ``space``, as Optuna stores them; None when
+    one of them lies outside its range (it cannot be a trial of this space)."""
+    data, values = train.model_dump(mode="json"), {}
+    for key, search in space.items():
+        value = data
+        for part in key.split("."):
+            value = value[part]
+        if search.choices is not None:
+            if value not in search.choices:
+                return None
+            values[key] = _encode(value)
+        elif not search.low <= value <= search.high:
+            return None
+        else:
+            values[key] = value
+    return values
+
+
+def enqueue_current(
+    study: optuna.Study, train: TrainParams, space: Mapping[str, SearchRange]
+) -> bool:
+    """Make the params as they are the first trial of a new study: the best trial then beats
+    them or is them, and the write-back never trades them for worse (on val). Not for the grid
+    (it visits its own points) nor a study that has trials."""
+    values = current_values(train, space)
+    if values is None or study.get_trials(deepcopy=False):
+        return False
+    study.enqueue_trial(values, user_attrs={"baseline": True})
+    return True
 
 
 def _encode(choice: Any) -> Any:

@@ -46,6 +46,21 @@ def test_grid_visits_every_point_and_list_choices_come_back_as_lists(tmp_path: P
     assert study.trials[0].params["hidden_sizes"] in ("[8]", "[16, 8]")  # stored as text
 
 
+def test_the_current_params_are_the_first_trial_of_a_new_study(tmp_path: Path) -> None:
+    space = {"lr": R(low=1e-4, high=1e-2, log=True), "hidden_sizes": R(choices=[[8], [64, 32]])}
+    study = _study(tmp_path, space, sampler="tpe")
+    current = TrainParams(lr=0.001, hidden_sizes=[64, 32])
+
+    assert tuning.enqueue_current(study, current, space)
+    assert not tuning.enqueue_current(study, current, space)  # once, in a new study only
+    trial = tuning.ask(study)
+    assert tuning.suggest(trial, space) == {"lr": 0.001, "hidden_sizes": [64, 32]}
+    assert trial.user_attrs["baseline"] is True
+    # values outside the space cannot be a trial of it
+    assert tuning.current_values(TrainParams(lr=0.5), space) is None
+    assert tuning.current_values(TrainParams(hidden_sizes=[7]), space) is None
+
+
 def test_grid_refuses_a_continuous_range() -> None:
     with pytest.raises(ConfigError, match="lr is a continuous range"):
         tuning.grid_space({"lr": R(low=1e-4, high=1e-2, log=True)})
