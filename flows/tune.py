@@ -220,7 +220,7 @@ def _run_rounds(plan: dict, study: Any, parent_run_id: str) -> list[dict]:
         remaining = plan["target"] - tuning.finished_trials(study)
         if remaining <= 0:
             break
-        first = len(study.get_trials(deepcopy=False))  # offsets each trial's sampler seed
+        first = tuning.started_trials(study)  # offsets each trial's sampler seed
         log.info("running %d trial(s), %d at a time", remaining, plan["parallel"])
         futures = [run_trial.submit(plan, parent_run_id, first + i) for i in range(remaining)]
         wait(futures)

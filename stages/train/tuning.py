@@ -384,6 +384,11 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def started_trials(study: optuna.Study) -> int:
+    """Trials asked so far (an enqueued, WAITING trial is the next one asked)."""
+    return len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+
+
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The COMPLETE trial with the lowest validation loss (None before the first one)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
