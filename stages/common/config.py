@@ -14,10 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -26,8 +23,28 @@ from pydantic import (
     model_validator,
 )
 
+from stages.common.config_base import StrictModel, describe_errors, read_yaml
 from stages.common.errors import ConfigError
 from stages.common.redact import redact_url
+from stages.common.train_config import GbdtParams, RnnParams, TrainParams, TransformerParams
+from stages.common.tune_config import SearchRange, TuneParams
+
+# the section models live beside this module; these names stay importable from here
+__all__ = [
+    "ConfigError",
+    "GbdtParams",
+    "Params",
+    "RnnParams",
+    "SearchRange",
+    "StrictModel",
+    "TrainParams",
+    "TransformerParams",
+    "TuneParams",
+    "describe_errors",
+    "load_params",
+    "parse_params",
+    "read_yaml",
+]
 
 SKLEARN_SOURCES = ("breast_cancer", "digits")
 URL_SCHEMES = ("http", "https", "s3", "gs", "gcs", "az", "abfs")  # read through fsspec
@@ -35,38 +52,6 @@ SQL_DIALECTS = ("postgresql", "mysql", "mariadb", "sqlite", "mssql", "oracle")  
 MLFLOW_ALIAS = re.compile(r"[\w-]+")  # MLflow's alias rules (mlflow.utils.validation)
 PREFECT_BANNED = "/%&><"  # characters a Prefect name may not hold (prefect.types.names)
 MLFLOW_VERSION_ALIAS = re.compile(r"[vV]\d+")  # reserved: it would read as a version
-
-
-class StrictModel(BaseModel):
-    """Frozen, and an unknown key is an error (a typo in a YAML file never passes silently)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def read_yaml(path: str | Path, what: str, hint: str = "") -> Any:
-    """Read a YAML config file; a missing or malformed file raises ConfigError naming it."""
-    try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: {what} not found{hint}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-
-
-def describe_errors(exc: ValidationError, prefix: str = "") -> list[str]:
-    """``section.field: message`` for each problem pydantic found."""
-    return [
-        f"{'.'.join([p for p in [prefix] if p] + [str(part) for part in err['loc']]) or '(top)'}"
-        f": {_message(err)}"
-        for err in exc.errors()
-    ]
-
-
-def _message(err: Any) -> str:
-    # our validators' ValueError text as written, without pydantic's "Value error, " in front
-    if err["type"] == "value_error" and "error" in err.get("ctx", {}):
-        return str(err["ctx"]["error"])
-    return err["msg"]
 
 
 class BaseParams(StrictModel):
@@ -198,8 +183,8 @@ class FeaturesParams(StrictModel):
     # stratified = seeded and stratified by class; ordered = data order kept (first rows
     # train, then val, then test): series, and rows that are windows of one (model: rnn)
     split: Literal["stratified", "ordered"] = "stratified"
-    # ordered: rows dropped before val and before test, so that no window spans two splits
-    # (windows of T steps: T - 1)
+    # ordered: rows dropped before val and before test, so that no day is in a window on
+    # both sides (windows of T steps with the next step as label: T)
     gap_rows: int = Field(0, ge=0)
 
     @field_validator("val_size")
@@ -211,147 +196,6 @@ class FeaturesParams(StrictModel):
                 f"test_size {test_size} + val_size {value} must leave at least 10% for training"
             )
         return value
-
-
-class TransformerParams(StrictModel):
-    """FT-Transformer (model: transformer): one token per feature, a few attention blocks."""
-
-    d_token: int = Field(32, gt=0)  # width of each feature's token
-    n_blocks: int = Field(2, gt=0)  # attention blocks
-    n_heads: int = Field(4, gt=0)  # attention heads; must divide d_token
-    ffn_factor: float = Field(2.0, gt=0)  # feed-forward width = ffn_factor x d_token
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> TransformerParams:
-        if self.d_token % self.n_heads:
-            raise ValueError(
-                f"n_heads {self.n_heads} must divide d_token {self.d_token} "
-                "(each head takes an equal share of the token)"
-            )
-        return self
-
-
-class RnnParams(StrictModel):
-    """Sequence model (model: rnn) for rows that are fixed-length windows of a series."""
-
-    # steps per window: the row's feature columns are read as sequence_length steps of
-    # n_features / sequence_length values each, in column order (step 0's columns first)
-    sequence_length: int | None = Field(None, gt=0)
-    cell: Literal["gru", "lstm", "transformer"] = "gru"  # the encoder over the steps
-    hidden_size: int = Field(64, gt=0)  # state width (the transformer encoder's d_model)
-    num_layers: int = Field(1, gt=0)  # stacked layers
-    n_heads: int = Field(4, gt=0)  # cell transformer only; must divide hidden_size
-
-
-class GbdtParams(StrictModel):
-    """scikit-learn's HistGradientBoosting (model: gbdt), the strong tabular baseline.
-
-    Boosting rounds are grouped into "epochs" of ``rounds_per_epoch`` so that early stopping
-    (``train.patience``), the history and tuning's pruning read it like a network's curve.
-    """
-
-    learning_rate: float = Field(0.1, gt=0, le=1)  # shrinkage per boosting round
-    rounds_per_epoch: int = Field(10, gt=0)  # rounds per history row; max = max_epochs x this
-    max_leaf_nodes: int = Field(31, ge=2)  # leaves per tree
-    min_samples_leaf: int = Field(20, gt=0)  # rows per leaf at least
-    l2_regularization: float = Field(0.0, ge=0)  # on the leaf values
-    max_bins: int = Field(255, ge=2, le=255)  # histogram bins per feature
-
-
-class TrainParams(StrictModel):
-    # mlp / transformer / gbdt for tables, cnn for images (set image_shape), rnn for rows that
-    # are windows of a series (set rnn.sequence_length)
-    model: Literal["mlp", "cnn", "transformer", "rnn", "gbdt"] = "mlp"
-    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 32])  # MLP layer widths
-    channels: list[int] = Field(default_factory=lambda: [16, 32])  # CNN conv channels
-    # CNN input as [C, H, W], e.g. [1, 8, 8] (checked even when left out: a CNN needs it)
-    image_shape: list[int] | None = Field(None, validate_default=True)
-    dropout: float = Field(0.1, ge=0, lt=1)  # regularisation between layers
-    lr: float = Field(1e-3, gt=0, le=10)  # AdamW learning rate
-    weight_decay: float = Field(1e-4, ge=0)  # AdamW weight decay
-    batch_size: int = Field(64, gt=0)  # training batch size
-    max_epochs: int = Field(100, gt=0)  # upper bound; early stopping usually ends sooner
-    patience: int = Field(10, gt=0)  # epochs without val-loss improvement before stopping
-    optimizer: Literal["adamw", "sgd"] = "adamw"  # adamw suits most nets; sgd for tuned recipes
-    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum (ignored by adamw)
-    lr_schedule: Literal["none", "cosine", "onecycle"] = "none"  # per-step schedule over the run
-    max_grad_norm: float = Field(0.0, ge=0)  # clip the gradient norm to this; 0 = no clipping
-    # on-device image augmentation (CNN only; off by default, all zeros/false = off)
-    augment_crop_pad: int = Field(0, ge=0)  # random crop after zero-padding by this many pixels
-    augment_flip: bool = False  # random horizontal flip (not for digits/text: it changes labels)
-    augment_noise: float = Field(0.0, ge=0)  # std of gaussian noise added to the inputs
-    augment_seed: int = 0  # its own RNG: augmentation never shifts the weight-init/batch order
-    # auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a grad scaler and needs CUDA
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False  # torch.compile the network (pays off on GPU for long runs)
-    channels_last: bool = True  # CNN on CUDA: NHWC memory layout for tensor-core convolutions
-    # keep the training split as device tensors (no loader round trips) or stream Parquet
-    # row groups through pinned memory; auto = on the device when it fits
-    data_on_device: Literal["auto", "always", "never"] = "auto"
-    device_memory_fraction: float = Field(0.5, gt=0, le=1)  # auto: data may take this share
-    checkpoint_every_steps: int = Field(200, ge=0)  # resume checkpoint cadence; 0 = epoch ends
-    # DDP processes (torchrun); null = one per visible GPU (1 on CPU); batch_size is global
-    nproc: int | None = Field(None, gt=0)
-    transformer: TransformerParams = Field(default_factory=TransformerParams)
-    rnn: RnnParams = Field(default_factory=RnnParams)
-    gbdt: GbdtParams = Field(default_factory=GbdtParams)
-
-    @field_validator("hidden_sizes", "channels")
-    @classmethod
-    def _positive_widths(cls, value: list[int]) -> list[int]:
-        if not value or any(width <= 0 for width in value):
-            raise ValueError("must be a non-empty list of positive integers")
-        return value
-
-    @field_validator("image_shape")
-    @classmethod
-    def _cnn_needs_shape(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
-        if info.data.get("model") == "cnn" and (value is None or len(value) != 3):
-            raise ValueError("model 'cnn' needs image_shape: [channels, height, width]")
-        if value is not None and any(size <= 0 for size in value):
-            raise ValueError(f"{value}: every size must be a positive integer")
-        return value
-
-    @field_validator("nproc")
-    @classmethod
-    def _batch_splits(cls, value: int | None, info: ValidationInfo) -> int | None:
-        # batch_size is the global batch: each of the nproc DDP processes takes an equal share
-        batch_size = info.data.get("batch_size")
-        if value is not None and batch_size is not None and batch_size % value:
-            raise ValueError(
-                f"train.batch_size {batch_size} does not split over {value} processes: "
-                f"use a multiple of {value}"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _augment_needs_cnn(self) -> TrainParams:
-        if self.augments and self.model != "cnn":
-            raise ValueError(
-                "augment_crop_pad/augment_flip/augment_noise work on images: "
-                "set model: cnn (or turn augmentation off)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _family_settings(self) -> TrainParams:
-        if self.model == "rnn":
-            if self.rnn.sequence_length is None:
-                raise ValueError(
-                    "model 'rnn' needs rnn.sequence_length: the steps in each row's window"
-                )
-            if self.rnn.cell == "transformer" and self.rnn.hidden_size % self.rnn.n_heads:
-                raise ValueError(
-                    f"rnn.n_heads {self.rnn.n_heads} must divide rnn.hidden_size "
-                    f"{self.rnn.hidden_size} (cell: transformer)"
-                )
-        if self.model == "gbdt" and (self.nproc or 1) > 1:
-            raise ValueError("model 'gbdt' trains in one process: leave nproc unset (or 1)")
-        return self
-
-    @property
-    def augments(self) -> bool:
-        return bool(self.augment_crop_pad or self.augment_flip or self.augment_noise)
 
 
 class EvaluateParams(StrictModel):
@@ -372,119 +216,6 @@ class ExportParams(StrictModel):
     row_repeats: int = Field(200, gt=0)
     # ...and over this many batch-of-64 calls (more: steadier numbers, a slower stage)
     batch_repeats: int = Field(50, gt=0)
-
-
-class SearchRange(StrictModel):
-    """One tuned value: a numeric range (``low``/``high``, ``log``, ``step``) or ``choices``."""
-
-    low: float | None = None
-    high: float | None = None
-    log: bool = False  # sample on a log scale (learning rates, regularisation)
-    step: float | None = Field(None, gt=0)  # discretise the range (the grid sampler needs it)
-    integer: bool = False  # an int range (layer sizes, heads, leaves)
-    choices: list[Any] | None = None  # a categorical choice instead of a range
-
-    @model_validator(mode="after")
-    def _range_or_choices(self) -> SearchRange:
-        if self.choices is not None:
-            if not self.choices:
-                raise ValueError("choices: give at least one value")
-            if self.low is not None or self.high is not None:
-                raise ValueError("give either choices or low/high, not both")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError("a range needs low and high (or give choices)")
-        if self.low > self.high:
-            raise ValueError(f"low {self.low} is above high {self.high}")
-        if self.log and self.low <= 0:
-            raise ValueError("a log range needs low > 0")
-        if self.log and self.step is not None:
-            raise ValueError("log and step cannot be combined (Optuna's rule)")
-        if self.integer and (self.low != int(self.low) or self.high != int(self.high)):
-            raise ValueError("an integer range needs whole low and high")
-        return self
-
-    @property
-    def discrete(self) -> bool:
-        """Whether the grid sampler can enumerate it."""
-        return self.choices is not None or self.step is not None or self.integer
-
-
-def _default_spaces() -> dict[str, dict[str, SearchRange]]:
-    r = SearchRange
-    return {
-        "mlp": {
-            "lr": r(low=1e-4, high=1e-2, log=True),
-            "weight_decay": r(low=1e-6, high=1e-2, log=True),
-            "dropout": r(low=0.0, high=0.4),
-            "hidden_sizes": r(choices=[[32], [64, 32], [128, 64], [128, 64, 32]]),
-        },
-        "transformer": {
-            "lr": r(low=1e-4, high=3e-3, log=True),
-            "dropout": r(low=0.0, high=0.3),
-            "transformer.d_token": r(choices=[16, 32, 64]),
-            "transformer.n_blocks": r(low=1, high=3, integer=True),
-        },
-        "rnn": {
-            "lr": r(low=1e-4, high=1e-2, log=True),
-            "dropout": r(low=0.0, high=0.3),
-            "rnn.cell": r(choices=["gru", "lstm"]),
-            "rnn.hidden_size": r(choices=[32, 64, 128]),
-        },
-        "gbdt": {
-            "gbdt.learning_rate": r(low=0.02, high=0.3, log=True),
-            "gbdt.max_leaf_nodes": r(low=8, high=64, integer=True),
-            "gbdt.min_samples_leaf": r(low=5, high=50, integer=True),
-            "gbdt.l2_regularization": r(low=1e-6, high=1.0, log=True),
-        },
-    }
-
-
-class TuneParams(StrictModel):
-    """Hyper-parameter search (``make tune``, ``python -m flows.tune``) with Optuna."""
-
-    trials: int = Field(20, gt=0)  # trials per `make tune` (TRIALS=N overrides)
-    parallel: int = Field(1, gt=0)  # trials at a time, each in its own process
-    sampler: Literal["tpe", "grid", "random"] = "tpe"  # tpe = Bayesian; grid needs discrete ranges
-    pruner: Literal["median", "hyperband", "none"] = "median"  # stop hopeless trials early
-    # the study database: sqlite under the project, or postgresql+psycopg://user@host/db so
-    # that several machines share one study (env TUNE_STORAGE overrides)
-    storage: str = "sqlite:///data/tune/studies.db"
-    max_epochs: int | None = Field(None, gt=0)  # cap each trial's train.max_epochs (null: keep)
-    # what is searched, per model family: keys are train fields (dotted for sub-sections,
-    # e.g. gbdt.learning_rate); the family tuned is train.model
-    space: dict[str, dict[str, SearchRange]] = Field(default_factory=_default_spaces)
-
-    @field_validator("space")
-    @classmethod
-    def _known_fields(
-        cls, value: dict[str, dict[str, SearchRange]]
-    ) -> dict[str, dict[str, SearchRange]]:
-        families = typing.get_args(TrainParams.model_fields["model"].annotation)
-        problems = []
-        for family, ranges in value.items():
-            if family not in families:
-                problems.append(f"{family}: not a model family ({', '.join(families)})")
-                continue
-            for key in ranges:
-                if not _train_field_exists(key):
-                    problems.append(f"{family}.{key}: not a field of train")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return value
-
-
-def _train_field_exists(dotted: str) -> bool:
-    model: type[BaseModel] = TrainParams
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        field = model.model_fields.get(part)
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
-            return False
-        model = field.annotation
-    return leaf in model.model_fields and leaf != "model"
 
 
 class RegisterParams(StrictModel):
@@ -683,14 +414,6 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
 def check_across_sections(params: Params) -> list[str]:
     """``section.field: message`` for each value that does not fit another section's."""
     problems = []
-    space = params.tune.space.get(params.train.model, {})
-    if params.tune.sampler == "grid":
-        problems += [
-            f"tune.space.{params.train.model}.{key}: the grid sampler needs choices, a step or "
-            "an integer range"
-            for key, search in space.items()
-            if not search.discrete
-        ]
     if params.train.precision == "fp16" and params.base.device == "cpu":
         problems.append(
             "train.precision: fp16 needs CUDA (its grad scaler), and base.device is cpu; "

@@ -90,7 +90,7 @@ def test_write_back_keeps_comments_and_the_file_loads(tmp_path: Path) -> None:
     assert changes["lr"] == (0.001, 1e-05) and changes["model"] == ("mlp", "transformer")
     assert "  lr: 1.0e-05\n" in text  # PyYAML (YAML 1.1) reads 1e-05 as a string
     assert "  hidden_sizes: [128, 64]\n" in text
-    assert "  model: transformer  # mlp (tables)" in text  # its comment kept, where it was
+    assert "  model: transformer  # mlp | transformer" in text  # its comment kept, where it was
     changed = [a for a, b in zip(original.splitlines(), text.splitlines(), strict=True) if a != b]
     assert len(changed) == 4  # model, hidden_sizes, lr, d_token: nothing else moved
     params = load_params(params_file)
@@ -202,7 +202,15 @@ def test_an_invalid_combination_fails_the_trial_naming_it(workspace: Path, mlflo
     params = parse_params(
         {
             "train": {"model": "transformer", "max_epochs": 2},
-            "tune": {"space": {"transformer": {"transformer.d_token": {"choices": [30]}}}},
+            # each value is valid alone (checked at load); together 8 heads do not divide 12
+            "tune": {
+                "space": {
+                    "transformer": {
+                        "transformer.d_token": {"choices": [12]},
+                        "transformer.n_heads": {"choices": [8]},
+                    }
+                }
+            },
         }
     )
     storage_url = tuning.resolve_storage(f"sqlite:///{workspace}/tune.db")
@@ -216,8 +224,8 @@ def test_an_invalid_combination_fails_the_trial_naming_it(workspace: Path, mlflo
         "t", storage_url, workspace / "data/features", parent, mlflow_uri
     )
 
-    with pytest.raises(PipelineError, match="trial 0: .*n_heads 4 must divide d_token 30"):
+    with pytest.raises(PipelineError, match="trial 0: .*n_heads 8 must divide d_token 12"):
         trial_process.run_trial(setup, params)
 
     trial = optuna.load_study(study_name="t", storage=storage_url).trials[0]
-    assert trial.state == TrialState.FAIL and "d_token 30" in trial.user_attrs["fail_reason"]
+    assert trial.state == TrialState.FAIL and "d_token 12" in trial.user_attrs["fail_reason"]
