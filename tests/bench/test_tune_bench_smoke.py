@@ -68,6 +68,7 @@ def test_flow_wall_time_is_read_from_the_flows_own_summary() -> None:
         "study_states": {"COMPLETE": 2},
         "marked_failed_from_killed_run": [],
         "best_trial": 1,
+        "best_is_baseline": False,
         "best_val_loss": 0.14,
         "best_values": {"lr": 0.001},
         "params_changed": {},
