@@ -120,6 +120,9 @@ bench-train: bench-setup ## Training benchmarks: stage vs bare loop vs Lightning
 bench-data: install ## Data stages on 1M and 10M synthetic rows vs a plain pyarrow read (~3 GB in /tmp)
 	$(BIN)/python -m bench.data_scale
 
+bench-tune: install ## Tuning: TPE vs random, epochs pruning saves, 2 workers vs 1, test table of the families
+	$(BIN)/python -m bench.tune
+
 bench-feedback: install ## Edit-run loop: full/no-op make run, dvc repro after an lr change vs a plain script
 	$(BIN)/python -m bench.feedback
 
