@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from model.metrics import STRONG_PREFIX  # evaluate's strong baseline: gbdt, not gated
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
 from stages.common.tracking import run_url
@@ -27,9 +28,6 @@ REPORTS = {
     "run": ("train", "models/run.json"),
 }
 METRIC_DIGITS = 4
-# evaluate's strong baseline (stages.evaluate.stage.STRONG_PREFIX): gbdt on the same test
-# split, a reference beside the model's metrics, never part of the gate
-STRONG_PREFIX = "strong_gbdt_"
 
 
 def read_reports(repo: Path, statuses: dict[str, str]) -> dict[str, dict | None]:

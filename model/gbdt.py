@@ -6,6 +6,11 @@ made of (:data:`TRUSTED_TYPES`, beside the ones skops trusts by default); a file
 any other type is refused before it is loaded. The metadata (the train params, feature and
 class counts, best epoch, val loss: what the network's ``model.pt`` checkpoint holds besides
 the weights) is stored as one JSON string next to the estimator.
+
+Which view of the rows the trees were fitted on is a property of the model, in its metadata:
+``inputs: native`` (:data:`NATIVE_INPUTS`) for the preprocessor's tree view
+(``FittedPreprocessor.transform_native``: NaN kept, categories as codes, the ``categorical``
+mask beside it); a file without the key was fitted on the network's view (``transform``).
 """
 
 from __future__ import annotations
@@ -21,8 +26,20 @@ from model.files import atomic_path
 
 GBDT_FILE = "model.skops"  # the best gbdt: train -> models/ (a network goes to model.pt)
 FORMAT = 1  # bump when what the file holds changes
-# Types a fitted HistGradientBoostingClassifier holds that skops does not trust by default.
-TRUSTED_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
+# Types a fitted HistGradientBoostingClassifier holds that skops does not trust by default: its
+# trees, and (with categorical features) the numeric pass-through of its own category
+# re-encoding, a functools.partial of check_array (skops checks the wrapped function's type too).
+TRUSTED_TYPES = (
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "functools.partial",
+    "sklearn.utils.validation.check_array",
+)
+NATIVE_INPUTS = "native"  # meta["inputs"] of a gbdt fitted on FittedPreprocessor.transform_native
+
+
+def uses_native_inputs(meta: dict[str, Any]) -> bool:
+    """Whether a model with this metadata scores the preprocessor's tree view of the rows."""
+    return meta.get("inputs") == NATIVE_INPUTS
 
 
 def save_gbdt(estimator: Any, meta: dict[str, Any], path: str | Path) -> Path:

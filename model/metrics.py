@@ -19,6 +19,10 @@ LOWER_IS_BETTER = frozenset({"log_loss"})  # every other metric: higher is bette
 RENAMED = {"roc_auc": "roc_auc_macro or roc_auc_micro"}  # old name -> new, for clear errors
 BASELINES = ("majority", "logistic")
 BASELINE_PREFIX = "baseline_"  # metrics.json key: baseline_<baseline>_<metric>
+# evaluate's strong baseline: gbdt on the same test split, a reference beside the model's
+# metrics (the run summary's "model vs gbdt"), never part of the gate
+STRONG_BASELINE = "gbdt"
+STRONG_PREFIX = f"strong_{STRONG_BASELINE}_"  # metrics.json key: strong_gbdt_<metric>
 
 
 def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """The one place that loads a trained model file, whatever the family: a network checkpoint
 (``model.pt``: mlp, cnn, transformer, rnn) or a gradient-boosted tree model (``model.skops``:
 gbdt). Evaluate, export, register and the served pyfunc all load through :func:`load_predictor`
-and score through :meth:`Predictor.predict_proba`.
+and score through :meth:`Predictor.features` (the rows as the model was trained on them) and
+:meth:`Predictor.predict_proba`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from model.files import NETWORK_FILE
 from model.gbdt import GBDT_FILE
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
+
+    from model.preprocess import FittedPreprocessor
 
 MODEL_FILES = (NETWORK_FILE, GBDT_FILE)  # what train may write into models/ (one of them)
 
@@ -76,8 +80,17 @@ class Predictor:
             self.module = self.module.to(self.device)
         return self
 
+    def features(self, preprocessor: FittedPreprocessor, frame: pd.DataFrame) -> np.ndarray:
+        """Raw rows as this model was trained on them, by the same fitted preprocessor: its
+        tree view (NaN kept, category codes) for a gbdt fitted on it, else ``transform``."""
+        from model.gbdt import uses_native_inputs
+
+        if uses_native_inputs(self.meta):
+            return preprocessor.transform_native(frame)
+        return preprocessor.transform(frame)
+
     def predict_proba(self, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        """``(n, n_classes)`` float64 probabilities of preprocessed rows ``X``."""
+        """``(n, n_classes)`` float64 probabilities of rows ``X`` from :meth:`features`."""
         if self.module is None:
             from model.gbdt import gbdt_proba
 

@@ -1,6 +1,11 @@
 """The fitted preprocessing that travels with the model: impute, scale, one-hot encode, and
 calendar features of datetime columns (model/datetimes.py).
 
+The same fitted preprocessor gives tree models (gbdt) their own view of the rows,
+:meth:`FittedPreprocessor.transform_native`: numbers as they are (missing stays NaN), each
+categorical column as its index among the fitted categories (unknown or missing: NaN), the
+same calendar features; HistGradientBoosting handles the gaps and categories itself.
+
 Fitted on the train split only (features stage), saved next to the data, loaded by train,
 evaluate and the served model, so every one of them applies exactly the same transform.
 No torch here: serving and the data stages import this without it.
@@ -47,11 +52,7 @@ class FittedPreprocessor:
 
     def transform(self, df: pd.DataFrame) -> np.ndarray:
         """Raw rows -> float32 matrix ``(n, n_features)``; extra columns are ignored."""
-        missing = [col for col in self.feature_columns if col not in df.columns]
-        if missing:
-            raise DataError(
-                f"input lacks feature column(s) {missing}", column=missing[0], rule="column_present"
-            )
+        self._check_columns(df)
         fast = self._transform_numeric(df)
         if fast is not None:
             return fast
@@ -67,6 +68,65 @@ class FittedPreprocessor:
                 column=str(bad).split("__", 1)[-1],
             )
         return matrix
+
+    def _check_columns(self, df: pd.DataFrame) -> None:
+        missing = [col for col in self.feature_columns if col not in df.columns]
+        if missing:
+            raise DataError(
+                f"input lacks feature column(s) {missing}", column=missing[0], rule="column_present"
+            )
+
+    def _fitted_parts(self) -> list[tuple[str, Any, list[str]]]:
+        # (name, fitted step, columns) of the num, cat and date parts that have columns.
+        return [
+            (name, step, list(cols))
+            for name, step, cols in self.transformer.transformers_
+            if name != "remainder" and len(cols)
+        ]
+
+    def transform_native(self, df: pd.DataFrame) -> np.ndarray:
+        """Raw rows -> float64 matrix for tree models, with the fitted preprocessor's columns:
+        numeric columns as numbers with NaN kept (no imputation, no scaling), each categorical
+        column as its index among the fitted categories (NaN when missing or unseen in train),
+        then the calendar features of the datetime columns (as :meth:`transform` gives them).
+        """
+        self._check_columns(df)
+        blocks = []
+        for name, step, cols in self._fitted_parts():
+            part = df[cols]
+            if name == "num":
+                blocks.append(_to_float(part).to_numpy(dtype=np.float64))
+            elif name == "cat":
+                texts = _to_category_strings(part)
+                fitted = step.named_steps["onehot"].categories_
+                blocks.append(
+                    np.column_stack(
+                        [
+                            texts[col].map({c: i for i, c in enumerate(cats)}).to_numpy(float)
+                            for col, cats in zip(cols, fitted, strict=True)
+                        ]
+                    )
+                )
+            else:
+                blocks.append(np.asarray(step.transform(part), dtype=np.float64))
+        if not blocks:
+            return np.empty((len(df), 0))
+        return np.ascontiguousarray(np.hstack(blocks))
+
+    def native_categorical(self, max_categories: int) -> list[bool]:
+        """Which columns of :meth:`transform_native` are categories (a tree model's
+        ``categorical_features``); a column with more than ``max_categories`` categories
+        (HistGradientBoosting's ``max_bins``) stays an ordered code."""
+        mask: list[bool] = []
+        for name, step, cols in self._fitted_parts():
+            if name == "cat":
+                fitted = step.named_steps["onehot"].categories_
+                mask += [len(cats) <= max_categories for cats in fitted]
+            else:
+                mask += [False] * (
+                    len(step.get_feature_names_out()) if name == "date" else len(cols)
+                )
+        return mask
 
     def _transform_numeric(self, df: pd.DataFrame) -> np.ndarray | None:
         """The fitted arithmetic in plain numpy for all-numeric inputs, else None.

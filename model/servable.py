@@ -106,7 +106,7 @@ class Scorer:
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Raw feature rows -> ``prediction`` + ``proba_<label>`` columns."""
-        X = self.preprocessor.transform(frame)
+        X = self.predictor.features(self.preprocessor, frame)
         proba = self.predictor.predict_proba(X, self.batch_size)
         return format_predictions(proba, self.preprocessor.classes)
 

@@ -13,10 +13,12 @@ Beside the network's metrics, two baselines are scored on the same test split an
 with the prefix ``baseline_<name>_``: ``majority`` (the most frequent train class, with the
 train class shares as probabilities) and ``logistic`` (scikit-learn's LogisticRegression on
 the same fitted preprocessor's features, trained on the train split). The register stage's
-default gate is relative to them.
+default gate is relative to them. The rows and the baselines are in ``baselines.py``; the model
+scores the test rows in the view it was trained on (``Predictor.features``).
 
 A strong baseline is scored there too: scikit-learn's HistGradientBoostingClassifier with its
-defaults, fitted on the same train rows (``strong_gbdt_<metric>``), so that the summary can
+defaults, fitted on the same train rows (the preprocessor's tree view of them: NaN kept,
+categories native; ``strong_gbdt_<metric>``), so that the summary can
 say how the network does against gradient-boosted trees on the same test split. It is a
 reference, not part of the gate (whose best simple baseline stays logistic regression): a
 network within reach of a simple baseline is good enough to ship.
@@ -30,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model.files import PREPROCESSOR_FILE
 from model.metrics import (
+    STRONG_BASELINE,
+    STRONG_PREFIX,
     check_scores,
     compute_metrics,
     flatten_baselines,
@@ -40,7 +43,10 @@ from stages.common import tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params
 from stages.common.errors import DataError
-from stages.common.io import atomic_path, iter_batches, read_parquet, write_json
+from stages.common.io import atomic_path, write_json
+from stages.evaluate.baselines import Rows, load_rows, score_baselines
+from stages.evaluate.baselines import baseline_probas as baseline_probas  # re-exported
+from stages.evaluate.baselines import load_split as load_split  # (flows.own_data, bench)
 
 if TYPE_CHECKING:
     import argparse
@@ -49,8 +55,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STRONG_BASELINE = "gbdt"  # the strong baseline: a reference in metrics.json, not in the gate
-STRONG_PREFIX = f"strong_{STRONG_BASELINE}_"  # metrics.json key: strong_gbdt_<metric>
 PLOT_FILES = (
     "roc.json",
     "pr.json",
@@ -183,153 +187,37 @@ def plot_confusion(y_true: np.ndarray, proba: np.ndarray, classes: list[Any]) ->
     return fig
 
 
-def baseline_probas(
-    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, n_classes: int, seed: int
-) -> dict[str, np.ndarray]:
-    """Class probabilities of the baselines on ``X_test``, fitted on ``(X_train, y_train)``.
-
-    ``majority``: the most frequent train class, the train class shares as probabilities.
-    ``logistic``: LogisticRegression (L2, lbfgs) on the preprocessed features.
-
-    Returns:
-        ``{name: proba (n_test, n_classes)}`` for each name in ``BASELINES``.
-    """
-    import warnings
-
-    from sklearn.dummy import DummyClassifier
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    models = {
-        "majority": DummyClassifier(strategy="prior"),
-        "logistic": LogisticRegression(max_iter=1000, random_state=seed),
-    }
-    out = {}
-    for name, model in models.items():
-        with warnings.catch_warnings():  # a not-quite-converged baseline is still a baseline
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(X_train, y_train)
-        proba = np.zeros((len(X_test), n_classes))
-        proba[:, model.classes_] = model.predict_proba(X_test)  # a class absent from train: 0
-        out[name] = proba
-    return out
-
-
 # --- I/O ----------------------------------------------------------------------------------
 
 
 def _score(
     features_dir: Path, model_dir: Path, params: Params
-) -> tuple[np.ndarray, np.ndarray, list[Any], np.ndarray]:
+) -> tuple[np.ndarray, list[Any], Rows]:
+    """The model's class probabilities on the test rows, in the view it was trained on."""
     from model.nets import select_device
     from model.predictors import load_predictor, model_file
 
-    preprocessor, X, y_true = load_split(features_dir, "test")
+    test = load_rows(features_dir, "test")
     path = model_file(model_dir)
     predictor = load_predictor(path)
-    if (predictor.n_features, predictor.n_classes) != (X.shape[1], len(preprocessor.classes)):
+    X = test.view(lambda frame: predictor.features(test.preprocessor, frame))
+    classes = list(test.preprocessor.classes)
+    if (predictor.n_features, predictor.n_classes) != (X.shape[1], len(classes)):
         raise DataError(
             f"the model expects {predictor.n_features} features and "
             f"{predictor.n_classes} classes, the preprocessor gives {X.shape[1]} and "
-            f"{len(preprocessor.classes)}: retrain after the features change",
+            f"{len(classes)}: retrain after the features change",
             file=str(path),
             rule="model_matches_features",
         )
     if predictor.is_network:
         predictor.to(select_device(params.base.device))
-    proba = predictor.predict_proba(X, params.evaluate.batch_size)
-    return y_true, proba, list(preprocessor.classes), X
-
-
-def load_split(
-    features_dir: Path, split: str, max_rows: int | None = None
-) -> tuple[Any, np.ndarray, np.ndarray]:
-    """(preprocessor, features, class ids) of a split; at most ``max_rows`` rows, sampled."""
-    from model.preprocess import load_preprocessor
-
-    path = features_dir / f"{split}.parquet"
-    preprocessor = load_preprocessor(features_dir / PREPROCESSOR_FILE)
-    frame = read_parquet(path) if max_rows is None else _sample_rows(path, max_rows)
-    if preprocessor.target not in frame.columns:
-        raise DataError(
-            "target column not found",
-            file=str(path),
-            column=preprocessor.target,
-            rule="column_present",
-        )
-    try:
-        X = preprocessor.transform(frame)
-        y = preprocessor.encode_labels(frame[preprocessor.target])
-    except DataError as exc:
-        raise _with_file(exc, path) from exc
-    return preprocessor, X, y
-
-
-def _sample_rows(path: Path, max_rows: int) -> Any:
-    # Streams the file; keeps every row when it has few enough, else a seeded uniform sample.
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    total = pq.ParquetFile(path).metadata.num_rows
-    if total <= max_rows:
-        return read_parquet(path)
-    rng = np.random.default_rng(0)
-    kept = [
-        batch.filter(pa.array(rng.random(batch.num_rows) < max_rows / total))
-        for batch in iter_batches(path, 65536)
-    ]
-    return pa.Table.from_batches(kept).to_pandas()
-
-
-def strong_baseline_proba(
-    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, n_classes: int, seed: int
-) -> np.ndarray:
-    """Class probabilities on ``X_test`` of HistGradientBoosting with scikit-learn's defaults
-    (100 rounds at most; on more than 10,000 rows its own early stopping on a 10% hold-out)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
-    from model.gbdt import gbdt_proba
-
-    model = HistGradientBoostingClassifier(random_state=seed).fit(X_train, y_train)
-    return gbdt_proba(model, X_test, n_classes)  # a class absent from train: 0
-
-
-def score_baselines(
-    features_dir: Path,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
-    params: Params,
-    *,
-    strong: bool = False,
-) -> dict[str, dict[str, float]]:
-    """Fit the baselines on (a sample of) the train split; their metrics on the test split.
-
-    ``strong``: also the gbdt strong baseline, under :data:`STRONG_BASELINE`.
-    """
-    preprocessor, X_train, y_train = load_split(
-        features_dir, "train", params.evaluate.baseline_max_rows
-    )
-    n_classes, seed = len(preprocessor.classes), params.base.seed
-    probas = baseline_probas(X_train, y_train, X_test, n_classes, seed)
-    if strong:
-        probas[STRONG_BASELINE] = strong_baseline_proba(X_train, y_train, X_test, n_classes, seed)
-    return {name: compute_metrics(y_test, proba) for name, proba in probas.items()}
+    return predictor.predict_proba(X, params.evaluate.batch_size), classes, test
 
 
 def strong_metrics(scores: dict[str, float]) -> dict[str, float]:
     """The strong baseline's metrics as metrics.json keys: ``strong_gbdt_<metric>``."""
     return {f"{STRONG_PREFIX}{metric}": value for metric, value in scores.items()}
-
-
-def _with_file(exc: DataError, path: Path) -> DataError:
-    # The same error, now naming the file (DataError appends "[file=.., column=.., rule=..]").
-    where = ", ".join(
-        f"{key}={value}"
-        for key, value in (("file", exc.file), ("column", exc.column), ("rule", exc.rule))
-        if value is not None
-    )
-    message = str(exc).removesuffix(f" [{where}]") if where else str(exc)
-    return DataError(message, file=str(path), column=exc.column, rule=exc.rule)
 
 
 def write_plots(
@@ -383,9 +271,10 @@ def run(
     import mlflow
 
     features_dir, model_dir = Path(features_dir), Path(model_dir)
-    y_true, proba, classes, X_test = _score(features_dir, model_dir, params)
+    proba, classes, test = _score(features_dir, model_dir, params)
+    y_true = test.y
     network = compute_metrics(y_true, proba)
-    baselines = score_baselines(features_dir, X_test, y_true, params, strong=True)
+    baselines = score_baselines(features_dir, test.encoded, y_true, params, strong_test=test.native)
     strong = baselines.pop(STRONG_BASELINE)
     metrics = {**network, **flatten_baselines(baselines), **strong_metrics(strong)}
     with atomic_path(out_dir) as tmp_dir, atomic_path(metrics_path) as tmp_metrics:

@@ -26,6 +26,12 @@ from stages.train.checkpoint import TrainingInterrupted, hash_files
 logger = logging.getLogger(__name__)
 
 INPUT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}  # MLflow inputs
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    """The history as CSV text: ``epoch,train_loss,val_loss,val_accuracy`` (every family)."""
+    return pd.DataFrame(history, columns=list(HISTORY_COLUMNS)).to_csv(index=False)
 
 
 def flatten_params(params: Params, sections: Sequence[str]) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 The networks (mlp, transformer for tables, cnn for images, rnn for windows of a series) train
 in ``loop.train_model`` and are saved as ``models/model.pt``; gbdt (scikit-learn's
-HistGradientBoosting, ``gbdt.fit_gbdt``) boosts on the same preprocessed rows, one history row
-per ``train.gbdt.rounds_per_epoch`` rounds, and is saved as ``models/model.skops``. Either way
+HistGradientBoosting, ``gbdt.run_gbdt``) boosts on the same fitted preprocessor's tree view of
+the rows (NaN kept, categories native), one history row per ``train.gbdt.rounds_per_epoch``
+rounds, and is saved as ``models/model.skops``. Either way
 the history CSV, the MLflow run and ``run.json`` look the same to the later stages.
 
 ``run`` reads top to bottom: config -> device/dtype/seed -> data -> model -> resume ->
@@ -34,31 +35,24 @@ import pandas as pd
 import torch
 
 from model.files import NETWORK_FILE, PREPROCESSOR_FILE
-from model.gbdt import GBDT_FILE, save_gbdt
 from model.nets import build_network, select_device
 from model.preprocess import FittedPreprocessor, load_preprocessor
 from stages.common import integrity, tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params
-from stages.common.io import atomic_path, read_parquet, write_text
+from stages.common.io import atomic_path, write_text
 from stages.train import distributed
 from stages.train.batches import StreamedTrainData, load_train_data
 from stages.train.checkpoint import GracefulStop, ResumeStore, TrainingInterrupted, open_resume
 from stages.train.distributed import DistInfo
-from stages.train.gbdt import GbdtResult, fit_gbdt
+from stages.train.gbdt import GbdtResult, run_gbdt
 from stages.train.loop import TrainResult, seed_torch, train_model
-from stages.train.mlflow_run import TrainingRun, sequence_steps, training_run
+from stages.train.mlflow_run import TrainingRun, history_csv, sequence_steps, training_run
 from stages.train.training import resolve_precision
 
 logger = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")
 DEFAULT_RESUME_DIR = ".resume/train"  # outside every DVC output: `dvc repro` leaves it alone
-
-
-def history_csv(history: list[dict[str, float]]) -> str:
-    """The history as CSV text: ``epoch,train_loss,val_loss,val_accuracy``."""
-    return pd.DataFrame(history, columns=list(HISTORY_COLUMNS)).to_csv(index=False)
 
 
 @dataclass(frozen=True)
@@ -95,7 +89,14 @@ def run(
         Path(features_dir), Path(validation_report), Path(out_dir), Path(history_path), params_file
     )
     if params.train.model == "gbdt":
-        return _run_gbdt(params, paths)
+        return run_gbdt(
+            params,
+            paths.features,
+            paths.validation_report,
+            paths.out,
+            paths.history,
+            params_file=paths.params_file,
+        )
     dist = distributed.current()
     with GracefulStop() as stop:
         # config (the params arrive resolved; the preprocessor defines the inputs and classes)
@@ -220,85 +221,6 @@ def _save_model(out_dir: Path, checkpoint: dict[str, Any], mlrun: TrainingRun) -
         tmp.mkdir()
         torch.save(checkpoint, tmp / NETWORK_FILE)
         tracking.save_run_info(tmp, mlrun.run_id, mlrun.experiment_id)
-
-
-def _run_gbdt(params: Params, paths: _Paths) -> GbdtResult:
-    """gbdt: the same inputs, MLflow run and outputs as a network, fitted by ``fit_gbdt``.
-
-    It reads the train and val splits only (test is described in MLflow by its file hash).
-    No resume checkpoints: a killed run starts over (boosting the default data takes seconds).
-    """
-    with GracefulStop():  # SIGTERM/SIGINT: the MLflow run ends KILLED, nothing is written
-        # config: the preprocessor defines the inputs and classes
-        preprocessor = load_preprocessor(paths.features / PREPROCESSOR_FILE)
-        # data: the preprocessed rows, as the networks get them (float32, class ids)
-        splits = {
-            name: read_parquet(paths.features / f"{name}.parquet") for name in ("train", "val")
-        }
-        X_train, X_val = (preprocessor.transform(splits[name]) for name in ("train", "val"))
-        y_train, y_val = (
-            preprocessor.encode_labels(splits[name][preprocessor.target])
-            for name in ("train", "val")
-        )
-        n_classes = len(preprocessor.classes)
-        logger.info(
-            "training gbdt (%d features -> %d classes) on %d rows, %d val rows",
-            preprocessor.n_features,
-            n_classes,
-            len(X_train),
-            len(X_val),
-        )
-        snapshot = integrity.snapshot_for(paths.params_file) if paths.params_file else None
-        with training_run(
-            params,
-            None,
-            preprocessor=preprocessor,
-            splits=splits,
-            features_dir=paths.features,
-            validation_report=paths.validation_report,
-            params_file=paths.params_file,
-            params_text=snapshot.text if snapshot is not None else None,
-            device=torch.device("cpu"),
-            world_size=1,
-        ) as mlrun:
-            result = fit_gbdt(
-                X_train,
-                y_train,
-                X_val,
-                y_val,
-                params.train,
-                params.base.seed,
-                on_epoch=mlrun.log_epoch,
-                n_classes=n_classes,
-            )
-            history = history_csv(result.history)
-            mlrun.log_results(
-                result.best_epoch, result.best_val_loss, history, paths.validation_report
-            )
-            if snapshot is not None:  # params.yaml edited while training: no output, run FAILED
-                snapshot.check_unchanged("train")
-            meta = {
-                "train_params": params.train.model_dump(mode="json"),
-                "n_features": preprocessor.n_features,
-                "n_classes": n_classes,
-                "epoch": result.best_epoch,
-                "val_loss": result.best_val_loss,
-            }
-            with atomic_path(paths.out) as tmp:  # one swap: model.skops and run.json together
-                tmp.mkdir()
-                save_gbdt(result.estimator, meta, tmp / GBDT_FILE)
-                tracking.save_run_info(tmp, mlrun.run_id, mlrun.experiment_id)
-            write_text(paths.history, history)
-    logger.info(
-        "gbdt: best epoch %d (val_loss %.4f, %d rounds) of %d; wrote %s and %s",
-        result.best_epoch,
-        result.best_val_loss,
-        result.estimator.n_iter_,
-        len(result.history),
-        paths.out / GBDT_FILE,
-        paths.history,
-    )
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,10 @@
 """The gbdt family end to end on two real tables: train -> evaluate (with the strong baseline)
 -> export (skipped, with the reason) -> register -> the service's loader predicts.
 
-breast_cancer (sklearn: numeric, two classes) and vega_datasets' cars.json (nulls in two
-columns, a free-text name column, a date-like text column, three classes). Real MLflow.
+breast_cancer (sklearn: numeric, two classes), vega_datasets' cars.json (nulls in two
+columns, a free-text name column, a date-like text column, three classes) and palmerpenguins
+(nulls, text island and sex). Real MLflow. The served model answers a row with a missing
+number and a category never seen in train (the trees take both natively).
 """
 
 from __future__ import annotations
@@ -40,23 +42,32 @@ def _table(name: str, root: Path) -> tuple[pd.DataFrame, dict, str]:
     if name == "breast_cancer":
         return breast_cancer_frame(), GBDT, "target"
     from stages.validate import stage as validate
+    from tests.model.test_native_view import penguins_frame
 
-    frame = _cars()
-    assert frame["Horsepower"].isna().any() and frame["Miles_per_Gallon"].isna().any()
+    frame, target = (_cars(), "Origin") if name == "cars" else (penguins_frame(), "species")
+    assert frame.isna().any().any()  # gaps (cars: Horsepower, MPG; penguins: measures, sex)
     root.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(root / "cars.csv", index=False)
-    validate.write_suite(root / "cars.csv", root / "cars.json", "Origin", 0.1, 1000)
+    frame.to_csv(root / f"{name}.csv", index=False)
+    validate.write_suite(root / f"{name}.csv", root / f"{name}.json", target, 0.1, 1000)
     overrides = {
         **GBDT,
-        "ingest": {"target": "Origin"},
-        "validate": {"suite_path": str(root / "cars.json")},
+        "ingest": {"target": target},
+        "validate": {"suite_path": str(root / f"{name}.json")},
         **LOOSE,  # a small, hard table: the point here is that a gbdt registers and serves
     }
-    return frame, overrides, "Origin"
+    return frame, overrides, target
+
+
+# table -> (a number column left empty, a text column given a category train never saw)
+GAPS = {
+    "breast_cancer": ("mean_radius", None),
+    "cars": ("Horsepower", "Year"),
+    "penguins": ("bill_length_mm", "island"),
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("table", ["breast_cancer", "cars"])
+@pytest.mark.parametrize("table", ["breast_cancer", "cars", "penguins"])
 def test_gbdt_trains_evaluates_skips_export_registers_and_serves(
     table: str, tmp_path: Path, mlflow_uri: str
 ) -> None:
@@ -95,6 +106,13 @@ def test_gbdt_trains_evaluates_skips_export_registers_and_serves(
     classes = load_predictor(model_file(work / "models")).meta["n_classes"]
     assert len(out) == 20 and len(out.filter(like="proba_").columns) == classes
     np.testing.assert_allclose(out.filter(like="proba_").sum(axis=1), 1.0, atol=1e-9)
+    # a row with a missing number and (for the text tables) a category unseen in train
+    number, text = GAPS[table]
+    row = test.drop(columns=[target]).head(1).assign(**{number: np.nan})
+    if text is not None:
+        row[text] = "never seen in train"
+    gap = served.predict(row)
+    assert len(gap) == 1 and np.isclose(gap.filter(like="proba_").sum(axis=1).iloc[0], 1.0)
     with pytest.raises(Exception, match="gbdt"):  # no ONNX variant to serve: says why
         load_model(f"models:/{NAME}@champion", variant="onnx")
 
@@ -107,7 +125,7 @@ def test_a_gbdt_file_asking_for_other_types_is_refused_before_loading(tmp_path: 
     good = save_gbdt(HistGradientBoostingClassifier(max_iter=3).fit(X, y), {"n": 1}, tmp_path / "a")
     estimator, meta = load_gbdt(good)
     assert meta == {"n": 1} and estimator.n_iter_ == 3
-    assert TRUSTED_TYPES  # the one sklearn type beyond skops' defaults, and no other
+    assert len(TRUSTED_TYPES) == 3  # trees, and the partial(check_array) of native categories
 
     # a payload holding a type that is not a HistGradientBoosting part: never loaded
     import skops.io
@@ -115,6 +133,14 @@ def test_a_gbdt_file_asking_for_other_types_is_refused_before_loading(tmp_path: 
     skops.io.dump({"format": 1, "estimator": _Sneaky(), "meta": "{}"}, tmp_path / "bad.skops")
     with pytest.raises(DataError, match=r"types not trusted .*_Sneaky.*rule=trusted_types"):
         load_gbdt(tmp_path / "bad.skops")
+    # functools.partial is trusted only around check_array: around anything else, refused
+    import functools
+    import os
+
+    sneaky = {"format": 1, "estimator": functools.partial(os.getcwd), "meta": "{}"}
+    skops.io.dump(sneaky, tmp_path / "partial.skops")
+    with pytest.raises(DataError, match=r"types not trusted .*getcwd"):
+        load_gbdt(tmp_path / "partial.skops")
     (tmp_path / "garbled.skops").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(DataError, match="not a readable skops file"):
         load_gbdt(tmp_path / "garbled.skops")

@@ -4,13 +4,15 @@ on_epoch exceptions propagate (tuning prunes that way), same seed -> same trees.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.datasets import load_breast_cancer, load_iris
 from sklearn.model_selection import train_test_split
 
+from model.gbdt import gbdt_proba
 from stages.common.config import TrainParams
 from stages.common.errors import ConfigError, PipelineError
-from stages.train.gbdt import class_proba, cross_entropy, fit_gbdt
+from stages.train.gbdt import cross_entropy, fit_gbdt
 
 
 def _split(loader):
@@ -35,7 +37,7 @@ def test_history_rows_and_best_kept_on_breast_cancer():
     assert (result.best_epoch, result.best_val_loss) == (best["epoch"], best["val_loss"])
     # the returned estimator is the best epoch's, not the last one's
     assert result.estimator.n_iter_ == result.best_epoch * 5
-    proba = class_proba(result.estimator, X_val, 2)
+    proba = gbdt_proba(result.estimator, X_val, 2)
     assert cross_entropy(proba, y_val) == pytest.approx(result.best_val_loss)
     assert best["val_accuracy"] > 0.9
 
@@ -87,7 +89,7 @@ def test_class_absent_from_train_gets_zero_probability():
     X_tr, X_val, y_tr, y_val = _split(load_iris)
     keep = y_tr != 2  # class 2 only in val: finite loss, never predicted
     result = fit_gbdt(X_tr[keep], y_tr[keep], X_val, y_val, _params(max_epochs=2), seed=0)
-    proba = class_proba(result.estimator, X_val, 3)
+    proba = gbdt_proba(result.estimator, X_val, 3)
     assert proba.shape == (len(X_val), 3) and (proba[:, 2] == 0).all()
     assert np.isfinite(result.best_val_loss)
 
@@ -121,3 +123,46 @@ def test_stage_logs_each_epoch_and_the_family_params_to_mlflow(tmp_path, mlflow_
     predictor = load_predictor(model_file(models))
     assert predictor.family == "gbdt" and predictor.meta["epoch"] == run.data.metrics["best_epoch"]
     assert predictor.estimator.n_iter_ == 10 * predictor.meta["epoch"]
+
+
+@pytest.mark.slow
+def test_the_stage_fits_the_trees_on_gaps_and_native_categories_and_serves_them(
+    tmp_path, mlflow_uri: str
+) -> None:
+    """palmerpenguins through the real features and train stages: the saved trees were fitted
+    on NaN (not an imputed value) and on island and sex as categories, and the served scorer
+    answers a row with a missing measure and an island never seen in train."""
+    from model.gbdt import NATIVE_INPUTS
+    from model.predictors import load_predictor, model_file
+    from model.servable import load_scorer
+    from stages.validate import stage as validate
+    from tests.builders import build_trained, make_params
+    from tests.model.test_native_view import penguins_frame
+
+    frame = penguins_frame()
+    frame.to_csv(tmp_path / "penguins.csv", index=False)
+    validate.write_suite(tmp_path / "penguins.csv", tmp_path / "suite.json", "species", 0.1, 1000)
+    params = make_params(
+        {
+            "train": {"model": "gbdt", "max_epochs": 5, "patience": 2},
+            "ingest": {"target": "species"},
+            "validate": {"suite_path": str(tmp_path / "suite.json")},
+        }
+    )
+    features, models = build_trained(tmp_path, params, frame)
+
+    predictor = load_predictor(model_file(models))
+    scorer = load_scorer(features / "preprocessor.joblib", model_file(models))
+    train = pd.read_parquet(features / "train.parquet")
+    X = predictor.features(scorer.preprocessor, train)
+    assert predictor.meta["inputs"] == NATIVE_INPUTS and np.isnan(X).any()  # gaps kept
+    # five measures (numbers first), then island and sex as categories: not one-hot columns
+    assert predictor.meta["categorical"] == [False] * 5 + [True, True]
+    assert predictor.estimator.is_categorical_.tolist() == predictor.meta["categorical"]
+    assert predictor.estimator.n_features_in_ == X.shape[1] == 7
+
+    row = train.drop(columns=["species"]).head(2).assign(island="Atlantis", sex=None)
+    row.loc[row.index[0], "bill_length_mm"] = np.nan
+    served = scorer.predict(row)
+    assert len(served) == 2 and served["prediction"].isin(scorer.preprocessor.classes).all()
+    np.testing.assert_allclose(served.filter(like="proba_").sum(axis=1), 1.0, atol=1e-9)
