@@ -342,7 +342,6 @@ def fit_and_score(features: Path, params: Any, train: Any) -> dict[str, Any]:
     from model.metrics import compute_metrics
     from model.preprocess import load_preprocessor
     from stages.common.io import read_parquet
-    from stages.evaluate.stage import load_split
 
     preprocessor = load_preprocessor(features / PREPROCESSOR_FILE)
     splits = {name: read_parquet(features / f"{name}.parquet") for name in ("train", "val")}
@@ -355,21 +354,21 @@ def fit_and_score(features: Path, params: Any, train: Any) -> dict[str, Any]:
     else:
         predictor, epochs = _fit_network(splits, preprocessor, train, params, meta)
     seconds = time.perf_counter() - started
-    _, X_test, y_test = load_split(features, "test")
+    test = read_parquet(features / "test.parquet")
+    y_test = preprocessor.encode_labels(test[preprocessor.target])
+    X_test = predictor.features(preprocessor, test)  # gbdt: its tree view, as evaluate does
     metrics = compute_metrics(y_test, predictor.predict_proba(X_test))
     keep = ("accuracy", "f1_macro", "log_loss")
     return {**{k: metrics[k] for k in keep}, "train_s": seconds, "epochs": epochs}
 
 
 def _fit_gbdt(splits: dict, preprocessor: Any, train: Any, seed: int, meta: dict) -> tuple:
+    from model.gbdt import NATIVE_INPUTS
     from model.predictors import Predictor
-    from stages.train.gbdt import fit_gbdt
+    from stages.train.gbdt import fit_gbdt_splits
 
-    X = {name: preprocessor.transform(df) for name, df in splits.items()}
-    y = {name: preprocessor.encode_labels(df[preprocessor.target]) for name, df in splits.items()}
-    result = fit_gbdt(
-        X["train"], y["train"], X["val"], y["val"], train, seed, n_classes=meta["n_classes"]
-    )
+    result = fit_gbdt_splits(splits, preprocessor, train, seed)  # as the stage fits it
+    meta = {**meta, "inputs": NATIVE_INPUTS}
     return Predictor("gbdt", meta, estimator=result.estimator), len(result.history)
 
 
