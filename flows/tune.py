@@ -10,7 +10,10 @@ marked FAIL and run again) and a second ``make tune`` on the same data runs noth
 trial is a Prefect task that runs ``python -m stages.train.trial`` in its own process,
 ``--parallel`` (``tune.parallel``) at a time. The study has one MLflow run (experiment
 ``<mlflow.experiment>-tune``) and each trial a child run under it. Then the best trial's values
-(and ``train.model``) are written into ``params.yaml``, comments kept; ``make run`` trains it.
+are written into ``params.yaml``, comments kept; ``make run`` trains it. ``--model X`` other
+than ``train.model`` tunes X and prints its best without writing (the values it shares with the
+current family, lr or dropout, would change that family's training); ``--switch`` writes
+``model: X`` with them.
 
 The workspace's run lock is held throughout, as ``make run`` holds it: the two never overlap,
 and the trials of a killed run are gone before the next one starts.
@@ -45,11 +48,11 @@ from flows.pipeline import (
     stage_env,
     use_prefect_api,
 )
+from flows.tune_report import end_dead_trials, finish_parent, parent_run, render, summarize
 from stages.common import runlock, tracking
 from stages.common.config import TrainParams, load_params
 from stages.common.errors import ConfigError, PipelineError
-from stages.common.redact import redact_url
-from stages.train import tuning
+from stages.train import tune_space, tune_write, tuning
 from stages.train.trial import RESULT_PREFIX
 
 SUMMARY_KEY = "tune-summary"
@@ -60,11 +63,18 @@ logger = logging.getLogger("flows.tune")
 # --- before Prefect: what to tune, checked --------------------------------------------------
 
 
-def plan_study(repo: Path, trials: int | None, parallel: int | None, model: str | None) -> dict:
+def plan_study(
+    repo: Path,
+    trials: int | None,
+    parallel: int | None,
+    model: str | None,
+    switch: bool = False,
+) -> dict:
     """Everything the flow needs, checked before anything starts (a plain dict for Prefect).
 
     Raises:
-        PipelineError: bad params, no features yet, an empty or non-grid space, a store down.
+        PipelineError: bad params, no features yet, an empty space, a continuous range for the
+            grid, a store down.
     """
     params_file = repo / "params.yaml"
     params_text = params_file.read_text(encoding="utf-8") if params_file.is_file() else None
@@ -78,18 +88,28 @@ def plan_study(repo: Path, trials: int | None, parallel: int | None, model: str 
     if not space:
         raise ConfigError(f"params.yaml: tune.space.{family}: no ranges to search for {family}")
     target = trials or params.tune.trials
-    if params.tune.sampler == "grid":
-        target = min(target, tuning.grid_size(space))  # each grid point once
+    if params.tune.sampler == "grid":  # checked here, not at load: it must not block make run
+        continuous = [f"tune.space.{family}.{k}" for k, r in space.items() if not r.discrete]
+        if continuous:
+            raise ConfigError(
+                f"params.yaml: tune.sampler grid needs choices, a step or integer: true; "
+                f"{', '.join(continuous)} is a continuous range (or use tune.sampler tpe)"
+            )
+        target = min(target, tune_space.grid_size(space))  # each grid point once
     tracking.check_tracking_store(params.mlflow, repo)
     uri = tracking.tracking_uri(params.mlflow)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(repo / uri.removeprefix('sqlite:///')).resolve()}"
     parallel = parallel or params.tune.parallel
+    settings = tuning.study_settings(params, family)
     return {
         "repo": str(repo.resolve()),
         "params_text": params_text,
         "family": family,
-        "study": tuning.study_name(params.ingest.source, family, repo / "data/features"),
+        "current_model": params.train.model,
+        "switch": switch,
+        "settings": settings,
+        "study": tuning.study_name(params.ingest.source, family, repo / "data/features", settings),
         "storage": tuning.resolve_storage(params.tune.storage, repo),
         "target": target,
         "parallel": parallel,
@@ -147,79 +167,17 @@ def run_trial(plan: dict, parent_run_id: str, index: int) -> dict[str, Any]:
     return results[-1]
 
 
-def _end_dead_trials(plan: dict, study: Any) -> list[int]:
-    """Mark the trials a killed run left RUNNING FAIL, their MLflow runs KILLED."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(plan["tracking_uri"])
-    failed = tuning.fail_dead_trials(study)
-    for trial in failed:
-        if run_id := trial.user_attrs.get(tuning.RUN_ATTR):
-            try:
-                client.set_tag(run_id, "optuna.state", "FAIL")
-                client.set_terminated(run_id, "KILLED")
-            except MlflowException:  # another tracking store
-                pass
-    return [trial.number for trial in failed]
-
-
-def _parent_run(plan: dict, study: Any) -> str:
-    """The study's MLflow run: the one recorded on the study (resumed), else a new one."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(plan["tracking_uri"])
-    tags = {
-        "optuna.study": plan["study"],
-        "optuna.storage": redact_url(plan["storage"]),
-        "tune.family": plan["family"],
-        "tune.sampler": plan["sampler"],
-        "tune.pruner": plan["pruner"],
-        "tune.target_trials": str(plan["target"]),
-    }
-    if run_id := study.user_attrs.get(tuning.PARENT_RUN_ATTR):
-        try:
-            client.update_run(run_id, status="RUNNING")
-            for key, value in tags.items():
-                client.set_tag(run_id, key, value)
-            return run_id
-        except MlflowException:  # another tracking store, or the run was deleted
-            pass
-    settings = load_params(Path(plan["repo"]) / "params.yaml").mlflow
-    os.environ["MLFLOW_TRACKING_URI"] = plan["tracking_uri"]  # configure_mlflow reads it
-    experiment_id = tracking.configure_mlflow(
-        settings.model_copy(update={"experiment": plan["experiment"]})
-    )
-    run = client.create_run(experiment_id, run_name=f"tune {plan['study']}", tags=tags)
-    study.set_user_attr(tuning.PARENT_RUN_ATTR, run.info.run_id)
-    return run.info.run_id
-
-
-def _finish_parent(plan: dict, run_id: str, study: Any, failed: bool) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(plan["tracking_uri"])
-    counts = tuning.count_states(study)
-    metrics = {f"trials_{k.lower()}": float(v) for k, v in counts.items()}
-    if best := tuning.best_trial(study):
-        metrics["best_val_loss"] = float(best.value)
-        client.set_tag(run_id, "best.trial", str(best.number))
-        for key, value in best.user_attrs.get(tuning.VALUES_ATTR, {}).items():
-            client.set_tag(run_id, f"best.{key}", json.dumps(value))
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value, step=tuning.finished_trials(study))
-    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
-
-
-def _run_rounds(plan: dict, study: Any, parent_run_id: str) -> list[dict]:
-    """Trials until the study holds ``target`` finished ones; failed trials run again."""
+def _run_rounds(plan: dict, study: Any, space: dict, parent_run_id: str) -> list[dict]:
+    """Trials until the study holds ``target`` finished ones; failed trials run again (the
+    grid: on their own points)."""
     log = get_run_logger()
     results: list[dict] = []
     for _ in range(MAX_ROUNDS):
         remaining = plan["target"] - tuning.finished_trials(study)
         if remaining <= 0:
             break
+        if plan["sampler"] == "grid":
+            tune_space.queue_grid_points(study, space, plan["seed"], remaining)
         first = tuning.started_trials(study)  # offsets each trial's sampler seed
         log.info("running %d trial(s), %d at a time", remaining, plan["parallel"])
         futures = [run_trial.submit(plan, parent_run_id, first + i) for i in range(remaining)]
@@ -236,14 +194,44 @@ def _train(plan: dict) -> TrainParams:
     return train.model_copy(update={"model": plan["family"]})
 
 
-def _write_back(plan: dict, study: Any) -> dict[str, list[Any]]:
+def conclude(plan: dict, study: Any) -> tuple[dict[str, list[Any]], str | None, str | None]:
+    """After the trials: the best values into params.yaml, when they belong there.
+
+    Returns ``(changes, error, note)``: ``changes`` ``{key: [old, new]}``; ``error`` when the
+    target was not reached, or it was and params.yaml could not be written (edited meanwhile);
+    ``note`` when nothing was written by design (``--model`` another family, no ``--switch``).
+    """
+    finished, target = tuning.finished_trials(study), plan["target"]
+    if finished < target:
+        return {}, f"tuning did not reach its target: {finished} of {target} trials finished", None
     best = tuning.best_trial(study)
     if best is None:
-        return {}
-    params_file = Path(plan["repo"]) / "params.yaml"
+        return {}, None, "unchanged: no trial completed (all pruned)"
+    family, current = plan["family"], plan["current_model"]
+    if family != current and not plan["switch"]:
+        return (
+            {},
+            None,
+            (
+                f"unchanged: tuned {family}, but train.model is {current} (the shared values would "
+                f"change its training); --switch writes model: {family} and the best values"
+            ),
+        )
     values = best.user_attrs.get(tuning.VALUES_ATTR, {})
-    changes = tuning.write_back(params_file, plan["family"], values, plan["params_text"])
-    return {key: [old, new] for key, (old, new) in changes.items()}
+    try:
+        changes = tune_write.write_back(
+            Path(plan["repo"]) / "params.yaml", family, values, plan["params_text"]
+        )
+    except PipelineError as exc:
+        return (
+            {},
+            (
+                f"tuning reached its target ({finished} trials finished), but params.yaml was "
+                f"not written: {exc}"
+            ),
+            None,
+        )
+    return {key: [old, new] for key, (old, new) in changes.items()}, None, None
 
 
 @flow(name="tune")
@@ -262,93 +250,40 @@ def tune(plan: dict) -> dict[str, Any]:
         tuning.make_sampler(plan["sampler"], space, plan["seed"]),
         tuning.make_pruner(plan["pruner"], plan["max_epochs"], plan["target"]),
     )
-    if plan["sampler"] != "grid" and tuning.enqueue_current(study, _train(plan), space):
+    previous = None
+    if new_study := tuning.SETTINGS_ATTR not in study.user_attrs:
+        study.set_user_attr(tuning.SETTINGS_ATTR, plan["settings"])
+        previous = tuning.previous_study(storage, plan["study"], plan["settings"])
+    if plan["sampler"] != "grid" and tune_space.enqueue_current(study, _train(plan), space):
         get_run_logger().info("trial 0 trains params.yaml's current values: the baseline")
-    rerun = _end_dead_trials(plan, study)
-    parent_run_id = _parent_run(plan, study)
-    results, error, changed = [], None, {}
+    rerun = end_dead_trials(plan, study)
+    parent_run_id = parent_run(plan, study)
+    results: list[dict] = []
     try:
-        results = _run_rounds(plan, study, parent_run_id)
-        if tuning.finished_trials(study) < plan["target"]:
-            error = f"{tuning.finished_trials(study)} of {plan['target']} trials finished"
-        else:
-            try:
-                changed = _write_back(plan, study)
-            except PipelineError as exc:  # params.yaml edited meanwhile: the values printed
-                error = str(exc)
+        results = _run_rounds(plan, study, space, parent_run_id)
     finally:
-        _finish_parent(plan, parent_run_id, study, failed=error is not None)
-    summary = _summarize(plan, study, results, rerun, changed, parent_run_id, error, started)
+        short = tuning.finished_trials(study) < plan["target"]
+        finish_parent(plan, parent_run_id, study, failed=short)
+    changed, error, note = conclude(plan, study)
+    summary = summarize(
+        plan,
+        study,
+        results=results,
+        rerun=rerun,
+        changed=changed,
+        parent_run_id=parent_run_id,
+        error=error,
+        note=note,
+        new_study=new_study,
+        previous=previous,
+        started=started,
+    )
     create_markdown_artifact(
         markdown=render(summary, markdown=True), key=SUMMARY_KEY, description="Tuning"
     )
     if error:
-        raise PipelineError(f"tuning did not reach its target: {error}; see the trials' logs")
+        raise PipelineError(f"{error}; see the trials' logs")
     return summary
-
-
-def _summarize(
-    plan: dict,
-    study: Any,
-    results: list[dict],
-    rerun: list[int],
-    changed: dict,
-    parent_run_id: str,
-    error: str | None,
-    started: float,
-) -> dict[str, Any]:
-    best = tuning.best_trial(study)
-    experiment = study_experiment_id(plan, parent_run_id)
-    return {
-        "study": plan["study"],
-        "family": plan["family"],
-        "target": plan["target"],
-        "ran_now": len(results),
-        "ran_now_states": {
-            s: sum(r["state"] == s for r in results) for s in ("COMPLETE", "PRUNED", "FAIL")
-        },
-        "study_states": tuning.count_states(study),
-        "marked_failed_from_killed_run": rerun,
-        "best_trial": best.number if best else None,
-        "best_val_loss": best.value if best else None,
-        "best_values": best.user_attrs.get(tuning.VALUES_ATTR) if best else None,
-        "best_is_baseline": bool(best and best.user_attrs.get("baseline")),
-        "params_changed": changed,
-        "mlflow_run": f"http://127.0.0.1:{plan['ui_port']}/#/experiments/{experiment}/runs/{parent_run_id}",
-        "wall_s": round(time.monotonic() - started, 1),
-        "error": error,
-    }
-
-
-def study_experiment_id(plan: dict, run_id: str) -> str:
-    from mlflow import MlflowClient
-
-    return MlflowClient(plan["tracking_uri"]).get_run(run_id).info.experiment_id
-
-
-def render(summary: dict[str, Any], markdown: bool = False) -> str:
-    """The summary as text (printed) or Markdown (the Prefect artifact)."""
-    best = (
-        f"trial {summary['best_trial']}, val_loss {summary['best_val_loss']:.4f}"
-        + (" (params.yaml's own values: no trial beat them)" if summary["best_is_baseline"] else "")
-        if summary["best_trial"] is not None
-        else "none (no trial completed)"
-    )
-    changed = summary["params_changed"]
-    lines = [
-        f"Study {summary['study']} ({summary['family']}): {summary['study_states']} "
-        f"(target {summary['target']} finished)",
-        f"This run: {summary['ran_now']} trial(s) {summary['ran_now_states']}"
-        + (f"; trials {summary['marked_failed_from_killed_run']} of a killed run marked FAIL"
-           if summary["marked_failed_from_killed_run"] else ""),
-        f"Best: {best} {json.dumps(summary['best_values']) if summary['best_values'] else ''}",
-        "params.yaml train: "
-        + (", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()) or "unchanged"),
-        f"MLflow: {summary['mlflow_run']} (make ui)",
-        f"Wall time: {summary['wall_s']} s"
-        + (f"; FAILED: {summary['error']}" if summary["error"] else ""),
-    ]  # fmt: skip
-    return "\n".join(f"- {line}" for line in lines) if markdown else "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,6 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, help="finished trials the study should hold")
     parser.add_argument("--parallel", type=int, help="trials at a time (default tune.parallel)")
     parser.add_argument("--model", help="family to tune (default train.model)")
+    parser.add_argument(
+        "--switch",
+        action="store_true",
+        help="with --model another family: write train.model and its best values",
+    )
     parser.add_argument("--prefect-port", type=int, default=PREFECT_PORT, help=argparse.SUPPRESS)
     runlock.add_wait_arguments(parser)
     args = parser.parse_args(argv)
@@ -375,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             wait_s = args.wait_timeout if args.wait else 0.0
             held.enter_context(runlock.run_lock(repo, wait_s=wait_s, command=command_line()))
-            plan = plan_study(repo, args.trials, args.parallel, args.model)
+            plan = plan_study(repo, args.trials, args.parallel, args.model, args.switch)
         except PipelineError as exc:
             print(f"Tuning not started: {exc}", file=sys.stderr)
             return 1

@@ -236,13 +236,21 @@ def _read_splits(features_dir: Path, names: Sequence[str]) -> dict[str, pd.DataF
 
 
 def load_train_data(
-    features_dir: Path, preprocessor: FittedPreprocessor, params: TrainParams, device: torch.device
+    features_dir: Path,
+    preprocessor: FittedPreprocessor,
+    params: TrainParams,
+    device: torch.device,
+    *,
+    with_test: bool = True,
 ) -> tuple[TrainData | StreamedTrainData, dict]:
     """The training data, on the device when it fits (or as asked), else streamed.
 
     Returns the data and the splits read whole (all three in memory; val and test streamed).
+    ``with_test=False`` (a tuning trial) never reads the test split.
     """
     import pyarrow.parquet as pq
+
+    test = ("test",) if with_test else ()
 
     train_path = features_dir / "train.parquet"
     n_rows = pq.ParquetFile(train_path).metadata.num_rows
@@ -252,10 +260,10 @@ def load_train_data(
         and fits_on_device(n_bytes, device, params.device_memory_fraction)
     )
     if on_device:
-        splits = _read_splits(features_dir, ("train", "val", "test"))
+        splits = _read_splits(features_dir, ("train", "val", *test))
         return make_train_data(splits, preprocessor, device), splits
     logger.info("streaming %d training rows (%.1f MB) from %s", n_rows, n_bytes / 1e6, train_path)
-    splits = _read_splits(features_dir, ("val", "test"))
+    splits = _read_splits(features_dir, ("val", *test))
     X_val = torch.from_numpy(preprocessor.transform(splits["val"]))
     y_val = torch.from_numpy(preprocessor.encode_labels(splits["val"][preprocessor.target]))
     if device.type == "cuda":  # pinned: scored chunk by chunk with non-blocking copies

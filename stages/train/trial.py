@@ -6,7 +6,7 @@
 
 Reads params.yaml, asks the study (``stages.train.tuning``) for values, sets them on
 ``train`` (``tune.max_epochs`` caps the epochs) and trains with the stage's own code: the torch
-families with ``loop.train_model`` on ``build_network``, gbdt with ``gbdt.fit_gbdt``. Each
+families with ``loop.train_model`` on ``build_network``, gbdt with ``gbdt.fit_gbdt_splits``. Each
 epoch's val loss goes to ``trial.report``; a trial the pruner stops is told PRUNED. Only the
 train and val splits are read, never test. The trial's MLflow run is a child of the study's
 run (tag ``mlflow.parentRunId``), with the values, the per-epoch curve and the state. The last
@@ -33,7 +33,7 @@ from stages.common.cli import build_parser, run_main
 from stages.common.config import Params, TrainParams
 from stages.common.errors import PipelineError
 from stages.common.io import read_parquet
-from stages.train import tuning
+from stages.train import tune_liveness, tuning
 
 logger = logging.getLogger(__name__)
 
@@ -65,43 +65,34 @@ class TrialSetup:
 
 
 def fit(train: TrainParams, features: Path, params: Params, on_epoch: EpochHook) -> float:
-    """Train ``train.model`` on the train split, scored on val; return the best val loss."""
+    """Train ``train.model`` on the train split, scored on val; return the best val loss.
+
+    The data is read as the stage reads it (gbdt: the preprocessor's tree view of the rows;
+    a network: on the device when it fits or as ``train.data_on_device`` says, else streamed
+    from Parquet), the test split never.
+    """
     from model.preprocess import load_preprocessor
 
     preprocessor = load_preprocessor(features / PREPROCESSOR_FILE)
-    # train and val only: tuning never sees the test split
-    splits = {name: read_parquet(features / f"{name}.parquet") for name in ("train", "val")}
     if train.model == "gbdt":
-        from stages.train.gbdt import fit_gbdt
+        from stages.train.gbdt import fit_gbdt_splits
 
-        X = {name: preprocessor.transform(df) for name, df in splits.items()}
-        y = {
-            name: preprocessor.encode_labels(df[preprocessor.target]) for name, df in splits.items()
-        }
-        result = fit_gbdt(
-            X["train"],
-            y["train"],
-            X["val"],
-            y["val"],
-            train,
-            params.base.seed,
-            on_epoch=on_epoch,
-            n_classes=len(preprocessor.classes),
-        )
+        splits = {name: read_parquet(features / f"{name}.parquet") for name in ("train", "val")}
+        result = fit_gbdt_splits(splits, preprocessor, train, params.base.seed, on_epoch)
         return float(result.best_val_loss)
-    return _fit_network(train, splits, preprocessor, params, on_epoch)
+    return _fit_network(train, features, preprocessor, params, on_epoch)
 
 
 def _fit_network(
-    train: TrainParams, splits: dict[str, Any], preprocessor: Any, params: Params, hook: EpochHook
+    train: TrainParams, features: Path, preprocessor: Any, params: Params, hook: EpochHook
 ) -> float:
     from model.nets import build_network, select_device
-    from stages.train.batches import make_train_data
+    from stages.train.batches import load_train_data
     from stages.train.loop import seed_torch, train_model
 
     device = select_device(params.base.device)
     seed_torch(params.base.seed, device)  # the stage's seed: the best trial trains the same
-    data = make_train_data(splits, preprocessor, device)
+    data, _ = load_train_data(features, preprocessor, train, device, with_test=False)
     network = build_network(train, preprocessor.n_features, len(preprocessor.classes))
     result = train_model(network.to(device), data, train, device, params.base.seed, on_epoch=hook)
     return float(result.best_val_loss)
@@ -175,8 +166,8 @@ def run_trial(setup: TrialSetup, params: Params) -> dict[str, Any]:
         ),
     )
     trial = tuning.ask(study)
-    trial.set_user_attr(tuning.PROCESS_ATTR, tuning.process_identity())
-    heartbeat = tuning.start_heartbeat(storage, trial._trial_id)
+    trial.set_user_attr(tuning.PROCESS_ATTR, tune_liveness.process_identity())
+    heartbeat = tune_liveness.start_heartbeat(storage, trial._trial_id)
     mlflow.set_tracking_uri(setup.tracking_uri)  # MetricBuffer logs through the global client
     client, run_id, state = mlflow.MlflowClient(setup.tracking_uri), None, TrialState.FAIL
     try:

@@ -1,16 +1,21 @@
-"""Hyper-parameter search for the train stage: the Optuna study, its space and the write-back.
+"""Hyper-parameter search for the train stage: the Optuna study, its sampler and pruner.
 
-One study per dataset and model family, named from ``ingest.source``, ``train.model`` and a
-hash of the feature files a trial reads (train, val, the fitted preprocessor: never test), and
-kept in ``tune.storage`` (env ``TUNE_STORAGE`` wins), so that a new data version starts a new
-study and ``make tune`` again on the same data resumes the old one. Trials run one per process
-(``stages.train.trial``); the orchestration is ``flows/tune.py``. This module has no torch.
+One study per data version and search: its name joins ``ingest.source``, the family tuned, a
+hash of the feature files a trial reads (train, val, the fitted preprocessor: never test) and a
+hash of the study's settings (``study_settings``: the family's space, the sampler, the pruner,
+``tune.max_epochs``, ``base.seed`` and the train values the space leaves fixed). New data or a
+new search (an edited space, another sampler, a different ``batch_size``) starts a new study;
+``make tune`` again with both unchanged resumes the old one, and the write-back (which changes
+only values inside the space) keeps it. Studies live in ``tune.storage`` (env ``TUNE_STORAGE``
+wins). Trials run one per process (``stages.train.trial``); the orchestration is
+``flows/tune.py``. This module has no torch.
 
 Processes share the study through the storage only: each one builds the sampler and pruner
-itself (``make_sampler``, ``make_pruner``): TPE and random seeded per trial (one seed in every
-process would draw the same "random" values), the grid with one seed (it fixes its order). A
-trial records its host and pid and a heartbeat; ``fail_dead_trials`` marks the RUNNING trials
-of a killed run FAIL.
+itself (``make_sampler``, ``make_pruner``), TPE and random seeded per trial (one seed in every
+process would draw the same "random" values). The grid's points are enqueued by the flow
+(``queue_grid_points``), so a point whose trial failed or was killed runs again and none runs
+twice. A trial records its host and pid and a heartbeat; ``tune_liveness.fail_dead_trials`` marks
+the RUNNING trials of a killed run FAIL.
 """
 
 from __future__ import annotations
@@ -20,8 +25,6 @@ import json
 import logging
 import os
 import re
-import socket
-import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -29,30 +32,33 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.trial import TrialState
-from pydantic import ValidationError
 
 from model.files import PREPROCESSOR_FILE
-from stages.common.config import SearchRange, TrainParams, describe_errors, parse_params
-from stages.common.errors import ConfigError, PipelineError
-from stages.common.io import write_text
+from stages.common.config import Params, SearchRange
+from stages.common.errors import PipelineError
 from stages.common.redact import redact_url
+from stages.train.tune_space import apply_values as apply_values  # bench/tune.py uses it
+from stages.train.tune_space import grid_space
+from stages.train.tune_space import suggest as suggest  # bench/tune.py uses it
 
 logger = logging.getLogger(__name__)
 
 STORAGE_ENV = "TUNE_STORAGE"  # overrides params tune.storage
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow run of the study
+SETTINGS_ATTR = "settings"  # study user attr: study_settings (what its name hashes)
 VALUES_ATTR = "train_values"  # trial user attr: the values the trial trained with (rounded)
 PROCESS_ATTR = "process"  # trial user attr: [host, pid, process start time]
 RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow (child) run
 READ_FILES = ("train.parquet", "val.parquet", PREPROCESSOR_FILE)  # what a trial reads
 HEARTBEAT_S, STALE_AFTER_S = 10, 60  # a trial not heard from for a minute is dead
-SIGNIFICANT = 4  # float values are rounded to this many digits: params.yaml stays readable
 # the median pruner compares curves from a tenth of the epochs on (at least epoch 2): a slow
 # starter (a small learning rate) is not judged on its first epochs
 WARMUP_FRACTION, MIN_WARMUP_EPOCHS = 0.1, 2
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# train fields that change how a trial runs, not what it learns: left out of the study's identity
+RUNTIME_FIELDS = ("data_on_device", "device_memory_fraction", "checkpoint_every_steps")
+FAMILY_SECTIONS = ("transformer", "rnn", "gbdt")  # another family's section: not this study's
 
 
 # --- the study: name, storage, sampler, pruner -------------------------------------------
@@ -74,10 +80,74 @@ def features_hash(features_dir: str | Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def study_name(source: str, family: str, features_dir: str | Path) -> str:
-    """``<source>-<family>-<data hash>``, e.g. ``sklearn-breast_cancer-mlp-3f2a9c01de``."""
+def study_settings(params: Params, family: str) -> dict[str, Any]:
+    """What a study's trials depend on besides the data (JSON): ``tune.space.<family>``,
+    ``tune.sampler``, ``tune.pruner``, ``tune.max_epochs``, ``base.seed`` and ``train`` outside
+    the space (less ``RUNTIME_FIELDS`` and the other families' sections)."""
+    space = params.tune.space.get(family) or {}
+    train = params.train.model_dump(mode="json")
+    train["model"] = family
+    for key in space:
+        node = train
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    for name in (*RUNTIME_FIELDS, *(s for s in FAMILY_SECTIONS if s != family)):
+        train.pop(name, None)
+    return {
+        f"tune.space.{family}": {
+            key: search.model_dump(mode="json", exclude_defaults=True)
+            for key, search in sorted(space.items())
+        },
+        "tune.sampler": params.tune.sampler,
+        "tune.pruner": params.tune.pruner,
+        "tune.max_epochs": params.tune.max_epochs,
+        "base.seed": params.base.seed,
+        "train": train,
+    }
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    """A short hash of ``study_settings``."""
+    return hashlib.md5(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def study_name(
+    source: str, family: str, features_dir: str | Path, settings: Mapping[str, Any]
+) -> str:
+    """``<source>-<family>-<data hash>-<settings hash>``, e.g.
+    ``sklearn-breast_cancer-mlp-3f2a9c01de-5be0c2a1``."""
     slug = re.sub(r"[^A-Za-z0-9_.]+", "-", redact_url(source).replace("***", "")).strip("-")
-    return f"{slug[-60:]}-{family}-{features_hash(features_dir)}"
+    return f"{slug[-60:]}-{family}-{features_hash(features_dir)}-{settings_hash(settings)}"
+
+
+def settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The settings that differ (``tune.sampler``, ``train.batch_size``, ...)."""
+    changed = [k for k in sorted({*old, *new} - {"train"}) if old.get(k) != new.get(k)]
+    old_train, new_train = old.get("train") or {}, new.get("train") or {}
+    return changed + [
+        f"train.{k}"
+        for k in sorted({*old_train, *new_train})
+        if old_train.get(k) != new_train.get(k)
+    ]
+
+
+def previous_study(
+    storage: optuna.storages.BaseStorage, name: str, settings: Mapping[str, Any]
+) -> tuple[str, list[str]] | None:
+    """The latest other study of this data and family (the same name up to the settings
+    hash), and which settings differ from ``settings``; None when there is none."""
+    prefix = name.rsplit("-", 1)[0] + "-"
+    others = [
+        s
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if s.study_name.startswith(prefix) and s.study_name != name
+    ]
+    if not others:
+        return None
+    latest = max(others, key=lambda s: s._study_id)
+    return latest.study_name, settings_changes(latest.user_attrs.get(SETTINGS_ATTR) or {}, settings)
 
 
 def resolve_storage(configured: str, repo: str | Path = ".") -> str:
@@ -98,7 +168,7 @@ def quiet_optuna() -> None:
 
 
 @contextmanager
-def _known_warnings() -> Iterator[None]:
+def known_warnings() -> Iterator[None]:
     # The heartbeat and constant_liar are "experimental" (since Optuna 2.9 and 2.8), and a
     # heartbeat outside study.optimize is warned about: we record it ourselves (start_heartbeat)
     with warnings.catch_warnings():
@@ -113,7 +183,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     if url.startswith("sqlite"):
         # several trial processes write at once: wait for SQLite's lock instead of failing
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    with _known_warnings():
+    with known_warnings():
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
@@ -125,32 +195,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 class _AskTellGridSampler(optuna.samplers.GridSampler):
     # GridSampler.after_trial calls study.stop() once the grid is done, which raises outside
     # study.optimize (we ask and tell); the flow caps the trial count at the grid size instead.
+    # The flow enqueues each point (queue_grid_points); this sampler picks for a trial asked
+    # without one (trial n takes point n of its seeded shuffle, as in Optuna).
     def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
         return None
-
-
-def grid_space(space: Mapping[str, SearchRange]) -> dict[str, list[Any]]:
-    """Every value of each (discrete) range, choices encoded as Optuna stores them."""
-    grid: dict[str, list[Any]] = {}
-    for key, search in space.items():
-        if search.choices is not None:
-            grid[key] = [_encode(choice) for choice in search.choices]
-        elif search.integer:
-            grid[key] = list(range(int(search.low), int(search.high) + 1, int(search.step or 1)))
-        elif search.step is not None:
-            count = int((search.high - search.low) / search.step + 1e-9) + 1
-            grid[key] = [round(search.low + i * search.step, 12) for i in range(count)]
-        else:
-            raise ConfigError(f"tune.space: {key} is a continuous range; the grid needs steps")
-    return grid
-
-
-def grid_size(space: Mapping[str, SearchRange]) -> int:
-    """How many points the grid sampler visits."""
-    size = 1
-    for values in grid_space(space).values():
-        size *= len(values)
-    return size
 
 
 def make_sampler(
@@ -158,8 +206,8 @@ def make_sampler(
 ) -> optuna.samplers.BaseSampler:
     """``tpe`` | ``grid`` | ``random`` for the process that runs trial ``trial_index``.
 
-    The grid's order is a shuffle by ``seed`` and trial n takes point n: every process needs
-    the same seed. TPE and random draw from ``seed + trial_index``: with one seed, each new
+    The grid needs the same seed in every process (it fixes its order). TPE and random draw
+    from ``seed + trial_index``: with one seed, each new
     process would draw the same "random" values.
     """
     if kind == "grid":
@@ -167,7 +215,7 @@ def make_sampler(
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed + trial_index)
     # constant_liar: trials running in parallel count as bad so far, so they spread out
-    with _known_warnings():
+    with known_warnings():
         return optuna.samplers.TPESampler(seed=seed + trial_index, constant_liar=True)
 
 
@@ -200,175 +248,13 @@ def open_study(
     )
 
 
-# --- one trial's values ------------------------------------------------------------------
-
-
-def current_values(train: TrainParams, space: Mapping[str, SearchRange]) -> dict[str, Any] | None:
-    """The values ``train`` has for the keys of ``space``, as Optuna stores them; None when
-    one of them lies outside its range (it cannot be a trial of this space)."""
-    data, values = train.model_dump(mode="json"), {}
-    for key, search in space.items():
-        value = data
-        for part in key.split("."):
-            value = value[part]
-        if search.choices is not None:
-            if value not in search.choices:
-                return None
-            values[key] = _encode(value)
-        elif not search.low <= value <= search.high:
-            return None
-        else:
-            values[key] = value
-    return values
-
-
-def enqueue_current(
-    study: optuna.Study, train: TrainParams, space: Mapping[str, SearchRange]
-) -> bool:
-    """Make the params as they are the first trial of a new study: the best trial then beats
-    them or is them, and the write-back never trades them for worse (on val). Not for the grid
-    (it visits its own points) nor a study that has trials."""
-    values = current_values(train, space)
-    if values is None or study.get_trials(deepcopy=False):
-        return False
-    study.enqueue_trial(values, user_attrs={"baseline": True})
-    return True
-
-
-def _encode(choice: Any) -> Any:
-    # Optuna stores None/bool/int/float/str choices only: a list ([64, 32]) becomes its JSON
-    return (
-        choice
-        if choice is None or isinstance(choice, (bool, int, float, str))
-        else (json.dumps(choice))
-    )
-
-
-def suggest(trial: optuna.Trial, space: Mapping[str, SearchRange]) -> dict[str, Any]:
-    """Ask ``trial`` for a value of each range; choices come back decoded (lists as lists)."""
-    values: dict[str, Any] = {}
-    for key, search in space.items():
-        if search.choices is not None:
-            decoded = {_encode(choice): choice for choice in search.choices}
-            values[key] = decoded[trial.suggest_categorical(key, list(decoded))]
-        elif search.integer:
-            step = int(search.step or 1)
-            values[key] = trial.suggest_int(
-                key, int(search.low), int(search.high), step=step, log=search.log
-            )
-        else:
-            values[key] = trial.suggest_float(
-                key, search.low, search.high, step=search.step, log=search.log
-            )
-    return values
-
-
-def _rounded(value: Any) -> Any:
-    return float(f"{value:.{SIGNIFICANT}g}") if isinstance(value, float) else value
-
-
-def apply_values(
-    train: TrainParams, values: Mapping[str, Any], max_epochs: int | None = None
-) -> tuple[TrainParams, dict[str, Any]]:
-    """``train`` with ``values`` set (dotted keys reach sub-sections) and ``max_epochs`` capped.
-
-    Returns the checked params and the values as applied (floats rounded to ``SIGNIFICANT``
-    digits: what the trial trains with and what the write-back writes).
-
-    Raises:
-        ConfigError: the combination is not valid (e.g. n_heads not dividing d_token).
-    """
-    data = train.model_dump(mode="json")
-    applied = {key: _rounded(value) for key, value in values.items()}
-    for key, value in applied.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    if max_epochs is not None:
-        data["max_epochs"] = min(data["max_epochs"], max_epochs)
-    try:
-        return TrainParams.model_validate(data), applied
-    except ValidationError as exc:
-        raise ConfigError(
-            "these values do not make valid train params: "
-            + "; ".join(describe_errors(exc, prefix="train"))
-        ) from exc
-
-
-# --- trials of a killed run --------------------------------------------------------------
-
-
-def process_identity() -> list[Any]:
-    """``[host, pid, start time]`` of this process (a trial records it on its trial)."""
-    import psutil
-
-    return [socket.gethostname(), os.getpid(), psutil.Process().create_time()]
-
-
-def _gone(identity: Any) -> bool:
-    import psutil
-
-    try:
-        host, pid, started = identity
-        if host != socket.gethostname():
-            return False  # another machine's trial: its heartbeat tells
-        process = psutil.Process(int(pid))
-        # a zombie is gone too: a killed run's trial whose new parent does not reap it
-        return (
-            abs(process.create_time() - float(started)) > 0.01
-            or process.status() == psutil.STATUS_ZOMBIE
-        )
-    except (psutil.Error, TypeError, ValueError):
-        return True
+# --- asking and counting ------------------------------------------------------------------
 
 
 def ask(study: optuna.Study) -> optuna.Trial:
     """``study.ask()`` (its warning that heartbeats belong to ``optimize`` silenced)."""
-    with _known_warnings():
+    with known_warnings():
         return study.ask()
-
-
-def fail_dead_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Mark FAIL the RUNNING trials whose process is gone (this host) or whose heartbeat
-    stopped (any host); return them. Call it holding the workspace run lock."""
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    with _known_warnings():
-        optuna.storages.fail_stale_trials(study)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _gone(trial.user_attrs.get(PROCESS_ATTR)):
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    failed = [t for t in study.get_trials(deepcopy=False) if t.number in before - still]
-    if failed:
-        logger.warning(
-            "trials %s were left RUNNING by a killed run: marked FAIL", [t.number for t in failed]
-        )
-    return failed
-
-
-def start_heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> threading.Event:
-    """Record the trial's heartbeat every ``HEARTBEAT_S`` s until the returned event is set.
-
-    ``study.optimize`` does this itself; an ask/tell trial has to.
-    """
-    done = threading.Event()
-
-    def beat() -> None:
-        while True:
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception as exc:  # a busy store: the next beat may get through
-                logger.debug("heartbeat of trial %d not recorded: %s", trial_id, exc)
-            if done.wait(HEARTBEAT_S):
-                return
-
-    threading.Thread(target=beat, name="tune-heartbeat", daemon=True).start()
-    return done
-
-
-# --- results and write-back ----------------------------------------------------------------
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:
@@ -393,85 +279,3 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The COMPLETE trial with the lowest validation loss (None before the first one)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return min(complete, key=lambda t: t.value) if complete else None
-
-
-def _yaml() -> Any:
-    from ruamel.yaml import YAML
-
-    rt = YAML()  # round trip: comments, order and flow style kept
-    rt.preserve_quotes = True
-    rt.width = 4096  # never re-wrap a long commented line
-    rt.representer.add_representer(
-        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
-    rt.representer.add_representer(float, _represent_float)
-    return rt
-
-
-def _represent_float(representer: Any, value: float) -> Any:
-    # YAML 1.1 (PyYAML, which loads params.yaml) reads 1e-05 as a string: write 1.0e-05
-    text = repr(value)
-    mantissa, _, exponent = text.partition("e")
-    if exponent:
-        mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
-        exponent = exponent if exponent[0] in "+-" else f"+{exponent}"
-        text = f"{mantissa}e{exponent}"
-    return representer.represent_scalar("tag:yaml.org,2002:float", text)
-
-
-def _node_value(value: Any) -> Any:
-    if isinstance(value, list):
-        from ruamel.yaml.comments import CommentedSeq
-
-        seq = CommentedSeq(value)
-        seq.fa.set_flow_style()  # [128, 64], as params.yaml writes lists
-        return seq
-    return value
-
-
-def write_back(
-    params_file: str | Path, family: str, values: Mapping[str, Any], read_text: str | None = None
-) -> dict[str, tuple[Any, Any]]:
-    """Write ``values`` (dotted train keys) and ``train.model: family`` into ``params_file``.
-
-    Comments, order and layout are kept (ruamel round trip); the file is checked like any
-    params load before it is replaced, atomically. Returns ``{key: (old, new)}`` for what
-    changed.
-
-    Raises:
-        PipelineError: the file is not what ``read_text`` says it was when tuning started
-            (edited meanwhile: nothing written), or the result would not load.
-    """
-    path = Path(params_file)
-    text = path.read_text(encoding="utf-8")
-    if read_text is not None and text != read_text:
-        raise PipelineError(
-            f"{path} changed while tuning ran: not overwritten; set these train values by "
-            f"hand: model: {family}, " + ", ".join(f"{k}: {v}" for k, v in values.items())
-        )
-    from ruamel.yaml.comments import CommentedMap
-
-    rt = _yaml()
-    doc = rt.load(text)
-    train = doc.setdefault("train", CommentedMap())
-    changes: dict[str, tuple[Any, Any]] = {}
-    for key, value in {"model": family, **values}.items():
-        node = train
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if node.get(part) is None:  # a sub-section params.yaml leaves to its defaults
-                node[part] = CommentedMap()
-            node = node[part]
-        old = node.get(leaf)
-        if (list(old) if isinstance(old, list) else old) != value:
-            changes[key] = (list(old) if isinstance(old, list) else old, value)
-            node[leaf] = _node_value(value)
-    if not changes:
-        return changes
-    import io
-
-    out = io.StringIO()
-    rt.dump(doc, out)
-    parse_params(yaml.safe_load(out.getvalue()), source=str(path))  # never write a bad file
-    write_text(path, out.getvalue())
-    return changes

@@ -1,5 +1,6 @@
 """``make tune`` (flows/tune.py): the real flow on Prefect's test server, trials as real
-processes, Optuna on sqlite and MLflow in temporary places, sklearn's breast cancer table."""
+processes, Optuna on sqlite and MLflow in temporary places, sklearn's breast cancer table; and
+its planning and conclusion (the write-back decision) on their own."""
 
 from __future__ import annotations
 
@@ -13,20 +14,23 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
+import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from flows import tune
+from flows import tune, tune_report
 from stages.common.config import load_params, parse_params
+from stages.common.errors import ConfigError
 from stages.common.io import write_parquet
 from stages.features import stage as features
-from stages.train import tuning
+from stages.train import tune_write, tuning
 from tests.builders import breast_cancer_frame
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow  # each test runs several training processes (~20-60 s)
+slow = pytest.mark.slow  # the flow tests run several training processes (~20-60 s)
 
 
 def _merge(node, overrides: dict) -> None:
@@ -40,7 +44,7 @@ def _merge(node, overrides: dict) -> None:
 def make_workspace(root: Path, overrides: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The project's commented params.yaml with ``overrides``, data/features from the real
     features stage and its test split garbled (tuning must never read it)."""
-    rt = tuning._yaml()
+    rt = tune_write.round_trip_yaml()
     params = rt.load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     _merge(params, overrides)
     root.mkdir()
@@ -57,7 +61,9 @@ def make_workspace(root: Path, overrides: dict, monkeypatch: pytest.MonkeyPatch)
 
 def _study(repo: Path) -> optuna.Study:
     params = load_params(repo / "params.yaml")
-    name = tuning.study_name(params.ingest.source, params.train.model, repo / "data/features")
+    family = params.train.model
+    settings = tuning.study_settings(params, family)
+    name = tuning.study_name(params.ingest.source, family, repo / "data/features", settings)
     return optuna.load_study(study_name=name, storage=f"sqlite:///{repo}/data/tune/studies.db")
 
 
@@ -85,6 +91,7 @@ def _states(repo: Path) -> list[tuple[str, int]]:
 TINY_TRAIN = {"hidden_sizes": [8], "max_epochs": 3, "patience": 3, "batch_size": 64}
 
 
+@slow
 def test_grid_in_parallel_writes_the_best_back(
     tmp_path: Path, mlflow_uri: str, prefect_api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,6 +140,7 @@ def test_grid_in_parallel_writes_the_best_back(
     assert len(_study(repo).get_trials()) == 4
 
 
+@slow
 def test_a_killed_tune_resumes_to_exactly_the_target(
     tmp_path: Path, mlflow_uri: str, prefect_api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -175,3 +183,94 @@ def test_a_killed_tune_resumes_to_exactly_the_target(
     assert (killed_run.info.status, killed_run.data.tags["optuna.state"]) == ("KILLED", "FAIL")
     assert study.user_attrs[tuning.PARENT_RUN_ATTR] == parent_run_id  # the same MLflow run
     assert MlflowClient(mlflow_uri).get_run(parent_run_id).info.status == "FINISHED"
+
+
+# --- planning and concluding, without the flow ----------------------------------------------
+
+
+def test_a_grid_over_a_continuous_range_is_refused_by_make_tune_only(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tune": {"sampler": "grid"}}))
+    assert load_params(tmp_path / "params.yaml").tune.sampler == "grid"  # make run still loads
+
+    with pytest.raises(ConfigError, match=r"grid needs choices.*tune\.space\.mlp\.lr, "):
+        tune.plan_study(tmp_path, None, None, None)
+
+
+def _finished_study(tmp_path: Path, values: dict) -> optuna.Study:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/studies.db")
+    trial = study.ask()
+    trial.set_user_attr(tuning.VALUES_ATTR, values)
+    study.tell(trial, 0.1)
+    return study
+
+
+def _plan(repo: Path, family: str, switch: bool = False, target: int = 1) -> dict:
+    text = (repo / "params.yaml").read_text(encoding="utf-8")
+    return {"repo": str(repo), "params_text": text, "family": family, "current_model": "mlp",
+            "switch": switch, "target": target}  # fmt: skip
+
+
+@pytest.fixture
+def params_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    return repo
+
+
+def test_another_family_is_written_only_with_switch(tmp_path: Path, params_repo: Path) -> None:
+    study = _finished_study(tmp_path, {"gbdt.learning_rate": 0.05, "gbdt.max_leaf_nodes": 16})
+    before = (params_repo / "params.yaml").read_text(encoding="utf-8")
+
+    changes, error, note = tune.conclude(_plan(params_repo, "gbdt"), study)
+
+    assert (changes, error) == ({}, None)
+    assert "tuned gbdt, but train.model is mlp" in note and "--switch" in note
+    assert (params_repo / "params.yaml").read_text(encoding="utf-8") == before
+
+    changes, error, note = tune.conclude(_plan(params_repo, "gbdt", switch=True), study)
+
+    assert (error, note) == (None, None)
+    assert changes["model"] == ["mlp", "gbdt"] and changes["gbdt.max_leaf_nodes"][1] == 16
+    train = load_params(params_repo / "params.yaml").train
+    assert (train.model, train.gbdt.learning_rate) == ("gbdt", 0.05)
+
+
+def test_a_refused_write_back_says_the_target_was_reached(
+    tmp_path: Path, params_repo: Path
+) -> None:
+    study = _finished_study(tmp_path, {"lr": 0.005})
+    plan = _plan(params_repo, "mlp")
+    with open(params_repo / "params.yaml", "a", encoding="utf-8") as handle:
+        handle.write("# edited while tuning ran\n")
+
+    changes, error, note = tune.conclude(plan, study)
+
+    assert (changes, note) == ({}, None)
+    assert error.startswith("tuning reached its target (1 trials finished), but params.yaml ")
+    assert "changed while tuning ran" in error and "lr: 0.005" in error
+    _, error, _ = tune.conclude(_plan(params_repo, "mlp", target=2), study)
+    assert error == "tuning did not reach its target: 1 of 2 trials finished"
+
+
+def test_the_parent_run_leaves_the_process_mlflow_settings_alone(
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    before = mlflow.get_tracking_uri()
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/studies.db")
+    plan = {"tracking_uri": mlflow_uri, "experiment": "x-tune", "study": "s",
+            "storage": "sqlite:///s.db", "family": "mlp", "sampler": "tpe", "pruner": "none",
+            "target": 1}  # fmt: skip
+
+    run_id = tune_report.parent_run(plan, study)
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() == before
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.name == "x-tune"
+    assert experiment.artifact_location == (tmp_path / "mlflow" / "artifacts").as_uri()
+    db = mlflow_uri.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # parallel trials write to it
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert study.user_attrs[tuning.PARENT_RUN_ATTR] == run_id
