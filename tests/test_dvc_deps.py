@@ -125,6 +125,20 @@ def test_editing_the_service_reruns_no_stage_before_register(locked_repo: Path, 
     assert not changed & {"ingest", "validate", "features", "train", "evaluate"}
 
 
+def test_editing_tuning_code_reruns_no_stage(locked_repo: Path, edit) -> None:
+    # make tune's code sits in stages/train beside the stage's; dvc.yaml lists the stage's files
+    names = {"trial.py", *(path.name for path in (ROOT / "stages/train").glob("tun*.py"))}
+    assert {"trial.py", "tuning.py"} < names
+    for name in sorted(names):
+        edit(f"stages/train/{name}")
+    assert _changed_stages(locked_repo) == set()
+
+
+def test_editing_the_training_loop_reruns_train(locked_repo: Path, edit) -> None:
+    edit("stages/train/loop.py")  # one of the files train lists one by one
+    assert _changed_stages(locked_repo) == {"train"}
+
+
 def test_editing_a_flow_reruns_no_stage(locked_repo: Path, edit) -> None:
     edit("flows/pipeline.py")  # orchestration: it decides what runs, not what a stage computes
     assert _changed_stages(locked_repo) == set()
@@ -194,10 +208,15 @@ def _imported_files(path: Path) -> set[Path]:
 
 
 def _code_closure(stage: str) -> set[str]:
-    """Every project file the stage's process can import: its package and stages/common, and
-    what they import under model/ and serving/, transitively."""
+    """Every project file the stage's process can import: its package (or, when dvc.yaml lists
+    the package file by file, what ``python -m stages.<stage>`` runs) and stages/common, and
+    what they import under model/, serving/ and the package, transitively."""
+    package = f"stages/{stage}"
+    roots = [package] if package in _code_deps(stage) else [f"{package}/__main__.py"]
     todo = [
-        f for folder in (f"stages/{stage}", "stages/common") for f in (ROOT / folder).rglob("*.py")
+        f
+        for root in (*roots, "stages/common")
+        for f in ([ROOT / root] if root.endswith(".py") else (ROOT / root).rglob("*.py"))
     ]
     seen: set[Path] = set()
     while todo:
