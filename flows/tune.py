@@ -315,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             wait_s = args.wait_timeout if args.wait else 0.0
             held.enter_context(runlock.run_lock(repo, wait_s=wait_s, command=command_line()))
+            update_features(repo)
             plan = plan_study(repo, args.trials, args.parallel, args.model, args.switch)
         except PipelineError as exc:
             print(f"Tuning not started: {exc}", file=sys.stderr)
@@ -328,6 +329,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     print("\n" + render(summary))
     return 0
+
+
+def update_features(repo: Path) -> None:
+    """In a project (``dvc.yaml``), bring ``data/features`` up to date first: ``dvc repro
+    features`` runs what changed up to the splits (ingest asks the source again), so a study
+    never tunes on stale or missing splits. It is the same stage graph ``make run`` runs.
+
+    Raises:
+        PipelineError: a stage up to features failed (its output's tail is in the message).
+    """
+    if not (repo / "dvc.yaml").is_file():
+        return
+    logger.info("bringing data/features up to date: dvc repro features")
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "features"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+        raise PipelineError("dvc repro features failed:\n" + "\n".join(tail))
 
 
 def _setup_logging() -> None:
