@@ -52,8 +52,8 @@ repro: install ## Run the same stages with `dvc repro`, then push the data versi
 # Optuna search over train values (params.yaml tune section; flows/tune.py): TRIALS=N is the
 # number of finished trials the study (one per data version and model family) should hold, so a
 # killed `make tune` resumes; the best trial's values are written into params.yaml (comments kept).
-tune: install ## Tune train params with Optuna, write the best into params.yaml (TRIALS=N MODEL=gbdt SWITCH=1)
-	$(BIN)/python -m flows.tune --repo .$(if $(TRIALS), --trials $(TRIALS))$(if $(MODEL), --model $(MODEL))$(if $(SWITCH), --switch)$(if $(WAIT), --wait)
+tune: install ## Tune train params with Optuna, write the best into params.yaml (TRIALS=N FAMILY=gbdt SWITCH=1)
+	$(BIN)/python -m flows.tune --repo .$(if $(TRIALS), --trials $(TRIALS))$(if $(FAMILY), --model $(FAMILY))$(if $(SWITCH), --switch)$(if $(WAIT), --wait)
 
 # ruff (format + check) and the import rules (pyproject.toml [tool.importlinter], ARCHITECTURE.md).
 lint: install ## Check formatting, lint findings and what may import what (ruff, import-linter)
