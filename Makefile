@@ -99,9 +99,9 @@ schedule: install ## Run the pipeline on its cron (params.yaml `schedule`); star
 serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.yaml `serve`; ARGS='--port 9000')
 	$(BIN)/python -m flows.serve $(ARGS)
 
-clean: ## Remove generated data, reports, models and the local stores (keeps .venv)
+clean: ## Remove generated data, reports, models and the local stores, tuning studies too (keeps .venv)
 	rm -rf data/raw data/validated data/quarantine data/features models reports mlflow/mlflow.db* \
-	  mlflow/artifacts .prefect .dvcstore .dvc/tmp/pipeline-pushed.json
+	  mlflow/artifacts .prefect .dvcstore .dvc/tmp/pipeline-pushed.json data/tune
 
 # Benchmarks (bench/): ratios measured side by side in one run; results in bench/results/.
 # --no-deps: only the pinned wheels in bench/requirements.txt are added (their dependencies are
