@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,11 @@ from stages.common.runlock import DEFAULT_WAIT_S
 logger = get_logger("flows.schedule")  # under Prefect's configured "prefect" logger: shown at INFO
 
 SERVER_START_TIMEOUT_S = 120
+# After Ctrl-C, Prefect's serve gets this long to shut down before it is interrupted again (in
+# CI its shutdown once hung after a run it was finishing: the command never exited)
+SHUTDOWN_GRACE_S = 20
+_stop_requested = threading.Event()  # the first Ctrl-C arrived
+_serve_done = threading.Event()  # serve returned: only our cleanup is left, never interrupt it
 
 
 def build_schedule(params: ScheduleParams) -> Schedule:
@@ -177,7 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 params.timezone,
                 api_url,
             )
-            serve_pipeline(repo, params)  # returns on Ctrl-C once it is serving
+            try:
+                serve_pipeline(repo, params)  # returns on Ctrl-C once it is serving
+            except KeyboardInterrupt:  # the watchdog's second interrupt ended a stuck shutdown
+                logger.warning("serve stopped by a second interrupt")
+            finally:
+                _serve_done.set()
     except KeyboardInterrupt:  # Ctrl-C while the server was still starting
         return 130
     return 0
@@ -188,7 +199,21 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _interrupt_on_sigint(signum: int, frame: object) -> None:
+    if not _stop_requested.is_set():
+        _stop_requested.set()
+        threading.Thread(target=_interrupt_while_stuck, daemon=True).start()
     raise KeyboardInterrupt
+
+
+def _interrupt_while_stuck(tries: int = 3) -> None:
+    """Interrupt serve again while its shutdown is stuck (not once it has returned)."""
+    for _ in range(tries):
+        if _serve_done.wait(SHUTDOWN_GRACE_S):
+            return
+        logger.warning(
+            "serve has not shut down %d s after Ctrl-C; interrupting it again", SHUTDOWN_GRACE_S
+        )
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _connect_api(port: int, stack: ExitStack) -> str:

@@ -105,7 +105,7 @@ def _snapshot(repo: Path) -> dict[str, str]:
     ("overrides", "csv", "expected"),
     [
         ({"train": {"lr": -0.1}}, None, ["train.lr", "greater than 0"]),
-        ({"train": {"model": "transformer"}}, None, ["train.model"]),
+        ({"train": {"model": "xgboost"}}, None, ["train.model"]),
         ({"ingest": {"source": "data/source/missing.csv"}}, None, ["missing.csv"]),
         (
             {"ingest": {"source": "data/source/bad.csv"}},

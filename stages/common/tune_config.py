@@ -5,6 +5,7 @@ range end gives valid train settings.
 
 from __future__ import annotations
 
+import copy
 import types
 import typing
 from typing import Any, Literal
@@ -164,7 +165,7 @@ def _check_range(family: str, key: str, search: SearchRange) -> list[str]:
         values = list(search.choices)
     problems = []
     for value in values:
-        raw: dict[str, Any] = {"model": family, **_FAMILY_NEEDS.get(family, {})}
+        raw: dict[str, Any] = {"model": family, **copy.deepcopy(_FAMILY_NEEDS.get(family, {}))}
         _set_dotted(raw, key, value)
         try:
             TrainParams.model_validate(raw)

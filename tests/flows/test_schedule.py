@@ -191,3 +191,39 @@ def _api_answers(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+STUCK_SHUTDOWN = """
+import signal, time
+from flows import schedule
+
+schedule.SHUTDOWN_GRACE_S = 1
+signal.signal(signal.SIGINT, schedule._interrupt_on_sigint)
+print("serving", flush=True)
+try:
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:  # serve received Ctrl-C...
+        print("shutting down", flush=True)
+        time.sleep(60)  # ...and its shutdown hangs, as it once did in CI
+except KeyboardInterrupt:
+    print("interrupted again", flush=True)
+"""
+
+
+def test_a_stuck_shutdown_after_ctrl_c_is_interrupted_again() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK_SHUTDOWN],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "serving"
+    proc.send_signal(signal.SIGINT)  # one Ctrl-C, as the user gives
+
+    out, _ = proc.communicate(timeout=30)
+
+    assert proc.returncode == 0
+    assert out.splitlines()[0] == "shutting down"
+    assert "interrupting it again" in out and out.splitlines()[-1] == "interrupted again"

@@ -242,3 +242,14 @@ def test_the_message_names_the_file_read_and_the_field(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"{path}: invalid value: ")
     assert "train.lr: Input should be greater than 0" in str(info.value)
     assert "schedule.cron: 'every day' is not a cron expression" in str(info.value)
+
+
+def test_checking_a_bad_choice_leaves_later_checks_alone() -> None:
+    # each value is tried on its own copy of what the family needs: a rejected choice must not
+    # linger in it and fail every later load (seen in CI: "rnn.lr ... rnn.cell" after 'bogus')
+    with pytest.raises(ConfigError, match="'bogus'"):
+        parse_params({"tune": {"space": {"rnn": {"rnn.cell": {"choices": ["bogus"]}}}}})
+
+    params = parse_params({"tune": {"space": {"rnn": {"lr": {"low": 0.001, "high": 0.01}}}}})
+
+    assert params.tune.space["rnn"]["lr"].high == 0.01
