@@ -24,6 +24,7 @@ scheduled runs ("Can't evaluate bulk DML statement") and the cron never fires.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -107,7 +108,9 @@ def local_server(port: int, log_file: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield api_url
     finally:
+        logger.info("stopping the Prefect server this command started (pid %d)", server.pid)
         stop_process(server)
+        logger.info("the Prefect server stopped (exit code %s)", server.returncode)
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
@@ -230,5 +233,18 @@ def _connect_api(port: int, stack: ExitStack) -> str:
     return api_url
 
 
+def exit_now(code: int) -> None:
+    """Exit once our cleanup has run, without waiting for threads Prefect left behind.
+
+    After Ctrl-C, Prefect's serve can return while a non-daemon thread of its runner lives on;
+    Python's exit then waits for it and the command never ends (seen in CI: serve had shut
+    down and the process was SIGKILLed a minute later). Everything of ours is closed by now.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

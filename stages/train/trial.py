@@ -165,7 +165,7 @@ def run_trial(setup: TrialSetup, params: Params) -> dict[str, Any]:
             params.tune.pruner, min(params.train.max_epochs, cap or 10**9), setup.trials
         ),
     )
-    trial = tuning.ask(study)
+    trial = tuning.ask(study, setup.storage)
     trial.set_user_attr(tuning.PROCESS_ATTR, tune_liveness.process_identity())
     heartbeat = tune_liveness.start_heartbeat(storage, trial._trial_id)
     mlflow.set_tracking_uri(setup.tracking_uri)  # MetricBuffer logs through the global client

@@ -251,10 +251,33 @@ def open_study(
 # --- asking and counting ------------------------------------------------------------------
 
 
-def ask(study: optuna.Study) -> optuna.Trial:
-    """``study.ask()`` (its warning that heartbeats belong to ``optimize`` silenced)."""
-    with known_warnings():
+def ask(study: optuna.Study, storage_url: str | None = None) -> optuna.Trial:
+    """``study.ask()`` (its warning that heartbeats belong to ``optimize`` silenced).
+
+    On sqlite, one process asks at a time (a file lock beside the database): Optuna takes a
+    queued (WAITING) trial with a read, then a write, and sqlite ignores its row lock, so two
+    trial processes asking at once could both take the same queued trial (seen in CI: two
+    processes trained grid point 0). PostgreSQL's row lock needs no help.
+    """
+    with _sqlite_ask_lock(storage_url), known_warnings():
         return study.ask()
+
+
+@contextmanager
+def _sqlite_ask_lock(storage_url: str | None) -> Iterator[None]:
+    import fcntl
+
+    prefix = "sqlite:///"
+    if not storage_url or not storage_url.startswith(prefix):
+        yield
+        return
+    lock_path = Path(storage_url[len(prefix) :] + ".ask.lock")
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:

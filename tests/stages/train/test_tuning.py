@@ -321,3 +321,40 @@ def test_an_invalid_combination_fails_the_trial_naming_it(workspace: Path, mlflo
 
     trial = optuna.load_study(study_name="t", storage=storage_url).trials[0]
     assert trial.state == TrialState.FAIL and "d_token 12" in trial.user_attrs["fail_reason"]
+
+
+ASKER = """
+import sys
+import optuna
+from stages.train import tuning
+
+url, n = sys.argv[1], int(sys.argv[2])
+study = optuna.load_study(study_name="race", storage=url)
+for _ in range(n):
+    trial = tuning.ask(study, url)
+    print(trial.number, trial.params.get("x"), flush=True)
+"""
+
+
+def test_processes_asking_at_once_never_take_the_same_queued_trial(tmp_path: Path) -> None:
+    # sqlite ignores Optuna's row lock: without tuning.ask's file lock two processes could
+    # both pop the same WAITING trial (CI: grid point 0 trained twice)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = optuna.create_study(study_name="race", storage=url)
+    for x in range(24):
+        study.enqueue_trial({"x": x})
+    askers = [
+        subprocess.Popen(
+            [sys.executable, "-c", ASKER, url, "12"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    taken = [
+        line.split()[0]
+        for proc in askers
+        for line in proc.communicate(timeout=120)[0].split("\n")
+        if line
+    ]
+
+    assert all(proc.returncode == 0 for proc in askers)
+    assert sorted(map(int, taken)) == list(range(24))  # each queued trial taken exactly once
