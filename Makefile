@@ -100,7 +100,7 @@ serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.y
 	$(BIN)/python -m flows.serve $(ARGS)
 
 clean: ## Remove generated data, reports, models and the local stores, tuning studies too (keeps .venv)
-	rm -rf data/raw data/validated data/quarantine data/features models reports mlflow/mlflow.db* \
+	rm -rf data/raw data/validated data/quarantine data/features models ensemble compact reports mlflow/mlflow.db* \
 	  mlflow/artifacts .prefect .dvcstore .dvc/tmp/pipeline-pushed.json data/tune
 
 # Benchmarks (bench/): ratios measured side by side in one run; results in bench/results/.

@@ -14,6 +14,10 @@ from pathlib import Path
 # The file names of what the pipeline hands from stage to stage and the model ships, defined once.
 PREPROCESSOR_FILE = "preprocessor.joblib"  # the fitted preprocessor: features -> data/features/
 NETWORK_FILE = "model.pt"  # the best checkpoint: train -> models/
+ENSEMBLE_FILE = "model.ensemble.zip"  # the fused members and their weights: ensemble -> ensemble/
+ONNX_MODEL_FILE = (
+    "model.int8.onnx"  # an int8 ONNX model (meta inside): compress -> compact/quantize/
+)
 
 
 @contextmanager

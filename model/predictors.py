@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model.errors import DataError
-from model.files import NETWORK_FILE
+from model.files import ENSEMBLE_FILE, NETWORK_FILE, ONNX_MODEL_FILE
 from model.gbdt import GBDT_FILE
 
 if TYPE_CHECKING:
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
     from model.preprocess import FittedPreprocessor
 
-MODEL_FILES = (NETWORK_FILE, GBDT_FILE)  # what train may write into models/ (one of them)
+# What a model folder holds (one of them): train writes model.pt or model.skops into models/,
+# the ensemble stage model.ensemble.zip into ensemble/, compress model.pt or model.int8.onnx.
+MODEL_FILES = (NETWORK_FILE, GBDT_FILE, ENSEMBLE_FILE, ONNX_MODEL_FILE)
 
 
 def model_file(model_dir: str | Path) -> Path:
@@ -103,7 +105,11 @@ class Predictor:
 
 
 def load_predictor(path: str | Path) -> Predictor:
-    """Load a model file train wrote (by its name: ``model.pt`` or ``model.skops``).
+    """Load a model file (by its name: ``model.pt``, ``model.skops``, ``model.ensemble.zip``,
+    ``*.onnx``). Ensembles and ONNX models come back as objects with Predictor's interface
+    (``family``, ``meta``, ``n_features``, ``n_classes``, ``is_network``, ``to``, ``features``,
+    ``predict_proba``): :class:`model.ensemble.EnsemblePredictor` and
+    :class:`model.onnx_model.OnnxPredictor`.
 
     Check the file's hash before calling this when it has a recorded one (the pyfunc does).
 
@@ -111,6 +117,14 @@ def load_predictor(path: str | Path) -> Predictor:
         DataError: an unknown file name, a missing or unreadable file.
     """
     path = Path(path)
+    if path.name == ENSEMBLE_FILE:  # members loaded once, each through this function
+        from model.ensemble import load_ensemble
+
+        return load_ensemble(path)
+    if path.suffix == ".onnx":  # a compact (int8) model: onnxruntime, no torch
+        from model.onnx_model import load_onnx_model
+
+        return load_onnx_model(path)
     if path.name == GBDT_FILE:
         from model.gbdt import load_gbdt
 

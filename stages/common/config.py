@@ -25,13 +25,17 @@ from pydantic import (
 
 from stages.common.config_base import StrictModel, describe_errors, read_yaml
 from stages.common.errors import ConfigError
+from stages.common.fuse_config import CompressParams, EnsembleMembers, EnsembleParams
 from stages.common.redact import redact_url
 from stages.common.train_config import GbdtParams, RnnParams, TrainParams, TransformerParams
 from stages.common.tune_config import SearchRange, TuneParams
 
 # the section models live beside this module; these names stay importable from here
 __all__ = [
+    "CompressParams",
     "ConfigError",
+    "EnsembleMembers",
+    "EnsembleParams",
     "GbdtParams",
     "Params",
     "RnnParams",
@@ -370,8 +374,10 @@ class Params:
     validate: ValidateParams
     features: FeaturesParams
     train: TrainParams
+    ensemble: EnsembleParams
     evaluate: EvaluateParams
     export: ExportParams
+    compress: CompressParams
     register: RegisterParams
     tune: TuneParams
     schedule: ScheduleParams
@@ -418,5 +424,17 @@ def check_across_sections(params: Params) -> list[str]:
         problems.append(
             "train.precision: fp16 needs CUDA (its grad scaler), and base.device is cpu; "
             "use bf16 or fp32 on CPU"
+        )
+    compress = params.compress
+    try:
+        check_metric_name(compress.metric)
+    except ValueError as exc:
+        problems.append(f"compress.metric: {exc}")
+    if not MLFLOW_ALIAS.fullmatch(compress.alias) or MLFLOW_VERSION_ALIAS.fullmatch(compress.alias):
+        problems.append(f"compress.alias: {compress.alias!r} is not a valid MLflow alias")
+    if compress.alias in (params.register.alias, params.register.challenger_alias):
+        problems.append(
+            f"compress.alias: {compress.alias!r} is register's own alias; the compact model "
+            "needs one of its own (e.g. champion-compact)"
         )
     return problems
