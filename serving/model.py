@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 import logging
 import re
 import shutil
@@ -76,6 +77,10 @@ _KINDS = {
 }  # MLflow DataType name -> payload kind
 # pyfunc loaders of a PythonModel: models-from-code (now), cloudpickled (versions before it)
 _PYTHON_MODEL_LOADERS = ("mlflow.pyfunc.loaders.code_model", "mlflow.pyfunc.model")
+# Version tags the register stage sets (stages.register.content / .compact; serving imports no
+# stage, so the names are repeated here): an ensemble's members, a compact model's parent.
+MEMBERS_TAG = "ensemble.members"
+COMPACT_PARENT_TAG = "compact.parent_version"
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 
@@ -125,12 +130,30 @@ class LoadedModel:
         """The version as responses and metrics show it (``local`` outside the registry)."""
         return self.version or "local"
 
+    @property
+    def members(self) -> list[dict[str, Any]] | None:
+        """An ensemble's members (name, source, family, sha256), from its version tag
+        ``ensemble.members``; None for another model (or an unreadable tag)."""
+        raw = self.tags.get(MEMBERS_TAG)
+        if raw is None:
+            return None
+        try:
+            members = json.loads(raw)
+        except ValueError:
+            logger.warning("%s: tag %s is not JSON: %.200s", self.uri, MEMBERS_TAG, raw)
+            return None
+        return members if isinstance(members, list) else None
+
     def describe(self) -> dict[str, Any]:
-        """What ``/version`` shows: name, version, alias, run, variant, lineage tags."""
+        """What ``/version`` shows: name, version, alias, run, variant, lineage tags; for an
+        ensemble its ``members``, for a compact model the version it is a copy of
+        (``compact_of``), each None otherwise."""
         return {
             "model_name": self.name,
             "model_version": self.version,
             "alias": self.alias,
+            "members": self.members,
+            "compact_of": self.tags.get(COMPACT_PARENT_TAG),
             "run_id": self.run_id,
             "variant": self.variant,
             "model_uri": self.uri,

@@ -14,7 +14,9 @@ with the prefix ``baseline_<name>_``: ``majority`` (the most frequent train clas
 train class shares as probabilities) and ``logistic`` (scikit-learn's LogisticRegression on
 the same fitted preprocessor's features, trained on the train split). The register stage's
 default gate is relative to them. The rows and the baselines are in ``baselines.py``; the model
-scores the test rows in the view it was trained on (``Predictor.features``).
+scores the test rows in the view it was trained on (``Predictor.features``). The model is the
+judged one (``scoring.py``): the ensemble stage's when it built one, its members then scored
+beside it (``member_<name>_<metric>``, reported, not gated), else train's.
 
 A strong baseline is scored there too: scikit-learn's HistGradientBoostingClassifier with its
 defaults, fitted on the same train rows (the preprocessor's tree view of them: NaN kept,
@@ -42,11 +44,11 @@ from model.metrics import (
 from stages.common import tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params
-from stages.common.errors import DataError
 from stages.common.io import atomic_path, write_json
-from stages.evaluate.baselines import Rows, load_rows, score_baselines
 from stages.evaluate.baselines import baseline_probas as baseline_probas  # re-exported
 from stages.evaluate.baselines import load_split as load_split  # (flows.own_data, bench)
+from stages.evaluate.baselines import score_baselines
+from stages.evaluate.scoring import flatten_members, log_scores, member_scores, score
 
 if TYPE_CHECKING:
     import argparse
@@ -190,31 +192,6 @@ def plot_confusion(y_true: np.ndarray, proba: np.ndarray, classes: list[Any]) ->
 # --- I/O ----------------------------------------------------------------------------------
 
 
-def _score(
-    features_dir: Path, model_dir: Path, params: Params
-) -> tuple[np.ndarray, list[Any], Rows]:
-    """The model's class probabilities on the test rows, in the view it was trained on."""
-    from model.nets import select_device
-    from model.predictors import load_predictor, model_file
-
-    test = load_rows(features_dir, "test")
-    path = model_file(model_dir)
-    predictor = load_predictor(path)
-    X = test.view(lambda frame: predictor.features(test.preprocessor, frame))
-    classes = list(test.preprocessor.classes)
-    if (predictor.n_features, predictor.n_classes) != (X.shape[1], len(classes)):
-        raise DataError(
-            f"the model expects {predictor.n_features} features and "
-            f"{predictor.n_classes} classes, the preprocessor gives {X.shape[1]} and "
-            f"{len(classes)}: retrain after the features change",
-            file=str(path),
-            rule="model_matches_features",
-        )
-    if predictor.is_network:
-        predictor.to(select_device(params.base.device))
-    return predictor.predict_proba(X, params.evaluate.batch_size), classes, test
-
-
 def strong_metrics(scores: dict[str, float]) -> dict[str, float]:
     """The strong baseline's metrics as metrics.json keys: ``strong_gbdt_<metric>``."""
     return {f"{STRONG_PREFIX}{metric}": value for metric, value in scores.items()}
@@ -258,12 +235,15 @@ def run(
     out_dir: str | Path,
     metrics_path: str | Path,
     params: Params,
+    ensemble_dir: str | Path | None = None,
 ) -> dict[str, float]:
     """Score the test split, write metrics and plots, log both to the train stage's MLflow run.
 
-    The metrics (``metrics_path``, and ``test_<name>`` in MLflow) are the model's plus the
-    baselines' (``baseline_<baseline>_<metric>``) and the strong baseline's
-    (``strong_gbdt_<metric>``), all on the same test split.
+    The model scored is the judged one (``ensemble_dir``'s ``model.ensemble.zip`` when the
+    ensemble stage built one, else train's; None: train's). The metrics (``metrics_path``,
+    and ``test_<name>`` in MLflow) are the model's plus the baselines'
+    (``baseline_<baseline>_<metric>``), the strong baseline's (``strong_gbdt_<metric>``) and,
+    for an ensemble, each member's (``member_<name>_<metric>``), all on the same test split.
 
     Everything is computed and logged before the outputs replace the old ones, so a failure
     leaves ``out_dir`` and ``metrics_path`` as they were.
@@ -271,12 +251,20 @@ def run(
     import mlflow
 
     features_dir, model_dir = Path(features_dir), Path(model_dir)
-    proba, classes, test = _score(features_dir, model_dir, params)
+    ensemble = None if ensemble_dir is None else Path(ensemble_dir)
+    scored = score(features_dir, model_dir, params, ensemble)
+    proba, classes, test = scored.proba, scored.classes, scored.test
     y_true = test.y
     network = compute_metrics(y_true, proba)
+    members = member_scores(y_true, scored.members)
     baselines = score_baselines(features_dir, test.encoded, y_true, params, strong_test=test.native)
     strong = baselines.pop(STRONG_BASELINE)
-    metrics = {**network, **flatten_baselines(baselines), **strong_metrics(strong)}
+    metrics = {
+        **network,
+        **flatten_baselines(baselines),
+        **strong_metrics(strong),
+        **flatten_members(members),
+    }
     with atomic_path(out_dir) as tmp_dir, atomic_path(metrics_path) as tmp_metrics:
         write_plots(tmp_dir, y_true, proba, classes, network)
         write_json(tmp_metrics, metrics)
@@ -284,31 +272,27 @@ def run(
             mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
             mlflow.log_artifacts(str(tmp_dir), artifact_path="eval")
             mlflow.log_artifact(str(tmp_metrics), artifact_path="eval")
-    logger.info("test metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in network.items()))
-    for name, scores in baselines.items():
-        logger.info(
-            "baseline %s on the same test split: %s",
-            name,
-            ", ".join(f"{k}={v:.4f}" for k, v in scores.items()),
-        )
-    logger.info(
-        "model vs gbdt (strong baseline, not gated) on the same test split: %s",
-        ", ".join(f"{k} {network[k]:.4f} vs {v:.4f}" for k, v in strong.items()),
-    )
+    log_scores(scored.path, network, members, baselines, strong)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m stages.evaluate --features DIR --model DIR --out DIR --metrics FILE``."""
+    """CLI: ``python -m stages.evaluate --features DIR --model DIR [--ensemble DIR] --out DIR
+    --metrics FILE``."""
     parser = build_parser("evaluate", "Score the test split; write metrics and plots.")
     parser.add_argument("--features", required=True, help="features dir (test split)")
     parser.add_argument(
         "--model", required=True, help="model dir (model.pt or model.skops, run.json)"
     )
+    parser.add_argument(
+        "--ensemble",
+        default=None,
+        help="the ensemble stage's dir: its model is scored when it built one (else train's)",
+    )
     parser.add_argument("--out", required=True, help="plots dir (JSON plot data + PNGs)")
     parser.add_argument("--metrics", required=True, help="metrics JSON file")
 
     def body(args: argparse.Namespace, params: Params) -> None:
-        run(args.features, args.model, args.out, args.metrics, params)
+        run(args.features, args.model, args.out, args.metrics, params, args.ensemble)
 
     return run_main("evaluate", parser, body, argv)

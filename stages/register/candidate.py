@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +14,9 @@ from model.metrics import BASELINES, METRIC_NAMES, compute_metrics, read_baselin
 from stages.common.config import Params
 from stages.common.errors import DataError
 from stages.common.io import read_json, read_parquet
+from stages.common.judged import judged_model_file
+from stages.register.content import content_hash as content_hash  # (tests)
+from stages.register.content import ensemble_tags, model_checkpoint, model_code
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,10 +26,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Candidate:
-    """What register judges: the files, what they are (hash, contract) and the test data."""
+    """What register judges: the files, what they are (hash, contract) and the test data.
+
+    ``model_file``: the judged model (``stages.common.judged``: the ensemble's when the
+    ensemble stage built one, else train's); ``tags``: the version tags it adds (an ensemble:
+    ``ensemble.members``, ``ensemble.method``)."""
 
     features_dir: Path
     model_dir: Path
+    model_file: Path
     test: pd.DataFrame
     preprocessor: FittedPreprocessor
     evaluated: dict[str, float]
@@ -36,69 +42,11 @@ class Candidate:
     contract: dict[str, Any]
     content_hash: str
     network_hash: str  # content_hash without the contract
+    tags: dict[str, str]
 
-
-def content_hash(
-    checkpoint: dict[str, Any],
-    preprocessor_bytes: bytes,
-    contract: dict[str, Any] | None,
-    code: dict[str, bytes],
-) -> str:
-    """What the model is, as a sha256: two models with the same hash answer alike.
-
-    Hashed: the network's architecture and weights (not the checkpoint file: ``torch.save``
-    embeds the file name, and the epoch/val-loss records do not change the model) or, for a
-    gbdt (``checkpoint["estimator"]``: the metadata with the loaded estimator), the fitted
-    estimator's pickle bytes (the skops file is not byte-stable: it names its arrays by
-    object id), the
-    fitted preprocessor's bytes (joblib output, stable for the same fit), the input contract
-    (None: left out, the network hash) and the model code that ships with it (``code``:
-    relative path -> bytes).
-    """
-    digest = hashlib.sha256()
-
-    def add(label: str, data: bytes) -> None:
-        digest.update(f"{label}:{len(data)}:".encode())
-        digest.update(data)
-
-    train = checkpoint["train_params"]
-    architecture = {
-        key: train.get(key)
-        for key in ("model", "hidden_sizes", "channels", "image_shape", "dropout")
-    }
-    add(
-        "architecture",
-        json.dumps(
-            {
-                **architecture,
-                "n_features": checkpoint["n_features"],
-                "n_classes": checkpoint["n_classes"],
-            },
-            sort_keys=True,
-        ).encode(),
-    )
-    if "estimator" in checkpoint:
-        from model.gbdt import estimator_bytes
-
-        add("estimator", estimator_bytes(checkpoint["estimator"]))
-    for name, tensor in sorted(checkpoint.get("state_dict", {}).items()):
-        values = tensor.detach().cpu().contiguous()
-        add(
-            f"tensor {name} {values.dtype} {tuple(values.shape)}",
-            values.view(-1).view(_byte_dtype()).numpy().tobytes(),
-        )
-    add("preprocessor", preprocessor_bytes)
-    if contract is not None:
-        add("contract", json.dumps(contract, sort_keys=True, default=str).encode())
-    for path, data in sorted(code.items()):
-        add(f"code {path}", data)
-    return digest.hexdigest()
-
-
-def _byte_dtype() -> Any:
-    import torch
-
-    return torch.uint8
+    @property
+    def is_ensemble(self) -> bool:
+        return "ensemble.method" in self.tags
 
 
 def encode_with_classes(labels: pd.Series, classes: list[Any]) -> np.ndarray:
@@ -168,14 +116,19 @@ def read_metrics(metrics_path: Path, params: Params) -> tuple[dict, dict[str, di
 
 
 def read_inputs(
-    features_dir: Path, model_dir: Path, metrics_path: Path, params: Params
+    features_dir: Path,
+    model_dir: Path,
+    metrics_path: Path,
+    params: Params,
+    ensemble_dir: Path | None = None,
 ) -> Candidate:
-    """The candidate: features (preprocessor, test split), model, metrics, input contract.
+    """The candidate: features (preprocessor, test split), the judged model (train's, or
+    the ensemble in ``ensemble_dir`` when the ensemble stage built one), metrics, input contract.
 
     Raises:
-        DataError: a metric or the test split's target column is missing.
+        DataError: a metric or the test split's target column is missing; the ensemble
+            report is missing, or says built without its file.
     """
-    from model.predictors import load_predictor, model_file
     from model.preprocess import load_preprocessor
     from stages.common.suite import load_suite
     from stages.register.contract import build_contract
@@ -195,11 +148,13 @@ def read_inputs(
     contract = build_contract(
         load_suite(params.validate.suite_path), params.validate.rules, preprocessor.feature_columns
     )
-    checkpoint = _checkpoint(load_predictor(model_file(model_dir)))
+    judged = judged_model_file(model_dir, ensemble_dir)
+    checkpoint = model_checkpoint(judged)
     fitted, code = preprocessor_path.read_bytes(), model_code()
     return Candidate(
         features_dir,
         model_dir,
+        judged,
         test,
         preprocessor,
         evaluated,
@@ -207,22 +162,5 @@ def read_inputs(
         contract,
         content_hash(checkpoint, fitted, contract, code),
         content_hash(checkpoint, fitted, None, code),
+        ensemble_tags(judged),
     )
-
-
-def _checkpoint(predictor: Any) -> dict[str, Any]:
-    """What :func:`content_hash` reads of a loaded model: its metadata and weights/trees."""
-    if predictor.is_network:
-        return {**predictor.meta, "state_dict": predictor.module.state_dict()}
-    return {**predictor.meta, "estimator": predictor.estimator}
-
-
-def model_code() -> dict[str, bytes]:
-    """The code that ships with the model (servable.copy_model_code): the model/ package,
-    sources only (bytecode differs between Python builds, not the model)."""
-    import model
-
-    package = Path(model.__file__).parent
-    return {
-        str(f.relative_to(package.parent)): f.read_bytes() for f in sorted(package.rglob("*.py"))
-    }

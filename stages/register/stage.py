@@ -4,16 +4,22 @@ Register decides and records, nothing else: the ONNX/int8 variants are built by 
 stage, which runs before it and logs them to the same MLflow run; their hashes join the
 version's artifact manifest here when export's report vouches for them. The modules: ``gate``
 (the decision, pure), ``judge`` (scoring the candidate and the champion, the serving check),
-``versions`` (finding, creating, tagging versions; the alias), ``candidate`` (what is judged,
-its content hash), ``contract`` (the input contract from the reviewed suite), ``exported``
-(export's report), ``manifest`` (recording and signing the version's artifact hashes),
-``registry`` (alias moves and their history, also used by ``flows.rollback``); this one wires
-them.
+``versions`` (finding, creating, tagging versions; the alias), ``candidate`` (what is judged),
+``content`` (its content hash), ``contract`` (the input contract from the reviewed suite),
+``exported`` (export's report), ``manifest`` (recording and signing the version's artifact
+hashes), ``registry`` (alias moves and their history, also used by ``flows.rollback``),
+``compact`` (the compress stage's model, registered beside a champion); this one wires them.
+
+The candidate is the judged model (``stages.common.judged``): the ensemble stage's
+``model.ensemble.zip`` when it built one (ONE version, tagged ``ensemble.members`` and
+``ensemble.method``; export's variants, copies of train's single model, are not attached to
+it), else train's model file.
 
 The gate, in order (both models scored through their own pyfunc on the same raw test split):
 
 1. Identical model: when a version of ``register.model_name`` already holds the same content
-   (network weights and architecture, fitted preprocessor, input contract, model code; tag
+   (network weights and architecture, or an ensemble's spec and each member's; fitted
+   preprocessor, input contract, model code; tag
    ``model.content_hash``), nothing is registered and no alias moves; the record says
    "identical to vN". A version that failed the gate is judged again instead (the gate's
    params may have changed), still without a new version.
@@ -52,7 +58,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.files import PREPROCESSOR_FILE
-from model.predictors import model_file
 from stages.common import integrity, tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params, RegisterParams
@@ -60,17 +65,20 @@ from stages.common.errors import GateError
 from stages.common.io import write_json
 from stages.register import registry
 from stages.register.candidate import Candidate, read_inputs
+from stages.register.compact import register_compact
+from stages.register.compact_report import Compact, read_compact
+from stages.register.content import VARIANTS_NOT_ATTACHED
 from stages.register.exported import read_export_report
 from stages.register.gate import Decision, one_line
 from stages.register.judge import judge_version
 from stages.register.manifest import record_version
 from stages.register.versions import (
-    CONTENT_TAG,
     GATE_TAG,
     champion_version,
     close_gate,
     find_identical,
-    identical_record,
+    finish_identical,
+    judged_again,
     mark_stale,
     move_alias,
     record_on_version,
@@ -91,21 +99,10 @@ def _log_and_register(rp: RegisterParams, cand: Candidate) -> tuple[str, dict[st
     from model.servable import log_servable, produced_files
 
     preprocessor_path = cand.features_dir / PREPROCESSOR_FILE
-    trained = model_file(cand.model_dir)  # model.pt (a network) or model.skops (gbdt)
+    trained = cand.model_file  # model.pt, model.skops (gbdt) or model.ensemble.zip
     uploaded = produced_files(preprocessor_path, trained, cand.contract)
     info = log_servable(preprocessor_path, trained, cand.test.head(5), contract=cand.contract)
     return register_version(rp, info.model_uri, cand), uploaded
-
-
-def _judged_again(existing: Any, version: str, reason: str) -> str:
-    # The reason of an identical model that had not passed the gate, judged again.
-    before = {
-        "failed": "failed the gate before",
-        "pending": "was left undecided by a run that stopped before",
-    }.get(existing.tags.get(GATE_TAG), "was not decided before")
-    if CONTENT_TAG not in existing.tags:
-        before = "this run had registered when it stopped"
-    return one_line(f"identical to v{version}, which {before}; judged again: {reason}")
 
 
 def _record_and_move(
@@ -136,16 +133,23 @@ def run(
     params: Params,
     params_file: str | Path | None = None,
     export_path: str | Path | None = None,
+    ensemble_path: str | Path | None = None,
+    compact_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Log + register the servable model, run the model gate, move the alias, record why.
 
     ``params_file``: the file ``params`` came from; if it changed (in the params register
     depends on) since the stage read it, the stage refuses before the alias moves.
     ``export_path``: the export stage's report (the variants it logged to the model's run).
+    ``ensemble_path``: the ensemble stage's folder: its model is the candidate when it built
+    one (export's variants, of train's model, are then not attached). ``compact_path``: the
+    compress stage's folder: its chosen model is registered beside a champion
+    (:mod:`stages.register.compact`). None: train's model, no compact.
 
     Returns:
         The registration record (also written to ``out_path``); ``decision`` is
-        ``promoted``, ``challenger`` or ``identical`` (nothing registered).
+        ``promoted``, ``challenger`` or ``identical`` (nothing registered); ``compact`` (with
+        ``compact_path``): what became of the compact model.
 
     Raises:
         GateError: the gate failed (baselines, thresholds, another input schema, serving
@@ -156,8 +160,14 @@ def run(
     from mlflow import MlflowClient
 
     rp = params.register
-    cand = read_inputs(Path(features_dir), Path(model_dir), Path(metrics_path), params)
+    ensemble_dir = None if ensemble_path is None else Path(ensemble_path)
+    cand = read_inputs(
+        Path(features_dir), Path(model_dir), Path(metrics_path), params, ensemble_dir
+    )
     exported = read_export_report(export_path, cand.model_dir)
+    if cand.is_ensemble:  # export converts train's single model; the ensemble is another one
+        exported = {}
+    compact = None if compact_path is None else read_compact(Path(compact_path), cand.model_file)
     # The outputs this run produced, hashed from disk now that DVC has locked train, evaluate
     # and export (train's start-time tags name only its inputs): on the run, and through
     # lineage_from_run on the version. A mismatch with dvc.lock stops here, before any write.
@@ -168,7 +178,8 @@ def run(
         previous = champion_version(client, rp.model_name, rp.alias)
         existing = find_identical(client, rp.model_name, cand.content_hash, run_id)
         if existing is not None and existing.tags.get(GATE_TAG) == "passed":
-            return _finish_identical(rp, existing, previous, cand, run_id, out_path)
+            extra = _extras(client, params, cand, compact, str(existing.version), run_id)
+            return finish_identical(rp, existing, previous, cand, run_id, out_path, extra)
         uploaded = None  # the files this run uploads, hashed locally first
         if existing is not None:  # the same model failed the gate (or a stopped run left it
             version = str(existing.version)  # undecided): judge it again; no new version
@@ -190,9 +201,10 @@ def run(
         decision, record = judge_version(client, rp, version, previous, cand)
         if existing is not None:
             record["identical_to"] = int(version)
-            record["reason"] = _judged_again(existing, version, record["reason"])
+            record["reason"] = judged_again(existing, version, record["reason"])
         record["run_id"] = run_id
         _record_and_move(client, rp, decision, record, params_file)
+        record |= _extras(client, params, cand, compact, version, run_id)
         mlflow.set_tags(
             {
                 "registered.model": rp.model_name,
@@ -201,6 +213,30 @@ def run(
             }
         )
     return _finish(rp, decision, record, out_path)
+
+
+def _extras(
+    client: MlflowClient,
+    params: Params,
+    cand: Candidate,
+    compact: tuple[Compact | None, str] | None,
+    version: str,
+    run_id: str,
+) -> dict[str, Any]:
+    # What the record says beyond the decision: why an ensemble has no export variants, and
+    # the compact model (registered only beside a champion: after the alias moved).
+    extra: dict[str, Any] = {}
+    if cand.is_ensemble:
+        extra["export_variants"] = VARIANTS_NOT_ATTACHED
+        logger.info(
+            "%s v%s: export's variants %s",
+            params.register.model_name,
+            version,
+            VARIANTS_NOT_ATTACHED,
+        )
+    if compact is not None:
+        extra["compact"] = register_compact(client, params, cand, compact, version, run_id)
+    return extra
 
 
 def _finish(
@@ -217,40 +253,33 @@ def _finish(
     return record
 
 
-def _finish_identical(
-    rp: RegisterParams,
-    existing: Any,
-    previous: str | None,
-    cand: Candidate,
-    run_id: str,
-    out_path: str | Path,
-) -> dict[str, Any]:
-    import mlflow
-
-    record = identical_record(rp, existing, previous, cand, run_id)
-    mlflow.set_tags(
-        {
-            "registered.model": rp.model_name,
-            "registered.identical_to": str(existing.version),
-            "promotion.decision": "identical",
-        }
-    )
-    write_json(out_path, record)
-    logger.info("%s: %s", rp.model_name, record["reason"])
-    return record
-
-
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m stages.register --features DIR --model DIR --metrics FILE [--export
-    FILE] --out FILE``."""
+    """CLI: ``python -m stages.register --features DIR --model DIR [--ensemble DIR] --metrics
+    FILE [--export FILE] [--compact DIR] --out FILE``."""
     parser = build_parser("register", "Register the model; promote it if it passes the gate.")
     parser.add_argument("--features", required=True, help="features dir (test split)")
     parser.add_argument("--model", required=True, help="model dir (model.pt, run.json)")
+    parser.add_argument(
+        "--ensemble", default=None, help="ensemble stage's dir: its model when it built one"
+    )
     parser.add_argument("--metrics", required=True, help="metrics JSON from evaluate")
     parser.add_argument("--export", default=None, help="export report JSON (variants logged)")
+    parser.add_argument(
+        "--compact", default=None, help="compress stage's dir: its chosen model, beside a champion"
+    )
     parser.add_argument("--out", required=True, help="registration record JSON")
 
     def body(args: argparse.Namespace, params: Params) -> None:
-        run(args.features, args.model, args.metrics, args.out, params, args.params, args.export)
+        run(
+            args.features,
+            args.model,
+            args.metrics,
+            args.out,
+            params,
+            args.params,
+            args.export,
+            args.ensemble,
+            args.compact,
+        )
 
     return run_main("register", parser, body, argv)

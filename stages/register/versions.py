@@ -11,16 +11,21 @@ on the version first (:func:`record_on_version`), then the alias moves once
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.metrics import METRIC_NAMES
 from stages.common.config import RegisterParams
+from stages.common.io import write_json
 from stages.register import registry
 from stages.register.candidate import Candidate
 from stages.register.gate import Decision, one_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+logger = logging.getLogger(__name__)
 
 LINEAGE_PREFIXES = ("git.", "dvc.", "prefect.")  # run tags copied onto the model version
 CONTENT_TAG = "model.content_hash"  # on each version: what the model is (see content_hash)
@@ -76,12 +81,13 @@ def find_identical(client: MlflowClient, name: str, digest: str, run_id: str) ->
 def identical_record(
     rp: RegisterParams, existing: Any, previous: str | None, cand: Candidate, run_id: str
 ) -> dict[str, Any]:
+    weights = "ensemble spec and members" if cand.is_ensemble else "network weights"
     return {
         "model_name": rp.model_name,
         "version": int(existing.version),
         "decision": "identical",
         "reason": (
-            f"identical to v{existing.version} (same network weights, preprocessor, "
+            f"identical to v{existing.version} (same {weights}, preprocessor, "
             f"input contract and model code; content {cand.content_hash[:12]}): "
             "nothing registered, no alias moved"
         ),
@@ -135,7 +141,12 @@ def register_version(rp: RegisterParams, model_uri: str, cand: Candidate) -> str
     version = mlflow.register_model(
         model_uri,
         rp.model_name,
-        tags={CONTENT_TAG: cand.content_hash, NETWORK_TAG: cand.network_hash, GATE_TAG: "pending"},
+        tags={
+            CONTENT_TAG: cand.content_hash,
+            NETWORK_TAG: cand.network_hash,
+            GATE_TAG: "pending",
+            **cand.tags,  # an ensemble's members and method
+        },
     )
     return str(version.version)
 
@@ -191,3 +202,40 @@ def close_gate(client: MlflowClient, rp: RegisterParams, version: str, decision:
     client.set_model_version_tag(
         rp.model_name, version, GATE_TAG, "failed" if decision.gate_failed else "passed"
     )
+
+
+def judged_again(existing: Any, version: str, reason: str) -> str:
+    """The reason of an identical model that had not passed the gate, judged again."""
+    before = {
+        "failed": "failed the gate before",
+        "pending": "was left undecided by a run that stopped before",
+    }.get(existing.tags.get(GATE_TAG), "was not decided before")
+    if CONTENT_TAG not in existing.tags:
+        before = "this run had registered when it stopped"
+    return one_line(f"identical to v{version}, which {before}; judged again: {reason}")
+
+
+def finish_identical(
+    rp: RegisterParams,
+    existing: Any,
+    previous: str | None,
+    cand: Candidate,
+    run_id: str,
+    out_path: str | Path,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Record an identical model that passed before (``extra``: the compact, the variants
+    note), write the record; nothing registered, no alias moved."""
+    import mlflow
+
+    record = identical_record(rp, existing, previous, cand, run_id) | extra
+    mlflow.set_tags(
+        {
+            "registered.model": rp.model_name,
+            "registered.identical_to": str(existing.version),
+            "promotion.decision": "identical",
+        }
+    )
+    write_json(out_path, record)
+    logger.info("%s: %s", rp.model_name, record["reason"])
+    return record
