@@ -71,19 +71,42 @@ def register_compact(
     for the compact model: the parent's alias has moved already, and its record must be
     written (a failure is ``status: failed``, with a warning)."""
     compact, why = found
-    if compact is None:
-        return _not_registered(why)
     try:
-        return _register(client, params, cand, compact, parent, run_id)
+        record = (
+            _register(client, params, cand, compact, parent, run_id)
+            if compact is not None
+            else _not_registered(why)
+        )
+        if record["status"] in ("registered", "identical"):
+            return record
+        stale = _stale_alias(client, params)
+        return record | ({"stale_alias": stale} if stale else {})
     except Exception as exc:  # noqa: BLE001 - optional: the parent's decision stands
         reason = one_line(f"{type(exc).__name__}: {exc}")
         logger.warning(
-            "compact model (%s of v%s) not registered: %s; the parent's decision stands",
-            compact.method,
-            parent,
-            reason,
+            "compact model of v%s not registered: %s; the parent's decision stands", parent, reason
         )
-        return {"status": "failed", "method": compact.method, "reason": reason}
+        return {"status": "failed", "reason": reason}
+
+
+def _stale_alias(client: MlflowClient, params: Params) -> str | None:
+    # A champion without a compact leaves the alias on an older champion's compact: said in
+    # the record and the log (moving it needs a compact of this champion; removing it would
+    # leave a service following it with nothing to load).
+    rp, alias = params.register, params.compress.alias
+    champion = champion_version(client, rp.model_name, rp.alias)
+    holder = registry.current_holder(client, rp.model_name, alias)
+    if champion is None or holder is None:
+        return None
+    of = client.get_model_version(rp.model_name, holder).tags.get(PARENT_TAG)
+    if of == champion:
+        return None
+    note = one_line(
+        f"{alias} is still on v{holder}, the compact of v{of}, not of champion v{champion}: a "
+        f"service following {alias} serves it until a compact of v{champion} is registered"
+    )
+    logger.warning("%s", note)
+    return note
 
 
 def _register(

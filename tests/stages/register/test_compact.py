@@ -212,26 +212,42 @@ def test_compact_of_a_champion_is_registered_aliased_linked_and_idempotent(
 
 
 @pytest.mark.slow
-def test_no_compact_beside_a_challenger_and_a_failing_one_leaves_the_parent_standing(
+def test_no_compact_beside_a_challenger_and_a_champion_without_one_says_the_alias_is_stale(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], small: Path
 ) -> None:
     loose = params_file(tmp_path / "loose.yaml", LOOSE)
-    assert (
-        register.main(register_args(prepare(tmp_path / "v1", trained, make_params()), loose)) == 0
-    )
-    # v2: worse -> challenger; its compact is not registered
-    v2 = prepare(tmp_path / "v2", trained, make_params(LOOSE), degrade=True)
-    write_compact(v2 / "compact", v2 / "models" / "model.pt", small)
+    v1 = prepare(tmp_path / "v1", trained, make_params())
+    write_compact(v1 / "compact", v1 / "models" / "model.pt", small)
+    assert register.main([*register_args(v1, loose), "--compact", str(v1 / "compact")]) == 0
+    assert _aliases() == {"champion": "1", ALIAS: "2"}
+    # v3: worse -> challenger; its compact is not registered, the alias is right as it is
+    v3 = prepare(tmp_path / "v3", trained, make_params(LOOSE), degrade=True)
+    write_compact(v3 / "compact", v3 / "models" / "model.pt", small)
 
-    assert register.main([*register_args(v2, loose), "--compact", str(v2 / "compact")]) == 0
+    assert register.main([*register_args(v3, loose), "--compact", str(v3 / "compact")]) == 0
 
-    record = _record(v2)
-    assert record["decision"] == "challenger" and record["version"] == 2
+    record = _record(v3)
+    assert record["decision"] == "challenger" and record["version"] == 3
     assert record["compact"] == {
         "status": "not_registered",
-        "reason": "compact model not registered: its parent v2 is not champion (v1 is)",
+        "reason": "compact model not registered: its parent v3 is not champion (v1 is)",
     }
-    assert _versions() == ["1", "2"] and ALIAS not in _aliases()
+    assert _versions() == ["1", "2", "3"]
+    assert _aliases() == {"champion": "1", ALIAS: "2", "challenger": "3"}
+
+    # v3 made champion by hand, then a run whose compress stage chose none: the record and
+    # the log say the compact alias still serves v1's compact
+    registry.move_alias(mlflow.MlflowClient(), NAME, "champion", "3", "test", kind="manual")
+    write_compact(v3 / "none", v3 / "models" / "model.pt", small, chosen=False)
+
+    assert register.main([*register_args(v3, loose), "--compact", str(v3 / "none")]) == 0
+
+    compact = _record(v3)["compact"]
+    assert compact["status"] == "not_registered" and "chose none" in compact["reason"]
+    assert compact["stale_alias"].startswith(
+        f"{ALIAS} is still on v2, the compact of v1, not of champion v3"
+    )
+    assert _versions() == ["1", "2", "3"] and _aliases()[ALIAS] == "2"
 
 
 @pytest.mark.slow
