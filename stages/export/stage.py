@@ -1,8 +1,9 @@
 """Export stage: ONNX (float32) and int8 copies of the network, compared with it and logged to
 the train run; a small report (``reports/export.json``) that register depends on.
 
-1. Build (``onnx.py``): the network (``models/model.pt``) exported to ONNX, softmax inside and
-   batch axis dynamic, and quantized to int8, with a copy of the fitted preprocessor
+1. Build (``onnx.py``; the export and quantization code is ``stages.common.onnx_export``,
+   which compress shares): the network (``models/model.pt``) exported to ONNX, softmax inside
+   and batch axis dynamic, and quantized to int8, with a copy of the fitted preprocessor
    (``data/features``): a variant serves without torch.
 2. Compare (``compare.py``): the float network and each variant scored on the test split:
    accuracy, its drop against the float network, the largest probability gap, file size, median

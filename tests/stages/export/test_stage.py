@@ -18,7 +18,7 @@ import torch
 from model import artifacts, variants
 from model.nets import build_network
 from model.servable import log_servable
-from stages.common import tracking
+from stages.common import onnx_export, tracking
 from stages.common.config import TrainParams
 from stages.common.errors import DataError, PipelineError
 from stages.export import compare, onnx
@@ -99,7 +99,7 @@ def test_cnn_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
     params = TrainParams(model="cnn", image_shape=[1, 8, 8], channels=[4, 8])
     module = build_network(params, n_features=64, n_classes=10).eval()
 
-    path = onnx.export_onnx(module, 64, tmp_path / "cnn.onnx")
+    path = onnx_export.export_onnx(module, 64, tmp_path / "cnn.onnx")  # shared with compress
 
     session = variants.open_session(path)
     for n in (1, 5):

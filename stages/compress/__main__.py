@@ -1,0 +1,3 @@
+from stages.compress.stage import main
+
+raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Score and time a model on the test split, the parent and each candidate alike.
+
+One path for every model: raw feature rows -> ``Predictor.features`` (the fitted preprocessor,
+in the view the model reads) -> ``predict_proba``, on the CPU, as the service runs it. Latency
+is the median wall time over repeated calls after a warm-up call: one row (a request) and a
+batch of 64 rows. Size is the model file's bytes (what registering and shipping it costs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.artifacts import file_sha256
+from model.metrics import compute_metrics
+
+BATCH_SIZE = 64  # rows in the timed batch (latency_ms_batch64)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model on the test split: its metrics, file size and latencies."""
+
+    file: str
+    sha256: str
+    family: str
+    metrics: dict[str, float]
+    size_bytes: int
+    latency_ms_row: float
+    latency_ms_batch64: float
+
+    def record(self) -> dict[str, Any]:
+        """As the report holds it."""
+        return asdict(self)
+
+
+def median_ms(call: Callable[[Any], Any], arg: Any, repeats: int) -> float:
+    """Median wall time of ``call(arg)`` in milliseconds, after one warm-up call."""
+    call(arg)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call(arg)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def take_rows(frame: Any, size: int) -> Any:
+    """``size`` rows of a DataFrame, cycling through it when it is shorter."""
+    index = np.tile(np.arange(len(frame)), math.ceil(size / len(frame)))[:size]
+    return frame.iloc[index].reset_index(drop=True)
+
+
+def measure(
+    predictor: Any,
+    path: Path,
+    test: Any,
+    repeats: tuple[int, int],
+    shown_as: str | None = None,
+) -> Measurement:
+    """Score ``predictor`` (loaded from ``path``, on the CPU) on the test split and time it.
+
+    Args:
+        test: the test :class:`stages.compress.data.Split`.
+        repeats: calls the single-row and the batch-of-64 medians are taken over.
+        shown_as: the file name the report shows (default: ``path``).
+    """
+    preprocessor = test.preprocessor
+
+    def score(frame: Any) -> np.ndarray:
+        return predictor.predict_proba(predictor.features(preprocessor, frame))
+
+    proba = test.view(score)
+    rows = test.rows
+    return Measurement(
+        file=shown_as or str(path),
+        sha256=file_sha256(path),
+        family=predictor.family,
+        metrics=compute_metrics(test.y, proba),
+        size_bytes=Path(path).stat().st_size,
+        latency_ms_row=median_ms(score, rows.iloc[:1], repeats[0]),
+        latency_ms_batch64=median_ms(score, take_rows(rows, BATCH_SIZE), repeats[1]),
+    )
