@@ -153,7 +153,8 @@ def _collect_new(
     if not variants and run_id and has_variants(run_id):
         logger.warning(
             "%s v%s: run %s's %s/ not recorded: export's report does not vouch for them "
-            "(disabled, or none logged); loading a variant of v%s is refused",
+            "(disabled, none logged, or they are not of this version's model: an ensemble, "
+            "a compact model); loading a variant of v%s is refused",
             name,
             version,
             run_id,
