@@ -15,9 +15,31 @@ from pathlib import Path
 PREPROCESSOR_FILE = "preprocessor.joblib"  # the fitted preprocessor: features -> data/features/
 NETWORK_FILE = "model.pt"  # the best checkpoint: train -> models/
 ENSEMBLE_FILE = "model.ensemble.zip"  # the fused members and their weights: ensemble -> ensemble/
-ONNX_MODEL_FILE = (
-    "model.int8.onnx"  # an int8 ONNX model (meta inside): compress -> compact/quantize/
-)
+ONNX_MODEL_FILE = "model.int8.onnx"  # int8, its meta inside: compress -> compact/quantize/
+GBDT_FILE = "model.skops"  # the best gbdt: train -> models/ (a network goes to model.pt)
+# What a model folder holds (one of them): train writes model.pt or model.skops into models/,
+# the ensemble stage model.ensemble.zip into ensemble/, compress model.pt or model.int8.onnx.
+MODEL_FILES = (NETWORK_FILE, GBDT_FILE, ENSEMBLE_FILE, ONNX_MODEL_FILE)
+
+
+def model_file(model_dir: str | Path) -> Path:
+    """The model file in ``model_dir`` (a model folder holds exactly one of :data:`MODEL_FILES`).
+
+    Raises:
+        DataError: none of them there, or more than one (a folder not written by the pipeline).
+    """
+    from model.errors import DataError
+
+    model_dir = Path(model_dir)
+    found = [model_dir / name for name in MODEL_FILES if (model_dir / name).is_file()]
+    if len(found) != 1:
+        what = "no trained model" if not found else "more than one trained model"
+        raise DataError(
+            f"{what} in the folder (expected one of {', '.join(MODEL_FILES)}); run the train stage",
+            file=str(model_dir),
+            rule="one_model_file",
+        )
+    return found[0]
 
 
 @contextmanager

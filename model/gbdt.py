@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from model.errors import DataError
+from model.files import GBDT_FILE as GBDT_FILE  # defined with the other file names
 from model.files import atomic_path
 
-GBDT_FILE = "model.skops"  # the best gbdt: train -> models/ (a network goes to model.pt)
 FORMAT = 1  # bump when what the file holds changes
 # Types a fitted HistGradientBoostingClassifier holds that skops does not trust by default: its
 # trees, and (with categorical features) the numeric pass-through of its own category

@@ -14,36 +14,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model.errors import DataError
-from model.files import ENSEMBLE_FILE, NETWORK_FILE, ONNX_MODEL_FILE
-from model.gbdt import GBDT_FILE
+from model.files import ENSEMBLE_FILE, GBDT_FILE, MODEL_FILES
+from model.files import model_file as model_file  # importable here, as before
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
 
     from model.preprocess import FittedPreprocessor
-
-# What a model folder holds (one of them): train writes model.pt or model.skops into models/,
-# the ensemble stage model.ensemble.zip into ensemble/, compress model.pt or model.int8.onnx.
-MODEL_FILES = (NETWORK_FILE, GBDT_FILE, ENSEMBLE_FILE, ONNX_MODEL_FILE)
-
-
-def model_file(model_dir: str | Path) -> Path:
-    """The trained model file in ``model_dir`` (train writes exactly one of :data:`MODEL_FILES`).
-
-    Raises:
-        DataError: none of them there, or more than one (a folder not written by train).
-    """
-    model_dir = Path(model_dir)
-    found = [model_dir / name for name in MODEL_FILES if (model_dir / name).is_file()]
-    if len(found) != 1:
-        what = "no trained model" if not found else "more than one trained model"
-        raise DataError(
-            f"{what} in the folder (expected one of {', '.join(MODEL_FILES)}); run the train stage",
-            file=str(model_dir),
-            rule="one_model_file",
-        )
-    return found[0]
 
 
 @dataclass

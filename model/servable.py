@@ -63,6 +63,7 @@ REQUIREMENTS = (
     "pydantic",
     "pyyaml",
     "skops",  # loads a gbdt model file (model/gbdt.py)
+    "onnxruntime",  # runs an int8 compact model (model/onnx_model.py)
 )
 
 

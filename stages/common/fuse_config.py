@@ -61,7 +61,7 @@ class CompressParams(StrictModel):
     prune_fraction: float = Field(0.5, gt=0, lt=1)  # share of each hidden layer's units removed
     finetune_epochs: int = Field(10, ge=0)  # after pruning (early stopping on val loss)
     distill_hidden_sizes: list[int] = Field(default_factory=lambda: [16])  # student MLP (tables)
-    distill_channels: list[int] = Field(default_factory=lambda: [8])  # student CNN (images)
+    distill_channels: list[int] = Field(default_factory=lambda: [8, 16])  # student CNN (images)
     temperature: float = Field(2.0, gt=0)  # softens teacher and student logits alike
     distill_alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft-target loss (rest: labels)
     distill_epochs: int = Field(60, gt=0)  # at most; early stopping on val loss

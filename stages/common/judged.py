@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from model.files import ENSEMBLE_FILE
-from model.predictors import model_file
+from model.files import ENSEMBLE_FILE, model_file
 from stages.common.errors import DataError
 from stages.common.io import read_json
 
