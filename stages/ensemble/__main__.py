@@ -1,0 +1,3 @@
+from stages.ensemble.stage import main
+
+raise SystemExit(main())
