@@ -11,6 +11,7 @@ skip DVC's start-up) and restores the file.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 STAGES = list(DVC_STAGES)
 # Packages whose code a stage can run; flows/ orchestrate and no stage imports them.
 CODE_ROOTS = ("stages", "model", "serving")
+PROCESS_MODULE = re.compile(r"stages(\.[a-z_]+)+")  # `python -m <it>`: a process a stage runs
 
 
 def _placeholders(repo: Path) -> None:
@@ -108,7 +110,14 @@ def test_editing_shared_stage_code_reruns_every_stage(locked_repo: Path, edit) -
 
 def test_editing_the_network_reruns_the_stages_that_use_it(locked_repo: Path, edit) -> None:
     edit("model/nets.py")  # features fits the preprocessor only: it never imports the network
-    assert _changed_stages(locked_repo) == {"train", "evaluate", "export", "register"}
+    assert _changed_stages(locked_repo) == {
+        "train",
+        "ensemble",  # trains its extra members with train's code
+        "evaluate",
+        "export",
+        "compress",
+        "register",
+    }
 
 
 def test_editing_the_pyfunc_retrains_nothing(locked_repo: Path, edit) -> None:
@@ -126,17 +135,21 @@ def test_editing_the_service_reruns_no_stage_before_register(locked_repo: Path, 
 
 
 def test_editing_tuning_code_reruns_no_stage(locked_repo: Path, edit) -> None:
-    # make tune's code sits in stages/train beside the stage's; dvc.yaml lists the stage's files
+    # make tune's code sits in stages/train beside the stage's; dvc.yaml lists the stage's files.
+    # The ensemble stage reads a study's best trials (ensemble.members.tune_top_k) through
+    # tuning.py and the space it names: those two re-run it, and nothing else.
     names = {"trial.py", *(path.name for path in (ROOT / "stages/train").glob("tun*.py"))}
-    assert {"trial.py", "tuning.py"} < names
-    for name in sorted(names):
+    assert {"trial.py", "tuning.py", "tune_space.py"} < names
+    for name in sorted(names - {"tuning.py", "tune_space.py"}):
         edit(f"stages/train/{name}")
     assert _changed_stages(locked_repo) == set()
+    edit("stages/train/tuning.py")
+    assert _changed_stages(locked_repo) == {"ensemble"}
 
 
 def test_editing_the_training_loop_reruns_train(locked_repo: Path, edit) -> None:
     edit("stages/train/loop.py")  # one of the files train lists one by one
-    assert _changed_stages(locked_repo) == {"train"}
+    assert _changed_stages(locked_repo) == {"train", "ensemble"}  # ensemble members train with it
 
 
 def test_editing_a_flow_reruns_no_stage(locked_repo: Path, edit) -> None:
@@ -195,6 +208,15 @@ def _imported_files(path: Path) -> set[Path]:
                 base = ".".join([*parts, *([node.module] if node.module else [])])
             names.add(base)
             names |= {f"{base}.{alias.name}" for alias in node.names}  # a submodule, or a name
+    # A process the stage starts (``python -m stages.train.members``) runs that module's code:
+    # its name as a string constant counts as an import.
+    names |= {
+        node.value
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and PROCESS_MODULE.fullmatch(node.value)
+    }
     files: set[Path] = set()
     for name in names:
         parts = name.split(".")

@@ -32,13 +32,25 @@ from flows.summary import NO_NEW_ROWS, read_reports, render_markdown, summarize_
 from stages.common.io import open_dataset
 from tests.conftest import ROOT, TINY_PARAMS, deep_merge, dvc, make_pipeline_repo, write_params
 
-STAGES = ["ingest", "validate", "features", "train", "evaluate", "export", "register"]
+STAGES = [
+    "ingest",
+    "validate",
+    "features",
+    "train",
+    "ensemble",
+    "evaluate",
+    "export",
+    "compress",
+    "register",
+]
 OUTPUTS = [
     "data/raw",
     "data/validated",
     "data/quarantine",
     "data/features",
     "models",
+    "ensemble",
+    "compact",
     "reports/validation",
     "reports/eval",
     "reports/metrics.json",
