@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.metrics import STRONG_PREFIX  # evaluate's strong baseline: gbdt, not gated
+from model.metrics import MEMBER_PREFIX, STRONG_PREFIX  # evaluate: the strong baseline, members
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
 from stages.common.tracking import run_url
@@ -79,6 +79,7 @@ def summarize_run(
     if registration:
         keys = ("model_name", "version", "decision", "reason", "previous_champion_version")
         model = {key: registration.get(key) for key in keys}
+        model["compact"] = registration.get("compact")
     link = None
     if run and run.get("run_id") and run.get("experiment_id") is not None:
         link = run_url(ui_url, str(run["experiment_id"]), str(run["run_id"]))
@@ -88,6 +89,7 @@ def summarize_run(
         "stages": {stage: statuses.get(stage, NOT_RUN) for stage in stages},
         "metrics": reports.get("metrics"),
         "versus_gbdt": versus_gbdt(reports.get("metrics")),
+        "members": ensemble_members(reports.get("metrics")),
         "model": model,
         "mlflow_run_url": link,
         "error": error,
@@ -110,6 +112,22 @@ def versus_gbdt(metrics: dict[str, Any] | None) -> dict[str, dict[str, float]] |
     return {name: pair for name, pair in pairs.items() if pair["model"] is not None} or None
 
 
+def ensemble_members(metrics: dict[str, Any] | None) -> dict[str, dict[str, float]] | None:
+    """``{member: {metric: v}}`` from evaluate's ``member_<name>_<metric>`` keys: each ensemble
+    member on the ensemble's test split (None: the judged model is no ensemble)."""
+    if not metrics:
+        return None
+    names = [k for k in metrics if not k.startswith((MEMBER_PREFIX, "baseline_", STRONG_PREFIX))]
+    members: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith(MEMBER_PREFIX):
+            for metric in names:
+                if key.endswith(f"_{metric}"):
+                    member = key.removeprefix(MEMBER_PREFIX).removesuffix(f"_{metric}")
+                    members.setdefault(member, {})[metric] = value
+    return members or None
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     """The summary as Markdown: a stage table, metrics, registry decision, MLflow link."""
     lines = ["# Pipeline run", ""]
@@ -125,7 +143,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += [
             f"| {name} | {_format_value(value)} |"
             for name, value in metrics.items()
-            if not name.startswith(STRONG_PREFIX)
+            if not name.startswith((STRONG_PREFIX, MEMBER_PREFIX))
         ]
     else:
         lines.append("Not available: the evaluate stage did not finish in this run.")
@@ -141,6 +159,16 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += [
             f"| {name} | {_format_value(pair['model'])} | {_format_value(pair['gbdt'])} |"
             for name, pair in versus.items()
+        ]
+    if members := summary.get("members"):
+        shown = [
+            m for m in ("f1_macro", "accuracy", "log_loss") if m in next(iter(members.values()))
+        ]
+        lines += ["", "## Ensemble members on the same test split", ""]
+        lines += ["| Member | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+        lines += [
+            f"| {name} | " + " | ".join(_format_value(scores.get(m)) for m in shown) + " |"
+            for name, scores in members.items()
         ]
     lines += ["", "## Model registry", ""]
     lines += _model_lines(summary.get("model"))
@@ -162,6 +190,18 @@ def _model_lines(model: dict | None) -> list[str]:
         f"- Model: `{model.get('model_name')}` version **{model.get('version')}**",
         f"- Decision: **{model.get('decision')}**: {_one_line(str(model.get('reason')))}",
         f"- Previous champion: {'version ' + str(previous) if previous is not None else 'none'}",
+        *_compact_lines(model.get("compact")),
+    ]
+
+
+def _compact_lines(compact: dict | None) -> list[str]:
+    # register's record of the compact model (compress stage's best passing candidate)
+    if not compact:
+        return []
+    version = compact.get("version")
+    what = f"version **{version}** ({compact.get('method')}), " if version is not None else ""
+    return [
+        f"- Compact model: {what}{compact.get('status')}: {_one_line(str(compact.get('reason')))}"
     ]
 
 

@@ -23,6 +23,7 @@ BASELINE_PREFIX = "baseline_"  # metrics.json key: baseline_<baseline>_<metric>
 # metrics (the run summary's "model vs gbdt"), never part of the gate
 STRONG_BASELINE = "gbdt"
 STRONG_PREFIX = f"strong_{STRONG_BASELINE}_"  # metrics.json key: strong_gbdt_<metric>
+MEMBER_PREFIX = "member_"  # metrics.json key: member_<name>_<metric> (an ensemble's members)
 
 
 def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:

@@ -16,15 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from model.metrics import compute_metrics
+from model.metrics import MEMBER_PREFIX, compute_metrics  # key: member_<name>_<metric>
 from stages.common.config import Params
 from stages.common.errors import DataError
 from stages.common.judged import judged_model_file
 from stages.evaluate.baselines import Rows, load_rows
 
 logger = logging.getLogger(__name__)
-
-MEMBER_PREFIX = "member_"  # metrics.json key: member_<name>_<metric>
 
 
 @dataclass
