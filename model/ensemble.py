@@ -12,14 +12,14 @@ compression), so DVC and register see a rebuilt identical ensemble as unchanged.
 
 :func:`model.fusion.fuse` is the one fusion code (importable from here too): the ensemble stage
 fits weights or the stacking model on validation probabilities through it, and
-:class:`EnsemblePredictor` predicts through it.
+:class:`EnsemblePredictor` predicts through it. The file is written by
+:func:`model.ensemble_file.write_ensemble` (importable from here too) and loaded here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -28,8 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model.ensemble_file import ENCODED as ENCODED
+from model.ensemble_file import FORMAT as FORMAT
+from model.ensemble_file import MEMBER_FILES, MEMBER_NAME, NATIVE, SPEC_FILE, member_view
+from model.ensemble_file import write_ensemble as write_ensemble  # the file, importable here
 from model.errors import DataError
-from model.files import atomic_path
 from model.fusion import METHODS as METHODS  # the fusion code, importable from here as before
 from model.fusion import VOTE_MEAN_SHARE as VOTE_MEAN_SHARE
 from model.fusion import check_fusion, fuse
@@ -43,24 +46,9 @@ if TYPE_CHECKING:
     from model.predictors import Predictor
     from model.preprocess import FittedPreprocessor
 
-FORMAT = 1  # bump when what ensemble.json holds changes
-SPEC_FILE = "ensemble.json"
 FAMILY = "ensemble"
-MEMBER_FILES = ("model.pt", "model.skops")  # what train (and stages.train.members) writes
-NATIVE, ENCODED = "native", "encoded"  # the preprocessor's view a member scores
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
 
 # --- the predictor ------------------------------------------------------------------------------
-
-
-def member_view(meta: dict[str, Any]) -> str:
-    """The view of the rows a member scores: :data:`NATIVE` (a gbdt on the tree view) or
-    :data:`ENCODED` (``FittedPreprocessor.transform``)."""
-    from model.gbdt import uses_native_inputs
-
-    return NATIVE if uses_native_inputs(meta) else ENCODED
 
 
 @dataclass
@@ -153,95 +141,6 @@ class EnsemblePredictor:
 # --- the file -----------------------------------------------------------------------------------
 
 
-def write_ensemble(
-    path: str | Path,
-    members: list[dict[str, Any]],
-    method: str,
-    weights: list[float] | None = None,
-    stacking: dict[str, Any] | None = None,
-) -> Path:
-    """Write the ensemble to ``path`` (named ``model.ensemble.zip`` for load_predictor)
-    atomically and byte-deterministically; returns ``path``.
-
-    Args:
-        members: ``{"name", "source", "file"}`` each, member 0 first (train's model); ``name``
-            is a folder in the zip (letters, digits, ``_.-``), ``file`` a ``model.pt`` or
-            ``model.skops``. Each is loaded once here for its family, view and sizes.
-
-    Raises:
-        DataError: a bad or repeated name, a missing or unreadable member file, members
-            predicting different numbers of classes.
-        ValueError: weights or stacking that do not fit the method (:func:`check_fusion`).
-    """
-    from model.predictors import load_predictor
-
-    path, entries, blobs = Path(path), [], {}
-    if not members:
-        raise DataError("an ensemble needs at least one member", file=str(path), rule="members")
-    for member in members:
-        name, file = str(member.get("name", "")), Path(member["file"])
-        if not _NAME.match(name) or name in blobs:
-            raise DataError(
-                f"member name {name!r}: unique, letters/digits/_.- (it names a folder)",
-                file=str(file),
-                rule="member_name",
-            )
-        if file.name not in MEMBER_FILES or not file.is_file():
-            raise DataError(
-                f"member {name!r}: expected an existing {' or '.join(MEMBER_FILES)}",
-                file=str(file),
-                rule="member_file",
-            )
-        predictor = load_predictor(file)
-        blobs[name] = (f"members/{name}/{file.name}", file.read_bytes())
-        entries.append(
-            {
-                "name": name,
-                "source": str(member.get("source", "")),
-                "family": predictor.family,
-                "file": blobs[name][0],
-                "sha256": hashlib.sha256(blobs[name][1]).hexdigest(),
-                "view": member_view(predictor.meta),
-                "n_features": predictor.n_features,
-                "n_classes": predictor.n_classes,
-            }
-        )
-    n_classes = {e["n_classes"] for e in entries}
-    if len(n_classes) != 1:
-        raise DataError(
-            f"members predict different numbers of classes: {[e['n_classes'] for e in entries]}",
-            file=str(path),
-            rule="member_classes",
-        )
-    check_fusion(method, len(entries), n_classes.pop(), weights, stacking)
-    spec = {
-        "format": FORMAT,
-        "method": method,
-        "weights": None if weights is None else [float(w) for w in weights],
-        "stacking": None if stacking is None else _plain_stacking(stacking),
-        "members": entries,
-    }
-    files = {SPEC_FILE: (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode()}
-    files |= dict(blobs.values())
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
-        for name in sorted(files):
-            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-            info.compress_type, info.create_system = zipfile.ZIP_DEFLATED, 3
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, files[name], compresslevel=6)
-    return path
-
-
-def _plain_stacking(stacking: dict[str, Any]) -> dict[str, Any]:
-    """Coefficients as float lists, classes as int lists: JSON, the same for equal values."""
-    plain = {
-        key: np.asarray(stacking[key], dtype=np.float64).tolist() for key in ("coef", "intercept")
-    }
-    if stacking.get("classes") is not None:
-        plain["classes"] = [int(c) for c in stacking["classes"]]
-    return plain
-
-
 def load_ensemble(path: str | Path) -> EnsemblePredictor:
     """Load an ensemble :func:`write_ensemble` wrote; every member's bytes are checked against
     their recorded sha256 before it is loaded (each from a temporary copy, removed after).
@@ -302,7 +201,7 @@ def load_ensemble(path: str | Path) -> EnsemblePredictor:
 def _member_bytes(archive: zipfile.ZipFile, entry: dict[str, Any], path: Path) -> bytes:
     name, file = str(entry["name"]), str(entry["file"])
     if (
-        not _NAME.match(name)
+        not MEMBER_NAME.match(name)
         or file != f"members/{name}/{Path(file).name}"
         or (Path(file).name not in MEMBER_FILES)
     ):

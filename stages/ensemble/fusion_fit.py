@@ -78,19 +78,26 @@ def caruana_weights(
     return [float(c) / rounds for c in counts], picks
 
 
-def fit_stacking(probas: list[np.ndarray], y: np.ndarray, c: float) -> dict[str, Any]:
+def fit_stacking(
+    probas: list[np.ndarray], y: np.ndarray, c: float, *, val_file: str | None = None
+) -> dict[str, Any]:
     """Logistic regression on the members' probabilities, as plain lists (coef, intercept).
 
     Raises:
-        DataError: the val split holds a single class (nothing to learn a boundary from).
+        DataError: the val split (``val_file``) holds a single class (nothing to learn a
+            boundary from).
     """
     from sklearn.linear_model import LogisticRegression
 
     from model.ensemble import stacking_features, stacking_from_sklearn
 
-    if len(np.unique(y)) < 2:
+    classes = np.unique(y)
+    if len(classes) < 2:
         raise DataError(
-            "stacking needs at least two classes among the val rows; use method mean or caruana",
+            f"ensemble.method is stacking, which needs at least two classes among the val rows; "
+            f"they hold only class id(s) {classes.tolist()}. Fix: set ensemble.method to caruana "
+            "or mean, or split the data so that val holds every class",
+            file=val_file,
             rule="stacking_classes",
         )
     meta = LogisticRegression(C=c, max_iter=1000)
@@ -107,11 +114,14 @@ def fit_fusion(
     rounds: int = 20,
     stacking_c: float = 1.0,
     names: list[str] | None = None,
+    val_file: str | None = None,
 ) -> Fusion:
-    """Fit ``method`` on the members' val probabilities ``probas`` and labels ``y``.
+    """Fit ``method`` on the members' val probabilities ``probas`` and labels ``y`` (read
+    from ``val_file``, named in errors).
 
     Raises:
         ConfigError: ``weights`` given with another count than members.
+        DataError: stacking on val rows of a single class.
     """
     names = names or [str(i) for i in range(len(probas))]
     if method in ("mean", "vote"):
@@ -130,6 +140,8 @@ def fit_fusion(
         return Fusion(method, found, detail={"rounds": rounds, "picks": [names[i] for i in picks]})
     if method == "stacking":
         return Fusion(
-            method, stacking=fit_stacking(probas, y, stacking_c), detail={"c": stacking_c}
+            method,
+            stacking=fit_stacking(probas, y, stacking_c, val_file=val_file),
+            detail={"c": stacking_c},
         )
     raise ConfigError(f"ensemble.method {method!r} is not a fusion method")

@@ -15,8 +15,9 @@ logger = logging.getLogger(__name__)
 
 DISABLED = "disabled"
 VAL_NOTE = (
-    "members and ensemble scored on the val split, which the fusion was fitted on (in-sample "
-    "for weighted, caruana and stacking); evaluate scores the test split"
+    "val scores are optimistic: every member was early-stopped on these val rows, and weighted "
+    "(by loss), caruana and stacking were fitted on the members' predictions for the same rows "
+    "(not out-of-fold); evaluate's test scores are the honest ones"
 )
 
 

@@ -11,12 +11,23 @@ families, the ``tune_top_k`` best trials of the current ``make tune`` study) are
 train's own code on the train split in one ``python -m stages.train.members`` process. Every
 member predicts the val split; the fusion (``ensemble.method``, ``fusion_fit``) is fitted on
 those probabilities and labels; ``model.ensemble.write_ensemble`` writes
-``ensemble/model.ensemble.zip``, which is loaded back and must reproduce the fused val
-probabilities. ``ensemble/report.json`` (status ``built``) holds the method, the weights and
-per member its name, source, family, sha256 and val metrics, and the ensemble's val metrics:
-in-sample for the fitted methods, since the weights were fitted on those rows. The test split
-is never read here (evaluate scores it). The report and the zip are logged to train's MLflow
-run. The folder is replaced as a whole, after the logging: a failure leaves the old one.
+``ensemble/model.ensemble.zip``, which is loaded back on the same device and must reproduce
+the fused val probabilities (``reload``). ``ensemble/report.json`` (status ``built``) holds the
+method, the weights and per member its name, source, family, sha256 and val metrics, and the
+ensemble's val metrics. The test split is never read here (evaluate scores it).
+
+The val metrics are optimistic, and the report's ``note`` says so: every member was
+early-stopped on these same val rows, and weighted (by loss), caruana and stacking are fitted
+on the members' predictions for them (not out-of-fold predictions, which would mean training
+every member k times). Compare members and methods by evaluate's test metrics: those are the
+honest ones.
+
+The report and the zip are logged to train's MLflow run, with metrics
+``ensemble_val_<metric>`` and ``ensemble_member_<name>_val_f1_macro``. MLflow keeps a metric
+once logged, so a re-run with other members leaves the old members' metrics in that run:
+``report.json`` is authoritative, and the run's tag ``ensemble.members`` (the names, set on
+every run of the stage) tells which member metrics are current. The folder is replaced as a
+whole, after the logging: a failure leaves the old one.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from model.files import ENSEMBLE_FILE, PREPROCESSOR_FILE
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params
-from stages.common.errors import ConfigError, DataError, PipelineError
+from stages.common.errors import ConfigError, DataError
 from stages.common.io import atomic_path, read_parquet, write_json
 from stages.common.judged import REPORT_FILE
 from stages.ensemble.members_process import member_count, member_specs, train_members
@@ -43,6 +54,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRAIN_MEMBER = "train"  # member 0's name and source
+VAL_FILE = "val.parquet"  # the one split the fusion sees
 
 
 # --- pure core ----------------------------------------------------------------------------
@@ -97,19 +109,18 @@ def _train_member(model_dir: Path, params: Params) -> dict[str, Any]:
 
 
 def val_probas(
-    features_dir: Path, members: list[dict[str, Any]], params: Params
+    features_dir: Path, members: list[dict[str, Any]], device: Any
 ) -> tuple[np.ndarray, list[np.ndarray], Any, Any]:
-    """Each member's probabilities on the val split (the preprocessor and val.parquet are
-    all this reads); also the labels, the preprocessor and the val rows. Fills in each
-    member's family, sha256 and best epoch."""
-    from model.nets import select_device
+    """Each member's probabilities on the val split, networks on ``device`` (the
+    preprocessor and val.parquet are all this reads); also the labels, the preprocessor and
+    the val rows. Fills in each member's family, sha256 and best epoch."""
     from model.predictors import load_predictor
     from model.preprocess import load_preprocessor
 
     preprocessor = load_preprocessor(features_dir / PREPROCESSOR_FILE)
-    val = read_parquet(features_dir / "val.parquet")
+    val = read_parquet(features_dir / VAL_FILE)
     y = preprocessor.encode_labels(val[preprocessor.target])
-    device, probas = select_device(params.base.device), []
+    probas = []
     for member in members:
         predictor = load_predictor(member["file"])
         if predictor.n_classes != len(preprocessor.classes):
@@ -143,15 +154,15 @@ def build(
     Raises:
         PipelineError: the written zip does not reproduce the fused val probabilities.
     """
-    import numpy as np
-
     from model.ensemble import fuse, write_ensemble
     from model.metrics import compute_metrics
-    from model.predictors import load_predictor
+    from model.nets import select_device
     from stages.ensemble.fusion_fit import fit_fusion
+    from stages.ensemble.reload import check_reload
 
     features_dir, model_dir = Path(features_dir), Path(model_dir)
-    y, probas, preprocessor, val = val_probas(features_dir, members, params)
+    device = select_device(params.base.device)  # the members and the reload check: one device
+    y, probas, preprocessor, val = val_probas(features_dir, members, device)
     names, settings = [m["name"] for m in members], params.ensemble
     fusion = fit_fusion(
         settings.method,
@@ -161,6 +172,7 @@ def build(
         rounds=settings.caruana_rounds,
         stacking_c=settings.stacking_c,
         names=names,
+        val_file=str(features_dir / VAL_FILE),
     )
     fused = fuse(probas, fusion.method, fusion.weights, fusion.stacking)
     with atomic_path(out_dir) as tmp:
@@ -168,13 +180,7 @@ def build(
         zip_path = write_ensemble(
             tmp / ENSEMBLE_FILE, members, fusion.method, fusion.weights, fusion.stacking
         )
-        ensemble = load_predictor(zip_path)  # what evaluate and register will load
-        loaded = ensemble.predict_proba(ensemble.features(preprocessor, val))
-        if not np.allclose(loaded, fused, atol=1e-6):
-            raise PipelineError(
-                f"{ENSEMBLE_FILE} does not reproduce the fused val probabilities (max "
-                f"difference {np.abs(loaded - fused).max():.3g}); not written"
-            )
+        loaded = check_reload(zip_path, (preprocessor, val), device, names, probas, fused)
         member_metrics = [compute_metrics(y, p) for p in probas]
         scores = compute_metrics(y, loaded)
         report = build_report(members, member_metrics, fusion, scores, _sha256(zip_path), len(y))
@@ -194,7 +200,12 @@ def _log_to_train_run(model_dir: Path, params: Params, folder: Path, report: dic
     for member in report["members"]:
         metrics[f"ensemble_member_{member['name']}_val_f1_macro"] = member["val_f1_macro"]
     with tracking.resume_run(model_dir, params.mlflow):
-        mlflow.set_tag("ensemble.method", report["method"])
+        mlflow.set_tags(  # which ensemble_member_* metrics are this run's (module doc)
+            {
+                "ensemble.method": report["method"],
+                "ensemble.members": ",".join(m["name"] for m in report["members"]),
+            }
+        )
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(folder / REPORT_FILE), artifact_path="ensemble")
         mlflow.log_artifact(str(folder / ENSEMBLE_FILE), artifact_path="ensemble")

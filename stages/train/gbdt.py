@@ -211,6 +211,22 @@ def fit_gbdt_splits(
     )
 
 
+def model_meta(
+    result: GbdtResult, train: TrainParams, n_features: int, n_classes: int, categorical: list[bool]
+) -> dict[str, Any]:
+    """What model.skops holds beside the trees (also for an ensemble member, so both load
+    alike): the params, sizes, best epoch and the tree view it scores (model.gbdt)."""
+    return {
+        "train_params": train.model_dump(mode="json"),
+        "n_features": int(n_features),
+        "n_classes": n_classes,
+        "epoch": result.best_epoch,
+        "val_loss": result.best_val_loss,
+        "inputs": NATIVE_INPUTS,  # scored on transform_native (model.gbdt)
+        "categorical": categorical,
+    }
+
+
 def run_gbdt(
     params: Params,
     features_dir: Path,
@@ -274,15 +290,7 @@ def run_gbdt(
             mlrun.log_results(result.best_epoch, result.best_val_loss, history, validation_report)
             if snapshot is not None:  # params.yaml edited while training: no output, run FAILED
                 snapshot.check_unchanged("train")
-            meta = {
-                "train_params": params.train.model_dump(mode="json"),
-                "n_features": int(X["train"].shape[1]),
-                "n_classes": n_classes,
-                "epoch": result.best_epoch,
-                "val_loss": result.best_val_loss,
-                "inputs": NATIVE_INPUTS,  # scored on transform_native (model.gbdt)
-                "categorical": categorical,
-            }
+            meta = model_meta(result, params.train, X["train"].shape[1], n_classes, categorical)
             with atomic_path(out_dir) as tmp:  # one swap: model.skops and run.json together
                 tmp.mkdir()
                 save_gbdt(result.estimator, meta, tmp / GBDT_FILE)

@@ -9,10 +9,11 @@ value}, "seed"}``; dotted fields reach sub-sections, e.g. ``gbdt.learning_rate``
 ``train`` section with its overrides and ``base.seed`` set to its seed, trained as the stage
 trains it (as ``trial.py`` does): a network with ``loop.train_model`` on ``build_network``, gbdt
 with ``gbdt.fit_gbdt``, early stopping on the val split. ``--tune-top-k K`` adds the K best
-COMPLETE trials of the current ``make tune`` study (``tuning``'s study name for these params
-and data), each with the values it was tried with. One process for all: torch and the data
-load once. Only the train and val splits are read, never test. No MLflow run per member: the
-ensemble stage logs to train's run.
+COMPLETE trials of the current ``make tune`` study (``member_trials``: ``tuning``'s study name
+for these params and data), each with the values it was tried with. What is saved is what the
+train stage saves (``stage.final_checkpoint``, ``gbdt.model_meta``), so a member loads as train's
+model does. One process for all: torch and the data load once. Only the train and val splits
+are read, never test. No MLflow run per member: the ensemble stage logs to train's run.
 
 Writes ``DIR/<name>/model.pt`` (or ``model.skops``) per member and ``DIR/members.json`` (name,
 source, family, file, seed, overrides, best epoch, val loss), the folder as a whole.
@@ -35,6 +36,7 @@ from stages.common.cli import build_parser, run_main
 from stages.common.config import Params, TrainParams, describe_errors
 from stages.common.errors import ConfigError
 from stages.common.io import atomic_path, read_json, read_parquet, write_json
+from stages.train.member_trials import tuning_members
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ RESERVED = "train"  # member 0, train's own model: the ensemble stage adds it
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a folder name inside the zip
 
 
-# --- the members: spec, overrides, tuning trials --------------------------------------------
+# --- the members: spec and overrides ----------------------------------------------------
 
 
 def read_spec(path: str | Path) -> list[dict[str, Any]]:
@@ -104,63 +106,6 @@ def member_train(train: TrainParams, overrides: dict[str, Any], name: str) -> Tr
         ) from exc
 
 
-def tuning_members(params: Params, features: Path, k: int, repo: str | Path = ".") -> list[dict]:
-    """The ``k`` best COMPLETE trials of the current study as members ``trial<number>``.
-
-    The study is the one ``make tune`` runs for these params and data (``tuning.study_name``:
-    the source, ``train.model``, the train/val/preprocessor files, the search settings), in
-    ``tune.storage`` (env ``TUNE_STORAGE`` wins); each member trains with the values its
-    trial was tried with, for ``train.max_epochs`` (not ``tune.max_epochs``: as train would).
-
-    Raises:
-        ConfigError: no such study, or fewer than ``k`` complete trials in it.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    from stages.common.redact import redact_url
-    from stages.train import tuning
-
-    family = params.train.model
-    name = tuning.study_name(
-        params.ingest.source, family, features, tuning.study_settings(params, family)
-    )
-    url = tuning.resolve_storage(params.tune.storage, repo)
-    fix = "run `make tune` for the current data and params, or lower ensemble.members.tune_top_k"
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(
-            f"ensemble.members.tune_top_k is {k} but {redact_url(url)} holds no study yet: {fix}"
-        )
-    tuning.quiet_optuna()
-    try:
-        study = optuna.load_study(study_name=name, storage=tuning.open_storage(url))
-    except KeyError:
-        raise ConfigError(
-            f"ensemble.members.tune_top_k is {k} but there is no study {name} (these data and "
-            f"settings) in {redact_url(url)}: {fix}"
-        ) from None
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if tuning.VALUES_ATTR in t.user_attrs
-    ]
-    if len(complete) < k:
-        raise ConfigError(
-            f"ensemble.members.tune_top_k is {k} but study {name} has {len(complete)} COMPLETE "
-            f"trial(s): {fix}"
-        )
-    best = sorted(complete, key=lambda t: (t.value, t.number))[:k]
-    return [
-        {
-            "name": f"trial{t.number}",
-            "source": f"trial:{t.number}",
-            "overrides": {"model": family, **t.user_attrs[tuning.VALUES_ATTR]},
-            "seed": params.base.seed,
-        }
-        for t in best
-    ]
-
-
 # --- training, as the train stage does -------------------------------------------------------
 
 
@@ -186,6 +131,7 @@ def _train_network(
     from model.nets import build_network, select_device
     from stages.train.batches import load_train_data
     from stages.train.loop import seed_torch, train_model
+    from stages.train.stage import final_checkpoint  # the train stage's model.pt, as saved
 
     # the stage's order (seed, data, network): with train's params and seed, train's weights
     device = select_device(params.base.device)
@@ -194,23 +140,15 @@ def _train_network(
     n_features, n_classes = preprocessor.n_features, len(preprocessor.classes)
     network = build_network(train, n_features, n_classes).to(device)
     result = train_model(network, data, train, device, seed)
-    checkpoint = {  # what the train stage saves (stage._final_checkpoint)
-        "state_dict": result.state_dict,
-        "train_params": train.model_dump(mode="json"),
-        "n_features": n_features,
-        "n_classes": n_classes,
-        "epoch": result.best_epoch,
-        "val_loss": result.best_val_loss,
-    }
-    torch.save(checkpoint, out / NETWORK_FILE)
+    torch.save(final_checkpoint(result, train, preprocessor), out / NETWORK_FILE)
     return {"file": NETWORK_FILE, "best_epoch": result.best_epoch, "val_loss": result.best_val_loss}
 
 
 def _train_gbdt(
     train: TrainParams, seed: int, features: Path, preprocessor: Any, out: Path
 ) -> dict[str, Any]:
-    from model.gbdt import GBDT_FILE, NATIVE_INPUTS, save_gbdt
-    from stages.train.gbdt import fit_gbdt, native_inputs
+    from model.gbdt import GBDT_FILE, save_gbdt
+    from stages.train.gbdt import fit_gbdt, model_meta, native_inputs
 
     splits = {name: read_parquet(features / f"{name}.parquet") for name in ("train", "val")}
     X, y, categorical = native_inputs(splits, preprocessor, train)
@@ -225,15 +163,7 @@ def _train_gbdt(
         n_classes=n_classes,
         categorical=categorical,
     )
-    meta = {  # what the train stage saves (gbdt.run_gbdt)
-        "train_params": train.model_dump(mode="json"),
-        "n_features": int(X["train"].shape[1]),
-        "n_classes": n_classes,
-        "epoch": result.best_epoch,
-        "val_loss": result.best_val_loss,
-        "inputs": NATIVE_INPUTS,
-        "categorical": categorical,
-    }
+    meta = model_meta(result, train, X["train"].shape[1], n_classes, categorical)  # as train's
     save_gbdt(result.estimator, meta, out / GBDT_FILE)
     return {"file": GBDT_FILE, "best_epoch": result.best_epoch, "val_loss": result.best_val_loss}
 
@@ -254,7 +184,8 @@ def run(
         ConfigError: a member's params are invalid, or the tuning trials are missing.
     """
     features = Path(features_dir)
-    members = list(spec) + (tuning_members(params, features, tune_top_k) if tune_top_k else [])
+    trials = tuning_members(params, features, tune_top_k) if tune_top_k else []
+    members = list(spec) + trials
     trains = [member_train(params.train, m.get("overrides", {}), m["name"]) for m in members]
     written = []
     with atomic_path(out_dir) as tmp:

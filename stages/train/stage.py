@@ -39,7 +39,7 @@ from model.nets import build_network, select_device
 from model.preprocess import FittedPreprocessor, load_preprocessor
 from stages.common import integrity, tracking
 from stages.common.cli import build_parser, run_main
-from stages.common.config import Params
+from stages.common.config import Params, TrainParams
 from stages.common.io import atomic_path, write_text
 from stages.train import distributed
 from stages.train.batches import StreamedTrainData, load_train_data
@@ -187,7 +187,7 @@ def _train_tracked(
         mlrun.log_results(result.best_epoch, result.best_val_loss, history, paths.validation_report)
         if snapshot is not None:  # params.yaml edited while training: no output, run FAILED
             snapshot.check_unchanged("train")
-        _save_model(paths.out, _final_checkpoint(result, params, preprocessor), mlrun)
+        _save_model(paths.out, final_checkpoint(result, params.train, preprocessor), mlrun)
         write_text(paths.history, history)
     store.clear()  # done: a new run with these params and data starts fresh
     logger.info(
@@ -201,13 +201,14 @@ def _train_tracked(
     return result
 
 
-def _final_checkpoint(
-    result: TrainResult, params: Params, preprocessor: FittedPreprocessor
+def final_checkpoint(
+    result: TrainResult, train: TrainParams, preprocessor: FittedPreprocessor
 ) -> dict[str, Any]:
-    """What model.pt holds: the best weights and what rebuilding the network needs."""
+    """What model.pt holds: the best weights and what rebuilding the network needs (also
+    what ``stages.train.members`` saves for an ensemble member, so both load alike)."""
     return {
         "state_dict": result.state_dict,
-        "train_params": params.train.model_dump(mode="json"),
+        "train_params": train.model_dump(mode="json"),
         "n_features": preprocessor.n_features,
         "n_classes": len(preprocessor.classes),
         "epoch": result.best_epoch,

@@ -86,5 +86,8 @@ def test_stacking_binary_and_a_single_class_val_split_refused() -> None:
     fusion = fit_fusion("stacking", [p, p[::-1]], y)
     assert len(fusion.stacking["coef"]) == 1  # sklearn's one binary row, applied as a sigmoid
     assert fuse([p, p[::-1]], "stacking", stacking=fusion.stacking).shape == (200, 2)
-    with pytest.raises(DataError, match="at least two classes among the val rows"):
-        fit_fusion("stacking", [p, p], np.zeros(200, dtype=int))
+    with pytest.raises(
+        DataError,
+        match=r"ensemble.method is stacking.*val rows.*\[0\].*Fix: .*file=f/val.parquet, rule=stac",
+    ):
+        fit_fusion("stacking", [p, p], np.zeros(200, dtype=int), val_file="f/val.parquet")

@@ -99,6 +99,8 @@ def test_the_stage_builds_an_ensemble_of_train_s_model_a_seed_and_a_gbdt(
     assert run.data.metrics["ensemble_val_f1_macro"] == report["val_f1_macro"]
     assert run.data.metrics["ensemble_member_gbdt_val_f1_macro"] == members[2]["val_f1_macro"]
     assert run.data.tags["ensemble.method"] == "caruana"
+    assert run.data.tags["ensemble.members"] == "train,seed7,gbdt"  # these metrics are current
+    assert "optimistic" in report["note"] and "test scores are the honest" in report["note"]
     logged = {a.path for a in MlflowClient(store).list_artifacts(run_id, "ensemble")}
     assert logged == {"ensemble/report.json", "ensemble/model.ensemble.zip"}
 

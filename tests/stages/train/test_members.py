@@ -9,12 +9,13 @@ import logging
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
 from stages.common.errors import ConfigError
-from stages.train import members, tuning
+from stages.train import member_trials, members, tuning
 from tests.builders import make_params
 
 
@@ -56,13 +57,41 @@ def test_a_member_with_train_s_params_and_seed_is_train_s_model(
     assert all(torch.equal(again[k], original[k]) for k in original)
 
 
+def test_a_gbdt_member_is_saved_as_train_saves_a_gbdt(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from model.gbdt import NATIVE_INPUTS
+    from model.predictors import load_predictor
+    from model.preprocess import load_preprocessor
+
+    features, _ = trained
+    spec = [
+        {
+            "name": "gbdt",
+            "source": "family:gbdt",
+            "overrides": {"model": "gbdt", "max_epochs": 2},
+            "seed": 3,
+        }
+    ]
+    written = members.run(features, spec, tmp_path / "out", make_params())
+    assert written[0]["file"] == "gbdt/model.skops" and written[0]["family"] == "gbdt"
+    # what gbdt.model_meta gives the train stage: it loads and scores as train's gbdt does
+    loaded = load_predictor(tmp_path / "out" / "gbdt" / "model.skops")
+    preprocessor = load_preprocessor(features / "preprocessor.joblib")
+    val = pd.read_parquet(features / "val.parquet")
+    assert loaded.family == "gbdt" and loaded.meta["inputs"] == NATIVE_INPUTS
+    assert loaded.meta["train_params"]["model"] == "gbdt"
+    assert loaded.meta["epoch"] == written[0]["best_epoch"]
+    assert loaded.predict_proba(loaded.features(preprocessor, val)).shape == (len(val), 2)
+
+
 def test_the_best_complete_trials_train_as_members(
     trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     features, _ = trained
     monkeypatch.setenv(tuning.STORAGE_ENV, f"sqlite:///{tmp_path / 'studies.db'}")
     _study(features, tmp_path / "studies.db", [0.3, 0.1, 0.2])  # trials 0, 1, 2 (+ 3 pruned)
-    found = members.tuning_members(make_params(), features, 2)
+    found = member_trials.tuning_members(make_params(), features, 2)
     assert [(m["name"], m["source"]) for m in found] == [
         ("trial1", "trial:1"),
         ("trial2", "trial:2"),
@@ -81,13 +110,13 @@ def test_fewer_complete_trials_than_asked_names_tune_top_k_and_make_tune(
     features, _ = trained
     monkeypatch.setenv(tuning.STORAGE_ENV, f"sqlite:///{tmp_path / 'studies.db'}")
     with pytest.raises(ConfigError, match=r"tune_top_k is 2 but .* holds no study yet.*make tune"):
-        members.tuning_members(make_params(), features, 2)
+        member_trials.tuning_members(make_params(), features, 2)
     name = _study(features, tmp_path / "studies.db", [0.3])
     with pytest.raises(ConfigError, match=rf"tune_top_k is 2 but study {name} has 1 COMPLETE"):
-        members.tuning_members(make_params(), features, 2)
+        member_trials.tuning_members(make_params(), features, 2)
     other = make_params({"train": {"patience": 7}})  # another search: another study
     with pytest.raises(ConfigError, match=r"there is no study .* `make tune`"):
-        members.tuning_members(other, features, 1)
+        member_trials.tuning_members(other, features, 1)
 
 
 @pytest.mark.parametrize(
