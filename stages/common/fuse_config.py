@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from stages.common.config_base import StrictModel
 
@@ -77,6 +77,18 @@ class CompressParams(StrictModel):
     alias: str = Field("champion-compact", min_length=1)  # moved when the parent is champion
     row_repeats: int = Field(100, gt=0)  # latency: median over this many single-row calls...
     batch_repeats: int = Field(20, gt=0)  # ...and this many batch-of-64 calls
+
+    @field_validator("methods")
+    @classmethod
+    def _some_method(cls, value: list[str]) -> list[str]:
+        # an empty list would run the stage for nothing and report none_passed, as if every
+        # candidate had failed the gate: say how to turn compression off instead
+        if not value:
+            raise ValueError(
+                "no method listed: name at least one of prune, quantize, distill, or set "
+                "compress.enabled: false to turn compression off"
+            )
+        return value
 
     @model_validator(mode="after")
     def _methods(self) -> CompressParams:

@@ -10,6 +10,10 @@ the int8 copy, two ways:
 - static (:func:`quantize_static_int8`): int8 weights and activations, the activation scales
   fixed beforehand from calibration rows (QDQ format). Convolutions need it: dynamic
   quantization leaves their activations in float, so a CNN saves almost nothing.
+
+:func:`pre_process` folds the graph first where the quantizer needs it (an LSTM's weights reach
+it through ops the exporter leaves unfolded: the quantizer only quantizes constant weights), and
+:func:`int8_weight_share` says how much of a graph's weights did become int8.
 """
 
 from __future__ import annotations
@@ -111,6 +115,37 @@ def quantize_int8(source: str | Path, dest: str | Path, per_channel: bool = True
             Path(source), Path(dest), weight_type=QuantType.QInt8, per_channel=per_channel
         )
     return Path(dest)
+
+
+def pre_process(source: str | Path, dest: str | Path) -> Path:
+    """onnxruntime's quantization pre-processing: ONNX shape inference and constant folding.
+
+    Symbolic shape inference (a further pass for dynamic shapes) is skipped: the folded
+    constants are what the quantizer needs.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with quiet():
+        quant_pre_process(str(source), str(dest), skip_symbolic_shape=True)
+    return Path(dest)
+
+
+def int8_weight_share(path: str | Path) -> float:
+    """Share of the graph's weight values (tensors of 2+ dimensions: matrices, kernels, an
+    LSTM's gates; biases and scales do not count) stored as 8-bit integers."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    tensors = list(graph.initializer) + [
+        a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
+    eight_bit = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    counts = {True: 0, False: 0}
+    for tensor in tensors:
+        if len(tensor.dims) >= 2:
+            counts[tensor.data_type in eight_bit] += numpy_helper.to_array(tensor).size
+    return counts[True] / max(counts[True] + counts[False], 1)
 
 
 def quantize_static_int8(

@@ -1,11 +1,20 @@
 """The one small training loop compress needs: fine-tuning a pruned network and training a
-distilled student. Not train's loop (no stage imports another, and none of its machinery is
-needed here: the networks are small and the data in memory).
+distilled student.
 
-Deterministic for a seed on the CPU: torch's RNG is seeded before the first step, the batch
-order comes from its own generator. Early stopping on the validation loss: the weights of the
-best epoch are kept, the starting weights counting as epoch 0 (a fine-tuning that only makes
-things worse returns the network as it came).
+Why not train's loop (stages/train/loop.py): no stage imports another (each stage's DVC deps
+are its own package plus stages/common and model/), and distillation fits soft targets, a loss
+train's loop has no place for. The networks are small and the data in memory, so this loop is
+plain on purpose. What it does NOT do that train's loop does: mixed precision (fp32 only), grad
+clipping, a learning-rate schedule, DDP (one process), checkpoint/resume, streamed data.
+
+Deterministic as train is: the same seeding (``torch.manual_seed(seed)`` before the first step,
+the batch order from a CPU generator seeded alike, so it is the same on any device), and on the
+CPU ``torch.use_deterministic_algorithms(True)``, as ``stages.train.loop.seed_torch`` does (on
+CUDA neither insists: its deterministic kernels need CUBLAS_WORKSPACE_CONFIG set beforehand), so
+a re-run gives the same weights, hence the same compact file and no new registered version.
+Early stopping on the validation loss: the weights of the best epoch are kept, the starting
+weights counting as epoch 0 (a fine-tuning that only makes things worse returns the network as
+it came).
 """
 
 from __future__ import annotations
@@ -63,6 +72,19 @@ def fit_config(
 
 
 @contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """torch's deterministic kernels on the CPU meanwhile (train's ``seed_torch`` rule), the
+    previous setting restored after (the stage runs in-process in tests and flows)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@contextmanager
 def one_torch_thread() -> Iterator[None]:
     """torch on one thread meanwhile (restored after: tests call the stage in-process).
 
@@ -113,6 +135,17 @@ def fit_network(
         val: the same for the validation split: only its loss is computed, for early stopping.
         loss: ``loss(logits, *targets) -> mean loss``, the same on both splits.
     """
+    with deterministic(config.device):
+        return _fit(module, train, val, loss, config)
+
+
+def _fit(
+    module: nn.Module,
+    train: tuple[np.ndarray, ...],
+    val: tuple[np.ndarray, ...],
+    loss: Loss,
+    config: FitConfig,
+) -> FitResult:
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     module.to(config.device)

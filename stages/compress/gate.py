@@ -18,6 +18,9 @@ from model.metrics import LOWER_IS_BETTER
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 TINY = 1e-12  # a zero metric or latency: no division by zero
+# A drop of exactly max_relative_drop passes ("at most 1%"): (1.0 - 0.99) / 1.0 is
+# 0.010000000000000009 in floating point, so the comparison allows this much rounding.
+DROP_TOLERANCE = 1e-9
 
 
 def relative_drop(parent: float, candidate: float, metric: str) -> float:
@@ -42,7 +45,7 @@ def judge(parent: Any, candidate: Any, cp: Any) -> dict[str, Any]:
     speedup = parent.latency_ms_row / max(candidate.latency_ms_row, TINY)
     speedup_batch = parent.latency_ms_batch64 / max(candidate.latency_ms_batch64, TINY)
     size_ratio = parent.size_bytes / max(candidate.size_bytes, 1)
-    kept = max(drop, 0.0) <= cp.max_relative_drop
+    kept = max(drop, 0.0) <= cp.max_relative_drop + DROP_TOLERANCE
     faster, smaller = speedup >= cp.min_speedup, size_ratio >= cp.min_size_ratio
     quality = (
         f"{metric} {candidate.metrics[metric]:.4f} vs the parent's {parent.metrics[metric]:.4f} "

@@ -8,9 +8,6 @@ batch of 64 rows. Size is the model file's bytes (what registering and shipping 
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +16,7 @@ import numpy as np
 
 from model.artifacts import file_sha256
 from model.metrics import compute_metrics
-
-BATCH_SIZE = 64  # rows in the timed batch (latency_ms_batch64)
+from stages.common.latency import row_and_batch_ms
 
 
 @dataclass(frozen=True)
@@ -38,23 +34,6 @@ class Measurement:
     def record(self) -> dict[str, Any]:
         """As the report holds it."""
         return asdict(self)
-
-
-def median_ms(call: Callable[[Any], Any], arg: Any, repeats: int) -> float:
-    """Median wall time of ``call(arg)`` in milliseconds, after one warm-up call."""
-    call(arg)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call(arg)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
-def take_rows(frame: Any, size: int) -> Any:
-    """``size`` rows of a DataFrame, cycling through it when it is shorter."""
-    index = np.tile(np.arange(len(frame)), math.ceil(size / len(frame)))[:size]
-    return frame.iloc[index].reset_index(drop=True)
 
 
 def measure(
@@ -77,13 +56,13 @@ def measure(
         return predictor.predict_proba(predictor.features(preprocessor, frame))
 
     proba = test.view(score)
-    rows = test.rows
+    row_ms, batch_ms = row_and_batch_ms(score, test.rows, repeats)
     return Measurement(
         file=shown_as or str(path),
         sha256=file_sha256(path),
         family=predictor.family,
         metrics=compute_metrics(test.y, proba),
         size_bytes=Path(path).stat().st_size,
-        latency_ms_row=median_ms(score, rows.iloc[:1], repeats[0]),
-        latency_ms_batch64=median_ms(score, take_rows(rows, BATCH_SIZE), repeats[1]),
+        latency_ms_row=row_ms,
+        latency_ms_batch64=batch_ms,
     )

@@ -7,9 +7,10 @@ and judged by the compression gate; the best passing one is what register can re
    parent's family is ``skipped``, with the reason): ``prune`` (prune.py), ``quantize``
    (quantize.py), ``distill`` (distill.py). Fitting sees train (and val for early stopping and
    the teacher's val targets); test is only measured.
-3. Measure and judge (measure.py, gate.py): metric, file size and latency of the parent and
-   each candidate through the same preprocess + predict path; passed or failed, with a reason
-   either way; ``chosen``: the best passing candidate (best metric, then smallest file).
+3. Measure and judge (candidate.py, measure.py, gate.py): metric, file size and latency of the
+   parent and each candidate through the same preprocess + predict path; passed or failed, with
+   a reason either way (a candidate that cannot be built, loaded or measured is failed, not
+   the stage); ``chosen``: the best passing candidate (best metric, then smallest file).
 4. Write ``<out>/report.json`` and ``<out>/<method>/<model file>`` as one folder (atomic), after
    logging both to train's MLflow run (``compress.<method>.<number>`` metrics, ``compact/``).
 
@@ -20,21 +21,18 @@ Report ``status``: ``built`` (a candidate was chosen), ``none_passed`` or ``disa
 from __future__ import annotations
 
 import logging
-import shutil
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.artifacts import file_sha256
-from model.files import NETWORK_FILE, ONNX_MODEL_FILE
 from stages.common import tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params
 from stages.common.errors import DataError
 from stages.common.io import atomic_path, read_json, write_json
 from stages.common.judged import REPORT_FILE, judged_model_file
-from stages.compress.gate import FAILED, SKIPPED, choose, judge
+from stages.compress.candidate import METHOD_FILES, Parent, candidate
+from stages.compress.gate import SKIPPED, choose
 
 if TYPE_CHECKING:
     import argparse
@@ -42,32 +40,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BUILT, NONE_PASSED, DISABLED = "built", "none_passed", "disabled"  # report status
-METHOD_FILES = {"prune": NETWORK_FILE, "quantize": ONNX_MODEL_FILE, "distill": NETWORK_FILE}
 METRIC_PREFIX = "compress."  # the run's metrics this stage logs
 LOGGED = ("size_bytes", "latency_ms_row", "latency_ms_batch64")  # + metric, gate numbers
-
-
-@dataclass(frozen=True)
-class Parent:
-    """The judged model: its file, loaded, and measured on the test split."""
-
-    path: Path
-    model: Any  # model.predictors.Predictor (or EnsemblePredictor)
-    measured: Any  # stages.compress.measure.Measurement
 
 
 # --- pure core ----------------------------------------------------------------------------
 
 
-def skip_reason(method: str, family: str) -> str | None:
-    """Why ``method`` does not apply to a parent of ``family`` (None: it does)."""
+def skip_reason(method: str, family: str, train_params: dict | None = None) -> str | None:
+    """Why ``method`` does not apply to a parent of ``family`` (None: it does); the parent's
+    ``train_params`` tell an rnn's cell (onnxruntime has int8 LSTM, not GRU)."""
     from stages.compress.prune import prunable_reason
     from stages.compress.quantize import quantizable_reason
 
     if method == "prune":
         return prunable_reason(family)
     if method == "quantize":
-        return quantizable_reason(family)
+        return quantizable_reason(family, train_params)
     return None  # distill: any parent can teach (it is only asked for probabilities)
 
 
@@ -96,66 +85,6 @@ def run_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 # --- I/O ----------------------------------------------------------------------------------
-
-
-def _build(
-    method: str, parent: Parent, data: Any, params: Params, out: Path, meta: dict
-) -> dict[str, Any]:
-    """Make one candidate file ``out``; returns the method's details for the report."""
-    from model.nets import select_device
-    from stages.compress.fit import fit_config
-
-    cp, seed = params.compress, params.base.seed
-    train_params = parent.model.meta.get("train_params") or {}
-    device = select_device(params.base.device)
-    if method == "prune":
-        from stages.compress.prune import prune
-
-        config = fit_config(train_params, cp.finetune_epochs, cp.lr, seed, device)
-        meta = {**meta, "prune_fraction": cp.prune_fraction}
-        return prune(parent.path, data, cp.prune_fraction, config, out, meta)
-    if method == "quantize":
-        from stages.compress.quantize import quantize
-
-        return quantize(parent.path, data.train.X, cp.calibration_rows, seed, out, meta)
-    from stages.compress.distill import distill
-
-    config = fit_config(train_params, cp.distill_epochs, cp.lr, seed, device)
-    return distill(parent.model, data, cp, config, out, meta)
-
-
-def _candidate(
-    method: str, parent: Parent, data: Any, params: Params, folder: Path, shown: str
-) -> dict[str, Any]:
-    """Build, measure and judge one candidate in ``folder/<method>/``."""
-    from model.predictors import load_predictor
-    from stages.compress.measure import measure
-
-    cp = params.compress
-    path = folder / method / METHOD_FILES[method]
-    path.parent.mkdir(parents=True)
-    meta = {
-        "method": method,
-        "parent_file": parent.path.name,
-        "parent_sha256": parent.measured.sha256,
-        "parent_family": parent.model.family,
-    }
-    started = time.perf_counter()
-    try:
-        details = _build(method, parent, data, params, path, meta)
-    except Exception as exc:  # noqa: BLE001 - one method failing must not sink the others
-        logger.exception("compress: %s could not build a candidate", method)
-        shutil.rmtree(path.parent, ignore_errors=True)  # no half-written file in the folder
-        return {
-            "status": FAILED,
-            "reason": f"could not build it: {type(exc).__name__}: {exc}",
-            "file": None,
-        }
-    details["build_s"] = round(time.perf_counter() - started, 3)
-    found = measure(
-        load_predictor(path), path, data.test, (cp.row_repeats, cp.batch_repeats), shown
-    )
-    return {**found.record(), **judge(parent.measured, found, cp), "details": details}
 
 
 def _load_parent(parent_path: Path, data: Any) -> Any:
@@ -196,11 +125,12 @@ def _compress_all(
     parent = Parent(parent_path, model, measure(model, parent_path, data.test, repeats))
     candidates = {}
     for method in cp.methods:
-        if (reason := skip_reason(method, model.family)) is not None:
+        train_params = model.meta.get("train_params")
+        if (reason := skip_reason(method, model.family, train_params)) is not None:
             candidates[method] = skipped(reason)
         else:
             shown = f"{out_dir.name}/{method}/{METHOD_FILES[method]}"
-            candidates[method] = _candidate(method, parent, data, params, tmp, shown)
+            candidates[method] = candidate(method, parent, data, params, tmp, shown)
         logger.info(
             "compress: %s %s: %s", method, *map(candidates[method].get, ("status", "reason"))
         )

@@ -3,8 +3,6 @@ probability gap, file size and latency (the network alone, and the preprocessor 
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,41 +11,23 @@ import numpy as np
 
 from model.files import PREPROCESSOR_FILE
 from model.variants import INPUT_NAME, ONNX_FILES, OUTPUT_NAME, open_session
+from stages.common.latency import BATCH_SIZE, row_and_batch_ms
 
 if TYPE_CHECKING:
     import onnxruntime
     import pandas as pd
 
 ROW_REPEATS, BATCH_REPEATS = 200, 50  # latency: median over this many calls (params export.*)
-BATCH_SIZE = 64  # rows in the timed batch (the metric's name says it: latency_ms_batch64)
-
-
-def median_latency_ms(call: Callable[[Any], Any], arg: Any, repeats: int) -> float:
-    """Median wall time of ``call(arg)`` in milliseconds, after one warm-up call."""
-    call(arg)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call(arg)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
-def take_rows(rows: Any, size: int) -> Any:
-    """``size`` rows of a DataFrame or array, cycling through it when it is shorter."""
-    index = np.tile(np.arange(len(rows)), math.ceil(size / len(rows)))[:size]
-    return rows.iloc[index].reset_index(drop=True) if hasattr(rows, "iloc") else rows[index]
 
 
 def latencies(
     name: str, call: Callable[[Any], Any], rows: Any, repeats: tuple[int, int]
 ) -> dict[str, float]:
     """``variant.<name>.latency_ms_row`` and ``_batch64``: median ms of one row, of 64 rows."""
+    row_ms, batch_ms = row_and_batch_ms(call, rows, repeats)
     return {
-        f"variant.{name}.latency_ms_row": median_latency_ms(call, rows[:1], repeats[0]),
-        f"variant.{name}.latency_ms_batch{BATCH_SIZE}": median_latency_ms(
-            call, take_rows(rows, BATCH_SIZE), repeats[1]
-        ),
+        f"variant.{name}.latency_ms_row": row_ms,
+        f"variant.{name}.latency_ms_batch{BATCH_SIZE}": batch_ms,
     }
 
 

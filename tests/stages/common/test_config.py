@@ -211,6 +211,11 @@ def test_every_listed_time_zone_loads() -> None:
             "features.val_size: test_size 0.5 + val_size 0.45 must leave at least 10% for training",
         ),
         (
+            {"compress": {"methods": []}},
+            "compress.methods: no method listed: name at least one of prune, quantize, distill, "
+            "or set compress.enabled: false to turn compression off",
+        ),
+        (
             {"base": {"device": "cpu"}, "train": {"precision": "fp16"}},
             "train.precision: fp16 needs CUDA (its grad scaler), and base.device is cpu; "
             "use bf16 or fp32 on CPU",

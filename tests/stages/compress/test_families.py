@@ -1,6 +1,7 @@
 """The compress stage on the other parents: a gbdt (prune and quantize skipped, distill teaches
 an MLP), a CNN on sklearn's digits (channels pruned, static int8 calibrated on train rows), a
-transformer (dynamic int8), and an ensemble (distilled into one student)."""
+transformer (dynamic int8), an LSTM (its recurrent weights int8; a GRU skipped), and an
+ensemble (distilled into one student)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from model import ensemble
 from model.nets import load_network
 from model.onnx_model import load_onnx_model
 from tests.builders import breast_cancer_frame, build_trained, make_params
@@ -123,10 +125,43 @@ def test_a_transformer_is_quantized_dynamically_and_not_pruned(
     assert candidates["quantize"]["metrics"]["accuracy"] > 0.8
 
 
+@pytest.mark.slow
+def test_an_lstm_is_quantized_to_int8_and_a_gru_is_skipped(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, mlflow_uri: str
+) -> None:
+    import onnx
+
+    from stages.compress.stage import skip_reason
+
+    train = {"model": "rnn", "max_epochs": 3, "rnn": {"sequence_length": 5, "cell": "lstm",
+             "hidden_size": 64}}  # fmt: skip
+    trained = _trained(tmp_path_factory, "rnn", train, breast_cancer_frame())
+    root = workspace(tmp_path, trained)
+
+    code, report = run_stage(root, {"methods": ["quantize"], "max_relative_drop": 0.05})
+
+    assert code == 0 and report["parent"]["family"] == "rnn"
+    quantized = report["candidates"]["quantize"]
+    details = quantized["details"]
+    assert details["mode"] == "dynamic" and details["pre_processed"] is True
+    # the LSTM's weights became int8 (DynamicQuantizeLSTM), not only the head's
+    assert details["int8_weight_share"] > 0.9
+    graph = onnx.load(str(tmp_path / quantized["file"])).graph
+    ops = {node.op_type for node in graph.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
+    assert details["int8_vs_float_onnx"]["size_ratio"] > 3  # ~4x: int8 vs float32 weights
+    assert quantized["size_ratio"] > 2.5, quantized["reason"]  # vs the parent's model.pt
+    assert quantized["metrics"]["accuracy"] > 0.8
+    # the same parent with a GRU cell: skipped, the reason saying why (train_params as stored)
+    train_params = load_onnx_model(tmp_path / quantized["file"]).meta["train_params"]
+    assert train_params["rnn"]["cell"] == "lstm"
+    gru = {**train_params, "rnn": {**train_params["rnn"], "cell": "gru"}}
+    assert "no int8 GRU kernel" in skip_reason("quantize", "rnn", gru)
+
+
 def test_an_ensemble_parent_is_distilled_into_one_student(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], gbdt: tuple[Path, Path]
 ) -> None:
-    ensemble = pytest.importorskip("model.ensemble")
     root = workspace(tmp_path, trained, ensemble="built")
     members = [
         {"name": "train", "source": "train", "file": root / "models" / "model.pt"},

@@ -76,9 +76,15 @@ def test_only_mlp_and_cnn_are_pruned_and_only_networks_quantized() -> None:
     assert prune.prunable_reason("mlp") is None and prune.prunable_reason("cnn") is None
     assert "attention heads" in prune.prunable_reason("transformer")
     assert "the parent is a gbdt model" in prune.prunable_reason("gbdt")
-    assert quantizable_reason("rnn") is None
     assert "no ONNX export" in quantizable_reason("gbdt")
     assert "ensemble" in quantizable_reason("ensemble")
+    # onnxruntime has an int8 LSTM, no int8 GRU: a GRU (rnn's default cell) is skipped
+    lstm = {"model": "rnn", "rnn": {"cell": "lstm", "sequence_length": 5}}
+    assert quantizable_reason("rnn", lstm) is None
+    assert quantizable_reason("rnn", {**lstm, "rnn": {"cell": "transformer"}}) is None
+    for gru in ({**lstm, "rnn": {"cell": "gru"}}, {"model": "rnn"}):
+        reason = quantizable_reason("rnn", gru)
+        assert "GRU" in reason and "train.rnn.cell: lstm" in reason
 
 
 def _measured(accuracy: float, size: int, row_ms: float) -> Measurement:
@@ -115,6 +121,16 @@ def test_the_gate_fails_a_loss_too_large_or_a_gain_too_small() -> None:
     assert lossy["status"] == "failed" and lossy["reason"].startswith("loses too much: accuracy")
     assert same["status"] == "failed" and same["reason"].startswith("gains too little: 1.11x")
     assert "1.50x smaller (< 3x)" in same["reason"]
+
+
+def test_a_drop_of_exactly_the_allowed_share_passes() -> None:
+    parent = _measured(1.0, 30_000, 1.0)
+    at_limit = gate.judge(parent, _measured(0.99, 9_000, 1.0), CP)  # 1% in floating point
+    past_it = gate.judge(parent, _measured(0.9899, 9_000, 1.0), CP)
+
+    assert gate.relative_drop(1.0, 0.99, "accuracy") > 0.01  # 0.010000000000000009
+    assert at_limit["status"] == "passed", at_limit["reason"]
+    assert past_it["status"] == "failed" and past_it["reason"].startswith("loses too much")
 
 
 def test_a_lower_is_better_metric_counts_a_rise_as_the_loss() -> None:
@@ -165,12 +181,25 @@ def test_fitting_is_deterministic_and_keeps_the_best_epoch() -> None:
     y = (X[:, 0] > 0).astype(np.int64)
     config = fit.FitConfig(8, 3, 0.05, 0.0, 16, seed=1, device=torch.device("cpu"))
 
+    deterministic_kernels = []
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        deterministic_kernels.append(torch.are_deterministic_algorithms_enabled())
+        return fit.label_loss(logits, labels)
+
     def fitted() -> tuple[torch.nn.Module, fit.FitResult]:
         torch.manual_seed(0)
         net = build_network(MLP, 4, 2)
-        return net, fit.fit_network(net, (X[:60], y[:60]), (X[60:], y[60:]), fit.label_loss, config)
+        return net, fit.fit_network(net, (X[:60], y[:60]), (X[60:], y[60:]), loss, config)
 
-    (a, ra), (b, rb) = fitted(), fitted()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        (a, ra), (b, rb) = fitted(), fitted()
+        # train's rule on the CPU: deterministic kernels while fitting, the setting restored
+        assert all(deterministic_kernels) and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
 
     assert ra == rb and ra.best_epoch > 0 and not a.training
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):

@@ -17,7 +17,7 @@ import torch
 from model.artifacts import file_sha256
 from model.nets import load_network
 from model.onnx_model import load_onnx_model
-from stages.compress import gate
+from stages.compress import candidate, gate
 from stages.compress import stage as compress
 from tests.builders import TEST_PARAMS, fresh_run, make_params
 
@@ -97,6 +97,16 @@ def test_every_method_builds_a_loadable_model_and_the_gate_chooses(
     assert student["train_params"]["hidden_sizes"] == [4]
     int8 = load_onnx_model(tmp_path / candidates["quantize"]["file"])
     assert int8.meta["compress"]["quantization"] == "dynamic" and int8.n_features == 30
+    # what int8 buys over the float ONNX graph it is made from (measured, not kept)
+    details = candidates["quantize"]["details"]
+    assert details["int8_weight_share"] > 0.9 and details["pre_processed"] is False
+    float_onnx, versus = details["float_onnx"], details["int8_vs_float_onnx"]
+    assert float_onnx["accuracy"] >= parent["metrics"]["accuracy"] - 1e-9  # same network
+    assert versus["size_ratio"] == pytest.approx(
+        float_onnx["size_bytes"] / candidates["quantize"]["size_bytes"]
+    )
+    assert versus["size_ratio"] > 1 and versus["speedup"] > 0
+    assert sorted(p.name for p in (root / "compact" / "quantize").iterdir()) == ["model.int8.onnx"]
 
     logged = run_metrics(root)
     for method in candidates:
@@ -146,6 +156,32 @@ def test_a_candidate_neither_faster_nor_smaller_enough_fails(
     for c in report["candidates"].values():
         assert c["status"] == "failed" and c["reason"].startswith("gains too little")
         assert "(< 1e+06x)" in c["reason"]
+
+
+def test_a_candidate_that_builds_but_cannot_be_measured_fails_alone(
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = workspace(tmp_path, trained)
+    real_build = candidate.build
+
+    def corrupt_int8(method: str, parent, data, params, out: Path, meta, scratch) -> dict:  # noqa: ANN001
+        details = real_build(method, parent, data, params, out, meta, scratch)
+        if method == "quantize":  # built fine, then unreadable: onnxruntime refuses to load it
+            out.write_bytes(b"not an onnx graph")
+        return details
+
+    monkeypatch.setattr(candidate, "build", corrupt_int8)
+
+    code, report = run_stage(root, {"methods": ["quantize", "distill"], **BY_SIZE})
+
+    assert code == 0 and report["status"] == "built"
+    quantize = report["candidates"]["quantize"]
+    assert quantize["status"] == "failed" and quantize["file"] is None
+    assert quantize["reason"].startswith("could not load and measure it: ")
+    assert "model.int8.onnx" in quantize["reason"]
+    assert not (root / "compact" / "quantize").exists()  # no unusable file kept or logged
+    assert report["chosen"] == "distill"
+    assert "compress.quantize.passed" not in run_metrics(root)
 
 
 def test_disabled_writes_the_report_only(
