@@ -123,6 +123,9 @@ bench-data: install ## Data stages on 1M and 10M synthetic rows vs a plain pyarr
 bench-tune: install ## Tuning: TPE vs random, epochs pruning saves, 2 workers vs 1, test table of the families
 	$(BIN)/python -m bench.tune
 
+bench-compress: install ## Compression (prune, int8, distill) vs the parent; ensembles vs their best member
+	$(BIN)/python -m bench.compress
+
 bench-feedback: install ## Edit-run loop: full/no-op make run, dvc repro after an lr change vs a plain script
 	$(BIN)/python -m bench.feedback
 
