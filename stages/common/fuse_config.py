@@ -64,7 +64,7 @@ class CompressParams(StrictModel):
     distill_channels: list[int] = Field(default_factory=lambda: [8, 16])  # student CNN (images)
     temperature: float = Field(2.0, gt=0)  # softens teacher and student logits alike
     distill_alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft-target loss (rest: labels)
-    distill_epochs: int = Field(60, gt=0)  # at most; early stopping on val loss
+    distill_epochs: int = Field(150, gt=0)  # at most; early stopping on val loss
     lr: float = Field(0.003, gt=0)  # fine-tuning and distillation
     calibration_rows: int = Field(256, gt=0)  # static int8: train rows that set the scales
     # The compression gate: the candidate's relative drop on `metric` against the parent on the

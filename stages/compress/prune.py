@@ -33,7 +33,7 @@ def prunable_reason(family: str) -> str | None:
             f"structured pruning covers mlp hidden units and cnn channels; a {family}'s "
             "attention heads and recurrent units are not pruned here"
         )
-    return f"structured pruning needs a network (mlp or cnn), the parent is a {family} model"
+    return f"structured pruning needs a network (mlp or cnn); the parent is {family!r}"
 
 
 def _chain(module: nn.Module) -> list[nn.Module]:

@@ -51,6 +51,7 @@ def build_report(
         }
         if fusion.weights is not None:
             entry["weight"] = fusion.weights[index]
+            entry["in_file"] = fusion.weights[index] > 0  # a weight-0 member is left out
         entries.append({**entry, **prefixed(scores, "val_")})
     return {
         "status": BUILT,

@@ -175,12 +175,23 @@ def build(
         val_file=str(features_dir / VAL_FILE),
     )
     fused = fuse(probas, fusion.method, fusion.weights, fusion.stacking)
+    # A member at weight 0 (caruana never picked it) changes nothing: it stays in the report,
+    # not in the file, which would otherwise load and run it on every request.
+    kept = [i for i in range(len(members)) if fusion.weights is None or fusion.weights[i] > 0]
+    weights = None if fusion.weights is None else [fusion.weights[i] for i in kept]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         zip_path = write_ensemble(
-            tmp / ENSEMBLE_FILE, members, fusion.method, fusion.weights, fusion.stacking
+            tmp / ENSEMBLE_FILE, [members[i] for i in kept], fusion.method, weights, fusion.stacking
         )
-        loaded = check_reload(zip_path, (preprocessor, val), device, names, probas, fused)
+        loaded = check_reload(
+            zip_path,
+            (preprocessor, val),
+            device,
+            [names[i] for i in kept],
+            [probas[i] for i in kept],
+            fused,
+        )
         member_metrics = [compute_metrics(y, p) for p in probas]
         scores = compute_metrics(y, loaded)
         report = build_report(members, member_metrics, fusion, scores, _sha256(zip_path), len(y))

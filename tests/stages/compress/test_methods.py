@@ -75,7 +75,7 @@ def test_only_mlp_and_cnn_are_pruned_and_only_networks_quantized() -> None:
 
     assert prune.prunable_reason("mlp") is None and prune.prunable_reason("cnn") is None
     assert "attention heads" in prune.prunable_reason("transformer")
-    assert "the parent is a gbdt model" in prune.prunable_reason("gbdt")
+    assert "the parent is 'gbdt'" in prune.prunable_reason("gbdt")
     assert "no ONNX export" in quantizable_reason("gbdt")
     assert "ensemble" in quantizable_reason("ensemble")
     # onnxruntime has an int8 LSTM, no int8 GRU: a GRU (rnn's default cell) is skipped

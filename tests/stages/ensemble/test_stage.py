@@ -37,8 +37,9 @@ def _params(method: str = "caruana", **ensemble: object):
 
 @pytest.fixture(scope="module")
 def built(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The stage run once (caruana) on a copy of the features whose test split is garbage
-    bytes: it never reads it. Its members are unpacked from the zip for the other tests."""
+    """The stage run once (stacking: a learned fusion that keeps every member in the file) on a
+    copy of the features whose test split is garbage bytes: it never reads it. Its members are
+    unpacked from the zip for the other tests."""
     features, model_dir = trained
     root = tmp_path_factory.mktemp("ensemble")
     garbled = root / "features"
@@ -46,7 +47,7 @@ def built(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
     (garbled / "test.parquet").write_bytes(b"not parquet at all" * 100)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{features.parent / 'mlflow.db'}")
-        report = stage.run(garbled, model_dir, root / "out", _params())
+        report = stage.run(garbled, model_dir, root / "out", _params("stacking"))
         mlflow.set_tracking_uri(None)
     unpacked = root / "members"
     with zipfile.ZipFile(root / "out" / "model.ensemble.zip") as archive:
@@ -75,7 +76,7 @@ def test_the_stage_builds_an_ensemble_of_train_s_model_a_seed_and_a_gbdt(
     report, out = built["report"], built["root"] / "out"
     assert sorted(p.name for p in out.iterdir()) == ["model.ensemble.zip", "report.json"]
     assert json.loads((out / "report.json").read_text()) == report
-    assert report["status"] == "built" and report["method"] == "caruana"
+    assert report["status"] == "built" and report["method"] == "stacking"
     members = report["members"]
     assert [(m["name"], m["source"], m["family"]) for m in members] == [
         ("train", "train", "mlp"),
@@ -83,10 +84,7 @@ def test_the_stage_builds_an_ensemble_of_train_s_model_a_seed_and_a_gbdt(
         ("gbdt", "family:gbdt", "gbdt"),
     ]
     assert members[0]["sha256"] == tracking_sha(trained[1] / "model.pt")
-    assert sum(report["weights"]) == pytest.approx(1.0)
-    assert len(report["fusion"]["picks"]) == 20
-    # caruana starts from the best member: never worse than it on val log loss
-    assert report["val_log_loss"] <= min(m["val_log_loss"] for m in members) + 1e-9
+    assert report["weights"] is None  # stacking: a meta-model, no weights
     ensemble = load_predictor(out / "model.ensemble.zip")
     assert ensemble.family == "ensemble" and [n for n, _ in ensemble.members] == [
         "train",
@@ -98,7 +96,7 @@ def test_the_stage_builds_an_ensemble_of_train_s_model_a_seed_and_a_gbdt(
     run = MlflowClient(store).get_run(run_id)
     assert run.data.metrics["ensemble_val_f1_macro"] == report["val_f1_macro"]
     assert run.data.metrics["ensemble_member_gbdt_val_f1_macro"] == members[2]["val_f1_macro"]
-    assert run.data.tags["ensemble.method"] == "caruana"
+    assert run.data.tags["ensemble.method"] == "stacking"
     assert run.data.tags["ensemble.members"] == "train,seed7,gbdt"  # these metrics are current
     assert "optimistic" in report["note"] and "test scores are the honest" in report["note"]
     logged = {a.path for a in MlflowClient(store).list_artifacts(run_id, "ensemble")}
@@ -117,12 +115,30 @@ def test_the_fusion_never_sees_test_same_zip_with_the_real_test_split(
 ) -> None:
     # the fixture ran on garbage test bytes; the same members on the real features: same bytes
     features, model_dir = trained
-    report = stage.build(features, model_dir, tmp_path / "out", _params(), built["members"])
-    assert report["weights"] == built["report"]["weights"]
+    params = _params("stacking")
+    report = stage.build(features, model_dir, tmp_path / "out", params, built["members"])
     assert (tmp_path / "out" / "model.ensemble.zip").read_bytes() == (
         built["root"] / "out" / "model.ensemble.zip"
     ).read_bytes()
     assert report == built["report"]
+
+
+@pytest.mark.slow
+def test_caruana_leaves_members_it_never_picked_out_of_the_file(
+    built: dict, trained: tuple[Path, Path], store: str, tmp_path: Path
+) -> None:
+    features, model_dir = trained
+    report = stage.build(features, model_dir, tmp_path / "out", _params(), built["members"])
+    members = report["members"]
+    assert sum(report["weights"]) == pytest.approx(1.0)
+    assert len(report["fusion"]["picks"]) == 20
+    # caruana starts from the best member: never worse than it on val log loss
+    assert report["val_log_loss"] <= min(m["val_log_loss"] for m in members) + 1e-9
+    picked = [m["name"] for m in members if m["weight"] > 0]
+    assert [m["name"] for m in members if m["in_file"]] == picked
+    ensemble = load_predictor(tmp_path / "out" / "model.ensemble.zip")
+    assert [name for name, _ in ensemble.members] == picked  # weight 0: not loaded, not run
+    assert ensemble.meta["weights"] == [m["weight"] for m in members if m["weight"] > 0]
 
 
 @pytest.mark.slow
