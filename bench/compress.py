@@ -57,7 +57,8 @@ CASES = {
     "digits/cnn": ("digits", "cnn", ["gbdt", "mlp"]),
     "digits/mlp": ("digits", "mlp", ["gbdt", "cnn"]),
 }
-FUSIONS = ("caruana", "mean", "vote", "weighted", "stacking")  # the first trains the members
+FUSIONS = ("mean", "vote", "weighted", "caruana", "stacking")  # the first trains the members
+# (mean: it keeps every member in its file; caruana leaves the ones it never picks out)
 KEEP = ("accuracy", "f1_macro", "log_loss")
 QUICK_COMPRESS = {"row_repeats": 5, "batch_repeats": 3, "finetune_epochs": 2, "distill_epochs": 3}
 
