@@ -15,6 +15,12 @@ target's stored files are hashed and checked against what its registration recor
 or that cannot be checked, is refused naming the files, unless ``--force`` (then it moves with
 a loud warning, noted in the alias history). The service follows: its ``RegistryFollower``
 polls the alias and swaps to the new holder (and refuses a version that fails its hashes).
+
+When ``champion`` (params ``register.alias``) moves, ``compress.alias`` (``champion-compact``)
+follows it (``stages.register.compact_alias``): to the new champion's compact model (its tag
+``compact.version``), once that version's files pass the same check, else the alias is
+deleted, audited the same way (kind ``rollback``); the output says which. A service following
+a deleted alias keeps serving what it has and reports the gap (/ready 503).
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from model import artifacts
 from stages.common.config import read_yaml
 from stages.common.errors import PipelineError
 from stages.register import registry
+from stages.register.compact_alias import follow_champion
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 DEFAULT_ALIAS = "champion"
+COMPACT_ALIAS = "champion-compact"  # params compress.alias's default
 MAX_CHECK_ERROR = 300  # characters kept of an error that stopped the artifact check
 _TARGET = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+))?$")
 
@@ -56,6 +64,7 @@ class Rollback:
     to_version: str
     move: registry.AliasMove | None
     warning: str | None = None  # the target's files were not verified (forced, or unrecorded)
+    compact: str | None = None  # what became of the compact alias (None: not followed)
 
     def describe(self) -> str:
         """One line for the terminal."""
@@ -211,10 +220,13 @@ def rollback(
     version: str | None = None,
     force: bool = False,
     key_env: str | None = artifacts.DEFAULT_KEY_ENV,
+    compact_alias: str | None = None,
 ) -> Rollback:
     """Move ``name@alias`` back (to the previous holder, or ``version``), recorded with
     ``reason``, once the target's stored files match the hashes recorded at its registration
     (:func:`check_artifacts`; ``key_env``: the env var holding the signing key).
+    ``compact_alias``: the alias that follows ``alias`` to its holder's compact model, or is
+    deleted (:func:`follow_compact`); None: ``alias`` is not the champion's.
 
     Raises:
         RollbackError: see :func:`choose_version`; an empty reason; the target's files fail
@@ -254,16 +266,67 @@ def rollback(
             )
             reason = f"{reason} [forced past a failed artifact check: {found}]"
     move = registry.move_alias(client, name, alias, target, reason, kind="rollback")
-    return Rollback(name, alias, current, target, move, warning)
+    compact = None
+    if compact_alias is not None:
+        compact = follow_compact(client, name, compact_alias, target, reason, key_env)
+    return Rollback(name, alias, current, target, move, warning, compact)
+
+
+def follow_compact(
+    client: MlflowClient,
+    name: str,
+    compact_alias: str,
+    champion: str,
+    reason: str,
+    key_env: str | None = artifacts.DEFAULT_KEY_ENV,
+) -> str:
+    """Move ``compact_alias`` to champion ``champion``'s compact model once its files pass
+    :func:`check_artifacts`, else delete it (audited, kind rollback); one line saying which.
+    Never raises: ``champion`` has moved; a failure is a loud line with the fix."""
+
+    def refused(version: str) -> str | None:
+        try:
+            check_artifacts(client, name, version, key_env)  # (unrecorded: served unverified)
+        except PipelineError as exc:
+            return f"refused: {_refusal(exc)}"
+        return None
+
+    try:
+        return (
+            f"{name}@"
+            + follow_champion(
+                client, name, compact_alias, champion, kind="rollback", check=refused, note=reason
+            ).describe()
+        )
+    except Exception as exc:  # noqa: BLE001 - the champion moved; say what is left to do
+        error = " ".join(str(exc).split())[:MAX_CHECK_ERROR]
+        return (
+            f"WARNING: {name}@{compact_alias} could not follow v{champion}: "
+            f"{type(exc).__name__}: {error}. Fix: retry, or move it by hand (make rollback "
+            f"MODEL={name}@{compact_alias} VERSION=<v{champion}'s compact.version> REASON=...)"
+        )
+
+
+def _param(params_file: Path, section: str, key: str, default: str) -> str:
+    # One string of the params file, read from its section alone (a bad other section must
+    # not stop a rollback); the default when the file, section or field is absent.
+    raw = read_yaml(params_file, "params file") if params_file.is_file() else {}
+    part = (raw or {}).get(section) if isinstance(raw, dict) else None
+    value = part.get(key) if isinstance(part, dict) else None
+    return value if isinstance(value, str) and value else default
 
 
 def signing_key_env(params_file: Path) -> str:
-    """Params ``register.signing_key_env`` (the env var holding the artifact signing key),
-    read from the ``register`` section alone; the default when the file or field is absent."""
-    raw = read_yaml(params_file, "params file") if params_file.is_file() else {}
-    section = (raw or {}).get("register") if isinstance(raw, dict) else None
-    value = section.get("signing_key_env") if isinstance(section, dict) else None
-    return value if isinstance(value, str) and value else artifacts.DEFAULT_KEY_ENV
+    """Params ``register.signing_key_env`` (the env var holding the artifact signing key)."""
+    return _param(params_file, "register", "signing_key_env", artifacts.DEFAULT_KEY_ENV)
+
+
+def compact_alias_for(params_file: Path, alias: str) -> str | None:
+    """Params ``compress.alias`` when ``alias`` is the champion's (``register.alias``): the
+    alias that follows it; None for another alias."""
+    if alias != _param(params_file, "register", "alias", DEFAULT_ALIAS):
+        return None
+    return _param(params_file, "compress", "alias", COMPACT_ALIAS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -312,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.version,
             args.force,
             signing_key_env(params_file),
+            compact_alias_for(params_file, alias),
         )
     except PipelineError as exc:
         print(f"rollback: {exc}", file=sys.stderr)
@@ -319,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done.warning:
         print(f"rollback: WARNING: {done.warning}", file=sys.stderr)
     print(done.describe())
+    if done.compact:
+        print(done.compact, file=sys.stderr if done.compact.startswith("WARNING") else sys.stdout)
     if done.move is not None:
         print(
             f"the service follows: it polls {name}@{alias} and swaps to "

@@ -433,7 +433,7 @@ class RegistryFollower:
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 self._registry_up()  # it answered: the alias (or the model) is gone
-                self._report(f"{type(exc).__name__}: {exc}")
+                self._report(self._gone(current, exc))
             else:
                 self._registry_down(current, exc)
             return False
@@ -507,6 +507,16 @@ class RegistryFollower:
         self.refused[str(model.version)] = reason
         self._report(reason)
         return True
+
+    def _gone(self, current: LoadedModel | None, exc: Exception) -> str:
+        # E.g. champion-compact deleted because the champion has no compact model: the model
+        # loaded keeps answering (unready, so a balancer can drain it), nothing new is loaded.
+        serving = f"still serving v{current.version}" if current else "serving nothing"
+        return (
+            f"models:/{self.name}@{self.alias} names no version now (the alias or the model was "
+            f"removed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}); {serving} "
+            f"until {self.alias} is set again"
+        )
 
     def _registry_down(self, current: LoadedModel | None, exc: Exception) -> None:
         # Not a reason to go unready: every replica would drop out of the load balancer at

@@ -69,15 +69,15 @@ def score(
     batch = params.evaluate.batch_size
     if not ensemble:
         return Scored(predictor.predict_proba(X, batch), classes, test, path)
+    # Each member runs once: its probabilities are reported and fused with the ensemble's own
+    # code (model.fusion.fuse, as EnsemblePredictor.predict_proba does), not scored again.
+    from model.fusion import fuse
+
     probas = predictor.member_probas(X, batch)
+    meta = predictor.meta
+    fused = fuse(probas, meta["method"], meta.get("weights"), meta.get("stacking"))
     names = [name for name, _ in predictor.members]
-    return Scored(
-        predictor.predict_proba(X, batch),
-        classes,
-        test,
-        path,
-        dict(zip(names, probas, strict=True)),
-    )
+    return Scored(fused, classes, test, path, dict(zip(names, probas, strict=True)))
 
 
 def member_scores(y_true: np.ndarray, members: dict[str, np.ndarray]) -> dict[str, dict]:

@@ -7,15 +7,19 @@ When: only when the report chose a candidate made from this parent (the report's
 sha256 is the judged file's) and the parent ends this run champion (promoted, or identical to
 the champion). A compact of a challenger is not registered: the alias promises the champion's
 smaller copy. Registration record: ``"compact": {"status": "not_registered", "reason": ...}``.
+Whenever no compact of this run is aliased, the alias follows the champion
+(:mod:`stages.register.compact_alias`): to the champion's own compact (an identical re-run's,
+tag ``compact.version``), else deleted (audited); the record's ``alias_change`` says which.
 
-How: the compact file is logged as a pyfunc under the name ``compact`` in the parent's MLflow
-run (same preprocessor and input contract), registered with its content hash
-(``stages.register.content``; an ONNX model: its bytes), its artifact hashes recorded
-(``manifest.record_version``), and checked the way the service loads it (``serving.check``)
-before the alias moves through ``stages.register.registry`` (the audit log). Tags: on the
-compact ``compact.parent_version``, ``compact.method``, ``compact.gate`` (the compression
-gate's reason), ``compact.metrics`` (the gate's figures, JSON); on the parent
-``compact.version``.
+How: the compact file is logged as a pyfunc under the name ``compact`` in a child run of the
+parent's run, carrying its lineage (:mod:`stages.register.compact_run`: the parent's params
+would otherwise become the compact logged model's), registered with its content hash
+(``stages.register.content``; an ONNX model: its graph and architecture, not its meta), its
+artifact hashes recorded (``manifest.record_version``), and checked the way the service loads
+it (``serving.check``) before the alias moves through ``stages.register.registry`` (the
+audit log). Tags: on the compact ``compact.parent_version``, ``compact.method``,
+``compact.gate`` (the compression gate's reason), ``compact.metrics`` (the gate's figures,
+JSON); on the parent ``compact.version``.
 
 Idempotent by content hash: a re-run finds the compact version it registered (tag
 ``model.content_hash``) and registers nothing; the alias stays (moved back to it only if
@@ -35,11 +39,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from model.files import PREPROCESSOR_FILE
-from serving.model import COMPACT_PARENT_TAG
 from stages.common.config import Params
 from stages.register import registry
 from stages.register.candidate import Candidate
+from stages.register.compact_alias import LINK_TAG, PARENT_TAG, follow_champion
 from stages.register.compact_report import Compact
+from stages.register.compact_run import compact_run, recorded_run
 from stages.register.content import content_hash, model_checkpoint, model_code
 from stages.register.gate import one_line
 from stages.register.versions import CONTENT_TAG, GATE_TAG, champion_version, lineage_from_run
@@ -49,13 +54,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LOGGED_NAME = "compact"  # the logged model's name in the parent's run (the parent's: "model")
-PARENT_TAG = COMPACT_PARENT_TAG  # on the compact: its parent's version (/version compact_of)
+LOGGED_NAME = "compact"  # the logged model's name in its child run (the parent's: "model")
 METHOD_TAG = "compact.method"  # prune | quantize | distill
 GATE_REASON_TAG = "compact.gate"  # the compression gate's reason
 METRICS_TAG = "compact.metrics"  # the gate's figures (metric, drop, speedup, size ratio), JSON
 SERVING_TAG = "compact.serving"  # the serving check's result
-LINK_TAG = "compact.version"  # on the parent: its compact's version
 
 
 def register_compact(
@@ -67,9 +70,10 @@ def register_compact(
     run_id: str,
 ) -> dict[str, Any]:
     """Register (or find again) the compact model of parent version ``parent`` and move
-    ``compress.alias`` to it; the ``compact`` part of the registration record. Never raises
-    for the compact model: the parent's alias has moved already, and its record must be
-    written (a failure is ``status: failed``, with a warning)."""
+    ``compress.alias`` to it; else make the alias follow the champion (its compact, or
+    deleted). The ``compact`` part of the registration record. Never raises for the compact
+    model: the parent's alias has moved already, and its record must be written (a failure is
+    ``status: failed``, with a warning)."""
     compact, why = found
     try:
         record = (
@@ -77,36 +81,34 @@ def register_compact(
             if compact is not None
             else _not_registered(why)
         )
-        if record["status"] in ("registered", "identical"):
-            return record
-        stale = _stale_alias(client, params)
-        return record | ({"stale_alias": stale} if stale else {})
     except Exception as exc:  # noqa: BLE001 - optional: the parent's decision stands
         reason = one_line(f"{type(exc).__name__}: {exc}")
         logger.warning(
             "compact model of v%s not registered: %s; the parent's decision stands", parent, reason
         )
-        return {"status": "failed", "reason": reason}
+        record = {"status": "failed", "reason": reason}
+    if record["status"] in ("registered", "identical"):
+        return record
+    return record | _follow(client, params, run_id)
 
 
-def _stale_alias(client: MlflowClient, params: Params) -> str | None:
-    # A champion without a compact leaves the alias on an older champion's compact: said in
-    # the record and the log (moving it needs a compact of this champion; removing it would
-    # leave a service following it with nothing to load).
+def _follow(client: MlflowClient, params: Params, run_id: str) -> dict[str, Any]:
+    # No compact of this run is aliased: the alias names the champion's compact, or nothing.
     rp, alias = params.register, params.compress.alias
-    champion = champion_version(client, rp.model_name, rp.alias)
-    holder = registry.current_holder(client, rp.model_name, alias)
-    if champion is None or holder is None:
-        return None
-    of = client.get_model_version(rp.model_name, holder).tags.get(PARENT_TAG)
-    if of == champion:
-        return None
-    note = one_line(
-        f"{alias} is still on v{holder}, the compact of v{of}, not of champion v{champion}: a "
-        f"service following {alias} serves it until a compact of v{champion} is registered"
-    )
-    logger.warning("%s", note)
-    return note
+    try:
+        champion = champion_version(client, rp.model_name, rp.alias)
+        followed = follow_champion(
+            client, rp.model_name, alias, champion, kind="register", caused_by_run=run_id
+        )
+    except Exception as exc:  # noqa: BLE001 - said loudly; the parent's decision stands
+        note = one_line(f"{alias} could not follow {rp.alias}: {type(exc).__name__}: {exc}")
+        logger.warning("%s", note)
+        return {"alias_error": note}
+    if followed.move is None:  # already right
+        return {}
+    note = one_line(followed.describe())
+    logger.warning("%s", note)  # a service following the alias notices
+    return {"alias_change": note}
 
 
 def _register(
@@ -141,10 +143,11 @@ def _register(
             "reason": f"identical to v{version} (content {digest[:12]}): nothing registered; "
             + (f"{alias} moved back to it" if moved else f"{alias} stays on it"),
         }
-    version = str(existing.version) if existing is not None else None
     uploaded = None
-    if version is None:
-        version, uploaded = _log_and_register(client, params, cand, compact, digest, parent)
+    if existing is None:
+        version, uploaded, child = _log_and_register(client, params, cand, compact, digest, parent)
+    else:  # its serving check failed (or a stopped run left it pending): checked again
+        version, child = str(existing.version), recorded_run(client, existing, run_id)
     from serving.check import check_servable
     from stages.register.manifest import record_version
 
@@ -153,7 +156,7 @@ def _register(
         rp.model_name,
         version,
         rp.signing_key_env,
-        only_run=run_id,
+        only_run=child,
         produced=uploaded,
         variants={},  # the run's variants are export's copies of train's model, not of this
     )
@@ -214,30 +217,31 @@ def _log_and_register(
     compact: Compact,
     digest: str,
     parent: str,
-) -> tuple[str, dict[str, str]]:
-    # Logged beside the parent in its run, registered with its content hash in one call (a
-    # retry finds it by that hash and resumes it).
+) -> tuple[str, dict[str, str], str]:
+    # Logged in a child run of the parent's (the active run), registered with its content hash
+    # in one call (a retry finds it by that hash and resumes it): (version, uploaded, child).
     import mlflow
 
     from model.servable import log_servable, produced_files
 
     preprocessor = cand.features_dir / PREPROCESSOR_FILE
     uploaded = produced_files(preprocessor, compact.path, cand.contract)
-    info = log_servable(
-        preprocessor, compact.path, cand.test.head(5), contract=cand.contract, name=LOGGED_NAME
-    )
-    version = mlflow.register_model(
-        info.model_uri,
-        params.register.model_name,
-        tags={
-            CONTENT_TAG: digest,
-            GATE_TAG: "pending",
-            PARENT_TAG: parent,
-            METHOD_TAG: compact.method,
-            GATE_REASON_TAG: compact.gate,
-            METRICS_TAG: json.dumps(compact.metrics, sort_keys=True, separators=(",", ":")),
-        },
-    )
+    with compact_run(client, LOGGED_NAME, compact.metrics) as child:
+        info = log_servable(
+            preprocessor, compact.path, cand.test.head(5), contract=cand.contract, name=LOGGED_NAME
+        )
+        version = mlflow.register_model(
+            info.model_uri,
+            params.register.model_name,
+            tags={
+                CONTENT_TAG: digest,
+                GATE_TAG: "pending",
+                PARENT_TAG: parent,
+                METHOD_TAG: compact.method,
+                GATE_REASON_TAG: compact.gate,
+                METRICS_TAG: json.dumps(compact.metrics, sort_keys=True, separators=(",", ":")),
+            },
+        )
     logger.info(
         "compact %s v%s: %s of v%s (%s)",
         params.register.model_name,
@@ -246,13 +250,14 @@ def _log_and_register(
         parent,
         compact.path.name,
     )
-    return str(version.version), uploaded
+    return str(version.version), uploaded, child
 
 
 def _link(
     client: MlflowClient, name: str, version: str, parent: str, compact: Compact, run_id: str
 ) -> None:
-    # Both ways: the compact names its parent, the parent its compact; lineage as the parent's.
+    # Both ways: the compact names its parent, the parent its compact; lineage from its child
+    # run (the parent's lineage tags, copied there).
     trained_in = client.get_model_version(name, version).run_id or run_id
     tags = {
         PARENT_TAG: parent,

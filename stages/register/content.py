@@ -11,8 +11,11 @@ Hashed per kind of model file (:func:`model_checkpoint` reads it, :func:`content
   coefficients, the members' names, sources and families; not the members' file sha256, which
   changes with a re-saved checkpoint) and each member's content, hashed the same way in turn,
   so that a rebuilt identical ensemble is identical;
-- an ONNX model (``model.int8.onnx``, a compact model): its file bytes, which hold its meta
-  (the quantizer's output is deterministic for the same network).
+- an ONNX model (``model.int8.onnx``, a compact model): its graph serialized with its
+  ``metadata_props`` cleared, plus the architecture fields of the meta held there (as for a
+  network), not the file: the meta also carries every train param of the parent and its file's
+  sha256, which change with a re-run that leaves the parent's network identical (e.g.
+  ``train.checkpoint_every_steps``); the quantizer's graph is deterministic for one network.
 
 The fitted preprocessor's bytes, the input contract (None: left out, the network hash) and the
 model code that ships with it are hashed with each.
@@ -36,6 +39,9 @@ VARIANTS_NOT_ATTACHED = (
     "not attached: export's ONNX/int8 variants in the run are copies of train's single model, "
     "not of this ensemble; the compress stage's compact model is its smaller copy"
 )
+MAX_TAG_VALUE = 5000  # characters of a model version tag value (MLflow's SQL store column)
+SHA_PREFIX = 12  # hex digits of a member's sha256 kept when the full list is too long
+MEMBERS_NOTE_TAG = "ensemble.members_note"  # set when ensemble.members was shortened
 _VOLATILE_MEMBER_KEYS = ("sha256", "file")  # how a member file was written, not what it is
 
 
@@ -73,23 +79,10 @@ def _add_model(add: Callable[[str, bytes], None], checkpoint: dict[str, Any], at
         return
     if "onnx" in checkpoint:
         add(f"{at}onnx", checkpoint["onnx"])
+        if "onnx_meta" in checkpoint:
+            _add_architecture(add, checkpoint["onnx_meta"], at)
         return
-    train = checkpoint["train_params"]
-    architecture = {
-        key: train.get(key)
-        for key in ("model", "hidden_sizes", "channels", "image_shape", "dropout")
-    }
-    add(
-        f"{at}architecture",
-        json.dumps(
-            {
-                **architecture,
-                "n_features": checkpoint["n_features"],
-                "n_classes": checkpoint["n_classes"],
-            },
-            sort_keys=True,
-        ).encode(),
-    )
+    _add_architecture(add, checkpoint, at)
     if "estimator" in checkpoint:
         from model.gbdt import estimator_bytes
 
@@ -100,6 +93,26 @@ def _add_model(add: Callable[[str, bytes], None], checkpoint: dict[str, Any], at
             f"{at}tensor {name} {values.dtype} {tuple(values.shape)}",
             values.view(-1).view(_byte_dtype()).numpy().tobytes(),
         )
+
+
+def _add_architecture(add: Callable[[str, bytes], None], meta: dict[str, Any], at: str) -> None:
+    # What the model is built as; not how it was trained (epochs, checkpointing, devices).
+    train = meta.get("train_params") or {}
+    architecture = {
+        key: train.get(key)
+        for key in ("model", "hidden_sizes", "channels", "image_shape", "dropout")
+    }
+    add(
+        f"{at}architecture",
+        json.dumps(
+            {
+                **architecture,
+                "n_features": meta.get("n_features"),
+                "n_classes": meta.get("n_classes"),
+            },
+            sort_keys=True,
+        ).encode(),
+    )
 
 
 def _json(value: Any) -> bytes:
@@ -116,12 +129,39 @@ def model_checkpoint(path: Path, predictor: Any = None) -> dict[str, Any]:
     """What :func:`content_hash` reads of the model file at ``path`` (``predictor``: it,
     loaded already)."""
     if path.suffix == ".onnx":
-        return {"onnx": path.read_bytes()}
+        return onnx_checkpoint(path)
     if predictor is None:
         from model.predictors import load_predictor
 
         predictor = load_predictor(path)
     return _checkpoint(predictor, path)
+
+
+def onnx_checkpoint(path: Path) -> dict[str, Any]:
+    """An ONNX model file as :func:`content_hash` reads it: the graph serialized
+    deterministically with its ``metadata_props`` cleared, and the meta held there.
+
+    Raises:
+        DataError: not a readable ONNX file, or its meta is not JSON.
+    """
+    import onnx
+
+    from model.onnx_model import META_KEY
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        props = {prop.key: prop.value for prop in proto.metadata_props}
+        meta = json.loads(props[META_KEY]) if META_KEY in props else None
+    except Exception as exc:  # onnx raises protobuf's DecodeError and others
+        raise DataError(
+            f"cannot read the ONNX model to hash it ({type(exc).__name__}: {exc}); re-run "
+            "the compress stage (dvc repro -f compress)",
+            file=str(path),
+            rule="onnx_model",
+        ) from exc
+    del proto.metadata_props[:]
+    graph = proto.SerializeToString(deterministic=True)
+    return {"onnx": graph} | ({"onnx_meta": meta} if isinstance(meta, dict) else {})
 
 
 def _checkpoint(predictor: Any, path: Path | None = None) -> dict[str, Any]:
@@ -166,15 +206,39 @@ def ensemble_tags(path: Path) -> dict[str, str]:
     if path.name != ENSEMBLE_FILE:
         return {}
     spec = ensemble_spec(path)
-    members = [
-        {key: member.get(key) for key in ("name", "source", "family", "sha256")}
-        for member in spec.get("members", [])
-    ]
-    return {
-        MEMBERS_TAG: json.dumps(members, separators=(",", ":")),
+    return members_tags(spec.get("members", [])) | {
         "ensemble.method": str(spec.get("method")),
         "ensemble.variants": VARIANTS_NOT_ATTACHED,
     }
+
+
+def members_tags(members: list[dict[str, Any]]) -> dict[str, str]:
+    """``ensemble.members``: a JSON list of each member's name, source, family and sha256, that
+    fits MLflow's tag value limit (:data:`MAX_TAG_VALUE`; a longer one would fail
+    ``register_model`` after the upload). Too long (about 30 members and more): names and
+    sha256 prefixes only, then as many members as fit, with ``ensemble.members_note`` saying
+    so; the full list is the model's ``ensemble.json``."""
+    full = [{key: m.get(key) for key in ("name", "source", "family", "sha256")} for m in members]
+    value = _dumps(full)
+    if len(value) <= MAX_TAG_VALUE:
+        return {MEMBERS_TAG: value}
+    short = [{"name": m["name"], "sha256": str(m["sha256"])[:SHA_PREFIX]} for m in full]
+    kept = len(short)
+    while len(value := _dumps(short[:kept])) > MAX_TAG_VALUE:
+        kept -= 1
+    what = f"names and sha256 prefixes ({SHA_PREFIX} hex)"
+    if kept < len(short):
+        what = f"the first {kept} of {len(short)} members, {what}"
+    return {
+        MEMBERS_TAG: value,
+        MEMBERS_NOTE_TAG: f"{what}: the full list ({len(full)} members, with sources, "
+        f"families and sha256) is too long for a tag ({len(_dumps(full))} > {MAX_TAG_VALUE} "
+        f"characters); read it from {ENSEMBLE_SPEC} in the model's {ENSEMBLE_FILE}",
+    }
+
+
+def _dumps(members: list[dict[str, Any]]) -> str:
+    return json.dumps(members, separators=(",", ":"))
 
 
 def model_code() -> dict[str, bytes]:

@@ -6,7 +6,9 @@
 registry it describes. The entry is written before the alias moves, as params (MLflow refuses to
 change a logged param: the entry cannot be edited) and tags (to search); the run is RUNNING
 while the move is under way, FINISHED once the alias is set and FAILED when setting it failed.
-A move to the version that already holds the alias records nothing. A caller that decided
+A move to the version that already holds the alias records nothing. A move to None deletes the
+alias, recorded the same way (``to_version`` ``none``): register and ``flows.rollback`` remove
+``compress.alias`` when the champion has no compact model. A caller that decided
 against the holder it read earlier passes it as ``expect_from``: when someone else moved the
 alias meanwhile (``make rollback`` during a register), nothing moves and ``AliasMovedError``
 names that move, so a rollback is never silently undone.
@@ -60,7 +62,7 @@ class AliasMove:
     model: str
     alias: str
     from_version: str | None
-    to_version: str
+    to_version: str | None  # None: the alias was removed
     reason: str
     caused_by_run: str | None
     actor: str
@@ -73,10 +75,11 @@ class AliasMove:
     def describe(self) -> str:
         """``champion v2 -> v1 (rollback, done) by me@host at ...: why``, on one line."""
         source = f"v{self.from_version}" if self.from_version else "nothing"
+        target = f"v{self.to_version}" if self.to_version else "nothing (removed)"
         run = f", run {self.caused_by_run}" if self.caused_by_run else ""
         error = f" [{self.error}]" if self.error else ""
         return (
-            f"{self.time} {self.alias} {source} -> v{self.to_version} ({self.kind}, "
+            f"{self.time} {self.alias} {source} -> {target} ({self.kind}, "
             f"{self.status}) by {self.actor}{run}: {self.reason}{error}"
         )
 
@@ -88,9 +91,10 @@ def holders(history: list[AliasMove], current: str | None) -> list[str]:
     """Who held the alias, oldest first, ending with ``current``, rollbacks undone.
 
     A move pushes its version; a rollback to a version still on the stack pops back to it (so a
-    second rollback goes further back, not forth). Failed and unfinished entries are skipped:
-    where the log misses a move (a killed process, a move outside this module), the next
-    entry's ``from_version`` (or ``current``) puts the missing holder back.
+    second rollback goes further back, not forth); a removal pushes nothing. Failed and
+    unfinished entries are skipped: where the log misses a move (a killed process, a move
+    outside this module), the next entry's ``from_version`` (or ``current``) puts the missing
+    holder back.
     """
     stack: list[str] = []
     for move in history:
@@ -98,6 +102,8 @@ def holders(history: list[AliasMove], current: str | None) -> list[str]:
             continue
         if move.from_version is not None and (not stack or stack[-1] != move.from_version):
             stack.append(move.from_version)
+        if move.to_version is None:
+            continue
         if move.kind == "rollback" and move.to_version in stack:
             del stack[len(stack) - stack[::-1].index(move.to_version) :]
         else:
@@ -187,27 +193,29 @@ def move_alias(
     client: MlflowClient,
     model: str,
     alias: str,
-    version: str | int,
+    version: str | int | None,
     reason: str,
     *,
     caused_by_run: str | None = None,
     kind: str = "register",
     expect_from: str | None | object = _UNREAD,
 ) -> AliasMove | None:
-    """Point ``model@alias`` at ``version``, recording the move first (see the module doc).
+    """Point ``model@alias`` at ``version`` (None: delete the alias, an entry whose
+    ``to_version`` is ``none``), recording the move first (see the module doc).
 
     Args:
         expect_from: the holder the caller decided against (None: no holder); when given and
             the alias is held by another version now, nothing moves (:func:`check_holder`).
 
     Returns:
-        The entry (status ``done``), or None when ``version`` already held the alias.
+        The entry (status ``done``), or None when ``version`` already held the alias (or,
+        to delete it, the alias was not set).
 
     Raises:
         AliasMovedError: ``expect_from`` no longer holds the alias.
         MlflowException: the alias could not be set (the entry is marked FAILED first).
     """
-    version = str(version)
+    version = None if version is None else str(version)
     before = current_holder(client, model, alias)
     if before == version:
         return None
@@ -219,7 +227,7 @@ def move_alias(
         "model": model,
         "alias": alias,
         "from_version": before or NONE,
-        "to_version": version,
+        "to_version": version or NONE,
         "reason": _cut(reason),
         "caused_by_run": caused_by_run or NONE,
         "actor": actor(),
@@ -227,9 +235,10 @@ def move_alias(
         "kind": kind,
     }
     source = f"v{before}" if before else "nothing"
+    target = f"v{version}" if version else "nothing (removed)"
     run = client.create_run(
         experiment_id,
-        run_name=f"{model}@{alias} {source} -> v{version}",
+        run_name=f"{model}@{alias} {source} -> {target}",
         tags={f"audit.{k}": v for k, v in entry.items()},
     )
     run_id = run.info.run_id
@@ -237,12 +246,15 @@ def move_alias(
         from mlflow.entities import Param
 
         client.log_batch(run_id, params=[Param(k, v) for k, v in entry.items()])
-        client.set_registered_model_alias(model, alias, version)
+        if version is None:
+            client.delete_registered_model_alias(model, alias)
+        else:
+            client.set_registered_model_alias(model, alias, version)
     except Exception as exc:  # (a kill leaves it RUNNING: settled by the next move)
         _close(client, run_id, "FAILED", f"{type(exc).__name__}: {_cut(str(exc))}")
         raise
     _close(client, run_id, "FINISHED")
-    logger.info("%s@%s: %s -> v%s (%s): %s", model, alias, source, version, kind, entry["reason"])
+    logger.info("%s@%s: %s -> %s (%s): %s", model, alias, source, target, kind, entry["reason"])
     return _entry_of(client.get_run(run_id))
 
 
@@ -318,7 +330,7 @@ def _entry_of(run: Run) -> AliasMove:
         model=field("model"),
         alias=field("alias"),
         from_version=optional("from_version"),
-        to_version=field("to_version"),
+        to_version=optional("to_version"),
         reason=field("reason"),
         caused_by_run=optional("caused_by_run"),
         actor=field("actor"),
@@ -355,7 +367,7 @@ def _settle_unfinished(
         if now_ms - run.info.start_time < SETTLE_AFTER_S * 1000:
             continue  # perhaps another process moving it right now
         target = run.data.tags.get("audit.to_version")
-        moved = target == holder
+        moved = (None if target == NONE else target) == holder
         client.set_tag(
             run.info.run_id,
             "audit.settled",

@@ -88,7 +88,7 @@ def _champion(uri: str) -> str | None:
 
 
 def _move(
-    source: str | None, to: str, kind: str = "register", status: str = "done"
+    source: str | None, to: str | None, kind: str = "register", status: str = "done"
 ) -> registry.AliasMove:
     return registry.AliasMove(
         NAME,
@@ -132,6 +132,13 @@ def test_the_previous_holder_survives_moves_missing_from_the_log() -> None:
     assert registry.holders(moves, "5") == ["1", "2", "3", "4", "5"]
     assert registry.previous_holder(moves, "5") == "4"
     assert registry.previous_holder([], "1") is None and registry.previous_holder([], None) is None
+
+
+def test_a_removal_is_no_holder_and_leaves_the_earlier_ones() -> None:
+    moves = [_move(None, "1"), _move("1", "2"), _move("2", None)]  # 2, then the alias deleted
+
+    assert registry.holders(moves, None) == ["1", "2"]
+    assert "champion v2 -> nothing (removed) (register, done)" in moves[-1].describe()
 
 
 # ----------------------------------------------------------------------------- the history
@@ -244,6 +251,64 @@ def test_rollback_moves_champion_back_and_a_following_service_swaps_to_it(
     )
     assert lineage.main([f"{NAME}@champion", "--json"]) == 0
     assert '"kind": "rollback"' in capsys.readouterr().out
+
+
+def _compact_of(uri: str, parent: str) -> str:
+    """A compact model of ``parent`` as register leaves one: a version (here: of the same
+    stored files as ``parent``, its recorded hashes copied), passed, linked both ways."""
+    client = _client(uri)
+    of = client.get_model_version(NAME, parent)
+    tags = {k: v for k, v in of.tags.items() if k.startswith("model.artifact")}
+    tags |= {"compact.parent_version": parent, "promotion.gate": "passed"}
+    version = client.create_model_version(NAME, of.source, of.run_id, tags=tags).version
+    client.set_model_version_tag(NAME, parent, "compact.version", str(version))
+    return str(version)
+
+
+@pytest.mark.slow
+def test_champion_compact_follows_a_rollback_to_the_compact_or_is_removed(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, alias = _client(store), "champion-compact"
+    small_v1, small_v2 = _compact_of(store, "1"), _compact_of(store, "2")
+    registry.move_alias(client, NAME, alias, small_v2, "compact of v2", kind="register")
+
+    assert rollback.main([NAME, "--reason", "v2 misreads the night shift"]) == 0
+
+    out = capsys.readouterr().out.splitlines()
+    assert _champion(store) == "1"
+    assert registry.current_holder(client, NAME, alias) == small_v1  # v1's compact, not v2's
+    assert out[1] == (
+        f"test-clf@{alias} v{small_v2} -> v{small_v1}: the compact of champion v1 (champion "
+        "moved: v2 misreads the night shift)"
+    )
+    last = registry.alias_history(client, NAME, alias)[-1]
+    assert (last.from_version, last.to_version, last.kind, last.status) == (
+        small_v2,
+        small_v1,
+        "rollback",
+        "done",
+    )
+
+    # back to v2, whose compact is gone meanwhile: the alias is removed, audited, said
+    client.delete_model_version_tag(NAME, "2", "compact.version")
+    assert rollback.main([NAME, "--reason", "v1 was worse", "--version", "2"]) == 0
+
+    out = capsys.readouterr().out.splitlines()
+    assert _champion(store) == "2" and registry.current_holder(client, NAME, alias) is None
+    assert out[1].startswith(f"test-clf@{alias} v{small_v1} -> nothing (removed): removed: v2 has ")
+    last = registry.alias_history(client, NAME, alias)[-1]
+    assert (last.from_version, last.to_version, last.kind, last.status) == (
+        small_v1,
+        None,
+        "rollback",
+        "done",
+    )
+    assert "-> nothing (removed) (rollback, done)" in last.describe()
+    # another alias (challenger) moves alone
+    assert rollback.main([f"{NAME}@challenger", "--reason", "x", "--version", "1"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # no compact line
+    assert registry.current_holder(client, NAME, alias) is None
 
 
 @pytest.mark.slow

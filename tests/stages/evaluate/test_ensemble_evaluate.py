@@ -75,6 +75,43 @@ def test_the_ensemble_is_scored_with_each_member_beside_it(
     assert load_predictor(scored.path).family == "ensemble"
 
 
+def test_each_member_runs_once_on_test_and_the_fusion_is_the_ensemble_s_own(
+    workdir: Path, gbdt_member: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model import predictors
+
+    ensemble = write_ensemble_dir(
+        workdir / "ensemble",
+        [("train", "train", workdir / "models" / "model.pt"), ("gbdt", "family:gbdt", gbdt_member)],
+        "weighted",
+        weights=[0.8, 0.2],
+    )
+    calls: list[str] = []
+    real = predictors.load_predictor
+
+    def counted(path: Path) -> object:  # the real ensemble, its members' calls counted
+        loaded = real(path)  # (the ensemble loads its members through it too)
+        for name, member in getattr(loaded, "members", []):
+            scored = member.predict_proba
+
+            def counting(*args: object, _n: str = name, _f: object = scored) -> object:
+                calls.append(_n)
+                return _f(*args)  # type: ignore[operator]
+
+            member.predict_proba = counting
+        return loaded
+
+    monkeypatch.setattr(predictors, "load_predictor", counted)
+    scored = scoring.score(workdir / "features", workdir / "models", make_params(), ensemble)
+
+    assert sorted(calls) == ["gbdt", "train"]  # once each, not again to fuse
+    whole = real(ensemble / "model.ensemble.zip")  # its own predict_proba, as served
+    expected = whole.predict_proba(whole.features(scored.test.preprocessor, scored.test.frame))
+    np.testing.assert_allclose(scored.proba, expected, rtol=0, atol=1e-12)
+    weighted = 0.8 * scored.members["train"] + 0.2 * scored.members["gbdt"]
+    np.testing.assert_allclose(scored.proba, weighted, atol=1e-12)
+
+
 def test_a_disabled_ensemble_stage_leaves_train_s_model_judged(workdir: Path) -> None:
     (workdir / "ensemble").mkdir()
     (workdir / "ensemble" / "report.json").write_text('{"status": "disabled"}')

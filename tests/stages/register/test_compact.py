@@ -1,6 +1,8 @@
 """Register's compact model: the compress stage's chosen candidate registered beside a champion
-parent under ``compress.alias``, linked both ways, idempotent; never beside a challenger; a
-compact the service cannot answer with is recorded, not aliased, and the parent stands.
+parent under ``compress.alias``, in a child run carrying the parent's lineage, linked both ways,
+idempotent (an int8 ONNX compact too, whatever non-model train params its meta carries); never
+beside a challenger; a champion without a compact removes the alias (audited); a compact the
+service cannot answer with is recorded, not aliased, and the parent stands.
 
 The compact model here is what the compress stage's distill method makes: a smaller network
 (hidden_sizes [4]) trained by train's own code on the same features; its report is written as
@@ -18,15 +20,16 @@ import pandas as pd
 import pytest
 import torch
 
+from flows.lineage import ModelRef, build_lineage
 from model.artifacts import DIGEST_TAG, file_sha256
 from serving import batch
 from serving.model import load_model
 from stages.common.errors import DataError
-from stages.register import registry
+from stages.register import content, registry
 from stages.register import stage as register
 from stages.register.compact_report import read_compact
-from stages.train import stage as train
 from tests.builders import make_params
+from tests.stages.register.ensemble_builders import train_member
 from tests.stages.register.test_stage import LOOSE, NAME, params_file, prepare, register_args
 
 ALIAS = "champion-compact"  # params compress.alias (default)
@@ -36,20 +39,9 @@ GATE = "accuracy 0.9500 vs the parent's 0.9600 (relative drop +1.04%); 3.10x sma
 @pytest.fixture(scope="module")
 def small(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smaller network (hidden_sizes [4]) trained on the same features: a distilled model."""
-    root = tmp_path_factory.mktemp("small")
-    params = make_params({"train": {"hidden_sizes": [4]}})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        train.run(
-            trained[0],
-            root / "no-report",
-            root / "models",
-            root / "history.csv",
-            params,
-            resume_dir=root / "resume",
-        )
-        mlflow.set_tracking_uri(None)
-    return root / "models" / "model.pt"
+    return train_member(
+        trained[0], tmp_path_factory.mktemp("small"), {"train": {"hidden_sizes": [4]}}
+    )
 
 
 def write_compact(
@@ -153,6 +145,9 @@ def test_compact_of_a_champion_is_registered_aliased_linked_and_idempotent(
         "--compact",
         str(work / "compact"),
     ]
+    client = mlflow.MlflowClient()
+    parent_run = json.loads((work / "models" / "run.json").read_text())["run_id"]
+    client.log_text(parent_run, "train:\n  epochs: 3\n", "lineage/params.yaml")  # as train does
 
     assert register.main(args) == 0
 
@@ -164,7 +159,6 @@ def test_compact_of_a_champion_is_registered_aliased_linked_and_idempotent(
     assert compact["reason"].startswith(f"distill of v1: {GATE}; the service loads it")
     assert _versions() == ["1", "2"]
     assert _aliases() == {"champion": "1", ALIAS: "2"}
-    client = mlflow.MlflowClient()
     parent, small_v = client.get_model_version(NAME, "1"), client.get_model_version(NAME, "2")
     assert parent.tags["compact.version"] == "2"  # linked both ways
     assert small_v.tags["compact.parent_version"] == "1"
@@ -173,8 +167,23 @@ def test_compact_of_a_champion_is_registered_aliased_linked_and_idempotent(
     assert small_v.tags["promotion.gate"] == "passed" and DIGEST_TAG in small_v.tags
     assert small_v.tags["model.content_hash"] == compact["content_hash"]
     assert small_v.tags["git.commit"] == "0123abc"  # the parent run's lineage
-    assert small_v.run_id == parent.run_id == record["run_id"]  # logged in the same run
+    # logged in a child run of the parent's: its params are its own, not the parent's
+    assert parent.run_id == record["run_id"] == parent_run != small_v.run_id
+    child = client.get_run(small_v.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent_run
+    assert child.data.tags["mlflow.runName"] == "compact"
+    assert (
+        child.data.tags["git.commit"] == "0123abc" and small_v.tags["run_id"] == child.info.run_id
+    )
+    hashes = " ".join(v for k, v in child.data.params.items() if "artifact_sha256" in k)
+    assert file_sha256(small) in hashes and file_sha256(work / "models" / "model.pt") not in hashes
+    assert not any(k.startswith("train.") for k in child.data.params)
     assert small_v.source != parent.source
+    # its lineage tells its truth: the parent's code and params, its own test metrics
+    told = build_lineage(client, ModelRef(NAME, version="2"), "http://ui")
+    assert told["run"]["id"] == child.info.run_id and told["git"]["commit"] == "0123abc"
+    assert told["params"] == {"train": {"epochs": 3}}
+    assert told["metrics"] == {"accuracy": 0.95, "f1_macro": 0.94, "log_loss": 0.12}
     moves = registry.alias_history(client, NAME, ALIAS)  # moved through the audited registry
     assert [(m.to_version, m.kind, m.status, m.caused_by_run) for m in moves] == [
         ("2", "register", "done", record["run_id"])
@@ -212,7 +221,7 @@ def test_compact_of_a_champion_is_registered_aliased_linked_and_idempotent(
 
 
 @pytest.mark.slow
-def test_no_compact_beside_a_challenger_and_a_champion_without_one_says_the_alias_is_stale(
+def test_no_compact_beside_a_challenger_and_a_champion_without_one_removes_the_alias(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], small: Path
 ) -> None:
     loose = params_file(tmp_path / "loose.yaml", LOOSE)
@@ -235,19 +244,38 @@ def test_no_compact_beside_a_challenger_and_a_champion_without_one_says_the_alia
     assert _versions() == ["1", "2", "3"]
     assert _aliases() == {"champion": "1", ALIAS: "2", "challenger": "3"}
 
-    # v3 made champion by hand, then a run whose compress stage chose none: the record and
-    # the log say the compact alias still serves v1's compact
-    registry.move_alias(mlflow.MlflowClient(), NAME, "champion", "3", "test", kind="manual")
+    # v3 made champion by hand, then a run whose compress stage chose none: the compact alias
+    # must not serve v1's compact beside champion v3: removed, through the audit log
+    client = mlflow.MlflowClient()
+    registry.move_alias(client, NAME, "champion", "3", "test", kind="manual")
     write_compact(v3 / "none", v3 / "models" / "model.pt", small, chosen=False)
 
     assert register.main([*register_args(v3, loose), "--compact", str(v3 / "none")]) == 0
 
-    compact = _record(v3)["compact"]
+    record = _record(v3)
+    compact = record["compact"]
     assert compact["status"] == "not_registered" and "chose none" in compact["reason"]
-    assert compact["stale_alias"].startswith(
-        f"{ALIAS} is still on v2, the compact of v1, not of champion v3"
+    assert compact["alias_change"] == (
+        f"{ALIAS} v2 -> nothing (removed): removed: v3 has no compact model (no compact.version "
+        f"tag); {ALIAS} names only a compact of the champion"
     )
-    assert _versions() == ["1", "2", "3"] and _aliases()[ALIAS] == "2"
+    assert _versions() == ["1", "2", "3"] and _aliases() == {"champion": "3", "challenger": "3"}
+    last = registry.alias_history(client, NAME, ALIAS)[-1]
+    assert (last.from_version, last.to_version, last.kind, last.caused_by_run) == (
+        "2",
+        None,
+        "register",
+        record["run_id"],
+    )
+    # v1 champion again (by hand), an identical re-run of v1: the alias back on v1's compact
+    registry.move_alias(client, NAME, "champion", "1", "test", kind="manual")
+    write_compact(v1 / "off", v1 / "models" / "model.pt", small, chosen=False)  # (disabled)
+
+    assert register.main([*register_args(v1, loose), "--compact", str(v1 / "off")]) == 0
+
+    compact = _record(v1)["compact"]
+    assert compact["alias_change"] == f"{ALIAS} nothing -> v2: the compact of champion v1"
+    assert _aliases()[ALIAS] == "2" and _versions() == ["1", "2", "3"]
 
 
 @pytest.mark.slow
@@ -282,13 +310,10 @@ def test_a_compact_the_service_cannot_answer_with_is_recorded_and_the_parent_sta
     assert failed.tags["compact.parent_version"] == "1"
 
 
-@pytest.mark.slow
-def test_an_int8_onnx_compact_made_by_the_compress_stage_is_registered_and_served(
-    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
-) -> None:
+def _quantized(work: Path) -> list[str]:
+    """The compress stage's int8 ONNX copy of ``work``'s model; register's args with it."""
     from stages.compress import stage as compress
 
-    work = prepare(tmp_path / "v1", trained, make_params())
     # the gate set so that the int8 copy passes whatever this machine's timings
     cp = {"methods": ["quantize"], "row_repeats": 3, "batch_repeats": 2}
     cp |= {"max_relative_drop": 0.5, "min_speedup": 0.01}
@@ -296,13 +321,56 @@ def test_an_int8_onnx_compact_made_by_the_compress_stage_is_registered_and_serve
         work / "features", work / "models", None, work / "compact", make_params({"compress": cp})
     )
     assert report["chosen"] == "quantize", report["reason"]
-    args = [
-        *register_args(work, params_file(tmp_path / "p.yaml")),
-        "--compact",
-        str(work / "compact"),
-    ]
+    return [*register_args(work, params_file(work / "p.yaml")), "--compact", str(work / "compact")]
 
-    assert register.main(args) == 0
+
+def _with_train_params(model: Path, **changes: object) -> None:
+    """``model`` saved again with other non-model train params: the same network."""
+    checkpoint = torch.load(model, weights_only=True)
+    checkpoint["train_params"] = {**checkpoint["train_params"], **changes}
+    torch.save(checkpoint, model)
+
+
+def test_an_onnx_models_content_is_its_graph_and_architecture_not_its_meta(
+    tmp_path: Path,
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from model.onnx_model import save_onnx_model
+
+    def graph(scale: float) -> bytes:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
+        k = helper.make_tensor("k", TensorProto.FLOAT, [1], [scale])
+        node = helper.make_node("Mul", ["x", "k"], ["y"])
+        return helper.make_model(helper.make_graph([node], "g", [x], [y], [k])).SerializeToString()
+
+    def saved(name: str, scale: float = 2.0, **meta: object) -> str:
+        train = {"model": "mlp", "hidden_sizes": [8], "checkpoint_every_steps": 0} | meta
+        meta_all = {"n_features": 3, "n_classes": 3, "train_params": train}
+        path = save_onnx_model(graph(scale), meta_all, tmp_path / name / "model.int8.onnx")
+        return content.content_hash(content.model_checkpoint(path), b"prep", None, {})
+
+    first = saved("a")
+    assert saved("b", checkpoint_every_steps=500, nproc=4) == first  # not the model
+    assert saved("c", hidden_sizes=[16]) != first  # another architecture
+    assert saved("d", scale=3.0) != first  # other weights
+    broken = tmp_path / "e" / "model.int8.onnx"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not onnx")
+    with pytest.raises(DataError, match=r"cannot read the ONNX model.*re-run the compress"):
+        content.model_checkpoint(broken)
+    assert onnx.load(str(tmp_path / "b" / "model.int8.onnx")).metadata_props  # meta kept
+
+
+@pytest.mark.slow
+def test_an_int8_onnx_compact_made_by_the_compress_stage_is_registered_and_served(
+    tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path]
+) -> None:
+    work = prepare(tmp_path / "v1", trained, make_params())
+
+    assert register.main(_quantized(work)) == 0
 
     compact = _record(work)["compact"]
     assert compact["status"] == "registered" and compact["method"] == "quantize"
@@ -314,3 +382,20 @@ def test_an_int8_onnx_compact_made_by_the_compress_stage_is_registered_and_serve
     rows = pd.read_parquet(work / "features" / "test.parquet")
     answer = served.predict(rows.drop(columns=["target"]))
     assert (answer["prediction"] == rows["target"]).mean() > 0.9
+    # the same network again, with other non-model train params in its file (and so in the
+    # int8 file's meta): the parent is identical, the int8 copy too; nothing moves
+    again = prepare(tmp_path / "again", trained, make_params())
+    _with_train_params(again / "models" / "model.pt", checkpoint_every_steps=7, nproc=2)
+
+    assert register.main(_quantized(again)) == 0
+
+    int8 = "compact/quantize/model.int8.onnx"
+    assert (work / int8).read_bytes() != (again / int8).read_bytes()  # the meta differs
+    record = _record(again)
+    assert record["decision"] == "identical" and record["compact"]["status"] == "identical"
+    assert (
+        record["compact"]["version"] == 2
+        and record["compact"]["content_hash"] == (compact["content_hash"])
+    )
+    assert _versions() == ["1", "2"] and _aliases() == {"champion": "1", ALIAS: "2"}
+    assert len(registry.alias_history(mlflow.MlflowClient(), NAME, ALIAS)) == 1

@@ -90,6 +90,35 @@ def test_an_ensembles_content_is_its_spec_and_each_members_content(
     assert content.ensemble_tags(network) == {}
 
 
+def test_a_members_tag_too_long_for_mlflow_is_shortened_with_a_note_never_failing() -> None:
+    def member(i: int) -> dict:
+        return {
+            "name": f"trial_{i:03d}",
+            "source": f"trial:{i}",
+            "family": "transformer",
+            "sha256": f"{i:064x}",
+            "file": "ignored",
+        }
+
+    few = content.members_tags([member(i) for i in range(3)])
+    assert set(few) == {"ensemble.members"}  # fits: all of it, no note
+    assert json.loads(few["ensemble.members"])[2] == {
+        k: v for k, v in member(2).items() if k != "file"
+    }
+
+    many = content.members_tags([member(i) for i in range(60)])  # ~ 9,000 characters in full
+    listed = json.loads(many["ensemble.members"])
+    assert len(many["ensemble.members"]) <= content.MAX_TAG_VALUE == 5000
+    assert listed[59] == {"name": "trial_059", "sha256": f"{59:064x}"[:12]}  # all 60 named
+    assert many["ensemble.members_note"].startswith("names and sha256 prefixes (12 hex)")
+    assert "ensemble.json" in many["ensemble.members_note"]
+
+    huge = content.members_tags([member(i) for i in range(400)])  # not even short ones fit
+    listed = json.loads(huge["ensemble.members"])
+    assert len(huge["ensemble.members"]) <= 5000 and 0 < len(listed) < 400
+    assert huge["ensemble.members_note"].startswith(f"the first {len(listed)} of 400 members")
+
+
 @pytest.mark.slow
 def test_an_ensemble_is_one_version_served_batch_scored_and_not_registered_twice(
     tmp_path: Path, mlflow_uri: str, trained: tuple[Path, Path], gbdt_member: Path

@@ -617,6 +617,8 @@ def test_revalidating_identical_data_retrains_nothing(reproduced) -> None:
             if p.is_file()
         }
 
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    versions = _all_versions(client)  # the model (v1) and, when compress chose one, its compact
     before = train_deps()
     result_json = (repo / "reports/validation/result.json").read_bytes()
     # validate runs again on byte-identical data (as when a rejected file is replaced by the
@@ -631,8 +633,17 @@ def test_revalidating_identical_data_retrains_nothing(reproduced) -> None:
     again = dvc(repo, "repro")
     for stage in ("features", "train", "evaluate", "register"):
         assert f"Stage '{stage}' didn't change, skipping" in again.stdout
-    client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
-    assert len(client.search_model_versions("name = 'classifier'")) == 1
+    assert _all_versions(client) == versions
+    assert [v for v, compact_of in versions if compact_of is None] == ["1"]
+
+
+def _all_versions(client: mlflow.MlflowClient) -> list[tuple[str, str | None]]:
+    # (version, the version it is a compact copy of: None for the model itself), oldest first
+    found = client.search_model_versions("name = 'classifier'")
+    return sorted(
+        ((str(v.version), v.tags.get("compact.parent_version")) for v in found),
+        key=lambda item: int(item[0]),
+    )
 
 
 @pytest.mark.slow
@@ -643,6 +654,9 @@ def test_forced_register_twice_in_dvc_leaves_one_version_and_one_move(reproduced
 
     repo, mlflow_uri = reproduced.repo, reproduced.uri  # a copy of the session's `dvc repro`
     run_id = json.loads((repo / "reports" / "registration.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    versions = _all_versions(client)  # the model and, when compress chose one, its compact
+    compact_moves = registry.alias_history(client, "classifier", "champion-compact")
 
     for _ in range(2):
         again = dvc(repo, "repro", "--force", "--single-item", "register", check=False)
@@ -650,12 +664,14 @@ def test_forced_register_twice_in_dvc_leaves_one_version_and_one_move(reproduced
 
     record = json.loads((repo / "reports" / "registration.json").read_text())
     assert record["decision"] == "identical" and record["version"] == 1
+    assert record["compact"]["status"] in ("identical", "not_registered"), record["compact"]
     assert record["run_id"] == run_id  # the same MLflow run each time
-    client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
-    assert [v.version for v in client.search_model_versions("name = 'classifier'")] == [1]
-    assert [(m.alias, m.to_version) for m in registry.alias_history(client, "classifier")] == [
-        ("champion", "1")
-    ]
+    assert _all_versions(client) == versions
+    assert [v for v, compact_of in versions if compact_of is None] == ["1"]
+    assert [
+        (m.alias, m.to_version) for m in registry.alias_history(client, "classifier", "champion")
+    ] == [("champion", "1")]
+    assert registry.alias_history(client, "classifier", "champion-compact") == compact_moves
 
 
 def _register_dying_in(
