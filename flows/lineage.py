@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
+from serving.model import COMPACT_PARENT_TAG
 from stages.common import tracking
 from stages.common.config import MlflowParams, describe_errors, read_yaml
 from stages.common.errors import PipelineError
@@ -251,6 +252,8 @@ def build_lineage(client: MlflowClient, ref: ModelRef, ui_url: str) -> dict[str,
             "source": version.source,
             "decision": version.tags.get("promotion.decision"),
             "reason": version.tags.get("promotion.reason"),
+            # a compact model (compress stage): the version it was made from, on the same run
+            "compact_of": version.tags.get(COMPACT_PARENT_TAG),
         },
         "run": {
             "id": run_id,

@@ -471,6 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         lineage = load_lineage(args)
         model = lineage["model"]
+        if parent := model.get("compact_of"):  # its metrics are the compact file's, not a run's
+            raise LineageError(
+                f"{model['name']} v{model['version']} is a compact copy of v{parent} (the compress "
+                f"stage made it from that model); reproduce v{parent}: make reproduce "
+                f"MODEL={model['name']}/{parent}"
+            )
         client = open_client(lineage["tracking_uri"])
         files = lineage_files(client, lineage["run"]["id"])
         inputs = logged_inputs(client, lineage["run"]["id"], lineage["inputs"])

@@ -100,7 +100,9 @@ def test_editing_a_stage_package_reruns_that_stage_alone(
     locked_repo: Path, edit, stage: str
 ) -> None:
     edit(f"stages/{stage}/stage.py")
-    assert _changed_stages(locked_repo) == {stage}
+    # the ensemble's members process saves members with train's own checkpoint builder
+    also = {"ensemble"} if stage == "train" else set()
+    assert _changed_stages(locked_repo) == {stage} | also
 
 
 def test_editing_shared_stage_code_reruns_every_stage(locked_repo: Path, edit) -> None:

@@ -406,3 +406,18 @@ def test_train_time_record_reads_the_summary_defensively(
     }
     tags = client.get_run(run.info.run_id).data.tags
     assert tags["validation.success"] == "false" and "validation.bad_fraction" not in tags
+
+
+def test_reproducing_a_compact_version_points_at_its_parent(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A compact model's metrics are its file's, not the run's: re-running the stages would give
+    # its parent's. The command says which version to reproduce instead, and builds nothing.
+    from flows import reproduce
+
+    lineage = {"model": {"name": "clf", "version": 2, "compact_of": "1"}}
+    monkeypatch.setattr(reproduce, "load_lineage", lambda args: lineage)
+    assert reproduce.main(["clf/2", "--workdir", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert "clf v2 is a compact copy of v1" in err and "make reproduce MODEL=clf/1" in err
+    assert not (tmp_path / "w").exists()

@@ -184,6 +184,7 @@ def test_compact_of_a_champion_is_registered_aliased_linked_and_idempotent(
     assert told["run"]["id"] == child.info.run_id and told["git"]["commit"] == "0123abc"
     assert told["params"] == {"train": {"epochs": 3}}
     assert told["metrics"] == {"accuracy": 0.95, "f1_macro": 0.94, "log_loss": 0.12}
+    assert told["model"]["compact_of"] == "1"  # reproduce sends the reader to v1 (its parent)
     moves = registry.alias_history(client, NAME, ALIAS)  # moved through the audited registry
     assert [(m.to_version, m.kind, m.status, m.caused_by_run) for m in moves] == [
         ("2", "register", "done", record["run_id"])
