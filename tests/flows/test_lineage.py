@@ -76,7 +76,9 @@ def test_reproduce_an_old_version_after_the_data_changed(
     _write_csv(repo / CSV, drop_every=10)  # new data arrives: 10% fewer rows
     _git(repo, "commit", "-q", "-am", "data v2")
     v2 = _train_version(repo, "model v2")
-    assert (v1["registration"]["version"], v2["registration"]["version"]) == (1, 2)
+    # v1 is the first version; v2's number follows v1's compact copy when compress made one
+    second = v2["registration"]["version"]
+    assert v1["registration"]["version"] == 1 and second > 1
     assert _raw_md5(v1["lock"]) != _raw_md5(v2["lock"])
     assert v1["metrics"] != v2["metrics"]
 
@@ -97,7 +99,7 @@ def test_reproduce_an_old_version_after_the_data_changed(
     assert chain["run"]["id"] in text and "Validation" in text
 
     # v2 ran on a tree whose dvc.lock the same `dvc repro` had rewritten: dirty in the lock only
-    assert lineage.main([f"{MODEL}/2", "--repo", str(repo), "--json"]) == 0
+    assert lineage.main([f"{MODEL}/{second}", "--repo", str(repo), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["git"]["dirty_files"] == ["dvc.lock"]
 
     started = time.monotonic()
@@ -109,12 +111,12 @@ def test_reproduce_an_old_version_after_the_data_changed(
     again = json.loads((workdir / "reports/metrics.json").read_text())
     assert again == v1["metrics"] and again != v2["metrics"]
     assert re.search(r"All \d+ test metrics of classifier v1 match exactly", out), out
-    assert "stage 4/4: evaluate" in err
+    assert "stage 5/5: evaluate" in err  # validate, features, train, ensemble, evaluate
     assert _raw_md5(yaml.safe_load((workdir / "dvc.lock").read_text())) == _raw_md5(v1["lock"])
     assert _git(workdir, "rev-parse", "HEAD") == chain["git"]["commit"]
     # the reproduction logged into its own store, never into the original one
     assert (workdir / "mlflow/mlflow.db").is_file()
-    assert lineage.main([f"{MODEL}/3", "--repo", str(repo)]) == 1
+    assert lineage.main([f"{MODEL}/99", "--repo", str(repo)]) == 1  # no such version
 
 
 OWN_CSV, OWN_SUITE = "data/source/own.csv", "suites/own.json"
@@ -145,9 +147,10 @@ def test_reproduce_own_data_with_an_untracked_suite_and_dirty_outputs(
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         dvc(repo, "push")
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert json.loads((repo / "reports/registration.json").read_text())["version"] == 3
+    third = json.loads((repo / "reports/registration.json").read_text())["version"]
+    assert third >= 3  # the third model (compact copies, when made, take numbers too)
 
-    assert lineage.main([f"{MODEL}/3", "--repo", str(repo), "--json"]) == 0
+    assert lineage.main([f"{MODEL}/{third}", "--repo", str(repo), "--json"]) == 0
     chain = json.loads(capsys.readouterr().out)
     assert "reports/metrics.json" in chain["git"]["dirty_files"]  # v2's, not the commit's
     recorded = chain["inputs"][OWN_SUITE]
@@ -158,7 +161,7 @@ def test_reproduce_own_data_with_an_untracked_suite_and_dirty_outputs(
     assert chain["inputs"]["model/nets.py"]["in_git"]  # a code file train depends on
 
     workdir = tmp_path / "reproduced"
-    code = reproduce.main([f"{MODEL}/3", "--repo", str(repo), "--workdir", str(workdir)])
+    code = reproduce.main([f"{MODEL}/{third}", "--repo", str(repo), "--workdir", str(workdir)])
     out, err = capsys.readouterr()
     assert code == 0, out + err
     assert "WARNING" not in err, err
