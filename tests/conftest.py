@@ -32,7 +32,12 @@ PROJECT_FILES = [
 ]
 
 # Small but real settings so the whole pipeline runs in seconds on a 2-core CPU.
-TINY_PARAMS = {"train": {"max_epochs": 15, "patience": 5}}
+TINY_PARAMS = {
+    "train": {"max_epochs": 15, "patience": 5},
+    # one compress method (the one the default data chooses), fewer latency calls: prune and
+    # distill have their own tests (tests/stages/compress/)
+    "compress": {"methods": ["quantize"], "row_repeats": 20, "batch_repeats": 5},
+}
 
 # Offline, quiet, and never touching the user's ~/.prefect or ./mlflow.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
