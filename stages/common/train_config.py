@@ -90,6 +90,10 @@ class TrainParams(StrictModel):
     checkpoint_every_steps: int = Field(200, ge=0)  # resume checkpoint cadence; 0 = epoch ends
     # DDP processes (torchrun); null = one per visible GPU (1 on CPU); batch_size is global
     nproc: int | None = Field(None, gt=0)
+    # several machines (torchrun's c10d rendezvous): nodes in the job, each running nproc
+    # processes; rdzv_endpoint is host:port of the rendezvous, reachable from every node
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
     transformer: TransformerParams = Field(default_factory=TransformerParams)
     rnn: RnnParams = Field(default_factory=RnnParams)
     gbdt: GbdtParams = Field(default_factory=GbdtParams)

@@ -92,6 +92,9 @@ class TuneParams(StrictModel):
 
     trials: int = Field(20, gt=0)  # trials per `make tune` (TRIALS=N overrides)
     parallel: int = Field(1, gt=0)  # trials at a time, each in its own process
+    # where trials run: threads of the tune process, or the workers of a Dask cluster
+    executor: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None  # an existing scheduler, tcp://host:8786 (null: a local one)
     sampler: Literal["tpe", "grid", "random"] = "tpe"  # tpe = Bayesian; grid needs discrete ranges
     pruner: Literal["median", "hyperband", "none"] = "median"  # stop hopeless trials early
     # the study database: sqlite under the project, or postgresql+psycopg://user@host/db so
