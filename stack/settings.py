@@ -53,6 +53,8 @@ class StackSettings(BaseModel):
     work_pool: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     workers: int = Field(ge=0)
     pipeline_concurrency: int = Field(ge=1)
+    flow_heartbeat_s: int = Field(ge=30)
+    crashed_after_s: int = Field(ge=31)
     postgres_password: str = ""
     aws_access_key_id: str = ""
     aws_secret_access_key: str = ""
@@ -101,6 +103,7 @@ class StackSettings(BaseModel):
         return {
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(self.flow_heartbeat_s),
             "AWS_ACCESS_KEY_ID": self.aws_access_key_id,
             "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key,
             "AWS_DEFAULT_REGION": self.s3_region,
