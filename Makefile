@@ -43,8 +43,10 @@ data: install ## Point the project at your table: make data SRC=path/to/table.cs
 
 # One run per workspace at a time (stages/common/runlock.py): while another `make run`,
 # `make repro` or scheduled run holds it, these refuse, naming it; WAIT=1 waits for it instead.
-run: install ## Run the whole pipeline through the Prefect flow on the default data (WAIT=1: queue behind a running one)
-	$(BIN)/python -m flows.pipeline --repo .$(if $(WAIT), --wait)
+# REMOTE=1: submit the run to the stack's work pool (`make up`) and wait for it; the worker runs
+# the same flow on the servers (flows/remote.py).
+run: install ## Run the whole pipeline through the Prefect flow (REMOTE=1: on the stack's worker; WAIT=1: queue)
+	$(if $(REMOTE),$(BIN)/python -m flows.remote run --repo .,$(BIN)/python -m flows.pipeline --repo .$(if $(WAIT), --wait))
 
 repro: install ## Run the same stages with `dvc repro`, then push the data versions (WAIT=1 as for run)
 	$(BIN)/python -m flows.repro --repo .$(if $(WAIT), --wait)
@@ -161,6 +163,25 @@ rollback: install ## Move champion back to its previous holder (or VERSION=n): m
 # and in the DVC cache, hashed from its bytes. `make repair` rewrites a corrupt cache object from a
 # good workspace copy, restores a workspace file from a good cache object, removes what has no good
 # copy; then `make run` re-creates it.
+# The server stack (stack/, settings in stack/stack.env): PostgreSQL, an MLflow server, a Prefect
+# server with a process work pool and its worker(s), SeaweedFS as S3; the pipeline deployed to
+# the pool with its cron. Data stays in .stack/ across `make down`/`make up`.
+.PHONY: up down stack-status train-node
+up: install test-deps ## Start the server stack on 127.0.0.1 and deploy the pipeline to its work pool
+	$(BIN)/python -m stack up
+	$(BIN)/python -m flows.remote deploy --repo .
+
+down: install ## Stop the server stack (its data stays in .stack/ for the next `make up`)
+	$(BIN)/python -m stack down
+
+stack-status: install ## Which stack services run, their URLs and logs
+	$(BIN)/python -m stack status
+
+# Training on several machines (train.nnodes > 1, train.rdzv_endpoint): the train stage runs on
+# the first node; each other node joins with this (same checkout, `dvc pull` of data/features).
+train-node: install ## Join this machine to a multi-node training job (train.nnodes, train.rdzv_endpoint)
+	$(BIN)/python -m stages.train.node
+
 .PHONY: verify repair
 verify: install ## Check the data, models and reports against dvc.lock (workspace + DVC cache)
 	$(BIN)/python -m flows.verify
