@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-PACKAGES = ("stages", "model", "serving", "flows")
+PACKAGES = ("stages", "model", "serving", "flows", "stack")
 # flows/ orchestrate: the work (and its heavy imports) lives in stages/ and model/.
 NOT_IN_FLOWS = {"pandas", "torch", "numpy"}
 
@@ -67,6 +67,8 @@ def _append(path: Path, line: str) -> None:
         ("stages/common/io.py", "import flows.pipeline", "Stages import nothing from flows/"),
         ("stages/common/io.py", "import serving.app", "stages.common imports neither"),
         ("stages/common/io.py", "import stages.train.stage", "No stage imports another stage"),
+        ("stack/settings.py", "import flows.pipeline", "stack/ (the servers: make up"),
+        ("stages/common/io.py", "import stack.settings", "Stages and the model import nothing"),
     ],
 )
 def test_a_forbidden_import_breaks_a_contract(
