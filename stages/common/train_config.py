@@ -151,6 +151,29 @@ class TrainParams(StrictModel):
             raise ValueError("model 'gbdt' trains in one process: leave nproc unset (or 1)")
         return self
 
+    @model_validator(mode="after")
+    def _nodes(self) -> TrainParams:
+        # several machines: torchrun's c10d rendezvous needs an address every node can reach
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"nnodes {self.nnodes} needs rdzv_endpoint: host:port of the machine that runs "
+                "the train stage (it hosts the rendezvous), reachable from the other nodes"
+            )
+        if (
+            self.rdzv_endpoint is not None
+            and not 0 < int(self.rdzv_endpoint.rsplit(":")[1]) < 65536
+        ):
+            raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint}: the port must be 1-65535")
+        if self.model == "gbdt" and self.nnodes > 1:
+            raise ValueError("model 'gbdt' trains in one process: set nnodes: 1")
+        processes = self.nnodes * (self.nproc or 1)
+        if self.nnodes > 1 and self.batch_size % processes:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over {self.nnodes} nodes x "
+                f"{self.nproc or 1} processes: use a multiple of {processes}"
+            )
+        return self
+
     @property
     def augments(self) -> bool:
         return bool(self.augment_crop_pad or self.augment_flip or self.augment_noise)
