@@ -8,12 +8,13 @@ The study (``stages.train.tuning``) is one per dataset and model family and live
 study should hold, so a run that was killed resumes where it stopped (its RUNNING trials are
 marked FAIL and run again) and a second ``make tune`` on the same data runs nothing new. Each
 trial is a Prefect task that runs ``python -m stages.train.trial`` in its own process,
-``--parallel`` (``tune.parallel``) at a time. The study has one MLflow run (experiment
-``<mlflow.experiment>-tune``) and each trial a child run under it. Then the best trial's values
-are written into ``params.yaml``, comments kept; ``make run`` trains it. ``--model X`` other
-than ``train.model`` tunes X and prints its best without writing (the values it shares with the
-current family, lr or dropout, would change that family's training); ``--switch`` writes
-``model: X`` with them.
+``--parallel`` (``tune.parallel``) at a time: threads of this process, or with ``tune.executor:
+dask`` the workers of a Dask cluster (``flows.tune_dask``). The study has one MLflow run
+(experiment ``<mlflow.experiment>-tune``) and each trial a child run under it. Then the best
+trial's values are written into ``params.yaml``, comments kept; ``make run`` trains it.
+``--model X`` other than ``train.model`` tunes X and prints its best without writing (the values
+it shares with the current family, lr or dropout, would change that family's training);
+``--switch`` writes ``model: X`` with them.
 
 The workspace's run lock is held throughout, as ``make run`` holds it: the two never overlap,
 and the trials of a killed run are gone before the next one starts.
@@ -39,6 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import tune_dask
 from flows.pipeline import (
     PREFECT_PORT,
     command_line,
@@ -102,6 +104,15 @@ def plan_study(
         uri = f"sqlite:///{(repo / uri.removeprefix('sqlite:///')).resolve()}"
     parallel = parallel or params.tune.parallel
     settings = tuning.study_settings(params, family)
+    executor, address = params.tune.executor, params.tune.dask_address
+    if executor == "dask":  # before resolve_storage creates the sqlite folder
+        configured = os.environ.get(tuning.STORAGE_ENV) or params.tune.storage
+        tune_dask.check_cluster(address, configured, uri)
+    elif address:  # not at load: it must not block make run
+        raise ConfigError(
+            f"params.yaml: tune.dask_address {address} is set, but tune.executor is threads: "
+            "set tune.executor: dask to run the trials on that cluster (or dask_address: null)"
+        )
     return {
         "repo": str(repo.resolve()),
         "params_text": params_text,
@@ -113,6 +124,8 @@ def plan_study(
         "storage": tuning.resolve_storage(params.tune.storage, repo),
         "target": target,
         "parallel": parallel,
+        "executor": executor,
+        "dask_address": address if executor == "dask" else None,
         "threads": max(1, (os.cpu_count() or 1) // parallel),
         "sampler": params.tune.sampler,
         "pruner": params.tune.pruner,
@@ -129,12 +142,20 @@ def plan_study(
 
 @task(cache_policy=NO_CACHE, task_run_name="trial-{index}")
 def run_trial(plan: dict, parent_run_id: str, index: int) -> dict[str, Any]:
-    """One trial: ``python -m stages.train.trial`` in its own process.
+    """One trial: ``python -m stages.train.trial`` in its own process (started from a Dask
+    worker with ``tune.executor: dask``: the result names it).
 
     Raises:
-        RuntimeError: the trial failed (its own message: a bad value combination, a crash).
+        RuntimeError: the trial failed (its own message: a bad value combination, a crash), or
+            a Dask worker lacks the project at ``plan["repo"]``.
     """
     log = get_run_logger()
+    worker = tune_dask.worker_name()
+    if not Path(plan["repo"]).is_dir():
+        raise RuntimeError(
+            f"trial not started: {plan['repo']} is not on Dask worker {worker} "
+            f"({os.uname().nodename}); workers need the project checked out at the same path"
+        )
     command = [
         sys.executable, "-m", "stages.train.trial",
         "--params", "params.yaml", "--features", "data/features",
@@ -163,8 +184,13 @@ def run_trial(plan: dict, parent_run_id: str, index: int) -> dict[str, Any]:
     ]
     if proc.returncode != 0 or not results:
         raise RuntimeError(f"trial failed: {describe_failure(lines)[0]}")
-    log.info("trial %(number)d: %(state)s (val_loss %(value)s)", results[-1])
-    return results[-1]
+    where = f" on {worker}" if worker else ""
+    log.info(
+        "trial %d: %s (val_loss %s)%s",
+        *(results[-1][k] for k in ("number", "state", "value")),
+        where,
+    )
+    return {**results[-1], "worker": worker} if worker else results[-1]
 
 
 def _run_rounds(plan: dict, study: Any, space: dict, parent_run_id: str) -> list[dict]:
@@ -181,9 +207,13 @@ def _run_rounds(plan: dict, study: Any, space: dict, parent_run_id: str) -> list
         first = tuning.started_trials(study)  # offsets each trial's sampler seed
         log.info("running %d trial(s), %d at a time", remaining, plan["parallel"])
         futures = [run_trial.submit(plan, parent_run_id, first + i) for i in range(remaining)]
-        wait(futures)
-        done = [f.result(raise_on_failure=False) for f in futures]
+        if plan["executor"] == "dask":  # a worker's death fails its trial, no hang
+            done = tune_dask.collect(futures, log)
+        else:
+            wait(futures)
+            done = [f.result(raise_on_failure=False) for f in futures]
         results += [r if isinstance(r, dict) else {"state": "FAIL", "error": str(r)} for r in done]
+        end_dead_trials(plan, study)  # a trial whose process died (its worker) left RUNNING
         if all(isinstance(r, BaseException) for r in done):
             break  # every trial failed: another round would fail the same way
     return results
@@ -321,7 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Tuning not started: {exc}", file=sys.stderr)
             return 1
         use_prefect_api(args.prefect_port, held)
-        runner = ThreadPoolTaskRunner(max_workers=plan["parallel"])
+        runner = (
+            tune_dask.task_runner(plan)
+            if plan["executor"] == "dask"
+            else ThreadPoolTaskRunner(max_workers=plan["parallel"])
+        )
         try:
             summary = tune.with_options(task_runner=runner)(plan)
         except Exception as exc:  # the flow run is Failed; Prefect logged the details
@@ -354,7 +388,12 @@ def update_features(repo: Path) -> None:
 
 
 def _setup_logging() -> None:
-    for name in ("flows.tune", "flows.pipeline", "stages.train.tuning"):
+    for name in (
+        "flows.tune",
+        "flows.pipeline",
+        "stages.train.tuning",
+        "stages.train.tune_liveness",
+    ):
         log = logging.getLogger(name)
         if not log.handlers:
             handler = logging.StreamHandler(sys.stderr)

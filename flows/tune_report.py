@@ -9,6 +9,7 @@ import contextlib
 import json
 import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,8 @@ def summarize(
             s: sum(r["state"] == s for r in results) for s in ("COMPLETE", "PRUNED", "FAIL")
         },
         "study_states": tuning.count_states(study),
+        # tune.executor dask: {worker address: trials it ran} (empty with threads)
+        "workers": dict(Counter(r["worker"] for r in results if r.get("worker"))),
         "marked_failed_from_killed_run": rerun,
         "best_trial": best.number if best else None,
         "best_val_loss": best.value if best else None,
@@ -161,6 +164,9 @@ def render(summary: dict[str, Any], markdown: bool = False) -> str:
         f"This run: {summary['ran_now']} trial(s) {summary['ran_now_states']}"
         + (f"; trials {summary['marked_failed_from_killed_run']} of a killed run marked FAIL"
            if summary["marked_failed_from_killed_run"] else ""),
+        *([f"Dask workers: {len(summary['workers'])} ("
+           + ", ".join(f"{w}: {n} trial(s)" for w, n in summary["workers"].items()) + ")"]
+          if summary.get("workers") else []),
         f"Best: {best} {json.dumps(summary['best_values']) if summary['best_values'] else ''}",
         (f"params.yaml: {summary['note']}" if summary.get("note") else "params.yaml train: "
          + (", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()) or "unchanged")),

@@ -9,6 +9,7 @@ import copy
 import types
 import typing
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -104,6 +105,25 @@ class TuneParams(StrictModel):
     # what is searched, per model family: keys are train fields (dotted for sub-sections,
     # e.g. gbdt.learning_rate); the family tuned is train.model
     space: dict[str, dict[str, SearchRange]] = Field(default_factory=_default_spaces)
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        # the address only; whether it answers, and the stores every worker needs, make tune
+        # checks when it starts (flows/tune_dask.py): not at load, which would block make run
+        if value is None:
+            return value
+        url = urlsplit(value)
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        if url.scheme not in ("tcp", "tls") or not url.hostname or port is None:
+            raise ValueError(
+                f"{value!r} is not a Dask scheduler address: give tcp://host:8786 (the "
+                "scheduler's, with its port), or null for a local cluster of tune.parallel workers"
+            )
+        return value
 
     @field_validator("space")
     @classmethod
