@@ -18,13 +18,21 @@ outputs are ``run``'s job.
 With ``train.nproc`` > 1 (or several GPUs visible) the stage re-launches itself under torchrun
 (DDP: one process per GPU, gloo on CPU); rank 0 alone talks to MLflow and writes outputs. A
 killed run resumes from its last checkpoint in ``--resume-dir`` when started again.
+
+With ``train.nnodes`` > 1 this machine (the main node, whose workspace DVC records) hosts
+torchrun's c10d rendezvous at ``train.rdzv_endpoint`` and waits for the other machines, each
+running ``python -m stages.train.node`` (``make train-node``) with the same checkout, params and
+data; local rank 0 of this node alone writes (``distributed.DistInfo.is_main``).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,11 +48,18 @@ from model.preprocess import FittedPreprocessor, load_preprocessor
 from stages.common import integrity, tracking
 from stages.common.cli import build_parser, run_main
 from stages.common.config import Params, TrainParams
+from stages.common.errors import ConfigError
 from stages.common.io import atomic_path, write_text
 from stages.train import distributed
 from stages.train.batches import StreamedTrainData, load_train_data
-from stages.train.checkpoint import GracefulStop, ResumeStore, TrainingInterrupted, open_resume
-from stages.train.distributed import DistInfo
+from stages.train.checkpoint import (
+    GracefulStop,
+    ResumeStore,
+    TrainingInterrupted,
+    hash_files,
+    open_resume,
+)
+from stages.train.distributed import DistInfo, Rendezvous
 from stages.train.gbdt import GbdtResult, run_gbdt
 from stages.train.loop import TrainResult, seed_torch, train_model
 from stages.train.mlflow_run import TrainingRun, history_csv, sequence_steps, training_run
@@ -53,6 +68,7 @@ from stages.train.training import resolve_precision
 logger = logging.getLogger(__name__)
 
 DEFAULT_RESUME_DIR = ".resume/train"  # outside every DVC output: `dvc repro` leaves it alone
+RDZV_ID_ENV = "TRAIN_RDZV_ID"  # several nodes: the job id, when not derived from params + data
 
 
 @dataclass(frozen=True)
@@ -117,7 +133,11 @@ def run(
             store, ckpt = open_resume(
                 resume_dir, params, paths.features, device, streamed, dist, resume
             )
-            # optimizer + loop: every rank trains; rank 0 alone logs and writes the outputs
+            if params.train.nnodes > 1:
+                # The other machines hold no resume checkpoint (the main node writes it), or
+                # a stale one: every rank takes the main node's. Also checks one writer.
+                ckpt = distributed.share_from_main(ckpt, dist, device)
+            # optimizer + loop: every rank trains; the main rank alone logs and writes outputs
             fit = functools.partial(
                 train_model,
                 network,
@@ -224,9 +244,53 @@ def _save_model(out_dir: Path, checkpoint: dict[str, Any], mlrun: TrainingRun) -
         tracking.save_run_info(tmp, mlrun.run_id, mlrun.experiment_id)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m stages.train --features DIR --validation-report DIR --out DIR --history F``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def job_id(params: Params, features_dir: str | Path) -> str:
+    """The rendezvous id of a several-node training: ``TRAIN_RDZV_ID``, else a hash of the
+    train params, seed, device and the features files, so that every node derives the same
+    one, and a node with other params or data (no ``dvc pull``) cannot join the job."""
+    if given := os.environ.get(RDZV_ID_ENV, "").strip():
+        return given
+    config = {
+        "train": params.train.model_dump(mode="json"),
+        "seed": params.base.seed,
+        "device": params.base.device,
+    }
+    features = Path(features_dir)
+    try:
+        data = hash_files(
+            [features / name for name in ("train.parquet", "val.parquet", PREPROCESSOR_FILE)]
+        )
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{exc.filename}: the features this node trains on are missing: run `dvc pull` "
+            "(or the pipeline up to the features stage) in this checkout first"
+        ) from exc
+    text = json.dumps(config, sort_keys=True) + data
+    return "train-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def rendezvous_for(params: Params, features_dir: str | Path, *, main: bool) -> Rendezvous:
+    """This node's place in the several-node job ``params.train`` describes.
+
+    Raises:
+        ConfigError: no endpoint, or (main node) an endpoint that is not this machine.
+    """
+    endpoint = params.train.rdzv_endpoint
+    if endpoint is None:  # params validation already requires it with nnodes > 1
+        raise ConfigError("train.rdzv_endpoint: unset; several nodes need host:port")
+    if main:
+        distributed.check_main_endpoint(endpoint)
+    return Rendezvous(
+        params.train.nnodes,
+        endpoint,
+        job_id(params, features_dir),
+        main,
+        distributed.join_timeout_s(),
+    )
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """The stage's options (``stages.train.node`` reads dvc.yaml's train cmd with it)."""
     parser = build_parser("train", "Train the network with early stopping; log to MLflow.")
     parser.add_argument("--features", required=True, help="features folder (features stage)")
     parser.add_argument(
@@ -248,12 +312,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="discard this training's resume checkpoint and start over",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stages.train --features DIR --validation-report DIR --out DIR --history F``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_train_parser()
 
     def body(args: argparse.Namespace, params: Params) -> None:
         nproc = distributed.resolve_nproc(params.train.nproc, params.base.device)
-        if nproc > 1 and not distributed.current().enabled:
-            distributed.launch_torchrun(nproc, "stages.train", argv)
-            return
+        if not distributed.current().enabled:
+            if params.train.nnodes > 1:  # this is the main node: host the job, wait for all
+                rdzv = rendezvous_for(params, args.features, main=True)
+                distributed.launch_torchrun(nproc, "stages.train", argv, rdzv)
+                return
+            if nproc > 1:
+                distributed.launch_torchrun(nproc, "stages.train", argv)
+                return
         run(
             args.features,
             args.validation_report,
