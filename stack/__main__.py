@@ -1,0 +1,161 @@
+"""``python -m stack up|down|status [--repo PATH]``: the server stack on this machine.
+
+``up`` starts what is not running yet (PostgreSQL, SeaweedFS, the MLflow server, the Prefect
+server, the work pool and its crash automation, the workers), reuses what is, writes the DVC
+remote ``stack``, and prints each service's URL, log and start time. ``down`` stops them all;
+their data stays in STACK_DIR for the next ``up``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from stack import dvc_remote, objectstore, pool, postgres, procs, servers
+from stack.settings import StackError, StackSettings, ensure_secrets, load_settings
+
+
+def _say(line: str, err: bool = False) -> None:
+    print(line, file=sys.stderr if err else sys.stdout, flush=True)  # noqa: T201 (the answer)
+
+
+def _report(name: str, started: bool | int, seconds: float, url: str, state: Path) -> None:
+    how = f"started in {seconds:5.1f} s" if started else f"running ({seconds:.1f} s to check)"
+    log = procs.log_file(state, name.split()[0])
+    _say(f"  {name:<15} {how:<26} {url}  log: {log}")
+
+
+def _step(name: str, url: str, state: Path, action: Callable[[], bool | int]) -> float:
+    start = time.monotonic()
+    started = action()
+    seconds = time.monotonic() - start
+    _report(name, started, seconds, url, state)
+    return seconds
+
+
+def up(repo: Path) -> None:
+    ensure_secrets(repo)
+    settings = load_settings(repo)
+    state = settings.state_dir(repo)
+    (state / "run").mkdir(parents=True, exist_ok=True)
+    with open(state / "run" / "up.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `up`s at once would start everything twice
+        _up(settings, repo, state)
+
+
+def _up(settings: StackSettings, repo: Path, state: Path) -> None:
+    begin = time.monotonic()
+    _say(f"stack up in {state}")
+    pg_url = f"postgresql://{settings.postgres_user}@{settings.stack_host}:{settings.postgres_port}"
+    _step("postgres", pg_url, state, lambda: postgres.up(settings, state))
+    if settings.own_object_store:
+        _step("seaweedfs", settings.s3_endpoint, state, lambda: objectstore.up(settings, state))
+    else:
+        objectstore.check_bucket(settings)
+        _say(
+            f"  object store    external, bucket {settings.s3_bucket} reachable  "
+            f"{settings.s3_endpoint}",
+        )
+    _step("mlflow", settings.mlflow_url, state, lambda: servers.mlflow_up(settings, state))
+    _step(
+        "prefect-server",
+        settings.prefect_api_url,
+        state,
+        lambda: servers.prefect_up(settings, state),
+    )
+    start = time.monotonic()
+    pool.setup(repo, state)
+    _say(
+        f"  work pool       {settings.work_pool!r} (process) and automation "
+        f"{pool.AUTOMATION!r} ready in {time.monotonic() - start:.1f} s",
+    )
+    for stale in set(pool.worker_services(state)) - {
+        f"worker-{n}" for n in pool.worker_names(settings)
+    }:
+        servers.down(state, stale)  # WORKERS was lowered since the last `up`
+    start = time.monotonic()
+    started = pool.workers_up(settings, repo, state)
+    _say(
+        f"  workers         {settings.workers} online ({started} started) in "
+        f"{time.monotonic() - start:.1f} s  logs: {state / 'logs'}/worker-*.log",
+    )
+    if dvc_remote.write_remote(settings, repo):
+        _say(
+            f"  dvc remote      {dvc_remote.DVC_REMOTE!r} -> {settings.dvc_remote_url} "
+            f"({settings.s3_endpoint}) in {repo / '.dvc' / 'config.local'}",
+        )
+    _say(f"stack up in {time.monotonic() - begin:.1f} s")
+
+
+def down(repo: Path) -> None:
+    settings = load_settings(repo)
+    state = settings.state_dir(repo)
+    _say(f"stack down in {state} (data kept)")
+    services = [*pool.worker_services(state), servers.PREFECT, servers.MLFLOW]
+    for service in services:
+        start = time.monotonic()
+        stopped = servers.down(state, service)
+        _say_stopped(service, stopped, start)
+    start = time.monotonic()
+    _say_stopped(objectstore.SERVICE, objectstore.down(state), start)
+    start = time.monotonic()
+    _say_stopped(postgres.SERVICE, postgres.down(state), start)
+
+
+def _say_stopped(service: str, stopped: bool, start: float) -> None:
+    how = f"stopped in {time.monotonic() - start:.1f} s" if stopped else "was not running"
+    _say(f"  {service:<15} {how}")
+
+
+def status(repo: Path) -> int:
+    settings = load_settings(repo)
+    state = settings.state_dir(repo)
+    checks = {
+        postgres.SERVICE: None,
+        objectstore.SERVICE: None,
+        servers.MLFLOW: f"{settings.mlflow_url}/health",
+        servers.PREFECT: f"{settings.prefect_api_url}/health",
+    }
+    if not settings.own_object_store:
+        checks.pop(objectstore.SERVICE)
+    for name in pool.worker_names(settings):
+        checks[f"worker-{name}"] = None
+    down_count = 0
+    for service, health in checks.items():
+        pid = procs.running_pid(state, service)
+        if pid is None:
+            how = "stopped"
+        elif health and not procs.http_ok(health):
+            how = f"pid {pid}, not answering {health}"
+        else:
+            how = f"running (pid {pid})"
+        down_count += how == "stopped" or "not answering" in how
+        _say(f"  {service:<24} {how:<22} log: {procs.log_file(state, service)}")
+    return 1 if down_count else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stack", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--repo", type=Path, default=Path("."), help="the checkout (default .)")
+    args = parser.parse_args(argv)
+    repo = args.repo.resolve()
+    try:
+        if args.command == "up":
+            up(repo)
+        elif args.command == "down":
+            down(repo)
+        else:
+            return status(repo)
+    except StackError as exc:
+        _say(f"stack {args.command}: {exc}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
