@@ -3,8 +3,9 @@
 ``dvc.yaml`` is the only definition of the stage graph. The flow asks DVC for the stage order
 and each task runs ``dvc repro --single-item <stage>``, so DVC decides what changed and
 ``dvc.lock`` is shared with a plain ``dvc repro``: after either one, the other has nothing to
-do. Then the flow pushes the data versions to the default DVC remote (after checking their
-cache objects: a corrupt one is never uploaded) and publishes the
+do. Then the flow pushes the data versions to the default DVC remote, or the one its
+``dvc_remote`` parameter names (the stack's deployment: ``stack``), after checking their
+cache objects (a corrupt one is never uploaded), and publishes the
 ``pipeline-summary`` artifact (stages ran/skipped, test metrics, registered version, promotion
 decision and why, MLflow run link), also when a stage fails, which fails the flow run.
 
@@ -360,21 +361,30 @@ def where_to_look(repo: Path, summary: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def note_push(repo: Path) -> None:
-    """Record that ``dvc push`` succeeded for this ``dvc.lock`` and remote configuration."""
-    path = repo / PUSHED
+def note_push(repo: Path, remote: str | None = None) -> None:
+    """Record that ``dvc push`` to ``remote`` (None: the default remote) succeeded for this
+    ``dvc.lock`` and remote configuration."""
+    path = _pushed_file(repo, remote)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_push_state(repo)), encoding="utf-8")
 
 
-def pushed_already(repo: Path) -> bool:
-    """Whether the last successful ``dvc push`` (by a flow run) had this ``dvc.lock`` and
-    remote configuration: the data versions it names are on the remote then."""
+def pushed_already(repo: Path, remote: str | None = None) -> bool:
+    """Whether the last successful ``dvc push`` to ``remote`` (None: the default remote) by a
+    flow run had this ``dvc.lock`` and remote configuration: the data versions it names are on
+    that remote then."""
     try:
-        noted = json.loads((repo / PUSHED).read_text(encoding="utf-8"))
+        noted = json.loads(_pushed_file(repo, remote).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return noted == _push_state(repo)
+
+
+def _pushed_file(repo: Path, remote: str | None) -> Path:
+    # One record per remote: a push to the stack's remote says nothing of the default one.
+    if not remote:
+        return repo / PUSHED
+    return repo / PUSHED.replace(".json", "-" + re.sub(r"[^A-Za-z0-9_.-]", "_", remote) + ".json")
 
 
 def _push_state(repo: Path) -> dict[str, str | None]:

@@ -110,17 +110,19 @@ def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
     retry_delay_seconds=RETRY_DELAY_S,
     retry_condition_fn=_retry_unless_refused,
 )
-def push_data(repo: str) -> None:
-    """Push this run's data versions to the default DVC remote.
+def push_data(repo: str, remote: str | None = None) -> None:
+    """Push this run's data versions to the DVC remote named ``remote`` (None: the default).
 
     Raises:
         IntegrityError: a cache object about to be pushed is corrupt; nothing was uploaded.
     """
     integrity.check_before_push(repo)  # never upload a corrupt object under its good name
-    code, lines = run_dvc(["push"], Path(repo), stage_env(), get_run_logger())
+    args = ["push", "-r", remote] if remote else ["push"]
+    code, lines = run_dvc(args, Path(repo), stage_env(), get_run_logger())
     if code != 0:
-        raise RuntimeError("dvc push failed: " + "\n".join(lines[-OUTPUT_TAIL:]))
-    note_push(Path(repo))  # the next `make run` with nothing changed need not push again
+        where = f"the DVC remote {remote!r}" if remote else "the default DVC remote"
+        raise RuntimeError(f"dvc push to {where} failed: " + "\n".join(lines[-OUTPUT_TAIL:]))
+    note_push(Path(repo), remote)  # the next `make run` with nothing changed need not push again
 
 
 def publish_summary(
@@ -147,7 +149,10 @@ def publish_summary(
     "-> train -> ... -> register); then dvc push and a summary artifact.",
 )
 def pipeline(
-    repo: str = ".", wait_s: float = 0.0, prerun: dict[str, Any] | None = None
+    repo: str = ".",
+    wait_s: float = 0.0,
+    prerun: dict[str, Any] | None = None,
+    dvc_remote: str | None = None,
 ) -> dict[str, Any]:
     """Hold the workspace's run lock, then run the stages; see ``run_pipeline``.
 
@@ -160,6 +165,8 @@ def pipeline(
         prerun: set by ``main()`` only, under the lock it holds: the stage it ran before
             starting the flow (``stage``, exit ``code``, DVC ``output``, the ingest manifest
             before it, ``manifest_before``); the flow records it instead of running it again.
+        dvc_remote: the DVC remote the data versions are pushed to (``dvc push -r``); None:
+            the default one. The stack's deployment (``flows.remote``) sets ``stack``.
 
     Raises:
         runlock.RunLockBusy: another run holds the workspace (names its pid and start).
@@ -167,10 +174,11 @@ def pipeline(
     command = f"{command_line()} (Prefect flow run {current_flow_run.name})"
     if runlock.held_here(repo):  # main() took it before Prefect started, and checked MLflow
         _note_run(repo, command)
-        return run_pipeline(repo, check_store=False, prerun=prerun)
+        return run_pipeline(repo, check_store=False, prerun=prerun, dvc_remote=dvc_remote)
     with runlock.run_lock(repo, wait_s=wait_s, command=command):
         _note_run(repo, command)
-        return run_pipeline(repo)  # a prerun without the lock held would be stale
+        # a prerun without the lock held would be stale
+        return run_pipeline(repo, dvc_remote=dvc_remote)
 
 
 def _note_run(repo: str, command: str) -> None:
@@ -188,13 +196,17 @@ def _note_run(repo: str, command: str) -> None:
 
 
 def run_pipeline(
-    repo: str, check_store: bool = True, prerun: dict[str, Any] | None = None
+    repo: str,
+    check_store: bool = True,
+    prerun: dict[str, Any] | None = None,
+    dvc_remote: str | None = None,
 ) -> dict[str, Any]:
     """Run the DVC stages of ``repo`` in order, push the data, publish the summary.
 
     Call it inside the ``pipeline`` flow, holding the run lock. ``check_store``: check the
     MLflow tracking store first (``main()`` did it already, before Prefect started).
     ``prerun``: the stage ``main()`` ran already (see ``pipeline``), recorded, not run again.
+    ``dvc_remote``: the DVC remote to push to (None: the default one).
 
     Returns:
         The run summary (``flows.summary.summarize_run``): stage statuses, metrics, model.
@@ -233,7 +245,7 @@ def run_pipeline(
                 name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S
             )
             statuses[stage] = stage_task(stage, str(root), flow_run_id)
-        push_data(str(root))
+        push_data(str(root), dvc_remote)
     except Exception as exc:
         try:
             publish_summary(root, stages, statuses, flow_run_id, error=str(exc))
