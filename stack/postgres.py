@@ -68,6 +68,12 @@ def cluster_root(state: Path) -> Path:
         return link
     home = Path(user.pw_dir if Path(user.pw_dir).is_dir() else "/var/lib/postgresql")
     target = home / f"stack-{hashlib.sha256(str(state).encode()).hexdigest()[:12]}"
+    if target.exists() and any(target.iterdir()):
+        raise StackError(
+            f"postgres: {target} holds the cluster of an earlier {state} (removed since, with the "
+            f"password in its {link.parent.name}/secrets.env): delete it (`rm -rf {target}`) to "
+            "start afresh"
+        )
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chown(target, user.pw_uid, user.pw_gid)
     link.symlink_to(target)
@@ -111,6 +117,22 @@ def _initdb(settings: StackSettings, initdb: Path, root: Path) -> None:
         os.unlink(pwfile)
 
 
+def _server_log(state: Path, root: Path) -> Path:
+    """The server writes its log beside its data (as ``postgres`` it may not reach
+    ``<state>/logs``); ``logs/postgres.log`` links to it."""
+    log = root / "server.log"
+    log.touch()
+    if _as_root():
+        user = pwd.getpwnam("postgres")
+        os.chown(log, user.pw_uid, user.pw_gid)
+    link = procs.log_file(state, SERVICE)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.unlink(missing_ok=True)
+        link.symlink_to(log)
+    return log
+
+
 def _postmaster_pid(root: Path) -> int | None:
     try:
         return int((root / "data" / "postmaster.pid").read_text().split("\n", 1)[0])
@@ -133,12 +155,7 @@ def up(settings: StackSettings, state: Path) -> bool:
     root = cluster_root(state)
     if not (root / "data" / "PG_VERSION").is_file():
         _initdb(settings, initdb, root)
-    log = procs.log_file(state, SERVICE)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.touch()
-    if _as_root():
-        user = pwd.getpwnam("postgres")
-        os.chown(log, user.pw_uid, user.pw_gid)
+    log = _server_log(state, root)
     options = (
         f"-p {settings.postgres_port} -k {root} -c listen_addresses={settings.stack_host} "
         "-c unix_socket_permissions=0700"
