@@ -260,7 +260,7 @@ def _node_failure(rdzv: Rendezvous, nproc: int, code: int, failure: str | None) 
     """The error of a several-node job: which node waited for what, and what to start."""
     where = (
         f"train.nnodes {rdzv.nnodes} (rendezvous {rdzv.endpoint}, job id {rdzv.job_id}, "
-        f"join timeout {rdzv.join_timeout_s} s ({JOIN_TIMEOUT_ENV}))"
+        f"join timeout {rdzv.join_timeout_s} s, set by {JOIN_TIMEOUT_ENV})"
     )
     same = (
         "with the same checkout, params.yaml and data (`dvc pull`): a node with other params "
@@ -278,7 +278,13 @@ def _node_failure(rdzv: Rendezvous, nproc: int, code: int, failure: str | None) 
             f"(dvc repro / make run) on the main node and `make train-node` on every other "
             f"machine, {same}"
         )
-    if failure == "RendezvousConnectionError" and not rdzv.main:
+    if failure == "RendezvousConnectionError" and rdzv.main:
+        return (
+            f"could not host the rendezvous: {where}: port {rdzv.endpoint.rsplit(':', 1)[1]} "
+            "is taken on this machine (another job, or an earlier one still ending): set "
+            "train.rdzv_endpoint to a free port, on every node"
+        )
+    if failure == "RendezvousConnectionError":
         return (
             f"could not reach the rendezvous: {where}: start the train stage (dvc repro / make "
             f"run) on the machine at {rdzv.endpoint}, which hosts it; check that the address "

@@ -4,10 +4,14 @@ one process, and only the main node (the one running the stage) writes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -134,6 +138,24 @@ def test_a_node_that_never_joins_times_out_naming_the_endpoint_and_the_fix(
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.stack  # two more torchrun starts: make test stays in its budget
+def test_a_taken_port_or_an_absent_main_node_fail_with_what_to_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(PipelineError, match="could not host the rendezvous: .* is taken"):
+            distributed.launch_torchrun(
+                1, "stages.train", [], Rendezvous(2, endpoint, "j", True, 3)
+            )
+    # the endpoint's port is closed now: a joining node finds no main node there
+    with pytest.raises(PipelineError, match="could not reach the rendezvous: .* start the train"):
+        distributed.launch_torchrun(1, "stages.train", [], Rendezvous(2, endpoint, "j", False, 3))
+
+
 # --- stack: 2 nodes x 1 process on 127.0.0.1 against one process ----------------------------
 
 
@@ -166,10 +188,28 @@ def _torchrun_pid(parent: subprocess.Popen, timeout_s: float = 60) -> int:
     raise AssertionError("no torchrun started")
 
 
-@pytest.mark.stack
-def test_two_nodes_match_one_process_and_only_the_main_node_writes(project: Path) -> None:
-    from mlflow.tracking import MlflowClient
+@dataclass
+class _Job:
+    """The two nodes' launchers, their torchrun pids and their stderr files."""
 
+    other: subprocess.Popen
+    main: subprocess.Popen
+    other_torchrun: int
+    main_torchrun: int
+    logs: dict[str, Path]
+    started: float
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text()
+
+
+@contextlib.contextmanager
+def _two_nodes(project: Path) -> Iterator[_Job]:
+    """Start `python -m stages.train.node`, then the train stage; kill what is left at exit.
+
+    The other node first: its torchrun gets the lower pid, so c10d makes it node rank 0
+    (global rank 0), and the writer must still be the main node's process.
+    """
     # OMP_NUM_THREADS=1: torchrun's default for several processes; one process gets the same.
     env = {
         **os.environ,
@@ -178,37 +218,49 @@ def test_two_nodes_match_one_process_and_only_the_main_node_writes(project: Path
         distributed.JOIN_TIMEOUT_ENV: "120",
     }
     logs = {name: project / f"{name}.log" for name in ("main", "other")}
-    # The other node first: its torchrun gets the lower pid, so c10d makes it node rank 0
-    # (global rank 0), and the writer must still be the main node's process.
+    processes: list[subprocess.Popen] = []
     with logs["other"].open("w") as other_err, logs["main"].open("w") as main_err:
-        other = subprocess.Popen(
-            [sys.executable, "-m", "stages.train.node", "--params", "nodes.yaml"],
-            cwd=project,
-            env=env,
-            stderr=other_err,
-        )
-        main = None
         try:
-            other_torchrun = _torchrun_pid(other)
-            started = time.monotonic()
-            main = subprocess.Popen(
-                [sys.executable, "-m", "stages.train", *_args(project, "nodes")],
-                cwd=project,
-                env=env,
-                stderr=main_err,
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "stages.train.node", "--params", "nodes.yaml"],
+                    cwd=project,
+                    env=env,
+                    stderr=other_err,
+                )
             )
-            main_torchrun = _torchrun_pid(main)
-            main.wait(timeout=300)
-            other.wait(timeout=60)
-            wall = time.monotonic() - started
+            other_torchrun = _torchrun_pid(processes[0])
+            started = time.monotonic()
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "stages.train", *_args(project, "nodes")],
+                    cwd=project,
+                    env=env,
+                    stderr=main_err,
+                )
+            )
+            main_torchrun = _torchrun_pid(processes[1])
+            yield _Job(*processes, other_torchrun, main_torchrun, logs, started)
         finally:
-            for process in (other, main):
-                if process is not None and process.poll() is None:
+            for process in processes:
+                if process.poll() is None:
                     process.kill()
-    main_log, other_log = logs["main"].read_text(), logs["other"].read_text()
+                    process.wait()
+
+
+@pytest.mark.stack
+def test_two_nodes_match_one_process_and_only_the_main_node_writes(project: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    with _two_nodes(project) as job:
+        main, other = job.main, job.other
+        main.wait(timeout=300)
+        other.wait(timeout=60)
+        wall = time.monotonic() - job.started
+        main_log, other_log = job.log("main"), job.log("other")
     assert main.returncode == 0, main_log[-3000:]
     assert other.returncode == 0, other_log[-3000:]
-    writer_rank = 1 if other_torchrun < main_torchrun else 0
+    writer_rank = 1 if job.other_torchrun < job.main_torchrun else 0
     assert f"writes the outputs: global rank {writer_rank} of 2" in main_log
     assert "writes the outputs" not in other_log and "wrote nothing" in other_log
     print(f"2 nodes x 1 process: {wall:.1f} s (writer global rank {writer_rank})")
@@ -248,3 +300,24 @@ def test_two_nodes_match_one_process_and_only_the_main_node_writes(project: Path
     assert len(runs) == 2 and len(node_runs) == 1
     assert node_runs[0].info.run_id == read_json(project / "nodes/models/run.json")["run_id"]
     assert node_runs[0].info.status == "FINISHED"
+
+
+@pytest.mark.stack
+def test_a_rank_that_dies_on_the_other_node_fails_the_job(project: Path) -> None:
+    # long enough to be killed mid-training: 200 epochs without early stopping
+    params = yaml.safe_load((project / "nodes.yaml").read_text())
+    params["train"].update(max_epochs=200, patience=200)
+    (project / "nodes.yaml").write_text(yaml.safe_dump(params))
+    with _two_nodes(project) as job:
+        deadline = time.monotonic() + 120
+        while "writes the outputs" not in job.log("main"):
+            assert job.main.poll() is None and time.monotonic() < deadline, job.log("main")
+            time.sleep(0.2)
+        rank = psutil.Process(job.other_torchrun).children()[0]
+        rank.kill()  # the other node's only rank dies mid-training
+        assert job.main.wait(timeout=120) == 1
+        assert job.other.wait(timeout=60) == 1
+        main_log, other_log = job.log("main"), job.log("other")
+    assert "stage train failed: distributed training failed: train.nnodes 2" in main_log
+    assert "train node failed: distributed training failed" in other_log
+    assert not (project / "nodes/models").exists() and not (project / "node").exists()
