@@ -2,14 +2,16 @@
 when S3_ENDPOINT_URL is empty, else an existing store (S3, MinIO, R2) whose bucket must exist.
 
 SeaweedFS's inner ports (master, volume, filer and their gRPC ports, S3's gRPC port) are free
-ports picked at the first ``up`` and kept in ``<state>/seaweedfs/ports.json``, so two stacks on
-one machine never collide and a restart finds the same cluster.
+ports below the kernel's ephemeral range, picked at the first ``up`` and kept in
+``<state>/seaweedfs/ports.json``, so two stacks on one machine never collide and a restart finds
+the same cluster.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import sys
@@ -51,9 +53,21 @@ def s3_client(settings: StackSettings, timeout: float = 10.0):
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range, so that no outgoing connection holds
+    it when the store restarts."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    while True:
+        port = random.randrange(10000, max(low, 10001))
+        if not procs.port_in_use(host, port):
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            return port
 
 
 def inner_ports(settings: StackSettings, root: Path) -> dict[str, int]:
