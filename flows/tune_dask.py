@@ -22,6 +22,7 @@ temporary one on 127.0.0.1).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import sys
 import time
@@ -108,6 +109,7 @@ def task_runner(plan: dict) -> Any:
     cluster of ``plan["parallel"]`` one-thread worker processes."""
     from prefect_dask import DaskTaskRunner
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # not a line per worker event
     if plan["dask_address"]:
         return DaskTaskRunner(address=plan["dask_address"])
     return DaskTaskRunner(
@@ -165,6 +167,7 @@ def _outcome(future: Any, log: Any) -> Any:
         return future.result(raise_on_failure=False)
     except Exception as exc:  # KilledWorker, cancelled: the task never reported an end
         message = f"the Dask worker running it ended ({type(exc).__name__}: {exc})"
+        log.warning("a trial failed: %s", message)
         _mark_crashed(future.task_run_id, message, log)
         return RuntimeError(f"trial failed: {message}")
 

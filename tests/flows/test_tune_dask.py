@@ -4,8 +4,11 @@ local cluster's), and the checks that refuse a cluster before anything starts.""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,12 +20,14 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter
 
 from flows import tune
 from stages.common.config import load_params, parse_params
 from stages.common.errors import ConfigError
 from stages.train import tuning
-from tests.flows.test_tune import TINY_TRAIN, _states, _study, make_workspace
+from tests.flows.test_tune import TINY_TRAIN, _study, make_workspace
 from tests.postgres import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,21 +115,33 @@ def test_trials_run_on_both_dask_workers(
     assert load_params(repo / "params.yaml").train.lr == best["lr"]
 
 
+def _training(repo: Path) -> list[int]:
+    """The numbers of the RUNNING trials that reported an epoch (training, past start-up)."""
+    db = repo / "data/tune/studies.db"
+    query = (
+        "SELECT t.number FROM trials t WHERE t.state = 'RUNNING' AND EXISTS (SELECT 1 FROM "
+        "trial_intermediate_values v WHERE v.trial_id = t.trial_id) ORDER BY t.number"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return [number for (number,) in conn.execute(query)]
+    except sqlite3.OperationalError:  # no database or tables yet
+        return []
+
+
 def _kill_a_worker_mid_trial(repo: Path, proc: subprocess.Popen) -> int:
-    """SIGKILL the Dask worker process running the first trial to train; return its pid."""
+    """SIGKILL the Dask worker process running the first trial to train; return the trial."""
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
+    while not (training := _training(repo)):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            pytest.fail("no trial got to train")
         time.sleep(0.2)
-        if _states(repo)[:1] == [("RUNNING", 1)]:
-            break
-    else:
-        pytest.fail("no trial got to train")
-    trial = _study(repo).get_trials()[0]
+    trial = _study(repo).trials[training[0]]
     _, pid, _ = trial.user_attrs[tuning.PROCESS_ATTR]
     worker = psutil.Process(pid).parent()  # the trial's parent: the Dask worker process
     assert worker is not None and worker.pid != proc.pid  # not the flow's own process
     worker.kill()
-    return worker.pid
+    return trial.number
 
 
 @pytest.mark.stack
@@ -151,13 +168,20 @@ def test_a_worker_killed_mid_trial_fails_that_trial_and_the_next_round_runs_it(
             proc.wait()
     out = out_file.read_text(encoding="utf-8")
     assert proc.returncode == 0, out
-    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
-
     trials = _study(repo).get_trials()
-    assert trials[0].state == TrialState.FAIL  # the killed worker's trial
-    assert [t.state for t in trials[1:]].count(TrialState.COMPLETE) == 2  # rerun: the target
+    assert trials[killed].state == TrialState.FAIL  # the killed worker's trial
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2  # rerun: the target
+    assert len(trials) == 3
     assert "This run: 3 trial(s) {'COMPLETE': 2, 'PRUNED': 0, 'FAIL': 1}" in out, out
-    assert "Dask worker running it ended" in out or "KilledWorker" in out, out
+    assert "a trial failed: the Dask worker running it ended (KilledWorker: " in out, out
+    # on the Prefect server: the killed trial's task run Crashed, none left Running
+    flow_run = re.search(r"Flow run '([^']+)' - Finished in state Completed", out)
+    assert flow_run, out
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name={"any_": [flow_run[1]]}))
+        states = [t.state.type.value for t in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))]  # fmt: skip
+    assert sorted(states) == ["COMPLETED", "COMPLETED", "CRASHED"], states
 
 
 # --- refused before anything starts ---------------------------------------------------------
