@@ -1,6 +1,6 @@
 """Re-run the pipeline of a registered model in a clean workspace; compare its test metrics.
 
-    python -m flows.reproduce classifier@champion [--workdir DIR] [--remote URL]
+    python -m flows.reproduce classifier@champion [--workdir DIR] [--remote NAME|URL] [--stack]
 
 1. ``git clone`` the repo at the run's recorded commit (refused when the tree was dirty in
    code: files other than ``dvc.lock`` / ``params.yaml`` and the input files logged with the
@@ -9,7 +9,11 @@
 2. write the run's ``params.yaml``, ``dvc.lock`` and logged inputs (``lineage/`` artifacts:
    e.g. a suite the commit lacks) into it; every input file the re-run stages read must have
    the md5 the run recorded;
-3. point its DVC remote at the original repo's default remote (or ``--remote``);
+3. point its DVC remote at the original repo's default remote, or ``--remote``: a URL, or the
+   name of a remote configured in the repo, whose whole config (``endpointurl``, ``region``,
+   ...) is copied into the workspace's ``.dvc/config.local`` (credentials from the
+   environment, e.g. ``AWS_*``). ``--stack``: the server stack's MLflow server and bucket
+   (the remote ``stack``, settings and credentials from ``stack/stack.env``);
 4. ``dvc pull`` the ingest stage's outputs: the exact raw data of that run, hashed from its
    bytes (and its cache objects) against the run's ``dvc.lock``: DVC trusts the remote's
    object names, so a corrupt object there stops the reproduction, naming the file;
@@ -261,14 +265,57 @@ class Workspace:
 
 def read_default_remote(repo: Path) -> str:
     """The URL of ``repo``'s default DVC remote, as DVC resolves it (local paths absolute)."""
+    return read_remote_config(repo)["url"]
+
+
+def read_remote_config(repo: Path, name: str | None = None) -> dict[str, Any]:
+    """The whole config of ``repo``'s DVC remote ``name`` (None: the default one) as DVC merges
+    it from ``.dvc/config`` and ``.dvc/config.local``: ``url`` (local paths absolute) and the
+    rest (``endpointurl``, ``region``, ...), values as ``dvc remote modify`` takes them.
+
+    Raises:
+        ReproduceError: no such remote (names the configured ones), or no default remote.
+    """
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
         config = dvc_repo.config
-        name = config["core"].get("remote")
-        if not name or name not in config["remote"]:
-            raise ReproduceError(f"{repo} has no default DVC remote; pass --remote URL")
-        return resolve_remote_url(config["remote"][name]["url"], repo / ".dvc")
+        remotes = config["remote"]
+        if name is None:
+            name = config["core"].get("remote")
+            if not name or name not in remotes:
+                raise ReproduceError(f"{repo} has no default DVC remote; pass --remote NAME|URL")
+        elif name not in remotes:
+            raise ReproduceError(
+                f"{repo} has no DVC remote {name!r} (configured: "
+                f"{', '.join(sorted(remotes)) or 'none'}); `make up` adds the stack's"
+            )
+        remote = dict(remotes[name])
+    remote["url"] = resolve_remote_url(str(remote["url"]), repo / ".dvc")
+    return {key: str(v).lower() if isinstance(v, bool) else v for key, v in remote.items()}
+
+
+def is_remote_name(repo: Path, remote: str) -> bool:
+    """Whether ``--remote`` names a DVC remote configured in ``repo`` (else it is a URL or a
+    path, as before remotes could be named)."""
+    if "://" in remote or "/" in remote or remote.startswith("."):
+        return False
+    try:
+        read_remote_config(repo, remote)
+    except ReproduceError:
+        return False
+    return True
+
+
+def write_remote_config(workdir: Path, remote: dict[str, Any]) -> None:
+    """Make ``remote`` (a whole remote config) the workspace's default DVC remote, in its
+    ``.dvc/config.local`` (git-ignored: credentials in it stay out of any commit)."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=str(workdir / ".dvc"))
+    with config.edit("local") as conf:
+        conf["remote"][REMOTE_NAME] = dict(remote)
+        conf["core"]["remote"] = REMOTE_NAME
 
 
 def git_toplevel(repo: Path) -> Path:
@@ -387,7 +434,11 @@ def reproduce(
         )
     ws = Workspace(workdir, verbose)
     source = git_toplevel(repo)
-    remote_url = resolve_remote_url(remote, Path.cwd()) if remote else read_default_remote(repo)
+    if remote and not is_remote_name(repo, remote):
+        remote_config = {"url": resolve_remote_url(remote, Path.cwd())}
+    else:  # the default remote, or one named: its whole config (endpointurl, region, ...)
+        remote_config = read_remote_config(repo, remote)
+    remote_url = remote_config["url"]
 
     started = _step(f"git clone {source} at {git['commit'][:12]} -> {workdir}")
     ws.run("git", "clone", "--quiet", "--no-checkout", str(source), str(workdir), cwd=source)
@@ -398,7 +449,7 @@ def reproduce(
     for name, text in files.items():
         (workdir / name).write_text(text, encoding="utf-8")
     written = restore_inputs(workdir, inputs)
-    ws.dvc("remote", "add", "--local", "--default", "--force", REMOTE_NAME, remote_url)
+    write_remote_config(workdir, remote_config)
     _done(started)
     print(
         f"    {', '.join([*files, *written])} of run {run['id']} written; DVC remote {remote_url}",
@@ -430,6 +481,23 @@ def reproduce(
     return compare_metrics(lineage["metrics"], reproduced)
 
 
+def use_stack(repo: Path) -> str:
+    """Point this process (and the workspace's dvc) at the stack of ``repo``: its MLflow server
+    and the bucket's credentials (``StackSettings.client_env``). Returns the stack's DVC remote.
+
+    Raises:
+        ReproduceError: the stack's settings are invalid (names the setting and the file).
+    """
+    from stack.settings import DVC_REMOTE, StackError, load_settings
+
+    try:
+        settings = load_settings(repo)
+    except StackError as exc:
+        raise ReproduceError(f"--stack: {exc}") from exc
+    os.environ.update(settings.client_env())
+    return DVC_REMOTE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m flows.reproduce <model>@<alias>|<model>/<version> [--workdir DIR]``."""
     parser = build_parser(
@@ -452,8 +520,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--remote",
         default=None,
-        help="DVC remote URL holding the data, e.g. s3://bucket/dvc (default: "
-        "REPO's default remote)",
+        help="DVC remote holding the data: the name of one configured in REPO (its whole "
+        "config is copied: url, endpointurl, region, ...; e.g. stack) or a URL, e.g. "
+        "s3://bucket/dvc (default: REPO's default remote)",
+    )
+    parser.add_argument(
+        "--stack",
+        action="store_true",
+        help="the model and its data are on the server stack (`make up`): read the registry "
+        "from its MLflow server and pull from its bucket (the DVC remote 'stack', unless "
+        "--remote names another), with the settings and credentials of stack/stack.env",
     )
     parser.add_argument(
         "--allow-dirty",
@@ -469,6 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files
     try:
+        if args.stack:
+            args.remote = args.remote or use_stack(args.repo.resolve())
         lineage = load_lineage(args)
         model = lineage["model"]
         if parent := model.get("compact_of"):  # its metrics are the compact file's, not a run's
