@@ -112,30 +112,35 @@ def _say_stopped(service: str, stopped: bool, start: float) -> None:
 
 
 def status(repo: Path) -> int:
+    """Print each service's state, URL and log; return 1 when one is stopped or silent."""
     settings = load_settings(repo)
     state = settings.state_dir(repo)
-    checks = {
-        postgres.SERVICE: None,
-        objectstore.SERVICE: None,
-        servers.MLFLOW: f"{settings.mlflow_url}/health",
-        servers.PREFECT: f"{settings.prefect_api_url}/health",
+    pg_url = f"postgresql://{settings.postgres_user}@{settings.stack_host}:{settings.postgres_port}"
+    prefect_ui = settings.prefect_api_url.removesuffix("/api")
+    checks = {  # service: (URL shown, health URL)
+        postgres.SERVICE: (pg_url, None),
+        objectstore.SERVICE: (settings.s3_endpoint, None),
+        servers.MLFLOW: (settings.mlflow_url, f"{settings.mlflow_url}/health"),
+        servers.PREFECT: (prefect_ui, f"{settings.prefect_api_url}/health"),
     }
     if not settings.own_object_store:
         checks.pop(objectstore.SERVICE)
     for name in pool.worker_names(settings):
-        checks[f"worker-{name}"] = None
-    down_count = 0
-    for service, health in checks.items():
+        checks[f"worker-{name}"] = (f"pool {settings.work_pool}", None)
+    failing = 0
+    for service, (url, health) in checks.items():
         pid = procs.running_pid(state, service)
         if pid is None:
             how = "stopped"
         elif health and not procs.http_ok(health):
-            how = f"pid {pid}, not answering {health}"
+            how = f"pid {pid}, not answering"
         else:
             how = f"running (pid {pid})"
-        down_count += how == "stopped" or "not answering" in how
-        _say(f"  {service:<24} {how:<22} log: {procs.log_file(state, service)}")
-    return 1 if down_count else 0
+        failing += not how.startswith("running")
+        _say(f"  {service:<20} {how:<24} {url}  log: {procs.log_file(state, service)}")
+    if not settings.own_object_store:
+        _say(f"  object store: external {settings.s3_endpoint} (S3_ENDPOINT_URL)")
+    return 1 if failing else 0
 
 
 def main(argv: list[str] | None = None) -> int:
