@@ -61,12 +61,9 @@ def _up(settings: StackSettings, repo: Path, state: Path) -> None:
             f"{settings.s3_endpoint}",
         )
     _step("mlflow", settings.mlflow_url, state, lambda: servers.mlflow_up(settings, state))
-    _step(
-        "prefect-server",
-        settings.prefect_api_url,
-        state,
-        lambda: servers.prefect_up(settings, state),
-    )
+    prefect_ui = settings.prefect_api_url.removesuffix("/api")
+    prefect_url = f"{settings.prefect_api_url} (UI {prefect_ui})"
+    _step("prefect-server", prefect_url, state, lambda: servers.prefect_up(settings, state))
     start = time.monotonic()
     pool.setup(repo, state)
     _say(
