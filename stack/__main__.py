@@ -13,6 +13,7 @@ import fcntl
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from stack import dvc_remote, objectstore, pool, postgres, procs, servers
@@ -89,18 +90,29 @@ def _up(settings: StackSettings, repo: Path, state: Path) -> None:
 
 
 def down(repo: Path) -> None:
+    """Stop the workers (and their flow runs), then the servers and the store side by side
+    (each takes seconds to shut down gracefully), then PostgreSQL."""
     settings = load_settings(repo)
     state = settings.state_dir(repo)
     _say(f"stack down in {state} (data kept)")
-    services = [*pool.worker_services(state), servers.PREFECT, servers.MLFLOW]
-    for service in services:
-        start = time.monotonic()
-        stopped = servers.down(state, service)
-        _say_stopped(service, stopped, start)
+    stops: list[tuple[str, Callable[[], bool]]] = [
+        (servers.PREFECT, lambda: servers.down(state, servers.PREFECT)),
+        (servers.MLFLOW, lambda: servers.down(state, servers.MLFLOW)),
+        (objectstore.SERVICE, lambda: objectstore.down(state)),
+    ]
+    for group in (
+        [(w, lambda w=w: servers.down(state, w)) for w in pool.worker_services(state)],
+        stops,
+        [(postgres.SERVICE, lambda: postgres.down(state))],
+    ):
+        with ThreadPoolExecutor(max_workers=max(len(group), 1)) as threads:
+            for service, stopped, start in threads.map(_timed_stop, group):
+                _say_stopped(service, stopped, start)
+
+
+def _timed_stop(item: tuple[str, Callable[[], bool]]) -> tuple[str, bool, float]:
     start = time.monotonic()
-    _say_stopped(objectstore.SERVICE, objectstore.down(state), start)
-    start = time.monotonic()
-    _say_stopped(postgres.SERVICE, postgres.down(state), start)
+    return item[0], item[1](), start
 
 
 def _say_stopped(service: str, stopped: bool, start: float) -> None:

@@ -163,6 +163,8 @@ def up(settings: StackSettings, state: Path, timeout: float = 180) -> bool:
             "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=1024",
             "-volume.preStopSeconds=1",  # its default 10 s wait makes `down` slow
+            "-master.electionTimeout=2s",  # one master: a restart waits this long to lead
+            "-master.telemetry=false",  # offline, like every other service here
             *(f"-{name}={port}" for name, port in ports.items()),
         ]
         pid = procs.start_detached(
