@@ -351,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Tuning not started: {exc}", file=sys.stderr)
             return 1
         use_prefect_api(args.prefect_port, held)
+        if plan["executor"] == "dask":
+            tune_dask.prepare_workers(plan, held)
         runner = (
             tune_dask.task_runner(plan)
             if plan["executor"] == "dask"

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import sys
 import time
+from contextlib import ExitStack
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,6 +36,7 @@ from stages.common.errors import ConfigError
 CONNECT_S = 5.0  # a scheduler that does not answer within this is refused before anything runs
 NO_WORKERS_S = 60.0  # a cluster without a worker this long: the round's open trials fail
 _POLL_S = 1.0
+_WORKER_LOGGING = "DASK_LOGGING__DISTRIBUTED"
 
 
 def _host(address: str) -> str:
@@ -70,6 +73,13 @@ def check_cluster(address: str | None, storage: str, tracking_uri: str) -> None:
                 "which only this machine reaches: set tune.storage (or env TUNE_STORAGE) to "
                 "postgresql+psycopg://user@host/db"
             )
+        api = _prefect_api()
+        if not api or is_local(api):
+            raise ConfigError(
+                f"{where} runs trials on other machines, but the Prefect API is "
+                f"{api or 'a temporary server'} on this machine: set PREFECT_API_URL to a "
+                "Prefect server the workers reach (http://host:4200/api, make up starts one)"
+            )
         if not tracking_uri.startswith(("http://", "https://", "databricks")):
             raise ConfigError(
                 f"{where} runs trials on other machines, but MLflow's store is local "
@@ -82,6 +92,12 @@ def check_cluster(address: str | None, storage: str, tracking_uri: str) -> None:
             f"{where}: the scheduler answers but has no workers; start some "
             f"(`dask worker {address}` on each machine, from the project's virtualenv)"
         )
+
+
+def _prefect_api() -> str | None:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
 
 
 def _scheduler_workers(address: str, where: str) -> dict[str, int]:
@@ -102,6 +118,35 @@ def _scheduler_workers(address: str, where: str) -> dict[str, int]:
             return dict(client.nthreads())
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"{where}: no Dask scheduler answers ({exc}); {fix}") from exc
+
+
+def prepare_workers(plan: dict, stack: ExitStack) -> None:
+    """While ``stack`` is open: the workers report to this flow's Prefect API, and a local
+    cluster's worker processes log warnings only.
+
+    Without ``PREFECT_API_URL`` the flow's API is a temporary server that only this process
+    knows of: each worker process would start one of its own, where the trials' task runs would
+    go unseen. So one is started here and named in the settings the workers get with each task.
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if not get_current_settings().api.url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the one Prefect itself would start (stopped at exit)
+        server.start()
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+    if plan["dask_address"] is None:  # spawned workers read it at start (distributed's logging)
+        previous = os.environ.get(_WORKER_LOGGING)
+        os.environ[_WORKER_LOGGING] = "warning"
+        stack.callback(_restore_env, _WORKER_LOGGING, previous)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def task_runner(plan: dict) -> Any:
