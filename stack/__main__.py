@@ -98,7 +98,7 @@ def down(repo: Path) -> None:
     stops: list[tuple[str, Callable[[], bool]]] = [
         (servers.PREFECT, lambda: servers.down(state, servers.PREFECT)),
         (servers.MLFLOW, lambda: servers.down(state, servers.MLFLOW)),
-        (objectstore.SERVICE, lambda: objectstore.down(state)),
+        (objectstore.SERVICE, lambda: objectstore.down(settings, state)),
     ]
     for group in (
         [(w, lambda w=w: servers.down(state, w)) for w in pool.worker_services(state)],

@@ -15,6 +15,7 @@ import random
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from stack import procs
@@ -226,10 +227,18 @@ def check_bucket(settings: StackSettings) -> None:
         ) from exc
 
 
-def down(state: Path) -> bool:
+def down(settings: StackSettings, state: Path) -> bool:
+    """Stop SeaweedFS; remove the unix sockets it leaves in /tmp (named by our ports)."""
     pid = procs.running_pid(state, SERVICE)
     if pid is None:
         return False
     procs.stop_tree(pid, timeout=30)
     procs.pid_file(state, SERVICE).unlink(missing_ok=True)
+    ports_file = state / SERVICE / "ports.json"
+    ports = [settings.s3_port]
+    if ports_file.is_file():
+        ports += json.loads(ports_file.read_text(encoding="utf-8")).values()
+    for port in ports:
+        for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+            sock.unlink(missing_ok=True)
     return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def test_up_serves_then_down_stops_all_and_keeps_data(tmp_path: Path) -> None:
         left = [pid for tree in before.values() for pid in tree if _alive(pid)]
         assert left == [], f"processes left after down: {left}\n{down.stdout}"
         assert not list((state / "run").glob("*.pid"))
+        assert not list(Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{settings.s3_port}.sock"))
 
         start_stack(repo, env)  # the data is still there, and the same keys still work
         assert (state / SECRETS_FILE).read_text() == secrets
