@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -321,3 +322,46 @@ def test_a_rank_that_dies_on_the_other_node_fails_the_job(project: Path) -> None
     assert "stage train failed: distributed training failed: train.nnodes 2" in main_log
     assert "train node failed: distributed training failed" in other_log
     assert not (project / "nodes/models").exists() and not (project / "node").exists()
+
+
+@pytest.mark.stack
+def test_a_stopped_job_resumes_on_both_nodes_from_the_main_nodes_checkpoint(
+    project: Path,
+) -> None:
+    # The other node's resume folder (node/resume, from its dvc.yaml) stays empty, as on
+    # another machine: it must take the main node's checkpoint, or the ranks would disagree.
+    longer = {"max_epochs": 20, "patience": 20, "checkpoint_every_steps": 5}
+    for name in ("nodes", "single"):
+        params = yaml.safe_load((project / f"{name}.yaml").read_text())
+        params["train"].update(longer)
+        (project / f"{name}.yaml").write_text(yaml.safe_dump(params))
+    with _two_nodes(project) as job:
+        deadline = time.monotonic() + 120
+        while not list((project / "nodes/resume").glob("*/checkpoint.pt")):
+            assert job.main.poll() is None and time.monotonic() < deadline, job.log("main")
+            time.sleep(0.05)
+        job.main.send_signal(signal.SIGTERM)  # as `dvc repro` or the flow stops the stage
+        assert job.main.wait(timeout=120) == 1
+        job.other.wait(timeout=60)
+        assert "training stopped by SIGTERM" in job.log("main")
+    assert not (project / "nodes/models").exists()
+    [checkpoint] = (project / "nodes/resume").glob("*/checkpoint.pt")
+    stopped_at = torch.load(checkpoint, weights_only=False)["step"]
+
+    with _two_nodes(project) as job:  # without the main node's checkpoint the ranks hang
+        assert job.main.wait(timeout=180) == 0, job.log("main")[-3000:]
+        assert job.other.wait(timeout=60) == 0, job.log("other")[-3000:]
+        assert "resuming at epoch" in job.log("main")
+    assert not (project / "node").exists()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(_args(project, "single")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    single = pd.read_csv(project / "single/history.csv")
+    multi = pd.read_csv(project / "nodes/history.csv")
+    assert len(single) == len(multi) == 20 and stopped_at < 20 * 20
+    for column, tolerance in (("val_accuracy", 0.02), ("val_loss", 1e-3), ("train_loss", 1e-3)):
+        assert (single[column] - multi[column]).abs().max() <= tolerance, column
