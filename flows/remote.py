@@ -97,12 +97,22 @@ def deployment_name(repo: Path) -> str:
 def deploy(repo: Path, settings: StackSettings) -> str:
     """Create or update the pipeline's deployment on the stack's work pool; return its id."""
     from prefect import Flow
+    from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.exceptions import ObjectNotFound
 
     from flows.schedule import build_schedule
 
     schedule = load_params(repo / "params.yaml").schedule
     flow = Flow.from_source(source=str(repo), entrypoint=ENTRYPOINT)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(settings.work_pool)
+        except ObjectNotFound:
+            raise RemoteError(
+                f"no work pool {settings.work_pool!r} (WORK_POOL) on the Prefect server "
+                f"{settings.prefect_api_url}: `make up` creates it"
+            ) from None
     deployment_id = flow.deploy(
         name=schedule.deployment,
         work_pool_name=settings.work_pool,

@@ -121,7 +121,7 @@ def test_deploy_makes_one_pool_deployment_from_the_checkout(
     assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
 
 
-def test_run_refuses_a_pool_without_workers(
+def test_deploy_and_run_refuse_a_pool_missing_or_without_workers(
     prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prefect.client.orchestration import get_client
@@ -130,6 +130,8 @@ def test_run_refuses_a_pool_without_workers(
     repo = _checkout(tmp_path / "repo", deployment="remote-idle")
     monkeypatch.setenv("WORK_POOL", "remote-idle-pool")
     settings = load_settings(repo)
+    with pytest.raises(remote.RemoteError, match="no work pool 'remote-idle-pool'.*`make up`"):
+        remote.deploy(repo.resolve(), settings)
     with get_client(sync_client=True) as client:
         client.create_work_pool(
             WorkPoolCreate(name="remote-idle-pool", type="process"), overwrite=True

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def stack() -> Iterator[StackHandle]:
         _run(["git", "commit", "-q", "-m", "the stack package"], repo)
         started = time.monotonic()
         settings = start_stack(repo, env)
-        print(f"stack up in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        print(f"stack up: {time.monotonic() - started:.1f} s", file=sys.stderr)
         yield StackHandle(repo=repo, env=env, settings=settings)
     finally:
         stop_stack(repo, env, purge=True)
@@ -144,16 +145,16 @@ def test_the_pipeline_on_the_stack_then_a_killed_worker(stack: StackHandle) -> N
 
     repo, settings = stack.repo, stack.settings
     held, prefect = _prefect(stack)
+    _last[0] = time.monotonic()
     with held:
         # --- deploy, run through the worker -----------------------------------------------
         deployed = _command(stack, "flows.remote", "deploy", "--repo", ".", timeout=180)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        started = time.monotonic()
         first = _command(
             stack, "flows.remote", "run", "--repo", ".", "--timeout", str(RUN_TIMEOUT_S),
             timeout=RUN_TIMEOUT_S + 60,
         )  # fmt: skip
-        print(f"pipeline on the stack: {time.monotonic() - started:.1f} s", file=sys.stderr)
+        _phase("deploy + pipeline run on the stack")
         assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-3000:]
         assert "| register | ran |" in first.stdout  # the run summary artifact, printed
         flow_run_id = _FLOW_RUN_URL.search(first.stdout)["id"]
@@ -195,32 +196,36 @@ def test_the_pipeline_on_the_stack_then_a_killed_worker(stack: StackHandle) -> N
             assert "match exactly" in again.stdout
             assert json.loads((workdir / "reports/metrics.json").read_text()) == metrics
             assert "url = s3://" in (workdir / ".dvc/config.local").read_text()
+            _phase("checks + reproduce from the bucket")
         finally:
             shutil.rmtree(workdir.parent, ignore_errors=True)
 
         # --- a second run loses its worker mid-train: Crashed --------------------------------
         write_params(repo, deep_merge(TINY_PARAMS, {"train": {"max_epochs": 16}}))
-        killed, lines = _follow_in_background(stack)
-        run_id = _wait_for(
-            "the second flow run's id", lambda: _first_id(lines), timeout_s=120, every_s=0.5
-        )
-        _wait_for(
-            "the train task to start",
-            lambda: _task_running(prefect, run_id, "train"),
-            timeout_s=RUN_TIMEOUT_S,
-            every_s=0.5,
-        )
-        (pid_file,) = (repo / ".stack" / "run").glob("worker-*.pid")
-        assert len(_kill_tree(int(pid_file.read_text().split()[0]))) >= 2  # worker + flow run
-        state = _wait_for(
-            "the automation to mark the run Crashed",
-            lambda: (s := prefect.read_flow_run(run_id).state).is_final() and s,
-            timeout_s=CRASHED_AFTER_S + 120,
-            every_s=2,
-        )
-        assert state.is_crashed(), (state.name, state.message)
-        assert killed.wait(timeout=60) == 1
-        assert "Crashed" in "".join(lines)
+        with _follow_in_background(stack) as (killed, lines):
+            run_id = _wait_for(
+                "the second flow run's id", lambda: _first_id(lines), timeout_s=120, every_s=0.5
+            )
+            _wait_for(
+                "the train task to start",
+                lambda: _task_running(prefect, run_id, "train"),
+                timeout_s=RUN_TIMEOUT_S,
+                every_s=0.5,
+            )
+            (pid_file,) = (repo / ".stack" / "run").glob("worker-*.pid")
+            assert len(_kill_tree(int(pid_file.read_text().split()[0]))) >= 2  # worker + flow run
+            _phase("second run killed once train started")
+            state = _wait_for(
+                "the automation to mark the run Crashed",
+                lambda: (s := prefect.read_flow_run(run_id).state).is_final() and s,
+                timeout_s=CRASHED_AFTER_S + 120,
+                every_s=2,
+            )
+            assert state.is_crashed(), (state.name, state.message)
+            assert "No heartbeat" in (state.message or ""), state.message  # the stack's automation
+            _phase("marked Crashed")
+            assert killed.wait(timeout=60) == 1
+            assert "Crashed" in "".join(lines)
 
         # --- worker restarted by `stack up`, the rerun completes -------------------------
         restarted = run_stack(repo, stack.env, "up", timeout=300)
@@ -231,10 +236,23 @@ def test_the_pipeline_on_the_stack_then_a_killed_worker(stack: StackHandle) -> N
         )  # fmt: skip
         assert rerun.returncode == 0, rerun.stdout[-5000:] + rerun.stderr[-3000:]
         assert "| train | ran |" in rerun.stdout
+        _phase("worker restarted + rerun")
 
 
-def _follow_in_background(stack: StackHandle) -> tuple[subprocess.Popen, list[str]]:
-    """``flows.remote run`` started, its output collected line by line as it comes."""
+_last = [time.monotonic()]
+
+
+def _phase(name: str) -> None:
+    """Print how long the phase that just ended took (the test's own timing, on stderr)."""
+    now = time.monotonic()
+    print(f"{name}: {now - _last[0]:.1f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+    _last[0] = now
+
+
+@contextmanager
+def _follow_in_background(stack: StackHandle) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """``flows.remote run`` started, its output collected line by line as it comes; killed on
+    exit if still running (a failed check)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.remote", "run", "--repo", ".", "--timeout", "600"],
         cwd=stack.repo,
@@ -250,7 +268,12 @@ def _follow_in_background(stack: StackHandle) -> tuple[subprocess.Popen, list[st
             lines.append(line)
 
     threading.Thread(target=read, daemon=True).start()
-    return proc, lines
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _first_id(lines: list[str]) -> str | None:
