@@ -1,10 +1,10 @@
-"""`python -m stack up`, `up` again, `down`, `up` once more: real PostgreSQL, SeaweedFS, MLflow
-and Prefect servers and a worker on 127.0.0.1, in a temporary checkout with free ports."""
+"""`python -m stack up` (the ``stack_repo`` fixture), `up` again, `down`, `up` once more: real
+PostgreSQL, SeaweedFS, MLflow and Prefect servers and a worker on 127.0.0.1, in a temporary
+checkout with free ports."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -15,15 +15,7 @@ from stack import procs
 from stack.objectstore import s3_client
 from stack.pool import AUTOMATION, worker_names
 from stack.settings import SECRETS_FILE, StackSettings
-from tests.stack.conftest import make_stack_repo
-from tests.stack.harness import (
-    UP_TIMEOUT,
-    require_postgres,
-    run_stack,
-    stack_env,
-    start_stack,
-    stop_stack,
-)
+from tests.stack.harness import UP_TIMEOUT, StackHandle, run_stack, start_stack
 
 pytestmark = pytest.mark.stack
 
@@ -102,45 +94,41 @@ def _check_prefect(settings: StackSettings) -> None:
     assert crash[0]["trigger"]["within"] == settings.crashed_after_s
 
 
-def test_up_serves_then_down_stops_all_and_keeps_data(tmp_path: Path) -> None:
-    require_postgres()
-    repo = make_stack_repo()
-    env = stack_env()
-    try:
-        settings = start_stack(repo, env)
-        state = settings.state_dir(repo)
-        secrets = (state / SECRETS_FILE).read_text()
-        assert (state / SECRETS_FILE).stat().st_mode & 0o777 == 0o600
-        _check_object_store(settings)
-        experiment = _check_mlflow(settings, tmp_path)
-        _check_prefect(settings)
-        local = (repo / ".dvc" / "config.local").read_text()
-        assert settings.dvc_remote_url in local and settings.s3_endpoint in local
-        assert settings.aws_secret_access_key not in local
+def test_up_serves_then_down_stops_all_and_keeps_data(
+    stack_repo: StackHandle, tmp_path: Path
+) -> None:
+    repo, env, settings = stack_repo.repo, stack_repo.env, stack_repo.settings
+    state = settings.state_dir(repo)
+    secrets = (state / SECRETS_FILE).read_text()
+    assert (state / SECRETS_FILE).stat().st_mode & 0o777 == 0o600
+    _check_object_store(settings)
+    experiment = _check_mlflow(settings, tmp_path)
+    _check_prefect(settings)
+    local = (repo / ".dvc" / "config.local").read_text()
+    assert settings.dvc_remote_url in local and settings.s3_endpoint in local
+    assert settings.aws_secret_access_key not in local
 
-        before = _pids(state)
-        again = run_stack(repo, env, "up", UP_TIMEOUT)
-        assert again.returncode == 0, again.stderr
-        assert "started in" not in again.stdout  # every service was reused
-        assert {k: v[0] for k, v in _pids(state).items()} == {k: v[0] for k, v in before.items()}
+    before = _pids(state)
+    again = run_stack(repo, env, "up", UP_TIMEOUT)
+    assert again.returncode == 0, again.stderr
+    assert "started in" not in again.stdout  # every service was reused
+    assert {k: v[0] for k, v in _pids(state).items()} == {k: v[0] for k, v in before.items()}
 
-        down = run_stack(repo, env, "down", 300)
-        assert down.returncode == 0, down.stderr
-        left = [pid for tree in before.values() for pid in tree if _alive(pid)]
-        assert left == [], f"processes left after down: {left}\n{down.stdout}"
-        assert not list((state / "run").glob("*.pid"))
-        assert not list(Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{settings.s3_port}.sock"))
+    down = run_stack(repo, env, "down", 300)
+    assert down.returncode == 0, down.stderr
+    left = [pid for tree in before.values() for pid in tree if _alive(pid)]
+    assert left == [], f"processes left after down: {left}\n{down.stdout}"
+    assert not list((state / "run").glob("*.pid"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{settings.s3_port}.sock"))
 
-        start_stack(repo, env)  # the data is still there, and the same keys still work
-        assert (state / SECRETS_FILE).read_text() == secrets
-        s3 = s3_client(settings)
-        body = s3.get_object(Bucket=settings.s3_bucket, Key="probe/hello.txt")["Body"].read()
-        assert body == b"hello"
-        from mlflow import MlflowClient
+    start_stack(repo, env)  # the data is still there, and the same keys still work
+    assert (state / SECRETS_FILE).read_text() == secrets
+    s3 = s3_client(settings)
+    assert (
+        s3.get_object(Bucket=settings.s3_bucket, Key="probe/hello.txt")["Body"].read() == b"hello"
+    )
+    from mlflow import MlflowClient
 
-        assert MlflowClient(settings.mlflow_url).get_experiment(experiment).name == "stack-probe"
-        status = run_stack(repo, env, "status", 60)
-        assert status.returncode == 0, status.stdout
-    finally:
-        stop_stack(repo, env, purge=True)
-        shutil.rmtree(repo, ignore_errors=True)
+    assert MlflowClient(settings.mlflow_url).get_experiment(experiment).name == "stack-probe"
+    status = run_stack(repo, env, "status", 60)
+    assert status.returncode == 0, status.stdout
