@@ -43,6 +43,17 @@ def _as_root() -> bool:
     return os.geteuid() == 0
 
 
+def _server_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        raise StackError(
+            "postgres: as root, the server runs as the `postgres` user (PostgreSQL refuses root), "
+            "which does not exist: install the postgresql package (it creates the user) or "
+            "`useradd --system --home /var/lib/postgresql postgres`"
+        ) from None
+
+
 def _as_server_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if _as_root() else cmd
 
@@ -61,7 +72,7 @@ def cluster_root(state: Path) -> Path:
     if not _as_root():
         link.mkdir(mode=0o700)
         return link
-    user = pwd.getpwnam("postgres")
+    user = _server_user()
     if _server_user_reaches(state):
         link.mkdir(mode=0o700)
         os.chown(link, user.pw_uid, user.pw_gid)
@@ -95,7 +106,7 @@ def _initdb(settings: StackSettings, initdb: Path, root: Path) -> None:
         with os.fdopen(fd, "w") as out:
             out.write(settings.postgres_password + "\n")
         if _as_root():
-            user = pwd.getpwnam("postgres")
+            user = _server_user()
             os.chown(pwfile, user.pw_uid, user.pw_gid)
         _run(
             [
@@ -123,7 +134,7 @@ def _server_log(state: Path, root: Path) -> Path:
     log = root / "server.log"
     log.touch()
     if _as_root():
-        user = pwd.getpwnam("postgres")
+        user = _server_user()
         os.chown(log, user.pw_uid, user.pw_gid)
     link = procs.log_file(state, SERVICE)
     link.parent.mkdir(parents=True, exist_ok=True)
