@@ -70,8 +70,8 @@ def join(params_file: str | Path, dvc_file: str | Path) -> None:
     if train.nnodes == 1 or train.rdzv_endpoint is None:
         raise ConfigError(
             f"{params_file}: train.nnodes is {train.nnodes} and train.rdzv_endpoint is "
-            f"{train.rdzv_endpoint}: the train stage runs on one machine, there is no job to "
-            "join. For several machines set train.nnodes (the number of machines) and "
+            f"{train.rdzv_endpoint or 'unset'}: the train stage runs on one machine, there is "
+            "no job to join. For several machines set train.nnodes (the number of machines) and "
             "train.rdzv_endpoint (host:port of the machine that runs the train stage) in "
             "params.yaml on every machine"
         )
