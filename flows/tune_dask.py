@@ -16,7 +16,9 @@ checked out at the flow's ``--repo`` path with ``data/features`` (``dvc pull``),
 that runs ``dask worker`` (its ``python`` runs the trial) with the checkout on ``PYTHONPATH``,
 a study storage every worker reaches (``tune.storage`` PostgreSQL), an MLflow server
 (``mlflow.tracking_uri``) and a Prefect API they reach (``PREFECT_API_URL``, not the flow's
-temporary one on 127.0.0.1).
+temporary one on 127.0.0.1). Each trial trains with the flow machine's cores / ``tune.parallel``
+torch threads: with a scheduler of your own, set ``tune.parallel`` to the trials one machine
+runs at once (its workers' threads).
 """
 
 from __future__ import annotations
@@ -164,10 +166,13 @@ def task_runner(plan: dict) -> Any:
             "threads_per_worker": 1,  # one trial per worker process
             "processes": True,
             "host": "127.0.0.1",
-            "dashboard_address": None,  # no port taken; `make prefect` shows the runs
-            # a worker that dies mid-trial fails the trial at once: the flow's next round runs
-            # it again (Dask's default, 3, would re-run it itself under the same task run)
-            "scheduler_kwargs": {"allowed_failures": 0},
+            "dashboard_address": None,  # no dashboard; `make prefect` shows the runs
+            "scheduler_kwargs": {
+                # a worker that dies mid-trial fails the trial at once: the flow's next round
+                # runs it again (Dask's default, 3, re-runs it itself under the same task run)
+                "allowed_failures": 0,
+                "dashboard_address": "127.0.0.1:0",  # its HTTP server (health): a free port
+            },
         },
     )
 
@@ -210,8 +215,12 @@ def collect(futures: list[Any], log: Any) -> list[Any]:
 def _outcome(future: Any, log: Any) -> Any:
     try:
         return future.result(raise_on_failure=False)
-    except Exception as exc:  # KilledWorker, cancelled: the task never reported an end
-        message = f"the Dask worker running it ended ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # the task never reported an end: killed, cancelled, unpickled
+        what = {
+            "KilledWorker": "the Dask worker running it ended",
+            "CancelledError": f"no Dask worker ran it within {NO_WORKERS_S:.0f} s",
+        }.get(type(exc).__name__, "a Dask worker could not run it (the project on its PYTHONPATH?)")
+        message = f"{what} ({type(exc).__name__}: {exc})"
         log.warning("a trial failed: %s", message)
         _mark_crashed(future.task_run_id, message, log)
         return RuntimeError(f"trial failed: {message}")
