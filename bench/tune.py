@@ -29,7 +29,10 @@ patience are the repository's ``params.yaml`` (``tune.space``, ``train``). Four 
    in both runs (its seed is base seed + i), so both do the same work. Each run gets its own
    study storage and a temporary Prefect server. Reported: the flow's own wall time (its
    summary line: trials, MLflow runs, the write-back) and the command's (with Python and
-   Prefect start-up); target >= 1.6x on 2 cores.
+   Prefect start-up); target >= 1.6x on 2 cores. Then ``tune.executor: dask`` with
+   ``--parallel 2`` (a local Dask cluster of two worker processes) against threads with
+   ``--parallel 2``: the ratio of their wall times (the cluster's start and stop, and each
+   trial's pickling, against a thread pool in the flow's process).
 4. ``table``: mlp, gbdt and transformer (and cnn on the images) with params.yaml's values, plus
    the mlp with the best values part 1 found (by validation loss), each trained once with the
    stage's own code (``loop.train_model`` / ``gbdt.fit_gbdt``, in process, no MLflow) and
@@ -285,20 +288,28 @@ def flow_wall_seconds(output: str) -> float:
     return float(found[-1])
 
 
-def run_tune_flow(repo: Path, trials: int, parallel: int, index: int) -> dict[str, float]:
+def run_tune_flow(
+    repo: Path, trials: int, parallel: int, index: int, executor: str = "threads"
+) -> dict[str, float]:
     """``python -m flows.tune --trials N --parallel K`` in ``repo`` on a study store of its own,
-    params.yaml restored first (the flow writes the best values back)."""
+    params.yaml restored first (the flow writes the best values back), with ``tune.executor``
+    ``executor``."""
     from bench.feedback import pipeline_env, run_step
 
     params_file, pristine = repo / "params.yaml", repo.parent / "params.pristine.yaml"
     if not pristine.exists():
         shutil.copy(params_file, pristine)
     shutil.copy(pristine, params_file)
+    if executor != "threads":
+        raw = yaml.safe_load(params_file.read_text(encoding="utf-8"))
+        raw["tune"]["executor"] = executor
+        params_file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    name = f"{index}-p{parallel}" + ("" if executor == "threads" else f"-{executor}")
     env = pipeline_env(repo)
-    env["TUNE_STORAGE"] = f"sqlite:///{repo.parent / f'studies-{index}-p{parallel}.db'}"
+    env["TUNE_STORAGE"] = f"sqlite:///{repo.parent / f'studies-{name}.db'}"
     cmd = [sys.executable, "-m", "flows.tune", "--repo", ".", "--trials", str(trials)]
     cmd += ["--parallel", str(parallel), "--prefect-port", str(_free_port())]
-    seconds, lines, cpu = run_step(cmd, repo, env, repo.parent / f"tune-{index}-p{parallel}.log")
+    seconds, lines, cpu = run_step(cmd, repo, env, repo.parent / f"tune-{name}.log")
     return {
         "command_s": seconds,
         "flow_s": flow_wall_seconds("\n".join(text for _, text in lines)),
@@ -309,24 +320,30 @@ def run_tune_flow(repo: Path, trials: int, parallel: int, index: int) -> dict[st
 def measure_parallel(
     work: Path, trials: int, repeats: int, worktree: bool, max_epochs: int | None = None
 ) -> dict[str, Any]:
-    """``--parallel 1`` and ``--parallel 2`` runs, alternated (1 2, then 2 1, ...)."""
+    """``--parallel 1``, ``--parallel 2`` and Dask with two workers, alternated (1 2 dask, then
+    dask 2 1, ...)."""
     repo = work / "repo"
     workspace = make_workspace(repo, worktree, max_epochs)
-    runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    runs: dict[str, list[dict[str, float]]] = {"1": [], "2": [], "dask2": []}
     for index in range(repeats):
-        for parallel in (1, 2) if index % 2 == 0 else (2, 1):
-            runs[parallel].append(run_tune_flow(repo, trials, parallel, index))
-    speedup = {
-        key: [a[key] / b[key] for a, b in zip(runs[1], runs[2], strict=True)]
-        for key in ("flow_s", "command_s")
-    }
+        for key in ("1", "2", "dask2") if index % 2 == 0 else ("dask2", "2", "1"):
+            executor = "dask" if key == "dask2" else "threads"
+            runs[key].append(run_tune_flow(repo, trials, int(key[-1]), index, executor))
+
+    def ratios(slow: str, fast: str, key: str) -> list[float]:
+        return [a[key] / b[key] for a, b in zip(runs[slow], runs[fast], strict=True)]
+
+    speedup = {key: ratios("1", "2", key) for key in ("flow_s", "command_s")}
     flow_speedup = statistics.median(speedup["flow_s"])
     return {
         **workspace,
         "trials": trials,
-        "runs": {str(k): v for k, v in runs.items()},
+        "runs": runs,
         "speedup_flow": _spread(speedup["flow_s"]),
         "speedup_command": _spread(speedup["command_s"]),
+        # above 1: Dask's two workers take longer than two threads
+        "dask_over_threads_flow": _spread(ratios("dask2", "2", "flow_s")),
+        "dask_over_threads_command": _spread(ratios("dask2", "2", "command_s")),
         "target": f">= {PARALLEL_TARGET}x (flow wall time)",
         "met": flow_speedup >= PARALLEL_TARGET,
     }
@@ -491,6 +508,12 @@ def print_report(result: dict[str, Any]) -> None:
             f"{par['speedup_command']['median']:.2f}x (target {par['target']}: "
             f"{'met' if par['met'] else 'missed'})"
         )
+        if "dask_over_threads_flow" in par:
+            print(
+                f"tune.executor dask, 2 workers / threads, --parallel 2: flow wall time "
+                f"{par['dask_over_threads_flow']['median']:.2f}x, command "
+                f"{par['dask_over_threads_command']['median']:.2f}x"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
