@@ -19,6 +19,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter
+from prefect.client.schemas.sorting import FlowRunSort
 
 from flows import tune
 from stages.common.config import load_params, parse_params
@@ -107,6 +110,13 @@ def test_trials_run_on_both_dask_workers(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [0, 1, 2, 3]
+    # the workers reported the trials' task runs to the flow's Prefect API (the test harness)
+    with get_client(sync_client=True) as prefect:
+        (run,) = prefect.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+    assert sorted((t.name, t.state.type.value) for t in tasks) == [
+        (f"trial-{i}", "COMPLETED") for i in range(4)
+    ]
     # the best value in params.yaml, as with threads
     best = study.best_trial.user_attrs[tuning.VALUES_ATTR]
     assert load_params(repo / "params.yaml").train.lr == best["lr"]
