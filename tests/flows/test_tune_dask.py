@@ -68,7 +68,7 @@ def dask_cluster() -> Iterator[str]:
 
     address = f"tcp://127.0.0.1:{free_port()}"
     procs = [_start(["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                     "--no-dashboard"])]  # fmt: skip
+                     "--no-dashboard", "--dashboard-address", "127.0.0.1:0"])]  # fmt: skip
     try:
         for name in ("w1", "w2"):
             procs.append(_start(["worker", address, "--name", name, "--nthreads", "1",
