@@ -7,6 +7,7 @@ the metrics or model of an earlier run as if they were its own.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,16 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def _tracking_server() -> bool:
+    """Whether runs go to an MLflow server (it serves the UI), not the local store."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://"))
+
+
 def mlflow_ui_url(repo: Path) -> str:
-    """The local MLflow UI (``make ui``): 127.0.0.1 on ``params.yaml`` ``mlflow.ui_port``."""
+    """The MLflow UI: the tracking server itself when ``MLFLOW_TRACKING_URI`` is one (the stack,
+    a team's server), else the local UI (``make ui``) on ``params.yaml`` ``mlflow.ui_port``."""
+    if _tracking_server():
+        return os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
     try:
         port = load_params(repo / "params.yaml").mlflow.ui_port
     except PipelineError:
@@ -175,7 +184,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## MLflow", ""]
     link = summary.get("mlflow_run_url")
     lines.append(
-        f"[Training run]({link}) (start the UI with `make ui`)"
+        f"[Training run]({link})" + ("" if _tracking_server() else " (start the UI with `make ui`)")
         if link
         else "Not available: the train stage did not finish in this run."
     )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from flows.summary import render_markdown, summarize_run
+from pathlib import Path
+
+import pytest
+
+from flows.summary import mlflow_ui_url, render_markdown, summarize_run
 
 STAGES = ["train", "evaluate"]
 METRICS = {
@@ -36,3 +40,13 @@ def test_no_table_without_a_strong_baseline() -> None:
         summary = summarize_run(STAGES, {"train": "ran"}, reports, "http://x")
         assert summary["versus_gbdt"] is None
         assert "Model vs gbdt" not in render_markdown(summary)
+
+
+def test_the_mlflow_link_is_the_tracking_server_when_runs_go_to_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the stack (make run REMOTE=1) the link opens the MLflow server, not `make ui`'s port."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001/")
+    assert mlflow_ui_url(tmp_path) == "http://127.0.0.1:5001"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow/mlflow.db")
+    assert mlflow_ui_url(tmp_path) == "http://127.0.0.1:5000"
