@@ -145,8 +145,8 @@ MODEL ?= $(shell sed -n 's/^ *model_name: *\([^ #]*\).*/\1/p' params.yaml)@champ
 lineage: install ## Trace MODEL (<register.model_name>@champion) to its data, validation, commit, params, runs
 	$(BIN)/python -m flows.lineage $(MODEL)
 
-reproduce: install ## Re-run MODEL on its exact data in a clean workspace (WORKDIR=); compare metrics
-	$(BIN)/python -m flows.reproduce $(MODEL) $(if $(WORKDIR),--workdir $(WORKDIR))
+reproduce: install ## Re-run MODEL on its exact data in a clean workspace (WORKDIR=; REMOTE=1: from the stack); compare metrics
+	$(BIN)/python -m flows.reproduce $(MODEL) $(if $(WORKDIR),--workdir $(WORKDIR))$(if $(REMOTE), --stack)
 
 # Alias history (stages/register/registry.py: every move, in the MLflow store's registry-audit
 # experiment; `make lineage` shows it). MODEL: <name> or <name>@champion (default, as above).
