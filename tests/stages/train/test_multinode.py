@@ -227,6 +227,7 @@ def _two_nodes(project: Path) -> Iterator[_Job]:
                     [sys.executable, "-m", "stages.train.node", "--params", "nodes.yaml"],
                     cwd=project,
                     env=env,
+                    start_new_session=True,  # cleanup kills torchrun and its ranks too
                     stderr=other_err,
                 )
             )
@@ -237,6 +238,7 @@ def _two_nodes(project: Path) -> Iterator[_Job]:
                     [sys.executable, "-m", "stages.train", *_args(project, "nodes")],
                     cwd=project,
                     env=env,
+                    start_new_session=True,  # cleanup kills torchrun and its ranks too
                     stderr=main_err,
                 )
             )
@@ -244,9 +246,9 @@ def _two_nodes(project: Path) -> Iterator[_Job]:
             yield _Job(*processes, other_torchrun, main_torchrun, logs, started)
         finally:
             for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)  # the launcher, torchrun, its ranks
+                process.wait()
 
 
 @pytest.mark.stack
