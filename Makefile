@@ -70,7 +70,7 @@ test: install test-deps lint bench-setup ## Lint, then the test suite (real MLfl
 # The longest end-to-end runs (make data + make run on three real tables, reproduce from the DVC
 # remote, incremental runs): CI runs them after `make test` (.ci/run), which keeps `make test`
 # under 20 minutes on 2 cores.
-test-stack: install ## Run the longest end-to-end tests (marker `stack`); .ci/run runs them too
+test-stack: install test-deps ## Run the longest end-to-end tests (marker `stack`); .ci/run runs them too
 	$(PYTEST) -m stack
 
 # The SQL ingest tests start a real PostgreSQL server (tests/postgres.py): install it when its
@@ -79,7 +79,7 @@ test-deps: ## Install the PostgreSQL server the SQL tests start (apt-get, when r
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -q && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; } || \
-	  echo "PostgreSQL not installed (need root for apt-get): the SQL ingest tests will skip"
+	  echo "PostgreSQL not installed (need root for apt-get): the SQL and stack tests skip, make up fails"
 
 # The edit-run loop: under 3 minutes on 2 cores (`slow`: torchrun, SIGKILL resume, hot swap,
 # whole-pipeline runs; `make test` still runs them).
