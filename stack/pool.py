@@ -85,10 +85,13 @@ def _create_pool_and_automation(settings: StackSettings) -> None:
                 WorkPoolCreate(name=settings.work_pool, type="process", base_job_template=template)
             )
     try:
-        Automation.read(name=AUTOMATION)
-        return
+        existing = Automation.read(name=AUTOMATION)
     except ValueError:
-        pass
+        existing = None
+    if existing is not None:
+        if existing.trigger.within == timedelta(seconds=settings.crashed_after_s):
+            return
+        existing.delete()  # CRASHED_AFTER_S changed since the last `make up`: recreate it
     Automation(
         name=AUTOMATION,
         description=(

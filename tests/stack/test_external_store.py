@@ -21,6 +21,7 @@ def test_an_unreachable_external_store_names_endpoint_bucket_and_fix(tmp_path: P
         "S3_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "k",
         "AWS_SECRET_ACCESS_KEY": "s",
+        "POSTGRES_PASSWORD": "p",
     }
     settings = load_settings(tmp_path, env)
     assert not settings.own_object_store and settings.s3_endpoint == endpoint

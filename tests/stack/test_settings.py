@@ -95,3 +95,20 @@ def test_no_secret_in_the_tracked_settings_or_compose_file() -> None:
     for name in SECRET_NAMES:
         # only references (${NAME} for compose, $$NAME for a container's shell), never a value
         assert not re.search(rf"\b{name}[ \t]*[:=][ \t]*[^\s$]", compose), name
+
+
+def test_a_shells_cloud_keys_never_become_the_own_stores_login(repo: Path) -> None:
+    """Real AWS keys exported in the shell: the stack's SeaweedFS still uses generated ones."""
+    shell = {"AWS_ACCESS_KEY_ID": "AKIAREALCLOUDKEY", "AWS_SECRET_ACCESS_KEY": "real-secret"}
+    path = ensure_secrets(repo, shell)
+    generated = parse_env_file(path)
+    assert set(generated) == set(SECRET_NAMES)
+    settings = load_settings(repo, shell)
+    assert settings.aws_access_key_id == generated["AWS_ACCESS_KEY_ID"] != "AKIAREALCLOUDKEY"
+    external = load_settings(repo, {**shell, "S3_ENDPOINT_URL": "https://s3.example.com"})
+    assert external.aws_access_key_id == "AKIAREALCLOUDKEY"  # an external store: the user's keys
+
+
+def test_no_client_settings_without_secrets(repo: Path) -> None:
+    with pytest.raises(StackError, match=r"POSTGRES_PASSWORD is empty: run `make up`"):
+        load_settings(repo, {}).client_env()
