@@ -39,13 +39,23 @@ def _cmdline(pid: int) -> str | None:
     return raw.replace(b"\0", b" ").decode("utf-8", "replace")
 
 
-def _alive(pid: int) -> bool:
-    """``pid`` exists and is no zombie."""
+def _alive(pid: int, started: str | None = None) -> bool:
+    """``pid`` exists and is no zombie (and, given ``started``, is still the process that
+    started then, not a later one that reused the pid)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[0] != "Z" and (started is None or fields[19] == started)
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of ``pid`` (field 22 of /proc/<pid>/stat, clock ticks since boot)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def write_pid(state: Path, service: str, pid: int, markers: Sequence[str]) -> None:
@@ -136,16 +146,28 @@ def _signal_all(pids: Sequence[int], sig: int, groups: bool) -> None:
 def stop_tree(pid: int, *, first: int = signal.SIGTERM, timeout: float = 30.0) -> bool:
     """Stop ``pid``, its process group and its descendants: ``first`` (SIGTERM), then SIGKILL
     after ``timeout`` seconds. Return whether SIGKILL was needed."""
-    pids = process_tree(pid)
+    snapshot = {p: _start_time(p) for p in process_tree(pid)}
+    pids = list(snapshot)
     _signal_all([pid], first, groups=first == signal.SIGTERM)
     _signal_all(pids[1:], signal.SIGTERM, groups=False)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(_alive(p) for p in pids):
+        if not any(_alive(p, snapshot[p]) for p in pids):
             return False
         time.sleep(0.2)
-    _signal_all([p for p in pids if _alive(p)], signal.SIGKILL, groups=True)
+    # only the processes of the snapshot (a pid reused since is left alone); a group only
+    # where its leader is one of them (the service and the flow runs lead their own)
+    left = [p for p in pids if _alive(p, snapshot[p])]
+    _signal_all([p for p in left if _leads_group(p)], signal.SIGKILL, groups=True)
+    _signal_all(left, signal.SIGKILL, groups=False)
     return True
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
 
 
 def port_in_use(host: str, port: int) -> bool:
