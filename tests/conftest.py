@@ -24,6 +24,7 @@ PROJECT_FILES = [
     "model",
     "flows",
     "serving",
+    "stack",  # flows/remote.py reads the stack's settings
     "suites",
     "data/source",
     "dvc.yaml",
