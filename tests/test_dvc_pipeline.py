@@ -171,6 +171,7 @@ DIGITS_CNN = {
 }
 
 
+@pytest.mark.stack  # a whole pipeline on real data (~60 s): keeps make test under 20 minutes
 def test_cnn_path_on_digits_images(tmp_path: Path, mlflow_uri: str) -> None:
     repo = make_pipeline_repo(tmp_path / "repo", DIGITS_CNN)
     result = dvc(repo, "repro", check=False)
@@ -199,6 +200,7 @@ def _write_wine_csv(path: Path) -> None:
     frame.to_csv(path, index=False)
 
 
+@pytest.mark.stack  # a whole pipeline on a real table (~55 s): as above
 def test_own_csv_with_text_columns_and_gaps(tmp_path: Path, mlflow_uri: str) -> None:
     import subprocess
     import sys
