@@ -7,7 +7,6 @@ the CI environment variable is set, so CI never passes without running them.
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import shutil
@@ -19,23 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from stack.postgres import find_pg_bin  # one lookup of the server binaries
+
 INSTALL_HINT = (
     "PostgreSQL server binaries (initdb, pg_ctl) not found: install them with "
     "`apt-get install postgresql` (or run `make test-deps` as root)"
 )
 DATABASE = "ingest_test"
 USER = "test"
-
-
-def find_pg_bin(name: str) -> Path | None:
-    """``name`` (initdb, pg_ctl) from PATH, else from the newest /usr/lib/postgresql/*/bin."""
-    found = shutil.which(name)
-    if found:
-        return Path(found)
-    candidates = sorted(
-        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda path: int(Path(path).parts[-3])
-    )
-    return Path(candidates[-1]) if candidates else None
 
 
 def free_port() -> int:
