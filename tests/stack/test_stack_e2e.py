@@ -35,10 +35,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, _run, deep_merge, make_pipeline_repo, write_params
+from tests.conftest import TINY_PARAMS, deep_merge, make_pipeline_repo, write_params
 from tests.stack.harness import (
     StackHandle,
-    install_stack_package,
     require_postgres,
     run_stack,
     stack_env,
@@ -64,10 +63,7 @@ def stack() -> Iterator[StackHandle]:
     env = stack_env()
     env.update(FLOW_HEARTBEAT_S=str(HEARTBEAT_S), CRASHED_AFTER_S=str(CRASHED_AFTER_S))
     try:
-        make_pipeline_repo(repo)
-        install_stack_package(repo)
-        _run(["git", "add", "stack"], repo)
-        _run(["git", "commit", "-q", "-m", "the stack package"], repo)
+        make_pipeline_repo(repo)  # committed, stack/ included (tests/conftest.py PROJECT_FILES)
         started = time.monotonic()
         settings = start_stack(repo, env)
         print(f"stack up: {time.monotonic() - started:.1f} s", file=sys.stderr)
