@@ -229,11 +229,8 @@ def check_bucket(settings: StackSettings) -> None:
 
 def down(settings: StackSettings, state: Path) -> bool:
     """Stop SeaweedFS; remove the unix sockets it leaves in /tmp (named by our ports)."""
-    pid = procs.running_pid(state, SERVICE)
-    if pid is None:
+    if not procs.stop_service(state, SERVICE):
         return False
-    procs.stop_tree(pid, timeout=30)
-    procs.pid_file(state, SERVICE).unlink(missing_ok=True)
     ports_file = state / SERVICE / "ports.json"
     ports = [settings.s3_port]
     if ports_file.is_file():

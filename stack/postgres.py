@@ -210,9 +210,4 @@ def create_databases(settings: StackSettings) -> None:
 
 def down(state: Path) -> bool:
     """Fast shutdown (SIGINT: no waiting for clients); return whether it was running."""
-    pid = procs.running_pid(state, SERVICE)
-    if pid is None:
-        return False
-    procs.stop_tree(pid, first=signal.SIGINT, timeout=60)
-    procs.pid_file(state, SERVICE).unlink(missing_ok=True)
-    return True
+    return procs.stop_service(state, SERVICE, first=signal.SIGINT, timeout=60)

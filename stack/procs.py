@@ -170,6 +170,19 @@ def _leads_group(pid: int) -> bool:
         return False
 
 
+def stop_service(
+    state: Path, service: str, *, first: int = signal.SIGTERM, timeout: float = 30.0
+) -> bool:
+    """Stop the service its pid file names (``stop_tree``) and remove the pid file; return
+    whether it was running."""
+    pid = running_pid(state, service)
+    if pid is None:
+        return False
+    stop_tree(pid, first=first, timeout=timeout)
+    pid_file(state, service).unlink(missing_ok=True)
+    return True
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)

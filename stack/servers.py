@@ -136,9 +136,4 @@ def prefect_up(settings: StackSettings, state: Path, timeout: float = 420) -> bo
 
 
 def down(state: Path, service: str) -> bool:
-    pid = procs.running_pid(state, service)
-    if pid is None:
-        return False
-    procs.stop_tree(pid, timeout=30)
-    procs.pid_file(state, service).unlink(missing_ok=True)
-    return True
+    return procs.stop_service(state, service)
