@@ -20,7 +20,7 @@ export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install data run repro lint test test-deps test-fast test-stack ui prefect schedule clean serve bench-setup bench-train bench-serve bench-data bench-feedback tune
+.PHONY: help install data run repro lint test test-deps test-fast test-stack ui prefect schedule clean serve bench-setup bench-train bench-serve bench-data bench-feedback tune monitor page plots bench-monitor
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -101,6 +101,19 @@ schedule: install ## Run the pipeline on its cron (params.yaml `schedule`); star
 serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.yaml `serve`; ARGS='--port 9000')
 	$(BIN)/python -m flows.serve $(ARGS)
 
+# Monitoring (flows/monitor.py, params.yaml `monitor`): the service's prediction log since the
+# last check against the champion's training data; a crossed threshold emits the Prefect event on
+# which the pipeline deployment (make schedule, make up) retrains. `make schedule` runs it hourly.
+monitor: install ## Check the prediction log for drift, bad rows and accuracy; retrain when a threshold is crossed
+	$(BIN)/python -m flows.monitor --repo .
+
+# One offline page of the last run and the monitor's history (make run writes it too).
+page: install ## Write reports/index.html (stages, champion vs challenger, data gate, drift over time)
+	$(BIN)/python -m flows.page --repo .
+
+plots: install ## Render the dvc plots to reports/plots/index.html (vega inlined: works offline)
+	$(BIN)/dvc plots show -o reports/plots
+
 clean: ## Remove generated data, reports, models and the local stores, tuning studies too (keeps .venv)
 	rm -rf data/raw data/validated data/quarantine data/features models ensemble compact reports mlflow/mlflow.db* \
 	  mlflow/artifacts .prefect .dvcstore .dvc/tmp/pipeline-pushed.json data/tune
@@ -130,6 +143,9 @@ bench-compress: install ## Compression (prune, int8, distill) vs the parent; ens
 
 bench-feedback: install ## Edit-run loop: full/no-op make run, dvc repro after an lr change vs a plain script
 	$(BIN)/python -m bench.feedback
+
+bench-monitor: install ## Monitor cost per 100k logged predictions vs reading the log alone
+	$(BIN)/python -m bench.monitor
 
 bench-serve: install ## Serving: our service vs `mlflow models serve`, same model and load (wrk)
 	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || \

@@ -25,6 +25,8 @@ PROJECT_FILES = [
     "flows",
     "serving",
     "stack",  # flows/remote.py reads the stack's settings
+    "monitoring",  # flows/monitor.py
+    "pages",  # the flow writes reports/index.html
     "suites",
     "data/source",
     "dvc.yaml",

@@ -26,6 +26,7 @@ from pydantic import (
 from stages.common.config_base import StrictModel, describe_errors, read_yaml
 from stages.common.errors import ConfigError
 from stages.common.fuse_config import CompressParams, EnsembleMembers, EnsembleParams
+from stages.common.monitor_config import MonitorParams
 from stages.common.redact import redact_url
 from stages.common.train_config import GbdtParams, RnnParams, TrainParams, TransformerParams
 from stages.common.tune_config import SearchRange, TuneParams
@@ -37,6 +38,7 @@ __all__ = [
     "EnsembleMembers",
     "EnsembleParams",
     "GbdtParams",
+    "MonitorParams",
     "Params",
     "RnnParams",
     "SearchRange",
@@ -382,6 +384,7 @@ class Params:
     tune: TuneParams
     schedule: ScheduleParams
     serve: ServeParams
+    monitor: MonitorParams
 
 
 # One entry per field of Params: a new section is its model above plus one field there.
