@@ -75,11 +75,17 @@ test-stack: install test-deps ## Run the longest end-to-end tests (marker `stack
 
 # The SQL ingest tests start a real PostgreSQL server (tests/postgres.py): install it when its
 # binaries are missing and we may (root, e.g. CI containers); otherwise those tests skip.
-test-deps: ## Install the PostgreSQL server the SQL tests start (apt-get, when root)
+# The browser tests (tests/browser/) drive the distribution's Chromium through Playwright
+# (Playwright's own browser download needs the internet).
+test-deps: ## Install the PostgreSQL server and Chromium the tests use (apt-get, when root)
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -q && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; } || \
 	  echo "PostgreSQL not installed (need root for apt-get): the SQL and stack tests skip, make up fails"
+	@command -v chromium >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  echo "Chromium not installed (need root for apt-get): the browser tests fail"
 
 # The edit-run loop: under 3 minutes on 2 cores (`slow`: torchrun, SIGKILL resume, hot swap,
 # whole-pipeline runs; `make test` still runs them).
