@@ -22,6 +22,8 @@ Endpoints:
   unreachable since ..."); it needs the bearer token too
   when one is set.
   ``GET /metrics``: Prometheus.
+* ``GET /docs`` (Swagger UI) and ``/redoc``: the OpenAPI document, rendered with no network;
+  /predict's body example is the served model's input example (:mod:`serving.docs`).
 
 The model reference is read once per request from a :class:`serving.model.ModelHolder`, which a
 :class:`serving.model.RegistryFollower` swaps when the alias moves; the model itself runs in a
@@ -44,10 +46,12 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
 
 from model.contract import Violation
 from model.errors import PipelineError
 from serving.batcher import MicroBatcher, QueueFull
+from serving.docs import RESPONSES, example_payload, install_openapi, scoring_openapi
 from serving.metrics import ServiceMetrics
 from serving.model import LoadedModel, ModelHolder, RegistryFollower, load_model, warm_up
 from serving.payloads import PayloadError, encode_predictions, parse_payload
@@ -185,6 +189,13 @@ class _Service:
             "allow_contract_change": self.config.allow_contract_change,
         }
 
+    def example_payload(self) -> dict[str, Any] | None:
+        """The served model's input example as a /predict body (the OpenAPI example)."""
+        model = self.holder.current
+        if model is None or model.input_example is None:
+            return None
+        return example_payload(model.input_example, model.spec.names)
+
     def check_token(self, request: Request) -> None:
         token = self.config.token
         if token is None:
@@ -310,18 +321,26 @@ def create_app(config: ServiceConfig) -> FastAPI:
         await service.batcher.stop()
         await asyncio.to_thread(service.log.stop)
 
-    app = FastAPI(
+    # /docs and /redoc from the pinned fastapi-offline files, not a CDN (serving/docs.py)
+    app = FastAPIOffline(
         title="model service",
         lifespan=lifespan,
         description="Serves the registry alias it follows; MLflow scoring payloads.",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
     )
     app.state.service = service
+    install_openapi(app, service.example_payload)
+    scoring = {"responses": RESPONSES, "openapi_extra": scoring_openapi()}
 
-    @app.post("/predict", summary="Score rows (MLflow scoring-server payloads)")
+    @app.post("/predict", summary="Score rows (MLflow scoring-server payloads)", **scoring)
     async def predict(request: Request) -> Response:
         return await _score(service, request, "predict")
 
-    @app.post("/invocations", summary="Same as /predict (the path `mlflow models serve` uses)")
+    @app.post(
+        "/invocations",
+        summary="Same as /predict (the path `mlflow models serve` uses)",
+        **scoring,
+    )
     async def invocations(request: Request) -> Response:
         return await _score(service, request, "invocations")
 
@@ -352,7 +371,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
             )
         return _json({"ready": True, "model_version": model.version})
 
-    @app.get("/version", summary="The served model: name, version, alias, run, lineage")
+    @app.get(
+        "/version",
+        summary="The served model: name, version, alias, run, lineage",
+        openapi_extra={"security": scoring_openapi()["security"]},
+    )
     async def version(request: Request) -> Response:
         try:  # run ids, lineage tags and refused versions: as private as /predict
             service.check_token(request)
