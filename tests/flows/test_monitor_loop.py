@@ -1,0 +1,223 @@
+"""The loop closed, for real: a model trained by the real stages on palmerpenguins (a real public
+table, not the project's default), served by the real service on 127.0.0.1 logging every
+request; the monitor flow (``flows.monitor``) on the shared Prefect test API; the pipeline's
+deployment (``flows.schedule.pipeline_deployment``) carrying the retraining trigger.
+
+Unshifted traffic (the table's own rows) -> "ok", no event, no pipeline run. Shifted traffic
+(three features scaled or moved, the class balance tipped to one species) -> drift found by
+Evidently, the retraining event emitted, and the trigger creates a pipeline run whose ``reason``
+is the monitor's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import pytest
+import uvicorn
+import yaml
+
+from flows.monitor import HISTORY, monitor
+from flows.schedule import pipeline_deployment
+from monitoring.reference import FEATURES_TAG
+from serving.app import ServiceConfig, create_app
+from serving.model import load_model
+from stages.common.config import load_params
+from tests.builders import TEST_PARAMS
+from tests.serving.conftest import register_table_model, registry_once, tables_once
+
+pytestmark = pytest.mark.slow
+
+MODEL = f"monitor-{uuid.uuid4().hex[:6]}"  # the Prefect harness is shared by the session
+FEATURES_MD5 = "0123456789abcdef0123456789abcdef.dir"  # the version's data, as dvc.lock has it
+ROWS_PER_REQUEST = 16
+SHIFTED_ROWS = 300
+TRIGGER_TIMEOUT_S = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    repo: Path
+    port: int
+    rows: pd.DataFrame  # every row of the table, target "species" included
+    version: str
+
+
+def _workspace(root: Path, features: Path, port: int) -> Path:
+    """A project folder: params.yaml, the features the version was trained on, dvc.lock."""
+    shutil.copytree(features, root / "data" / "features")
+    lock = {"stages": {"features": {"outs": [{"path": "data/features", "md5": FEATURES_MD5}]}}}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    raw = {name: dict(section) for name, section in TEST_PARAMS.items()}
+    raw["register"] = {**raw["register"], "model_name": MODEL}
+    raw["monitor"] = {
+        "metrics_url": f"http://127.0.0.1:{port}/metrics",
+        "min_rows": 200,
+        "state_dir": "data/monitor",
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    load_params(root / "params.yaml")  # valid before anything runs
+    return root
+
+
+def _serve(config: ServiceConfig) -> tuple[uvicorn.Server, threading.Thread, int]:
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config), host="127.0.0.1", port=0, log_level="warning", access_log=False
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    while _request(port, "GET", "/ready")[0] != 200:
+        assert time.monotonic() < deadline, "no model loaded"
+        time.sleep(0.05)
+    return server, thread, port
+
+
+def _request(port: int, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, data, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
+    """The penguins model registered as ``MODEL`` v1 (champion, with its test accuracy and
+    data lineage), served with every request logged, and the project folder around it."""
+    registry = registry_once(tmp_path_factory)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", registry.uri)
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        penguins = tables_once(tmp_path_factory, registry)["penguins"]
+        mlflow.set_tracking_uri(registry.uri)
+        version = register_table_model(penguins, MODEL)
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(MODEL, "champion", version)
+        client.set_model_version_tag(MODEL, version, FEATURES_TAG, FEATURES_MD5)
+        splits = [pd.read_parquet(penguins.features / f"{s}.parquet") for s in ("train", "val")]
+        test = pd.read_parquet(penguins.features / "test.parquet")
+        scored = load_model(f"models:/{MODEL}/{version}").predict(test.drop(columns="species"))
+        accuracy = float((scored["prediction"].astype(str) == test["species"].astype(str)).mean())
+        client.log_metric(
+            client.get_model_version(MODEL, version).run_id, "test_accuracy", accuracy
+        )
+        repo = tmp_path_factory.mktemp("monitor-repo")
+        config = ServiceConfig(
+            model_name=MODEL,
+            tracking_uri=registry.uri,
+            sample_rate=1.0,
+            log_dir=str(repo / "data" / "predictions"),
+            log_flush_interval_s=0.2,
+            row_policy="flag",  # shifted rows out of the suite's range are scored and marked
+        )
+        server, thread, port = _serve(config)
+        try:
+            _workspace(repo, penguins.features, port)
+            yield Loop(repo, port, pd.concat([*splits, test], ignore_index=True), version)
+        finally:
+            server.should_exit = True
+            thread.join(30)
+            mlflow.set_tracking_uri(None)
+
+
+def _send(loop: Loop, frame: pd.DataFrame) -> None:
+    """Score ``frame`` (target dropped) through /predict, then wait until the log has it."""
+    inputs = frame.drop(columns="species").astype(object)
+    records = inputs.where(inputs.notna(), None).to_dict("records")
+    log = loop.repo / "data" / "predictions"
+    before = sum(len(pd.read_parquet(p)) for p in log.glob("part-*.parquet"))
+    for start in range(0, len(records), ROWS_PER_REQUEST):
+        status, body = _request(
+            loop.port,
+            "POST",
+            "/predict",
+            {"dataframe_records": records[start : start + ROWS_PER_REQUEST]},
+        )
+        assert status == 200, body[:500]
+    deadline = time.monotonic() + 30
+    while sum(len(pd.read_parquet(p)) for p in log.glob("part-*.parquet")) < before + len(records):
+        assert time.monotonic() < deadline, "the service did not log the rows"
+        time.sleep(0.1)
+
+
+def _shifted(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mostly Gentoo (the class balance tipped), longer bills, heavier, longer flippers."""
+    weights = rows["species"].map({"Gentoo": 8.0}).fillna(1.0)
+    sample = rows.sample(SHIFTED_ROWS, replace=True, weights=weights, random_state=7).copy()
+    sample["bill_length_mm"] = sample["bill_length_mm"] * 1.25
+    sample["body_mass_g"] = sample["body_mass_g"] + 900
+    sample["flipper_length_mm"] = sample["flipper_length_mm"] + 12
+    return sample.reset_index(drop=True)
+
+
+def _runs_of(deployment_id: Any) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+
+
+def test_drift_in_served_traffic_triggers_retraining_and_unshifted_traffic_does_not(
+    prefect_api: str, loop: Loop
+) -> None:
+    params = load_params(loop.repo / "params.yaml")
+    deployment_id = pipeline_deployment(loop.repo, params).apply()
+    repo = str(loop.repo)
+
+    _send(loop, loop.rows)  # the table as it is: every row once
+    ok = monitor(repo)
+    assert ok["decision"] == "ok", ok["reasons"]
+    assert ok["rows"] == len(loop.rows) and ok["model_version"] == loop.version
+    assert ok["accuracy_source"] == "estimated" and ok["service"]["available"]
+    assert not ok["event_emitted"]
+    assert ok["service"]["requests"] >= len(loop.rows) // ROWS_PER_REQUEST
+
+    again = monitor(repo)  # the watermark moved on: nothing new to decide on
+    assert again["decision"] == "waiting" and again["rows"] == 0
+
+    _send(loop, _shifted(loop.rows))
+    drifted = monitor(repo)
+    assert drifted["decision"] == "retrain" and drifted["event_emitted"]
+    assert drifted["rows"] == SHIFTED_ROWS
+    assert {"bill_length_mm", "body_mass_g", "flipper_length_mm"} <= set(drifted["drifted_columns"])
+    reason = "; ".join(drifted["reasons"])
+    assert "feature drift" in reason and "bill_length_mm" in reason
+
+    deadline = time.monotonic() + TRIGGER_TIMEOUT_S
+    while not (runs := _runs_of(deployment_id)):
+        assert time.monotonic() < deadline, "the retraining event started no pipeline run"
+        time.sleep(0.5)
+    [run] = runs  # one: the unshifted check asked for nothing
+    assert run.parameters["reason"] == reason
+
+    history = [json.loads(line) for line in (loop.repo / HISTORY).read_text().splitlines()]
+    assert [h["decision"] for h in history] == ["ok", "waiting", "retrain"]
+    report = loop.repo / drifted["report_dir"]
+    assert json.loads((report / "report.json").read_text())["drift"]["share"] >= 0.3
+    assert (report / "drift.html").stat().st_size > 10_000
+    runs_logged = mlflow.search_runs(experiment_names=["monitoring"], output_format="list")
+    assert {r.data.tags["decision"] for r in runs_logged} == {"ok", "retrain"}
