@@ -8,6 +8,9 @@ do. Then the flow pushes the data versions to the default DVC remote, or the one
 cache objects (a corrupt one is never uploaded), and publishes the
 ``pipeline-summary`` artifact (stages ran/skipped, test metrics, registered version, promotion
 decision and why, MLflow run link), also when a stage fails, which fails the flow run.
+A run that the monitor asked for (its retraining event fires the trigger of the pipeline's
+deployments, ``flows/events.py``) carries the monitor's words in its ``reason`` parameter:
+the summary says "Triggered by" them and the stages tag their MLflow runs ``pipeline.reason``.
 
 One run per workspace at a time: the workspace's run lock (``stages.common.runlock``, shared
 with ``make repro``) is taken before ingest: by ``main()`` before Prefect starts anything (a
@@ -68,7 +71,12 @@ from flows.summary import (
 from stages.common import runlock
 from stages.common.config import load_params
 from stages.common.errors import PipelineError
-from stages.common.tracking import FLOW_RUN_ENV, check_tracking_store, tracking_uri
+from stages.common.tracking import (
+    FLOW_RUN_ENV,
+    REASON_ENV,
+    check_tracking_store,
+    tracking_uri,
+)
 
 SUMMARY_KEY = "pipeline-summary"
 RAW_MANIFEST = "data/raw/manifest.json"  # ingest's record of what data/raw holds
@@ -193,18 +201,23 @@ def describe_failure(lines: Sequence[str]) -> tuple[str, bool]:
     return "\n".join([*dvc_errors, *tail]) or "exited without output", False
 
 
-def stage_env(flow_run_id: str | None = None) -> dict[str, str]:
+def stage_env(flow_run_id: str | None = None, reason: str | None = None) -> dict[str, str]:
     """The environment of DVC and the stages it runs.
 
     This interpreter's directory goes first on PATH, so ``python`` in ``dvc.yaml`` commands is
-    this virtualenv; the flow-run id lets the stages tag their MLflow runs with it.
+    this virtualenv; the flow-run id and the run's reason (the monitor's, when its event
+    triggered the run) let the stages tag their MLflow runs with them (metadata only: no DVC
+    hash depends on the environment).
     """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONUNBUFFERED"] = "1"  # stage logs reach the Prefect log as they happen
     env.pop(FLOW_RUN_ENV, None)
+    env.pop(REASON_ENV, None)
     if flow_run_id:
         env[FLOW_RUN_ENV] = flow_run_id
+    if reason:
+        env[REASON_ENV] = reason
     return env
 
 

@@ -56,7 +56,9 @@ def _retry_unless_deliberate(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_deliberate)
-def run_stage(stage: str, repo: str, flow_run_id: str | None = None) -> str:
+def run_stage(
+    stage: str, repo: str, flow_run_id: str | None = None, reason: str | None = None
+) -> str:
     """Run one DVC stage with ``dvc repro --single-item``; DVC skips it if nothing changed.
 
     Returns:
@@ -67,7 +69,7 @@ def run_stage(stage: str, repo: str, flow_run_id: str | None = None) -> str:
     """
     logger = get_run_logger()
     code, lines = run_dvc(
-        ["repro", "--single-item", stage], Path(repo), stage_env(flow_run_id), logger
+        ["repro", "--single-item", stage], Path(repo), stage_env(flow_run_id, reason), logger
     )
     if code != 0:
         message, deliberate = describe_failure(lines)
@@ -131,10 +133,13 @@ def publish_summary(
     statuses: dict[str, str],
     flow_run_id: str | None,
     error: str | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """Publish the ``pipeline-summary`` Markdown artifact; return the summary dict."""
     reports = read_reports(repo, statuses)
-    summary = summarize_run(stages, statuses, reports, mlflow_ui_url(repo), flow_run_id, error)
+    summary = summarize_run(
+        stages, statuses, reports, mlflow_ui_url(repo), flow_run_id, error, reason=reason
+    )
     create_markdown_artifact(
         markdown=render_markdown(summary),
         key=SUMMARY_KEY,
@@ -153,6 +158,7 @@ def pipeline(
     wait_s: float = 0.0,
     prerun: dict[str, Any] | None = None,
     dvc_remote: str | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """Hold the workspace's run lock, then run the stages; see ``run_pipeline``.
 
@@ -167,6 +173,10 @@ def pipeline(
             before it, ``manifest_before``); the flow records it instead of running it again.
         dvc_remote: the DVC remote the data versions are pushed to (``dvc push -r``); None:
             the default one. The stack's deployment (``flows.remote``) sets ``stack``.
+        reason: why this run was started, when something asked for it: the monitor's
+            retraining event sets it through the deployments' trigger (``flows/events.py``).
+            Recorded in the flow run's parameters, the summary ("Triggered by") and the
+            ``pipeline.reason`` tag of the stages' MLflow runs; it changes nothing that runs.
 
     Raises:
         runlock.RunLockBusy: another run holds the workspace (names its pid and start).
@@ -174,11 +184,13 @@ def pipeline(
     command = f"{command_line()} (Prefect flow run {current_flow_run.name})"
     if runlock.held_here(repo):  # main() took it before Prefect started, and checked MLflow
         _note_run(repo, command)
-        return run_pipeline(repo, check_store=False, prerun=prerun, dvc_remote=dvc_remote)
+        return run_pipeline(
+            repo, check_store=False, prerun=prerun, dvc_remote=dvc_remote, reason=reason
+        )
     with runlock.run_lock(repo, wait_s=wait_s, command=command):
         _note_run(repo, command)
         # a prerun without the lock held would be stale
-        return run_pipeline(repo, dvc_remote=dvc_remote)
+        return run_pipeline(repo, dvc_remote=dvc_remote, reason=reason)
 
 
 def _note_run(repo: str, command: str) -> None:
@@ -200,13 +212,15 @@ def run_pipeline(
     check_store: bool = True,
     prerun: dict[str, Any] | None = None,
     dvc_remote: str | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """Run the DVC stages of ``repo`` in order, push the data, publish the summary.
 
     Call it inside the ``pipeline`` flow, holding the run lock. ``check_store``: check the
     MLflow tracking store first (``main()`` did it already, before Prefect started).
     ``prerun``: the stage ``main()`` ran already (see ``pipeline``), recorded, not run again.
-    ``dvc_remote``: the DVC remote to push to (None: the default one).
+    ``dvc_remote``: the DVC remote to push to (None: the default one). ``reason``: why the
+    run was started (see ``pipeline``), passed to the stages and the summary.
 
     Returns:
         The run summary (``flows.summary.summarize_run``): stage statuses, metrics, model.
@@ -219,6 +233,8 @@ def run_pipeline(
     try:
         if check_store:
             preflight(root)
+        if reason:
+            logger.info("triggered by: %s", reason)
         stages = read_stage_order(root)
         logger.info("stages, in dvc.yaml's order: %s", " -> ".join(stages))
         incremental = load_params(root / "params.yaml").ingest.watermark is not None
@@ -244,12 +260,12 @@ def run_pipeline(
             stage_task = run_stage.with_options(
                 name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S
             )
-            statuses[stage] = stage_task(stage, str(root), flow_run_id)
+            statuses[stage] = stage_task(stage, str(root), flow_run_id, reason)
         push_data(str(root), dvc_remote)
     except Exception as exc:
         try:
-            publish_summary(root, stages, statuses, flow_run_id, error=str(exc))
+            publish_summary(root, stages, statuses, flow_run_id, error=str(exc), reason=reason)
         except Exception:  # never hide the stage's error behind a reporting one
             logger.exception("could not publish the run summary")
         raise
-    return publish_summary(root, stages, statuses, flow_run_id)
+    return publish_summary(root, stages, statuses, flow_run_id, reason=reason)

@@ -10,8 +10,13 @@ in this checkout), its cron is ``params.yaml`` ``schedule``, its parameters push
 DVC remote ``stack`` (the bucket), and a deployment concurrency limit of
 ``PIPELINE_CONCURRENCY`` (1) with the ENQUEUE strategy lets one run work in this checkout at a
 time: a second one waits, shown as ``AwaitingConcurrencySlot`` in the UI (the workspace's run
-lock is the second line of defence, for a local ``make run``). Running it again updates the
-deployment in place.
+lock is the second line of defence, for a local ``make run``). It carries the monitor's
+retraining trigger (``flows.events.retrain_trigger``): the stack's Prefect server (its triggers
+and actions services) starts a run, with the monitor's ``reason``, on each retraining event for
+``register.model_name``. Beside it, ``monitor/<schedule.deployment>`` runs the ``monitor`` flow
+(``flows/monitor.py``) on the same pool on the cron ``monitor.cron``, one at a time (a check
+still running when the next is due: the next is cancelled). Running it again updates both
+deployments in place.
 
 ``run`` checks the stack answers (Prefect API, MLflow server, a worker online in the pool),
 creates a flow run of the deployment, follows it (state changes and the flow run's logs) until
@@ -42,6 +47,9 @@ from stages.common.runlock import DEFAULT_WAIT_S
 
 ENTRYPOINT = "flows/pipeline_flow.py:pipeline"
 FLOW_NAME = "pipeline"  # the @flow name in flows/pipeline_flow.py
+MONITOR_ENTRYPOINT = "flows/monitor.py:monitor"
+MONITOR_FLOW = "monitor"  # the @flow name in flows/monitor.py
+MONITOR_CONCURRENCY = 1  # two checks at once would read the same window and race on its watermark
 SUMMARY_KEY = "pipeline-summary"  # flows.pipeline.SUMMARY_KEY (not imported: no yaml/DVC here)
 POLL_S = 2.0
 CANCEL_WAIT_S = 30
@@ -94,16 +102,24 @@ def deployment_name(repo: Path) -> str:
 # --- deploy -------------------------------------------------------------------------------
 
 
+def monitor_deployment_name(repo: Path) -> str:
+    """``monitor/<schedule.deployment>`` of ``repo/params.yaml``."""
+    return f"{MONITOR_FLOW}/{load_params(repo / 'params.yaml').schedule.deployment}"
+
+
 def deploy(repo: Path, settings: StackSettings) -> str:
-    """Create or update the pipeline's deployment on the stack's work pool; return its id."""
+    """Create or update the pipeline's deployment (with the monitor's retraining trigger) and
+    the monitor's on the stack's work pool; return the pipeline deployment's id."""
     from prefect import Flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.exceptions import ObjectNotFound
 
+    from flows.events import retrain_trigger
     from flows.schedule import build_schedule
 
-    schedule = load_params(repo / "params.yaml").schedule
+    params = load_params(repo / "params.yaml")
+    schedule = params.schedule
     flow = Flow.from_source(source=str(repo), entrypoint=ENTRYPOINT)
     with get_client(sync_client=True) as client:
         try:
@@ -117,6 +133,7 @@ def deploy(repo: Path, settings: StackSettings) -> str:
         name=schedule.deployment,
         work_pool_name=settings.work_pool,
         schedules=[build_schedule(schedule)],
+        triggers=[retrain_trigger(params.register.model_name)],
         # A due run waits (bounded) for a local `make run` holding the workspace's run lock.
         parameters={"repo": str(repo), "dvc_remote": DVC_REMOTE, "wait_s": DEFAULT_WAIT_S},
         concurrency_limit=ConcurrencyLimitConfig(
@@ -125,11 +142,43 @@ def deploy(repo: Path, settings: StackSettings) -> str:
         ),
         description=f"The whole pipeline in {repo} on the stack's work pool "
         f"{settings.work_pool!r}: cron {schedule.cron!r} ({schedule.timezone}), data pushed "
-        f"to the DVC remote {DVC_REMOTE!r}, {settings.pipeline_concurrency} run(s) at a time.",
+        f"to the DVC remote {DVC_REMOTE!r}, {settings.pipeline_concurrency} run(s) at a time; "
+        f"and whenever the monitor asks to retrain {params.register.model_name!r} (the run's "
+        "reason parameter says why).",
         build=False,
         push=False,
         print_next_steps=False,
         ignore_warnings=True,  # "a process pool: consider .serve": the stack's workers run it
+    )
+    deploy_monitor(repo, settings)
+    return str(deployment_id)
+
+
+def deploy_monitor(repo: Path, settings: StackSettings) -> str:
+    """Create or update the monitor's deployment on the stack's work pool; return its id."""
+    from prefect import Flow
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron
+
+    params = load_params(repo / "params.yaml")
+    cron = Cron(params.monitor.cron, timezone=params.schedule.timezone)
+    flow = Flow.from_source(source=str(repo), entrypoint=MONITOR_ENTRYPOINT)
+    deployment_id = flow.deploy(
+        name=params.schedule.deployment,
+        work_pool_name=settings.work_pool,
+        schedules=[cron],
+        parameters={"repo": str(repo)},
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=MONITOR_CONCURRENCY,
+            collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW,
+        ),
+        description=f"The monitor of {params.register.model_name!r} in {repo} on the stack's "
+        f"work pool {settings.work_pool!r}: cron {params.monitor.cron!r} "
+        f"({params.schedule.timezone}); a crossed threshold starts the pipeline (its trigger).",
+        build=False,
+        push=False,
+        print_next_steps=False,
+        ignore_warnings=True,
     )
     return str(deployment_id)
 
@@ -340,8 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "deploy":
                 deployment_id = deploy(repo, settings)
                 print(
-                    f"deployed {deployment_name(repo)} ({deployment_id}) to the work pool "
-                    f"{settings.work_pool!r} at {settings.prefect_api_url}"
+                    f"deployed {deployment_name(repo)} ({deployment_id}, started also by the "
+                    f"monitor's retraining event) and {monitor_deployment_name(repo)} to the "
+                    f"work pool {settings.work_pool!r} at {settings.prefect_api_url}"
                 )
                 return 0
             return run(repo, settings, args.timeout, args.detach)

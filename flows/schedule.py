@@ -1,12 +1,21 @@
-"""The pipeline on a schedule: a Prefect deployment with the cron of ``params.yaml`` ``schedule``.
+"""The pipeline on a schedule, the monitor on its own, and retraining when the monitor asks.
 
 Start it with one command from the project root (``make schedule`` runs it)::
 
     python -m flows.schedule [--repo .] [--port 4200]
 
-It serves the ``pipeline`` flow as the deployment ``pipeline/<schedule.deployment>`` with the
-cron ``schedule.cron`` read in ``schedule.timezone`` (daily at 06:00 UTC by default) and runs
-each due run in this process, one at a time, until Ctrl-C (which pauses the schedule).
+It serves two deployments and runs each due run in this process, one at a time, until Ctrl-C
+(which pauses their schedules):
+
+- ``pipeline/<schedule.deployment>``: the ``pipeline`` flow on the cron ``schedule.cron`` read
+  in ``schedule.timezone`` (daily at 06:00 UTC by default), and with a trigger
+  (``flows.events.retrain_trigger``): each retraining event the monitor emits for
+  ``register.model_name`` starts a run whose ``reason`` parameter is the monitor's reason.
+- ``monitor/<schedule.deployment>``: the ``monitor`` flow (``flows/monitor.py``) on the cron
+  ``monitor.cron`` (hourly by default), in the same time zone.
+
+One run at a time: a retraining run waits for the monitor run that asked for it, and the
+monitor never reads the features while the pipeline rewrites them.
 
 No separate ``prefect server start`` is needed. Prefect's temporary server, which plain flow runs
 use, does not run the scheduler, so this command needs a persistent Prefect API: it uses
@@ -14,8 +23,15 @@ use, does not run the scheduler, so this command needs a persistent Prefect API:
 otherwise starts ``prefect server start`` on 127.0.0.1:<port> itself (UI at
 http://127.0.0.1:4200, log in ``$PREFECT_HOME/server.log``) and stops it on exit.
 
-While it runs, trigger a run now with ``prefect deployment run pipeline/daily`` (with
-``PREFECT_API_URL=http://127.0.0.1:4200/api`` when this command started the server).
+While it runs, trigger a run now with ``prefect deployment run pipeline/daily`` (or
+``monitor/daily``; with ``PREFECT_API_URL=http://127.0.0.1:4200/api`` when this command
+started the server).
+
+The trigger needs a Prefect server that evaluates automations: ``prefect server start`` runs the
+``triggers`` and ``actions`` services (``PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED``,
+``PREFECT_SERVER_SERVICES_ACTIONS_ENABLED``, both true by default; in Prefect 3.8 they run in
+the temporary test server too). A server started with ``--no-services``, or those settings
+false, keeps the trigger but never fires it.
 
 The server's scheduler in Prefect 3.8.8 needs SQLAlchemy 2.0.x: with 2.1 it fails to insert the
 scheduled runs ("Can't evaluate bulk DML statement") and the cron never fires.
@@ -36,13 +52,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from prefect.deployments.runner import EntrypointType
+from prefect import serve
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.logging import get_logger
 from prefect.schedules import Cron, Schedule
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
+from flows.events import retrain_trigger
 from flows.pipeline import pipeline
-from stages.common.config import ScheduleParams, load_params
+from stages.common.config import Params, ScheduleParams, load_params
 from stages.common.errors import ConfigError
 from stages.common.runlock import DEFAULT_WAIT_S
 
@@ -65,6 +83,14 @@ def build_schedule(params: ScheduleParams) -> Schedule:
 def deployment_name(params: ScheduleParams) -> str:
     """The full deployment name, ``<flow>/<deployment>``, as ``run_deployment`` takes it."""
     return f"{pipeline.name}/{params.deployment}"
+
+
+MONITOR_FLOW = "monitor"  # the @flow name in flows/monitor.py
+
+
+def monitor_deployment_name(params: ScheduleParams) -> str:
+    """The monitor's deployment, ``monitor/<deployment>``."""
+    return f"{MONITOR_FLOW}/{params.deployment}"
 
 
 def is_api_healthy(api_url: str) -> bool:
@@ -124,19 +150,49 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
             process.wait()
 
 
-def serve_pipeline(repo: Path, params: ScheduleParams) -> None:
-    """Serve the pipeline flow for ``repo`` on its cron schedule; blocks until interrupted."""
-    schedule = build_schedule(params)
-    pipeline.serve(
-        name=params.deployment,
-        schedules=[schedule],
+def pipeline_deployment(repo: Path, params: Params) -> RunnerDeployment:
+    """The pipeline's deployment for ``repo``: its cron and the monitor's retraining trigger."""
+    schedule = params.schedule
+    model_name = params.register.model_name
+    return pipeline.to_deployment(
+        name=schedule.deployment,
+        schedules=[build_schedule(schedule)],
+        triggers=[retrain_trigger(model_name)],
         # A due run waits (bounded) for a `make run`/`make repro` holding the workspace.
         parameters={"repo": str(repo), "wait_s": DEFAULT_WAIT_S},
-        description=f"The whole pipeline for {repo}, on the cron {params.cron!r} "
-        f"({params.timezone}) of params.yaml.",
-        limit=1,  # runs share the DVC repo: never two at once (and the run lock)
+        description=f"The whole pipeline for {repo}, on the cron {schedule.cron!r} "
+        f"({schedule.timezone}) of params.yaml, and whenever the monitor asks to retrain "
+        f"{model_name!r} (the run's reason parameter says why).",
         # Each run imports flows.pipeline as a module, from the directory this command runs in.
         entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def monitor_deployment(repo: Path, params: Params) -> RunnerDeployment:
+    """The monitor's deployment for ``repo``, on the cron ``monitor.cron``."""
+    from flows.monitor import monitor  # only here: the pipeline's deployment does without it
+
+    cron = Cron(params.monitor.cron, timezone=params.schedule.timezone)
+    return monitor.to_deployment(
+        name=params.schedule.deployment,
+        schedules=[cron],
+        parameters={"repo": str(repo)},
+        description=f"The monitor for {repo}, on the cron {params.monitor.cron!r} "
+        f"({params.schedule.timezone}) of params.yaml: drift, data quality and performance of "
+        f"{params.register.model_name!r} since the last check; asks the pipeline to retrain "
+        "when a threshold is crossed.",
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def serve_deployments(repo: Path, params: Params) -> None:
+    """Serve the pipeline and the monitor for ``repo``; blocks until interrupted."""
+    serve(
+        pipeline_deployment(repo, params),
+        monitor_deployment(repo, params),
+        # One run at a time: pipeline runs share the DVC repo (and the run lock), the monitor
+        # reads the features a pipeline run rewrites, and a triggered run waits for its monitor.
+        limit=1,
     )
 
 
@@ -145,8 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.schedule",
         description="Serve the pipeline as a Prefect deployment on the cron schedule of "
-        "params.yaml (section `schedule`) until Ctrl-C. Uses PREFECT_API_URL if "
-        "set, else starts a local `prefect server start` (and stops it on exit).",
+        "params.yaml (section `schedule`), started also by the monitor's retraining event, "
+        "and the monitor on its cron (section `monitor`), until Ctrl-C. Uses PREFECT_API_URL "
+        "if set, else starts a local `prefect server start` (and stops it on exit).",
         epilog="While it runs, start a run now with: prefect deployment run pipeline/<deployment> "
         "(set PREFECT_API_URL=http://127.0.0.1:<port>/api when this command started "
         "the server). The Prefect UI is at http://127.0.0.1:<port>.",
@@ -166,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     repo = Path(args.repo).resolve()
     try:
-        params = load_params(repo / "params.yaml").schedule  # a bad cron fails here, first
+        params = load_params(repo / "params.yaml")  # a bad cron fails here, first
     except ConfigError as exc:
         logger.error("%s", exc)
         return 1
@@ -180,14 +237,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ExitStack() as stack:
             api_url = _connect_api(args.port, stack)
             logger.info(
-                "serving %s (cron %r, %s) against the Prefect API at %s",
-                deployment_name(params),
-                params.cron,
-                params.timezone,
+                "serving %s (cron %r, %s; and on the monitor's retraining event for %r) and "
+                "%s (cron %r) against the Prefect API at %s",
+                deployment_name(params.schedule),
+                params.schedule.cron,
+                params.schedule.timezone,
+                params.register.model_name,
+                monitor_deployment_name(params.schedule),
+                params.monitor.cron,
                 api_url,
             )
             try:
-                serve_pipeline(repo, params)  # returns on Ctrl-C once it is serving
+                serve_deployments(repo, params)  # returns on Ctrl-C once it is serving
             except KeyboardInterrupt:  # the watchdog's second interrupt ended a stuck shutdown
                 logger.warning("serve stopped by a second interrupt")
             finally:

@@ -71,6 +71,7 @@ def summarize_run(
     ui_url: str,
     flow_run_id: str | None = None,
     error: str | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """The run in one small dict: stage statuses, test metrics, the registered model, links.
 
@@ -81,6 +82,7 @@ def summarize_run(
         ui_url: base URL of the MLflow UI.
         flow_run_id: the Prefect flow run.
         error: why the run failed, or None.
+        reason: why the run was started (the monitor's retraining reason), or None.
     """
     registration = reports.get("registration")
     run = reports.get("run")
@@ -95,6 +97,7 @@ def summarize_run(
     return {
         "status": "failed" if error else "completed",
         "flow_run_id": flow_run_id,
+        "reason": reason,
         "stages": {stage: statuses.get(stage, NOT_RUN) for stage in stages},
         "metrics": reports.get("metrics"),
         "versus_gbdt": versus_gbdt(reports.get("metrics")),
@@ -144,6 +147,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["**Failed:**", "", "```", summary["error"].strip(), "```", ""]
     else:
         lines += ["**Completed.**", ""]
+    if reason := summary.get("reason"):
+        lines += [f"Triggered by: {_one_line(reason)}", ""]
     lines += ["| Stage | Result |", "|---|---|"]
     lines += [f"| {stage} | {status} |" for stage, status in summary["stages"].items()]
     lines += ["", "## Test metrics", ""]

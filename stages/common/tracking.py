@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FLOW_RUN_ENV = "PIPELINE_FLOW_RUN_ID"  # set by the Prefect flow for the stages it runs
+# why the flow runs (its `reason` parameter: the monitor's retraining event), for the same stages;
+# metadata only: DVC never sees it, so it changes no stage's hash
+REASON_ENV, REASON_TAG = "PIPELINE_REASON", "pipeline.reason"
 RUN_FILE = "run.json"  # written by train next to the model: the MLflow run to log into
 # Run artifacts that let `flows.reproduce` rebuild a run's inputs: params.yaml and dvc.lock as
 # they were at train time (dvc.lock's data-stage entries are the ones this run trained on).
@@ -340,6 +343,8 @@ def lineage_tags(repo: str | Path = ".", stage: str | None = None) -> dict[str, 
         tags[DIRTY_FILES_TAG] = _cut(",".join(git_dirty_files(repo)))
     if flow_run_id := os.environ.get(FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = flow_run_id
+    if reason := os.environ.get(REASON_ENV):
+        tags[REASON_TAG] = _cut(reason)
     return tags
 
 

@@ -32,7 +32,8 @@ def _checkout(dest: Path, deployment: str = "daily") -> Path:
     (dest / "stack").mkdir(parents=True)
     shutil.copy2(ROOT / "stack" / "stack.env", dest / "stack" / "stack.env")
     (dest / "flows").mkdir()
-    shutil.copy2(ROOT / "flows" / "pipeline_flow.py", dest / "flows" / "pipeline_flow.py")
+    for flow_file in ("pipeline_flow.py", "monitor.py"):
+        shutil.copy2(ROOT / "flows" / flow_file, dest / "flows" / flow_file)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["schedule"]["deployment"] = deployment
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
@@ -119,6 +120,26 @@ def test_deploy_makes_one_pool_deployment_from_the_checkout(
     # one run per workspace: a deployment concurrency limit, queued (shown in the UI)
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    with get_client(sync_client=True) as client:
+        # the monitor's retraining trigger, once (deploying again replaced it)
+        [automation] = client.read_resource_related_automations(
+            f"prefect.deployment.{deployment.id}"
+        )
+        [action] = automation.actions
+        assert action.parameters == {"reason": "{{ event.payload.reason }}"}
+        assert automation.trigger.match.get("prefect.resource.id") == [
+            f"pipeline.model.{params['register']['model_name']}"
+        ]
+        monitor = client.read_deployment_by_name(remote.monitor_deployment_name(repo))
+    assert remote.monitor_deployment_name(repo) == "monitor/remote-test"
+    assert monitor.work_pool_name == "remote-test-pool"
+    assert monitor.entrypoint == remote.MONITOR_ENTRYPOINT
+    assert monitor.parameters == {"repo": str(repo.resolve())}
+    (cron,) = monitor.schedules
+    assert cron.schedule.cron == params["monitor"]["cron"]
+    assert monitor.global_concurrency_limit.limit == 1
+    assert monitor.concurrency_options.collision_strategy.value == "CANCEL_NEW"
 
 
 def test_deploy_and_run_refuse_a_pool_missing_or_without_workers(

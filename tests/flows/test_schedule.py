@@ -20,7 +20,14 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from flows.schedule import build_schedule, deployment_name
+from flows.events import RETRAIN_EVENT
+from flows.schedule import (
+    build_schedule,
+    deployment_name,
+    monitor_deployment,
+    monitor_deployment_name,
+    pipeline_deployment,
+)
 from flows.schedule import main as schedule_main
 from stages.common.config import ScheduleParams, load_params
 from stages.common.runlock import DEFAULT_WAIT_S
@@ -36,6 +43,31 @@ def test_schedule_is_the_cron_of_params() -> None:
     schedule = build_schedule(params)
     assert (schedule.cron, schedule.timezone) == (params.cron, params.timezone)
     assert deployment_name(params) == f"pipeline/{params.deployment}"
+
+
+def test_the_pipeline_runs_on_its_cron_and_the_monitors_event_the_monitor_on_its_cron(
+    tmp_path: Path,
+) -> None:
+    params = load_params(ROOT / "params.yaml")
+    pipeline = pipeline_deployment(tmp_path, params)
+    [trigger] = pipeline.triggers
+    assert trigger.expect == {RETRAIN_EVENT}
+    assert trigger.match.get("prefect.resource.id") == [
+        f"pipeline.model.{params.register.model_name}"
+    ]
+    assert trigger.parameters == {"reason": "{{ event.payload.reason }}"}
+    [cron] = pipeline.schedules
+    assert cron.schedule.cron == params.schedule.cron
+
+    monitor = monitor_deployment(tmp_path, params)
+    assert f"{monitor.flow_name}/{monitor.name}" == monitor_deployment_name(params.schedule)
+    assert monitor.parameters == {"repo": str(tmp_path)}
+    [cron] = monitor.schedules
+    assert (cron.schedule.cron, cron.schedule.timezone) == (
+        params.monitor.cron,
+        params.schedule.timezone,
+    )
+    assert not monitor.triggers
 
 
 @pytest.mark.parametrize(("field", "value"), [("cron", "0 6 * *"), ("timezone", "Mars/Base")])
@@ -120,13 +152,18 @@ def _start_schedule_command(repo: Path, port: int, home: Path, log: Path) -> sub
 def test_schedule_command_serves_the_cron_deployment_and_runs_it(
     tmp_path: Path, mlflow_uri: str
 ) -> None:
+    """The deployments are served with their crons, and the monitor's retraining event (sent
+    as ``flows/monitor.py`` sends it: from its own process) makes the served pipeline run, with
+    the event's reason, through the server's trigger."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.remote import read_summary
+
     repo = _ingest_only_repo(tmp_path / "repo")
-    params = load_params(repo / "params.yaml").schedule
+    all_params = load_params(repo / "params.yaml")
+    params = all_params.schedule
     name, port = deployment_name(params), _free_port()
     logs = [tmp_path / "schedule.log", tmp_path / "prefect-home" / "server.log"]
     server = _start_schedule_command(repo, port, tmp_path / "prefect-home", logs[0])
@@ -157,16 +194,51 @@ def test_schedule_command_serves_the_cron_deployment_and_runs_it(
             )
             assert all(run.state.is_scheduled() for run in upcoming)
             assert min(run.expected_start_time for run in upcoming) == _next_cron_time(params)
+            monitor = _read_deployment(client, monitor_deployment_name(params))
+            [monitor_cron] = monitor.schedules
+            assert monitor_cron.schedule.cron == all_params.monitor.cron
 
-            flow_run = run_deployment(name, timeout=RUN_TIMEOUT_S)
+            reason = "PSI 0.42 of the predicted probabilities > 0.2 (test)"
+            _emit_retrain(port, all_params.register.model_name, reason)
+            [flow_run] = _wait_for(
+                "the run the retrain event triggered",
+                lambda: [
+                    run
+                    for run in client.read_flow_runs(
+                        deployment_filter=DeploymentFilter(
+                            id=DeploymentFilterId(any_=[deployment.id])
+                        )
+                    )
+                    if run.parameters.get("reason") == reason
+                ],
+                server,
+                logs,
+            )
+            flow_run = _wait_for(
+                "the triggered run's end",
+                lambda: (run := client.read_flow_run(flow_run.id)).state.is_final() and run,
+                server,
+                logs,
+                RUN_TIMEOUT_S,
+            )
 
             assert flow_run.state.is_completed(), f"{flow_run.state}\n{_tails(logs)}"
+            assert f"Triggered by: {reason}" in read_summary(client, flow_run.id)
         assert (repo / "data/raw/manifest.json").is_file()
         assert any(p.is_file() for p in (repo / ".dvcstore").rglob("*"))
     finally:
         _stop(server)
     assert server.returncode == 0, _tails(logs)
     assert not _api_answers(port), "the Prefect server the command started is still running"
+
+
+def _emit_retrain(port: int, model_name: str, reason: str) -> None:
+    # From another process, as the monitor does: its events client drains when it exits.
+    code = "import sys; from flows.events import emit_retrain; emit_retrain(*sys.argv[1:], {})"
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    subprocess.run(
+        [sys.executable, "-c", code, model_name, reason], cwd=ROOT, env=env, check=True, timeout=60
+    )
 
 
 def _read_deployment(client, name: str):
