@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from stages.common.config import ColumnRuleParams
 from stages.common.errors import ConfigError
 from stages.common.suite import NOT_NULL, ROW_COUNT, UNIQUE_COUNT, Suite
+from stages.validate.docs_offline import make_docs_offline
 
 if TYPE_CHECKING:
     from great_expectations.core import (
@@ -122,7 +123,8 @@ def _import_gx() -> None:
 def run_gx(
     df: Any, suite: Suite, expectations: list[dict[str, Any]], docs_dir: Path, source: str
 ) -> ExpectationSuiteValidationResult:
-    """Run ``expectations`` on ``df`` in an ephemeral GX context; write Data Docs to docs_dir."""
+    """Run ``expectations`` on ``df`` in an ephemeral GX context; write Data Docs to docs_dir
+    (rendering offline: :mod:`stages.validate.docs_offline`)."""
     os.environ["GX_ANALYTICS_ENABLED"] = "false"  # read by GX at import and context creation
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # INFO floods at import
     import great_expectations as gx
@@ -155,6 +157,7 @@ def run_gx(
         )
     )
     result = checkpoint.run(batch_parameters={"dataframe": df})
+    make_docs_offline(docs_dir)  # GX's pages load their CSS/JS from CDNs: vendor them
     return next(iter(result.run_results.values()))
 
 
