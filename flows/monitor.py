@@ -327,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labels", help="ground truth (params monitor.labels)")
     parser.add_argument("--metrics-url", help="the service's /metrics (monitor.metrics_url)")
     args = parser.parse_args(argv)
+    from prefect.settings import PREFECT_API_URL
+
+    persistent_api = bool(PREFECT_API_URL.value())
     try:
         line = monitor(args.repo, args.params, args.reference, args.labels, args.metrics_url)
     except MonitorInputError as exc:
@@ -336,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nMonitor failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print("\n" + render(line))
+    if line["event_emitted"] and not persistent_api:
+        print(
+            "  note: no PREFECT_API_URL, so the event went to this run's temporary Prefect server,"
+            " where no deployment listens; under `make schedule` or `make up` (or with"
+            " PREFECT_API_URL set) the pipeline deployment's trigger starts the retraining"
+        )
     return 0
 
 
