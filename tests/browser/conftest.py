@@ -1,0 +1,69 @@
+"""Browser fixtures: ``browser`` (one Chromium per session) and ``open_page``; what counts as a
+problem and where screenshots go: ``tests/browser/harness.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.browser.harness import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    VIEWPORT,
+    Visit,
+    artifacts_dir,
+    reached_outside,
+    safe_name,
+    watch,
+)
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One headless Chromium for the session (skipped when it is not installed); at the end,
+    its net log must show nothing reached outside this machine."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: `make test-deps` installs it (root, apt-get)")
+    from playwright.sync_api import sync_playwright
+
+    net_log = tmp_path_factory.mktemp("chromium") / "net-log.json"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, f"--log-net-log={net_log}"]
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+    outside = reached_outside(net_log)
+    assert not outside, f"Chromium reached outside this machine: {outside}"
+
+
+@pytest.fixture
+def open_page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Callable[..., Visit]]:
+    """``open_page(url, name=None, init_script=None) -> Visit``: load ``url`` in a fresh
+    context (no cache or storage shared with other tests), watching every request; the page's
+    screenshot is saved when the test ends, passed or failed."""
+    visits: list[tuple[Visit, Any]] = []
+
+    def open_(url: str, name: str | None = None, init_script: str | None = None) -> Visit:
+        context = browser.new_context(viewport=VIEWPORT, service_workers="block")
+        page = context.new_page()
+        visit = Visit(page, name or f"{request.node.name}-{len(visits)}")
+        visits.append((visit, context))
+        watch(context, page, visit)
+        if init_script:
+            context.add_init_script(init_script)
+        page.goto(url, wait_until="load")
+        return visit
+
+    yield open_
+    folder = artifacts_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for visit, context in visits:
+        try:
+            visit.page.screenshot(path=str(folder / f"{safe_name(visit.name)}.png"), full_page=True)
+        finally:
+            context.close()
