@@ -11,6 +11,8 @@ validation pages); what has no package is dropped:
   draws GX's index table from the same options (columns, rows, sort order, clickable rows);
   its filter controls and datepicker are left out.
 * bootstrap-dark (a prefers-dark theme) and Popper (Bootstrap's bundle carries it).
+* vega, vega-lite and vega-embed on a page that draws no chart (GX includes them on every
+  page); a page with a chart gets one bundle of the three (``vl-convert-python``).
 
 Idempotent (a rewritten page has nothing left to rewrite); run after every GX docs build.
 ``python -m stages.validate.docs_offline <docs dir>`` does it to an existing folder.
@@ -19,6 +21,7 @@ Idempotent (a rewritten page has nothing left to rewrite); run after every GX do
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 import shutil
@@ -37,7 +40,7 @@ REPLACEMENTS: dict[str, str | None] = {
     "popper.js": None,  # inside bootstrap.bundle
     "jquery-3.7.1.min.js": "jquery/jquery.min.js",
     "font-awesome/6.6.0/css/all.min.css": "font-awesome/css/all.min.css",
-    "npm/vega@5": "vega/vega-embed-bundle.js",  # vega, vega-lite and vega-embed in one file
+    "npm/vega@5": "vega/vega-embed-bundle.js",  # vega, vega-lite and vega-embed: VEGA
     "npm/vega-lite@5": None,
     "npm/vega-embed@6": None,
     "bootstrap-table@1.19.1/dist/bootstrap-table.min.js": "docs_table.js",
@@ -46,6 +49,7 @@ REPLACEMENTS: dict[str, str | None] = {
     "bootstrap-datepicker": None,
     "bootstrap-dark": None,
 }
+VEGA = REPLACEMENTS["npm/vega@5"] or ""
 GX_ASSETS = "https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/"
 TAG = re.compile(
     r"""<(script|link)\b[^>]*?\b(?:src|href)=["'](https?://[^"']+)["'][^>]*>(?:\s*</script>)?""",
@@ -73,17 +77,31 @@ def vendor_assets(vendor: Path) -> None:
     if not fonts.exists():
         with resources.as_file(xstatic / "font_awesome/data/webfonts") as found:
             shutil.copytree(found, fonts)
-    bundle = vendor / REPLACEMENTS["npm/vega@5"]  # type: ignore[operator]
-    if not bundle.exists():
-        import vl_convert
 
-        # one classic script setting window.vega, vegaLite and vegaEmbed (GX's charts)
+
+@functools.cache
+def _vega_bundle() -> str:
+    import vl_convert
+
+    # one classic script setting window.vega, vegaLite and vegaEmbed (~1 MB, ~1.5 s to bundle)
+    return vl_convert.javascript_bundle()
+
+
+def vendor_vega(vendor: Path) -> None:
+    """The vega libraries, for pages that draw a chart (few do: the bundle is made on demand)."""
+    bundle = vendor / VEGA
+    if not bundle.exists():
         bundle.parent.mkdir(parents=True, exist_ok=True)
-        write_text(bundle, vl_convert.javascript_bundle())
+        write_text(bundle, _vega_bundle())
 
 
 def offline_html(html: str, static: str) -> str:
-    """``html`` with every CDN tag pointed at ``static`` + vendor path (or dropped)."""
+    """``html`` with every CDN tag pointed at ``static`` + vendor path (or dropped).
+
+    The vega scripts are kept (pointed at the vendored bundle) only on a page that calls
+    ``vegaEmbed``: GX includes them on every page, charts or not.
+    """
+    charts = "vegaEmbed(" in html
 
     def replace(match: re.Match[str]) -> str:
         kind, url = match.group(1).lower(), match.group(2)
@@ -91,7 +109,7 @@ def offline_html(html: str, static: str) -> str:
         if local == "?":
             logger.warning("Data Docs: dropped %s with no offline copy", url)
             return ""
-        if local is None:
+        if local is None or (local == VEGA and not charts):
             return ""
         path = f"{static}vendor/{local}"
         if kind == "script":
@@ -121,6 +139,8 @@ def make_docs_offline(docs_dir: Path) -> int:
         static = "../" * depth + "static/" if depth else "./static/"
         html = page.read_text(encoding="utf-8")
         offline = offline_html(html, static)
+        if VEGA in offline:
+            vendor_vega(docs_dir / VENDOR)
         if offline != html:
             write_text(page, offline)
             changed += 1

@@ -91,6 +91,22 @@ def test_an_unknown_cdn_asset_is_dropped_and_gx_links_are_kept() -> None:
     )
 
 
+def test_a_page_with_a_chart_gets_the_vega_libraries(tmp_path: Path) -> None:
+    vega = "".join(
+        f'<script src="https://cdn.jsdelivr.net/npm/{lib}"></script>'
+        for lib in ("vega@5", "vega-lite@5", "vega-embed@6")
+    )
+    (tmp_path / "index.html").write_text(f"<head>{vega}</head><p>no chart</p>")
+    (tmp_path / "expectations").mkdir()
+    (tmp_path / "expectations/s.html").write_text(f"<head>{vega}</head><script>vegaEmbed(</script>")
+
+    assert make_docs_offline(tmp_path) == 2
+
+    assert "vega" not in (tmp_path / "index.html").read_text()
+    assert_loads_only_local_files(tmp_path / "expectations/s.html", tmp_path)
+    assert "vega-embed-bundle.js" in (tmp_path / "expectations/s.html").read_text()
+
+
 def test_a_real_tables_docs_load_only_local_files(tmp_path: Path) -> None:
     """sklearn's digits with its committed suite (64 pixel columns: a long validation page)."""
     dirs = stage_dirs(tmp_path)
