@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flows.summary import FINISHED, mlflow_ui_url
+from flows.pipeline import INGEST, _dvc_yaml_stages, changed_stages
+from flows.summary import FINISHED, RAN, RESTORED, mlflow_ui_url
 from pages.index import ModelFiles, Other, PageInputs, RunStatus, write_page
 from stages.common.config import Params, load_params
 from stages.common.errors import PipelineError
@@ -129,7 +130,6 @@ def run_from_summary(summary: dict[str, Any]) -> tuple[RunStatus, set[str]]:
 
 def run_from_dvc(repo: Path) -> RunStatus | None:
     """The stages as ``dvc status`` finds them now: up to date, or changed since they ran."""
-    from flows.pipeline import _dvc_yaml_stages, changed_stages
 
     stages = _dvc_yaml_stages(repo)
     changed = changed_stages(repo)
@@ -274,14 +274,23 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def changed_anything(summary: dict[str, Any]) -> bool:
+    """Whether a flow run failed or ran a stage besides ingest (which always runs): only then
+    is its page logged to MLflow, so a run that changed nothing adds no run to the store."""
+    stages = summary.get("stages") or {}
+    ran = any(result in (RAN, RESTORED) for stage, result in stages.items() if stage != INGEST)
+    return ran or summary.get("status") == "failed"
+
+
 def publish_page(repo: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The pipeline flow's call at the end of a run, failed or not: write and log the page.
+    """The pipeline flow's call at the end of a run, failed or not: write the page, and log
+    it to MLflow when the run changed anything (``changed_anything``).
 
     Never raises: a page that cannot be written is logged, and the run's own result stands.
     """
     try:
         run, finished = run_from_summary(summary)
-        return make_page(Path(repo), run, finished)
+        return make_page(Path(repo), run, finished, log=changed_anything(summary))
     except Exception:  # the page is a report: it must not fail (or hide the error of) a run
         logger.exception("could not write or log %s", PAGE)
         return None

@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
+from flows.page import publish_page
 from flows.pipeline import (
     INGEST,
     OUTPUT_TAIL,
@@ -135,11 +136,13 @@ def publish_summary(
     error: str | None = None,
     reason: str | None = None,
 ) -> dict[str, Any]:
-    """Publish the ``pipeline-summary`` Markdown artifact; return the summary dict."""
+    """Write the run's page (``flows.page``), publish the ``pipeline-summary`` Markdown artifact
+    linking it; return the summary dict."""
     reports = read_reports(repo, statuses)
     summary = summarize_run(
         stages, statuses, reports, mlflow_ui_url(repo), flow_run_id, error, reason=reason
     )
+    summary["page"] = publish_page(repo, summary)  # reports/index.html; never raises
     create_markdown_artifact(
         markdown=render_markdown(summary),
         key=SUMMARY_KEY,

@@ -193,6 +193,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
         if link
         else "Not available: the train stage did not finish in this run."
     )
+    if page := summary.get("page"):  # flows.page.publish_page: reports/index.html
+        where = f"`{page['path']}`: the run on one page that opens offline"
+        if page.get("mlflow_url"):
+            where += f" ([in MLflow]({page['mlflow_url']}))"
+        lines += ["", "## Page", "", where]
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 
 from flows.page import EXPERIMENT, PAGE, publish_page
+from flows.summary import render_markdown, summarize_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,3 +68,11 @@ def test_a_page_never_fails_the_run(tmp_path: Path, caplog: pytest.LogCaptureFix
     (repo / PAGE).mkdir()  # cannot be written: said, not raised
     assert publish_page(repo, {"status": "completed", "stages": {}}) is None
     assert "could not write or log reports/index.html" in caplog.text
+
+
+def test_the_summary_links_the_page() -> None:
+    summary = summarize_run(["ingest"], {"ingest": "ran"}, {}, "http://127.0.0.1:5000")
+    summary["page"] = {"path": "/r/reports/index.html", "mlflow_url": "http://127.0.0.1:5000/#/x"}
+    markdown = render_markdown(summary)
+    assert "## Page\n\n`/r/reports/index.html`: the run on one page that opens offline" in markdown
+    assert "([in MLflow](http://127.0.0.1:5000/#/x))" in markdown
