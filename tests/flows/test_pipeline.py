@@ -263,7 +263,8 @@ def _read_summary_artifact(flow_run_id: str) -> str:
 def test_flow_runs_every_stage_then_dvc_has_nothing_to_do(
     prefect_api: str, pipeline_repo: Path, mlflow_uri: str
 ) -> None:
-    state = pipeline(repo=str(pipeline_repo), return_state=True)
+    reason = "feature drift (as the monitor's retraining event would say)"
+    state = pipeline(repo=str(pipeline_repo), reason=reason, return_state=True)
 
     assert state.is_completed(), state.message
     summary = state.result()
@@ -279,12 +280,14 @@ def test_flow_runs_every_stage_then_dvc_has_nothing_to_do(
     # MLflow: a champion, trained in a run tagged with this flow run.
     client = _mlflow_client(mlflow_uri)
     champion = client.get_model_version_by_alias("classifier", "champion")
-    assert client.get_run(champion.run_id).data.tags["prefect.flow_run_id"] == flow_run_id
+    tags = client.get_run(champion.run_id).data.tags
+    assert tags["prefect.flow_run_id"] == flow_run_id and tags["pipeline.reason"] == reason
     assert summary["model"]["version"] == champion.version
     assert summary["model"]["decision"] == "promoted"
     # The summary artifact tells the same story.
     markdown = _read_summary_artifact(flow_run_id)
     assert "| register | ran |" in markdown and f"version **{champion.version}**" in markdown
+    assert f"Triggered by: {reason}" in markdown
     assert f"/runs/{champion.run_id})" in markdown
 
 
@@ -322,6 +325,8 @@ def test_flow_after_dvc_repro_runs_no_stage(prefect_api: str, reproduced_repo) -
     assert summary["stages"] == dict.fromkeys(STAGES, "skipped") | {"ingest": "ran"}
     assert len(client.search_runs(experiment_ids)) == runs_before
     assert _mtimes(repo) == mtimes_before
+    # the run's page is written; a run that changed nothing logs no page run to MLflow
+    assert summary["page"] == {"path": str(repo / "reports/index.html"), "mlflow_url": None}
     # Nothing ran, yet the summary reports the current model and metrics.
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert summary["metrics"] == metrics
