@@ -18,6 +18,7 @@ from tests.browser.harness import (
     safe_name,
     watch,
 )
+from tests.conftest import Reproduced, copy_reproduced
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +68,12 @@ def open_page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Callable
             visit.page.screenshot(path=str(folder / f"{safe_name(visit.name)}.png"), full_page=True)
         finally:
             context.close()
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(
+    reproduced_pipeline: Reproduced, tmp_path_factory: pytest.TempPathFactory
+) -> Reproduced:
+    """One copy of the session's reproduced pipeline for every browser test: they add pages
+    to it (the index page, the plots) and read the rest, so one copy serves them all."""
+    return copy_reproduced(reproduced_pipeline, tmp_path_factory.mktemp("browser-run"))

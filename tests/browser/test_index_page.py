@@ -66,8 +66,11 @@ def _monitor_history(repo: Path) -> None:
     )
 
 
-def test_index_page_offline(reproduced: Reproduced, open_page) -> None:
-    repo = reproduced.repo
+def test_index_page_offline(
+    pipeline_run: Reproduced, open_page, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline_run.uri)
+    repo = pipeline_run.repo
     _monitor_history(repo)
     run = run_from_dvc(repo)
     assert run is not None
@@ -75,7 +78,7 @@ def test_index_page_offline(reproduced: Reproduced, open_page) -> None:
 
     page_file = Path(result["path"])
     assert page_file == repo / "reports" / "index.html"
-    client = mlflow.MlflowClient(reproduced.uri)
+    client = mlflow.MlflowClient(pipeline_run.uri)
     run_id = result["mlflow_url"].rsplit("/", 1)[-1]
     assert [a.path for a in client.list_artifacts(run_id)] == ["index.html"]
     assert client.get_experiment(client.get_run(run_id).info.experiment_id).name == EXPERIMENT
