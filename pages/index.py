@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
-from pages import sections
+from pages import models, monitor, sections
+from pages.html import ANCHORS
 
 
 @dataclass(frozen=True)
@@ -108,15 +109,13 @@ def build_page(inputs: PageInputs, out_dir: Path) -> str:
     """The page's HTML; ``out_dir`` is where it will sit (links are made relative to it)."""
     body = [
         sections.stages_section(inputs.run),
-        sections.models_section(inputs),
+        models.models_section(inputs),
         sections.gate_section(inputs.validation_summary, inputs.validation_result),
         sections.quarantine_section(inputs.quarantine_summary, inputs.quarantine_rows),
         sections.curves_section(inputs),
-        sections.monitor_section(inputs, out_dir),
+        monitor.monitor_section(inputs, out_dir),
     ]
-    nav = "".join(
-        f'<a href="#{anchor}">{escape(name)}</a>' for anchor, name in sections.ANCHORS.items()
-    )
+    nav = "".join(f'<a href="#{anchor}">{escape(name)}</a>' for anchor, name in ANCHORS.items())
     nav += "".join(
         f'<a href="{escape(_relative(path, out_dir))}">{escape(name)}</a>'
         for name, path in inputs.links.items()

@@ -1,84 +1,22 @@
-"""The page's sections, each from the files it reads: stages, models, data gate, quarantine,
-training curves, drift over time. Each returns a ``<section>``; a missing file makes the
-section say "not available" and why, never an error."""
+"""The page's sections from the run's files: stages, data gate, quarantine, training curves
+(the models' and the monitor's sections: ``pages.models``, ``pages.monitor``). Each returns a
+``<section>``; a missing file makes it say "not available" and why, never an error."""
 
 from __future__ import annotations
 
-import os
-import re
 from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pages.read import (
-    Broken,
-    read_csv_columns,
-    read_json,
-    read_json_lines,
-    read_quarantine_sample,
-    to_number,
-)
-from pages.svg import Chart, Series, confusion_matrix, line_chart
+from pages.html import badge, fmt, not_available, section, side_by_side, table
+from pages.read import Broken, read_csv_columns, read_json, read_quarantine_sample
+from pages.svg import Chart, Series, line_chart
 
 if TYPE_CHECKING:
-    from pages.index import ModelFiles, PageInputs, RunStatus
+    from pages.index import PageInputs, RunStatus
 
-ANCHORS = {
-    "stages": "Stages",
-    "models": "Champion vs challenger",
-    "gate": "Data gate",
-    "quarantine": "Quarantine",
-    "curves": "Training curves",
-    "monitor": "Drift over time",
-}
-# Lower is better for these metrics; higher for the rest.
-LOWER_IS_BETTER = ("log_loss", "loss", "brier")
 STATUS_CLASS = {"ran": "ok", "failed": "fail", "not run": "na", "changed": "warn"}
-NUMBER = re.compile(r"-?\d+(\.\d+)?(e[-+]?\d+)?%?")  # a cell right-aligned as a number
 QUARANTINE_SAMPLE = 10
-MONITOR_ROWS = 30  # newest checks listed in the table (the charts show all)
-
-
-def section(anchor: str, body: str) -> str:
-    """A titled ``<section>`` with the anchor the navigation links to."""
-    return f'<section id="{anchor}"><h2>{escape(ANCHORS[anchor])}</h2>{body}</section>'
-
-
-def table(headers: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
-    """An HTML table; cells are markup already (escape text first), ``classes`` per row."""
-    head = "".join(f"<th>{h}</th>" for h in headers)
-    body = "".join(
-        f'<tr class="{(classes or [""] * len(rows))[i]}">' + "".join(cells) + "</tr>"
-        for i, cells in enumerate(
-            [[_cell(value) for value in row] for row in rows]  # numbers right-aligned
-        )
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _cell(value: str) -> str:
-    numeric = NUMBER.fullmatch(re.sub(r"<[^>]+>", "", value)) is not None
-    return f'<td class="num">{value}</td>' if numeric else f"<td>{value}</td>"
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """A value for a cell: floats to ``digits`` decimals, None as a dash, text escaped."""
-    if value is None:
-        return "&ndash;"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return escape(str(value))
-
-
-def badge(text: str, kind: str) -> str:
-    return f'<span class="badge {kind}">{escape(text)}</span>'
-
-
-def not_available(what: str, value: Any) -> str:
-    """Why ``what`` is not shown: a missing file, or a broken one (named)."""
-    if isinstance(value, Broken):
-        return f'<p class="fail">{escape(what)}: {escape(str(value))}</p>'
-    return f'<p class="na">{escape(what)}: not available.</p>'
 
 
 # --- header and stages ---------------------------------------------------------------------
@@ -109,106 +47,6 @@ def stages_section(run: RunStatus | None) -> str:
         "stages",
         f"<p>{verdict} {escape(run.source)}</p>{error}" + table(["Stage", "Result"], rows, classes),
     )
-
-
-# --- models --------------------------------------------------------------------------------
-
-
-def models_section(inputs: PageInputs) -> str:
-    registration = read_json(inputs.registration)
-    reg = registration if isinstance(registration, dict) else {}
-    metrics = reg.get("metrics") or _own_metrics(read_json(inputs.model.metrics))
-    if not metrics:
-        return section("models", not_available("Test metrics", registration))
-    other = inputs.other
-    ours = f"this run: v{reg['version']} ({reg.get('decision')})" if reg else "this run"
-    headers = ["Metric", escape(ours)]
-    theirs = reg.get("champion_metrics") or {}
-    if other:
-        headers.append(escape(f"{other.role} v{other.version} (same test data)"))
-    baselines = reg.get("baselines") or {}
-    headers += [escape(f"baseline: {name}") for name in baselines]
-    rows, classes = [], []
-    for name, value in metrics.items():
-        label = escape(name) + (" (gate)" if name == inputs.compare_metric else "")
-        row = [label, _better(value, theirs.get(name), name)]
-        if other:
-            row.append(_better(theirs.get(name), value, name))
-        row += [fmt((scores or {}).get(name)) for scores in baselines.values()]
-        rows.append(row)
-        classes.append("")
-    body = [
-        f"<p>{escape(str(reg.get('reason', '')))}</p>" if reg else "",
-        table(headers, rows, classes),
-    ]
-    if other and other.note:
-        body.append(f'<p class="na">{escape(other.note)}</p>')
-    body.append(_model_plots(inputs))
-    return section("models", "".join(body))
-
-
-def _own_metrics(metrics: Any) -> dict[str, Any]:
-    # evaluate's metrics.json holds the baselines' too; the model's own are unprefixed.
-    if not isinstance(metrics, dict):
-        return {}
-    prefixes = ("baseline_", "strong_", "member_")
-    return {k: v for k, v in metrics.items() if not k.startswith(prefixes)}
-
-
-def _better(value: Any, against: Any, name: str) -> str:
-    text = fmt(value)
-    if not isinstance(value, int | float) or not isinstance(against, int | float):
-        return text
-    lower = name.endswith(LOWER_IS_BETTER)
-    wins = value < against if lower else value > against
-    return f"<strong>{text}</strong>" if wins else text
-
-
-def _model_plots(inputs: PageInputs) -> str:
-    other = inputs.other
-    sides: list[tuple[str, ModelFiles]] = [("this run", inputs.model)]
-    if other and other.files:
-        sides.append((f"{other.role} v{other.version} (its own test split)", other.files))
-    matrices = []
-    for name, files in sides:
-        records = read_json(files.confusion)
-        if isinstance(records, list):
-            pairs = [(r.get("actual"), r.get("predicted")) for r in records if isinstance(r, dict)]
-            matrices.append(confusion_matrix(pairs, f"Confusion matrix: {name}"))
-        else:
-            matrices.append(not_available(f"Confusion matrix: {name}", records))
-    curves = [
-        _curve(
-            sides, "roc", "fpr", "tpr", "ROC curve", "false positive rate", "true positive rate"
-        ),
-        _curve(sides, "pr", "recall", "precision", "Precision-recall", "recall", "precision"),
-    ]
-    return (
-        "<h3>Confusion matrices (rows: actual, columns: predicted)</h3>"
-        + _columns(matrices)
-        + "<h3>Curves</h3>"
-        + _columns(curves)
-    )
-
-
-def _curve(sides, kind: str, x: str, y: str, title: str, x_label: str, y_label: str) -> str:
-    series = []
-    for index, (name, files) in enumerate(sides):
-        records = read_json(getattr(files, kind))
-        if isinstance(records, list):
-            points = [
-                (to_number(r.get(x)), to_number(r.get(y))) for r in records if isinstance(r, dict)
-            ]
-            series.append(
-                Series(name, [(px, py) for px, py in points if px is not None], dashed=index > 0)
-            )
-    if not series:
-        return not_available(title, None)
-    return line_chart(Chart(title, x_label, y_label, series, y_range=(0.0, 1.0)))
-
-
-def _columns(parts: list[str]) -> str:
-    return '<div class="cols">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>"
 
 
 # --- the data gate and the quarantine ------------------------------------------------------
@@ -338,110 +176,4 @@ def curves_section(inputs: PageInputs) -> str:
         charts.append(line_chart(Chart("Loss per epoch", "epoch", "loss", losses)))
     if others:
         charts.append(line_chart(Chart("Validation scores per epoch", "epoch", "score", others)))
-    return section("curves", _columns(charts))
-
-
-# --- drift over time -----------------------------------------------------------------------
-
-
-def monitor_section(inputs: PageInputs, out_dir: Path) -> str:
-    history = read_json_lines(inputs.monitor_history)
-    if not isinstance(history, list) or not history:
-        missing = '<p class="na">No monitor checks yet: <code>make monitor</code> records one.</p>'
-        return section(
-            "monitor",
-            missing
-            if history is None or history == []
-            else not_available("Monitor history", history),
-        )
-    history = sorted(history, key=lambda row: str(row.get("checked_at", "")))
-    ticks = {float(i): _short_time(row.get("checked_at")) for i, row in enumerate(history)}
-    limits = inputs.thresholds
-
-    def series(name: str, key: str) -> Series:
-        return Series(name, [(float(i), to_number(row.get(key))) for i, row in enumerate(history)])
-
-    shares = Chart(
-        "Drifted and bad shares per check",
-        "check (UTC)",
-        "share",
-        [series("drifted feature share", "drift_share"), series("bad row share", "bad_row_share")],
-        x_ticks=ticks,
-        thresholds={k: v for k, v in limits.items() if k in ("drift_share", "max_bad_row_share")},
-        y_range=(0.0, 1.0),
-    )
-    psi = Chart(
-        "PSI of the predicted probabilities per check",
-        "check (UTC)",
-        "PSI",
-        [series("PSI", "psi")],
-        x_ticks=ticks,
-        thresholds={k: v for k, v in limits.items() if k == "psi_threshold"},
-    )
-    accuracy = Chart(
-        "Accuracy per check (live with labels, else estimated)",
-        "check (UTC)",
-        "accuracy",
-        [series("accuracy", "accuracy")],
-        x_ticks=ticks,
-        y_range=(0.0, 1.0),
-    )
-    charts = _columns([line_chart(shares), line_chart(psi), line_chart(accuracy)])
-    retrains = sum(1 for row in history if row.get("decision") == "retrain")
-    intro = (
-        f"<p>{len(history)} checks from {escape(_short_time(history[0].get('checked_at')))} to "
-        f"{escape(_short_time(history[-1].get('checked_at')))}; retraining triggered "
-        f"{retrains} time(s).</p>"
-    )
-    return section("monitor", intro + charts + _checks_table(history, inputs.root, out_dir))
-
-
-def _checks_table(history: list[dict[str, Any]], root: Path, out_dir: Path) -> str:
-    rows, classes = [], []
-    for row in reversed(history[-MONITOR_ROWS:]):
-        decision = str(row.get("decision"))
-        kind = {"retrain": "warn", "ok": "ok"}.get(decision, "na")
-        drifted = row.get("drifted_columns") or []
-        reasons = row.get("reasons") or []
-        rows.append(
-            [
-                fmt(_short_time(row.get("checked_at"))),
-                fmt(row.get("rows")),
-                fmt(f"v{row.get('model_version')}" if row.get("model_version") else None),
-                fmt(to_number(row.get("drift_share"))),
-                fmt(", ".join(map(str, drifted)) or None),
-                fmt(to_number(row.get("psi"))),
-                fmt(to_number(row.get("bad_row_share"))),
-                fmt(to_number(row.get("accuracy"))) + _accuracy_kind(row),
-                badge(decision, kind) + "".join(f"<br>{escape(str(r))}" for r in reasons),
-                _report_link(row.get("report_dir"), root, out_dir),
-            ]
-        )
-        classes.append("retrain" if decision == "retrain" else "")
-    headers = ["Checked (UTC)", "Rows", "Model", "Drift share", "Drifted columns", "PSI"]
-    headers += ["Bad rows", "Accuracy", "Decision", "Report"]
-    return f"<h3>Latest checks, newest first</h3>{table(headers, rows, classes)}"
-
-
-def _accuracy_kind(row: dict[str, Any]) -> str:
-    kind = row.get("accuracy_source") or row.get("accuracy_kind")
-    return f" ({escape(str(kind))})" if kind else ""
-
-
-def _report_link(report_dir: Any, root: Path, out_dir: Path) -> str:
-    if not report_dir:
-        return fmt(None)
-    folder = Path(str(report_dir))
-    folder = folder if folder.is_absolute() else root / folder
-    links = []
-    for name in ("drift.html", "report.json"):
-        if (folder / name).is_file():
-            href = Path(os.path.relpath(folder / name, out_dir)).as_posix()
-            links.append(f'<a href="{escape(href)}">{escape(name)}</a>')
-    return " ".join(links) or fmt(None)
-
-
-def _short_time(value: Any) -> str:
-    # 2026-05-01T12:00:00.123456+00:00 -> 2026-05-01 12:00
-    text = str(value or "")
-    return text[:16].replace("T", " ") if len(text) >= 16 else text
+    return section("curves", side_by_side(charts))

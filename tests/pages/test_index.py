@@ -143,6 +143,12 @@ def _history(root: Path) -> Path:
             "accuracy_source": "labels",
             "decision": "retrain",
             "reasons": ["2 of 3 features drifted (mean_radius, mean_area): share 0.60 > 0.3"],
+            "service": {
+                "available": True,
+                "requests": 1200.0,
+                "error_share": 0.005,
+                "latency_p95_s": 0.042,
+            },
             "report_dir": "reports/monitor/20260102T000000Z",
         },
     ]
@@ -216,6 +222,7 @@ def test_every_section_with_failures_marked(inputs: PageInputs, tmp_path: Path) 
     assert 'href="monitor/20260102T000000Z/drift.html"' in html
     assert "0.7100 (labels)" in html and "retraining triggered 1 time(s)" in html
     assert "psi_threshold 0.2" in html  # the threshold line is labelled
+    assert "1200 requests<br>0.50% errors<br>p95 42 ms" in html
     assert "Data Docs" not in html.split("<main>")[0]  # a link to a missing file is left out
 
 
