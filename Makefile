@@ -92,8 +92,12 @@ test-deps: ## Install the PostgreSQL server and Chromium the tests use (apt-get,
 test-fast: install lint bench-setup ## Lint, then the tests without the slow end-to-end ones (< 3 min)
 	$(PYTEST) -m "not slow and not stack"
 
-ui: install ## Open the MLflow UI on 127.0.0.1 (runs, metrics, plots, registry)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db \
+# MLflow 3 opens in GenAI mode, where "Models" is hidden; the URL below opens the model-training
+# view. MLflow remembers the choice only once "Model training" is clicked in the sidebar switch.
+ui: install ## Open the MLflow UI on 127.0.0.1 in its model-training view (runs, metrics, plots, registry)
+	@echo "MLflow UI, model-training view: http://127.0.0.1:$(UI_PORT)/#/?workflowType=machine_learning"
+	@echo "  (click 'Model training' in the sidebar switch once and the browser keeps it)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db \
 	  --default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
 # A persistent Prefect API for `make run`: while this runs, `make run` records its flow runs
@@ -101,7 +105,7 @@ ui: install ## Open the MLflow UI on 127.0.0.1 (runs, metrics, plots, registry)
 prefect: install ## Keep a local Prefect server on 127.0.0.1:4200 (UI, run history); make run uses it
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
-schedule: install ## Run the pipeline on its cron (params.yaml `schedule`); starts a local Prefect server
+schedule: install ## Serve the pipeline (cron + retraining trigger) and the monitor (monitor.cron); starts a local Prefect server
 	$(BIN)/python -m flows.schedule --repo .
 
 serve: install ## Serve the registry's champion on 127.0.0.1 (settings: params.yaml `serve`; ARGS='--port 9000')
@@ -117,8 +121,9 @@ monitor: install ## Check the prediction log for drift, bad rows and accuracy; r
 page: install ## Write reports/index.html (stages, champion vs challenger, data gate, drift over time)
 	$(BIN)/python -m flows.page --repo .
 
-plots: install ## Render the dvc plots to reports/plots/index.html (vega inlined: works offline)
-	$(BIN)/dvc plots show -o reports/plots
+# A bare `dvc plots show` loads vega from a CDN; this passes DVC a template with vega inlined.
+plots: install ## Write the DVC plots page (reports/plots/index.html); renders offline
+	$(BIN)/python -m flows.plots --repo .
 
 clean: ## Remove generated data, reports, models and the local stores, tuning studies too (keeps .venv)
 	rm -rf data/raw data/validated data/quarantine data/features models ensemble compact reports mlflow/mlflow.db* \
@@ -187,9 +192,10 @@ rollback: install ## Move champion back to its previous holder (or VERSION=n): m
 # copy; then `make run` re-creates it.
 # The server stack (stack/, settings in stack/stack.env): PostgreSQL, an MLflow server, a Prefect
 # server with a process work pool and its worker(s), SeaweedFS as S3; the pipeline deployed to
-# the pool with its cron. Data stays in .stack/ across `make down`/`make up`.
+# the pool with its cron and the monitor's retraining trigger, the monitor on monitor.cron.
+# Data stays in .stack/ across `make down`/`make up`.
 .PHONY: up down stack-status train-node
-up: install test-deps ## Start the server stack on 127.0.0.1 and deploy the pipeline to its work pool
+up: install test-deps ## Start the server stack on 127.0.0.1 and deploy the pipeline (with its retraining trigger) and the monitor to its work pool
 	$(BIN)/python -m stack up
 	$(BIN)/python -m flows.remote deploy --repo .
 

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-PACKAGES = ("stages", "model", "serving", "flows", "stack")
+PACKAGES = ("stages", "model", "serving", "flows", "stack", "monitoring", "pages")
 # flows/ orchestrate: the work (and its heavy imports) lives in stages/ and model/.
 NOT_IN_FLOWS = {"pandas", "torch", "numpy"}
 
