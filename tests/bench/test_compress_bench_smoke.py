@@ -22,6 +22,7 @@ def _numbers(value: Any) -> list[float]:
     return [float(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @pytest.mark.slow
 def test_quick_run_compresses_ensembles_and_distills_without_the_test_split(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

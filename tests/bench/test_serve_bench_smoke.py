@@ -35,6 +35,7 @@ TINY = [
 ]
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @pytest.mark.slow
 def test_serve_bench_drives_both_servers_and_writes_the_table(tmp_path: Path) -> None:
     done = subprocess.run(

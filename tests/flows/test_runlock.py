@@ -246,6 +246,7 @@ def test_the_flow_refuses_before_ingest_while_another_run_holds_the_workspace(
     assert not (repo / "out.txt").exists()
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @pytest.mark.slow
 def test_a_killed_run_leaves_no_prefect_server(tmp_path: Path, reap: list) -> None:
     repo = _dvc_repo(tmp_path / "repo")

@@ -148,6 +148,7 @@ def _start_schedule_command(repo: Path, port: int, home: Path, log: Path) -> sub
         )
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @pytest.mark.slow
 def test_schedule_command_serves_the_cron_deployment_and_runs_it(
     tmp_path: Path, mlflow_uri: str

@@ -91,6 +91,7 @@ def _states(repo: Path) -> list[tuple[str, int]]:
 TINY_TRAIN = {"hidden_sizes": [8], "max_epochs": 3, "patience": 3, "batch_size": 64}
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @slow
 def test_grid_in_parallel_writes_the_best_back(
     tmp_path: Path, mlflow_uri: str, prefect_api: str, monkeypatch: pytest.MonkeyPatch
@@ -140,6 +141,7 @@ def test_grid_in_parallel_writes_the_best_back(
     assert len(_study(repo).get_trials()) == 4
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @slow
 def test_a_killed_tune_resumes_to_exactly_the_target(
     tmp_path: Path, mlflow_uri: str, prefect_api: str, monkeypatch: pytest.MonkeyPatch
