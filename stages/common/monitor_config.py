@@ -25,12 +25,17 @@ class MonitorParams(StrictModel):
     drift_share: float = Field(0.3, gt=0, le=1)  # share of features Evidently finds drifted
     psi_threshold: float = Field(0.2, gt=0)  # PSI of the predicted class probabilities
     psi_bins: int = Field(10, ge=2)  # quantile bins of the reference's probabilities
-    max_bad_row_share: float = Field(0.05, ge=0, le=1)  # live rows with a null, out-of-suite
-    # value or unseen category
+    max_bad_row_share: float = Field(0.05, ge=0, le=1)  # sampled live rows with a null where the
+    # contract allows none, a value outside the suite or an unseen category
     max_accuracy_drop: float = Field(0.05, ge=0, le=1)  # live accuracy (labels, else the
     # confidence-based estimate) below the model's test accuracy by more than this
+    # after a retraining event, no other for the same watched version for this long (a run on
+    # unchanged data retrains nothing: the drift stays until new rows or a new version come)
+    cooldown_h: float = Field(24.0, ge=0)
+    labels_days: int = Field(7, gt=0)  # labels are joined with this many days of logged rows
+    keep_reports: int = Field(48, gt=0)  # newest decided checks whose report folders are kept
     cron: str = "0 * * * *"  # `make schedule` and `make up` run the monitor on this cron
-    state_dir: str = "data/monitor"  # the last check's watermark and the history of checks
+    state_dir: str = "data/monitor"  # the watermark of the last check (history: reports/monitor/)
 
     @field_validator("cron")
     @classmethod
