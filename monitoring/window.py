@@ -61,8 +61,32 @@ def read_log(
     frames = [frame for frame in frames if len(frame)]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     watermark = max([stamp for stamp, _ in chosen], default=since)
-    recent = [p.name for s, p in chosen if watermark is not None and s > watermark - GRACE]
+    # The files read now and those read before (``seen``) that are still within GRACE of the
+    # new watermark: dropping the latter would let the next check read them a second time.
+    named = [(s, p.name) for s, p in chosen] + [(part_stamp(n), n) for n in skip]
+    recent = sorted(
+        {n for s, n in named if s is not None and watermark is not None and s > watermark - GRACE}
+    )
     return LogWindow(rows, [p.name for _, p in chosen], watermark, recent)
+
+
+def read_recent(
+    log_dir: str | Path, now: dt.datetime, days: float, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """The rows of the part files flushed within ``days`` before ``now``, whatever the
+    watermark: the rows late labels are joined with (params ``monitor.labels_days``).
+
+    Args:
+        columns: read only these (each file must have them); None: all.
+    """
+    since = now - dt.timedelta(days=days)
+    frames = [
+        pd.read_parquet(path, columns=columns)
+        for path in sorted(Path(log_dir).glob("part-*.parquet"))
+        if (stamp := part_stamp(path.name)) is not None and since < stamp
+    ]
+    frames = [frame for frame in frames if len(frame)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def watched_rows(rows: pd.DataFrame, model_name: str, version: str | None) -> pd.DataFrame:

@@ -205,6 +205,32 @@ def test_the_window_reads_files_flushed_since_the_watermark_once(tmp_path: Path)
         window.read_log(tmp_path / "absent")
 
 
+def test_a_third_check_does_not_read_again_a_file_two_checks_ago_within_grace(
+    tmp_path: Path,
+) -> None:
+    t0 = dt.datetime(2025, 1, 1, 12, tzinfo=dt.UTC)
+    a = _part(tmp_path, t0, "1", 3)
+    one = window.read_log(tmp_path)
+    b = _part(tmp_path, t0 + dt.timedelta(seconds=20), "1", 2)
+    two = window.read_log(tmp_path, one.watermark, one.seen)
+    assert two.files == [b] and a in two.seen  # A is still within GRACE of B's stamp
+    c = _part(tmp_path, t0 + dt.timedelta(seconds=40), "1", 1)
+    three = window.read_log(tmp_path, two.watermark, two.seen)
+    assert three.files == [c] and len(three.rows) == 1
+
+
+def test_the_labels_read_takes_the_last_days_of_files_whatever_the_watermark(
+    tmp_path: Path,
+) -> None:
+    now = dt.datetime(2025, 1, 10, 12, tzinfo=dt.UTC)
+    _part(tmp_path, now - dt.timedelta(days=8), "1", 5)  # older than labels_days
+    kept = _part(tmp_path, now - dt.timedelta(days=6), "1", 2)
+    rows = window.read_recent(tmp_path, now, 7, ["request_id", "model_version"])
+    assert list(rows.columns) == ["request_id", "model_version"]
+    assert len(rows) == 2 and rows["request_id"].str.startswith(kept).all()
+    assert window.read_recent(tmp_path, now, 1, ["request_id"]).empty
+
+
 # --- drift (Evidently, a real table) -------------------------------------------------------------
 
 KINDS = {
