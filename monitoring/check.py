@@ -1,7 +1,12 @@
 """One monitoring check on a window of logged rows: drift, PSI, data quality, performance, and
 the decision (``retrain`` when any threshold is crossed, ``ok`` otherwise), with the reasons as
 sentences that name the columns and the numbers. Too few rows is decided by the caller
-(``waiting``) before any of this runs.
+(``waiting``) before any of this runs: it counts :func:`sampled_rows`.
+
+Drift, PSI, performance and the bad-row share are computed on the log's sampled rows only (its
+``sampled`` column, :mod:`serving.predlog`): a uniform sample of the traffic. Rows logged only
+because they broke the contract feed the violation listing, not the shares. A log without the
+column (written before it existed) has every row counted.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import pandas as pd
 from monitoring.drift import DriftResult, detect_drift
 from monitoring.performance import Performance, estimate_performance, live_performance
 from monitoring.psi import PsiResult, proba_psi
-from monitoring.quality import QualityResult, check_quality
+from monitoring.quality import QualityResult, check_quality, sampled_mask
 from monitoring.reference import as_kinds, read_reference
 
 SHOWN_COLUMNS = 5  # drifted columns named in a reason
@@ -107,6 +112,11 @@ class CheckResult:
         }
 
 
+def sampled_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows the log's sample draw took (all rows of a log without a ``sampled`` column)."""
+    return rows[sampled_mask(rows).to_numpy()]
+
+
 def run_checks(
     current: pd.DataFrame,
     reference: pd.DataFrame,
@@ -120,7 +130,8 @@ def run_checks(
     """The watched version's logged rows (``current``) against its training reference.
 
     Args:
-        current: the log's rows of the watched version (inputs, outputs, marks).
+        current: the log's rows of the watched version (inputs, outputs, marks), all of
+            them: the shares use the sampled ones, the violation listing all.
         reference: training rows (the model's input columns).
         reference_proba: the watched model's ``proba_<label>`` columns on ``reference``.
         kinds: ``{column: "num" | "cat"}`` to test for drift.
@@ -129,9 +140,10 @@ def run_checks(
         thresholds: params ``monitor``.
         baselines: the performance to compare with.
     """
-    scored = current[current["prediction"].notna()] if "prediction" in current else current
+    sampled = sampled_rows(current)
+    scored = sampled[sampled["prediction"].notna()] if "prediction" in sampled else sampled
     drift = detect_drift(
-        as_kinds(reference, kinds), as_kinds(current, kinds), kinds, thresholds.drift_share
+        as_kinds(reference, kinds), as_kinds(sampled, kinds), kinds, thresholds.drift_share
     )
     psi = proba_psi(reference_proba, scored, thresholds.psi_bins)
     quality = check_quality(current, reference, contract, list(kinds))
@@ -174,6 +186,11 @@ def decide(
             f"data quality: {quality.bad_rows} of {quality.rows} live rows "
             f"({quality.bad_row_share:.1%}) break the model's input contract (threshold "
             f"{thresholds.max_bad_row_share:.1%}): {quality.describe()}"
+            + (
+                f" (counts include {quality.forced_rows} row(s) logged only for a violation)"
+                if quality.forced_rows
+                else ""
+            )
         )
     if performance.accuracy is not None and baseline is not None:
         drop = baseline - performance.accuracy

@@ -5,6 +5,11 @@ A bad row breaks one of the contract's rules (``not_null``, ``between``, ``posit
 ``in_set``: an unseen category, ``date_format``, ``all_null``), found again here, or was marked by
 the service (the log's ``row_violations``). Null shares are reported per column beside the
 reference's, since a null the suite allows is no violation but a rise is worth seeing.
+
+Shares (bad rows, nulls) count the log's sampled rows only (``sampled`` true: a uniform sample
+of the traffic); rows logged only because they broke the contract (``sampled`` false) would
+over-represent bad rows there, so they feed the violation listing alone. A log written before
+the column existed has every row counted.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class QualityResult:
     violations: dict[str, dict[str, int]]  # column -> rule -> rows
     unseen: dict[str, list[str]] = field(default_factory=dict)  # column -> a few unseen values
     contract_checked: bool = True  # False: the model ships no contract (ranges not known)
+    forced_rows: int = 0  # rows logged only for a violation: listed, not in the shares
 
     @property
     def bad_row_share(self) -> float:
@@ -59,6 +65,7 @@ class QualityResult:
             "violations": self.violations,
             "unseen": self.unseen,
             "contract_checked": self.contract_checked,
+            "forced_rows": self.forced_rows,
         }
 
 
@@ -68,8 +75,9 @@ def check_quality(
     contract: dict[str, Any] | None,
     columns: list[str],
 ) -> QualityResult:
-    """Live rows (the log's, with its input columns and ``row_violations``) against
-    ``contract``; null shares of ``columns`` beside the reference's.
+    """Live rows (the log's, with its input columns, ``row_violations`` and ``sampled``)
+    against ``contract``; null shares of ``columns`` beside the reference's. ``rows``,
+    ``bad_rows`` and the null shares count sampled rows; ``violations`` and ``unseen`` all rows.
 
     A contract derived from an old model's signature (``derived_from``) knows no ranges or
     value sets: only the service's marks count then.
@@ -87,11 +95,13 @@ def check_quality(
     if "row_violations" in current.columns:
         marks = current["row_violations"].reset_index(drop=True)
         bad |= set(marks.index[marks.notna()].tolist())
+    sampled = sampled_mask(current)
+    live = current[sampled.to_numpy()]
     present = [c for c in columns if c in current.columns]
     return QualityResult(
-        rows=len(current),
-        bad_rows=len(bad),
-        null_share={c: float(current[c].isna().mean()) if len(current) else 0.0 for c in present},
+        rows=len(live),
+        bad_rows=len(bad & set(sampled.index[sampled].tolist())),
+        null_share={c: float(live[c].isna().mean()) if len(live) else 0.0 for c in present},
         reference_null_share={
             c: float(reference[c].isna().mean()) if len(reference) else 0.0
             for c in present
@@ -100,4 +110,13 @@ def check_quality(
         violations={c: dict(rules) for c, rules in violations.items()},
         unseen={c: [v for v, _ in n.most_common(SHOWN_VALUES)] for c, n in unseen.items()},
         contract_checked=checks,
+        forced_rows=int((~sampled).sum()),
     )
+
+
+def sampled_mask(rows: pd.DataFrame) -> pd.Series:
+    """Per row (positional index 0..n-1): taken by the log's sample draw; all True for a log
+    without the ``sampled`` column (written before it existed)."""
+    if "sampled" not in rows.columns:
+        return pd.Series(True, index=range(len(rows)))
+    return rows["sampled"].fillna(True).astype(bool).reset_index(drop=True)

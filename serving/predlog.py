@@ -10,8 +10,15 @@ Columns: ``logged_at`` (UTC), ``request_id`` (also the response's ``X-Request-Id
 ``model_name``, ``model_version``, the input columns as the model received them, then the
 model's output columns (``prediction``, ``proba_<label>``; null for a rejected row), then
 ``row_violations`` (``"column:rule;..."`` of the rows that broke the model's input contract,
-else null) and ``row_rejected`` (true when ``serve.row_policy: reject`` refused the row).
-Rows with a violation are always logged, whatever the sample rate.
+else null), ``row_rejected`` (true when ``serve.row_policy: reject`` refused the row) and
+``sampled``.
+
+Sampling: the draw is made for every request, marked or not, so the rows with ``sampled`` true
+are a uniform sample of the traffic at ``sample_rate`` (shares computed on them are unbiased).
+A request with a marked row is logged even when the draw leaves it out, with ``sampled`` false:
+those rows are there for the violation listing only, and counting them in a share would
+over-represent bad rows (1 % bad requests at a 0.1 rate would read as about 9 %). The monitor
+computes its shares on sampled rows; logs written before this column count every row.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class _Entry:
     records: list[dict[str, Any]]  # empty when the request was rejected
     marks: list[str | None] | None = None  # per row: its contract violations
     rejected: bool = False
+    sampled: bool = True  # False: logged only because a row was marked
 
 
 def build_table(entries: list[_Entry]) -> Any:
@@ -78,6 +86,7 @@ def build_table(entries: list[_Entry]) -> Any:
         [mark for e in entries for mark in (e.marks or [None] * len(e.rows))], pa.string()
     )
     arrays["row_rejected"] = pa.array([e.rejected for e in entries for _ in e.rows], pa.bool_())
+    arrays["sampled"] = pa.array([e.sampled for e in entries for _ in e.rows], pa.bool_())
     return pa.table(arrays)
 
 
@@ -120,14 +129,16 @@ class PredictionLog:
         marks: list[str | None] | None = None,
         rejected: bool = False,
     ) -> bool:
-        """Buffer this request with probability ``sample_rate`` (always when a row is marked:
-        ``marks`` per row, see ``serving.rowcheck.row_marks``); True when it was taken."""
-        marked = any(marks or [])
-        if not marked and (self.sample_rate <= 0 or self._rng.random() >= self.sample_rate):
+        """Buffer this request with probability ``sample_rate``, and always when a row is
+        marked (``marks`` per row, see ``serving.rowcheck.row_marks``) but then with ``sampled``
+        false unless the draw took it too (module doc); True when it was buffered."""
+        # drawn for every request, marked or not: the sampled rows stay a uniform sample
+        sampled = self.sample_rate > 0 and self._rng.random() < self.sample_rate
+        if not sampled and not any(marks or []):
             return False
         with self._lock:
             self._buffer.append(
-                _Entry(model, request_id, logged_at, rows, records, marks, rejected)
+                _Entry(model, request_id, logged_at, rows, records, marks, rejected, sampled)
             )
             self._rows += len(rows)
             if self._rows >= self.flush_rows:
