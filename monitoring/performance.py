@@ -1,9 +1,11 @@
 """Live performance: accuracy and macro F1 per UTC day from ground truth keyed by request id,
 or, without labels, estimated from the model's confidence (CBPE).
 
-Labels: a CSV or Parquet file, a folder of them, or an http(s) URL answering CSV; columns
-``request_id`` and ``label``. A request of several rows takes its labels in order: the n-th
-label row of a request id goes with the n-th logged row of that request.
+Labels: a CSV or Parquet file, a folder of them (either also as a ``file://`` URL), or an
+http(s) URL answering CSV, fetched with a timeout (a hung endpoint must not hold the schedule's
+one run slot); columns ``request_id`` and ``label``. A request of several rows takes its
+labels in order: the n-th label row of a request id goes with the n-th logged row of that
+request.
 
 CBPE (confidence-based performance estimation): for calibrated probabilities, a row predicted
 as class k is right with probability p_k. So expected accuracy = mean of the top probability;
@@ -13,7 +15,11 @@ sum of p_k over rows predicted otherwise, giving an expected F1 per class and it
 
 from __future__ import annotations
 
+import io
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ import pandas as pd
 
 PROBA_PREFIX = "proba_"
 LABEL_SUFFIXES = (".csv", ".parquet")
+URL_TIMEOUT_S = 30.0  # per connect and per read of a labels URL
 
 
 class LabelsError(ValueError):
@@ -49,19 +56,34 @@ class Performance:
         }
 
 
-def read_labels(source: str | Path) -> pd.DataFrame | None:
+def read_labels(source: str | Path, timeout_s: float = URL_TIMEOUT_S) -> pd.DataFrame | None:
     """The ground truth (``request_id``, ``label`` as text), or None when there is none yet
     (no such file or folder; an empty folder).
 
+    Args:
+        source: a path, a ``file://`` URL (read as its path) or an http(s) URL.
+        timeout_s: the most an http(s) URL may take to connect, and to send each piece.
+
     Raises:
-        LabelsError: a file or answer that is not a labels table (naming it and the fix).
+        LabelsError: a file or answer that is not a labels table, an URL that fails, answers
+            an HTTP error or times out, or another scheme (each naming it and the fix).
     """
     text = str(source)
+    scheme = urllib.parse.urlsplit(text).scheme if "://" in text else ""
+    if scheme not in ("", "file", "http", "https"):
+        raise LabelsError(
+            f"{text}: cannot read labels from a {scheme}:// URL; give a path, a file:// or an "
+            "http(s) URL (params monitor.labels)"
+        )
     try:
-        if text.startswith(("http://", "https://")):
-            frame = pd.read_csv(text, dtype=str)
+        if scheme in ("http", "https"):
+            frame = pd.read_csv(io.BytesIO(_fetch(text, timeout_s)), dtype=str)
         else:
-            path = Path(text)
+            path = Path(
+                urllib.request.url2pathname(urllib.parse.urlsplit(text).path)
+                if scheme == "file"
+                else text
+            )
             files = (
                 sorted(p for p in path.iterdir() if p.suffix in LABEL_SUFFIXES)
                 if path.is_dir()
@@ -86,6 +108,18 @@ def read_labels(source: str | Path) -> pd.DataFrame | None:
             f"(it has {list(frame.columns)[:10]})"
         )
     return frame[["request_id", "label"]].astype({"request_id": str, "label": str})
+
+
+def _fetch(url: str, timeout_s: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as answer:  # noqa: S310 - http(s) only
+            return answer.read()
+    except (OSError, HTTPException) as exc:  # URLError, HTTPError and timeouts are OSErrors
+        raise LabelsError(
+            f"{url}: cannot fetch the labels ({type(exc).__name__}: {exc}; timeout "
+            f"{timeout_s:g} s); check the URL and that it answers CSV with columns request_id, "
+            "label (params monitor.labels)"
+        ) from exc
 
 
 def _read_file(path: Path) -> pd.DataFrame:
