@@ -23,7 +23,8 @@ Endpoints:
   when one is set.
   ``GET /metrics``: Prometheus.
 * ``GET /docs`` (Swagger UI) and ``/redoc``: the OpenAPI document, rendered with no network;
-  /predict's body example is the served model's input example (:mod:`serving.docs`).
+  /predict's body example is a synthetic row from the served model's input contract, never a
+  real one (:mod:`serving.docs`).
 
 The model reference is read once per request from a :class:`serving.model.ModelHolder`, which a
 :class:`serving.model.RegistryFollower` swaps when the alias moves; the model itself runs in a
@@ -51,7 +52,7 @@ from fastapi_offline import FastAPIOffline
 from model.contract import Violation
 from model.errors import PipelineError
 from serving.batcher import MicroBatcher, QueueFull
-from serving.docs import RESPONSES, example_payload, install_openapi, scoring_openapi
+from serving.docs import RESPONSES, install_openapi, scoring_openapi, synthetic_payload
 from serving.metrics import ServiceMetrics
 from serving.model import LoadedModel, ModelHolder, RegistryFollower, load_model, warm_up
 from serving.payloads import PayloadError, encode_predictions, parse_payload
@@ -190,11 +191,12 @@ class _Service:
         }
 
     def example_payload(self) -> dict[str, Any] | None:
-        """The served model's input example as a /predict body (the OpenAPI example)."""
+        """A made-up row from the served model's input contract as a /predict body (the
+        OpenAPI example; /openapi.json is public, so never the model's real input example)."""
         model = self.holder.current
-        if model is None or model.input_example is None:
+        if model is None:
             return None
-        return example_payload(model.input_example, model.spec.names)
+        return synthetic_payload(model.spec, model.contract)
 
     def check_token(self, request: Request) -> None:
         token = self.config.token

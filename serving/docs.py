@@ -5,19 +5,25 @@
 (FastAPI's defaults load them from a CDN, so the pages stay blank offline). ``/predict`` and
 ``/invocations`` read the raw body (:mod:`serving.payloads`), so FastAPI cannot infer their
 request body: :func:`scoring_openapi` documents it (MLflow's four scoring formats) and every
-answer the endpoint gives. The body's example is the served model's own input example
-(:func:`install_openapi`), so "Try it out" then "Execute" in /docs scores rows as they are.
+answer the endpoint gives. The body's example is one synthetic row built from the served model's
+input contract (:func:`synthetic_payload`: a range's midpoint, the first allowed value, a date in
+the column's format), so "Try it out" then "Execute" in /docs scores it as it is. It is never a
+real row (the model's input example holds rows of the test split): /openapi.json and /docs are
+public even when a token guards /predict and /version.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import datetime as dt
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import orjson
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+
+from serving.payloads import ColumnSpec, InputSpec
 
 SCORING_PATHS = ("/predict", "/invocations")
 BEARER = "bearer"  # the security scheme's name in the document
@@ -42,6 +48,8 @@ REQUEST_SCHEMA: dict[str, Any] = {
         "params": {"type": "object", "description": "accepted and ignored"},
     },
 }
+SAMPLE_DATE = dt.date(2024, 1, 15)  # the synthetic row's date, in each column's format
+SAMPLE_TEXT = "example"  # a text column with no value set: any text is accepted
 # Until a model is loaded the document cannot know its columns.
 PLACEHOLDER_EXAMPLE = {"dataframe_split": {"columns": ["<input column>"], "data": [[0.0]]}}
 
@@ -127,12 +135,38 @@ def scoring_openapi() -> dict[str, Any]:
     }
 
 
-def example_payload(frame: Any, columns: tuple[str, ...], rows: int = 2) -> dict[str, Any]:
-    """A ``dataframe_split`` payload of the first ``rows`` rows of ``frame``'s input columns."""
-    picked = frame[[name for name in columns if name in frame.columns]].head(rows)
-    # orjson writes NaN as null and datetimes as ISO text: what the service reads back
-    data = orjson.loads(orjson.dumps(picked.to_numpy().tolist(), default=str))
-    return {"dataframe_split": {"columns": [str(c) for c in picked.columns], "data": data}}
+def synthetic_payload(spec: InputSpec, contract: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A ``dataframe_split`` payload of one made-up row that keeps ``contract``: per column
+    the midpoint of its range (a positive number when it must be), its first allowed value, or
+    a date in its format; without a contract (or a column's rules) a plain value of its type.
+    No real data goes into it."""
+    rules = {str(col["name"]): col for col in (contract or {}).get("columns") or []}
+    row = [_synthetic_value(col, rules.get(col.name, {})) for col in spec.columns]
+    return {"dataframe_split": {"columns": list(spec.names), "data": [row]}}
+
+
+def _synthetic_value(col: ColumnSpec, rule: Mapping[str, Any]) -> Any:
+    allowed = rule.get("values") or []
+    if rule.get("kind") == "datetime" and not allowed:
+        return SAMPLE_DATE.strftime(rule["format"]) if rule.get("format") else str(SAMPLE_DATE)
+    if col.kind == "bool":
+        return allowed[0] if allowed and isinstance(allowed[0], bool) else False
+    if col.kind not in ("float", "int") and rule.get("kind") not in ("float", "int"):
+        return str(allowed[0]) if allowed else SAMPLE_TEXT  # text, or a column of no known type
+    value = float(allowed[0]) if allowed else _midpoint(rule)
+    if col.kind == "int":
+        low = rule.get("min")
+        return int(max(round(value), math.ceil(low) if low is not None else round(value)))
+    return value
+
+
+def _midpoint(rule: Mapping[str, Any]) -> float:
+    low, high = rule.get("min"), rule.get("max")
+    finite = [float(v) for v in (low, high) if v is not None and math.isfinite(float(v))]
+    value = sum(finite) / len(finite) if finite else 0.0
+    if rule.get("positive") and value <= 0:  # min 0 and no max, or both at 0
+        value = max(finite + [1.0])
+    return value
 
 
 def install_openapi(app: FastAPI, example: Callable[[], dict[str, Any] | None]) -> None:

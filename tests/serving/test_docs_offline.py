@@ -2,8 +2,8 @@
 
 Static checks (the browser test under tests/browser/ clicks through the page): every script,
 style and icon /docs and /redoc load comes from the service itself; /predict's documented
-example is the served model's input columns and scores as it is; the documented error answers
-are the ones the service gives.
+example is the served model's input columns, holds no real row (the document is public) and
+scores as it is; the documented error answers are the ones the service gives.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def test_the_documented_example_scores_and_the_errors_are_the_ones_given(
         operation = document["paths"][path]["post"]
         example = operation["requestBody"]["content"]["application/json"]["example"]
         assert example["dataframe_split"]["columns"] == columns
+        real = set(registry.rows[columns].itertuples(index=False, name=None))
+        assert not real & {tuple(row) for row in example["dataframe_split"]["data"]}
         scored = client.post(path, json=example, headers=auth)  # "Try it out" -> "Execute"
         assert scored.status_code == 200, scored.text
         assert len(scored.json()["predictions"]) == len(example["dataframe_split"]["data"])
