@@ -3,7 +3,9 @@ problem and where screenshots go: ``tests/browser/harness.py``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,12 +23,22 @@ from tests.browser.harness import (
 from tests.conftest import Reproduced, copy_reproduced
 
 
+def require_chromium(path: Path) -> None:
+    """Skip when Chromium is not at ``path``; fail instead under CI (env ``CI`` set), where
+    `make test-deps` installs it and the browser tests must run, not pass as skips."""
+    if not path.exists():
+        missing = f"no Chromium at {path}: `make test-deps` installs it (root, apt-get)"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+
+
 @pytest.fixture(scope="session")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One headless Chromium for the session (skipped when it is not installed); at the end,
-    its net log must show nothing reached outside this machine."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: `make test-deps` installs it (root, apt-get)")
+    """One headless Chromium for the session (skipped when it is not installed, failed under
+    CI, where `make test-deps` installs it); at the end, its net log must show nothing reached
+    outside this machine."""
+    require_chromium(CHROMIUM)
     from playwright.sync_api import sync_playwright
 
     net_log = tmp_path_factory.mktemp("chromium") / "net-log.json"
