@@ -77,16 +77,23 @@ def read_recent(
     watermark: the rows late labels are joined with (params ``monitor.labels_days``).
 
     Args:
-        columns: read only these (each file must have them); None: all.
+        columns: read only these (a file lacking one has it null); None: all.
     """
+    import pyarrow.parquet as pq
+
     since = now - dt.timedelta(days=days)
-    frames = [
-        pd.read_parquet(path, columns=columns)
-        for path in sorted(Path(log_dir).glob("part-*.parquet"))
-        if (stamp := part_stamp(path.name)) is not None and since < stamp
-    ]
+    frames = []
+    for path in sorted(Path(log_dir).glob("part-*.parquet")):
+        stamp = part_stamp(path.name)
+        if stamp is None or stamp <= since:
+            continue
+        names = pq.read_schema(path).names  # an older file may lack a newer column
+        frames.append(
+            pd.read_parquet(path, columns=[c for c in columns if c in names] if columns else None)
+        )
     frames = [frame for frame in frames if len(frame)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    return rows.reindex(columns=columns) if columns else rows
 
 
 def watched_rows(rows: pd.DataFrame, model_name: str, version: str | None) -> pd.DataFrame:

@@ -231,6 +231,25 @@ def test_the_labels_read_takes_the_last_days_of_files_whatever_the_watermark(
     assert window.read_recent(tmp_path, now, 1, ["request_id"]).empty
 
 
+def test_labels_written_after_their_rows_check_still_give_live_accuracy(tmp_path: Path) -> None:
+    from monitoring import late_labels
+
+    now = dt.datetime(2025, 1, 10, 12, tzinfo=dt.UTC)
+    checked = _part(tmp_path, now - dt.timedelta(days=2), "1", 4)  # behind the watermark now
+    old = _part(tmp_path, now - dt.timedelta(days=9), "1", 4)  # beyond labels_days
+    frames = {name: pd.read_parquet(tmp_path / name) for name in (checked, old)}
+    for name, frame in frames.items():
+        frame["prediction"] = ["a", "a", "b", "b"]
+        frame["sampled"] = [True, True, True, False]  # the last: logged only for a violation
+        frame.to_parquet(tmp_path / name)
+    ids = [*frames[checked]["request_id"], *frames[old]["request_id"]]
+    labels = pd.DataFrame({"request_id": ids, "label": ["a", "b", "b", "a"] * 2})
+    live = late_labels.late_performance(tmp_path, "clf", "1", labels, now, 7)
+    assert live.source == "labels" and live.rows == 3 and live.accuracy == pytest.approx(2 / 3)
+    assert [d["day"] for d in live.by_day] == ["2025-01-08"]
+    assert late_labels.late_performance(tmp_path, "clf", "2", labels, now, 7).accuracy is None
+
+
 # --- drift (Evidently, a real table) -------------------------------------------------------------
 
 KINDS = {
@@ -284,6 +303,25 @@ def test_each_threshold_crossed_gives_one_sentence_naming_its_numbers() -> None:
     )
     quiet = drift.DriftResult(columns[1:], 0.0, snapshot=None)
     assert check.decide(quiet, calm, clean, labelled, None, thresholds) == []  # no baseline
+
+
+def test_late_labels_replace_the_estimate_and_decide_again() -> None:
+    from monitoring import late_labels
+
+    thresholds = check.Thresholds(0.3, 0.2, 10, 0.05, 0.05)
+    quiet = drift.DriftResult([drift.ColumnDrift("b", "K-S p_value", 0.5, 0.05, False)], 0.0, None)
+    estimate = performance.Performance("estimated", 100, 0.97, 0.96)
+    result = check.CheckResult(
+        quiet, psi.PsiResult({"proba_x": 0.05}), quality.QualityResult(100, 0, {}, {}, {}),
+        estimate, 0.98, "ok", [],
+    )  # fmt: skip
+    baselines = check.Baselines(test_accuracy=0.95, estimated_accuracy=0.98)
+    live = performance.Performance("labels", 40, 0.80, 0.78)
+    again = late_labels.with_performance(result, live, baselines, thresholds)
+    assert again.decision == "retrain" and again.accuracy_baseline == 0.95
+    assert again.performance is live and again.reasons[0].startswith("performance: live accuracy")
+    none = performance.Performance("labels", 0, None, None)
+    assert late_labels.with_performance(result, none, baselines, thresholds) is result
 
 
 # --- the reference --------------------------------------------------------------------------
