@@ -10,19 +10,27 @@ in the MLflow registry (loaded as the service loads it); with fewer than ``monit
 them nothing is decided ("waiting") and the watermark stays, so the next check sees the grown
 window. Otherwise ``monitoring.check`` compares them with the version's training reference
 (``monitoring.reference``: the features stage's train split it was trained on) and decides:
-"retrain" when any threshold of params ``monitor`` is crossed, else "ok". The watermark then
-moves on. On "retrain" the flow emits ``flows.events.RETRAIN_EVENT`` with the reasons; the
-pipeline deployment's trigger (``flows.events.retrain_trigger``) starts a pipeline run with
-them as its ``reason``.
+"retrain" when any threshold of params ``monitor`` is crossed, else "ok". Labels are joined with
+the version's rows of the last ``monitor.labels_days`` days, not only the window's, so labels
+that come after their rows' check still count (``monitoring.late_labels``).
+
+The check is recorded first (report folder, MLflow run, state: the watermark moves on), and
+only then, on "retrain", ``flows.events.RETRAIN_EVENT`` is sent to Prefect's events client
+with the reasons (``flows.monitor_record.commit_check``): a failure before leaves nothing sent,
+so the next check decides again instead of asking twice. The pipeline deployment's trigger
+(``flows.events.retrain_trigger``) starts a pipeline run with them as its ``reason``. Within
+``monitor.cooldown_h`` of an event for the same watched version no other is sent (a run on
+unchanged data retrains nothing): the decision stays "retrain", with a reason saying so.
 
 Written, relative to ``--repo``:
 
 * ``reports/monitor/<UTC stamp>/report.json`` (everything the check found: per-column drift
   tests, PSI per class, quality, performance by day, the service's figures, the reference used)
-  and ``drift.html`` (Evidently's report, self-contained), for each decided check;
-* ``reports/monitor/history.jsonl``: one JSON object per check (waiting ones too), every key
-  always present (null when unknown). This is the page's drift-over-time source; keep it
-  stable:
+  and ``drift.html`` (Evidently's report, self-contained, ~5 MB), for each decided check; the
+  newest ``monitor.keep_reports`` folders are kept, older ones removed;
+* ``reports/monitor/history.jsonl``: one JSON object per check (waiting ones too, and every
+  one ever made), every key always present (null when unknown). This is the page's
+  drift-over-time source; keep it stable:
 
   ``checked_at`` (ISO UTC), ``window_start``/``window_end`` (ISO UTC of the first/last row of
   the watched version considered, null when none), ``rows``, ``model_name``,
@@ -31,10 +39,15 @@ Written, relative to ``--repo``:
   ``accuracy_source`` ("labels" | "estimated"), ``accuracy_baseline``, ``f1_macro``,
   ``decision`` ("retrain" | "ok" | "waiting"), ``reasons`` (sentences), ``report_dir``
   (null when waiting), ``service`` (available, url, requests, errors, client_errors,
-  error_share, latency_p50_s/p95_s/p99_s, error), ``event_emitted``.
+  error_share, latency_p50_s/p95_s/p99_s, error), ``event_emitted`` (the retraining event
+  was sent to Prefect's events client; its delivery is asynchronous).
 
-* an MLflow run in experiment ``monitoring`` (metrics, the report folder, tags ``decision``,
-  ``reason``, the model and version) for each decided check.
+* ``<monitor.state_dir>/state.json``: ``watermark``, ``seen``, ``checked_at`` and
+  ``last_event`` (``{version, at}`` of the last event sent: the cooldown's).
+* an MLflow run in experiment ``monitoring`` of the project's store (a relative sqlite store
+  taken from ``--repo``) for each decided check: metrics, tags ``decision``, ``reason``, the
+  model and version, artifact ``monitor/report.json`` (and ``monitor/drift.html`` on
+  "retrain").
 
 Exit code 0 for ok, waiting and retrain (asking for retraining is no failure); 2 with a message
 naming the file or setting and the fix for bad input (no log, no watched version, unreadable
@@ -45,58 +58,58 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.events import emit_retrain
-from model.files import atomic_path
-from monitoring import check, performance, reference, service, window
+from flows.mlflow_store import store_uri
+from flows.monitor_record import (
+    HISTORY,
+    REPORTS,
+    STAMP,
+    STATE,
+    MonitorInputError,
+    append_history,
+    commit_check,
+    held_back,
+    history_line,
+    read_state,
+    render,
+)
+from monitoring import check, late_labels, performance, reference, service, window
 from serving.model import LoadedModel, ModelLoadError, load_model
 from stages.common import tracking
 from stages.common.config import Params, load_params
-from stages.common.errors import PipelineError
 
-EXPERIMENT = "monitoring"
-REPORTS = "reports/monitor"
-HISTORY = f"{REPORTS}/history.jsonl"
-STATE = "state.json"
+__all__ = ["HISTORY", "MonitorInputError", "main", "monitor", "render"]
 TEST_METRIC = "test_accuracy"  # the evaluate stage's, on the version's run
 
 
-class MonitorInputError(PipelineError):
-    """Bad input: no log, no watched version, unreadable labels or reference."""
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise MonitorInputError(
-            f"{path}: not JSON ({exc}); delete it to check the whole log again"
-        ) from exc
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-
-def _open_watched(params: Params) -> LoadedModel:
+@contextmanager
+def _tracking_at(uri: str) -> Iterator[None]:
+    # serving.model.load_model resolves the alias with MLflow's process-wide tracking URI:
+    # set it for the load only, and put back what the process had (a test's, the user's).
     import mlflow
 
-    tracking.apply_http_limits(params.mlflow)
-    mlflow.set_tracking_uri(tracking.tracking_uri(params.mlflow))
-    uri = f"models:/{params.register.model_name}@{params.monitor.alias}"
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
     try:
-        return load_model(uri, "pyfunc", params.register.signing_key_env)
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _open_watched(params: Params, uri: str) -> LoadedModel:
+    tracking.apply_http_limits(params.mlflow)
+    name = f"models:/{params.register.model_name}@{params.monitor.alias}"
+    try:
+        with _tracking_at(uri):
+            return load_model(name, "pyfunc", params.register.signing_key_env)
     except ModelLoadError as exc:
         raise MonitorInputError(
             f"no watched model: {exc} (register a model first, e.g. `make run`, or set params "
@@ -104,78 +117,18 @@ def _open_watched(params: Params) -> LoadedModel:
         ) from exc
 
 
-def _test_accuracy(model: LoadedModel) -> float | None:
+def _test_accuracy(model: LoadedModel, uri: str) -> float | None:
     from mlflow import MlflowClient
 
     if not model.run_id:
         return None
-    return MlflowClient().get_run(model.run_id).data.metrics.get(TEST_METRIC)
-
-
-def _history_line(
-    checked_at: str, model: LoadedModel | None, params: Params, rows: int, **found: Any
-) -> dict[str, Any]:
-    line = {
-        "checked_at": checked_at,
-        "window_start": None,
-        "window_end": None,
-        "rows": rows,
-        "model_name": params.register.model_name,
-        "model_version": model.version if model else None,
-        "alias": params.monitor.alias,
-        "drift_share": None,
-        "drifted_columns": [],
-        "psi": None,
-        "bad_row_share": None,
-        "accuracy": None,
-        "accuracy_source": None,
-        "accuracy_baseline": None,
-        "f1_macro": None,
-        "decision": "waiting",
-        "reasons": [],
-        "report_dir": None,
-        "service": None,
-        "event_emitted": False,
-    }
-    line.update(found)
-    return line
-
-
-def _append_history(repo: Path, line: dict[str, Any]) -> None:
-    path = repo / HISTORY
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as out:  # one short line: an append is whole
-        out.write(json.dumps(line, default=str) + "\n")
-
-
-def _log_to_mlflow(params: Params, line: dict[str, Any], report_dir: Path) -> str:
-    import mlflow
-
-    tracking.configure_mlflow(params.mlflow.model_copy(update={"experiment": EXPERIMENT}))
-    metrics = {
-        key: float(line[key])
-        for key in ("rows", "drift_share", "psi", "bad_row_share", "accuracy", "f1_macro")
-        if line[key] is not None
-    }
-    with mlflow.start_run(run_name=f"monitor {line['model_name']} v{line['model_version']}") as run:
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags(
-            {
-                "decision": line["decision"],
-                "reason": "; ".join(line["reasons"]) or "no threshold crossed",
-                "model_name": line["model_name"],
-                "model_version": str(line["model_version"]),
-                "accuracy_source": str(line["accuracy_source"]),
-            }
-        )
-        mlflow.log_artifacts(str(report_dir), artifact_path="monitor")
-    return run.info.run_id
+    return MlflowClient(uri).get_run(model.run_id).data.metrics.get(TEST_METRIC)
 
 
 def _checks(
-    repo: Path, params: Params, model: LoadedModel, rows: Any, ref_path: str | None, labels: str
+    repo: Path, params: Params, model: LoadedModel, rows: Any, opts: dict[str, Any]
 ) -> tuple[check.CheckResult, reference.ReferenceSource]:
-    mp = params.monitor
+    mp, ref_path, labels = params.monitor, opts["reference"], opts["labels"]
     source = (
         reference.ReferenceSource(Path(ref_path), None, f"{ref_path} (given)", False)
         if ref_path
@@ -202,11 +155,19 @@ def _checks(
     thresholds = check.Thresholds(
         mp.drift_share, mp.psi_threshold, mp.psi_bins, mp.max_bad_row_share, mp.max_accuracy_drop
     )
-    baselines = check.Baselines(_test_accuracy(model), ref.estimated_test_accuracy)
+    baselines = check.Baselines(_test_accuracy(model, opts["uri"]), ref.estimated_test_accuracy)
     contract = dict(model.contract) if model.contract else None
+    # the window's rows without labels (its performance: the estimate); labels are joined with
+    # the last monitor.labels_days of the log instead, so labels that come late still count
     result = check.run_checks(
-        rows, ref.rows, ref.proba, kinds, contract, truth, thresholds, baselines
+        rows, ref.rows, ref.proba, kinds, contract, None, thresholds, baselines
     )
+    if truth is not None:
+        live = late_labels.late_performance(
+            repo / mp.log_dir, params.register.model_name, model.version, truth,
+            opts["now"], mp.labels_days,
+        )  # fmt: skip
+        result = late_labels.with_performance(result, live, baselines, thresholds)
     return result, source
 
 
@@ -232,7 +193,7 @@ def monitor(
     params = load_params(root / params_path)
     mp = params.monitor
     state_path = root / mp.state_dir / STATE
-    state = _read_state(state_path)
+    state = read_state(state_path)
     since = dt.datetime.fromisoformat(state["watermark"]) if state.get("watermark") else None
     try:
         log = window.read_log(root / mp.log_dir, since, state.get("seen"))
@@ -241,77 +202,55 @@ def monitor(
             f"{exc}: the service writes it when params serve.sample_rate > 0 (params "
             "monitor.log_dir names it; it must match serve.log_dir)"
         ) from exc
-    model = _open_watched(params)
-    rows = window.watched_rows(log.rows, params.register.model_name, model.version)
+    uri = store_uri(root, params.mlflow)
+    model = _open_watched(params, uri)
+    name = params.register.model_name
+    rows = window.watched_rows(log.rows, name, model.version)
     now = dt.datetime.now(dt.UTC)
     start, end = window.window_bounds(rows)
-    bounds = {"window_start": start, "window_end": end}
+    found = {"window_start": start, "window_end": end}
     if len(rows) < mp.min_rows:
-        line = _history_line(now.isoformat(), model, params, len(rows), **bounds)
-        _append_history(root, line)
+        line = history_line(now.isoformat(), model.version, name, mp.alias, len(rows), **found)
+        append_history(root, line)
         logger.info(
             "waiting: %d row(s) of v%s since the last check, %d needed (monitor.min_rows)",
             len(rows), model.version, mp.min_rows,
         )  # fmt: skip
         return line
-    result, source = _checks(root, params, model, rows, reference_path, labels or mp.labels)
+    opts = {"reference": reference_path, "labels": labels or mp.labels, "uri": uri, "now": now}
+    result, source = _checks(root, params, model, rows, opts)
     figures = service.read_service(metrics_url or mp.metrics_url)
-    report_dir = root / REPORTS / now.strftime("%Y%m%dT%H%M%SZ")
-    line = _history_line(
-        now.isoformat(), model, params, len(rows), **bounds,
+    report_dir = root / REPORTS / now.strftime(STAMP)
+    held = held_back(state.get("last_event"), model.version, now, mp.cooldown_h)
+    asks = result.decision == "retrain"
+    line = history_line(
+        now.isoformat(), model.version, name, mp.alias, len(rows), **found,
         drift_share=result.drift.share, drifted_columns=result.drift.drifted,
         psi=result.psi.value, bad_row_share=result.quality.bad_row_share,
         accuracy=result.performance.accuracy, accuracy_source=result.performance.source,
         accuracy_baseline=result.accuracy_baseline, f1_macro=result.performance.f1_macro,
-        decision=result.decision, reasons=result.reasons,
+        decision=result.decision, reasons=[*result.reasons, *([held] if asks and held else [])],
         report_dir=report_dir.relative_to(root).as_posix(), service=figures.to_dict(),
     )  # fmt: skip
-    report = {**line, **result.to_dict(), "reference": source.note, "files": log.files}
-    _write_text(report_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    _write_text(report_dir / "drift.html", result.drift.html())
-    if result.decision == "retrain":
-        payload = {k: line[k] for k in ("model_version", "drift_share", "psi", "report_dir")}
-        line["event_emitted"] = (
-            emit_retrain(params.register.model_name, "; ".join(result.reasons), payload) is not None
-        )
-    run_id = _log_to_mlflow(params, line, report_dir)
-    _append_history(root, line)
-    seen = {"watermark": log.watermark.isoformat() if log.watermark else None, "seen": log.seen}
-    _write_text(state_path, json.dumps({**seen, "checked_at": line["checked_at"]}) + "\n")
-    logger.info("%s (MLflow run %s): %s", result.decision, run_id, result.reasons or "-")
+    report = {**line, **result.to_dict(), "reasons": line["reasons"]}
+    report |= {"reference": source.note, "files": log.files}
+    payload = {k: line[k] for k in ("model_version", "drift_share", "psi", "report_dir")}
+
+    def emit() -> bool:
+        return emit_retrain(name, "; ".join(result.reasons), payload) is not None
+
+    new_state = {
+        "watermark": log.watermark.isoformat() if log.watermark else None,
+        "seen": log.seen,
+        "checked_at": line["checked_at"],
+        "last_event": state.get("last_event"),
+    }
+    run_id = commit_check(
+        root, uri, line, report, result.drift.html(), (state_path, new_state),
+        emit if asks and not held else None, mp.keep_reports,
+    )  # fmt: skip
+    logger.info("%s (MLflow run %s): %s", result.decision, run_id, line["reasons"] or "-")
     return line
-
-
-def render(line: dict[str, Any]) -> str:
-    """The check as a few lines for the terminal."""
-    head = (
-        f"{line['decision'].upper()}: {line['model_name']} v{line['model_version']}, "
-        f"{line['rows']} logged row(s)"
-    )
-    if line["decision"] == "waiting":
-        return head + " (fewer than params monitor.min_rows: the next check sees more)"
-    service_line = line["service"] or {}
-    figures = [
-        f"drift share {line['drift_share']:.2f} {line['drifted_columns'] or ''}".rstrip(),
-        f"PSI {line['psi']:.3f}",
-        f"bad rows {line['bad_row_share']:.1%}",
-        f"accuracy ({line['accuracy_source']}) "
-        + (f"{line['accuracy']:.3f}" if line["accuracy"] is not None else "n/a"),
-        "service: "
-        + (
-            f"{service_line['requests']:.0f} requests, {service_line['errors']:.0f} errors"
-            if service_line.get("available")
-            else f"unavailable ({service_line.get('error')})"
-        ),
-    ]
-    lines = [head, *("  " + f for f in figures), f"  report: {line['report_dir']}"]
-    lines += [f"  reason: {r}" for r in line["reasons"]]
-    if line["decision"] == "retrain":
-        lines.append(
-            "  retraining event "
-            + ("emitted" if line["event_emitted"] else "NOT emitted (no Prefect API configured)")
-        )
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

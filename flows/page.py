@@ -24,12 +24,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from flows.mlflow_store import store_uri
 from flows.pipeline import INGEST, _dvc_yaml_stages, changed_stages
 from flows.summary import FINISHED, RAN, RESTORED, mlflow_ui_url
 from pages.index import ModelFiles, Other, PageInputs, RunStatus, write_page
 from stages.common.config import Params, load_params
 from stages.common.errors import PipelineError
-from stages.common.tracking import apply_http_limits, run_url, tracking_uri
+from stages.common.tracking import apply_http_limits, run_url
 
 PAGE = "reports/index.html"
 EXPERIMENT = "pages"  # one MLflow run per page written; its artifact is the page
@@ -251,9 +252,7 @@ def _mlflow_store(repo: Path, params: Params) -> Iterator[str]:
     """The project's MLflow store URI, MLflow's progress bars off meanwhile (one per
     download: noise in the log). A relative ``sqlite:///`` store is taken from ``repo`` (the
     stages run there; the flow process may not)."""
-    uri = tracking_uri(params.mlflow)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
-        uri = f"sqlite:///{repo / uri.removeprefix('sqlite:///')}"
+    uri = store_uri(repo, params.mlflow)
     saved = os.environ.get(PROGRESS_BAR_ENV)
     os.environ[PROGRESS_BAR_ENV] = "false"
     try:

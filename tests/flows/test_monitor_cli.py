@@ -13,6 +13,7 @@ from tests.builders import TEST_PARAMS
 
 
 def _repo(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     raw = {name: dict(section) for name, section in TEST_PARAMS.items()}
     raw["register"] = {**raw["register"], "model_name": "nobody-registered-me"}
     raw["monitor"] = {"metrics_url": None}
@@ -35,3 +36,21 @@ def test_no_log_and_no_watched_model_exit_2_with_the_fix(
     assert "no watched model: models:/nobody-registered-me@champion" in err
     assert "register a model first" in err
     assert not (repo / HISTORY).exists()
+
+
+def test_a_relative_sqlite_store_is_opened_in_the_repo_not_the_cwd(
+    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    repo = _repo(tmp_path / "repo")
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["mlflow"] = {**raw.get("mlflow", {}), "tracking_uri": "sqlite:///mlflow/mlflow.db"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    (repo / "mlflow").mkdir()
+    (repo / "data" / "predictions").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["--repo", str(repo)]) == 2
+    assert "no watched model: models:/nobody-registered-me@champion" in capsys.readouterr().err
+    assert (repo / "mlflow" / "mlflow.db").is_file() and not (elsewhere / "mlflow").exists()
