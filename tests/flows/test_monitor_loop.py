@@ -3,10 +3,11 @@ table, not the project's default), served by the real service on 127.0.0.1 loggi
 request; the monitor flow (``flows.monitor``) on the shared Prefect test API; the pipeline's
 deployment (``flows.schedule.pipeline_deployment``) carrying the retraining trigger.
 
-Unshifted traffic (the table's own rows) -> "ok", no event, no pipeline run. Shifted traffic
-(three features scaled or moved, the class balance tipped to one species) -> drift found by
-Evidently, the retraining event emitted, and the trigger creates a pipeline run whose ``reason``
-is the monitor's.
+Unshifted traffic (held-out rows the model never trained on: val + test, each once, lightly
+jittered, so a false alarm on unseen data would show) -> "ok", no event, no pipeline run. Shifted
+traffic (three features scaled or moved, the class balance tipped to one species) -> drift found
+by Evidently, the retraining event emitted, and the trigger creates a pipeline run whose
+``reason`` is the monitor's. The deployment has a name of its own and is deleted at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import uvicorn
@@ -39,9 +41,16 @@ from tests.serving.conftest import register_table_model, registry_once, tables_o
 
 pytestmark = pytest.mark.slow
 
-MODEL = f"monitor-{uuid.uuid4().hex[:6]}"  # the Prefect harness is shared by the session
+SUFFIX = uuid.uuid4().hex[:6]  # the Prefect harness is shared by the session
+MODEL = f"monitor-{SUFFIX}"
+DEPLOYMENT = f"monitor-loop-{SUFFIX}"  # not the shared default name
 FEATURES_MD5 = "0123456789abcdef0123456789abcdef.dir"  # the version's data, as dvc.lock has it
 ROWS_PER_REQUEST = 16
+# The held-out rows (val + test, ~124 of 344) are sent each once: drawing them with replacement
+# up to 200 repeats rows, and the drift tests, which take rows as independent, then read the
+# held-out split's own sampling noise as drift (island, bill length and sex "drifted" so).
+MIN_ROWS = 100
+JITTER = 0.05  # of each numeric column's standard deviation
 SHIFTED_ROWS = 300
 TRIGGER_TIMEOUT_S = 60
 
@@ -51,6 +60,7 @@ class Loop:
     repo: Path
     port: int
     rows: pd.DataFrame  # every row of the table, target "species" included
+    held_out: pd.DataFrame  # the val and test splits' rows (never trained on)
     version: str
 
 
@@ -61,9 +71,10 @@ def _workspace(root: Path, features: Path, port: int) -> Path:
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
     raw = {name: dict(section) for name, section in TEST_PARAMS.items()}
     raw["register"] = {**raw["register"], "model_name": MODEL}
+    raw["schedule"] = {**raw.get("schedule", {}), "deployment": DEPLOYMENT}
     raw["monitor"] = {
         "metrics_url": f"http://127.0.0.1:{port}/metrics",
-        "min_rows": 200,
+        "min_rows": MIN_ROWS,
         "state_dir": "data/monitor",
     }
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -115,8 +126,9 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
         client = mlflow.MlflowClient()
         client.set_registered_model_alias(MODEL, "champion", version)
         client.set_model_version_tag(MODEL, version, FEATURES_TAG, FEATURES_MD5)
-        splits = [pd.read_parquet(penguins.features / f"{s}.parquet") for s in ("train", "val")]
-        test = pd.read_parquet(penguins.features / "test.parquet")
+        train, val, test = (
+            pd.read_parquet(penguins.features / f"{s}.parquet") for s in ("train", "val", "test")
+        )
         scored = load_model(f"models:/{MODEL}/{version}").predict(test.drop(columns="species"))
         accuracy = float((scored["prediction"].astype(str) == test["species"].astype(str)).mean())
         client.log_metric(
@@ -134,7 +146,8 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
         server, thread, port = _serve(config)
         try:
             _workspace(repo, penguins.features, port)
-            yield Loop(repo, port, pd.concat([*splits, test], ignore_index=True), version)
+            rows = pd.concat([train, val, test], ignore_index=True)
+            yield Loop(repo, port, rows, pd.concat([val, test], ignore_index=True), version)
         finally:
             server.should_exit = True
             thread.join(30)
@@ -161,6 +174,21 @@ def _send(loop: Loop, frame: pd.DataFrame) -> None:
         time.sleep(0.1)
 
 
+def _unshifted(loop: Loop) -> pd.DataFrame:
+    """The held-out rows in a random order, each number moved by a little noise (kept inside
+    the table's range, and whole where the column is whole)."""
+    sample = loop.held_out.sample(frac=1.0, random_state=11).reset_index(drop=True)
+    assert len(sample) >= MIN_ROWS
+    rng = np.random.default_rng(11)
+    for column in sample.select_dtypes("number").columns.drop("year", errors="ignore"):
+        values, known = sample[column].astype(float), loop.rows[column].dropna()
+        moved = values + rng.normal(0, JITTER * known.std(), len(values))
+        if (known % 1 == 0).all():
+            moved = moved.round()
+        sample[column] = moved.clip(known.min(), known.max())
+    return sample
+
+
 def _shifted(rows: pd.DataFrame) -> pd.DataFrame:
     """Mostly Gentoo (the class balance tipped), longer bills, heavier, longer flippers."""
     weights = rows["species"].map({"Gentoo": 8.0}).fillna(1.0)
@@ -184,17 +212,30 @@ def _runs_of(deployment_id: Any) -> list:
 def test_drift_in_served_traffic_triggers_retraining_and_unshifted_traffic_does_not(
     prefect_api: str, loop: Loop
 ) -> None:
-    params = load_params(loop.repo / "params.yaml")
-    deployment_id = pipeline_deployment(loop.repo, params).apply()
-    repo = str(loop.repo)
+    from prefect.client.orchestration import get_client
 
-    _send(loop, loop.rows)  # the table as it is: every row once
+    params = load_params(loop.repo / "params.yaml")
+    assert params.schedule.deployment == DEPLOYMENT
+    deployment_id = pipeline_deployment(loop.repo, params).apply()
+    try:
+        _check_the_loop(loop, deployment_id)
+    finally:
+        with get_client(sync_client=True) as client:
+            for run in _runs_of(deployment_id):
+                client.delete_flow_run(run.id)
+            client.delete_deployment(deployment_id)
+
+
+def _check_the_loop(loop: Loop, deployment_id: Any) -> None:
+    repo = str(loop.repo)
+    unshifted = _unshifted(loop)
+    _send(loop, unshifted)  # unseen rows from the training distribution
     ok = monitor(repo)
     assert ok["decision"] == "ok", ok["reasons"]
-    assert ok["rows"] == len(loop.rows) and ok["model_version"] == loop.version
+    assert ok["rows"] == len(unshifted) and ok["model_version"] == loop.version
     assert ok["accuracy_source"] == "estimated" and ok["service"]["available"]
     assert not ok["event_emitted"]
-    assert ok["service"]["requests"] >= len(loop.rows) // ROWS_PER_REQUEST
+    assert ok["service"]["requests"] >= len(unshifted) // ROWS_PER_REQUEST
 
     again = monitor(repo)  # the watermark moved on: nothing new to decide on
     assert again["decision"] == "waiting" and again["rows"] == 0
