@@ -237,6 +237,7 @@ def test_sampled_requests_and_predictions_land_in_parquet_part_files(
     logged = pd.read_parquet(log_dir)
 
     assert len(logged) == 8 and set(logged["request_id"]) == set(sent)
+    assert logged["sampled"].all()  # taken by the draw (sample_rate 1)
     assert set(logged["model_version"]) == {"1"} and set(logged["model_name"]) == {NAME}
     assert str(logged["logged_at"].dtype).startswith("datetime64")
     for request_id, (rows, predictions) in sent.items():

@@ -213,6 +213,7 @@ def test_flag_scores_the_rows_marks_them_and_logs_them(
     assert logged["row_violations"].tolist()[:2] == ["island:in_set", "flipper_length_mm:between"]
     assert "*:all_null" in logged["row_violations"][2]
     assert logged["row_violations"].isna().tolist()[3] and not logged["row_rejected"].any()
+    assert not logged["sampled"].any()  # sample_rate 0: logged for their marks alone
 
 
 def test_flag_scores_a_row_with_an_unparseable_date_beside_a_good_one(
