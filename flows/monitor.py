@@ -209,12 +209,13 @@ def monitor(
     now = dt.datetime.now(dt.UTC)
     start, end = window.window_bounds(rows)
     found = {"window_start": start, "window_end": end}
-    if len(rows) < mp.min_rows:
+    drawn = len(check.sampled_rows(rows))  # the statistics use the sample draw's rows only
+    if drawn < mp.min_rows:
         line = history_line(now.isoformat(), model.version, name, mp.alias, len(rows), **found)
         append_history(root, line)
         logger.info(
-            "waiting: %d row(s) of v%s since the last check, %d needed (monitor.min_rows)",
-            len(rows), model.version, mp.min_rows,
+            "waiting: %d sampled row(s) of v%s since the last check, %d needed (monitor.min_rows)",
+            drawn, model.version, mp.min_rows,
         )  # fmt: skip
         return line
     opts = {"reference": reference_path, "labels": labels or mp.labels, "uri": uri, "now": now}
