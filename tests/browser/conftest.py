@@ -33,11 +33,14 @@ def require_chromium(path: Path) -> None:
         pytest.skip(missing)
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio event loop running in the
+# main thread while it is open, and every later test that calls asyncio.run() or Prefect's sync
+# API (which then hands back coroutines) would break. It closes after the last browser test.
+@pytest.fixture(scope="package")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One headless Chromium for the session (skipped when it is not installed, failed under
-    CI, where `make test-deps` installs it); at the end, its net log must show nothing reached
-    outside this machine."""
+    """One headless Chromium for the browser tests (skipped when it is not installed, failed
+    under CI, where `make test-deps` installs it); at the end, its net log must show nothing
+    reached outside this machine."""
     require_chromium(CHROMIUM)
     from playwright.sync_api import sync_playwright
 

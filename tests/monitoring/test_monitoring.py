@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -330,9 +331,9 @@ def test_late_labels_replace_the_estimate_and_decide_again() -> None:
 def test_the_reference_is_the_versions_data_from_the_workspace_or_the_dvc_cache(
     tmp_path: Path,
 ) -> None:
-    from dvc.repo import Repo
-
-    Repo.init(str(tmp_path), no_scm=True).close()
+    # a separate process, as the other tests run DVC: in-process, DVC's logger keeps the stream
+    # of the first test that set it up, which pytest has closed by now
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     features = tmp_path / "data" / "features"
     features.mkdir(parents=True)
     (features / "train.parquet").write_text("today's")
