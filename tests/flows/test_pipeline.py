@@ -309,6 +309,7 @@ def _mtimes(repo: Path) -> dict[str, int]:
     return {str(p.relative_to(repo)): p.stat().st_mtime_ns for p in files}
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @pytest.mark.slow
 def test_flow_after_dvc_repro_runs_no_stage(prefect_api: str, reproduced_repo) -> None:
     repo, uri = reproduced_repo

@@ -83,6 +83,7 @@ def _mtimes(repo: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for out in outs for p in (repo / out).rglob("*")}
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @pytest.mark.slow
 def test_make_run_uses_the_local_prefect_server_then_starts_no_flow_when_nothing_changed(
     prefect_api: str, reproduced: Reproduced

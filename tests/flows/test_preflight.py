@@ -142,6 +142,7 @@ def test_make_run_with_a_dead_tracking_server_runs_no_stage(tmp_path: Path) -> N
     assert not (repo / "out.txt").exists()
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @pytest.mark.slow
 def test_the_flow_run_by_a_deployment_checks_the_store_before_ingest(
     tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch

@@ -67,6 +67,7 @@ def _args(root: Path, name: str) -> list[str]:
     ]
 
 
+@pytest.mark.stack  # out of make test's 20 minutes (issue 14); .ci/run runs it
 @pytest.mark.slow
 def test_two_cpu_processes_match_one_process_and_log_one_run(project: Path) -> None:
     from mlflow.tracking import MlflowClient
