@@ -339,12 +339,9 @@ def test_flow_after_dvc_repro_runs_no_stage(prefect_api: str, reproduced_repo) -
 
 @pytest.mark.slow
 def test_bad_label_fails_the_flow_at_validate_and_changes_nothing(
-    prefect_api: str, reproduced_repo, tmp_path: Path
+    prefect_api: str, reproduced
 ) -> None:
-
-    source, uri = reproduced_repo
-    repo = tmp_path / "repo"
-    shutil.copytree(source, repo, symlinks=True)
+    repo, uri = reproduced.repo, reproduced.uri  # a private copy of the session's dvc repro
     bad = open_dataset(repo / "data/raw").to_table().to_pandas()
     bad.loc[bad.index[:10], "target"] = 7  # not a label (0, 1); more rows than may be quarantined
     bad.to_csv(repo / "data/source/bad.csv", index=False)
