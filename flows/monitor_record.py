@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flows.mlflow_store import experiment_id
 from model.files import atomic_path
 from stages.common.errors import PipelineError
 
@@ -119,14 +120,7 @@ def log_to_mlflow(uri: str, line: dict[str, Any], report_dir: Path) -> str:
     from mlflow.entities import Metric
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:  # artifacts beside a sqlite database, as the pipeline's (stages.common.tracking)
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+    experiment = experiment_id(client, EXPERIMENT, uri)
     tags = {
         "decision": line["decision"],
         "reason": "; ".join(line["reasons"]) or "no threshold crossed",
@@ -135,7 +129,7 @@ def log_to_mlflow(uri: str, line: dict[str, Any], report_dir: Path) -> str:
         "accuracy_source": str(line["accuracy_source"]),
     }
     run = client.create_run(
-        experiment_id, tags=tags, run_name=f"monitor {line['model_name']} v{line['model_version']}"
+        experiment, tags=tags, run_name=f"monitor {line['model_name']} v{line['model_version']}"
     )
     run_id = run.info.run_id
     now_ms = int(time.time() * 1000)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flows.mlflow_store import store_uri
+from flows.mlflow_store import experiment_id, store_uri
 from flows.pipeline import INGEST, _dvc_yaml_stages, changed_stages
 from flows.summary import FINISHED, RAN, RESTORED, mlflow_ui_url
 from pages.index import ModelFiles, Other, PageInputs, RunStatus, write_page
@@ -191,22 +191,15 @@ def log_page(repo: Path, page: Path, uri: str, tags: dict[str, str]) -> str:
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:  # artifacts beside a sqlite database, as the pipeline's (stages.common.tracking)
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-    run = client.create_run(experiment_id, tags=tags, run_name=page.name)
+    experiment = experiment_id(client, EXPERIMENT, uri)
+    run = client.create_run(experiment, tags=tags, run_name=page.name)
     try:
         client.log_artifact(run.info.run_id, str(page))
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
     client.set_terminated(run.info.run_id)
-    return run_url(mlflow_ui_url(repo), experiment_id, run.info.run_id)
+    return run_url(mlflow_ui_url(repo), experiment, run.info.run_id)
 
 
 def make_page(
