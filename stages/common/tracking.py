@@ -127,8 +127,8 @@ def check_tracking_store(params: MlflowParams, repo: str | Path = ".") -> None:
 def _cannot_write(target: Path, folder: Path) -> str | None:
     """Why ``target`` (an existing file, or one to create in ``folder``) cannot be written.
 
-    Tried for real (root ignores permission bits): the file opened for writing, unchanged, and
-    a temporary file created and removed in ``folder``.
+    Tried for real (root ignores permission bits): a write lock on the database taken and
+    released through SQLite, and a temporary file created and removed in ``folder``.
     """
     import tempfile
 
@@ -136,13 +136,27 @@ def _cannot_write(target: Path, folder: Path) -> str | None:
         return f"{folder.resolve()} is on a read-only mount"
     try:
         if target.is_file():
-            with open(target, "r+b"):
-                pass
+            _sqlite_write_probe(target)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
         return f"{exc.filename or folder.resolve()}: {exc.strerror or exc}"
+    except sqlite3.Error as exc:
+        return f"{target.resolve()}: {exc}"
     return None
+
+
+def _sqlite_write_probe(db: Path) -> None:
+    # A write lock taken and released through SQLite itself, never a plain open(): closing any
+    # other descriptor of the file drops every POSIX lock this process holds on it, so an
+    # MLflow engine kept open in this process (the flow's page and monitor clients) would then
+    # miss the stages' writes and read stale pages ("database disk image is malformed").
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True, timeout=30)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.rollback()
+    finally:
+        conn.close()
 
 
 def configure_mlflow(params: MlflowParams) -> str:

@@ -109,6 +109,33 @@ def test_an_unwritable_sqlite_store_is_refused_and_a_writable_one_passes(tmp_pat
     assert list(store.iterdir()) == []  # the probe left nothing
 
 
+def test_the_check_leaves_a_store_this_process_holds_open_current(tmp_path: Path) -> None:
+    # The flow process keeps MLflow's engine (the page's and the monitor's clients) from one run
+    # to the next. A plain open()/close() of the database in the next run's check dropped this
+    # process's SQLite locks; a stage process then checkpointed and reset the WAL under that
+    # engine, which went on reading stale pages (CI: "database disk image is malformed").
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = (
+        "import sys; from stages.common.config import MlflowParams; "
+        "from stages.common.tracking import configure_mlflow; "
+        "configure_mlflow(MlflowParams(tracking_uri=sys.argv[1], experiment=sys.argv[2]))"
+    )
+
+    def a_stage_creates(experiment: str) -> None:
+        subprocess.run([PY, "-c", script, uri, experiment], env=ENV, check=True)
+
+    a_stage_creates("first")
+    client = MlflowClient(tracking_uri=uri)
+    assert "first" in {e.name for e in client.search_experiments()}
+
+    check_tracking_store(_params(uri))
+    a_stage_creates("second")
+
+    assert {"first", "second"} <= {e.name for e in client.search_experiments()}
+
+
 def _flow_repo(repo: Path) -> Path:
     """A DVC repo (no git) with the project's params and one stage that writes out.txt."""
     repo.mkdir(parents=True)

@@ -59,8 +59,8 @@ def test_tune_writes_params_and_the_next_run_registers_the_tuned_model(
     stages = run.result()["stages"]
     assert stages["train"] == "ran" and stages["features"] == "skipped"  # tune made them
     record = json.loads((repo / "reports/registration.json").read_text())
-    # the registry is read only now: an SQLAlchemy engine opened in this process before the
-    # other processes wrote the sqlite store can read a stale page ("disk image is malformed")
+    # read once the runs are done (the stale pages once seen here came from the pre-flight
+    # check's plain open() of the store: test_preflight's test of a store held open)
     client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
     version = client.get_model_version("classifier", str(record["version"]))
     assert str(record["version"]) == "1"  # the tuned model, judged by the gate like any other
