@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any
@@ -47,13 +47,7 @@ class Performance:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {
-            "source": self.source,
-            "rows": self.rows,
-            "accuracy": self.accuracy,
-            "f1_macro": self.f1_macro,
-            "by_day": self.by_day,
-        }
+        return asdict(self)
 
 
 def read_labels(source: str | Path, timeout_s: float = URL_TIMEOUT_S) -> pd.DataFrame | None:

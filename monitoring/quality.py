@@ -15,7 +15,7 @@ the column existed has every row counted.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -56,17 +56,7 @@ class QualityResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {
-            "rows": self.rows,
-            "bad_rows": self.bad_rows,
-            "bad_row_share": self.bad_row_share,
-            "null_share": self.null_share,
-            "reference_null_share": self.reference_null_share,
-            "violations": self.violations,
-            "unseen": self.unseen,
-            "contract_checked": self.contract_checked,
-            "forced_rows": self.forced_rows,
-        }
+        return {**asdict(self), "bad_row_share": self.bad_row_share}
 
 
 def check_quality(

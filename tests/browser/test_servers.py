@@ -7,18 +7,17 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from serving.app import ServiceConfig, create_app
+from serving.app import ServiceConfig
 from tests.browser.harness import assert_clean
 from tests.conftest import Reproduced
+from tests.serving.live import live_service
 
 pytestmark = pytest.mark.slow  # the session's reproduced pipeline (one dvc repro)
 
@@ -43,20 +42,8 @@ def _wait_for(url: str, deadline: float) -> None:
 def service(pipeline_run: Reproduced, tmp_path: Path) -> Iterator[int]:
     """The model service following the run's ``classifier@champion``; yields its port."""
     config = ServiceConfig(tracking_uri=pipeline_run.uri, log_dir=str(tmp_path / "predictions"))
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config), host="127.0.0.1", port=0, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    _wait_for(f"http://127.0.0.1:{port}/ready", deadline)
-    yield port
-    server.should_exit = True
-    thread.join(timeout=30)
+    with live_service(config, start_s=START_S) as port:
+        yield port
 
 
 def test_service_docs_try_it_out(service: int, open_page) -> None:

@@ -13,10 +13,8 @@ by Evidently, the retraining event emitted, and the trigger creates a pipeline r
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,17 +25,17 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import uvicorn
 import yaml
 
 from flows.monitor import HISTORY, monitor
 from flows.schedule import pipeline_deployment
 from monitoring.reference import FEATURES_TAG
-from serving.app import ServiceConfig, create_app
+from serving.app import ServiceConfig
 from serving.model import load_model
 from stages.common.config import load_params
 from tests.builders import TEST_PARAMS
 from tests.serving.conftest import register_table_model, registry_once, tables_once
+from tests.serving.live import live_service, request
 
 pytestmark = pytest.mark.slow
 
@@ -82,36 +80,6 @@ def _workspace(root: Path, features: Path, port: int) -> Path:
     return root
 
 
-def _serve(config: ServiceConfig) -> tuple[uvicorn.Server, threading.Thread, int]:
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config), host="127.0.0.1", port=0, log_level="warning", access_log=False
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    while _request(port, "GET", "/ready")[0] != 200:
-        assert time.monotonic() < deadline, "no model loaded"
-        time.sleep(0.05)
-    return server, thread, port
-
-
-def _request(port: int, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, data, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     """The penguins model registered as ``MODEL`` v1 (champion, with its test accuracy and
@@ -143,14 +111,12 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
             log_flush_interval_s=0.2,
             row_policy="flag",  # shifted rows out of the suite's range are scored and marked
         )
-        server, thread, port = _serve(config)
         try:
-            _workspace(repo, penguins.features, port)
-            rows = pd.concat([train, val, test], ignore_index=True)
-            yield Loop(repo, port, rows, pd.concat([val, test], ignore_index=True), version)
+            with live_service(config) as port:
+                _workspace(repo, penguins.features, port)
+                rows = pd.concat([train, val, test], ignore_index=True)
+                yield Loop(repo, port, rows, pd.concat([val, test], ignore_index=True), version)
         finally:
-            server.should_exit = True
-            thread.join(30)
             mlflow.set_tracking_uri(None)
 
 
@@ -161,7 +127,7 @@ def _send(loop: Loop, frame: pd.DataFrame) -> None:
     log = loop.repo / "data" / "predictions"
     before = sum(len(pd.read_parquet(p)) for p in log.glob("part-*.parquet"))
     for start in range(0, len(records), ROWS_PER_REQUEST):
-        status, body = _request(
+        status, body = request(
             loop.port,
             "POST",
             "/predict",

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import uvicorn
 
-from serving.app import ServiceConfig, create_app
+from serving.app import ServiceConfig
 from serving.model import load_model
 from tests.serving.conftest import NAME, Registry
+from tests.serving.live import live_service
 
 CLIENTS = 2
 MIN_REQUESTS = 300  # per client; each keeps going (bounded) until it has seen v2
@@ -28,34 +28,8 @@ MOVE_AFTER = 100  # answers received before the alias moves
 def server(champion_v1: Registry) -> Iterator[int]:
     """The service on 127.0.0.1 (a free port), polling the alias every 50 ms; yields the port."""
     config = ServiceConfig(model_name=NAME, tracking_uri=champion_v1.uri, poll_interval_s=0.05)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config), host="127.0.0.1", port=0, log_level="warning", access_log=False
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    while _get(port, "/ready")[0] != 200:
-        assert time.monotonic() < deadline, "no model loaded"
-        time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(30)
-
-
-def _get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    with live_service(config) as port:
+        yield port
 
 
 def run_client(port: int, bodies: list[bytes], answers: list, seen_v2: threading.Event) -> None:
